@@ -1,0 +1,2 @@
+//! The `fieldsync` binary.
+fn main() {}

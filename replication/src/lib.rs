@@ -1,0 +1,2 @@
+//! Offline profiles, security roles and the sync protocol of fieldsync.
+#![warn(missing_docs)]

@@ -1,0 +1,573 @@
+//! Tables, typed columns and N:1 relationships, loaded from a TOML file.
+//!
+//! A schema is the contract every write is checked against: an unknown table or column, a value
+//! of the wrong type or a malformed id is refused before anything reaches the log.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::value::Value;
+
+/// The system columns every table has, besides its primary id.
+pub const SYSTEM_COLUMNS: [(&str, ColumnType); 5] = [
+    ("ownerid", ColumnType::Owner),
+    ("owningbusinessunit", ColumnType::Lookup),
+    ("createdon", ColumnType::DateTime),
+    ("modifiedon", ColumnType::DateTime),
+    ("statecode", ColumnType::Choice),
+];
+
+/// `statecode` of an active row, as in Dataverse.
+pub const STATE_ACTIVE: i32 = 0;
+/// `statecode` of an inactive row, as in Dataverse.
+pub const STATE_INACTIVE: i32 = 1;
+
+/// The type of a column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ColumnType {
+    /// Single-line text.
+    Text,
+    /// Multi-line text.
+    Memo,
+    /// 64-bit signed integer.
+    Integer,
+    /// Exact decimal number.
+    Decimal,
+    /// 64-bit floating point number.
+    Float,
+    /// true or false.
+    Boolean,
+    /// A UTC instant, millisecond precision.
+    DateTime,
+    /// An option-set value.
+    Choice,
+    /// The id of a row in another table (the target is named by the column).
+    Lookup,
+    /// A user or a team that owns the row.
+    Owner,
+    /// A file, stored as a content-addressed blob.
+    File,
+    /// An image, stored as a content-addressed blob.
+    Image,
+}
+
+impl ColumnType {
+    /// The name used in schema files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Memo => "memo",
+            ColumnType::Integer => "integer",
+            ColumnType::Decimal => "decimal",
+            ColumnType::Float => "float",
+            ColumnType::Boolean => "boolean",
+            ColumnType::DateTime => "datetime",
+            ColumnType::Choice => "choice",
+            ColumnType::Lookup => "lookup",
+            ColumnType::Owner => "owner",
+            ColumnType::File => "file",
+            ColumnType::Image => "image",
+        }
+    }
+
+    /// Whether a secondary index is kept on columns of this type (owner, lookups, choices).
+    pub fn is_indexed(self) -> bool {
+        matches!(
+            self,
+            ColumnType::Owner | ColumnType::Lookup | ColumnType::Choice
+        )
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ColumnType {
+    type Err = SchemaError;
+    fn from_str(s: &str) -> Result<Self, SchemaError> {
+        Ok(match s {
+            "text" => ColumnType::Text,
+            "memo" => ColumnType::Memo,
+            "integer" => ColumnType::Integer,
+            "decimal" => ColumnType::Decimal,
+            "float" => ColumnType::Float,
+            "boolean" => ColumnType::Boolean,
+            "datetime" => ColumnType::DateTime,
+            "choice" => ColumnType::Choice,
+            "owner" => ColumnType::Owner,
+            "file" => ColumnType::File,
+            "image" => ColumnType::Image,
+            other => return Err(SchemaError::UnknownType(other.to_string())),
+        })
+    }
+}
+
+/// Who owns the rows of a table, as in Dataverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Ownership {
+    /// Rows are owned by a user or a team (security roles apply at user, BU, ... depth).
+    #[default]
+    UserOrTeam,
+    /// Rows belong to the organization (only organization-depth privileges apply).
+    Organization,
+}
+
+/// One column of a table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Column {
+    /// Logical name, e.g. `revenue`.
+    pub name: String,
+    /// Its value type.
+    pub ty: ColumnType,
+    /// For lookups: the target table's logical name.
+    pub target: Option<String>,
+    /// For lookups: the name of the N:1 relationship, e.g. `account_primary_contact`.
+    pub relationship: Option<String>,
+    /// For choices: the allowed option values (empty: any value).
+    pub options: Vec<i32>,
+    /// Whether this is one of the [`SYSTEM_COLUMNS`].
+    pub system: bool,
+}
+
+/// A named N:1 relationship: `table.column` refers to a row of `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Relationship {
+    /// Dataverse-style name, e.g. `contact_customer_accounts`.
+    pub name: String,
+    /// The table that holds the lookup column (the "many" side).
+    pub table: String,
+    /// The lookup column.
+    pub column: String,
+    /// The table the lookup points at (the "one" side).
+    pub target: String,
+}
+
+/// A table: a UUID primary id plus typed columns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Table {
+    /// Logical name, e.g. `account`.
+    pub name: String,
+    /// Dataverse entity set name, e.g. `accounts`.
+    pub entity_set: String,
+    /// Whether the table may be added to offline profiles.
+    pub offline: bool,
+    /// User/team-owned or organization-owned.
+    pub ownership: Ownership,
+    /// Every column, system columns first, in a stable order (a column's index is its position).
+    pub columns: Vec<Column>,
+}
+
+impl Table {
+    /// The column with this logical name.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The position of the column with this logical name.
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
+    /// The name of the primary id column, `<table>id` as in Dataverse.
+    pub fn primary_id_column(&self) -> String {
+        format!("{}id", self.name)
+    }
+
+    /// Check a value against a column of this table.
+    pub fn check_value(&self, column: &str, value: &Value) -> Result<(), SchemaError> {
+        let col = self
+            .column(column)
+            .ok_or_else(|| SchemaError::UnknownColumn {
+                table: self.name.clone(),
+                column: column.to_string(),
+            })?;
+        if value.is_null() {
+            return Ok(());
+        }
+        if value.column_type() != Some(col.ty) {
+            return Err(SchemaError::WrongType {
+                table: self.name.clone(),
+                column: column.to_string(),
+                expected: col.ty,
+                found: value.type_name(),
+            });
+        }
+        if let Value::Choice(v) = value {
+            if !col.options.is_empty() && !col.options.contains(v) {
+                return Err(SchemaError::InvalidChoice {
+                    table: self.name.clone(),
+                    column: column.to_string(),
+                    value: *v,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every table and relationship of an environment.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Schema {
+    tables: BTreeMap<String, Table>,
+    relationships: Vec<Relationship>,
+}
+
+/// Why a schema file or a value was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// The schema file is not valid TOML of the expected shape.
+    #[error("schema file is not valid: {0}")]
+    Parse(String),
+    /// A column type name that fieldsync does not know.
+    #[error("unknown column type `{0}` (expected text, memo, integer, decimal, float, boolean, datetime, choice, lookup, owner, file or image)")]
+    UnknownType(String),
+    /// A table name that is not in the schema.
+    #[error("unknown table `{0}`")]
+    UnknownTable(String),
+    /// A column name that is not in the table.
+    #[error("unknown column `{column}` in table `{table}`")]
+    UnknownColumn {
+        /// The table.
+        table: String,
+        /// The column that was not found.
+        column: String,
+    },
+    /// A value whose type does not match its column.
+    #[error("column `{table}.{column}` holds {expected} values, not {found}")]
+    WrongType {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The column's type.
+        expected: ColumnType,
+        /// What was given.
+        found: &'static str,
+    },
+    /// A choice value not among the column's options.
+    #[error("{value} is not an option of choice column `{table}.{column}`")]
+    InvalidChoice {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The refused value.
+        value: i32,
+    },
+    /// A lookup whose target table is not in the schema.
+    #[error("lookup `{table}.{column}` targets unknown table `{target}`")]
+    UnknownLookupTarget {
+        /// The table.
+        table: String,
+        /// The lookup column.
+        column: String,
+        /// The missing target.
+        target: String,
+    },
+    /// A name that is not a valid logical name, or a user column that shadows a system one.
+    #[error("invalid name `{0}`: logical names are lower-case ASCII letters, digits and `_`, and may not redefine a system column")]
+    InvalidName(String),
+    /// Two relationships with the same name.
+    #[error("relationship name `{0}` is used twice")]
+    DuplicateRelationship(String),
+    /// A value that cannot be parsed for its column's type.
+    #[error("`{value}` is not a valid {expected} value for `{table}.{column}`")]
+    InvalidValue {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The column's type.
+        expected: ColumnType,
+        /// The text that failed to parse.
+        value: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaFile {
+    #[serde(default)]
+    tables: BTreeMap<String, TableFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableFile {
+    #[serde(default)]
+    offline: bool,
+    entity_set: Option<String>,
+    ownership: Option<String>,
+    #[serde(default)]
+    columns: BTreeMap<String, ColumnFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ColumnFile {
+    Plain(String),
+    Lookup {
+        lookup: String,
+        relationship: Option<String>,
+    },
+    Choice {
+        choice: Vec<i32>,
+    },
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+impl Schema {
+    /// Parse a schema from TOML text (see `examples/field-service/schema.toml`).
+    pub fn from_toml(text: &str) -> Result<Schema, SchemaError> {
+        let file: SchemaFile =
+            toml::from_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
+        let mut schema = Schema::default();
+        for (name, tf) in &file.tables {
+            if !valid_name(name) {
+                return Err(SchemaError::InvalidName(name.clone()));
+            }
+            let ownership = match tf.ownership.as_deref() {
+                None | Some("user") | Some("userorteam") => Ownership::UserOrTeam,
+                Some("organization") => Ownership::Organization,
+                Some(other) => {
+                    return Err(SchemaError::Parse(format!(
+                        "table `{name}`: ownership must be `user` or `organization`, not `{other}`"
+                    )))
+                }
+            };
+            let mut columns: Vec<Column> = SYSTEM_COLUMNS
+                .iter()
+                .map(|(n, ty)| Column {
+                    name: (*n).to_string(),
+                    ty: *ty,
+                    target: None,
+                    relationship: None,
+                    options: if *n == "statecode" {
+                        vec![STATE_ACTIVE, STATE_INACTIVE]
+                    } else {
+                        Vec::new()
+                    },
+                    system: true,
+                })
+                .collect();
+            for (cname, cf) in &tf.columns {
+                let primary = format!("{name}id");
+                if !valid_name(cname)
+                    || SYSTEM_COLUMNS.iter().any(|(s, _)| s == cname)
+                    || *cname == primary
+                {
+                    return Err(SchemaError::InvalidName(format!("{name}.{cname}")));
+                }
+                let col = match cf {
+                    ColumnFile::Plain(ty) => {
+                        let ty: ColumnType = ty.parse()?;
+                        Column {
+                            name: cname.clone(),
+                            ty,
+                            target: None,
+                            relationship: None,
+                            options: Vec::new(),
+                            system: false,
+                        }
+                    }
+                    ColumnFile::Lookup {
+                        lookup,
+                        relationship,
+                    } => {
+                        let rel = relationship
+                            .clone()
+                            .unwrap_or_else(|| format!("{lookup}_{name}_{cname}"));
+                        Column {
+                            name: cname.clone(),
+                            ty: ColumnType::Lookup,
+                            target: Some(lookup.clone()),
+                            relationship: Some(rel),
+                            options: Vec::new(),
+                            system: false,
+                        }
+                    }
+                    ColumnFile::Choice { choice } => Column {
+                        name: cname.clone(),
+                        ty: ColumnType::Choice,
+                        target: None,
+                        relationship: None,
+                        options: choice.clone(),
+                        system: false,
+                    },
+                };
+                columns.push(col);
+            }
+            schema.tables.insert(
+                name.clone(),
+                Table {
+                    name: name.clone(),
+                    entity_set: tf.entity_set.clone().unwrap_or_else(|| format!("{name}s")),
+                    offline: tf.offline,
+                    ownership,
+                    columns,
+                },
+            );
+        }
+        // Relationships, once every table is known.
+        let mut seen = std::collections::BTreeSet::new();
+        for table in schema.tables.values() {
+            for col in &table.columns {
+                if let (Some(target), Some(rel)) = (&col.target, &col.relationship) {
+                    if !schema.tables.contains_key(target) {
+                        return Err(SchemaError::UnknownLookupTarget {
+                            table: table.name.clone(),
+                            column: col.name.clone(),
+                            target: target.clone(),
+                        });
+                    }
+                    if !seen.insert(rel.clone()) {
+                        return Err(SchemaError::DuplicateRelationship(rel.clone()));
+                    }
+                    schema.relationships.push(Relationship {
+                        name: rel.clone(),
+                        table: table.name.clone(),
+                        column: col.name.clone(),
+                        target: target.clone(),
+                    });
+                }
+            }
+        }
+        Ok(schema)
+    }
+
+    /// The table with this logical name.
+    pub fn table(&self, name: &str) -> Result<&Table, SchemaError> {
+        self.tables
+            .get(name)
+            .ok_or_else(|| SchemaError::UnknownTable(name.to_string()))
+    }
+
+    /// Every table, by name.
+    pub fn tables(&self) -> impl Iterator<Item = &Table> {
+        self.tables.values()
+    }
+
+    /// Every N:1 relationship.
+    pub fn relationships(&self) -> &[Relationship] {
+        &self.relationships
+    }
+
+    /// The relationship with this name.
+    pub fn relationship(&self, name: &str) -> Option<&Relationship> {
+        self.relationships.iter().find(|r| r.name == name)
+    }
+
+    /// The table whose entity set has this name (`accounts` → `account`).
+    pub fn table_by_entity_set(&self, entity_set: &str) -> Option<&Table> {
+        self.tables.values().find(|t| t.entity_set == entity_set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[tables.account]
+offline = true
+[tables.account.columns]
+name = "text"
+revenue = "decimal"
+primarycontactid = { lookup = "contact", relationship = "account_primary_contact" }
+logo = "image"
+contract = "file"
+industrycode = { choice = [1, 2, 3] }
+
+[tables.contact]
+offline = true
+[tables.contact.columns]
+fullname = "text"
+parentcustomerid = { lookup = "account", relationship = "contact_customer_accounts" }
+"#;
+
+    #[test]
+    fn loads_tables_columns_and_relationships() {
+        let s = Schema::from_toml(SAMPLE).unwrap();
+        let account = s.table("account").unwrap();
+        assert!(account.offline);
+        assert_eq!(account.entity_set, "accounts");
+        assert_eq!(account.column("revenue").unwrap().ty, ColumnType::Decimal);
+        assert_eq!(account.column("ownerid").unwrap().ty, ColumnType::Owner);
+        assert_eq!(
+            account.column("industrycode").unwrap().options,
+            vec![1, 2, 3]
+        );
+        let rel = s.relationship("contact_customer_accounts").unwrap();
+        assert_eq!(
+            (rel.table.as_str(), rel.column.as_str(), rel.target.as_str()),
+            ("contact", "parentcustomerid", "account")
+        );
+        assert_eq!(s.relationships().len(), 2);
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        assert!(matches!(
+            Schema::from_toml("[tables.a.columns]\nx = \"blob\""),
+            Err(SchemaError::UnknownType(_))
+        ));
+        assert!(matches!(
+            Schema::from_toml("[tables.a.columns]\nx = { lookup = \"nope\" }"),
+            Err(SchemaError::UnknownLookupTarget { .. })
+        ));
+        assert!(matches!(
+            Schema::from_toml("[tables.a.columns]\nownerid = \"text\""),
+            Err(SchemaError::InvalidName(_))
+        ));
+        assert!(matches!(
+            Schema::from_toml("[tables.A]"),
+            Err(SchemaError::InvalidName(_))
+        ));
+        assert!(matches!(
+            Schema::from_toml("not toml ["),
+            Err(SchemaError::Parse(_))
+        ));
+        assert!(matches!(
+            Schema::from_toml("[tables.a]\nbogus = 1"),
+            Err(SchemaError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn checks_values_against_columns() {
+        let s = Schema::from_toml(SAMPLE).unwrap();
+        let account = s.table("account").unwrap();
+        assert!(account
+            .check_value("name", &Value::Text("x".into()))
+            .is_ok());
+        assert!(matches!(
+            account.check_value("name", &Value::Integer(1)),
+            Err(SchemaError::WrongType { .. })
+        ));
+        assert!(matches!(
+            account.check_value("nope", &Value::Null),
+            Err(SchemaError::UnknownColumn { .. })
+        ));
+        assert!(matches!(
+            account.check_value("industrycode", &Value::Choice(9)),
+            Err(SchemaError::InvalidChoice { .. })
+        ));
+        assert!(account.check_value("name", &Value::Null).is_ok());
+        assert!(matches!(s.table("nope"), Err(SchemaError::UnknownTable(_))));
+    }
+}
