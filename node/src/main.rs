@@ -1,2 +1,60 @@
-//! The `fieldsync` binary.
-fn main() {}
+//! The `fieldsync` binary: device commands, offline profile tools, and (as they land) the hub,
+//! the Dataverse emulator, the simulator and the demo.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod device_cmd;
+
+/// fieldsync: an offline-first sync engine for field apps.
+#[derive(Debug, Parser)]
+#[command(name = "fieldsync", version, about)]
+struct Cli {
+    /// Log format on stderr (`RUST_LOG` sets the level; default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with a device's local store: create, edit, query, inspect.
+    #[command(subcommand)]
+    Device(device_cmd::DeviceCommand),
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Device(cmd) => device_cmd::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One clear line: the error and its causes, outermost first.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! `fieldsync device ...`: the device's local store from the command line.
+//!
+//! Every command that writes commits durably before it prints: a printed id is a promise.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use fieldsync_store::{
+    Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
+};
+use uuid::Uuid;
+
+/// Rows per transaction in `device import`: big enough to amortize a commit, small enough for
+/// a steady progress bar.
+const IMPORT_BATCH_ROWS: usize = 5_000;
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Create an empty device store with a schema.
+    Init {
+        /// The device's data directory (created; must not hold a store yet).
+        #[arg(long)]
+        data: PathBuf,
+        /// Schema TOML file (see examples/field-service/schema.toml).
+        #[arg(long)]
+        schema: PathBuf,
+    },
+    /// Create a row, or update columns of an existing one; prints the row id.
+    Put {
+        #[arg(long)]
+        data: PathBuf,
+        /// Table logical name.
+        table: String,
+        /// Row id: updates that row if it exists, creates it with this id otherwise.
+        #[arg(long)]
+        id: Option<String>,
+        /// Column values as COL=VALUE (`null` clears a column).
+        #[arg(value_name = "COL=VALUE")]
+        values: Vec<String>,
+    },
+    /// Print one row.
+    Get {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        id: String,
+        /// Print the row as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the rows of a table that match every --where, one per line.
+    Query {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        /// COL=VALUE equality filters (indexed columns use their index).
+        #[arg(long = "where", value_name = "COL=VALUE")]
+        filters: Vec<String>,
+        /// Print JSON lines (one object per row).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a row (a tombstone that replicates).
+    Delete {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        id: String,
+    },
+    /// Bulk-load rows from a JSON lines file (one object per line, column → value).
+    Import {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        file: PathBuf,
+    },
+    /// Print the event log.
+    Log {
+        #[arg(long)]
+        data: PathBuf,
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the conflicting values of a row's columns.
+    Conflicts {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        id: String,
+    },
+    /// Summarize the store: rows per table, log, acknowledgements, integrity.
+    Status {
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+pub fn run(cmd: DeviceCommand) -> Result<()> {
+    match cmd {
+        DeviceCommand::Init { data, schema } => init(&data, &schema),
+        DeviceCommand::Put {
+            data,
+            table,
+            id,
+            values,
+        } => put(&data, &table, id.as_deref(), &values),
+        DeviceCommand::Get {
+            data,
+            table,
+            id,
+            json,
+        } => get(&data, &table, &id, json),
+        DeviceCommand::Query {
+            data,
+            table,
+            filters,
+            json,
+        } => query(&data, &table, &filters, json),
+        DeviceCommand::Delete { data, table, id } => delete(&data, &table, &id),
+        DeviceCommand::Import { data, table, file } => import(&data, &table, &file),
+        DeviceCommand::Log { data, since, json } => log(&data, since, json),
+        DeviceCommand::Conflicts { data, table, id } => conflicts(&data, &table, &id),
+        DeviceCommand::Status { data } => status(&data),
+    }
+}
+
+/// Open an existing device store, with a clear message when there is none.
+pub fn open_store(data: &Path) -> Result<Store> {
+    Store::open(data, StoreOptions::default())
+        .with_context(|| format!("cannot open the device store in {}", data.display()))
+}
+
+fn init(data: &Path, schema_path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(schema_path)
+        .with_context(|| format!("cannot read schema file {}", schema_path.display()))?;
+    let schema = Schema::from_toml(&text)
+        .with_context(|| format!("schema file {}", schema_path.display()))?;
+    let tables = schema.tables().count();
+    let store = Store::create(data, schema, StoreOptions::default())
+        .with_context(|| format!("cannot create a device store in {}", data.display()))?;
+    println!(
+        "initialized device store in {} ({} tables, actor {})",
+        data.display(),
+        tables,
+        store.actor()
+    );
+    Ok(())
+}
+
+fn parse_id(text: &str) -> Result<RowId> {
+    Uuid::parse_str(text).map_err(|_| anyhow!("`{text}` is not a valid row id (expected a UUID)"))
+}
+
+/// Parse `COL=VALUE` arguments against a table's column types.
+fn parse_assignments(table: &Table, args: &[String]) -> Result<Vec<(String, Value)>> {
+    args.iter()
+        .map(|arg| {
+            let (col, text) = arg
+                .split_once('=')
+                .ok_or_else(|| anyhow!("`{arg}` is not of the form COL=VALUE"))?;
+            let column = table.column(col).ok_or_else(|| {
+                anyhow!("unknown column `{col}` in table `{}`", table.name)
+            })?;
+            let value = Value::parse(column.ty, text).map_err(|e| e.in_column(table, col))?;
+            Ok((col.to_string(), value))
+        })
+        .collect()
+}
+
+fn as_refs(values: &[(String, Value)]) -> Vec<(&str, Value)> {
+    values
+        .iter()
+        .map(|(c, v)| (c.as_str(), v.clone()))
+        .collect()
+}
+
+fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Result<()> {
+    let store = open_store(data)?;
+    let table = store.schema().table(table_name)?.clone();
+    let values = parse_assignments(&table, args)?;
+    let id = id.map(parse_id).transpose()?;
+    let mut tx = store.begin();
+    let row_id = match id {
+        Some(id) if store.get(table_name, id)?.is_some() => {
+            tx.update(table_name, id, &as_refs(&values))?;
+            id
+        }
+        Some(id) => {
+            tx.insert_with_id(table_name, id, &as_refs(&values))?;
+            id
+        }
+        None => tx.insert(table_name, &as_refs(&values))?,
+    };
+    tx.commit_with(Durability::Immediate)?;
+    println!("{row_id}");
+    Ok(())
+}
+
+fn row_json(row: &Row) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert(format!("{}id", row.table), row.id.to_string().into());
+    for (col, value) in &row.values {
+        obj.insert(col.clone(), value.to_json());
+    }
+    if row.has_conflicts {
+        obj.insert("@fieldsync.conflicts".into(), true.into());
+    }
+    serde_json::Value::Object(obj)
+}
+
+fn get(data: &Path, table: &str, id: &str, json: bool) -> Result<()> {
+    let store = open_store(data)?;
+    store.schema().table(table)?;
+    let id = parse_id(id)?;
+    let row = store
+        .get(table, id)?
+        .ok_or_else(|| anyhow!("no row {id} in table `{table}`"))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", row_json(&row))?;
+    } else {
+        writeln!(out, "{}id: {}", row.table, row.id)?;
+        for (col, value) in &row.values {
+            writeln!(out, "{col}: {value}")?;
+        }
+        if row.has_conflicts {
+            writeln!(
+                out,
+                "(this row has conflicting edits: `fieldsync device conflicts` shows them)"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn query(data: &Path, table_name: &str, filters: &[String], json: bool) -> Result<()> {
+    let store = open_store(data)?;
+    let table = store.schema().table(table_name)?.clone();
+    let mut q = fieldsync_store::Query::table(table_name);
+    for (col, value) in parse_assignments(&table, filters)? {
+        q = q.eq(&col, value);
+    }
+    let rows = store.query(&q)?;
+    let mut out = std::io::stdout().lock();
+    for row in &rows {
+        if json {
+            writeln!(out, "{}", row_json(row))?;
+        } else {
+            let cols: Vec<String> = row
+                .values
+                .iter()
+                .map(|(c, v)| format!("{c}={v}"))
+                .collect();
+            writeln!(out, "{}\t{}", row.id, cols.join("\t"))?;
+        }
+    }
+    Ok(())
+}
+
+fn delete(data: &Path, table: &str, id: &str) -> Result<()> {
+    let store = open_store(data)?;
+    store.schema().table(table)?;
+    let id = parse_id(id)?;
+    let mut tx = store.begin();
+    tx.delete(table, id)?;
+    tx.commit_with(Durability::Immediate)?;
+    println!("deleted {id}");
+    Ok(())
+}
+
+/// Read and check the whole file before writing anything, so a bad line leaves the store as
+/// it was.
+fn read_import_file(table: &Table, file: &Path) -> Result<Vec<(Option<RowId>, Vec<(String, Value)>)>> {
+    let reader = BufReader::new(
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+    );
+    let primary = table.primary_id_column();
+    let mut rows = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line_no = n + 1;
+        let line = line.with_context(|| format!("{}: cannot read line {line_no}", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{line_no}: not a JSON object", file.display()))?;
+        let mut id = None;
+        let mut values = Vec::with_capacity(obj.len());
+        for (col, json) in &obj {
+            if *col == primary {
+                let text = json.as_str().ok_or_else(|| {
+                    anyhow!("{}:{line_no}: `{col}` must be a UUID string", file.display())
+                })?;
+                id = Some(parse_id(text).with_context(|| format!("{}:{line_no}", file.display()))?);
+                continue;
+            }
+            let column = table.column(col).ok_or_else(|| {
+                anyhow!(
+                    "{}:{line_no}: unknown column `{col}` in table `{}`",
+                    file.display(),
+                    table.name
+                )
+            })?;
+            let value = Value::from_json(column.ty, json)
+                .map_err(|e| e.in_column(table, col))
+                .with_context(|| format!("{}:{line_no}", file.display()))?;
+            table.check_value(col, &value)
+                .with_context(|| format!("{}:{line_no}", file.display()))?;
+            values.push((col.clone(), value));
+        }
+        rows.push((id, values));
+    }
+    Ok(rows)
+}
+
+fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
+    let store = open_store(data)?;
+    let table = store.schema().table(table_name)?.clone();
+    let rows = read_import_file(&table, file)?;
+    let total = rows.len();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} importing [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut done = 0usize;
+    let mut iter = rows.into_iter().peekable();
+    while iter.peek().is_some() {
+        let batch: Vec<_> = iter.by_ref().take(IMPORT_BATCH_ROWS).collect();
+        let n = batch.len();
+        store
+            .bulk_insert(table_name, batch, &mut |k| bar.set_position((done + k) as u64))
+            .with_context(|| format!("importing rows {}..{}", done + 1, done + n))?;
+        done += n;
+        bar.set_position(done as u64);
+    }
+    store.sync().context("cannot make the import durable")?;
+    bar.finish_and_clear();
+    println!("imported {total} rows into {table_name}");
+    Ok(())
+}
+
+fn log(data: &Path, since: u64, json: bool) -> Result<()> {
+    let store = open_store(data)?;
+    let mut out = std::io::stdout().lock();
+    let mut after = since;
+    loop {
+        let entries = store.ops_since(after, 1_000)?;
+        let Some(last) = entries.last() else { break };
+        after = last.seq;
+        for e in &entries {
+            if json {
+                let line = serde_json::json!({
+                    "seq": e.seq,
+                    "table": e.table,
+                    "row": e.row.to_string(),
+                    "actor": e.actor.to_string(),
+                    "hash": hex_string(&e.hash),
+                    "change_bytes": e.change.len(),
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>8}  {:<24} {}  actor {}  {} B",
+                    e.seq,
+                    e.table,
+                    e.row,
+                    e.actor,
+                    e.change.len()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn conflicts(data: &Path, table: &str, id: &str) -> Result<()> {
+    let store = open_store(data)?;
+    store.schema().table(table)?;
+    let id = parse_id(id)?;
+    if store.get(table, id)?.is_none() {
+        bail!("no row {id} in table `{table}`");
+    }
+    let conflicts = store.conflicts(table, id)?;
+    if conflicts.is_empty() {
+        println!("no conflicts on {table} {id}");
+    }
+    for c in conflicts {
+        println!("{}: shows {} (deterministic winner)", c.column, c.winner);
+        for (value, actor) in &c.values {
+            println!("  {value}  written by actor {actor}");
+        }
+    }
+    Ok(())
+}
+
+fn status(data: &Path) -> Result<()> {
+    let store = open_store(data)?;
+    let status = store.status()?;
+    let by_table: BTreeMap<_, _> = status.rows_per_table.iter().collect();
+    println!("actor         {}", store.actor());
+    println!("last seq      {}", status.last_seq);
+    println!("acked seq     {}", status.acked_seq);
+    println!("pending ops   {}", status.last_seq.saturating_sub(status.acked_seq));
+    println!("log entries   {}", status.log_entries);
+    println!("disk bytes    {}", status.disk_bytes);
+    println!("rows:");
+    for (table, n) in by_table {
+        println!("  {table:<28} {n}");
+    }
+    let report = store.check()?;
+    println!("integrity     {report}");
+    Ok(())
+}
