@@ -1,1 +1,234 @@
-//! End-to-end tests of the device commands.
+//! End-to-end tests of the device commands, each a real `fieldsync` process.
+
+use std::io::Write;
+
+use fieldsync_e2e::{field_service, fieldsync, fieldsync_err, fieldsync_ok};
+
+const ME: &str = "9a1f3c52-0000-4000-8000-000000000001";
+const OTHER: &str = "9a1f3c52-0000-4000-8000-000000000002";
+
+fn init_device() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("device");
+    let schema = field_service("schema.toml");
+    fieldsync_ok([
+        "device".as_ref(),
+        "init".as_ref(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--schema".as_ref(),
+        schema.as_os_str(),
+    ]);
+    dir
+}
+
+fn data_arg(dir: &tempfile::TempDir) -> String {
+    dir.path().join("device").to_string_lossy().into_owned()
+}
+
+#[test]
+fn put_get_query_delete_round_trip() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    let id = fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &data,
+        "msdyn_workorder",
+        "msdyn_name=WO-0001",
+        &format!("ownerid=user:{ME}"),
+        "msdyn_priority=2",
+        "msdyn_totalamount=120.50",
+        "msdyn_datewindowstart=2026-11-26T08:30:00Z",
+    ]);
+    let id = id.trim().to_string();
+    uuid_like(&id);
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &data,
+        "msdyn_workorder",
+        "msdyn_name=WO-0002",
+        &format!("ownerid=user:{OTHER}"),
+    ]);
+
+    let row: serde_json::Value = serde_json::from_str(&fieldsync_ok([
+        "device",
+        "get",
+        "--data",
+        &data,
+        "msdyn_workorder",
+        &id,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(row["msdyn_name"], "WO-0001");
+    assert_eq!(row["msdyn_priority"], 2);
+    assert_eq!(row["msdyn_totalamount"], "120.50");
+    assert_eq!(row["msdyn_datewindowstart"], "2026-11-26T08:30:00Z");
+    assert_eq!(row["statecode"], 0, "new rows are active");
+    assert!(row["createdon"].is_string());
+
+    // Update one column by id; the others stay.
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &data,
+        "msdyn_workorder",
+        "--id",
+        &id,
+        "msdyn_priority=3",
+    ]);
+    let mine = fieldsync_ok([
+        "device",
+        "query",
+        "--data",
+        &data,
+        "msdyn_workorder",
+        "--where",
+        &format!("ownerid=user:{ME}"),
+        "--where",
+        "statecode=0",
+        "--json",
+    ]);
+    let rows: Vec<serde_json::Value> = mine
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{mine}");
+    assert_eq!(rows[0]["msdyn_priority"], 3);
+    assert_eq!(rows[0]["msdyn_name"], "WO-0001");
+
+    fieldsync_ok(["device", "delete", "--data", &data, "msdyn_workorder", &id]);
+    let err = fieldsync_err(["device", "get", "--data", &data, "msdyn_workorder", &id]);
+    assert!(err.contains("no row"), "{err}");
+
+    let log = fieldsync_ok(["device", "log", "--data", &data, "--json"]);
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 4, "two creates, an update and a delete: {log}");
+    let since = fieldsync_ok(["device", "log", "--data", &data, "--since", "2", "--json"]);
+    assert_eq!(since.lines().count(), 2);
+
+    let status = fieldsync_ok(["device", "status", "--data", &data]);
+    assert!(status.contains("msdyn_workorder"), "{status}");
+}
+
+fn uuid_like(s: &str) {
+    assert_eq!(s.len(), 36, "not a row id: {s:?}");
+    assert_eq!(s.matches('-').count(), 4, "not a row id: {s:?}");
+}
+
+#[test]
+fn bad_input_is_one_clear_error_and_writes_nothing() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    let cases: &[(&[&str], &str)] = &[
+        (&["nosuchtable", "name=x"], "unknown table"),
+        (&["account", "nosuchcolumn=x"], "unknown column"),
+        (&["account", "numberofemployees=many"], "not a valid integer"),
+        (&["account", "industrycode=99"], "not an option"),
+        (&["account", "primarycontactid=not-a-uuid"], "not a valid lookup"),
+        (&["account", "--id", "123", "name=x"], "not a valid row id"),
+        (&["account", "name"], "COL=VALUE"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["device", "put", "--data", &data];
+        full.extend_from_slice(args);
+        let err = fieldsync_err(&full);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let log = fieldsync_ok(["device", "log", "--data", &data]);
+    assert!(log.is_empty(), "a refused write left a log entry: {log}");
+
+    // Commands on a directory that holds no store.
+    let empty = dir.path().join("nothing-here");
+    let err = fieldsync_err([
+        "device".as_ref(),
+        "status".as_ref(),
+        "--data".as_ref(),
+        empty.as_os_str(),
+    ]);
+    assert!(err.contains("cannot open"), "{err}");
+
+    // init refuses to overwrite an existing store.
+    let schema = field_service("schema.toml");
+    let err = fieldsync_err([
+        "device".as_ref(),
+        "init".as_ref(),
+        "--data".as_ref(),
+        dir.path().join("device").as_os_str(),
+        "--schema".as_ref(),
+        schema.as_os_str(),
+    ]);
+    assert!(err.contains("cannot create"), "{err}");
+}
+
+#[test]
+fn import_checks_the_whole_file_before_writing() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    let good = dir.path().join("contacts.jsonl");
+    let mut f = std::fs::File::create(&good).unwrap();
+    for i in 0..250 {
+        writeln!(
+            f,
+            r#"{{"firstname":"Ada{i}","lastname":"Field","donotphone":{},"ownerid":"user:{ME}"}}"#,
+            i % 2 == 0
+        )
+        .unwrap();
+    }
+    drop(f);
+    let out = fieldsync_ok([
+        "device".as_ref(),
+        "import".as_ref(),
+        "--data".as_ref(),
+        data.as_ref(),
+        "contact".as_ref(),
+        good.as_os_str(),
+    ]);
+    assert!(out.contains("imported 250 rows"), "{out}");
+    let rows = fieldsync_ok(["device", "query", "--data", &data, "contact", "--json"]);
+    assert_eq!(rows.lines().count(), 250);
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"firstname\":\"ok\"}\n{\"firstname\":\"ok2\"}\n{\"donotphone\":\"maybe\"}\n",
+    )
+    .unwrap();
+    let err = fieldsync_err([
+        "device".as_ref(),
+        "import".as_ref(),
+        "--data".as_ref(),
+        data.as_ref(),
+        "contact".as_ref(),
+        bad.as_os_str(),
+    ]);
+    assert!(err.contains(":3"), "names the line: {err}");
+    let rows = fieldsync_ok(["device", "query", "--data", &data, "contact", "--json"]);
+    assert_eq!(rows.lines().count(), 250, "nothing from the bad file was written");
+}
+
+#[test]
+fn a_damaged_store_is_a_clear_error() {
+    let dir = init_device();
+    let data = dir.path().join("device");
+    // Overwrite every file in the store with garbage.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::write(&path, b"\x00garbage\xffnot a database").unwrap();
+        }
+    }
+    let out = fieldsync(["device".as_ref(), "status".as_ref(), "--data".as_ref(), data.as_os_str()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.starts_with("error:"), "{stderr}");
+}

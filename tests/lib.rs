@@ -1,2 +1,96 @@
-//! Helpers shared by the workspace end-to-end tests.
+//! Helpers shared by the workspace end-to-end tests: they run the real `fieldsync` binary as
+//! separate processes.
 #![warn(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `examples/field-service/<name>` in the workspace.
+pub fn field_service(name: &str) -> PathBuf {
+    workspace_root()
+        .join("examples")
+        .join("field-service")
+        .join(name)
+}
+
+/// The `fieldsync` binary, built once per test process with the same cargo that runs the tests.
+///
+/// Panics (failing the test) when the build fails.
+pub fn fieldsync_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = workspace_root();
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "fieldsync-node", "--bin", "fieldsync"])
+            .current_dir(&root)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo build: {e}"));
+        assert!(status.success(), "cargo build of fieldsync failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let bin = target.join("debug").join("fieldsync");
+        assert!(bin.exists(), "no fieldsync binary at {}", bin.display());
+        bin
+    })
+}
+
+/// Run `fieldsync` with these arguments and wait for it.
+pub fn fieldsync<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(fieldsync_bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run fieldsync: {e}"))
+}
+
+/// Run `fieldsync`, require success, and return its stdout.
+pub fn fieldsync_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = fieldsync(args);
+    assert!(
+        out.status.success(),
+        "fieldsync failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run `fieldsync`, require failure with exactly one line on stderr, and return that line.
+pub fn fieldsync_err<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = fieldsync(args);
+    assert!(
+        !out.status.success(),
+        "fieldsync should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "fieldsync panicked: {stderr}"
+    );
+    lines[0].to_string()
+}
