@@ -1,16 +1,50 @@
 //! The embedded fieldsync device store.
 //!
 //! Every edit becomes an automerge change appended to an event log kept in sled; rows are
-//! materialized from the log for queries. See `docs/storage.md` for what survives a crash.
+//! materialized from the log for queries. See `docs/storage.md` for the layout and for what
+//! survives a crash.
+//!
+//! ```
+//! use fieldsync_store::{Schema, Store, StoreOptions, Value};
+//! let schema = Schema::from_toml("[tables.account.columns]\nname = \"text\"").unwrap();
+//! let store = Store::temporary(schema, StoreOptions::default()).unwrap();
+//! let mut tx = store.begin();
+//! let id = tx.insert("account", &[("name", Value::Text("Contoso".into()))]).unwrap();
+//! tx.commit().unwrap();
+//! assert_eq!(store.get("account", id).unwrap().unwrap().get("name"), &Value::Text("Contoso".into()));
+//! ```
 #![warn(missing_docs)]
 
+mod api;
+mod blob;
+mod check;
+mod codec;
+mod error;
+mod log;
+mod options;
+mod query;
+mod replicate;
+mod row;
 mod schema;
+mod store;
+mod txn;
 mod value;
 
+pub use api::{
+    ApplyOutcome, CheckProblem, CheckReport, ColumnConflict, CommitInfo, CompactReport, LogEntry,
+    RemoteOp, Row, RowExport, StoreStatus,
+};
+pub use blob::BLOB_CHUNK_BYTES;
+pub use error::{OpenError, StoreError, WriteError};
+pub use options::{ActorId, ActorIdParseError, Clock, Durability, StoreOptions};
+pub use query::{Filter, Order, Query, QueryPlan};
+pub use row::DELETED_KEY;
 pub use schema::{
     Column, ColumnType, Ownership, Relationship, Schema, SchemaError, Table, STATE_ACTIVE,
     STATE_INACTIVE, SYSTEM_COLUMNS,
 };
+pub use store::{Store, FORMAT_VERSION};
+pub use txn::Transaction;
 pub use value::{
     format_datetime, parse_datetime, BlobRef, OwnerKind, OwnerRef, RowId, Value, ValueParseError,
 };

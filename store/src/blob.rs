@@ -1,0 +1,138 @@
+//! Content-addressed blobs for file and image columns, written and read in chunks.
+//!
+//! Chunks are stored under the SHA-256 of their own bytes (`c` + hash), so equal chunks are
+//! stored once; a blob header (`b` + SHA-256 of the whole content) lists its chunks and is
+//! written last, after every chunk: a blob is either complete or absent.
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::debug_span;
+
+use crate::codec::keys;
+use crate::error::StoreError;
+use crate::store::{decode, encode, Store};
+use crate::value::BlobRef;
+
+/// The size of a blob chunk.
+pub const BLOB_CHUNK_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct BlobHeader {
+    pub size: u64,
+    pub chunks: Vec<[u8; 32]>,
+}
+
+fn blob_key(sha: &[u8; 32]) -> Vec<u8> {
+    let mut k = vec![keys::BLOB];
+    k.extend_from_slice(sha);
+    k
+}
+
+fn chunk_key(sha: &[u8; 32]) -> Vec<u8> {
+    let mut k = vec![keys::CHUNK];
+    k.extend_from_slice(sha);
+    k
+}
+
+impl Store {
+    /// Store the content read from `content` (in chunks of [`BLOB_CHUNK_BYTES`]) and return
+    /// its reference, to put in a file or image column. Storing the same content twice stores
+    /// it once. Durable per the store's durability when this returns.
+    pub fn put_blob(&self, name: &str, content: &mut dyn Read) -> Result<BlobRef, StoreError> {
+        let _span = debug_span!("put_blob", name).entered();
+        let mut whole = Sha256::new();
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        let mut buf = vec![0u8; BLOB_CHUNK_BYTES];
+        loop {
+            // Fill a whole chunk (short reads happen).
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = content.read(&mut buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            let data = &buf[..filled];
+            whole.update(data);
+            let sha: [u8; 32] = Sha256::digest(data).into();
+            self.db().insert(chunk_key(&sha), data)?;
+            chunks.push(sha);
+            size += filled as u64;
+            if filled < buf.len() {
+                break;
+            }
+        }
+        let sha256: [u8; 32] = whole.finalize().into();
+        let header = BlobHeader { size, chunks };
+        self.db().insert(blob_key(&sha256), encode(&header))?;
+        self.make_durable(self.inner.options.durability)?;
+        Ok(BlobRef {
+            sha256,
+            size,
+            name: name.to_string(),
+        })
+    }
+
+    fn blob_header(&self, blob: &BlobRef) -> Result<Option<BlobHeader>, StoreError> {
+        match self.db().get(blob_key(&blob.sha256))? {
+            Some(b) => Ok(Some(decode(&b, "a blob header")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the blob's content is in the store.
+    pub fn has_blob(&self, blob: &BlobRef) -> Result<bool, StoreError> {
+        Ok(self.blob_header(blob)?.is_some())
+    }
+
+    /// Chunk `index` of a blob (`None` past the end). Errors if the blob is not here.
+    pub fn read_blob_chunk(
+        &self,
+        blob: &BlobRef,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let header = self
+            .blob_header(blob)?
+            .ok_or_else(|| StoreError::BlobNotFound(blob.hash_hex()))?;
+        let Some(sha) = header.chunks.get(index as usize) else {
+            return Ok(None);
+        };
+        let data = self
+            .db()
+            .get(chunk_key(sha))?
+            .ok_or_else(|| StoreError::BlobCorrupt(blob.hash_hex()))?;
+        let got: [u8; 32] = Sha256::digest(&data).into();
+        if got != *sha {
+            return Err(StoreError::BlobCorrupt(blob.hash_hex()));
+        }
+        Ok(Some(data.to_vec()))
+    }
+
+    /// The whole content of a blob, checked against its hash.
+    pub fn read_blob(&self, blob: &BlobRef) -> Result<Vec<u8>, StoreError> {
+        let header = self
+            .blob_header(blob)?
+            .ok_or_else(|| StoreError::BlobNotFound(blob.hash_hex()))?;
+        let mut out = Vec::with_capacity(usize::try_from(header.size).unwrap_or(0));
+        let mut whole = Sha256::new();
+        for i in 0..header.chunks.len() {
+            let chunk = self
+                .read_blob_chunk(blob, i as u32)?
+                .ok_or_else(|| StoreError::BlobCorrupt(blob.hash_hex()))?;
+            whole.update(&chunk);
+            out.extend_from_slice(&chunk);
+        }
+        let sha: [u8; 32] = whole.finalize().into();
+        if sha != blob.sha256 || out.len() as u64 != header.size {
+            return Err(StoreError::BlobCorrupt(blob.hash_hex()));
+        }
+        Ok(out)
+    }
+}

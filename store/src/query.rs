@@ -1,0 +1,343 @@
+//! Views: filters on indexed columns (equality, range), sort, limit.
+
+use std::cmp::Ordering;
+use std::ops::Bound;
+
+use tracing::debug_span;
+
+use crate::api::Row;
+use crate::codec::{cmp_values, index_value, keys};
+use crate::error::{corrupt, StoreError};
+use crate::row::MatRow;
+use crate::schema::{SchemaError, Table};
+use crate::store::{decode, Store, COMPOSITE_OWNER_STATE};
+use crate::value::{RowId, Value};
+
+/// Sort direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Smallest first (nulls first).
+    #[default]
+    Asc,
+    /// Largest first (nulls last).
+    Desc,
+}
+
+/// One condition of a [`Query`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// The column equals the value (`Value::Null`: the column is empty).
+    Eq(String, Value),
+    /// The column lies within the bounds (nulls never match).
+    Range(String, Bound<Value>, Bound<Value>),
+}
+
+/// A view over one table, built with a builder:
+///
+/// ```
+/// # use fieldsync_store::{Query, Order, Value};
+/// let me = fieldsync_store::OwnerRef { kind: fieldsync_store::OwnerKind::User, id: uuid::Uuid::nil() };
+/// let q = Query::table("msdyn_workorder")
+///     .eq("ownerid", Value::Owner(me))
+///     .eq("statecode", Value::Choice(0))
+///     .order_by("modifiedon", Order::Desc)
+///     .limit(50);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Query {
+    /// The table's logical name.
+    pub table: String,
+    /// Every condition (all must hold).
+    pub filters: Vec<Filter>,
+    /// Sort column and direction (default: by row id).
+    pub order: Option<(String, Order)>,
+    /// At most this many rows.
+    pub limit: Option<usize>,
+}
+
+/// How a query finds its candidate rows (see [`Store::plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryPlan {
+    /// A prefix scan of the (ownerid, statecode) index.
+    OwnerStateIndex,
+    /// A prefix scan of one column's index for an equality.
+    IndexEq {
+        /// The indexed column.
+        column: String,
+    },
+    /// A range scan of one column's index.
+    IndexRange {
+        /// The indexed column.
+        column: String,
+    },
+    /// A scan of every row of the table (no filter on an indexed column).
+    TableScan,
+}
+
+impl Query {
+    /// A query over every row of `table`.
+    pub fn table(table: &str) -> Query {
+        Query {
+            table: table.to_string(),
+            filters: Vec::new(),
+            order: None,
+            limit: None,
+        }
+    }
+
+    /// Keep rows whose `column` equals `value`.
+    pub fn eq(mut self, column: &str, value: Value) -> Query {
+        self.filters.push(Filter::Eq(column.to_string(), value));
+        self
+    }
+
+    /// Keep rows whose `column` lies between the bounds.
+    pub fn range(mut self, column: &str, lower: Bound<Value>, upper: Bound<Value>) -> Query {
+        self.filters
+            .push(Filter::Range(column.to_string(), lower, upper));
+        self
+    }
+
+    /// Sort by `column`.
+    pub fn order_by(mut self, column: &str, order: Order) -> Query {
+        self.order = Some((column.to_string(), order));
+        self
+    }
+
+    /// Return at most `n` rows.
+    pub fn limit(mut self, n: usize) -> Query {
+        self.limit = Some(n);
+        self
+    }
+}
+
+fn col(table: &Table, name: &str) -> Result<u16, SchemaError> {
+    table
+        .column_index(name)
+        .and_then(|i| u16::try_from(i).ok())
+        .ok_or_else(|| SchemaError::UnknownColumn {
+            table: table.name.clone(),
+            column: name.to_string(),
+        })
+}
+
+fn indexed(table: &Table, c: u16) -> bool {
+    table
+        .columns
+        .get(usize::from(c))
+        .is_some_and(|c| c.ty.is_indexed())
+}
+
+fn matches(mat: &MatRow, filters: &[(u16, &Filter)]) -> bool {
+    filters.iter().all(|(c, f)| {
+        let v = Store::mat_value(mat, *c);
+        match f {
+            Filter::Eq(_, want) => cmp_values(v, want) == Ordering::Equal,
+            Filter::Range(_, lo, hi) => {
+                if v.is_null() {
+                    return false;
+                }
+                let above = match lo {
+                    Bound::Included(b) => cmp_values(v, b) != Ordering::Less,
+                    Bound::Excluded(b) => cmp_values(v, b) == Ordering::Greater,
+                    Bound::Unbounded => true,
+                };
+                let below = match hi {
+                    Bound::Included(b) => cmp_values(v, b) != Ordering::Greater,
+                    Bound::Excluded(b) => cmp_values(v, b) == Ordering::Less,
+                    Bound::Unbounded => true,
+                };
+                above && below
+            }
+        }
+    })
+}
+
+enum Candidates {
+    Prefix(Vec<u8>),
+    Range(Vec<u8>, Bound<Vec<u8>>, Bound<Vec<u8>>),
+    Table,
+}
+
+impl Store {
+    fn choose(
+        &self,
+        t: u16,
+        table: &Table,
+        query: &Query,
+    ) -> Result<(QueryPlan, Candidates), StoreError> {
+        let mut owner = None;
+        let mut state = None;
+        let mut eq = None;
+        let mut range = None;
+        for f in &query.filters {
+            match f {
+                Filter::Eq(name, v) => {
+                    let c = col(table, name)?;
+                    table.check_value(name, v)?;
+                    if !indexed(table, c) {
+                        continue;
+                    }
+                    let Some(enc) = index_value(v) else { continue };
+                    match name.as_str() {
+                        "ownerid" => owner = Some(enc.clone()),
+                        "statecode" => state = Some(enc.clone()),
+                        _ => {}
+                    }
+                    if eq.is_none() || name != "statecode" {
+                        eq = Some((name.clone(), c, enc));
+                    }
+                }
+                Filter::Range(name, lo, hi) => {
+                    let c = col(table, name)?;
+                    for b in [lo, hi] {
+                        if let Bound::Included(v) | Bound::Excluded(v) = b {
+                            table.check_value(name, v)?;
+                        }
+                    }
+                    if range.is_none() && indexed(table, c) {
+                        let enc = |b: &Bound<Value>| -> Option<Bound<Vec<u8>>> {
+                            Some(match b {
+                                Bound::Included(v) => Bound::Included(index_value(v)?),
+                                Bound::Excluded(v) => Bound::Excluded(index_value(v)?),
+                                Bound::Unbounded => Bound::Unbounded,
+                            })
+                        };
+                        if let (Some(l), Some(h)) = (enc(lo), enc(hi)) {
+                            range = Some((name.clone(), c, l, h));
+                        }
+                    }
+                }
+            }
+        }
+        if let (Some(mut o), Some(s)) = (owner, state) {
+            o.extend_from_slice(&s);
+            let mut p = keys::index_prefix(t, COMPOSITE_OWNER_STATE);
+            p.extend_from_slice(&o);
+            return Ok((QueryPlan::OwnerStateIndex, Candidates::Prefix(p)));
+        }
+        if let Some((name, c, enc)) = eq {
+            let mut p = keys::index_prefix(t, c);
+            p.extend_from_slice(&enc);
+            return Ok((QueryPlan::IndexEq { column: name }, Candidates::Prefix(p)));
+        }
+        if let Some((name, c, lo, hi)) = range {
+            return Ok((
+                QueryPlan::IndexRange { column: name },
+                Candidates::Range(keys::index_prefix(t, c), lo, hi),
+            ));
+        }
+        Ok((QueryPlan::TableScan, Candidates::Table))
+    }
+
+    /// How `query` would find its rows (an index scan or a table scan).
+    pub fn plan(&self, query: &Query) -> Result<QueryPlan, StoreError> {
+        let (t, table) = self.table(&query.table)?;
+        Ok(self.choose(t, table, query)?.0)
+    }
+
+    /// Run a view: candidates from an index when a filter is on an indexed column (else a
+    /// scan of the table's rows, never of the log), the remaining filters, sort, limit.
+    pub fn query(&self, query: &Query) -> Result<Vec<Row>, StoreError> {
+        let _span = debug_span!("query", table = %query.table).entered();
+        let (t, table) = self.table(&query.table)?;
+        let (_, candidates) = self.choose(t, table, query)?;
+        let mut filters = Vec::with_capacity(query.filters.len());
+        for f in &query.filters {
+            let (Filter::Eq(name, _) | Filter::Range(name, _, _)) = f;
+            filters.push((col(table, name)?, f));
+        }
+        let order = match &query.order {
+            Some((name, o)) => Some((col(table, name)?, *o)),
+            None => None,
+        };
+        // Without a sort the limit can stop the scan early.
+        let early = if order.is_none() { query.limit } else { None };
+        let mut out: Vec<(RowId, MatRow)> = Vec::new();
+        let mut take = |id: RowId, mat: MatRow| -> bool {
+            if !mat.deleted && matches(&mat, &filters) {
+                out.push((id, mat));
+            }
+            early.is_none_or(|n| out.len() < n)
+        };
+        match candidates {
+            Candidates::Table => {
+                for r in self.db().scan_prefix(keys::table_prefix(keys::ROW, t)) {
+                    let (k, v) = r?;
+                    let (_, id) =
+                        keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
+                    if !take(id, decode(&v, "a materialized row")?) {
+                        break;
+                    }
+                }
+            }
+            Candidates::Prefix(p) => {
+                for r in self.db().scan_prefix(&p) {
+                    let (k, _) = r?;
+                    if k.len() != p.len() + 16 {
+                        continue;
+                    }
+                    let id = keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?;
+                    let Some(mat) = self.load_mat(t, id)? else {
+                        return Err(corrupt(format!("index entry for missing row {id}")));
+                    };
+                    if !take(id, mat) {
+                        break;
+                    }
+                }
+            }
+            Candidates::Range(p, lo, hi) => {
+                let with = |v: &[u8]| {
+                    let mut k = p.clone();
+                    k.extend_from_slice(v);
+                    k
+                };
+                let start = match &lo {
+                    Bound::Included(v) => with(v),
+                    Bound::Excluded(v) => {
+                        let mut k = with(v);
+                        k.extend_from_slice(&[0xff; 16]);
+                        k
+                    }
+                    Bound::Unbounded => p.clone(),
+                };
+                for r in self.db().range(start..) {
+                    let (k, _) = r?;
+                    if !k.starts_with(&p) {
+                        break;
+                    }
+                    let val = &k[p.len()..k.len().saturating_sub(16)];
+                    let past = match &hi {
+                        Bound::Included(h) => val > h.as_slice(),
+                        Bound::Excluded(h) => val >= h.as_slice(),
+                        Bound::Unbounded => false,
+                    };
+                    if past {
+                        break;
+                    }
+                    let id = keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?;
+                    let Some(mat) = self.load_mat(t, id)? else {
+                        return Err(corrupt(format!("index entry for missing row {id}")));
+                    };
+                    if !take(id, mat) {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some((c, o)) = order {
+            out.sort_by(|(ia, a), (ib, b)| {
+                let ord = cmp_values(Store::mat_value(a, c), Store::mat_value(b, c));
+                let ord = if o == Order::Desc { ord.reverse() } else { ord };
+                ord.then(ia.cmp(ib))
+            });
+        }
+        if let Some(n) = query.limit {
+            out.truncate(n);
+        }
+        Ok(out
+            .into_iter()
+            .map(|(id, mat)| self.to_row(table, id, mat))
+            .collect())
+    }
+}

@@ -1,0 +1,462 @@
+//! What replication needs: the log since a seq, idempotent remote apply with a held area,
+//! whole-row export/import, eviction, acknowledgement and compaction.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tracing::{debug, info_span};
+
+use crate::api::{ApplyOutcome, CompactReport, LogEntry, RemoteOp, RowExport};
+use crate::codec::keys;
+use crate::error::{corrupt, StoreError};
+use crate::log::StoredEntry;
+use crate::options::Durability;
+use crate::row::{parse_change, row_change, CrdtState, MatRow, RowChange};
+use crate::store::Store;
+use crate::value::RowId;
+
+/// Log entries folded per compaction batch.
+const COMPACT_CHUNK: usize = 2048;
+
+/// A log entry's seq and change bytes.
+type SeqChange = (u64, Vec<u8>);
+
+/// A row being changed by `apply_remote`.
+struct Working {
+    state: CrdtState,
+    old: Option<MatRow>,
+    /// Held changes of this row: hash → (change, bytes, stored on disk already).
+    held: BTreeMap<[u8; 32], (RowChange, Vec<u8>, bool)>,
+    held_loaded: bool,
+    /// Held hashes to remove from disk.
+    released: Vec<[u8; 32]>,
+    changed: bool,
+}
+
+impl Store {
+    /// Up to `limit` log entries with `seq > after_seq`, in order.
+    pub fn ops_since(&self, after_seq: u64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        let start = keys::log(after_seq.saturating_add(1));
+        let end = [keys::LOG + 1];
+        let mut out = Vec::new();
+        for r in self.db().range(start.to_vec()..end.to_vec()).take(limit) {
+            let (k, v) = r?;
+            let seq = keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?;
+            let e = StoredEntry::decode(&v)
+                .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
+            out.push(LogEntry {
+                seq,
+                table: self.table_name(e.table),
+                row: e.row,
+                actor: e.actor,
+                hash: e.hash,
+                change: e.change,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Apply changes made elsewhere.
+    ///
+    /// Idempotent: a change already applied (or already held) is counted as a duplicate and
+    /// adds nothing. A change whose dependencies have not arrived is persisted in a held area
+    /// and applied (logged) as soon as they do. Every op is validated first (bytes, table,
+    /// columns, value types): if any is invalid, nothing of the batch is written.
+    pub fn apply_remote(
+        &self,
+        ops: &[RemoteOp],
+        durability: Durability,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let _span = info_span!("apply_remote", ops = ops.len()).entered();
+        let mut parsed = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (t, tab) = self.table(&op.table)?;
+            let invalid = |reason: String| StoreError::InvalidChange {
+                table: op.table.clone(),
+                row: op.row,
+                reason,
+            };
+            let (expanded, hash) = parse_change(&op.change).map_err(invalid)?;
+            let change = row_change(tab, &expanded, hash).map_err(invalid)?;
+            parsed.push((t, op.row, change, &op.change));
+        }
+        let mut outcome = ApplyOutcome::default();
+        let mut writer = self.writer();
+        let mut seq = writer.next_seq;
+        let mut batch = sled::Batch::default();
+        let mut rows: HashMap<(u16, RowId), Working> = HashMap::new();
+        let mut order: Vec<(u16, RowId)> = Vec::new();
+        let mut batch_held: Vec<[u8; 32]> = Vec::new();
+        for (t, id, change, bytes) in parsed {
+            if let std::collections::hash_map::Entry::Vacant(slot) = rows.entry((t, id)) {
+                let state = self.load_state(t, id)?;
+                let old = self.load_mat(t, id)?;
+                slot.insert(Working {
+                    state: state.unwrap_or_default(),
+                    old,
+                    held: BTreeMap::new(),
+                    held_loaded: false,
+                    released: Vec::new(),
+                    changed: false,
+                });
+                order.push((t, id));
+            }
+            let Some(w) = rows.get_mut(&(t, id)) else {
+                continue;
+            };
+            if !w.held_loaded {
+                self.load_held(t, id, w)?;
+            }
+            if w.state.has_change(&change.hash) || w.held.contains_key(&change.hash) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            if !w.state.ready(&change) {
+                batch_held.push(change.hash);
+                w.held.insert(change.hash, (change, bytes.clone(), false));
+                continue;
+            }
+            self.apply_one(&mut batch, &mut seq, t, id, w, change, bytes.clone());
+            outcome.applied += 1;
+            // Release whatever this made ready.
+            loop {
+                let ready: Vec<[u8; 32]> = w
+                    .held
+                    .iter()
+                    .filter(|(_, (c, _, _))| w.state.ready(c))
+                    .map(|(h, _)| *h)
+                    .collect();
+                if ready.is_empty() {
+                    break;
+                }
+                for h in ready {
+                    if let Some((c, b, on_disk)) = w.held.remove(&h) {
+                        if w.state.ready(&c) {
+                            if on_disk {
+                                w.released.push(h);
+                            }
+                            self.apply_one(&mut batch, &mut seq, t, id, w, c, b);
+                            outcome.applied += 1;
+                        } else {
+                            w.held.insert(h, (c, b, on_disk));
+                        }
+                    }
+                }
+            }
+        }
+        for key in &order {
+            let (t, id) = *key;
+            let Some(w) = rows.get(key) else { continue };
+            for h in &w.released {
+                batch.remove(keys::held(t, id, h));
+            }
+            for (h, (_, bytes, on_disk)) in &w.held {
+                if !on_disk {
+                    batch.insert(keys::held(t, id, h), bytes.as_slice());
+                }
+            }
+            if w.changed {
+                let tab = self.table_by_id(t)?;
+                self.stage_row(&mut batch, t, tab, id, w.old.as_ref(), &w.state);
+            }
+        }
+        outcome.held = batch_held
+            .iter()
+            .filter(|h| {
+                rows.values()
+                    .any(|w| w.held.get(*h).is_some_and(|(_, _, on_disk)| !on_disk))
+            })
+            .count();
+        self.db().apply_batch(batch)?;
+        writer.next_seq = seq;
+        drop(writer);
+        self.make_durable(durability)?;
+        debug!(?outcome, "applied remote changes");
+        Ok(outcome)
+    }
+
+    fn load_held(&self, t: u16, id: RowId, w: &mut Working) -> Result<(), StoreError> {
+        let tab = self.table_by_id(t)?;
+        for r in self.db().scan_prefix(keys::row_key(keys::HELD, t, id)) {
+            let (k, v) = r?;
+            let hash: [u8; 32] = k
+                .get(19..)
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(|| corrupt("a held key is malformed"))?;
+            let (expanded, h2) =
+                parse_change(&v).map_err(|e| corrupt(format!("a held change: {e}")))?;
+            if h2 != hash {
+                return Err(corrupt("a held change does not match its hash"));
+            }
+            let c = row_change(tab, &expanded, hash)
+                .map_err(|e| corrupt(format!("a held change: {e}")))?;
+            w.held.insert(hash, (c, v.to_vec(), true));
+        }
+        w.held_loaded = true;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_one(
+        &self,
+        batch: &mut sled::Batch,
+        seq: &mut u64,
+        t: u16,
+        id: RowId,
+        w: &mut Working,
+        change: RowChange,
+        bytes: Vec<u8>,
+    ) {
+        w.state.apply(&change);
+        w.state.pending.push(*seq);
+        w.changed = true;
+        let entry = StoredEntry {
+            table: t,
+            row: id,
+            actor: change.actor,
+            hash: change.hash,
+            change: bytes,
+        };
+        batch.insert(&keys::log(*seq)[..], entry.encode());
+        *seq += 1;
+    }
+
+    /// The whole row document (its compacted base plus every logged change), automerge
+    /// `save()` format. `None` if the row is not in the store. Deleted rows export their
+    /// tombstone.
+    pub fn export_row(&self, table: &str, id: RowId) -> Result<Option<RowExport>, StoreError> {
+        let (t, _) = self.table(table)?;
+        let Some(state) = self.load_state(t, id)? else {
+            return Ok(None);
+        };
+        let doc = self.row_document(t, id, &state)?;
+        Ok(Some(RowExport {
+            table: table.to_string(),
+            id,
+            doc: doc.save(),
+        }))
+    }
+
+    /// The automerge document of a row: its compacted base plus its pending log entries.
+    pub(crate) fn row_document(
+        &self,
+        t: u16,
+        id: RowId,
+        state: &CrdtState,
+    ) -> Result<automerge::Automerge, StoreError> {
+        let mut doc = if state.has_base {
+            let base = self
+                .db()
+                .get(keys::row_key(keys::DOC, t, id))?
+                .ok_or_else(|| corrupt(format!("the compacted document of {id} is missing")))?;
+            automerge::Automerge::load(&base)
+                .map_err(|e| corrupt(format!("the compacted document of {id}: {e}")))?
+        } else {
+            automerge::Automerge::new()
+        };
+        let mut changes = Vec::with_capacity(state.pending.len());
+        for seq in &state.pending {
+            let e = self
+                .load_entry(*seq)?
+                .ok_or_else(|| corrupt(format!("log entry {seq} of row {id} is missing")))?;
+            let c = automerge::Change::try_from(e.change.as_slice())
+                .map_err(|err| corrupt(format!("log entry {seq}: {err}")))?;
+            changes.push(c);
+        }
+        doc.apply_changes(changes)
+            .map_err(|e| corrupt(format!("the changes of row {id} do not apply: {e}")))?;
+        Ok(doc)
+    }
+
+    /// Merge a whole exported row document (idempotent, like `apply_remote` of its changes).
+    pub fn import_row(&self, row: &RowExport, durability: Durability) -> Result<(), StoreError> {
+        let _span = info_span!("import_row", table = %row.table, row = %row.id).entered();
+        self.table(&row.table)?;
+        let loaded = std::panic::catch_unwind(|| automerge::Automerge::load(&row.doc));
+        let doc = match loaded {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                return Err(StoreError::InvalidExport {
+                    table: row.table.clone(),
+                    row: row.id,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(StoreError::InvalidExport {
+                    table: row.table.clone(),
+                    row: row.id,
+                    reason: "the document could not be decoded".into(),
+                })
+            }
+        };
+        let ops: Vec<RemoteOp> = doc
+            .get_changes(&[])
+            .into_iter()
+            .map(|c| RemoteOp {
+                table: row.table.clone(),
+                row: row.id,
+                change: c.raw_bytes().to_vec(),
+            })
+            .collect();
+        self.apply_remote(&ops, durability)?;
+        Ok(())
+    }
+
+    /// Drop a row from this device: its materialized row, indexes, CRDT state, compacted
+    /// document and held changes. Its acknowledged log entries go at the next `compact`.
+    ///
+    /// Refused with [`StoreError::UnacknowledgedChanges`] if the row has log entries after the
+    /// acknowledged prefix (they would never reach the hub). Returns whether the row was there.
+    pub fn evict_row(&self, table: &str, id: RowId) -> Result<bool, StoreError> {
+        let _span = info_span!("evict_row", table, row = %id).entered();
+        let (t, tab) = self.table(table)?;
+        let writer = self.writer();
+        let acked = self.meta_u64("acked")?;
+        let state = self.load_state(t, id)?;
+        let mut batch = sled::Batch::default();
+        let mut found = false;
+        if let Some(state) = &state {
+            if let Some(&last) = state.pending.iter().rev().find(|s| **s > acked) {
+                return Err(StoreError::UnacknowledgedChanges {
+                    table: table.to_string(),
+                    row: id,
+                    seq: last,
+                });
+            }
+            found = true;
+            if let Some(mat) = self.load_mat(t, id)? {
+                for k in self.index_keys(t, tab, id, &mat) {
+                    batch.remove(k);
+                }
+            }
+            batch.remove(&keys::row_key(keys::ROW, t, id)[..]);
+            batch.remove(&keys::row_key(keys::STATE, t, id)[..]);
+            batch.remove(&keys::row_key(keys::DOC, t, id)[..]);
+            // Its log entries are all acknowledged: drop them now so nothing of the row
+            // is left to rebuild it from.
+            for s in &state.pending {
+                batch.remove(&keys::log(*s)[..]);
+            }
+            batch.insert(keys::meta("seq"), &(writer.next_seq - 1).to_be_bytes()[..]);
+        }
+        for r in self.db().scan_prefix(keys::row_key(keys::HELD, t, id)) {
+            let (k, _) = r?;
+            batch.remove(k);
+            found = true;
+        }
+        self.db().apply_batch(batch)?;
+        drop(writer);
+        self.make_durable(self.inner.options.durability)?;
+        Ok(found)
+    }
+
+    /// Mark the log up to `up_to_seq` as delivered to the hub: `compact` may fold it away.
+    /// Acknowledging less than before is a no-op.
+    pub fn acknowledge(&self, up_to_seq: u64) -> Result<(), StoreError> {
+        let writer = self.writer();
+        let last = writer.next_seq - 1;
+        if up_to_seq > last {
+            return Err(StoreError::AckBeyondLog {
+                requested: up_to_seq,
+                last,
+            });
+        }
+        let acked = self.meta_u64("acked")?;
+        if up_to_seq > acked {
+            self.db()
+                .insert(keys::meta("acked"), &up_to_seq.to_be_bytes()[..])?;
+        }
+        drop(writer);
+        Ok(())
+    }
+
+    /// Fold the acknowledged log prefix into the rows' compacted automerge documents and
+    /// remove it from the log. Unacknowledged entries are never touched.
+    pub fn compact(&self) -> Result<CompactReport, StoreError> {
+        let _span = info_span!("compact").entered();
+        let mut report = CompactReport::default();
+        loop {
+            let writer = self.writer();
+            let acked = self.meta_u64("acked")?;
+            let last = writer.next_seq - 1;
+            if acked == 0 {
+                break;
+            }
+            let mut by_row: BTreeMap<(u16, RowId), Vec<SeqChange>> = BTreeMap::new();
+            let mut seqs = Vec::new();
+            for r in self
+                .db()
+                .range(keys::log(1).to_vec()..=keys::log(acked).to_vec())
+                .take(COMPACT_CHUNK)
+            {
+                let (k, v) = r?;
+                let seq = keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?;
+                let e = StoredEntry::decode(&v)
+                    .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
+                by_row
+                    .entry((e.table, e.row))
+                    .or_default()
+                    .push((seq, e.change));
+                seqs.push(seq);
+            }
+            if seqs.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for ((t, id), entries) in by_row {
+                let Some(mut state) = self.load_state(t, id)? else {
+                    report.entries_of_evicted_rows += entries.len() as u64;
+                    continue;
+                };
+                // Entries of an earlier, evicted incarnation of the row are not its history.
+                let (entries, stale): (Vec<_>, Vec<_>) = entries
+                    .into_iter()
+                    .partition(|(s, _)| state.pending.binary_search(s).is_ok());
+                report.entries_of_evicted_rows += stale.len() as u64;
+                if entries.is_empty() {
+                    continue;
+                }
+                let mut doc = if state.has_base {
+                    let base = self
+                        .db()
+                        .get(keys::row_key(keys::DOC, t, id))?
+                        .ok_or_else(|| corrupt(format!("compacted document of {id} missing")))?;
+                    automerge::Automerge::load(&base)
+                        .map_err(|e| corrupt(format!("compacted document of {id}: {e}")))?
+                } else {
+                    automerge::Automerge::new()
+                };
+                let mut changes = Vec::with_capacity(entries.len());
+                for (seq, bytes) in &entries {
+                    changes.push(
+                        automerge::Change::try_from(bytes.as_slice())
+                            .map_err(|e| corrupt(format!("log entry {seq}: {e}")))?,
+                    );
+                }
+                doc.apply_changes(changes)
+                    .map_err(|e| corrupt(format!("row {id} does not compact: {e}")))?;
+                state
+                    .pending
+                    .retain(|s| entries.iter().all(|(e, _)| e != s));
+                state.has_base = true;
+                batch.insert(&keys::row_key(keys::DOC, t, id)[..], doc.save());
+                batch.insert(
+                    &keys::row_key(keys::STATE, t, id)[..],
+                    crate::store::encode(&state),
+                );
+                report.rows_compacted += 1;
+            }
+            for s in &seqs {
+                batch.remove(&keys::log(*s)[..]);
+            }
+            report.entries_removed += seqs.len() as u64;
+            // Keep last_seq when the log becomes empty.
+            batch.insert(keys::meta("seq"), &last.to_be_bytes()[..]);
+            self.db().apply_batch(batch)?;
+            drop(writer);
+        }
+        self.sync()?;
+        debug!(?report, "compacted");
+        Ok(report)
+    }
+}

@@ -1,0 +1,613 @@
+//! The store: opening, the shared helpers every operation uses, and reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, info_span, warn};
+
+use crate::api::{ColumnConflict, Row};
+use crate::codec::{index_value, keys};
+use crate::error::{corrupt, OpenError, StoreError};
+use crate::log::StoredEntry;
+use crate::options::{ActorId, Durability, StoreOptions};
+use crate::row::{CrdtState, MatRow};
+use crate::schema::{Schema, SchemaError, Table};
+use crate::value::{RowId, Value};
+
+/// The on-disk format version, in the `0format` meta key.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Column number of the composite (ownerid, statecode) index.
+pub(crate) const COMPOSITE_OWNER_STATE: u16 = u16::MAX - 1;
+
+/// The directory inside the data directory that holds the sled database.
+const DB_DIR: &str = "db";
+
+/// An embedded fieldsync store: rows as automerge documents over a sled event log.
+///
+/// `Store` is cheap to clone (an `Arc` inside) and can be shared between threads. Writes are
+/// serialized by a writer lock; reads never take it.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .field("actor", &self.inner.actor)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub db: sled::Db,
+    pub dir: Option<PathBuf>,
+    /// The sled data file, opened separately to `fdatasync` it.
+    pub db_file: Option<std::fs::File>,
+    pub schema: Schema,
+    pub tables: Vec<String>,
+    pub table_ids: HashMap<String, u16>,
+    pub actor: ActorId,
+    pub options: StoreOptions,
+    pub writer: Mutex<Writer>,
+    pub id_epoch: u64,
+    pub id_counter: AtomicU64,
+}
+
+/// State only the writer touches.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    /// The sequence number of the next log entry.
+    pub next_seq: u64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A clean shutdown: everything flushed, marker set. A crash leaves the marker at 0
+        // and the next open checks the tail of the log.
+        let _ = self.db.flush();
+        let _ = self.db.insert(keys::meta("clean"), &[1u8][..]);
+        let _ = self.db.flush();
+    }
+}
+
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Encoding plain data into a Vec cannot fail.
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| corrupt(format!("{what} does not decode: {e}")))
+}
+
+fn u64_meta(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| corrupt(format!("meta key {what} is not 8 bytes")))
+}
+
+fn open_sled(path: &Path, options: &StoreOptions, temporary: bool) -> Result<sled::Db, String> {
+    let mut config = sled::Config::new()
+        .cache_capacity(options.cache_capacity_bytes)
+        .flush_every_ms(Some(options.group_flush_ms.max(1)))
+        .mode(sled::Mode::LowSpace);
+    if temporary {
+        config = config.temporary(true);
+    } else {
+        config = config.path(path);
+    }
+    // sled 0.34 may panic on some damaged files; a damaged directory must be an error.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open())) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the database files could not be read (sled panicked)".into()),
+    }
+}
+
+impl Store {
+    /// Create a new store in `dir` (created if missing) with `schema`.
+    ///
+    /// Fails with [`OpenError::AlreadyExists`] if `dir` already holds a store.
+    pub fn create(dir: &Path, schema: Schema, options: StoreOptions) -> Result<Store, OpenError> {
+        let _span = info_span!("store_create", dir = %dir.display()).entered();
+        let db_path = dir.join(DB_DIR);
+        if db_path.exists() {
+            return Err(OpenError::AlreadyExists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir)?;
+        let db = open_sled(&db_path, &options, false).map_err(|reason| OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        })?;
+        Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
+        drop(db);
+        Self::open(dir, options)
+    }
+
+    /// A store in memory only (tests, the simulator's scratch replicas); gone when dropped.
+    pub fn temporary(schema: Schema, options: StoreOptions) -> Result<Store, OpenError> {
+        let db = open_sled(Path::new(""), &options, true).map_err(|reason| OpenError::Corrupt {
+            path: PathBuf::new(),
+            reason,
+        })?;
+        Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
+        Self::from_db(db, None, options)
+    }
+
+    fn initialize(
+        db: &sled::Db,
+        schema: &Schema,
+        options: &StoreOptions,
+    ) -> Result<(), StoreError> {
+        let actor = options.actor.unwrap_or_else(ActorId::random);
+        let schema_json = serde_json::to_vec(schema)
+            .map_err(|e| corrupt(format!("schema does not serialize: {e}")))?;
+        let mut b = sled::Batch::default();
+        b.insert(keys::meta("format"), &FORMAT_VERSION.to_be_bytes()[..]);
+        b.insert(keys::meta("actor"), &actor.0[..]);
+        b.insert(keys::meta("schema"), schema_json);
+        b.insert(keys::meta("seq"), &0u64.to_be_bytes()[..]);
+        b.insert(keys::meta("acked"), &0u64.to_be_bytes()[..]);
+        b.insert(keys::meta("idgen"), &0u64.to_be_bytes()[..]);
+        b.insert(keys::meta("clean"), &[1u8][..]);
+        db.apply_batch(b)?;
+        db.flush()?;
+        Ok(())
+    }
+
+    /// Open the store in `dir` (its schema is stored inside).
+    ///
+    /// Checks the tail of the log against the materialized rows (all of it after an unclean
+    /// shutdown is not needed: see `docs/storage.md`) and rebuilds them if they disagree.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, OpenError> {
+        let _span = info_span!("store_open", dir = %dir.display()).entered();
+        let db_path = dir.join(DB_DIR);
+        if !db_path.is_dir() {
+            return Err(OpenError::NotFound(dir.to_path_buf()));
+        }
+        let bad = |reason: String| OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        for f in ["conf", "db"] {
+            let p = db_path.join(f);
+            if !p.is_file() {
+                return Err(bad(format!("{} is missing", p.display())));
+            }
+        }
+        let db = open_sled(&db_path, &options, false).map_err(bad)?;
+        let store = Self::from_db(db, Some(dir.to_path_buf()), options)?;
+        Ok(store)
+    }
+
+    fn from_db(
+        db: sled::Db,
+        dir: Option<PathBuf>,
+        options: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let path = dir.clone().unwrap_or_default();
+        let bad = |reason: String| OpenError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let sled_err = |e: sled::Error| bad(e.to_string());
+        let format = db
+            .get(keys::meta("format"))
+            .map_err(sled_err)?
+            .ok_or_else(|| bad("not a fieldsync store (no format version)".into()))?;
+        let format = <[u8; 4]>::try_from(format.as_ref())
+            .map(u32::from_be_bytes)
+            .map_err(|_| bad("the format version is not 4 bytes".into()))?;
+        if format != FORMAT_VERSION {
+            return Err(OpenError::VersionMismatch {
+                found: format,
+                expected: FORMAT_VERSION,
+            });
+        }
+        let actor = db
+            .get(keys::meta("actor"))
+            .map_err(sled_err)?
+            .and_then(|a| <[u8; 16]>::try_from(a.as_ref()).ok())
+            .map(ActorId)
+            .ok_or_else(|| bad("the actor id is missing or damaged".into()))?;
+        if let Some(requested) = options.actor {
+            if requested != actor {
+                return Err(OpenError::ActorMismatch {
+                    stored: actor,
+                    requested,
+                });
+            }
+        }
+        let schema_json = db
+            .get(keys::meta("schema"))
+            .map_err(sled_err)?
+            .ok_or_else(|| bad("the schema is missing".into()))?;
+        let schema: Schema = serde_json::from_slice(&schema_json)
+            .map_err(|e| bad(format!("the stored schema does not decode: {e}")))?;
+        let idgen = db
+            .get(keys::meta("idgen"))
+            .map_err(sled_err)?
+            .ok_or_else(|| bad("meta key idgen is missing".into()))?;
+        let id_epoch = u64_meta(&idgen, "idgen").map_err(|e| bad(e.to_string()))?;
+        // Each open takes a fresh id epoch, so generated row ids never repeat.
+        db.insert(keys::meta("idgen"), &(id_epoch + 1).to_be_bytes()[..])
+            .map_err(sled_err)?;
+        let clean = db
+            .get(keys::meta("clean"))
+            .map_err(sled_err)?
+            .is_some_and(|c| c.as_ref() == [1]);
+        db.insert(keys::meta("clean"), &[0u8][..])
+            .map_err(sled_err)?;
+        db.flush().map_err(sled_err)?;
+
+        let tables: Vec<String> = schema.tables().map(|t| t.name.clone()).collect();
+        let table_ids = tables
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as u16))
+            .collect();
+        let db_file = match &dir {
+            Some(d) => Some(std::fs::File::open(d.join(DB_DIR).join("db"))?),
+            None => None,
+        };
+        let inner = Inner {
+            db,
+            dir,
+            db_file,
+            schema,
+            tables,
+            table_ids,
+            actor,
+            options,
+            writer: Mutex::new(Writer { next_seq: 1 }),
+            id_epoch,
+            id_counter: AtomicU64::new(0),
+        };
+        let store = Store {
+            inner: Arc::new(inner),
+        };
+        let last = store.compute_last_seq().map_err(OpenError::Store)?;
+        store.writer().next_seq = last + 1;
+        let tail = if clean { 1 } else { 256 };
+        if !store.tail_consistent(tail).map_err(OpenError::Store)? {
+            warn!(
+                clean,
+                "materialized rows disagree with the log tail; rebuilding"
+            );
+            store.rebuild().map_err(OpenError::Store)?;
+        }
+        debug!(%actor, last_seq = last, clean, "store open");
+        Ok(store)
+    }
+
+    /// The schema every write is checked against.
+    pub fn schema(&self) -> &Schema {
+        &self.inner.schema
+    }
+
+    /// This store's actor id.
+    pub fn actor(&self) -> ActorId {
+        self.inner.actor
+    }
+
+    /// The data directory (`None` for a temporary store).
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    pub(crate) fn writer(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the lock leaves nothing half-written in sled (batches are
+        // atomic), so the state behind a poisoned lock is still good.
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new row id: derived from the actor, the open epoch and a counter, so a simulator
+    /// with a fixed actor gets the same ids on every run.
+    pub(crate) fn new_row_id(&self) -> RowId {
+        let n = self.inner.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut h = Sha256::new();
+        h.update(self.inner.actor.0);
+        h.update(self.inner.id_epoch.to_be_bytes());
+        h.update(n.to_be_bytes());
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        uuid::Builder::from_random_bytes(b).into_uuid()
+    }
+
+    pub(crate) fn table(&self, name: &str) -> Result<(u16, &Table), SchemaError> {
+        let t = self.inner.schema.table(name)?;
+        let id = self
+            .inner
+            .table_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| SchemaError::UnknownTable(name.to_string()))?;
+        Ok((id, t))
+    }
+
+    pub(crate) fn table_by_id(&self, t: u16) -> Result<&Table, StoreError> {
+        let name = self
+            .inner
+            .tables
+            .get(usize::from(t))
+            .ok_or_else(|| corrupt(format!("table number {t} is not in the schema")))?;
+        Ok(self.inner.schema.table(name)?)
+    }
+
+    pub(crate) fn table_name(&self, t: u16) -> String {
+        self.inner
+            .tables
+            .get(usize::from(t))
+            .cloned()
+            .unwrap_or_else(|| format!("#{t}"))
+    }
+
+    pub(crate) fn load_state(&self, t: u16, id: RowId) -> Result<Option<CrdtState>, StoreError> {
+        match self.db().get(keys::row_key(keys::STATE, t, id))? {
+            Some(b) => Ok(Some(decode(&b, "a row's CRDT state")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn load_mat(&self, t: u16, id: RowId) -> Result<Option<MatRow>, StoreError> {
+        match self.db().get(keys::row_key(keys::ROW, t, id))? {
+            Some(b) => Ok(Some(decode(&b, "a materialized row")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn load_entry(&self, seq: u64) -> Result<Option<StoredEntry>, StoreError> {
+        match self.db().get(keys::log(seq))? {
+            Some(b) => {
+                Ok(Some(StoredEntry::decode(&b).ok_or_else(|| {
+                    corrupt(format!("log entry {seq} is too short"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn meta_u64(&self, name: &str) -> Result<u64, StoreError> {
+        match self.db().get(keys::meta(name))? {
+            Some(b) => u64_meta(&b, name),
+            None => Err(corrupt(format!("meta key {name} is missing"))),
+        }
+    }
+
+    pub(crate) fn to_row(&self, table: &Table, id: RowId, mat: MatRow) -> Row {
+        let values = mat
+            .values
+            .into_iter()
+            .filter_map(|(c, v)| {
+                table
+                    .columns
+                    .get(usize::from(c))
+                    .map(|col| (col.name.clone(), v))
+            })
+            .collect::<BTreeMap<_, _>>();
+        Row {
+            table: table.name.clone(),
+            id,
+            values,
+            has_conflicts: mat.has_conflicts,
+        }
+    }
+
+    /// The index keys of a materialized row (none for a deleted row).
+    pub(crate) fn index_keys(
+        &self,
+        t: u16,
+        table: &Table,
+        id: RowId,
+        mat: &MatRow,
+    ) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if mat.deleted {
+            return out;
+        }
+        let mut owner = None;
+        let mut state = None;
+        for (c, v) in &mat.values {
+            let Some(col) = table.columns.get(usize::from(*c)) else {
+                continue;
+            };
+            if !col.ty.is_indexed() {
+                continue;
+            }
+            if let Some(enc) = index_value(v) {
+                if col.name == "ownerid" {
+                    owner = Some(enc.clone());
+                } else if col.name == "statecode" {
+                    state = Some(enc.clone());
+                }
+                out.push(keys::index(t, *c, &enc, id));
+            }
+        }
+        if let (Some(mut o), Some(s)) = (owner, state) {
+            o.extend_from_slice(&s);
+            out.push(keys::index(t, COMPOSITE_OWNER_STATE, &o, id));
+        }
+        out
+    }
+
+    /// Stage the new materialized row, its state and its index changes into `batch`.
+    pub(crate) fn stage_row(
+        &self,
+        batch: &mut sled::Batch,
+        t: u16,
+        table: &Table,
+        id: RowId,
+        old: Option<&MatRow>,
+        state: &CrdtState,
+    ) -> MatRow {
+        let mat = state.materialize(table);
+        let new_keys = self.index_keys(t, table, id, &mat);
+        if let Some(old) = old {
+            let old_keys = self.index_keys(t, table, id, old);
+            for k in &old_keys {
+                if !new_keys.contains(k) {
+                    batch.remove(k.as_slice());
+                }
+            }
+            for k in new_keys {
+                if !old_keys.contains(&k) {
+                    batch.insert(k, &[][..]);
+                }
+            }
+        } else {
+            for k in new_keys {
+                batch.insert(k, &[][..]);
+            }
+        }
+        batch.insert(&keys::row_key(keys::ROW, t, id)[..], encode(&mat));
+        batch.insert(&keys::row_key(keys::STATE, t, id)[..], encode(state));
+        mat
+    }
+
+    /// Make what has been written durable, as `durability` asks.
+    pub(crate) fn make_durable(&self, durability: Durability) -> Result<(), StoreError> {
+        if durability == Durability::Immediate {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Make every commit so far durable (group commits included): sled flush, then
+    /// `fdatasync` of the database file when [`StoreOptions::fsync`] is on.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let _span = tracing::trace_span!("sync").entered();
+        self.db().flush()?;
+        if self.inner.options.fsync {
+            if let Some(f) = &self.inner.db_file {
+                f.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence number of the last log entry (0 if none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.writer().next_seq - 1
+    }
+
+    fn compute_last_seq(&self) -> Result<u64, StoreError> {
+        let floor = self.meta_u64("seq")?;
+        let last = match self.db().scan_prefix([keys::LOG]).next_back() {
+            Some(r) => {
+                let (k, _) = r?;
+                keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?
+            }
+            None => 0,
+        };
+        Ok(floor.max(last))
+    }
+
+    /// Whether the last `n` log entries are reflected in their rows' state.
+    fn tail_consistent(&self, n: usize) -> Result<bool, StoreError> {
+        let acked = self.meta_u64("acked")?;
+        for r in self.db().scan_prefix([keys::LOG]).rev().take(n) {
+            let (k, v) = r?;
+            let seq = keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?;
+            let e = StoredEntry::decode(&v)
+                .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
+            match self.load_state(e.table, e.row)? {
+                Some(s) if s.pending.binary_search(&seq).is_ok() => {}
+                None if seq <= acked => {} // an evicted row
+                _ => return Ok(false),
+            }
+            if self
+                .db()
+                .get(keys::row_key(keys::ROW, e.table, e.row))?
+                .is_none()
+                && seq > acked
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    // ---- reads ----
+
+    /// The row with this id (`None` if it does not exist or is deleted).
+    pub fn get(&self, table: &str, id: RowId) -> Result<Option<Row>, StoreError> {
+        let (t, tab) = self.table(table)?;
+        match self.load_mat(t, id)? {
+            Some(m) if !m.deleted => Ok(Some(self.to_row(tab, id, m))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the row exists with a delete tombstone.
+    pub fn is_deleted(&self, table: &str, id: RowId) -> Result<bool, StoreError> {
+        let (t, _) = self.table(table)?;
+        Ok(self.load_mat(t, id)?.is_some_and(|m| m.deleted))
+    }
+
+    /// Every live row of a table, by id.
+    pub fn scan(
+        &self,
+        table: &str,
+    ) -> Result<impl Iterator<Item = Result<Row, StoreError>> + '_, StoreError> {
+        let (t, tab) = self.table(table)?;
+        let prefix = keys::table_prefix(keys::ROW, t);
+        Ok(self.db().scan_prefix(prefix).filter_map(move |r| {
+            let item = (|| {
+                let (k, v) = r?;
+                let (_, id) =
+                    keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
+                let mat: MatRow = decode(&v, "a materialized row")?;
+                Ok::<_, StoreError>((id, mat))
+            })();
+            match item {
+                Ok((_, m)) if m.deleted => None,
+                Ok((id, m)) => Some(Ok(self.to_row(tab, id, m))),
+                Err(e) => Some(Err(e)),
+            }
+        }))
+    }
+
+    /// The columns of a row that hold concurrent values (empty: none, or no such row).
+    ///
+    /// `modifiedon` is set by every write and is never reported.
+    pub fn conflicts(&self, table: &str, id: RowId) -> Result<Vec<ColumnConflict>, StoreError> {
+        let (t, tab) = self.table(table)?;
+        Ok(self
+            .load_state(t, id)?
+            .map(|s| s.conflicts(tab))
+            .unwrap_or_default())
+    }
+
+    /// The seq of the acknowledged log prefix.
+    pub fn acked_seq(&self) -> Result<u64, StoreError> {
+        self.meta_u64("acked")
+    }
+
+    /// The value of a row's column in a materialized row.
+    pub(crate) fn mat_value(mat: &MatRow, col: u16) -> &Value {
+        const NULL: Value = Value::Null;
+        mat.values
+            .binary_search_by_key(&col, |(c, _)| *c)
+            .ok()
+            .and_then(|p| mat.values.get(p))
+            .map_or(&NULL, |(_, v)| v)
+    }
+}

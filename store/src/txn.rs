@@ -1,0 +1,418 @@
+//! Local writes: transactions and bulk import.
+
+use std::collections::HashMap;
+
+use tracing::{debug_span, info_span};
+
+use crate::api::CommitInfo;
+use crate::codec::keys;
+use crate::error::{StoreError, WriteError};
+use crate::log::StoredEntry;
+use crate::options::Durability;
+use crate::row::{CrdtState, MatRow, DELETED_COL};
+use crate::schema::Table;
+use crate::store::Store;
+use crate::value::{RowId, Value};
+
+/// Rows per `apply_batch` in `bulk_insert`.
+const BULK_CHUNK_ROWS: usize = 4096;
+
+/// A set of writes committed atomically: all rows or none.
+///
+/// Writes are checked against the schema when they are made; existence checks are made again
+/// under the writer lock at commit. Dropping a transaction without committing discards it.
+pub struct Transaction<'s> {
+    store: &'s Store,
+    rows: Vec<PendingRow>,
+    by_id: HashMap<(u16, RowId), usize>,
+}
+
+impl std::fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("rows", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct PendingRow {
+    table: u16,
+    id: RowId,
+    insert: bool,
+    delete: bool,
+    /// Column writes in order, one per column (later writes replace earlier ones).
+    puts: Vec<(u16, Value)>,
+}
+
+impl PendingRow {
+    fn put(&mut self, col: u16, value: Value) {
+        if let Some(p) = self.puts.iter_mut().find(|(c, _)| *c == col) {
+            p.1 = value;
+        } else {
+            self.puts.push((col, value));
+        }
+    }
+}
+
+/// Check values against a table and turn them into (column number, value).
+fn checked(table: &Table, values: &[(&str, Value)]) -> Result<Vec<(u16, Value)>, WriteError> {
+    let mut out = Vec::with_capacity(values.len());
+    for (name, value) in values {
+        table.check_value(name, value)?;
+        if let Value::Float(f) = value {
+            if !f.is_finite() {
+                return Err(WriteError::InvalidValue {
+                    table: table.name.clone(),
+                    column: (*name).to_string(),
+                    reason: "floats must be finite".into(),
+                });
+            }
+        }
+        let col = crate::row::key_col(table, name).ok_or_else(|| {
+            crate::schema::SchemaError::UnknownColumn {
+                table: table.name.clone(),
+                column: (*name).to_string(),
+            }
+        })?;
+        if let Some(p) = out.iter_mut().find(|(c, _): &&mut (u16, Value)| *c == col) {
+            p.1 = value.clone();
+        } else {
+            out.push((col, value.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn col_of(table: &Table, name: &str) -> Option<u16> {
+    table.column_index(name).and_then(|i| u16::try_from(i).ok())
+}
+
+/// Add the system columns a new row gets: createdon, modifiedon (now), statecode (active).
+fn insert_defaults(table: &Table, puts: &mut Vec<(u16, Value)>, now: i64) {
+    for (name, v) in [
+        ("createdon", Value::DateTime(now)),
+        ("modifiedon", Value::DateTime(now)),
+        ("statecode", Value::Choice(crate::STATE_ACTIVE)),
+    ] {
+        if let Some(c) = col_of(table, name) {
+            if !puts.iter().any(|(pc, _)| *pc == c) {
+                puts.push((c, v));
+            }
+        }
+    }
+    puts.retain(|(_, v)| !v.is_null());
+}
+
+impl Store {
+    /// Start a transaction.
+    pub fn begin(&self) -> Transaction<'_> {
+        Transaction {
+            store: self,
+            rows: Vec::new(),
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// Insert many rows fast: documents are built on every core, written in large atomic
+    /// batches, made durable once at the end (per [`StoreOptions::durability`]).
+    ///
+    /// Every row is checked against the schema before anything is written. `progress` is
+    /// called with the number of rows written so far after each batch. A crash in the middle
+    /// leaves a prefix of whole batches.
+    ///
+    /// [`StoreOptions::durability`]: crate::StoreOptions::durability
+    pub fn bulk_insert(
+        &self,
+        table: &str,
+        rows: Vec<Vec<(String, Value)>>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<RowId>, WriteError> {
+        let _span = info_span!("bulk_insert", table, rows = rows.len()).entered();
+        let (t, tab) = self.table(table)?;
+        let now = self.inner.options.clock.now_ms();
+        let mut prepared = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let refs: Vec<(&str, Value)> =
+                row.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+            let mut puts = checked(tab, &refs)?;
+            if puts.iter().any(|(c, _)| *c == DELETED_COL) {
+                return Err(WriteError::InvalidValue {
+                    table: table.to_string(),
+                    column: crate::row::DELETED_KEY.into(),
+                    reason: "reserved".into(),
+                });
+            }
+            insert_defaults(tab, &mut puts, now);
+            prepared.push((self.new_row_id(), puts));
+        }
+        drop(rows);
+        let me = self.actor();
+        let mut ids = Vec::with_capacity(prepared.len());
+        let mut done = 0;
+        for chunk in prepared.chunks(BULK_CHUNK_ROWS) {
+            // Build the changes on every core: this is the expensive part.
+            let build = |part: &[(RowId, Vec<(u16, Value)>)]| {
+                part.iter()
+                    .map(|(id, puts)| {
+                        let state = CrdtState::default();
+                        let (bytes, change) = state.local_change(tab, me, now, puts);
+                        (*id, bytes, change)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 4);
+            let per = chunk.len().div_ceil(threads).max(1);
+            let built: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = chunk
+                    .chunks(per)
+                    .map(|part| s.spawn(move || build(part)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
+            });
+            if built.len() != chunk.len() {
+                return Err(WriteError::Store(StoreError::Corrupt(
+                    "a bulk insert worker failed".into(),
+                )));
+            }
+            let mut writer = self.writer();
+            let mut seq = writer.next_seq;
+            let mut batch = sled::Batch::default();
+            for (id, bytes, change) in built {
+                let mut state = CrdtState::default();
+                state.apply(&change);
+                state.pending.push(seq);
+                let entry = StoredEntry {
+                    table: t,
+                    row: id,
+                    actor: me,
+                    hash: change.hash,
+                    change: bytes,
+                };
+                batch.insert(&keys::log(seq)[..], entry.encode());
+                self.stage_row(&mut batch, t, tab, id, None, &state);
+                ids.push(id);
+                seq += 1;
+            }
+            self.db().apply_batch(batch).map_err(StoreError::from)?;
+            writer.next_seq = seq;
+            drop(writer);
+            done += chunk.len();
+            progress(done);
+        }
+        self.make_durable(self.inner.options.durability)?;
+        Ok(ids)
+    }
+}
+
+impl Transaction<'_> {
+    fn pending(&mut self, t: u16, id: RowId) -> Option<&mut PendingRow> {
+        self.by_id
+            .get(&(t, id))
+            .copied()
+            .and_then(|i| self.rows.get_mut(i))
+    }
+
+    /// Insert a row with a new id; returns the id. `createdon`, `modifiedon` default to now
+    /// and `statecode` to active.
+    pub fn insert(&mut self, table: &str, values: &[(&str, Value)]) -> Result<RowId, WriteError> {
+        let id = self.store.new_row_id();
+        self.insert_with_id(table, id, values)?;
+        Ok(id)
+    }
+
+    /// Insert a row with a given id (refused if the id exists, deleted or not).
+    pub fn insert_with_id(
+        &mut self,
+        table: &str,
+        id: RowId,
+        values: &[(&str, Value)],
+    ) -> Result<(), WriteError> {
+        let (t, tab) = self.store.table(table)?;
+        let mut puts = checked(tab, values)?;
+        if self.by_id.contains_key(&(t, id)) {
+            return Err(WriteError::RowExists {
+                table: table.to_string(),
+                id,
+            });
+        }
+        if let Some(m) = self.store.load_mat(t, id)? {
+            return Err(if m.deleted {
+                WriteError::RowDeleted {
+                    table: table.to_string(),
+                    id,
+                }
+            } else {
+                WriteError::RowExists {
+                    table: table.to_string(),
+                    id,
+                }
+            });
+        }
+        insert_defaults(tab, &mut puts, self.store.inner.options.clock.now_ms());
+        self.by_id.insert((t, id), self.rows.len());
+        self.rows.push(PendingRow {
+            table: t,
+            id,
+            insert: true,
+            delete: false,
+            puts,
+        });
+        Ok(())
+    }
+
+    fn existing(&mut self, table: &str, id: RowId) -> Result<(u16, &Table), WriteError> {
+        let store = self.store;
+        let (t, tab) = store.table(table)?;
+        if let Some(p) = self.pending(t, id) {
+            if p.delete {
+                return Err(WriteError::RowDeleted {
+                    table: table.to_string(),
+                    id,
+                });
+            }
+            return Ok((t, tab));
+        }
+        match store.load_mat(t, id)? {
+            None => Err(WriteError::RowNotFound {
+                table: table.to_string(),
+                id,
+            }),
+            Some(m) if m.deleted => Err(WriteError::RowDeleted {
+                table: table.to_string(),
+                id,
+            }),
+            Some(_) => {
+                self.by_id.insert((t, id), self.rows.len());
+                self.rows.push(PendingRow {
+                    table: t,
+                    id,
+                    insert: false,
+                    delete: false,
+                    puts: Vec::new(),
+                });
+                Ok((t, tab))
+            }
+        }
+    }
+
+    /// Set columns of an existing row (`Value::Null` clears a column). `modifiedon` is set
+    /// to now unless given.
+    pub fn update(
+        &mut self,
+        table: &str,
+        id: RowId,
+        values: &[(&str, Value)],
+    ) -> Result<(), WriteError> {
+        let (t, tab) = self.store.table(table)?;
+        let puts = checked(tab, values)?;
+        let (t2, _) = self.existing(table, id)?;
+        debug_assert_eq!(t, t2);
+        let now = self.store.inner.options.clock.now_ms();
+        let modified = col_of(tab, "modifiedon");
+        let explicit = puts.iter().any(|(c, _)| Some(*c) == modified);
+        let Some(p) = self.pending(t, id) else {
+            return Err(WriteError::RowNotFound {
+                table: table.to_string(),
+                id,
+            });
+        };
+        for (c, v) in puts {
+            p.put(c, v);
+        }
+        if let (Some(m), false) = (modified, explicit) {
+            p.put(m, Value::DateTime(now));
+        }
+        Ok(())
+    }
+
+    /// Delete a row: a tombstone that replicates. A delete wins over concurrent edits.
+    pub fn delete(&mut self, table: &str, id: RowId) -> Result<(), WriteError> {
+        let (t, _) = self.existing(table, id)?;
+        if let Some(p) = self.pending(t, id) {
+            p.delete = true;
+        }
+        Ok(())
+    }
+
+    /// Commit with the store's default durability.
+    pub fn commit(self) -> Result<CommitInfo, WriteError> {
+        let d = self.store.inner.options.durability;
+        self.commit_with(d)
+    }
+
+    /// Commit atomically: one log entry per row touched, rows and indexes in the same sled
+    /// batch. With [`Durability::Immediate`] the commit is on disk when this returns.
+    pub fn commit_with(self, durability: Durability) -> Result<CommitInfo, WriteError> {
+        let store = self.store;
+        let _span = debug_span!("commit", rows = self.rows.len(), ?durability).entered();
+        let me = store.actor();
+        let now = store.inner.options.clock.now_ms();
+        let mut writer = store.writer();
+        let first_seq = writer.next_seq;
+        let mut seq = first_seq;
+        let mut batch = sled::Batch::default();
+        for row in &self.rows {
+            let table_name = store.table_name(row.table);
+            let tab = store.table_by_id(row.table)?;
+            let old_mat: Option<MatRow> = store.load_mat(row.table, row.id)?;
+            let mut state = match (&old_mat, row.insert) {
+                (Some(m), _) if m.deleted => {
+                    return Err(WriteError::RowDeleted {
+                        table: table_name,
+                        id: row.id,
+                    })
+                }
+                (Some(_), true) => {
+                    return Err(WriteError::RowExists {
+                        table: table_name,
+                        id: row.id,
+                    })
+                }
+                (None, false) => {
+                    return Err(WriteError::RowNotFound {
+                        table: table_name,
+                        id: row.id,
+                    })
+                }
+                (Some(_), false) => store.load_state(row.table, row.id)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("row {table_name}/{} has no CRDT state", row.id))
+                })?,
+                (None, true) => CrdtState::default(),
+            };
+            let mut puts = row.puts.clone();
+            if row.delete {
+                puts.push((DELETED_COL, Value::Boolean(true)));
+            }
+            let (bytes, change) = state.local_change(tab, me, now, &puts);
+            state.apply(&change);
+            state.pending.push(seq);
+            let entry = StoredEntry {
+                table: row.table,
+                row: row.id,
+                actor: me,
+                hash: change.hash,
+                change: bytes,
+            };
+            batch.insert(&keys::log(seq)[..], entry.encode());
+            store.stage_row(&mut batch, row.table, tab, row.id, old_mat.as_ref(), &state);
+            seq += 1;
+        }
+        if seq > first_seq {
+            store.db().apply_batch(batch).map_err(StoreError::from)?;
+        }
+        writer.next_seq = seq;
+        drop(writer);
+        store.make_durable(durability)?;
+        Ok(CommitInfo {
+            first_seq,
+            last_seq: seq - 1,
+        })
+    }
+}

@@ -1,0 +1,402 @@
+//! Writes, reads, conflicts, replication support, queries and blobs.
+
+mod common;
+
+use std::ops::Bound;
+
+use common::*;
+use fieldsync_store::{
+    Durability, Order, Query, QueryPlan, RemoteOp, Store, StoreError, Value, WriteError,
+};
+
+#[test]
+fn insert_update_delete_and_read_back() {
+    let s = temp_store(1);
+    let mut tx = s.begin();
+    let id = tx
+        .insert(
+            "account",
+            &[
+                ("name", text("Contoso")),
+                ("revenue", Value::Decimal("1250.50".parse().unwrap())),
+                ("ownerid", user(7)),
+            ],
+        )
+        .unwrap();
+    let info = tx.commit().unwrap();
+    assert_eq!((info.first_seq, info.last_seq), (1, 1));
+    let row = s.get("account", id).unwrap().unwrap();
+    assert_eq!(row.get("name"), &text("Contoso"));
+    assert_eq!(row.get("statecode"), &Value::Choice(0));
+    assert!(matches!(row.get("createdon"), Value::DateTime(_)));
+    assert!(!row.has_conflicts);
+
+    let mut tx = s.begin();
+    tx.update("account", id, &[("name", text("Fabrikam"))])
+        .unwrap();
+    tx.update("account", id, &[("numberofemployees", Value::Integer(12))])
+        .unwrap();
+    let info = tx.commit().unwrap();
+    assert_eq!((info.first_seq, info.last_seq), (2, 2), "one entry per row");
+    let row = s.get("account", id).unwrap().unwrap();
+    assert_eq!(row.get("name"), &text("Fabrikam"));
+    assert_eq!(row.get("numberofemployees"), &Value::Integer(12));
+
+    let mut tx = s.begin();
+    tx.update("account", id, &[("name", Value::Null)]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        s.get("account", id).unwrap().unwrap().get("name"),
+        &Value::Null
+    );
+
+    let mut tx = s.begin();
+    tx.delete("account", id).unwrap();
+    tx.commit().unwrap();
+    assert!(s.get("account", id).unwrap().is_none());
+    assert!(s.is_deleted("account", id).unwrap());
+    let mut tx = s.begin();
+    assert!(matches!(
+        tx.update("account", id, &[("name", text("x"))]),
+        Err(WriteError::RowDeleted { .. })
+    ));
+    assert_eq!(s.scan("account").unwrap().count(), 0);
+    assert!(s.check().unwrap().is_ok());
+    assert_eq!(s.last_seq(), 4);
+}
+
+#[test]
+fn concurrent_edits_merge_and_conflicts_are_exposed() {
+    let a = temp_store(1);
+    let b = temp_store(2);
+    let mut tx = a.begin();
+    let id = tx.insert("account", &[("name", text("Contoso"))]).unwrap();
+    tx.commit().unwrap();
+    sync_all(&a, &b);
+    assert_eq!(
+        b.get("account", id).unwrap().unwrap().get("name"),
+        &text("Contoso")
+    );
+
+    // Different columns merge; the same column conflicts.
+    let mut tx = a.begin();
+    tx.update(
+        "account",
+        id,
+        &[
+            ("name", text("A name")),
+            ("numberofemployees", Value::Integer(5)),
+        ],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let mut tx = b.begin();
+    tx.update(
+        "account",
+        id,
+        &[("name", text("B name")), ("industrycode", Value::Choice(2))],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    sync_all(&a, &b);
+    sync_all(&b, &a);
+    let ra = a.get("account", id).unwrap().unwrap();
+    let rb = b.get("account", id).unwrap().unwrap();
+    assert_eq!(ra, rb);
+    assert_eq!(ra.get("numberofemployees"), &Value::Integer(5));
+    assert_eq!(ra.get("industrycode"), &Value::Choice(2));
+    assert!(ra.has_conflicts);
+    let ca = a.conflicts("account", id).unwrap();
+    assert_eq!(ca, b.conflicts("account", id).unwrap());
+    assert_eq!(ca.len(), 1);
+    assert_eq!(ca[0].column, "name");
+    assert_eq!(ca[0].values.len(), 2);
+    assert_eq!(&ca[0].winner, ra.get("name"));
+    let actors: Vec<_> = ca[0].values.iter().map(|(_, a)| *a).collect();
+    assert!(actors.contains(&actor(1)) && actors.contains(&actor(2)));
+    // Both stores agree with real automerge documents.
+    assert!(a.check().unwrap().is_ok(), "{:?}", a.check().unwrap());
+    assert!(b.check().unwrap().is_ok());
+
+    // Writing the column resolves the conflict.
+    let mut tx = a.begin();
+    tx.update("account", id, &[("name", text("Resolved"))])
+        .unwrap();
+    tx.commit().unwrap();
+    sync_all(&a, &b);
+    assert!(b.conflicts("account", id).unwrap().is_empty());
+    assert!(!b.get("account", id).unwrap().unwrap().has_conflicts);
+    assert_eq!(
+        b.get("account", id).unwrap().unwrap().get("name"),
+        &text("Resolved")
+    );
+}
+
+#[test]
+fn delete_wins_over_a_concurrent_edit() {
+    let a = temp_store(1);
+    let b = temp_store(2);
+    let mut tx = a.begin();
+    let id = tx.insert("account", &[("name", text("Contoso"))]).unwrap();
+    tx.commit().unwrap();
+    sync_all(&a, &b);
+    let mut tx = a.begin();
+    tx.delete("account", id).unwrap();
+    tx.commit().unwrap();
+    let mut tx = b.begin();
+    tx.update("account", id, &[("name", text("edited"))])
+        .unwrap();
+    tx.commit().unwrap();
+    sync_all(&a, &b);
+    sync_all(&b, &a);
+    assert!(a.get("account", id).unwrap().is_none());
+    assert!(b.get("account", id).unwrap().is_none());
+    assert!(a.check().unwrap().is_ok());
+}
+
+#[test]
+fn apply_remote_is_idempotent_and_holds_early_changes() {
+    let a = temp_store(1);
+    let b = temp_store(2);
+    let mut tx = a.begin();
+    let id = tx.insert("account", &[("name", text("v1"))]).unwrap();
+    tx.commit().unwrap();
+    for i in 2..=4 {
+        let mut tx = a.begin();
+        tx.update("account", id, &[("name", text(&format!("v{i}")))])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let ops: Vec<RemoteOp> = a
+        .ops_since(0, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.to_remote())
+        .collect();
+    assert_eq!(ops.len(), 4);
+    // Newest first: all but the insert are held.
+    let out = b
+        .apply_remote(&[ops[3].clone(), ops[2].clone()], Durability::Group)
+        .unwrap();
+    assert_eq!((out.applied, out.held, out.duplicates), (0, 2, 0));
+    assert!(b.get("account", id).unwrap().is_none());
+    let out = b
+        .apply_remote(&[ops[2].clone()], Durability::Group)
+        .unwrap();
+    assert_eq!((out.applied, out.held, out.duplicates), (0, 0, 1));
+    let out = b
+        .apply_remote(&[ops[0].clone(), ops[1].clone()], Durability::Group)
+        .unwrap();
+    assert_eq!((out.applied, out.held, out.duplicates), (4, 0, 0));
+    assert_eq!(
+        b.get("account", id).unwrap().unwrap().get("name"),
+        &text("v4")
+    );
+    let before = b.last_seq();
+    let out = b.apply_remote(&ops, Durability::Group).unwrap();
+    assert_eq!((out.applied, out.duplicates), (0, 4));
+    assert_eq!(b.last_seq(), before, "duplicates add no log entry");
+    assert!(b.check().unwrap().is_ok());
+}
+
+#[test]
+fn export_import_evict_ack_and_compact() {
+    let a = temp_store(1);
+    let mut tx = a.begin();
+    let id = tx.insert("account", &[("name", text("v1"))]).unwrap();
+    tx.commit().unwrap();
+    let mut tx = a.begin();
+    tx.update("account", id, &[("name", text("v2"))]).unwrap();
+    tx.commit().unwrap();
+
+    assert!(matches!(
+        a.evict_row("account", id),
+        Err(StoreError::UnacknowledgedChanges { .. })
+    ));
+    a.acknowledge(1).unwrap();
+    assert!(matches!(
+        a.acknowledge(99),
+        Err(StoreError::AckBeyondLog { .. })
+    ));
+    let report = a.compact().unwrap();
+    assert_eq!(report.entries_removed, 1);
+    let left = a.ops_since(0, 100).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].seq, 2);
+    assert!(a.check().unwrap().is_ok(), "{:?}", a.check().unwrap());
+    a.rebuild().unwrap();
+    assert_eq!(
+        a.get("account", id).unwrap().unwrap().get("name"),
+        &text("v2")
+    );
+
+    // A fresh replica from the compacted export plus the unacknowledged op.
+    let export = a.export_row("account", id).unwrap().unwrap();
+    let b = temp_store(2);
+    b.import_row(&export, Durability::Group).unwrap();
+    b.import_row(&export, Durability::Group).unwrap();
+    assert_eq!(b.get("account", id).unwrap(), a.get("account", id).unwrap());
+    assert!(b.check().unwrap().is_ok());
+
+    a.acknowledge(2).unwrap();
+    assert!(a.evict_row("account", id).unwrap());
+    assert!(a.get("account", id).unwrap().is_none());
+    assert!(!a.evict_row("account", id).unwrap());
+    assert!(a.check().unwrap().is_ok());
+    a.compact().unwrap();
+    assert_eq!(a.last_seq(), 2);
+}
+
+#[test]
+fn my_active_work_orders_use_the_index() {
+    let s = temp_store(1);
+    let mut tx = s.begin();
+    let mut mine = Vec::new();
+    for i in 0..40 {
+        let owner = if i % 2 == 0 { user(1) } else { user(2) };
+        let id = tx
+            .insert(
+                "msdyn_workorder",
+                &[
+                    ("msdyn_name", text(&format!("wo {i}"))),
+                    ("ownerid", owner),
+                    ("statecode", Value::Choice(if i % 4 == 0 { 1 } else { 0 })),
+                    ("modifiedon", Value::DateTime(1000 + i)),
+                    ("msdyn_priority", Value::Choice((i % 3 + 1) as i32)),
+                ],
+            )
+            .unwrap();
+        if i % 2 == 0 && i % 4 != 0 {
+            mine.push(id);
+        }
+    }
+    tx.commit().unwrap();
+    let q = Query::table("msdyn_workorder")
+        .eq("ownerid", user(1))
+        .eq("statecode", Value::Choice(0))
+        .order_by("modifiedon", Order::Desc)
+        .limit(5);
+    assert_eq!(s.plan(&q).unwrap(), QueryPlan::OwnerStateIndex);
+    let rows = s.query(&q).unwrap();
+    assert_eq!(rows.len(), 5);
+    assert!(rows.iter().all(|r| mine.contains(&r.id)));
+    let times: Vec<_> = rows.iter().map(|r| r.get("modifiedon").clone()).collect();
+    assert_eq!(times[0], Value::DateTime(1038));
+    assert!(times
+        .windows(2)
+        .all(|w| matches!((&w[0], &w[1]), (Value::DateTime(a), Value::DateTime(b)) if a > b)));
+    let all = s
+        .query(
+            &Query::table("msdyn_workorder")
+                .eq("ownerid", user(1))
+                .eq("statecode", Value::Choice(0)),
+        )
+        .unwrap();
+    assert_eq!(all.len(), mine.len());
+
+    let q = Query::table("msdyn_workorder").range(
+        "msdyn_priority",
+        Bound::Included(Value::Choice(2)),
+        Bound::Unbounded,
+    );
+    assert_eq!(
+        s.plan(&q).unwrap(),
+        QueryPlan::IndexRange {
+            column: "msdyn_priority".into()
+        }
+    );
+    let rows = s.query(&q).unwrap();
+    assert!(rows
+        .iter()
+        .all(|r| matches!(r.get("msdyn_priority"), Value::Choice(p) if *p >= 2)));
+    assert_eq!(rows.len(), 26);
+    let q = Query::table("msdyn_workorder").eq("msdyn_name", text("wo 3"));
+    assert_eq!(s.plan(&q).unwrap(), QueryPlan::TableScan);
+    assert_eq!(s.query(&q).unwrap().len(), 1);
+    // An update moves the row between index entries.
+    let mut tx = s.begin();
+    tx.update(
+        "msdyn_workorder",
+        mine[0],
+        &[("statecode", Value::Choice(1))],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let all = s
+        .query(
+            &Query::table("msdyn_workorder")
+                .eq("ownerid", user(1))
+                .eq("statecode", Value::Choice(0)),
+        )
+        .unwrap();
+    assert_eq!(all.len(), mine.len() - 1);
+    assert!(s.check().unwrap().is_ok());
+}
+
+#[test]
+fn blobs_round_trip_in_chunks() {
+    let s = temp_store(1);
+    let content: Vec<u8> = (0..(fieldsync_store::BLOB_CHUNK_BYTES * 2 + 1000))
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let r = s.put_blob("photo.jpg", &mut content.as_slice()).unwrap();
+    assert_eq!(r.size, content.len() as u64);
+    assert_eq!(s.read_blob(&r).unwrap(), content);
+    assert_eq!(s.read_blob_chunk(&r, 2).unwrap().unwrap().len(), 1000);
+    assert_eq!(s.read_blob_chunk(&r, 3).unwrap(), None);
+    let again = s.put_blob("copy.jpg", &mut content.as_slice()).unwrap();
+    assert_eq!(again.sha256, r.sha256);
+    let mut tx = s.begin();
+    let id = tx
+        .insert("account", &[("logo", Value::Image(r.clone()))])
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        s.get("account", id).unwrap().unwrap().get("logo"),
+        &Value::Image(r)
+    );
+    let empty = s.put_blob("empty", &mut &b""[..]).unwrap();
+    assert_eq!(s.read_blob(&empty).unwrap(), Vec::<u8>::new());
+    let mut missing = empty.clone();
+    missing.sha256 = [9; 32];
+    assert!(matches!(
+        s.read_blob(&missing),
+        Err(StoreError::BlobNotFound(_))
+    ));
+}
+
+#[test]
+fn bulk_insert_writes_every_row() {
+    let s = temp_store(1);
+    let rows: Vec<Vec<(String, Value)>> = (0..5000)
+        .map(|i| {
+            vec![
+                ("name".to_string(), text(&format!("acc {i}"))),
+                ("ownerid".to_string(), user((i % 3) as u8)),
+                ("numberofemployees".to_string(), Value::Integer(i)),
+            ]
+        })
+        .collect();
+    let mut calls = Vec::new();
+    let ids = s
+        .bulk_insert("account", rows, &mut |n| calls.push(n))
+        .unwrap();
+    assert_eq!(ids.len(), 5000);
+    assert_eq!(calls.last(), Some(&5000));
+    assert_eq!(s.last_seq(), 5000);
+    let r = s.get("account", ids[4321]).unwrap().unwrap();
+    assert_eq!(r.get("numberofemployees"), &Value::Integer(4321));
+    let q = Query::table("account")
+        .eq("ownerid", user(1))
+        .eq("statecode", Value::Choice(0));
+    assert_eq!(s.query(&q).unwrap().len(), 1667);
+    assert!(s.check().unwrap().is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    let p = Store::create(dir.path(), schema(), options(3)).unwrap();
+    let bad = vec![vec![("nope".to_string(), Value::Integer(1))]];
+    assert!(matches!(
+        p.bulk_insert("account", bad, &mut |_| {}),
+        Err(WriteError::Schema(_))
+    ));
+    assert_eq!(p.last_seq(), 0);
+}
