@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use fieldsync_e2e::{field_service, fieldsync, fieldsync_err, fieldsync_ok};
+use fieldsync_e2e::{field_service, fieldsync_err, fieldsync_ok};
 
 const ME: &str = "9a1f3c52-0000-4000-8000-000000000001";
 const OTHER: &str = "9a1f3c52-0000-4000-8000-000000000002";
@@ -111,7 +111,11 @@ fn put_get_query_delete_round_trip() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(entries.len(), 4, "two creates, an update and a delete: {log}");
+    assert_eq!(
+        entries.len(),
+        4,
+        "two creates, an update and a delete: {log}"
+    );
     let since = fieldsync_ok(["device", "log", "--data", &data, "--since", "2", "--json"]);
     assert_eq!(since.lines().count(), 2);
 
@@ -131,9 +135,15 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
     let cases: &[(&[&str], &str)] = &[
         (&["nosuchtable", "name=x"], "unknown table"),
         (&["account", "nosuchcolumn=x"], "unknown column"),
-        (&["account", "numberofemployees=many"], "not a valid integer"),
+        (
+            &["account", "numberofemployees=many"],
+            "not a valid integer",
+        ),
         (&["account", "industrycode=99"], "not an option"),
-        (&["account", "primarycontactid=not-a-uuid"], "not a valid lookup"),
+        (
+            &["account", "primarycontactid=not-a-uuid"],
+            "not a valid lookup",
+        ),
         (&["account", "--id", "123", "name=x"], "not a valid row id"),
         (&["account", "name"], "COL=VALUE"),
     ];
@@ -212,23 +222,42 @@ fn import_checks_the_whole_file_before_writing() {
     ]);
     assert!(err.contains(":3"), "names the line: {err}");
     let rows = fieldsync_ok(["device", "query", "--data", &data, "contact", "--json"]);
-    assert_eq!(rows.lines().count(), 250, "nothing from the bad file was written");
+    assert_eq!(
+        rows.lines().count(),
+        250,
+        "nothing from the bad file was written"
+    );
 }
 
 #[test]
 fn a_damaged_store_is_a_clear_error() {
     let dir = init_device();
     let data = dir.path().join("device");
-    // Overwrite every file in the store with garbage.
-    for entry in std::fs::read_dir(&data).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::write(&path, b"\x00garbage\xffnot a database").unwrap();
+    // Overwrite every file of the store, at any depth, with garbage.
+    fn damage(dir: &std::path::Path) -> usize {
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                n += damage(&path);
+            } else {
+                std::fs::write(&path, b"\x00garbage\xffnot a database").unwrap();
+                n += 1;
+            }
         }
+        n
     }
-    let out = fieldsync(["device".as_ref(), "status".as_ref(), "--data".as_ref(), data.as_os_str()]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.starts_with("error:"), "{stderr}");
+    assert!(damage(&data) > 0, "the store wrote no files");
+    for cmd in ["status", "log"] {
+        let err = fieldsync_err([
+            "device".as_ref(),
+            cmd.as_ref(),
+            "--data".as_ref(),
+            data.as_os_str(),
+        ]);
+        assert!(
+            err.starts_with("error:") && err.contains("damaged"),
+            "{cmd}: {err}"
+        );
+    }
 }

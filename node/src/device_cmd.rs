@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use fieldsync_store::{
-    Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
-};
+use fieldsync_store::{Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value};
 use uuid::Uuid;
 
 /// Rows per transaction in `device import`: big enough to amortize a commit, small enough for
@@ -165,9 +163,9 @@ fn parse_assignments(table: &Table, args: &[String]) -> Result<Vec<(String, Valu
             let (col, text) = arg
                 .split_once('=')
                 .ok_or_else(|| anyhow!("`{arg}` is not of the form COL=VALUE"))?;
-            let column = table.column(col).ok_or_else(|| {
-                anyhow!("unknown column `{col}` in table `{}`", table.name)
-            })?;
+            let column = table
+                .column(col)
+                .ok_or_else(|| anyhow!("unknown column `{col}` in table `{}`", table.name))?;
             let value = Value::parse(column.ty, text).map_err(|e| e.in_column(table, col))?;
             Ok((col.to_string(), value))
         })
@@ -253,11 +251,7 @@ fn query(data: &Path, table_name: &str, filters: &[String], json: bool) -> Resul
         if json {
             writeln!(out, "{}", row_json(row))?;
         } else {
-            let cols: Vec<String> = row
-                .values
-                .iter()
-                .map(|(c, v)| format!("{c}={v}"))
-                .collect();
+            let cols: Vec<String> = row.values.iter().map(|(c, v)| format!("{c}={v}")).collect();
             writeln!(out, "{}\t{}", row.id, cols.join("\t"))?;
         }
     }
@@ -277,7 +271,10 @@ fn delete(data: &Path, table: &str, id: &str) -> Result<()> {
 
 /// Read and check the whole file before writing anything, so a bad line leaves the store as
 /// it was.
-fn read_import_file(table: &Table, file: &Path) -> Result<Vec<(Option<RowId>, Vec<(String, Value)>)>> {
+fn read_import_file(
+    table: &Table,
+    file: &Path,
+) -> Result<Vec<(Option<RowId>, Vec<(String, Value)>)>> {
     let reader = BufReader::new(
         std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
     );
@@ -285,7 +282,8 @@ fn read_import_file(table: &Table, file: &Path) -> Result<Vec<(Option<RowId>, Ve
     let mut rows = Vec::new();
     for (n, line) in reader.lines().enumerate() {
         let line_no = n + 1;
-        let line = line.with_context(|| format!("{}: cannot read line {line_no}", file.display()))?;
+        let line =
+            line.with_context(|| format!("{}: cannot read line {line_no}", file.display()))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -296,7 +294,10 @@ fn read_import_file(table: &Table, file: &Path) -> Result<Vec<(Option<RowId>, Ve
         for (col, json) in &obj {
             if *col == primary {
                 let text = json.as_str().ok_or_else(|| {
-                    anyhow!("{}:{line_no}: `{col}` must be a UUID string", file.display())
+                    anyhow!(
+                        "{}:{line_no}: `{col}` must be a UUID string",
+                        file.display()
+                    )
                 })?;
                 id = Some(parse_id(text).with_context(|| format!("{}:{line_no}", file.display()))?);
                 continue;
@@ -311,7 +312,8 @@ fn read_import_file(table: &Table, file: &Path) -> Result<Vec<(Option<RowId>, Ve
             let value = Value::from_json(column.ty, json)
                 .map_err(|e| e.in_column(table, col))
                 .with_context(|| format!("{}:{line_no}", file.display()))?;
-            table.check_value(col, &value)
+            table
+                .check_value(col, &value)
                 .with_context(|| format!("{}:{line_no}", file.display()))?;
             values.push((col.clone(), value));
         }
@@ -338,9 +340,26 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
     while iter.peek().is_some() {
         let batch: Vec<_> = iter.by_ref().take(IMPORT_BATCH_ROWS).collect();
         let n = batch.len();
-        store
-            .bulk_insert(table_name, batch, &mut |k| bar.set_position((done + k) as u64))
-            .with_context(|| format!("importing rows {}..{}", done + 1, done + n))?;
+        let context = || format!("importing rows {}..{}", done + 1, done + n);
+        if batch.iter().all(|(id, _)| id.is_none()) {
+            let rows = batch.into_iter().map(|(_, values)| values).collect();
+            store
+                .bulk_insert(table_name, rows, &mut |k| {
+                    bar.set_position((done + k) as u64)
+                })
+                .with_context(context)?;
+        } else {
+            // Rows that name their id keep it (a re-import of exported data).
+            let mut tx = store.begin();
+            for (id, values) in &batch {
+                match id {
+                    Some(id) => tx.insert_with_id(table_name, *id, &as_refs(values)),
+                    None => tx.insert(table_name, &as_refs(values)).map(|_| ()),
+                }
+                .with_context(context)?;
+            }
+            tx.commit_with(Durability::Group).with_context(context)?;
+        }
         done += n;
         bar.set_position(done as u64);
     }
@@ -416,14 +435,29 @@ fn status(data: &Path) -> Result<()> {
     println!("actor         {}", store.actor());
     println!("last seq      {}", status.last_seq);
     println!("acked seq     {}", status.acked_seq);
-    println!("pending ops   {}", status.last_seq.saturating_sub(status.acked_seq));
+    println!(
+        "pending ops   {}",
+        status.last_seq.saturating_sub(status.acked_seq)
+    );
     println!("log entries   {}", status.log_entries);
     println!("disk bytes    {}", status.disk_bytes);
     println!("rows:");
     for (table, n) in by_table {
         println!("  {table:<28} {n}");
     }
+    println!("tombstones    {}", status.deleted_rows);
+    println!("held changes  {}", status.held_changes);
     let report = store.check()?;
-    println!("integrity     {report}");
+    if report.is_ok() {
+        println!(
+            "integrity     ok ({} rows, {} log entries, {} index entries checked)",
+            report.rows, report.log_entries, report.index_entries
+        );
+    } else {
+        println!("integrity     {} problem(s):", report.problems.len());
+        for problem in &report.problems {
+            println!("  {problem:?}");
+        }
+    }
     Ok(())
 }

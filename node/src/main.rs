@@ -33,9 +33,12 @@ enum Command {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // sled reports what it finds in a damaged directory as log records; the store turns
+        // that into one typed error, so by default they would only repeat it.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sled=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
