@@ -145,6 +145,40 @@ pub struct CheckReport {
     pub problems: Vec<CheckProblem>,
 }
 
+impl std::fmt::Display for CheckProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.table, &self.row) {
+            (Some(t), Some(r)) => write!(f, "{t}/{r}: {}", self.what),
+            (None, Some(r)) => write!(f, "{r}: {}", self.what),
+            _ => f.write_str(&self.what),
+        }
+    }
+}
+
+/// `ok (R rows, L log entries, I index entries)` or `N problems: first; second; ...`.
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_ok() {
+            return write!(
+                f,
+                "ok ({} rows, {} log entries, {} index entries)",
+                self.rows, self.log_entries, self.index_entries
+            );
+        }
+        write!(f, "{} problems: ", self.problems.len())?;
+        for (i, p) in self.problems.iter().take(5).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        if self.problems.len() > 5 {
+            f.write_str("; ...")?;
+        }
+        Ok(())
+    }
+}
+
 impl CheckReport {
     /// Whether nothing was found wrong.
     pub fn is_ok(&self) -> bool {

@@ -17,6 +17,36 @@ use crate::value::{RowId, Value};
 /// Rows per `apply_batch` in `bulk_insert`.
 const BULK_CHUNK_ROWS: usize = 4096;
 
+/// One row for [`Store::bulk_insert`]: an optional id and the column values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkRow {
+    /// The row id (`None`: a new id is generated).
+    pub id: Option<RowId>,
+    /// Column values by logical name.
+    pub values: Vec<(String, Value)>,
+}
+
+impl From<Vec<(String, Value)>> for BulkRow {
+    fn from(values: Vec<(String, Value)>) -> Self {
+        BulkRow { id: None, values }
+    }
+}
+
+impl From<(Option<RowId>, Vec<(String, Value)>)> for BulkRow {
+    fn from((id, values): (Option<RowId>, Vec<(String, Value)>)) -> Self {
+        BulkRow { id, values }
+    }
+}
+
+impl From<(RowId, Vec<(String, Value)>)> for BulkRow {
+    fn from((id, values): (RowId, Vec<(String, Value)>)) -> Self {
+        BulkRow {
+            id: Some(id),
+            values,
+        }
+    }
+}
+
 /// A set of writes committed atomically: all rows or none.
 ///
 /// Writes are checked against the schema when they are made; existence checks are made again
@@ -122,19 +152,39 @@ impl Store {
     /// leaves a prefix of whole batches.
     ///
     /// [`StoreOptions::durability`]: crate::StoreOptions::durability
-    pub fn bulk_insert(
+    ///
+    /// A row is either its values (`Vec<(String, Value)>`, a new id is generated) or
+    /// `(Option<RowId>, values)` to give its id; a given id that exists (or repeats in
+    /// `rows`) is refused with [`WriteError::RowExists`] before anything is written.
+    pub fn bulk_insert<R: Into<BulkRow>>(
         &self,
         table: &str,
-        rows: Vec<Vec<(String, Value)>>,
+        rows: Vec<R>,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<RowId>, WriteError> {
         let _span = info_span!("bulk_insert", table, rows = rows.len()).entered();
         let (t, tab) = self.table(table)?;
         let now = self.inner.options.clock.now_ms();
         let mut prepared = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let refs: Vec<(&str, Value)> =
-                row.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+        let mut given = std::collections::HashSet::new();
+        for row in rows {
+            let BulkRow { id, values } = row.into();
+            let id = match id {
+                Some(id) => {
+                    if !given.insert(id) || self.load_mat(t, id)?.is_some() {
+                        return Err(WriteError::RowExists {
+                            table: table.to_string(),
+                            id,
+                        });
+                    }
+                    id
+                }
+                None => self.new_row_id(),
+            };
+            let refs: Vec<(&str, Value)> = values
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.clone()))
+                .collect();
             let mut puts = checked(tab, &refs)?;
             if puts.iter().any(|(c, _)| *c == DELETED_COL) {
                 return Err(WriteError::InvalidValue {
@@ -144,9 +194,8 @@ impl Store {
                 });
             }
             insert_defaults(tab, &mut puts, now);
-            prepared.push((self.new_row_id(), puts));
+            prepared.push((id, puts));
         }
-        drop(rows);
         let me = self.actor();
         let mut ids = Vec::with_capacity(prepared.len());
         let mut done = 0;

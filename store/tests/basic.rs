@@ -399,4 +399,27 @@ fn bulk_insert_writes_every_row() {
         Err(WriteError::Schema(_))
     ));
     assert_eq!(p.last_seq(), 0);
+    // Rows with given ids; a taken or repeated id refuses the whole import.
+    let given = uuid::Uuid::new_v4();
+    let ids = p
+        .bulk_insert(
+            "account",
+            vec![
+                (Some(given), vec![("name".to_string(), text("g"))]),
+                (None, vec![]),
+            ],
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(ids[0], given);
+    let r = p.bulk_insert("account", vec![(given, vec![])], &mut |_| {});
+    assert!(matches!(r, Err(WriteError::RowExists { .. })));
+    let other = uuid::Uuid::new_v4();
+    let r = p.bulk_insert(
+        "account",
+        vec![(other, vec![]), (other, vec![])],
+        &mut |_| {},
+    );
+    assert!(matches!(r, Err(WriteError::RowExists { .. })));
+    assert_eq!(p.last_seq(), 2);
 }

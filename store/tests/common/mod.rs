@@ -73,3 +73,11 @@ pub fn sync_all(from: &Store, to: &Store) {
     to.apply_remote(&ops, fieldsync_store::Durability::Group)
         .unwrap();
 }
+
+/// Create a store in `dir` with one committed row, and close it.
+pub fn make_store(dir: &std::path::Path) {
+    let s = Store::create(dir, schema(), options(1)).unwrap();
+    let mut tx = s.begin();
+    tx.insert("account", &[("name", text("a"))]).unwrap();
+    tx.commit().unwrap();
+}
