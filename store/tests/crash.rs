@@ -1,0 +1,187 @@
+//! Crash test with real processes, after sled's `tests/test_crash_recovery.rs`.
+//!
+//! The test re-runs its own binary as a child (switched by an environment variable). The
+//! child opens the store and commits `Durability::Immediate` transactions in a loop: each
+//! writes one counter into several columns of three existing rows and inserts one new row,
+//! and prints `ACK <counter>` once `commit` has returned. The parent kills the child with
+//! SIGKILL at a random moment, reopens the store and checks that every acknowledged commit
+//! is there and that no transaction is torn (all rows and columns hold the same counter, and
+//! every inserted row up to it exists), then runs the full `check`. Repeated 24 times.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fieldsync_store::{Durability, Store, Value};
+use rand::{Rng, SeedableRng};
+use uuid::Uuid;
+
+const CHILD_ENV: &str = "FIELDSYNC_STORE_CRASH_CHILD";
+const TEST_NAME: &str = "acknowledged_commits_survive_sigkill";
+const KILLS: usize = 24;
+const ROWS: [u128; 3] = [1, 2, 3];
+
+fn fixed_row(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+fn inserted_row(counter: i64) -> Uuid {
+    Uuid::from_u128(1_000_000 + counter as u128)
+}
+
+/// The counter the store holds, after checking the rows agree.
+fn verify(store: &Store) -> i64 {
+    let mut counter = None;
+    for n in ROWS {
+        let row = store.get("account", fixed_row(n)).unwrap().unwrap();
+        let c = match row.get("numberofemployees") {
+            Value::Integer(c) => *c,
+            Value::Null => 0,
+            other => panic!("unexpected {other:?}"),
+        };
+        let name = match row.get("name") {
+            Value::Text(t) => t.parse::<i64>().unwrap(),
+            _ => 0,
+        };
+        let rev = match row.get("revenue") {
+            Value::Decimal(d) => d.to_string().parse::<i64>().unwrap(),
+            _ => 0,
+        };
+        assert_eq!((c, c), (name, rev), "torn row {n}: columns disagree");
+        if let Some(prev) = counter {
+            assert_eq!(prev, c, "torn transaction: rows disagree");
+        }
+        counter = Some(c);
+    }
+    let counter = counter.unwrap_or(0);
+    // Every inserted row up to the counter exists, and none after it.
+    for c in 1..=counter {
+        assert!(
+            store.get("contact", inserted_row(c)).unwrap().is_some(),
+            "row inserted by commit {c} is missing"
+        );
+    }
+    assert!(store
+        .get("contact", inserted_row(counter + 1))
+        .unwrap()
+        .is_none());
+    counter
+}
+
+fn child(dir: &str) {
+    let store = Store::open(std::path::Path::new(dir), options(1)).unwrap();
+    let mut counter = verify(&store);
+    let out = std::io::stdout();
+    loop {
+        counter += 1;
+        let mut tx = store.begin();
+        for n in ROWS {
+            tx.update(
+                "account",
+                fixed_row(n),
+                &[
+                    ("numberofemployees", Value::Integer(counter)),
+                    ("name", Value::Text(counter.to_string())),
+                    ("revenue", Value::Decimal(counter.into())),
+                ],
+            )
+            .unwrap();
+        }
+        tx.insert_with_id(
+            "contact",
+            inserted_row(counter),
+            &[("fullname", Value::Text(format!("contact {counter}")))],
+        )
+        .unwrap();
+        tx.commit_with(Durability::Immediate).unwrap();
+        let mut lock = out.lock();
+        writeln!(lock, "ACK {counter}").unwrap();
+        lock.flush().unwrap();
+    }
+}
+
+#[test]
+fn acknowledged_commits_survive_sigkill() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        child(&dir);
+        return;
+    }
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    {
+        let store = Store::create(&dir, schema(), options(1)).unwrap();
+        let mut tx = store.begin();
+        for n in ROWS {
+            tx.insert_with_id("account", fixed_row(n), &[]).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let exe = std::env::current_exe().unwrap();
+    let mut acked_max = 0i64;
+    let mut total_acks = 0usize;
+    for round in 0..KILLS {
+        let mut child = Command::new(&exe)
+            .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let acks = Arc::clone(&acks);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(n) = line.strip_prefix("ACK ") {
+                        acks.lock().unwrap().push(n.trim().parse::<i64>().unwrap());
+                    }
+                }
+            })
+        };
+        // Wait until the child commits, then kill it at a random moment.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acks.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
+        child.kill().unwrap(); // SIGKILL on unix
+        child.wait().unwrap();
+        reader.join().unwrap();
+        let acks = acks.lock().unwrap().clone();
+        assert!(!acks.is_empty(), "round {round}: the child never committed");
+        total_acks += acks.len();
+        let last_ack = *acks.last().unwrap();
+        assert!(last_ack > acked_max);
+        acked_max = last_ack;
+
+        let store = Store::open(&dir, options(1)).unwrap();
+        let counter = verify(&store);
+        assert!(
+            counter >= acked_max,
+            "round {round}: commit {acked_max} was acknowledged but the store holds {counter}"
+        );
+        // At most the one commit in flight when killed is there unacknowledged.
+        assert!(
+            counter <= acked_max + 1,
+            "round {round}: {counter} > {acked_max} + 1"
+        );
+        acked_max = counter;
+        if round % 6 == 5 || round == KILLS - 1 {
+            let report = store.check().unwrap();
+            assert!(report.is_ok(), "round {round}: {report}");
+        }
+    }
+    eprintln!(
+        "{KILLS} kills, {total_acks} acknowledged commits, {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
