@@ -8,6 +8,9 @@
 //! is there and that no transaction is torn (all rows and columns hold the same counter, and
 //! every inserted row up to it exists), then runs the full `check`. Repeated 24 times.
 
+// Helpers below run in the test and its child process: a panic there is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
