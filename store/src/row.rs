@@ -173,7 +173,8 @@ pub(crate) fn row_change(
                 }
                 Some(v)
             }
-            legacy::OpType::Delete => None,
+            legacy::OpType::Delete if !op.pred.is_empty() => None,
+            legacy::OpType::Delete => return Err("a delete that overwrites nothing".into()),
             other => return Err(format!("op {other:?} is not allowed in a row document")),
         };
         ops.push(RowOp { col, pred, value });
@@ -380,6 +381,9 @@ impl CrdtState {
                 .unwrap_or_default();
             let action = match to_scalar(value) {
                 Some(s) => legacy::OpType::Put(s),
+                // Clearing a column that holds nothing is no op at all (automerge drops a
+                // delete without preds from saved documents).
+                None if pred.is_empty() => continue,
                 None => legacy::OpType::Delete,
             };
             operations.push(legacy::Op {
