@@ -5,10 +5,12 @@ pub mod admin;
 pub mod app;
 pub mod evaluate;
 pub mod profile;
+pub mod routing;
 pub mod security;
 
 pub use admin::{authorize, AdminError, AdminOperation, AuthorizationError, Catalog};
 pub use app::{apps_from_toml, generate_profile, App, GenerateReport, PublishError, View};
 pub use evaluate::{evaluate, evaluate_all, DeviceSet, RowKey, RowView};
 pub use profile::{Profile, ProfileError, ProfileItem, RowFilter};
+pub use routing::{Route, Router, RowRef, UserDelta};
 pub use security::{Depth, Environment, EnvironmentError, Privilege, ReadScope, Role};
