@@ -365,10 +365,17 @@ impl Router {
         for (i, id) in ids.iter().enumerate() {
             self.user_idx.insert(*id, i as u32);
         }
-        for id in &ids {
-            let state = self.user_state(*id);
-            self.users.push(state);
+        let mut teams_of: HashMap<UserId, Vec<&crate::security::Team>> = HashMap::new();
+        for t in self.env.teams() {
+            for m in &t.members {
+                teams_of.entry(*m).or_default().push(t);
+            }
         }
+        let users: Vec<UserState> = ids
+            .iter()
+            .map(|id| self.user_state(*id, teams_of.get(id).map_or(&[], Vec::as_slice)))
+            .collect();
+        self.users = users;
         self.user_ids = ids;
         for (i, u) in self.users.iter().enumerate() {
             self.users_by_bu
@@ -404,13 +411,13 @@ impl Router {
         self.stamp = vec![0; self.users.len()];
     }
 
-    fn user_state(&self, id: UserId) -> UserState {
-        let ctx = UserContext::for_user(&self.env, id, self.now_ms).unwrap_or(UserContext {
+    fn user_state(&self, id: UserId, teams: &[&crate::security::Team]) -> UserState {
+        let ctx = UserContext {
             user: id,
-            teams: Vec::new(),
-            business_unit: Uuid::nil(),
+            teams: teams.iter().map(|t| t.id).collect(),
+            business_unit: self.env.user(id).map_or(Uuid::nil(), |u| u.business_unit),
             now_ms: self.now_ms,
-        });
+        };
         let scopes = self
             .tables
             .iter()
@@ -420,7 +427,7 @@ impl Router {
                 }
                 self.schema
                     .table(&t.name)
-                    .map(|table| self.env.read_scope(id, table))
+                    .map(|table| self.env.read_scope_with_teams(id, teams, table))
                     .unwrap_or_default()
             })
             .collect();

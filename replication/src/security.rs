@@ -939,11 +939,21 @@ impl Environment {
 
     /// What `user` may read of `table` (empty for an unknown user).
     pub fn read_scope(&self, user: UserId, table: &Table) -> ReadScope {
+        let teams: Vec<&Team> = self.teams_of(user).collect();
+        self.read_scope_with_teams(user, &teams, table)
+    }
+
+    /// [`Environment::read_scope`] with the user's teams already looked up.
+    pub(crate) fn read_scope_with_teams(
+        &self,
+        user: UserId,
+        teams: &[&Team],
+        table: &Table,
+    ) -> ReadScope {
         let mut scope = ReadScope::default();
         let Some(u) = self.users.get(&user) else {
             return scope;
         };
-        let teams: Vec<&Team> = self.teams_of(user).collect();
         let me = OwnerRef {
             kind: OwnerKind::User,
             id: user,
@@ -975,7 +985,7 @@ impl Environment {
         for r in u.roles.iter().filter_map(|r| self.roles.get(r)) {
             apply(r.depth(&table.name, Privilege::Read), &own, u.business_unit);
         }
-        for t in &teams {
+        for t in teams {
             let owners = [
                 me,
                 OwnerRef {

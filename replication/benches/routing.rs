@@ -1,0 +1,454 @@
+//! Routing one row write to the affected users, against full re-evaluation.
+//!
+//! The field-service schema and profile (`examples/field-service/`) over 1,000,000 rows with
+//! 1,000 and then 10,000 field technicians in 3 business units (teams of 10 share work
+//! orders). Writes are a realistic mix: work orders re-assigned, re-scheduled, closed, moved to
+//! another account; bookings re-assigned and re-linked; accounts re-parented; contacts
+//! edited; inserts and deletes; a few product catalog changes.
+//!
+//! `ours` is [`Router::handle_write`]. `base` is full re-evaluation of the same write: every
+//! user's device set recomputed (with the same indexes, not a row scan — the scan-based
+//! `evaluate` is slower still). Re-evaluating 10,000 users per write is too slow to run for
+//! every write, so it is sampled: the per-user recomputation time is measured on a sample of
+//! users after a sample of the writes, and multiplied by the number of users.
+//!
+//! Run: `cargo bench -p fieldsync-replication --bench routing`. `ROUTING_BENCH_ROWS` and
+//! `ROUTING_BENCH_WRITES` shrink it for a quick look.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use fieldsync_replication::security::{derived_id, BASIC_USER};
+use fieldsync_replication::{Environment, Profile, Router};
+use fieldsync_store::{OwnerKind, OwnerRef, Schema, Value};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use uuid::Uuid;
+
+const NOW: i64 = 1_790_000_000_000;
+const DAY: i64 = 86_400_000;
+
+fn example(file: &str) -> String {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/field-service")
+        .join(file);
+    std::fs::read_to_string(p).unwrap()
+}
+
+/// Row counts per table, scaled to `total` (1,000,000 by default).
+fn counts(total: usize) -> [(&'static str, usize); 6] {
+    let f = |x: usize| (x * total / 1_000_000).max(1);
+    [
+        ("product", f(2_000)),
+        ("account", f(100_000)),
+        ("contact", f(150_000)),
+        ("incident", f(50_000)),
+        ("msdyn_workorder", f(408_000)),
+        ("bookableresourcebooking", f(290_000)),
+    ]
+}
+
+fn id_of(table: &str, i: usize) -> Uuid {
+    // Deterministic ids: table tag in the high bits, index in the low bits.
+    let tag: u128 = match table {
+        "product" => 1,
+        "account" => 2,
+        "contact" => 3,
+        "incident" => 4,
+        "msdyn_workorder" => 5,
+        _ => 6,
+    };
+    Uuid::from_u128((tag << 64) | i as u128)
+}
+
+struct Data {
+    users: Vec<Uuid>,
+    teams: Vec<Uuid>,
+    counts: HashMap<&'static str, usize>,
+}
+
+fn environment(n_users: usize) -> (Environment, Data) {
+    let text = example("environment.toml");
+    let base = Environment::from_toml(&text).unwrap();
+    let mut env = Environment::new("Contoso");
+    let root = env.business_unit_by_name("Contoso").unwrap().id;
+    let north = env.add_business_unit("Contoso North", root).unwrap();
+    let south = env.add_business_unit("Contoso South", root).unwrap();
+    let tech = base.role_by_name("Field Technician").unwrap().clone();
+    let tech_id = tech.id;
+    env.put_role(tech);
+    let basic = env.role_by_name(BASIC_USER).unwrap().id;
+    let mut users = Vec::with_capacity(n_users);
+    for i in 0..n_users {
+        let bu = if i % 2 == 0 { north } else { south };
+        users.push(
+            env.add_user(&format!("tech{i}@contoso.com"), bu, &[basic, tech_id])
+                .unwrap(),
+        );
+    }
+    let mut teams = Vec::new();
+    for (k, chunk) in users.chunks(10).enumerate() {
+        let bu = if k % 2 == 0 { north } else { south };
+        teams.push(env.add_team(&format!("crew{k}"), bu, chunk, &[]).unwrap());
+    }
+    let _ = derived_id("bench", "");
+    (
+        env,
+        Data {
+            users,
+            teams,
+            counts: HashMap::new(),
+        },
+    )
+}
+
+fn owner_user(id: Uuid) -> Value {
+    Value::Owner(OwnerRef {
+        kind: OwnerKind::User,
+        id,
+    })
+}
+
+fn owner_team(id: Uuid) -> Value {
+    Value::Owner(OwnerRef {
+        kind: OwnerKind::Team,
+        id,
+    })
+}
+
+/// The values of row `i` of `table`, generated from a per-row seed.
+fn row_values(d: &Data, table: &str, i: usize, version: u64) -> BTreeMap<String, Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64((i as u64) << 8 ^ version << 40 ^ table.len() as u64);
+    let mut v = BTreeMap::new();
+    let pick = |rng: &mut ChaCha8Rng, t: &str| id_of(t, rng.gen_range(0..d.counts[t]));
+    let user = |rng: &mut ChaCha8Rng| *d.users.choose(rng).unwrap();
+    v.insert("statecode".into(), Value::Choice(0));
+    v.insert("createdon".into(), Value::DateTime(NOW - 30 * DAY));
+    v.insert("modifiedon".into(), Value::DateTime(NOW));
+    match table {
+        "product" => {
+            v.insert("name".into(), Value::Text(format!("Product {i}")));
+            v.insert(
+                "quantityonhand".into(),
+                Value::Integer(rng.gen_range(0..100)),
+            );
+        }
+        "account" => {
+            v.insert("ownerid".into(), owner_user(user(&mut rng)));
+            v.insert("name".into(), Value::Text(format!("Account {i}")));
+            v.insert("telephone1".into(), Value::Text(format!("+1 555 {i:07}")));
+            v.insert(
+                "primarycontactid".into(),
+                Value::Lookup(pick(&mut rng, "contact")),
+            );
+            if rng.gen_bool(0.3) {
+                v.insert(
+                    "parentaccountid".into(),
+                    Value::Lookup(pick(&mut rng, "account")),
+                );
+            }
+        }
+        "contact" => {
+            v.insert("ownerid".into(), owner_user(user(&mut rng)));
+            v.insert("lastname".into(), Value::Text(format!("Contact {i}")));
+            v.insert(
+                "parentcustomerid".into(),
+                Value::Lookup(pick(&mut rng, "account")),
+            );
+        }
+        "incident" => {
+            v.insert("ownerid".into(), owner_user(user(&mut rng)));
+            v.insert("title".into(), Value::Text(format!("Case {i}")));
+            v.insert(
+                "customerid".into(),
+                Value::Lookup(pick(&mut rng, "account")),
+            );
+            v.insert(
+                "primarycontactid".into(),
+                Value::Lookup(pick(&mut rng, "contact")),
+            );
+        }
+        "msdyn_workorder" => {
+            let owner = if rng.gen_bool(0.85) {
+                owner_user(user(&mut rng))
+            } else {
+                owner_team(*d.teams.choose(&mut rng).unwrap())
+            };
+            v.insert("ownerid".into(), owner);
+            v.insert("msdyn_name".into(), Value::Text(format!("WO-{i:07}")));
+            v.insert(
+                "statecode".into(),
+                Value::Choice(if rng.gen_bool(0.8) { 0 } else { 1 }),
+            );
+            v.insert(
+                "msdyn_systemstatus".into(),
+                Value::Choice(690_970_000 + rng.gen_range(0..6)),
+            );
+            v.insert(
+                "msdyn_serviceaccount".into(),
+                Value::Lookup(pick(&mut rng, "account")),
+            );
+            v.insert(
+                "msdyn_reportedbycontact".into(),
+                Value::Lookup(pick(&mut rng, "contact")),
+            );
+            if rng.gen_bool(0.5) {
+                v.insert(
+                    "msdyn_servicerequest".into(),
+                    Value::Lookup(pick(&mut rng, "incident")),
+                );
+            }
+            v.insert(
+                "msdyn_datewindowstart".into(),
+                Value::DateTime(NOW + rng.gen_range(-5..10) * DAY),
+            );
+        }
+        _ => {
+            v.insert("ownerid".into(), owner_user(user(&mut rng)));
+            v.insert("name".into(), Value::Text(format!("Booking {i}")));
+            v.insert("bookingstatus".into(), Value::Choice(rng.gen_range(1..=5)));
+            v.insert(
+                "msdyn_workorder".into(),
+                Value::Lookup(pick(&mut rng, "msdyn_workorder")),
+            );
+            v.insert(
+                "starttime".into(),
+                Value::DateTime(NOW + rng.gen_range(-5..10) * DAY),
+            );
+        }
+    }
+    v
+}
+
+/// One write of the mix: (table, row index, new values or delete).
+type Write = (&'static str, usize, Option<BTreeMap<String, Value>>);
+
+fn next_write(
+    rng: &mut ChaCha8Rng,
+    d: &mut Data,
+    current: &mut HashMap<(&'static str, usize), Option<BTreeMap<String, Value>>>,
+    version: u64,
+) -> Write {
+    let p = rng.gen_range(0..100);
+    let table: &'static str = match p {
+        0..=39 => "msdyn_workorder",
+        40..=64 => "bookableresourcebooking",
+        65..=79 => "account",
+        80..=89 => "contact",
+        90..=98 => "incident",
+        _ => "product",
+    };
+    let n = d.counts[table];
+    let kind = rng.gen_range(0..100);
+    if kind < 5 && table != "product" {
+        // Insert a new row.
+        d.counts.insert(table, n + 1);
+        let v = row_values(d, table, n, version);
+        current.insert((table, n), Some(v.clone()));
+        return (table, n, Some(v));
+    }
+    let i = rng.gen_range(0..n);
+    if kind < 9 && matches!(table, "msdyn_workorder" | "bookableresourcebooking") {
+        current.insert((table, i), None);
+        return (table, i, None);
+    }
+    let mut v = match current.get(&(table, i)) {
+        Some(Some(v)) => v.clone(),
+        Some(None) => row_values(d, table, i, 0),
+        None => row_values(d, table, i, 0),
+    };
+    let user = *d.users.choose(rng).unwrap();
+    match table {
+        "msdyn_workorder" => match rng.gen_range(0..5) {
+            0 => {
+                v.insert("ownerid".into(), owner_user(user));
+            }
+            1 => {
+                v.insert(
+                    "msdyn_systemstatus".into(),
+                    Value::Choice(690_970_000 + rng.gen_range(0..6)),
+                );
+            }
+            2 => {
+                v.insert("statecode".into(), Value::Choice(rng.gen_range(0..2)));
+            }
+            3 => {
+                let a = id_of("account", rng.gen_range(0..d.counts["account"]));
+                v.insert("msdyn_serviceaccount".into(), Value::Lookup(a));
+            }
+            _ => {
+                v.insert(
+                    "msdyn_datewindowstart".into(),
+                    Value::DateTime(NOW + rng.gen_range(-5..10) * DAY),
+                );
+            }
+        },
+        "bookableresourcebooking" => match rng.gen_range(0..3) {
+            0 => {
+                v.insert("ownerid".into(), owner_user(user));
+            }
+            1 => {
+                let w = id_of(
+                    "msdyn_workorder",
+                    rng.gen_range(0..d.counts["msdyn_workorder"]),
+                );
+                v.insert("msdyn_workorder".into(), Value::Lookup(w));
+            }
+            _ => {
+                v.insert("bookingstatus".into(), Value::Choice(rng.gen_range(1..=5)));
+            }
+        },
+        "account" => {
+            if rng.gen_bool(0.5) {
+                let a = id_of("account", rng.gen_range(0..d.counts["account"]));
+                v.insert("parentaccountid".into(), Value::Lookup(a));
+            } else {
+                v.insert(
+                    "telephone1".into(),
+                    Value::Text(format!("+1 555 {version}")),
+                );
+            }
+        }
+        "product" => {
+            v.insert(
+                "quantityonhand".into(),
+                Value::Integer(rng.gen_range(0..100)),
+            );
+        }
+        _ => {
+            v.insert("lastname".into(), Value::Text(format!("Edited {version}")));
+        }
+    }
+    current.insert((table, i), Some(v.clone()));
+    (table, i, Some(v))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx].as_secs_f64() * 1e6
+}
+
+struct Result_ {
+    median_us: f64,
+    p99_us: f64,
+    base_us: f64,
+    base_p99_us: f64,
+    affected_avg: f64,
+}
+
+fn run(n_users: usize, total_rows: usize, n_writes: usize) -> Result_ {
+    let schema = Schema::from_toml(&example("schema.toml")).unwrap();
+    let profile = Profile::from_toml(&example("profile.toml"), &schema).unwrap();
+    let (env, mut d) = environment(n_users);
+    for (t, c) in counts(total_rows) {
+        d.counts.insert(t, c);
+    }
+    let t0 = Instant::now();
+    let mut router = Router::new(&schema, &env, &profile, NOW).unwrap();
+    for (t, c) in counts(total_rows) {
+        for i in 0..c {
+            let v = row_values(&d, t, i, 0);
+            router.load_row(t, id_of(t, i), Some(&v));
+        }
+    }
+    let loaded = t0.elapsed();
+    router.rebuild();
+    let built = t0.elapsed();
+    let memberships: usize = d
+        .users
+        .iter()
+        .take(20)
+        .map(|u| router.reevaluate_user(*u))
+        .sum::<usize>()
+        / 20;
+    println!(
+        "# {n_users} users, {} rows: loaded in {:.1}s, sets computed in {:.1}s, ~{memberships} rows per device",
+        router.row_count(),
+        loaded.as_secs_f64(),
+        (built - loaded).as_secs_f64()
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut current = HashMap::new();
+    let mut times = Vec::with_capacity(n_writes);
+    let mut base_samples = Vec::new();
+    let mut affected = 0usize;
+    let sample_every = (n_writes / 20).max(1);
+    let sample_users = 200.min(n_users);
+    for k in 0..n_writes {
+        let (table, i, values) = next_write(&mut rng, &mut d, &mut current, k as u64 + 1);
+        let id = id_of(table, i);
+        let t = Instant::now();
+        let route = router.handle_write(table, id, values.as_ref());
+        times.push(t.elapsed());
+        affected += route.deltas.len() + route.updated.len();
+        std::hint::black_box(&route);
+        if k % sample_every == 0 {
+            // Full re-evaluation of this write: every user's set, sampled and scaled.
+            let users: Vec<Uuid> = d
+                .users
+                .choose_multiple(&mut rng, sample_users)
+                .copied()
+                .collect();
+            let t = Instant::now();
+            for u in &users {
+                std::hint::black_box(router.reevaluate_user(*u));
+            }
+            let per_user = t.elapsed().as_secs_f64() / users.len() as f64;
+            base_samples.push(Duration::from_secs_f64(per_user * n_users as f64));
+        }
+    }
+    times.sort();
+    base_samples.sort();
+    Result_ {
+        median_us: percentile(&times, 0.5),
+        p99_us: percentile(&times, 0.99),
+        base_us: percentile(&base_samples, 0.5),
+        base_p99_us: percentile(&base_samples, 0.99),
+        affected_avg: affected as f64 / n_writes as f64,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is ignored.
+    let rows: usize = std::env::var("ROUTING_BENCH_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let writes: usize = std::env::var("ROUTING_BENCH_WRITES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5_000);
+    println!("# routing one row write vs full re-evaluation; {rows} rows, {writes} writes per run");
+    println!("# base = every user's set recomputed with the same indexes (sampled: 200 users after every 20th of the writes, scaled to all users)");
+    let r1 = run(1_000, rows, writes);
+    let r10 = run(10_000, rows, writes);
+    for (name, r) in [("route_1k", &r1), ("route_10k", &r10)] {
+        println!(
+            "# {name}: median {:.1} us, p99 {:.1} us, {:.1} users reached per write on average",
+            r.median_us, r.p99_us, r.affected_avg
+        );
+        println!(
+            "BENCH name={name} ours={:.2} base={:.0} unit=us ratio={:.6}",
+            r.median_us,
+            r.base_us,
+            r.median_us / r.base_us
+        );
+        println!(
+            "BENCH name={name}_p99 ours={:.2} base={:.0} unit=us ratio={:.6}",
+            r.p99_us,
+            r.base_p99_us,
+            r.p99_us / r.base_p99_us
+        );
+    }
+    println!(
+        "BENCH name=route_growth ours={:.2} base={:.2} unit=us ratio={:.3}",
+        r10.median_us,
+        r1.median_us,
+        r10.median_us / r1.median_us
+    );
+}
