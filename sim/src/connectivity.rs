@@ -56,9 +56,12 @@ pub fn parse_trace(text: &str, path: &Path) -> Result<Vec<TraceRow>, ScenarioErr
         let latency_ms: u64 = fields[2]
             .parse()
             .map_err(|_| err(n, format!("latency_ms `{}` is not an integer", fields[2])))?;
-        let bandwidth_kbps: u64 = fields[3]
-            .parse()
-            .map_err(|_| err(n, format!("bandwidth_kbps `{}` is not an integer", fields[3])))?;
+        let bandwidth_kbps: u64 = fields[3].parse().map_err(|_| {
+            err(
+                n,
+                format!("bandwidth_kbps `{}` is not an integer", fields[3]),
+            )
+        })?;
         let loss: f64 = fields[4]
             .parse()
             .map_err(|_| err(n, format!("loss `{}` is not a number", fields[4])))?;
@@ -158,9 +161,21 @@ pub struct ConnectivityModel {
 #[derive(Debug)]
 enum ModelKind {
     AlwaysOn,
-    Changes { changes: Vec<(u64, bool)>, next: usize },
-    Markov { mean_up: u64, mean_down: u64, at: u64, up: bool },
-    Trace { rows: Vec<TraceRow>, offset: u64, next: usize },
+    Changes {
+        changes: Vec<(u64, bool)>,
+        next: usize,
+    },
+    Markov {
+        mean_up: u64,
+        mean_down: u64,
+        at: u64,
+        up: bool,
+    },
+    Trace {
+        rows: Vec<TraceRow>,
+        offset: u64,
+        next: usize,
+    },
 }
 
 impl ConnectivityModel {
@@ -334,7 +349,9 @@ mod tests {
 
     #[test]
     fn det_ln_matches_libm_closely() {
-        for x in [1e-300, 1e-10, 0.001, 0.5, 0.999, 1.0, 1.5, 2.0, 10.0, 12345.678, 1e300] {
+        for x in [
+            1e-300, 1e-10, 0.001, 0.5, 0.999, 1.0, 1.5, 2.0, 10.0, 12345.678, 1e300,
+        ] {
             let a = det_ln(x);
             let b = f64::ln(x);
             assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{x}: {a} vs {b}");
@@ -345,9 +362,18 @@ mod tests {
     fn scheduled_merges_and_orders() {
         let cfg = Connectivity::Scheduled {
             outages: vec![
-                Outage { start: Dur(100), end: Dur(200) },
-                Outage { start: Dur(150), end: Dur(300) },
-                Outage { start: Dur(0), end: Dur(10) },
+                Outage {
+                    start: Dur(100),
+                    end: Dur(200),
+                },
+                Outage {
+                    start: Dur(150),
+                    end: Dur(300),
+                },
+                Outage {
+                    start: Dur(0),
+                    end: Dur(10),
+                },
             ],
             stagger: Dur(0),
         };
@@ -360,7 +386,11 @@ mod tests {
     #[test]
     fn trace_parse_errors() {
         let p = Path::new("t.csv");
-        assert!(parse_trace("t_ms,state,latency_ms,bandwidth_kbps,loss\n0,up,10,100,0\n", p).is_ok());
+        assert!(parse_trace(
+            "t_ms,state,latency_ms,bandwidth_kbps,loss\n0,up,10,100,0\n",
+            p
+        )
+        .is_ok());
         assert!(matches!(
             parse_trace("0,sideways,10,100,0\n", p),
             Err(ScenarioError::Trace { line: 1, .. })

@@ -20,8 +20,8 @@ use crate::histogram::Histogram;
 use crate::invariants::{Checker, Finding};
 use crate::metrics::{DeviceMetrics, Invariant, Metrics, Series, SimReport, Violation};
 use crate::node::{
-    AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory,
-    NodeId, OpId, RowKey, SimMessage, Transmit, HUB, SIM_EPOCH_MS,
+    AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory, NodeId,
+    OpId, RowKey, SimMessage, Transmit, HUB, SIM_EPOCH_MS,
 };
 use crate::scenario::{Event, Scenario, ScenarioError};
 use crate::world::{Owner, World};
@@ -704,7 +704,9 @@ impl<N: FieldNode> Sim<N> {
 
     fn sim_time(&self, n: NodeId, local: u64) -> u64 {
         let skew = self.hosts.get(n.index()).map(|h| h.skew).unwrap_or(0);
-        local.saturating_add_signed(-skew).saturating_sub(SIM_EPOCH_MS)
+        local
+            .saturating_add_signed(-skew)
+            .saturating_sub(SIM_EPOCH_MS)
     }
 
     fn record(&mut self, node: NodeId, peer: Option<NodeId>, kind: StepKind, payload: u64) {
@@ -996,7 +998,14 @@ impl<N: FieldNode> Sim<N> {
         h.finish()
     }
 
-    fn drop_msg(&mut self, from: NodeId, to: NodeId, msg: &N::Msg, kind: &'static str, why: &'static str) {
+    fn drop_msg(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        msg: &N::Msg,
+        kind: &'static str,
+        why: &'static str,
+    ) {
         self.m.messages_dropped += 1;
         let d = Self::msg_digest(msg);
         self.record(from, Some(to), StepKind::Dropped(kind, why), d);
@@ -1154,9 +1163,7 @@ impl<N: FieldNode> Sim<N> {
         h.timer_at = None;
         self.checker.on_crash(n, &self.hosts[i].node);
         if n.is_hub() {
-            let findings = self
-                .checker
-                .check_acked_on_hub(&self.hosts[0].node, 5);
+            let findings = self.checker.check_acked_on_hub(&self.hosts[0].node, 5);
             for f in findings {
                 self.report(f);
             }
@@ -1468,7 +1475,9 @@ impl<N: FieldNode> Sim<N> {
         self.series.times_ms.push(self.now);
         self.series.pending_ops.push(total);
         self.series.devices_up.push(up);
-        self.series.bytes_up.push(std::mem::take(&mut self.bytes_up_acc));
+        self.series
+            .bytes_up
+            .push(std::mem::take(&mut self.bytes_up_acc));
         self.series
             .bytes_down
             .push(std::mem::take(&mut self.bytes_down_acc));
@@ -1511,11 +1520,9 @@ impl<N: FieldNode> Sim<N> {
             return false;
         }
         let mut hub_rows: BTreeMap<RowKey, u64> = BTreeMap::new();
-        self.hosts[0]
-            .node
-            .for_each_row(&mut |r, dg| {
-                hub_rows.insert(r, dg);
-            });
+        self.hosts[0].node.for_each_row(&mut |r, dg| {
+            hub_rows.insert(r, dg);
+        });
         for d in self.device_ids() {
             let node = &self.hosts[d.index()].node;
             if node.pending_ops() > 0 {
@@ -1710,7 +1717,11 @@ impl<N: FieldNode> Sim<N> {
                     self.record(
                         device,
                         None,
-                        if up { StepKind::NetUp } else { StepKind::NetDown },
+                        if up {
+                            StepKind::NetUp
+                        } else {
+                            StepKind::NetDown
+                        },
                         quality.map(|q| q.0 ^ (q.1 << 20)).unwrap_or(0),
                     );
                     if let Some((lat, bw, loss)) = quality {
@@ -1756,8 +1767,9 @@ impl<N: FieldNode> Sim<N> {
 
     /// As [`Sim::finish`], calling `progress(now_ms, end_ms)` about every simulated minute.
     pub fn finish_with_progress(mut self, progress: &mut dyn FnMut(u64, u64)) -> SimReport {
-        let _span = tracing::info_span!("sim_run", scenario = %self.scenario.name, seed = self.seed)
-            .entered();
+        let _span =
+            tracing::info_span!("sim_run", scenario = %self.scenario.name, seed = self.seed)
+                .entered();
         let mut last = 0u64;
         while self.step() {
             if self.now >= last + 60_000 {

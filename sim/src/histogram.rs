@@ -136,7 +136,18 @@ mod tests {
 
     #[test]
     fn buckets_round_trip() {
-        for v in [0u64, 1, 127, 128, 129, 200, 1000, 65_535, 1 << 40, u64::MAX / 3] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            129,
+            200,
+            1000,
+            65_535,
+            1 << 40,
+            u64::MAX / 3,
+        ] {
             let (lo, w) = bucket_range(bucket_of(v));
             assert!(lo <= v && v < lo.saturating_add(w), "{v}: {lo} {w}");
             assert!(w <= 1 || (w as f64) / (lo as f64) <= 1.0 / 64.0 + 1e-9);

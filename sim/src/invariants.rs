@@ -133,7 +133,11 @@ impl Checker {
     /// When the device last gained the right to see the row (0: from the start).
     pub fn granted_at(&self, d: NodeId, row: RowKey) -> u64 {
         let a = self.row_granted.get(&(d, row)).copied().unwrap_or(0);
-        let b = self.table_granted.get(&(d, row.table)).copied().unwrap_or(0);
+        let b = self
+            .table_granted
+            .get(&(d, row.table))
+            .copied()
+            .unwrap_or(0);
         a.max(b)
     }
 }

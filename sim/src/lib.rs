@@ -52,8 +52,8 @@ pub mod cli;
 pub use engine::{RunOptions, Sim, SimBuilder};
 pub use metrics::{DeviceMetrics, Invariant, Metrics, Series, SimReport, Violation};
 pub use node::{
-    AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory,
-    NodeId, Observe, OpId, RowKey, SimMessage, SimNode, Transmit, HUB, SIM_EPOCH_MS,
+    AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory, NodeId,
+    Observe, OpId, RowKey, SimMessage, SimNode, Transmit, HUB, SIM_EPOCH_MS,
 };
 pub use scenario::{Dur, Scenario, ScenarioError};
 pub use simple::{PlantedBug, SimpleFactory};

@@ -47,7 +47,11 @@ pub fn summary_rows(r: &SimReport) -> Vec<(&'static str, String)> {
         ("devices", r.devices.to_string()),
         (
             "virtual time",
-            format!("{} (final heal at {})", human_ms(r.end_ms), human_ms(r.heal_ms)),
+            format!(
+                "{} (final heal at {})",
+                human_ms(r.end_ms),
+                human_ms(r.heal_ms)
+            ),
         ),
         (
             "converged",
@@ -70,7 +74,10 @@ pub fn summary_rows(r: &SimReport) -> Vec<(&'static str, String)> {
         ),
         (
             "ops issued/committed/refused",
-            format!("{} / {} / {}", m.ops_issued, m.ops_committed, m.edits_refused),
+            format!(
+                "{} / {} / {}",
+                m.ops_issued, m.ops_committed, m.edits_refused
+            ),
         ),
         (
             "ops acked/rejected/delivered",
@@ -78,10 +85,17 @@ pub fn summary_rows(r: &SimReport) -> Vec<(&'static str, String)> {
         ),
         ("conflicts", m.conflicts.to_string()),
         ("evictions", m.evictions.to_string()),
-        ("pending ops (max, all devices)", m.pending_ops_max.to_string()),
+        (
+            "pending ops (max, all devices)",
+            m.pending_ops_max.to_string(),
+        ),
         (
             "bytes up / down",
-            format!("{} / {}", human_bytes(m.bytes_up), human_bytes(m.bytes_down)),
+            format!(
+                "{} / {}",
+                human_bytes(m.bytes_up),
+                human_bytes(m.bytes_down)
+            ),
         ),
         (
             "messages sent/delivered/dropped/dup",
@@ -202,7 +216,13 @@ fn staleness_svg(r: &SimReport) -> String {
     out
 }
 
-fn line_chart(id: &str, title: &str, times: &[u64], series: &[(&str, &str, Vec<f64>)], end_ms: u64) -> String {
+fn line_chart(
+    id: &str,
+    title: &str,
+    times: &[u64],
+    series: &[(&str, &str, Vec<f64>)],
+    end_ms: u64,
+) -> String {
     let h = 200.0;
     let (x0, y0, pw, ph) = (60.0, 10.0, W - 80.0, h - 50.0);
     let mut out = format!(

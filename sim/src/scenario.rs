@@ -186,7 +186,7 @@ impl Dur {
             rest = &rest[unit_len..];
             total += num * factor;
         }
-        if !total.is_finite() || total < 0.0 || total > 1e15 {
+        if !total.is_finite() || !(0.0..=1e15).contains(&total) {
             return Err(format!("`{s}`: out of range"));
         }
         Ok(Dur(total.round() as u64))
@@ -199,7 +199,12 @@ impl fmt::Display for Dur {
         if ms == 0 {
             return write!(f, "0s");
         }
-        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
             if ms >= size {
                 write!(f, "{}{}", ms / size, unit)?;
                 ms %= size;
@@ -673,11 +678,10 @@ impl Scenario {
                 } else {
                     base_dir.join(&*file)
                 };
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| ScenarioError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                let text = std::fs::read_to_string(&path).map_err(|source| ScenarioError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
                 *rows = parse_trace(&text, &path)?;
             }
         }
@@ -799,7 +803,10 @@ impl Scenario {
         }
         let o = self.workload.office_edits_per_hour;
         if !(o.is_finite() && (0.0..=1e6).contains(&o)) {
-            return Err(invalid("workload.office_edits_per_hour", "must be in [0, 1e6]"));
+            return Err(invalid(
+                "workload.office_edits_per_hour",
+                "must be in [0, 1e6]",
+            ));
         }
         let mut total_rows: u64 = 0;
         for (i, t) in tables.iter().enumerate() {
@@ -828,7 +835,10 @@ impl Scenario {
             total_rows += u64::from(t.rows_per_device) * total + u64::from(t.hot_rows);
         }
         if total_rows > 50_000_000 {
-            return Err(invalid("workload.tables", "more than 50,000,000 rows in all"));
+            return Err(invalid(
+                "workload.tables",
+                "more than 50,000,000 rows in all",
+            ));
         }
         for (i, e) in self.events.iter().enumerate() {
             let f = |x: &str| format!("events[{i}].{x}");
@@ -882,7 +892,8 @@ impl Scenario {
         let total = s.device_count().max(1);
         if total > max_devices {
             for g in &mut s.groups {
-                let scaled = (u64::from(g.devices) * u64::from(max_devices) / u64::from(total)) as u32;
+                let scaled =
+                    (u64::from(g.devices) * u64::from(max_devices) / u64::from(total)) as u32;
                 g.devices = scaled.max(1);
             }
         }
@@ -890,7 +901,8 @@ impl Scenario {
         if s.duration > max_duration && s.duration.0 > 0 {
             let num = max_duration.0;
             let den = s.duration.0;
-            let scale = |d: Dur| Dur(((u128::from(d.0) * u128::from(num)) / u128::from(den)) as u64);
+            let scale =
+                |d: Dur| Dur(((u128::from(d.0) * u128::from(num)) / u128::from(den)) as u64);
             for e in &mut s.events {
                 let t = scale(e.at());
                 e.set_at(t);

@@ -82,9 +82,8 @@ impl SweepParam {
                     )));
                 }
                 for g in &mut s.groups {
-                    g.devices = ((u64::from(g.devices) * u64::from(want) / u64::from(total))
-                        as u32)
-                        .max(1);
+                    g.devices =
+                        ((u64::from(g.devices) * u64::from(want) / u64::from(total)) as u32).max(1);
                 }
                 let now = s.device_count();
                 if let Some(g) = s.groups.first_mut() {
@@ -113,7 +112,10 @@ impl SweepParam {
             }
             "hot_fraction" => {
                 let r: f64 = num(n, value)?;
-                s.workload.tables.iter_mut().for_each(|t| t.hot_fraction = r);
+                s.workload
+                    .tables
+                    .iter_mut()
+                    .for_each(|t| t.hot_fraction = r);
             }
             "office_edits" => s.workload.office_edits_per_hour = num(n, value)?,
             "loss" => {
@@ -366,7 +368,11 @@ pub fn shrink(
             runs += 1;
             let r = crate::run_scenario(&c, seed, opts)?;
             if r.violates(target) {
-                tracing::debug!(devices = c.device_count(), events = c.events.len(), "shrunk");
+                tracing::debug!(
+                    devices = c.device_count(),
+                    events = c.events.len(),
+                    "shrunk"
+                );
                 best = c;
                 best_report = r;
                 continue 'outer;

@@ -145,11 +145,20 @@ mod tests {
         assert!(!w.entitled(NodeId(2), r));
         assert!(w.entitled(NodeId(2), h));
         assert!(!w.entitled(NodeId(0), h));
-        w.apply(&AdminEvent::Reassign { row: r, to: NodeId(2) });
+        w.apply(&AdminEvent::Reassign {
+            row: r,
+            to: NodeId(2),
+        });
         assert!(w.entitled(NodeId(2), r) && !w.entitled(NodeId(1), r));
-        w.apply(&AdminEvent::SetRole { device: NodeId(2), denied: 0b10 });
+        w.apply(&AdminEvent::SetRole {
+            device: NodeId(2),
+            denied: 0b10,
+        });
         assert!(!w.entitled(NodeId(2), r) && w.entitled(NodeId(2), h));
-        w.apply(&AdminEvent::SetProfile { device: NodeId(2), tables: 0b10 });
+        w.apply(&AdminEvent::SetProfile {
+            device: NodeId(2),
+            tables: 0b10,
+        });
         assert!(!w.entitled(NodeId(2), h));
         assert_eq!(w.entitled_rows(NodeId(1)), vec![h]);
     }

@@ -1,4 +1,6 @@
 //! End-to-end tests of the simulator with the built-in nodes.
+// Helpers outside #[test] fns unwrap too: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fieldsync_sim::connectivity::{sub_rng, ConnectivityModel};
 use fieldsync_sim::scenario::Connectivity;
@@ -161,11 +163,11 @@ fn a_trace_file_replays_exactly() {
     let Connectivity::Trace { rows, .. } = &s.groups[0].connectivity else {
         panic!()
     };
-    let model: Vec<(u64, bool, Option<(u64, u64, f64)>)> =
-        ConnectivityModel::new(&s.groups[0].connectivity, sub_rng(1, "x", 1))
-            .map(|c| (c.at_ms, c.up, c.quality))
-            .collect();
-    let want: Vec<(u64, bool, Option<(u64, u64, f64)>)> = rows
+    type Change = (u64, bool, Option<(u64, u64, f64)>);
+    let model: Vec<Change> = ConnectivityModel::new(&s.groups[0].connectivity, sub_rng(1, "x", 1))
+        .map(|c| (c.at_ms, c.up, c.quality))
+        .collect();
+    let want: Vec<Change> = rows
         .iter()
         .map(|r| (r.t_ms, r.up, Some((r.latency_ms, r.bandwidth_kbps, r.loss))))
         .collect();
