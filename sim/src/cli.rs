@@ -46,7 +46,8 @@ pub struct RunArgs {
     /// Most runs the shrinker makes.
     #[arg(long, default_value_t = 300)]
     pub shrink_runs: usize,
-    /// Plant a bug in the built-in nodes (hub-forgets-eviction, ack-before-persist): a test
+    /// Plant a bug in the built-in nodes (hub-forgets-eviction, ack-before-persist,
+    /// device-rewinds-cursor): a test
     /// switch to see the checker and the shrinker at work.
     #[arg(long, hide = true)]
     pub plant_bug: Option<PlantedBug>,
@@ -121,11 +122,7 @@ pub fn execute(cmd: SimCommand) -> Result<ExitCode, SimCliError> {
 fn reproduce(a: &RunArgs, seed: u64) -> String {
     let mut s = format!("fieldsync sim run {} --seed {seed}", a.scenario.display());
     if let Some(b) = a.plant_bug {
-        let name = match b {
-            PlantedBug::HubForgetsEviction => "hub-forgets-eviction",
-            PlantedBug::AckBeforePersist => "ack-before-persist",
-        };
-        s.push_str(&format!(" --plant-bug {name}"));
+        s.push_str(&format!(" --plant-bug {b}"));
     }
     s
 }

@@ -29,6 +29,19 @@ pub enum PlantedBug {
     HubForgetsEviction,
     /// The hub acknowledges ops before they are durable (a hub crash loses acknowledged ops).
     AckBeforePersist,
+    /// On every reconnect the device starts its session from scratch: cursor back to 0 and
+    /// its record of received ops forgotten, so it re-applies what the hub sends again.
+    DeviceRewindsCursor,
+}
+
+impl std::fmt::Display for PlantedBug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlantedBug::HubForgetsEviction => "hub-forgets-eviction",
+            PlantedBug::AckBeforePersist => "ack-before-persist",
+            PlantedBug::DeviceRewindsCursor => "device-rewinds-cursor",
+        })
+    }
 }
 
 impl std::str::FromStr for PlantedBug {
@@ -37,8 +50,9 @@ impl std::str::FromStr for PlantedBug {
         match s {
             "hub-forgets-eviction" => Ok(PlantedBug::HubForgetsEviction),
             "ack-before-persist" => Ok(PlantedBug::AckBeforePersist),
+            "device-rewinds-cursor" => Ok(PlantedBug::DeviceRewindsCursor),
             _ => Err(format!(
-                "unknown bug `{s}` (hub-forgets-eviction, ack-before-persist)"
+                "unknown bug `{s}` (hub-forgets-eviction, ack-before-persist, device-rewinds-cursor)"
             )),
         }
     }
@@ -88,6 +102,7 @@ impl NodeFactory for SimpleFactory {
             initial: rows.clone(),
             rows,
             log: Vec::new(),
+            row_log: BTreeMap::new(),
             known: BTreeSet::new(),
             durable_len: 0,
             lamport: 0,
@@ -544,6 +559,7 @@ pub struct Hub {
     initial: BTreeMap<RowKey, RowState>,
     rows: BTreeMap<RowKey, RowState>,
     log: Vec<Op>,
+    row_log: BTreeMap<RowKey, Vec<usize>>,
     known: BTreeSet<OpId>,
     durable_len: usize,
     lamport: u64,
@@ -567,6 +583,7 @@ impl Hub {
                 row: op.row,
             });
         }
+        self.row_log.entry(op.row).or_default().push(self.log.len());
         self.log.push(op);
     }
 
@@ -662,17 +679,27 @@ impl Hub {
             }
         }
         let start = (cursor as usize).min(self.log.len());
-        let mut ops = Vec::new();
-        let mut new_cursor = self.log.len() as u64;
-        for (i, op) in self.log.iter().enumerate().skip(start) {
-            if op.origin == from || !held.contains(&op.row) {
+        // Log positions after the cursor of ops on rows the device holds (and may see).
+        let mut positions: Vec<usize> = Vec::new();
+        for r in &held {
+            if !forget && !self.world.entitled(from, *r) {
                 continue;
             }
-            if !forget && !self.world.entitled(from, op.row) {
+            if let Some(v) = self.row_log.get(r) {
+                let k = v.partition_point(|p| *p < start);
+                positions.extend_from_slice(&v[k..]);
+            }
+        }
+        positions.sort_unstable();
+        let mut ops = Vec::new();
+        let mut new_cursor = self.log.len() as u64;
+        for p in positions {
+            let op = &self.log[p];
+            if op.origin == from {
                 continue;
             }
             if ops.len() >= batch {
-                new_cursor = i as u64;
+                new_cursor = p as u64;
                 more = true;
                 break;
             }
@@ -700,10 +727,12 @@ impl Hub {
             self.log.truncate(self.durable_len);
             self.rows = self.initial.clone();
             self.known.clear();
+            self.row_log.clear();
             let log = std::mem::take(&mut self.log);
-            for op in &log {
+            for (i, op) in log.iter().enumerate() {
                 self.known.insert(op.id);
                 self.rows.entry(op.row).or_default().apply(op);
+                self.row_log.entry(op.row).or_default().push(i);
             }
             self.log = log;
         }
@@ -721,6 +750,11 @@ impl SimNode for SimpleNode {
             SimpleNode::Device(d) => {
                 d.connected = true;
                 d.phase = Phase::Idle;
+                if d.cfg.bug == Some(PlantedBug::DeviceRewindsCursor) {
+                    d.cursor = 0;
+                    let own: BTreeSet<OpId> = d.pending.iter().map(|o| o.id).collect();
+                    d.known = own;
+                }
                 d.start_sync(now);
             }
         }

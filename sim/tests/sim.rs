@@ -318,3 +318,72 @@ fn print_full_size_runs() {
         );
     }
 }
+
+#[test]
+fn the_planted_cursor_bug_breaks_cursors_and_double_applies() {
+    let s = Scenario::from_toml_str(
+        "name='rewind'\nduration='1h'\n[[groups]]\nname='a'\ndevices=4\n\
+         connectivity={model='gilbert-elliott',mean_up='10m',mean_down='5m'}\n\
+         [workload]\noffice_edits_per_hour=60\n\
+         [[workload.tables]]\nname='wo'\nrows_per_device=5\nedits_per_device_hour=6\nhot_rows=2\nhot_fraction=0.5\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert!(!run_scenario(&s, 4, &RunOptions::default())
+        .unwrap()
+        .failed());
+    let opts = RunOptions {
+        planted_bug: Some(PlantedBug::DeviceRewindsCursor),
+        ..RunOptions::default()
+    };
+    let r = run_scenario(&s, 4, &opts).unwrap();
+    assert!(r.violates(Invariant::CursorsForward), "{:#?}", r.violations);
+    assert!(
+        r.violates(Invariant::NoOpAppliedTwice),
+        "{:#?}",
+        r.violations
+    );
+    let v = r
+        .violations
+        .iter()
+        .find(|v| v.invariant == Invariant::NoOpAppliedTwice)
+        .unwrap();
+    assert!(v.op.is_some() && v.row.is_some() && !v.steps.is_empty());
+}
+
+#[test]
+fn report_opens_in_headless_chromium() {
+    let Some(browser) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        eprintln!("SKIPPED report_opens_in_headless_chromium: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let (_, s) = shipped()
+        .into_iter()
+        .find(|(n, _)| n == "rural-outage.toml")
+        .unwrap();
+    let r = run_scenario(&small(&s), 2, &RunOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("r.html");
+    std::fs::write(&page, report::html(&r)).unwrap();
+    let out = std::process::Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for id in ["staleness", "strip", "pending", "bytes"] {
+        assert!(
+            dom.contains(&format!("id=\"{id}\"")),
+            "plot {id} missing from the rendered DOM"
+        );
+    }
+    assert!(dom.matches("<polyline").count() >= 3);
+}
