@@ -243,7 +243,7 @@ impl ConnectivityModel {
         }
     }
 
-    /// The link quality at the start (`None`: the group's link settings).
+    /// Whether this model replays a trace (and so also sets the link quality).
     pub fn is_trace(&self) -> bool {
         matches!(self.kind, ModelKind::Trace { .. })
     }

@@ -170,16 +170,26 @@ fn staleness_svg(r: &SimReport) -> String {
         let max_v = (hist.percentiles().max_ms.max(1) as f64 + 1.0).log10();
         let xs = |v: u64| x0 + pw * ((v as f64 + 1.0).log10() / max_v).min(1.0);
         let buckets: Vec<(u64, u64, u64)> = hist.buckets().collect();
-        let peak = buckets.iter().map(|b| b.2).max().unwrap_or(1) as f64;
-        for (lo, width, n) in &buckets {
-            let xa = xs(*lo);
-            let xb = xs(lo + width).max(xa + 1.0);
+        // Re-bin into 60 bars evenly spaced on the log axis.
+        const BINS: usize = 60;
+        let mut bins = [0u64; BINS];
+        for (lo, _, n) in &buckets {
+            let f = ((*lo as f64 + 1.0).log10() / max_v).clamp(0.0, 1.0);
+            bins[((f * BINS as f64) as usize).min(BINS - 1)] += n;
+        }
+        let peak = bins.iter().copied().max().unwrap_or(1).max(1) as f64;
+        let bw = pw / BINS as f64;
+        for (k, n) in bins.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
             let bh = ph * (*n as f64 / peak) * 0.9;
             let _ = write!(
                 out,
-                r##"<rect class="bar" x="{xa:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="#7aa6d6"/>"##,
+                r##"<rect class="bar" x="{:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="#7aa6d6"><title>{n}</title></rect>"##,
+                x0 + bw * k as f64,
                 y0 + ph - bh,
-                xb - xa
+                (bw - 1.0).max(1.0)
             );
         }
         let mut cum = 0u64;

@@ -61,7 +61,9 @@
 //! and one line per change: `t_ms` (virtual ms since the start, non-decreasing), `state` (`up` or
 //! `down`), `latency_ms` (one-way), `bandwidth_kbps` (0 = unlimited), `loss` (probability in
 //! [0, 1]). Empty lines and lines starting with `#` are ignored. Each line holds until the next;
-//! the last holds to the end. The path is relative to the scenario file.
+//! the last holds to the end. The first line holds from time 0 whatever its `t_ms`. The path is
+//! relative to the scenario file; `offset` delays each device's replay by a uniform amount in
+//! [0, offset] so that a group does not move in lockstep.
 
 use crate::connectivity::{parse_trace, TraceRow};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -352,7 +354,8 @@ pub enum Connectivity {
     Trace {
         /// CSV file, relative to the scenario file.
         file: PathBuf,
-        /// Each device starts the trace at a uniform offset in [0, offset] (wrapping around).
+        /// Each device's replay is delayed by a uniform amount in [0, offset] (the first
+        /// line's state holds until then).
         #[serde(default)]
         offset: Dur,
         /// The parsed rows (loaded by [`Scenario::from_file`] / [`Scenario::load_traces`]).
