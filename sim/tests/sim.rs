@@ -387,3 +387,33 @@ fn report_opens_in_headless_chromium() {
     }
     assert!(dom.matches("<polyline").count() >= 3);
 }
+
+#[test]
+fn hold_release_crash_and_skew_still_converge() {
+    let s = Scenario::from_toml_str(
+        "name='faults'\nduration='1h'\n[sync]\nlive=false\ninterval='2m'\n\
+         [[groups]]\nname='a'\ndevices=4\nclock_skew='5m'\nlink={latency='100ms',loss=0.05,duplicate=0.05,reorder=0.1}\n\
+         [workload]\noffice_edits_per_hour=30\n\
+         [[workload.tables]]\nname='wo'\nrows_per_device=4\nedits_per_device_hour=20\ncreates_per_device_hour=2\ndeletes_per_device_hour=1\nhot_rows=1\nhot_fraction=0.3\n\
+         [[events]]\nat='5m'\nkind='hold'\ndevice=1\n[[events]]\nat='15m'\nkind='release'\ndevice=1\n\
+         [[events]]\nat='20m'\nkind='device-crash'\ngroup='a'\n[[events]]\nat='22m'\nkind='device-restart'\ngroup='a'\n\
+         [[events]]\nat='30m'\nkind='hub-crash'\n[[events]]\nat='31m'\nkind='hub-restart'\n",
+        Path::new("."),
+    )
+    .unwrap();
+    for seed in 0..5 {
+        let r = run_scenario(&s, seed, &RunOptions::default()).unwrap();
+        assert!(
+            r.converged && !r.failed(),
+            "seed {seed}: {:#?}",
+            r.violations
+        );
+        // not live: devices connect to sync and hang up, so many connections per device
+        assert!(
+            r.metrics.connections_opened > 4 * 10,
+            "{}",
+            r.metrics.connections_opened
+        );
+        assert!(r.metrics.messages_duplicated > 0 && r.metrics.messages_dropped > 0);
+    }
+}
