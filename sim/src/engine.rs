@@ -883,7 +883,7 @@ impl<N: FieldNode> Sim<N> {
             let node = &self.hosts[d.index()].node;
             let oracle = &self.oracle;
             let checker = &self.checker;
-            node.for_each_row(&mut |row, _| {
+            node.for_each_row_key(&mut |row| {
                 if oracle.entitled(d, row) || node.has_pending_on(row) {
                     return;
                 }
@@ -1643,7 +1643,7 @@ impl<N: FieldNode> Sim<N> {
         for d in self.device_ids() {
             let node = &self.hosts[d.index()].node;
             let mut kept = Vec::new();
-            node.for_each_row(&mut |r, _| {
+            node.for_each_row_key(&mut |r| {
                 if !self.oracle.entitled(d, r)
                     && !node.has_pending_on(r)
                     && self.checker.revoked_at(d, r).is_some()

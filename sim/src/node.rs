@@ -250,6 +250,11 @@ pub trait Observe {
     /// Visit every row this node holds, with a digest of its visible content (equal content
     /// must give equal digests on every node).
     fn for_each_row(&self, f: &mut dyn FnMut(RowKey, u64));
+    /// Visit every row this node holds, without computing digests (default: via
+    /// `for_each_row`; override when digests are costly).
+    fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey)) {
+        self.for_each_row(&mut |r, _| f(r));
+    }
     /// The digest of one row's content, if the node holds it.
     fn row_digest(&self, row: RowKey) -> Option<u64>;
     /// Whether this node's state includes the op (applied, or its own).

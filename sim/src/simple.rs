@@ -601,13 +601,28 @@ impl Hub {
         if !self.cfg.live || rows.is_empty() {
             return;
         }
-        let targets: Vec<NodeId> = self
-            .connected
-            .iter()
-            .copied()
-            .filter(|d| Some(*d) != except)
-            .filter(|d| rows.iter().any(|r| self.world.entitled(*d, *r)))
-            .collect();
+        // Owned rows concern their owner only; shared rows every connected device.
+        let mut targets: BTreeSet<NodeId> = BTreeSet::new();
+        for r in rows {
+            match self.world.owner(*r) {
+                Some(Owner::Device(d)) => {
+                    if self.connected.contains(&d) && self.world.entitled(d, *r) {
+                        targets.insert(d);
+                    }
+                }
+                Some(Owner::Shared) => {
+                    for d in &self.connected {
+                        if self.world.entitled(*d, *r) {
+                            targets.insert(*d);
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if let Some(e) = except {
+            targets.remove(&e);
+        }
         for d in targets {
             self.outbox.push_back(Transmit {
                 to: d,
@@ -897,6 +912,13 @@ impl Observe for SimpleNode {
         for (k, v) in rows {
             f(*k, v.content_digest());
         }
+    }
+    fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey)) {
+        let rows = match self {
+            SimpleNode::Hub(h) => &h.rows,
+            SimpleNode::Device(d) => &d.rows,
+        };
+        rows.keys().for_each(|k| f(*k));
     }
     fn row_digest(&self, row: RowKey) -> Option<u64> {
         let rows = match self {
