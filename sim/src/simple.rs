@@ -605,10 +605,10 @@ impl Hub {
         let mut targets: BTreeSet<NodeId> = BTreeSet::new();
         for r in rows {
             match self.world.owner(*r) {
-                Some(Owner::Device(d)) => {
-                    if self.connected.contains(&d) && self.world.entitled(d, *r) {
-                        targets.insert(d);
-                    }
+                Some(Owner::Device(d))
+                    if self.connected.contains(&d) && self.world.entitled(d, *r) =>
+                {
+                    targets.insert(d);
                 }
                 Some(Owner::Shared) => {
                     for d in &self.connected {
@@ -617,7 +617,7 @@ impl Hub {
                         }
                     }
                 }
-                None => {}
+                _ => {}
             }
         }
         if let Some(e) = except {
