@@ -502,11 +502,7 @@ impl<N: FieldNode> Sim<N> {
     }
 
     fn schedule_initial(&mut self, rng: &mut ChaCha8Rng) {
-        // Connectivity: the first change of every device.
-        for d in 1..self.hosts.len() {
-            self.schedule_next_link_change(NodeId(d as u32));
-        }
-        // Scenario events.
+        // Scenario events (queued first: a partition at time 0 holds before any link comes up).
         let events = self.scenario.events.clone();
         for e in &events {
             let at = e.at().0;
@@ -626,6 +622,10 @@ impl<N: FieldNode> Sim<N> {
                     }
                 }
             }
+        }
+        // Connectivity: the first change of every device.
+        for d in 1..self.hosts.len() {
+            self.schedule_next_link_change(NodeId(d as u32));
         }
         // Workload.
         for d in 1..self.hosts.len() {
