@@ -417,3 +417,54 @@ fn hold_release_crash_and_skew_still_converge() {
         assert!(r.metrics.messages_duplicated > 0 && r.metrics.messages_dropped > 0);
     }
 }
+
+/// The digest of one fixed run, frozen: the same on every machine. If a deliberate change to the
+/// simulator or the built-in nodes changes it, update the constant in the same commit and say why.
+#[test]
+fn golden_trace_digest() {
+    let s = Scenario::from_toml_str(
+        "name='golden'\nduration='30m'\n\
+         [[groups]]\nname='a'\ndevices=3\nclock_skew='10s'\n\
+         connectivity={model='gilbert-elliott',mean_up='5m',mean_down='2m'}\n\
+         link={latency='80ms',jitter='40ms',bandwidth_kbps=500,loss=0.05,duplicate=0.02,reorder=0.05}\n\
+         [workload]\noffice_edits_per_hour=20\n\
+         [[workload.tables]]\nname='wo'\nrows_per_device=3\nedits_per_device_hour=20\ncreates_per_device_hour=2\nhot_rows=1\nhot_fraction=0.3\n\
+         [[events]]\nat='10m'\nkind='reassign'\nrows=2\n\
+         [[events]]\nat='15m'\nkind='hub-crash'\n[[events]]\nat='16m'\nkind='hub-restart'\n",
+        Path::new("."),
+    )
+    .unwrap();
+    let r = run_scenario(&s, 2026, &RunOptions::default()).unwrap();
+    assert!(r.converged && !r.failed(), "{:#?}", r.violations);
+    assert_eq!(r.trace_digest, GOLDEN, "steps {}", r.steps);
+}
+
+const GOLDEN: &str = "4a2475f89e0876f4";
+
+#[test]
+fn fault_controls_drive_a_sim_by_hand() {
+    use fieldsync_sim::{NodeId, SimBuilder, SimpleFactory, HUB};
+    let s = Scenario::from_toml_str(
+        "name='hand'\nduration='20m'\n[[groups]]\nname='a'\ndevices=3\n\
+         [[workload.tables]]\nname='wo'\nrows_per_device=3\nedits_per_device_hour=30\nhot_rows=1\nhot_fraction=0.5\n",
+        Path::new("."),
+    )
+    .unwrap();
+    let mut sim = SimBuilder::new(&s)
+        .rng_seed(9)
+        .build(SimpleFactory::default())
+        .unwrap();
+    sim.run_until(60_000);
+    sim.partition(NodeId(1));
+    sim.hold(NodeId(2));
+    sim.run_until(5 * 60_000);
+    sim.bounce(HUB);
+    sim.crash(NodeId(3));
+    sim.run_until(8 * 60_000);
+    sim.release(NodeId(2));
+    sim.repair(NodeId(1));
+    sim.restart(NodeId(3));
+    assert_eq!(sim.now(), 8 * 60_000);
+    let r = sim.finish();
+    assert!(r.converged && !r.failed(), "{:#?}", r.violations);
+}
