@@ -21,7 +21,7 @@ pub(crate) struct Finding {
 #[derive(Debug, Default)]
 pub(crate) struct Checker {
     applied: Vec<BTreeSet<OpId>>,
-    cursors: Vec<Option<u64>>,
+    cursors: Vec<BTreeMap<u32, u64>>,
     /// Device ops the hub acknowledged.
     pub acked: BTreeSet<OpId>,
     /// Device ops the hub rejected.
@@ -41,7 +41,7 @@ impl Checker {
     pub fn new(nodes: usize) -> Checker {
         Checker {
             applied: vec![BTreeSet::new(); nodes],
-            cursors: vec![None; nodes],
+            cursors: vec![BTreeMap::new(); nodes],
             ..Checker::default()
         }
     }
@@ -61,22 +61,25 @@ impl Checker {
         })
     }
 
-    /// After every step of a node: its cursor must not move back.
+    /// After every step of a node: its cursors must not move back.
     pub fn check_cursor(&mut self, node: NodeId, obs: &dyn Observe) -> Option<Finding> {
-        let now = obs.cursor();
         let slot = self.cursors.get_mut(node.index())?;
-        let before = *slot;
-        *slot = now;
-        match (before, now) {
-            (Some(b), Some(n)) if n < b => Some(Finding {
-                invariant: Invariant::CursorsForward,
-                node: Some(node),
-                row: None,
-                op: None,
-                detail: format!("{node}'s cursor moved back from {b} to {n}"),
-            }),
-            _ => None,
-        }
+        let mut back = None;
+        obs.for_each_cursor(&mut |key, now| {
+            if let Some(before) = slot.insert(key, now) {
+                if now < before && back.is_none() {
+                    back = Some((key, before, now));
+                }
+            }
+        });
+        let (key, b, n) = back?;
+        Some(Finding {
+            invariant: Invariant::CursorsForward,
+            node: Some(node),
+            row: None,
+            op: None,
+            detail: format!("{node}'s cursor {key} moved back from {b} to {n}"),
+        })
     }
 
     /// A node crashed: forget what it lost (its durable state is the new baseline).
@@ -85,7 +88,10 @@ impl Checker {
             set.retain(|op| obs.has_op(*op));
         }
         if let Some(c) = self.cursors.get_mut(node.index()) {
-            *c = obs.cursor();
+            c.clear();
+            obs.for_each_cursor(&mut |key, pos| {
+                c.insert(key, pos);
+            });
         }
     }
 

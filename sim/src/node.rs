@@ -263,9 +263,10 @@ pub trait Observe {
     fn pending_ops(&self) -> usize;
     /// Device: whether some pending op touches the row (such a row is not evicted yet).
     fn has_pending_on(&self, row: RowKey) -> bool;
-    /// Device: the pull cursor, if the node has one (it must never move backwards except to its
-    /// durable value on a crash).
-    fn cursor(&self) -> Option<u64>;
+    /// Device: visit its pull cursors as (key, position) — one per table (the key is the
+    /// table's index) or a single one (key 0). A cursor must never move backwards, except to
+    /// its durable value on a crash.
+    fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64));
 }
 
 /// A node of the fieldsync kind: a [`SimNode`] that also takes edits and admin changes.

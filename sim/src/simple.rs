@@ -945,10 +945,9 @@ impl Observe for SimpleNode {
             SimpleNode::Device(d) => d.pending.iter().any(|o| o.row == row),
         }
     }
-    fn cursor(&self) -> Option<u64> {
-        match self {
-            SimpleNode::Hub(_) => None,
-            SimpleNode::Device(d) => Some(d.cursor),
+    fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64)) {
+        if let SimpleNode::Device(d) = self {
+            f(0, d.cursor);
         }
     }
 }
