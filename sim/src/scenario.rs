@@ -463,7 +463,7 @@ impl Default for TableLoad {
 
 /// A timed event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Event {
     /// Force the devices' links down.
     Partition {
@@ -988,6 +988,19 @@ mod tests {
         assert!(matches!(e, ScenarioError::Io { .. }), "{e}");
         let e = Scenario::from_toml_str(
             "name='x'\nduration='1h'\nbogus=3\n[[groups]]\nname='a'\ndevices=2",
+            base,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ScenarioError::Toml(_)), "{e}");
+        // a typo in an event must not silently widen it to every device
+        let e = Scenario::from_toml_str(
+            "name='x'\nduration='1h'\n[[groups]]\nname='a'\ndevices=2\n[[events]]\nat='1m'\nkind='partition'\ngrup='a'",
+            base,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ScenarioError::Toml(_)), "{e}");
+        let e = Scenario::from_toml_str(
+            "name='x'\nduration='1h'\n[[groups]]\nname='a'\ndevices=2\nconnectivity={model='gilbert-elliott',mean_up='1m',mean_dwn='1m'}",
             base,
         )
         .unwrap_err();
