@@ -54,8 +54,8 @@
 //! `release` (connection stays up but nothing is delivered / deliver what was held),
 //! `device-crash` / `device-restart`, `hub-crash` / `hub-restart`, `reassign` (`rows` random
 //! rows of `table` owned by devices of `from_group` move to random devices of `to_group`),
-//! `profile-change` (`tables`: the tables the devices' profile now selects), `role-change`
-//! (`revoke` / `grant`: tables the user may no longer / again read).
+//! `profile-change` (`tables`: the tables the devices' profile now selects), `role-change` or
+//! `team-change` (`revoke` / `grant`: tables the user may no longer / again read).
 //!
 //! **Connectivity trace files** are CSV with a header line `t_ms,state,latency_ms,bandwidth_kbps,loss`
 //! and one line per change: `t_ms` (virtual ms since the start, non-decreasing), `state` (`up` or
@@ -576,7 +576,9 @@ pub enum Event {
         /// Tables selected.
         tables: Vec<String>,
     },
-    /// The devices' user gains or loses read access to tables.
+    /// The devices' user gains or loses read access to tables (a role or team change;
+    /// `team-change` is accepted as another name).
+    #[serde(alias = "team-change")]
     RoleChange {
         /// When.
         at: Dur,
