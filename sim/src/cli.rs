@@ -219,7 +219,7 @@ fn run(a: RunArgs) -> Result<ExitCode, SimCliError> {
         }
         println!(
             "# reduced scenario (seed {seed}):\n{}",
-            out.scenario.to_toml()?
+            out.scenario.to_toml_minimal()?
         );
     }
     Ok(ExitCode::FAILURE)

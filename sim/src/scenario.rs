@@ -674,6 +674,71 @@ impl Scenario {
         Ok(toml::to_string(self)?)
     }
 
+    /// Write the scenario as TOML leaving out every value equal to its default (what
+    /// `--shrink` prints): shorter, and it reads back to the same scenario.
+    pub fn to_toml_minimal(&self) -> Result<String, ScenarioError> {
+        fn table_of<T: Serialize>(v: &T) -> Result<toml::Table, ScenarioError> {
+            Ok(toml::Table::try_from(v)?)
+        }
+        fn prune(v: &mut toml::Table, d: &toml::Table, keep: &[&str]) {
+            v.retain(|k, val| keep.contains(&k) || d.get(k) != Some(val));
+        }
+        let mut top = table_of(self)?;
+        let defaults = table_of(&Scenario {
+            name: String::new(),
+            description: String::new(),
+            duration: Dur(0),
+            settle: default_settle(),
+            sample_interval: default_sample(),
+            sync: SyncConfig::default(),
+            groups: Vec::new(),
+            workload: Workload::default(),
+            events: Vec::new(),
+        })?;
+        if let Some(toml::Value::Table(sync)) = top.get_mut("sync") {
+            if let Some(toml::Value::Table(d)) = defaults.get("sync") {
+                prune(sync, d, &[]);
+            }
+        }
+        let group_default = table_of(&Group {
+            name: String::new(),
+            devices: 0,
+            clock_skew: Dur(0),
+            edit_factor: 1.0,
+            connectivity: Connectivity::AlwaysOn,
+            link: LinkConfig::default(),
+        })?;
+        if let Some(toml::Value::Array(groups)) = top.get_mut("groups") {
+            for g in groups.iter_mut() {
+                if let toml::Value::Table(g) = g {
+                    if let (Some(toml::Value::Table(link)), Some(toml::Value::Table(d))) =
+                        (g.get_mut("link"), group_default.get("link"))
+                    {
+                        prune(link, d, &[]);
+                    }
+                    prune(g, &group_default, &["name", "devices"]);
+                    g.retain(|_, v| !matches!(v, toml::Value::Table(t) if t.is_empty()));
+                }
+            }
+        }
+        let table_default = table_of(&TableLoad::default())?;
+        if let Some(toml::Value::Table(w)) = top.get_mut("workload") {
+            if let Some(toml::Value::Array(tables)) = w.get_mut("tables") {
+                for t in tables.iter_mut() {
+                    if let toml::Value::Table(t) = t {
+                        prune(t, &table_default, &["name"]);
+                    }
+                }
+            }
+            if let Some(toml::Value::Table(d)) = defaults.get("workload") {
+                prune(w, d, &[]);
+            }
+        }
+        prune(&mut top, &defaults, &["name", "duration", "groups"]);
+        top.retain(|_, v| !matches!(v, toml::Value::Table(t) if t.is_empty()));
+        Ok(toml::to_string(&top)?)
+    }
+
     /// Load every trace file the groups name, relative to `base_dir`.
     pub fn load_traces(&mut self, base_dir: &Path) -> Result<(), ScenarioError> {
         for g in &mut self.groups {
@@ -1021,5 +1086,12 @@ mod tests {
         assert_eq!(back.events, s.events);
         assert_eq!(back.groups[0].connectivity, s.groups[0].connectivity);
         assert_eq!(back.duration, s.duration);
+        let min = s.to_toml_minimal().unwrap();
+        assert!(
+            !min.contains("bandwidth_kbps") && !min.contains("[sync]"),
+            "{min}"
+        );
+        let back = Scenario::from_toml_str(&min, Path::new(".")).unwrap();
+        assert_eq!(back.to_toml().unwrap(), text);
     }
 }
