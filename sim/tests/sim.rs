@@ -83,7 +83,7 @@ fn shipped_scenarios_pass_over_several_seeds() {
     let seeds: u64 = std::env::var("FIELDSYNC_SIM_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(20);
     for (name, s) in shipped() {
         let s = small(&s);
         for seed in 100..100 + seeds {
