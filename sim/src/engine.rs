@@ -247,7 +247,7 @@ impl Step {
             StepKind::Restart => format!("{t} {n} restarted"),
             StepKind::Edit(op, row, r) => format!("{t} {n} edits {row} as {op}: {r:?}"),
             StepKind::Admin(what) => format!("{t} {n} admin: {what}"),
-            StepKind::Node(ev) => format!("{t} {n} reports {ev:?}"),
+            StepKind::Node(ev) => format!("{t} {n} {ev}"),
         }
     }
 }

@@ -180,6 +180,21 @@ pub enum NodeEvent {
     },
 }
 
+impl fmt::Display for NodeEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeEvent::Applied { op, row } => write!(f, "applied {op} on {row}"),
+            NodeEvent::Acked { op } => write!(f, "got the hub's ack of {op}"),
+            NodeEvent::Rejected { op, row } => write!(f, "got {op} on {row} rejected"),
+            NodeEvent::Conflict { row } => write!(f, "saw a conflict on {row}"),
+            NodeEvent::Evicted { row } => write!(f, "evicted {row}"),
+            NodeEvent::SyncCompleted { started_local_ms } => {
+                write!(f, "completed a sync started at local {started_local_ms}")
+            }
+        }
+    }
+}
+
 /// A message a node wants sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit<M> {
