@@ -10,7 +10,7 @@ use crate::codec::{cmp_values, index_value, keys};
 use crate::error::{corrupt, StoreError};
 use crate::row::MatRow;
 use crate::schema::{SchemaError, Table};
-use crate::store::{decode, Store, COMPOSITE_OWNER_STATE};
+use crate::store::{Store, COMPOSITE_OWNER_STATE};
 use crate::value::{RowId, Value};
 
 /// Sort direction.
@@ -266,7 +266,7 @@ impl Store {
                     let (k, v) = r?;
                     let (_, id) =
                         keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
-                    if !take(id, decode(&v, "a materialized row")?) {
+                    if !take(id, self.decode_mat(t, &v)?) {
                         break;
                     }
                 }

@@ -367,17 +367,23 @@ impl Store {
     }
 
     pub(crate) fn load_state(&self, t: u16, id: RowId) -> Result<Option<CrdtState>, StoreError> {
-        match self.db().get(keys::row_key(keys::STATE, t, id))? {
-            Some(b) => Ok(Some(decode(&b, "a row's CRDT state")?)),
+        match self.db().get(keys::row_key(keys::ROW, t, id))? {
+            Some(b) => Ok(Some(decode(&b, "a row")?)),
             None => Ok(None),
         }
     }
 
     pub(crate) fn load_mat(&self, t: u16, id: RowId) -> Result<Option<MatRow>, StoreError> {
         match self.db().get(keys::row_key(keys::ROW, t, id))? {
-            Some(b) => Ok(Some(decode(&b, "a materialized row")?)),
+            Some(b) => Ok(Some(self.decode_mat(t, &b)?)),
             None => Ok(None),
         }
+    }
+
+    /// The materialized row of a stored row record.
+    pub(crate) fn decode_mat(&self, t: u16, bytes: &[u8]) -> Result<MatRow, StoreError> {
+        let state: CrdtState = decode(bytes, "a row")?;
+        Ok(state.materialize(self.table_by_id(t)?))
     }
 
     pub(crate) fn load_entry(&self, seq: u64) -> Result<Option<StoredEntry>, StoreError> {
@@ -483,8 +489,7 @@ impl Store {
                 batch.insert(k, &[][..]);
             }
         }
-        batch.insert(&keys::row_key(keys::ROW, t, id)[..], encode(&mat));
-        batch.insert(&keys::row_key(keys::STATE, t, id)[..], encode(state));
+        batch.insert(&keys::row_key(keys::ROW, t, id)[..], encode(state));
         mat
     }
 
@@ -534,7 +539,11 @@ impl Store {
             let seq = keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?;
             let e = StoredEntry::decode(&v)
                 .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
-            match self.load_state(e.table, e.row)? {
+            // A row that does not decode is inconsistent too: the caller rebuilds it.
+            let Ok(state) = self.load_state(e.table, e.row) else {
+                return Ok(false);
+            };
+            match state {
                 Some(s) if s.pending.binary_search(&seq).is_ok() => {}
                 None if seq <= acked => {} // an evicted row
                 _ => return Ok(false),
@@ -580,7 +589,7 @@ impl Store {
                 let (k, v) = r?;
                 let (_, id) =
                     keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
-                let mat: MatRow = decode(&v, "a materialized row")?;
+                let mat: MatRow = self.decode_mat(t, &v)?;
                 Ok::<_, StoreError>((id, mat))
             })();
             match item {

@@ -410,7 +410,8 @@ impl Transaction<'_> {
         for row in &self.rows {
             let table_name = store.table_name(row.table);
             let tab = store.table_by_id(row.table)?;
-            let old_mat: Option<MatRow> = store.load_mat(row.table, row.id)?;
+            let mut old_state = store.load_state(row.table, row.id)?;
+            let old_mat: Option<MatRow> = old_state.as_ref().map(|s| s.materialize(tab));
             let mut state = match (&old_mat, row.insert) {
                 (Some(m), _) if m.deleted => {
                     return Err(WriteError::RowDeleted {
@@ -430,9 +431,7 @@ impl Transaction<'_> {
                         id: row.id,
                     })
                 }
-                (Some(_), false) => store.load_state(row.table, row.id)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("row {table_name}/{} has no CRDT state", row.id))
-                })?,
+                (Some(_), false) => old_state.take().unwrap_or_default(),
                 (None, true) => CrdtState::default(),
             };
             let mut puts = row.puts.clone();
