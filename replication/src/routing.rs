@@ -141,13 +141,22 @@ struct CRule {
     local: usize,
 }
 
+#[derive(Debug, Clone)]
+struct LookupCol {
+    column: String,
+    /// Global slot id (one per lookup column used by any rule).
+    gslot: u32,
+    /// The table the lookup points at.
+    target: u16,
+}
+
 #[derive(Debug)]
 struct TableInfo {
     name: Arc<str>,
     in_profile: bool,
     filter: CFilter,
-    /// Lookup columns kept per row, and their global slot ids.
-    lookup_cols: Vec<(String, u32)>,
+    /// Lookup columns kept per row.
+    lookup_cols: Vec<LookupCol>,
     /// Columns kept per row for custom filters.
     value_cols: Vec<String>,
     rules_out: Vec<CRule>,
@@ -323,11 +332,16 @@ impl Router {
             let gslot = *gslots
                 .entry((rule.lookup_table.clone(), rule.column.clone()))
                 .or_insert(next);
+            let target = if rule.forward { to } else { from };
             let cols = &mut self.tables[lt as usize].lookup_cols;
-            let local = match cols.iter().position(|(c, _)| *c == rule.column) {
+            let local = match cols.iter().position(|c| c.column == rule.column) {
                 Some(p) => p,
                 None => {
-                    cols.push((rule.column.clone(), gslot));
+                    cols.push(LookupCol {
+                        column: rule.column.clone(),
+                        gslot,
+                        target,
+                    });
                     cols.len() - 1
                 }
             };
@@ -507,26 +521,18 @@ impl Router {
         // Resolve lookups to row indices (allocating placeholders for rows not seen yet).
         let mut new_lookups = vec![NONE; self.tables[t as usize].lookup_cols.len()];
         if let Some(v) = values {
-            let cols: Vec<(String, u32)> = self.tables[t as usize].lookup_cols.clone();
-            for (k, (c, _)) in cols.iter().enumerate() {
-                if let Some(Value::Lookup(target)) = v.get(c) {
-                    let tt = self
-                        .schema
-                        .table(table)
-                        .ok()
-                        .and_then(|tb| tb.column(c))
-                        .and_then(|col| col.target.clone())
-                        .and_then(|tt| self.table_idx.get(&tt).copied());
-                    if let Some(tt) = tt {
-                        new_lookups[k] = self.row_index(tt, *target);
-                    }
+            for k in 0..new_lookups.len() {
+                let lc = &self.tables[t as usize].lookup_cols[k];
+                if let Some(Value::Lookup(target)) = v.get(&lc.column) {
+                    let tt = lc.target;
+                    new_lookups[k] = self.row_index(tt, *target);
                 }
             }
         }
         let cols: Vec<u32> = self.tables[t as usize]
             .lookup_cols
             .iter()
-            .map(|(_, g)| *g)
+            .map(|c| c.gslot)
             .collect();
         for (k, g) in cols.iter().enumerate() {
             let (o, n) = (old_lookups.get(k).copied().unwrap_or(NONE), new_lookups[k]);
