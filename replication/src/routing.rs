@@ -521,12 +521,17 @@ impl Router {
         // Resolve lookups to row indices (allocating placeholders for rows not seen yet).
         let mut new_lookups = vec![NONE; self.tables[t as usize].lookup_cols.len()];
         if let Some(v) = values {
-            for k in 0..new_lookups.len() {
-                let lc = &self.tables[t as usize].lookup_cols[k];
-                if let Some(Value::Lookup(target)) = v.get(&lc.column) {
-                    let tt = lc.target;
-                    new_lookups[k] = self.row_index(tt, *target);
-                }
+            let pending: Vec<(usize, u16, RowId)> = self.tables[t as usize]
+                .lookup_cols
+                .iter()
+                .enumerate()
+                .filter_map(|(k, lc)| match v.get(&lc.column) {
+                    Some(Value::Lookup(target)) => Some((k, lc.target, *target)),
+                    _ => None,
+                })
+                .collect();
+            for (k, tt, target) in pending {
+                new_lookups[k] = self.row_index(tt, target);
             }
         }
         let cols: Vec<u32> = self.tables[t as usize]
