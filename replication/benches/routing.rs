@@ -402,6 +402,32 @@ fn run(n_users: usize, total_rows: usize, n_writes: usize) -> Result_ {
             base_samples.push(Duration::from_secs_f64(per_user * n_users as f64));
         }
     }
+    // Environment changes (not part of the write figures): one user joins a team; a role
+    // loses a privilege for everyone who holds it.
+    let mut env2 = env.clone();
+    let crew = env2.team_by_name("crew0").unwrap().id;
+    env2.add_team_member(crew, d.users[n_users - 1]).unwrap();
+    let t = Instant::now();
+    let deltas = router.handle_environment(&env2);
+    println!(
+        "# {n_users} users: a team membership change took {:.1} ms ({} user(s) changed)",
+        t.elapsed().as_secs_f64() * 1e3,
+        deltas.len()
+    );
+    let mut role = env2.role_by_name("Field Technician").unwrap().clone();
+    role.grant(
+        "product",
+        fieldsync_replication::Privilege::Read,
+        fieldsync_replication::Depth::None,
+    );
+    env2.put_role(role);
+    let t = Instant::now();
+    let deltas = router.handle_environment(&env2);
+    println!(
+        "# {n_users} users: a role change took {:.1} ms ({} user(s) evict the product catalog)",
+        t.elapsed().as_secs_f64() * 1e3,
+        deltas.len()
+    );
     times.sort();
     base_samples.sort();
     Result_ {
