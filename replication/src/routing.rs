@@ -1,7 +1,7 @@
 //! Incremental routing: which devices a row write concerns, without re-evaluating every user.
 //!
 //! A [`Router`] keeps, for one profile and every user of an environment, the device sets of
-//! [`crate::evaluate`] — stored the other way round, as the sorted list of users holding each
+//! [`mod@crate::evaluate`] — stored the other way round, as the sorted list of users holding each
 //! row — plus compact indexes over the rows (owner, owning business unit, lookups used by the
 //! profile's relationships, values of columns used by custom filters). It never keeps a row's
 //! full value map.
