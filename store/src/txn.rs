@@ -328,16 +328,24 @@ impl Transaction<'_> {
             }
             return Ok((t, tab));
         }
-        match store.load_mat(t, id)? {
+        // Only the deleted flag is needed: it is the first byte of the stored row.
+        let stored = store
+            .db()
+            .get(crate::codec::keys::row_key(keys::ROW, t, id))
+            .map_err(StoreError::from)?;
+        match stored.as_deref().map(crate::row::peek_deleted) {
             None => Err(WriteError::RowNotFound {
                 table: table.to_string(),
                 id,
             }),
-            Some(m) if m.deleted => Err(WriteError::RowDeleted {
+            Some(None) => Err(WriteError::Store(StoreError::Corrupt(format!(
+                "row {table}/{id} does not decode"
+            )))),
+            Some(Some(true)) => Err(WriteError::RowDeleted {
                 table: table.to_string(),
                 id,
             }),
-            Some(_) => {
+            Some(Some(false)) => {
                 self.by_id.insert((t, id), self.rows.len());
                 self.rows.push(PendingRow {
                     table: t,
