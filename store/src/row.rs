@@ -488,7 +488,7 @@ mod flat {
             write!(f, "a byte string of {N}-byte items")
         }
         fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Self::Value, E> {
-            if b.len() % N != 0 {
+            if !b.len().is_multiple_of(N) {
                 return Err(E::custom("length is not a multiple of the item size"));
             }
             Ok(b.chunks_exact(N)
