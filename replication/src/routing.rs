@@ -45,6 +45,34 @@ use crate::security::{row_owner, BusinessUnitId, Environment, ReadScope, UserId}
 
 const NONE: u32 = u32::MAX;
 
+/// A fast hasher for the index's own `u32` keys (row and user indices it assigns itself, never
+/// ids from outside, so collisions cannot be forced); maps keyed by ids keep SipHash.
+#[derive(Debug, Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Fx = std::hash::BuildHasherDefault<FxHasher>;
+type FxSet<K> = HashSet<K, Fx>;
+type FxMap<K, V> = HashMap<K, V, Fx>;
+
 /// A row named by table and id, cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RowRef {
@@ -201,9 +229,9 @@ pub struct Router {
     rows: Vec<RowState>,
     keys: HashMap<(u16, RowId), u32>,
     table_rows: Vec<Vec<u32>>,
-    referrers: HashMap<(u32, u32), Vec<u32>>,
-    by_owner: HashMap<(u16, OwnerRef), HashSet<u32>>,
-    by_bu: HashMap<(u16, BusinessUnitId), HashSet<u32>>,
+    referrers: FxMap<(u32, u32), Vec<u32>>,
+    by_owner: HashMap<(u16, OwnerRef), FxSet<u32>>,
+    by_bu: HashMap<(u16, BusinessUnitId), FxSet<u32>>,
     users: Vec<UserState>,
     user_ids: Vec<UserId>,
     user_idx: HashMap<UserId, u32>,
@@ -215,8 +243,8 @@ pub struct Router {
     // Scratch space reused across calls.
     stamp: Vec<u32>,
     epoch: u32,
-    dropped: HashSet<u32>,
-    added: HashSet<u32>,
+    dropped: FxSet<u32>,
+    added: FxSet<u32>,
 }
 
 impl Router {
@@ -239,7 +267,7 @@ impl Router {
             rows: Vec::new(),
             keys: HashMap::new(),
             table_rows: Vec::new(),
-            referrers: HashMap::new(),
+            referrers: FxMap::default(),
             by_owner: HashMap::new(),
             by_bu: HashMap::new(),
             users: Vec::new(),
@@ -251,11 +279,11 @@ impl Router {
             members: Vec::new(),
             stamp: Vec::new(),
             epoch: 0,
-            dropped: HashSet::new(),
-            added: HashSet::new(),
+            dropped: FxSet::default(),
+            added: FxSet::default(),
         };
         r.compile();
-        r.index_users();
+        r.index_users(&HashMap::new());
         Ok(r)
     }
 
@@ -356,7 +384,9 @@ impl Router {
         self.table_rows = (0..self.tables.len()).map(|_| Vec::new()).collect();
     }
 
-    fn index_users(&mut self) {
+    /// Index the environment's users; states in `reuse` are taken as they are (users the
+    /// change did not touch).
+    fn index_users(&mut self, reuse: &HashMap<UserId, UserState>) {
         let old_ids = std::mem::take(&mut self.user_ids);
         self.users.clear();
         self.user_idx.clear();
@@ -387,7 +417,10 @@ impl Router {
         }
         let users: Vec<UserState> = ids
             .iter()
-            .map(|id| self.user_state(*id, teams_of.get(id).map_or(&[], Vec::as_slice)))
+            .map(|id| match reuse.get(id) {
+                Some(state) => state.clone(),
+                None => self.user_state(*id, teams_of.get(id).map_or(&[], Vec::as_slice)),
+            })
             .collect();
         self.users = users;
         self.user_ids = ids;
@@ -676,16 +709,16 @@ impl Router {
     }
 
     /// A user's set from scratch, with the indexes.
-    fn compute_set(&self, ui: u32) -> HashSet<u32> {
+    fn compute_set(&self, ui: u32) -> FxSet<u32> {
         let u = &self.users[ui as usize];
-        let mut set: HashSet<u32> = HashSet::new();
+        let mut set: FxSet<u32> = FxSet::default();
         let mut stack: Vec<u32> = Vec::new();
         for (t, info) in self.tables.iter().enumerate() {
             if !info.in_profile || matches!(info.filter, CFilter::Related) {
                 continue;
             }
             let t16 = t as u16;
-            let consider = |x: u32, set: &mut HashSet<u32>, stack: &mut Vec<u32>| {
+            let consider = |x: u32, set: &mut FxSet<u32>, stack: &mut Vec<u32>| {
                 if !set.contains(&x) && self.is_base(x, u) {
                     set.insert(x);
                     stack.push(x);
@@ -982,7 +1015,7 @@ impl Router {
                 });
             }
         }
-        let kept = |x: u32, dropped: &HashSet<u32>| self.in_set(x, u) && !dropped.contains(&x);
+        let kept = |x: u32, dropped: &FxSet<u32>| self.in_set(x, u) && !dropped.contains(&x);
         let mut seeds: Vec<u32> = dropped.iter().copied().collect();
         if !dropped.contains(&r) {
             seeds.push(r);
@@ -1041,13 +1074,30 @@ impl Router {
     }
 
     /// Every user's current set, by row index.
-    fn sets_by_user(&self, users: &HashSet<u32>) -> HashMap<u32, HashSet<u32>> {
-        let mut out: HashMap<u32, HashSet<u32>> =
-            users.iter().map(|u| (*u, HashSet::new())).collect();
-        for (x, m) in self.members.iter().enumerate() {
-            for u in m {
-                if let Some(s) = out.get_mut(u) {
-                    s.insert(x as u32);
+    fn sets_by_user(&self, users: &HashSet<u32>) -> FxMap<u32, FxSet<u32>> {
+        let mut out: FxMap<u32, FxSet<u32>> =
+            users.iter().map(|u| (*u, FxSet::default())).collect();
+        if users.len() <= 16 {
+            // Few users: look each up in every row's sorted list.
+            let list: Vec<u32> = users.iter().copied().collect();
+            for (x, m) in self.members.iter().enumerate() {
+                if m.is_empty() {
+                    continue;
+                }
+                for u in &list {
+                    if m.binary_search(u).is_ok() {
+                        if let Some(s) = out.get_mut(u) {
+                            s.insert(x as u32);
+                        }
+                    }
+                }
+            }
+        } else {
+            for (x, m) in self.members.iter().enumerate() {
+                for u in m {
+                    if let Some(s) = out.get_mut(u) {
+                        s.insert(x as u32);
+                    }
                 }
             }
         }
@@ -1063,9 +1113,12 @@ impl Router {
         let mut order: Vec<u32> = users.iter().copied().collect();
         order.sort_unstable();
         let mut out = Vec::new();
+        // Per row, the users to add and to remove (ascending, as users are visited in order).
+        let mut adds: FxMap<u32, Vec<u32>> = FxMap::default();
+        let mut removes: FxMap<u32, Vec<u32>> = FxMap::default();
+        let empty = FxSet::default();
         for u in order {
             let new = self.compute_set(u);
-            let empty = HashSet::new();
             let before = old.get(&u).unwrap_or(&empty);
             let mut enter: Vec<u32> = new.difference(before).copied().collect();
             let mut leave: Vec<u32> = before.difference(&new).copied().collect();
@@ -1075,18 +1128,23 @@ impl Router {
             enter.sort_unstable();
             leave.sort_unstable();
             for x in &enter {
-                let m = &mut self.members[*x as usize];
-                if let Err(p) = m.binary_search(&u) {
-                    m.insert(p, u);
-                }
+                adds.entry(*x).or_default().push(u);
             }
             for x in &leave {
-                let m = &mut self.members[*x as usize];
-                if let Ok(p) = m.binary_search(&u) {
-                    m.remove(p);
-                }
+                removes.entry(*x).or_default().push(u);
             }
             out.push(self.to_delta(u, &IdxDelta { enter, leave }));
+        }
+        // Apply once per row: a role change can move thousands of users on one row.
+        for (x, us) in removes {
+            let m = &mut self.members[x as usize];
+            m.retain(|u| us.binary_search(u).is_err());
+        }
+        for (x, us) in adds {
+            let m = &mut self.members[x as usize];
+            m.extend(us);
+            m.sort_unstable();
+            m.dedup();
         }
         out
     }
@@ -1151,9 +1209,16 @@ impl Router {
             }
             self.user_ids = keep.iter().map(|u| self.user_ids[*u as usize]).collect();
         }
-        // `users` is re-derived from `user_ids` order, which is kept stable.
+        // `users` is re-derived from `user_ids` order, which is kept stable; users the change
+        // cannot have touched keep their state.
+        let dirty = touched_users(&self.env, env);
+        let reuse: HashMap<UserId, UserState> = before
+            .iter()
+            .filter(|(id, _)| !dirty.contains(*id))
+            .map(|(id, s)| (*id, s.clone()))
+            .collect();
         self.env = env.clone();
-        self.index_users();
+        self.index_users(&reuse);
         let changed: HashSet<u32> = self
             .user_ids
             .iter()
@@ -1217,7 +1282,7 @@ impl Router {
             }
         }
         self.user_ids.clear();
-        self.index_users();
+        self.index_users(&HashMap::new());
         self.rebuild();
         let new = self.memberships();
         diff_memberships(&old, &new)
@@ -1297,6 +1362,53 @@ impl Router {
     pub fn profile(&self) -> &Profile {
         &self.profile
     }
+}
+
+/// Users whose read scopes or filter context may differ between two environments: their own
+/// record changed, a role they hold (directly or through a team) changed, their teams changed,
+/// or one of their teams changed.
+fn touched_users(old: &Environment, new: &Environment) -> HashSet<UserId> {
+    let mut role_ids: HashSet<Uuid> = old.roles().map(|r| r.id).collect();
+    role_ids.extend(new.roles().map(|r| r.id));
+    let changed_roles: HashSet<Uuid> = role_ids
+        .into_iter()
+        .filter(|r| old.role(*r) != new.role(*r))
+        .collect();
+    let mut team_ids: HashSet<Uuid> = old.teams().map(|t| t.id).collect();
+    team_ids.extend(new.teams().map(|t| t.id));
+    let changed_teams: HashSet<Uuid> = team_ids
+        .into_iter()
+        .filter(|t| match (old.team(*t), new.team(*t)) {
+            (Some(a), Some(b)) => {
+                a.business_unit != b.business_unit
+                    || a.roles != b.roles
+                    || a.roles.iter().any(|r| changed_roles.contains(r))
+            }
+            _ => true,
+        })
+        .collect();
+    let teams_of = |env: &Environment| {
+        let mut m: HashMap<UserId, BTreeSet<Uuid>> = HashMap::new();
+        for t in env.teams() {
+            for u in &t.members {
+                m.entry(*u).or_default().insert(t.id);
+            }
+        }
+        m
+    };
+    let (old_teams, new_teams) = (teams_of(old), teams_of(new));
+    let none = BTreeSet::new();
+    new.users()
+        .filter(|u| {
+            let mine_old = old_teams.get(&u.id).unwrap_or(&none);
+            let mine_new = new_teams.get(&u.id).unwrap_or(&none);
+            old.user(u.id) != Some(u)
+                || u.roles.iter().any(|r| changed_roles.contains(r))
+                || mine_old != mine_new
+                || mine_new.iter().any(|t| changed_teams.contains(t))
+        })
+        .map(|u| u.id)
+        .collect()
 }
 
 #[derive(Debug)]
