@@ -96,7 +96,22 @@ fn u64_meta(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(format!("meta key {what} is not 8 bytes")))
 }
 
-fn open_sled(path: &Path, options: &StoreOptions, temporary: bool) -> Result<sled::Db, String> {
+enum SledOpenError {
+    /// Another handle holds the database's file lock.
+    Locked,
+    /// Anything else: the files are damaged.
+    Damaged(String),
+}
+
+/// How long `open` waits for the file lock of a handle being dropped in this process (sled
+/// releases it when its background flusher lets go of the database).
+const LOCK_WAIT_MS: u64 = 2_000;
+
+fn open_sled(
+    path: &Path,
+    options: &StoreOptions,
+    temporary: bool,
+) -> Result<sled::Db, SledOpenError> {
     let mut config = sled::Config::new()
         .cache_capacity(options.cache_capacity_bytes)
         .flush_every_ms(Some(options.group_flush_ms.max(1)))
@@ -106,11 +121,39 @@ fn open_sled(path: &Path, options: &StoreOptions, temporary: bool) -> Result<sle
     } else {
         config = config.path(path);
     }
-    // sled 0.34 may panic on some damaged files; a damaged directory must be an error.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open())) {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the database files could not be read (sled panicked)".into()),
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = config.clone();
+        // sled 0.34 may panic on some damaged files; a damaged directory must be an error.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || attempt.open())) {
+            Ok(Ok(db)) => return Ok(db),
+            // sled reports a held file lock as an I/O error whose text says so.
+            Ok(Err(sled::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                if started.elapsed().as_millis() as u64 >= LOCK_WAIT_MS {
+                    return Err(SledOpenError::Locked);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(Err(e)) => return Err(SledOpenError::Damaged(e.to_string())),
+            Err(_) => {
+                return Err(SledOpenError::Damaged(
+                    "the database files could not be read (sled panicked)".into(),
+                ))
+            }
+        }
+    }
+}
+
+fn sled_open_error(dir: &Path, e: SledOpenError) -> OpenError {
+    match e {
+        SledOpenError::Locked => OpenError::Locked(dir.to_path_buf()),
+        SledOpenError::Damaged(reason) => OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        },
     }
 }
 
@@ -125,10 +168,7 @@ impl Store {
             return Err(OpenError::AlreadyExists(dir.to_path_buf()));
         }
         std::fs::create_dir_all(dir)?;
-        let db = open_sled(&db_path, &options, false).map_err(|reason| OpenError::Corrupt {
-            path: dir.to_path_buf(),
-            reason,
-        })?;
+        let db = open_sled(&db_path, &options, false).map_err(|e| sled_open_error(dir, e))?;
         Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
         drop(db);
         Self::open(dir, options)
@@ -136,10 +176,8 @@ impl Store {
 
     /// A store in memory only (tests, the simulator's scratch replicas); gone when dropped.
     pub fn temporary(schema: Schema, options: StoreOptions) -> Result<Store, OpenError> {
-        let db = open_sled(Path::new(""), &options, true).map_err(|reason| OpenError::Corrupt {
-            path: PathBuf::new(),
-            reason,
-        })?;
+        let db = open_sled(Path::new(""), &options, true)
+            .map_err(|e| sled_open_error(Path::new(""), e))?;
         Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
         Self::from_db(db, None, options)
     }
@@ -185,7 +223,7 @@ impl Store {
                 return Err(bad(format!("{} is missing", p.display())));
             }
         }
-        let db = open_sled(&db_path, &options, false).map_err(bad)?;
+        let db = open_sled(&db_path, &options, false).map_err(|e| sled_open_error(dir, e))?;
         let store = Self::from_db(db, Some(dir.to_path_buf()), options)?;
         Ok(store)
     }

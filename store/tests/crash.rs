@@ -144,8 +144,11 @@ fn acknowledged_commits_survive_sigkill() {
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(n) = line.strip_prefix("ACK ") {
-                        acks.lock().unwrap().push(n.trim().parse::<i64>().unwrap());
+                    // libtest prints `test NAME ... ` without a newline before the test
+                    // runs, so the first ack shares its line.
+                    if let Some(pos) = line.find("ACK ") {
+                        let n = line[pos + 4..].trim();
+                        acks.lock().unwrap().push(n.parse::<i64>().unwrap());
                     }
                 }
             })
