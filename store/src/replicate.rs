@@ -170,7 +170,7 @@ impl Store {
             })
             .count();
         self.db().apply_batch(batch)?;
-        writer.next_seq = seq;
+        self.set_next_seq(&mut writer, seq);
         drop(writer);
         self.make_durable(durability)?;
         debug!(?outcome, "applied remote changes");

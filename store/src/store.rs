@@ -57,6 +57,8 @@ pub(crate) struct Inner {
     pub writer: Mutex<Writer>,
     pub id_epoch: u64,
     pub id_counter: AtomicU64,
+    /// The last log seq, published after each write so readers need not lock.
+    pub last_seq: AtomicU64,
 }
 
 /// State only the writer touches.
@@ -310,12 +312,13 @@ impl Store {
             writer: Mutex::new(Writer { next_seq: 1 }),
             id_epoch,
             id_counter: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
         };
         let store = Store {
             inner: Arc::new(inner),
         };
         let last = store.compute_last_seq().map_err(OpenError::Store)?;
-        store.writer().next_seq = last + 1;
+        store.set_next_seq(&mut store.writer(), last + 1);
         let tail = if clean { 1 } else { 256 };
         if !store.tail_consistent(tail).map_err(OpenError::Store)? {
             warn!(
@@ -554,7 +557,15 @@ impl Store {
 
     /// The sequence number of the last log entry (0 if none yet).
     pub fn last_seq(&self) -> u64 {
-        self.writer().next_seq - 1
+        self.inner.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Advance the log (under the writer lock) and publish the new last seq to readers.
+    pub(crate) fn set_next_seq(&self, writer: &mut Writer, next: u64) {
+        writer.next_seq = next;
+        self.inner
+            .last_seq
+            .store(next.saturating_sub(1), Ordering::Release);
     }
 
     fn compute_last_seq(&self) -> Result<u64, StoreError> {

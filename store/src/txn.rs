@@ -250,7 +250,7 @@ impl Store {
                 seq += 1;
             }
             self.db().apply_batch(batch).map_err(StoreError::from)?;
-            writer.next_seq = seq;
+            self.set_next_seq(&mut writer, seq);
             drop(writer);
             done += chunk.len();
             progress(done);
@@ -463,7 +463,7 @@ impl Transaction<'_> {
         if seq > first_seq {
             store.db().apply_batch(batch).map_err(StoreError::from)?;
         }
-        writer.next_seq = seq;
+        store.set_next_seq(&mut writer, seq);
         drop(writer);
         store.make_durable(durability)?;
         Ok(CommitInfo {
