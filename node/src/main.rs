@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod device_cmd;
+mod profile_cmd;
 
 /// fieldsync: an offline-first sync engine for field apps.
 #[derive(Debug, Parser)]
@@ -29,6 +30,9 @@ enum Command {
     /// Work with a device's local store: create, edit, query, inspect.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
+    /// Offline profiles: validate, show, generate from an app, estimate sizes, Dataverse records.
+    #[command(subcommand)]
+    Profile(profile_cmd::ProfileCommand),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Device(cmd) => device_cmd::run(cmd),
+        Command::Profile(cmd) => profile_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
