@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod device_cmd;
+// TEMP(emulator branch) mod device_cmd;
+mod emulator;
 
 /// fieldsync: an offline-first sync engine for field apps.
 #[derive(Debug, Parser)]
@@ -27,8 +28,10 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Work with a device's local store: create, edit, query, inspect.
-    #[command(subcommand)]
-    Device(device_cmd::DeviceCommand),
+    // TEMP #[command(subcommand)]
+    // TEMP Device(device_cmd::DeviceCommand),
+    /// Serve a local emulator of the Dataverse Web API (the subset fieldsync uses).
+    DataverseEmulator(emulator::EmulatorArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -47,7 +50,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Device(cmd) => device_cmd::run(cmd),
+        // TEMP Command::Device(cmd) => device_cmd::run(cmd),
+        Command::DataverseEmulator(args) => emulator::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
