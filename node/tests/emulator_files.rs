@@ -2,6 +2,9 @@
 //! `file-column-data.md` and `image-column-data.md` (MicrosoftDocs/powerapps-docs,
 //! `powerapps-docs/developer/data-platform/`). Real HTTP on 127.0.0.1.
 
+// Test helpers outside #[test] functions may unwrap too: a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod emulator_support;
 
 use emulator_support::*;
@@ -257,9 +260,12 @@ async fn data_survives_a_restart() {
     let delta_link = first["@odata.deltaLink"].as_str().unwrap().to_string();
     let etag_before =
         emu.get(&format!("accounts({id})"), ADMIN, &[]).await.json()["@odata.etag"].clone();
+    let old_base = emu.base.clone();
     emu.kill();
 
+    // Links are absolute; the restarted emulator listens on another ephemeral port.
     let emu = Emulator::start(dir.path(), &[]);
+    let delta_link = delta_link.replace(&old_base, &emu.base);
     let row = emu.get(&format!("accounts({id})"), ADMIN, &[]).await.json();
     assert_eq!(row["name"], "Durable");
     assert_eq!(row["revenue"], 12.5);

@@ -2,6 +2,9 @@
 //! (MicrosoftDocs/powerapps-docs, `powerapps-docs/developer/data-platform/...`; each test names
 //! its file). Real HTTP on 127.0.0.1, the emulator running as a child process.
 
+// Test helpers outside #[test] functions may unwrap too: a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod emulator_support;
 
 use std::collections::BTreeSet;
@@ -124,11 +127,11 @@ async fn filters_order_top_and_query_functions() {
             &[],
         )
         .await;
-    let got: Vec<&str> = r.json()["value"]
+    let got: Vec<String> = r.json()["value"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v["name"].as_str().unwrap())
+        .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(r.json()["value"].as_array().unwrap().len(), 2);
     assert_eq!(got, vec!["Northwind Traders", "Fabrikam Bakery"]);
@@ -408,7 +411,7 @@ async fn tracking_rejects_filter_orderby_top() {
 #[tokio::test]
 async fn expired_delta_tokens_ask_for_a_full_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &["--change-tracking-retention-secs", "1"]);
+    let emu = Emulator::start(dir.path(), &["--change-tracking-retention-secs", "2"]);
     let first = emu
         .get(
             "accounts?$select=name",
@@ -418,7 +421,7 @@ async fn expired_delta_tokens_ask_for_a_full_sync() {
         .await
         .json();
     let delta_link = first["@odata.deltaLink"].as_str().unwrap().to_string();
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
     let r = emu.get(&delta_link, ADMIN, &[]).await;
     assert!(r.status.is_client_error(), "{}", r.status);
     let e = r.json();

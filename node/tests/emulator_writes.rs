@@ -2,6 +2,9 @@
 //! (MicrosoftDocs/powerapps-docs, `powerapps-docs/developer/data-platform/...`; each test names
 //! its file). Real HTTP on 127.0.0.1, the emulator running as a child process.
 
+// Test helpers outside #[test] functions may unwrap too: a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod emulator_support;
 
 use emulator_support::*;

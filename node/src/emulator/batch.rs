@@ -116,14 +116,22 @@ fn parse_http(part_headers: &[(String, String)], content: &str) -> Result<Part, 
     let (head, body) = split_head(content);
     let mut lines = head.lines();
     let request_line = lines.next().unwrap_or("").trim();
-    let mut words = request_line.split_whitespace();
-    let method = words
-        .next()
-        .ok_or_else(|| batch_error("A batch part has no request line."))?
-        .to_ascii_uppercase();
-    let url = words
-        .next()
+    // `METHOD <url> HTTP/1.1`; the URL may contain spaces only in the docs' placeholder
+    // (`[Organization URI]/api/data/v9.2/...`), so take everything between the two.
+    let (method, rest) = request_line
+        .split_once(char::is_whitespace)
         .ok_or_else(|| batch_error(format!("The request line '{request_line}' has no URL.")))?;
+    let method = method.to_ascii_uppercase();
+    let rest = rest.trim();
+    let url = match rest.rsplit_once(char::is_whitespace) {
+        Some((u, version)) if version.starts_with("HTTP/") => u.trim(),
+        _ => rest,
+    };
+    if url.is_empty() {
+        return Err(batch_error(format!(
+            "The request line '{request_line}' has no URL."
+        )));
+    }
     let path_and_query = match url.find(API_PREFIX) {
         Some(i) => &url[i + API_PREFIX.len()..],
         None => url.trim_start_matches('/'),

@@ -1943,13 +1943,11 @@ fn entity_definitions(
     rest: &[&str],
 ) -> Result<EmuResponse, ApiError> {
     let schema = &ctx.state.schema;
-    let q = parse_list_query(&req.query)?;
     let expand: Vec<String> = odata::parse_query(&req.query)
         .into_iter()
         .filter(|(k, _)| k == "$expand")
         .flat_map(|(_, v)| odata::parse_select(&v))
         .collect();
-    let _ = q;
     let with_nav = |t: &Table, mut m: Map<String, J>| {
         for e in &expand {
             let name = e.split('(').next().unwrap_or(e);
@@ -1974,12 +1972,24 @@ fn entity_definitions(
         }
         m
     };
-    // $expand is allowed here (and only here): strip it before the shared query parsing.
+    // $expand is allowed here (and only here): strip it before the shared query parsing, and
+    // keep the expanded collections when `$select` narrows the properties.
+    let expanded: Vec<String> = expand
+        .iter()
+        .map(|e| e.split('(').next().unwrap_or(e).to_string())
+        .collect();
     let stripped = EmuRequest {
         query: odata::build_query(
             &odata::parse_query(&req.query)
                 .into_iter()
                 .filter(|(k, _)| k != "$expand")
+                .map(|(k, v)| {
+                    if k == "$select" && !expanded.is_empty() {
+                        (k, format!("{v},{}", expanded.join(",")))
+                    } else {
+                        (k, v)
+                    }
+                })
                 .collect::<Vec<_>>(),
         ),
         ..req.clone()

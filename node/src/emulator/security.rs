@@ -386,7 +386,7 @@ mod tests {
             north,
         );
         let caller = |id| d.caller(d.user(id).unwrap());
-        let ua = OwnershipCheck::user();
+        let ua = Ownership::UserOrTeam;
         assert!(caller(ana).can_read(ua, &by_team));
         assert!(!caller(ana).can_read(ua, &by_maria));
         assert!(caller(maria).can_read(ua, &by_team));
@@ -394,12 +394,5 @@ mod tests {
         assert!(caller(ana).can_read(Ownership::Organization, &BTreeMap::new()));
         assert_eq!(d.user_by_token("t-ana").map(|u| u.id), Some(ana));
         assert!(d.user_by_token("").is_none());
-    }
-
-    struct OwnershipCheck;
-    impl OwnershipCheck {
-        fn user() -> Ownership {
-            Ownership::UserOrTeam
-        }
     }
 }
