@@ -59,6 +59,13 @@ pub struct EmulatorArgs {
     /// Bearer token of the built-in administrator (System Administrator role).
     #[arg(long, default_value = "admin-token")]
     pub admin_token: String,
+    /// Business units, users (with their bearer tokens), teams and roles as JSON, replacing
+    /// the stored ones: `{"business_units":[{"id","name","parent"}], "users":[{"id",
+    /// "domain_name","full_name","business_unit","roles":[..],"token"}], "teams":[{"id","name",
+    /// "business_unit","members":[..],"roles":[..]}], "roles":[{"id","name","business_unit",
+    /// "read":"user|business_unit|parent_child|organization"}]}`.
+    #[arg(long)]
+    pub directory: Option<PathBuf>,
     /// Requests each user may make per window before `429` (Dataverse: 6000 per 300 s).
     #[arg(long, default_value_t = 6000)]
     pub rate_limit_requests: u32,
@@ -88,6 +95,8 @@ pub struct EmulatorConfig {
     pub schema_toml: Option<String>,
     /// The built-in administrator's bearer token.
     pub admin_token: String,
+    /// A security directory (JSON) replacing the stored one, if any.
+    pub directory_json: Option<String>,
     /// Service protection: requests per user per window.
     pub rate_limit_requests: u32,
     /// Service protection: the sliding window.
@@ -111,6 +120,7 @@ impl EmulatorConfig {
             example: None,
             schema_toml: None,
             admin_token: "admin-token".to_string(),
+            directory_json: None,
             rate_limit_requests: 6000,
             rate_limit_window: Duration::from_secs(300),
             max_concurrent_requests: 52,
@@ -139,11 +149,19 @@ pub fn run(args: EmulatorArgs) -> Result<()> {
         ),
         None => None,
     };
+    let directory_json = match &args.directory {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading directory {}", path.display()))?,
+        ),
+        None => None,
+    };
     let config = EmulatorConfig {
         data_dir: args.data,
         example: args.example,
         schema_toml,
         admin_token: args.admin_token,
+        directory_json,
         rate_limit_requests: args.rate_limit_requests,
         rate_limit_window: Duration::from_secs(args.rate_limit_window_secs),
         max_concurrent_requests: args.max_concurrent_requests,

@@ -577,3 +577,42 @@ async fn entity_definitions_have_the_documented_shape() {
     let who = emu.get("WhoAmI", ANA, &[]).await.json();
     assert_eq!(who["UserId"], ana["systemuserid"]);
 }
+
+// Tokens map to users through a configurable directory (`--directory FILE`): the caller of
+// `WhoAmI` (webapi/compose-http-requests-handle-errors.md uses it as the first request) is the
+// user the token names; unknown tokens get 401.
+#[tokio::test]
+async fn a_directory_file_configures_users_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let bu = "11111111-1111-4111-8111-111111111111";
+    let role = "22222222-2222-4222-8222-222222222222";
+    let user = "33333333-3333-4333-8333-333333333333";
+    let file = dir.path().join("directory.json");
+    std::fs::write(
+        &file,
+        json!({
+            "business_units": [{"id": bu, "name": "Solo", "parent": null}],
+            "users": [{"id": user, "domain_name": "sam@solo.example", "full_name": "Sam",
+                       "business_unit": bu, "roles": [role], "token": "sam-token"}],
+            "teams": [],
+            "roles": [{"id": role, "name": "Everything", "business_unit": bu, "read": "organization"}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let emu = Emulator::start(
+        &dir.path().join("data"),
+        &["--directory", file.to_str().unwrap()],
+    );
+    let who = emu.get("WhoAmI", "sam-token", &[]).await;
+    assert_eq!(who.status, 200);
+    assert_eq!(who.json()["UserId"], user);
+    assert_eq!(who.json()["BusinessUnitId"], bu);
+    assert_eq!(emu.get("WhoAmI", ANA, &[]).await.status, 401);
+    // Organization depth: every seeded account is visible.
+    let all = emu
+        .get("accounts?$select=name", "sam-token", &[])
+        .await
+        .json();
+    assert_eq!(all["value"].as_array().unwrap().len(), 3);
+}

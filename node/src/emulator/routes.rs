@@ -189,8 +189,13 @@ impl AppState {
         };
         let schema = Schema::from_toml(&schema_text)?;
         store::set_config(&conn, "schema", &schema_text)?;
-        let mut directory: Directory = match store::get_config(&conn, "directory")? {
-            Some(text) => serde_json::from_str(&text)?,
+        let stored_directory = match &config.directory_json {
+            Some(text) => Some(text.clone()),
+            None => store::get_config(&conn, "directory")?,
+        };
+        let mut directory: Directory = match stored_directory {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("the security directory is not valid JSON: {e}"))?,
             None if config.example.as_deref() == Some("field-service") => {
                 field_service_directory(&config.admin_token)
             }
