@@ -20,6 +20,15 @@
 //! Where Microsoft's documentation gives a status, header, error code or message, the emulator
 //! uses it (each use names its source file in `MicrosoftDocs/powerapps-docs`). Where the docs are
 //! silent the emulator picks a value and says so next to the constant in [`errors`].
+//!
+//! Not emulated (answered with an error, or simplified as noted): `$expand` (except on
+//! `EntityDefinitions`), `$count`, `$apply`, FetchXML, `$metadata` CSDL; impersonation
+//! (`CallerObjectId`); the `mobileofflineprofile*` tables and `roleprivileges`; per-table and
+//! per-privilege depths, sharing and the manager hierarchy ([`security`] has the rule used);
+//! cascade behaviour of relationships on delete (lookups may dangle); alternate keys are not
+//! declared, any text or number column works as one; the execution-time limit (20 minutes per
+//! 5 minutes) is not measured, the request-count and concurrency limits are, and a `$batch`
+//! counts as one request; images are not resized for thumbnails ([`files`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -11,10 +11,16 @@
 //!
 //! Organization-owned tables are readable by every caller holding any role. Writes need the
 //! same visibility (you may update or delete what you may read); anyone may create. Sharing,
-//! the manager hierarchy, per-table and per-privilege depths are not modelled. The fuller model
-//! (`replication::security::Environment`, per-table privileges and depths) computes the same
-//! kind of answer — a `ReadScope { all, owners, business_units }` per user and table — so it can
-//! replace [`Caller::scope`] here without touching the routes.
+//! the manager hierarchy, per-table and per-privilege depths are not modelled.
+//!
+//! Plugging in the fuller model: `replication::security` (in progress on main: business units,
+//! users, teams, roles with per-table privileges and depths) answers
+//! `Environment::read_scope(user, table) -> ReadScope { all, owners, business_units }` and
+//! `ReadScope::allows(owner, owning_business_unit)`. [`Caller::can_read`] is the only place the
+//! routes ask, with the row's `ownerid` and `owningbusinessunit`; holding an `Environment`
+//! instead of a [`Directory`] and answering `can_read` from `read_scope(user, table)` (cached
+//! per request) swaps the rule without touching the routes. Its environment TOML would then
+//! replace `--directory`.
 
 use std::collections::BTreeSet;
 
