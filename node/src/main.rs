@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// TEMP(emulator branch) mod device_cmd;
+mod device_cmd;
 mod emulator;
 
 /// fieldsync: an offline-first sync engine for field apps.
@@ -28,8 +28,8 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Work with a device's local store: create, edit, query, inspect.
-    // TEMP #[command(subcommand)]
-    // TEMP Device(device_cmd::DeviceCommand),
+    #[command(subcommand)]
+    Device(device_cmd::DeviceCommand),
     /// Serve a local emulator of the Dataverse Web API (the subset fieldsync uses).
     DataverseEmulator(emulator::EmulatorArgs),
 }
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        // TEMP Command::Device(cmd) => device_cmd::run(cmd),
+        Command::Device(cmd) => device_cmd::run(cmd),
         Command::DataverseEmulator(args) => emulator::run(args),
     };
     match result {
