@@ -111,11 +111,7 @@ fn put_get_query_delete_round_trip() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(
-        entries.len(),
-        4,
-        "two creates, an update and a delete: {log}"
-    );
+    assert_eq!(entries.len(), 4, "two creates, an update and a delete: {log}");
     let since = fieldsync_ok(["device", "log", "--data", &data, "--since", "2", "--json"]);
     assert_eq!(since.lines().count(), 2);
 
@@ -135,15 +131,9 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
     let cases: &[(&[&str], &str)] = &[
         (&["nosuchtable", "name=x"], "unknown table"),
         (&["account", "nosuchcolumn=x"], "unknown column"),
-        (
-            &["account", "numberofemployees=many"],
-            "not a valid integer",
-        ),
+        (&["account", "numberofemployees=many"], "not a valid integer"),
         (&["account", "industrycode=99"], "not an option"),
-        (
-            &["account", "primarycontactid=not-a-uuid"],
-            "not a valid lookup",
-        ),
+        (&["account", "primarycontactid=not-a-uuid"], "not a valid lookup"),
         (&["account", "--id", "123", "name=x"], "not a valid row id"),
         (&["account", "name"], "COL=VALUE"),
     ];
@@ -222,11 +212,7 @@ fn import_checks_the_whole_file_before_writing() {
     ]);
     assert!(err.contains(":3"), "names the line: {err}");
     let rows = fieldsync_ok(["device", "query", "--data", &data, "contact", "--json"]);
-    assert_eq!(
-        rows.lines().count(),
-        250,
-        "nothing from the bad file was written"
-    );
+    assert_eq!(rows.lines().count(), 250, "nothing from the bad file was written");
 }
 
 #[test]
@@ -240,12 +226,7 @@ fn a_damaged_store_is_a_clear_error() {
             std::fs::write(&path, b"\x00garbage\xffnot a database").unwrap();
         }
     }
-    let out = fieldsync([
-        "device".as_ref(),
-        "status".as_ref(),
-        "--data".as_ref(),
-        data.as_os_str(),
-    ]);
+    let out = fieldsync(["device".as_ref(), "status".as_ref(), "--data".as_ref(), data.as_os_str()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -88,6 +88,9 @@ where
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
-    assert!(!stderr.contains("panicked"), "fieldsync panicked: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "fieldsync panicked: {stderr}"
+    );
     lines[0].to_string()
 }
