@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod device_cmd;
+mod emulator;
 mod profile_cmd;
 
 /// fieldsync: an offline-first sync engine for field apps.
@@ -33,6 +34,8 @@ enum Command {
     /// Offline profiles: validate, show, generate from an app, estimate sizes, Dataverse records.
     #[command(subcommand)]
     Profile(profile_cmd::ProfileCommand),
+    /// Serve a local emulator of the Dataverse Web API (the subset fieldsync uses).
+    DataverseEmulator(emulator::EmulatorArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Device(cmd) => device_cmd::run(cmd),
         Command::Profile(cmd) => profile_cmd::run(cmd),
+        Command::DataverseEmulator(args) => emulator::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
