@@ -432,8 +432,8 @@ impl Store {
 
     /// The materialized row of a stored row record.
     pub(crate) fn decode_mat(&self, t: u16, bytes: &[u8]) -> Result<MatRow, StoreError> {
-        let state: CrdtState = decode(bytes, "a row")?;
-        Ok(state.materialize(self.table_by_id(t)?))
+        crate::row::mat_view::decode(bytes, self.table_by_id(t)?)
+            .map_err(|e| corrupt(format!("a row does not decode: {e}")))
     }
 
     pub(crate) fn load_entry(&self, seq: u64) -> Result<Option<StoredEntry>, StoreError> {
