@@ -17,8 +17,8 @@
 //!   the sans-IO sessions in `replication::proto`).
 //! - [`baseline`]: raw QUIC throughput and round trip, the reference the sync bench compares to.
 //!
-//! Framing is a plain `u32` big-endian length prefix (see [`framed`](FrameWriter)); the wire
-//! format's frames travel inside it as opaque bytes, so either can change without the other.
+//! Framing is a plain `u32` big-endian length prefix by default, or the wire format's own
+//! 12-byte header ([`FrameFormat::WIRE_V1`]) so its frames travel unchanged.
 //!
 //! [`SignedToken`]: crate::credential::SignedToken
 
@@ -34,12 +34,13 @@ mod verifier;
 pub use auth::{accept_device, authenticate, AuthError, AuthenticatedDevice};
 pub use config::{client_config, server_config, ConfigError, ConnectionLimits};
 pub use driver::{
-    drive_session, CloseReason, DriveError, DriveOutcome, FrameSession, SessionClock,
+    drive_session, drive_session_with_wake, CloseReason, DriveError, DriveOutcome, FrameSession,
+    SessionClock,
 };
 pub use endpoint::{ConnectError, DeviceEndpoint, EndpointError, HubEndpoint, PendingConnection};
 pub use framed::{
     accept_bi_framed, accept_blob_stream, open_bi_framed, open_blob_stream, FrameError,
-    FrameReader, FrameWriter, FRAME_HEADER_BYTES,
+    FrameFormat, FrameReader, FrameWriter, FRAME_HEADER_BYTES,
 };
 pub use identity::{HubIdentity, IdentityError};
 pub use verifier::{PinMismatch, PinnedServerVerifier};

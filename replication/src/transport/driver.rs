@@ -9,6 +9,7 @@
 //!     3. wait for the first of:
 //!          a frame    -> session.handle_frame(now, frame)   (Err(reason) -> close with reason)
 //!          the timer  -> session.handle_timeout(now)         (deadline = session.poll_timeout())
+//!          a wake-up  -> session.handle_wake(now)            (drive_session_with_wake only)
 //!          peer's end -> return PeerFinished
 //! }
 //! ```
@@ -23,6 +24,7 @@
 //! Blob streams run in their own tasks ([`open_blob_stream`](super::open_blob_stream)) and never
 //! block this loop.
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use quinn::{Connection, VarInt};
@@ -65,6 +67,12 @@ pub trait FrameSession {
     fn handle_timeout(&mut self, now_ms: u64);
     /// Whether the session is done; the driver then finishes the stream and closes.
     fn is_closed(&self) -> bool;
+    /// Something outside this connection changed (e.g. another device's edit that a live
+    /// subscriber should get now, not at its next poll). Called by
+    /// [`drive_session_with_wake`] when its [`Notify`] fires. Does nothing by default.
+    fn handle_wake(&mut self, now_ms: u64) {
+        let _ = now_ms;
+    }
 }
 
 /// Maps the tokio clock to session milliseconds.
@@ -125,13 +133,28 @@ pub enum DriveError {
 /// Closes the connection when the session closes or refuses a frame, or when the peer sends an
 /// invalid frame (code [`codes::FRAME_ERROR`]) — other connections on the endpoint are
 /// unaffected.
-#[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
 pub async fn drive_session<S: FrameSession + ?Sized>(
     session: &mut S,
     conn: &Connection,
     writer: &mut FrameWriter,
     reader: &mut FrameReader,
     clock: &SessionClock,
+) -> Result<DriveOutcome, DriveError> {
+    drive_session_with_wake(session, conn, writer, reader, clock, &Notify::new()).await
+}
+
+/// [`drive_session`], also calling [`FrameSession::handle_wake`] whenever `wake` is notified.
+///
+/// Use `wake.notify_one()` from the producer (e.g. the hub's change feed): a notification sent
+/// while the driver is busy writing is kept and delivered at the next wait, never lost.
+#[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
+pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
+    session: &mut S,
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    clock: &SessionClock,
+    wake: &Notify,
 ) -> Result<DriveOutcome, DriveError> {
     loop {
         while let Some(frame) = session.poll_frame() {
@@ -176,6 +199,7 @@ pub async fn drive_session<S: FrameSession + ?Sized>(
                 Err(e) => return Err(DriveError::Stream(e)),
             },
             () = sleep_until(deadline) => session.handle_timeout(clock.now_ms()),
+            () = wake.notified() => session.handle_wake(clock.now_ms()),
         }
     }
 }

@@ -1,14 +1,64 @@
-//! Length-prefixed frames over QUIC streams, and streams per blob transfer.
+//! Length-delimited frames over QUIC streams, and streams per blob transfer.
 //!
-//! A frame is a `u32` big-endian length followed by that many bytes. The payload is opaque here:
-//! the wire format (`replication::wire`) encodes and versions messages; this layer only delimits
-//! them and enforces a maximum size on both sides. Swapping the prefix for the wire format's own
-//! header touches only [`FrameWriter::write_frame`] and [`FrameReader::read_frame`].
+//! Two [`FrameFormat`]s, so the transport can carry the wire format's frames as they are:
+//!
+//! - [`FrameFormat::LengthPrefixed`] (the default): a `u32` big-endian length, then that many
+//!   opaque bytes; readers return the bytes without the prefix.
+//! - [`FrameFormat::HeaderLength`]: self-delimiting frames whose fixed header holds the body
+//!   length ([`FrameFormat::WIRE_V1`] is `replication::wire`'s 12-byte header with the length at
+//!   offset 8). Writers send frames as they are; readers return whole frames, header included,
+//!   for the wire decoder. Magic, version and kind are the wire decoder's business, not ours.
+//!
+//! Either way the maximum size is enforced on both sides: a writer refuses to send an oversize
+//! frame, and a reader refuses one as soon as its header arrives, before buffering the body.
 
 use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, WriteError};
 
-/// Bytes of the length prefix in front of every frame.
+/// Bytes of the length prefix in front of every [`FrameFormat::LengthPrefixed`] frame.
 pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// How frames are delimited on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FrameFormat {
+    /// A `u32` big-endian length prefix the transport adds and strips.
+    #[default]
+    LengthPrefixed,
+    /// Frames with a fixed header that holds the body length as a `u32` big-endian; the
+    /// transport neither adds nor strips anything.
+    HeaderLength {
+        /// Bytes of the fixed header.
+        header_bytes: usize,
+        /// Offset of the `u32` body length inside the header.
+        length_offset: usize,
+    },
+}
+
+impl FrameFormat {
+    /// The wire format's frames: 12-byte header, body length at offset 8.
+    pub const WIRE_V1: FrameFormat = FrameFormat::HeaderLength {
+        header_bytes: 12,
+        length_offset: 8,
+    };
+
+    /// Bytes of header in front of each body.
+    fn header_bytes(self) -> usize {
+        match self {
+            FrameFormat::LengthPrefixed => FRAME_HEADER_BYTES,
+            FrameFormat::HeaderLength { header_bytes, .. } => header_bytes,
+        }
+    }
+
+    /// The body length announced by `header` (which has [`Self::header_bytes`] bytes).
+    fn body_len(self, header: &[u8]) -> Option<usize> {
+        let offset = match self {
+            FrameFormat::LengthPrefixed => 0,
+            FrameFormat::HeaderLength { length_offset, .. } => length_offset,
+        };
+        let b = header.get(offset..offset + 4)?;
+        usize::try_from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])).ok()
+    }
+}
 
 /// How much a reader asks the stream for at once when it does not yet know a frame's length.
 const READ_CHUNK_BYTES: usize = 64 << 10;
@@ -40,6 +90,14 @@ pub enum FrameError {
     /// Opening or accepting a stream failed because the connection is gone.
     #[error("connection failed: {0}")]
     Connection(#[from] ConnectionError),
+    /// (Writer) a frame's header does not announce the number of bytes that follow it.
+    #[error("frame header announces {announced:?} body bytes, the frame has {actual}")]
+    Inconsistent {
+        /// The body length in the header, if there was a whole header.
+        announced: Option<usize>,
+        /// The body bytes actually present.
+        actual: usize,
+    },
     /// The stream was already finished or reset locally.
     #[error("stream already closed")]
     ClosedStream,
@@ -75,6 +133,7 @@ impl FrameError {
 pub struct FrameWriter {
     send: SendStream,
     max_frame_bytes: usize,
+    format: FrameFormat,
 }
 
 impl FrameWriter {
@@ -83,21 +142,51 @@ impl FrameWriter {
         Self {
             send,
             max_frame_bytes,
+            format: FrameFormat::LengthPrefixed,
         }
     }
 
-    /// Sends one frame. Not cancel-safe: a dropped future may leave half a frame on the stream.
-    pub async fn write_frame(&mut self, payload: &[u8]) -> Result<(), FrameError> {
-        let len = u32::try_from(payload.len())
-            .ok()
-            .filter(|_| payload.len() <= self.max_frame_bytes)
-            .ok_or(FrameError::Oversize {
-                len: payload.len(),
-                max: self.max_frame_bytes,
-            })?;
-        self.send.write_all(&len.to_be_bytes()).await?;
-        self.send.write_all(payload).await?;
+    /// Sends one frame (for [`FrameFormat::HeaderLength`], a whole frame whose header must
+    /// announce exactly the bytes that follow it). The maximum applies to the body.
+    ///
+    /// Not cancel-safe: a dropped future may leave half a frame on the stream.
+    pub async fn write_frame(&mut self, frame: &[u8]) -> Result<(), FrameError> {
+        let max = self.max_frame_bytes;
+        match self.format {
+            FrameFormat::LengthPrefixed => {
+                let len = u32::try_from(frame.len())
+                    .ok()
+                    .filter(|_| frame.len() <= max)
+                    .ok_or(FrameError::Oversize {
+                        len: frame.len(),
+                        max,
+                    })?;
+                self.send.write_all(&len.to_be_bytes()).await?;
+                self.send.write_all(frame).await?;
+            }
+            format @ FrameFormat::HeaderLength { header_bytes, .. } => {
+                let body = frame.len().checked_sub(header_bytes);
+                let announced = frame.get(..header_bytes).and_then(|h| format.body_len(h));
+                if body.is_none() || announced != body {
+                    return Err(FrameError::Inconsistent {
+                        announced,
+                        actual: body.unwrap_or(0),
+                    });
+                }
+                let len = body.unwrap_or(0);
+                if len > max {
+                    return Err(FrameError::Oversize { len, max });
+                }
+                self.send.write_all(frame).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// The same writer with another frame format.
+    pub fn with_format(mut self, format: FrameFormat) -> Self {
+        self.format = format;
+        self
     }
 
     /// Writes raw bytes with no frame header (for a transport that frames differently, or tests).
@@ -127,6 +216,7 @@ pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     max_frame_bytes: usize,
+    format: FrameFormat,
 }
 
 impl FrameReader {
@@ -137,6 +227,7 @@ impl FrameReader {
             buf: Vec::new(),
             start: 0,
             max_frame_bytes,
+            format: FrameFormat::LengthPrefixed,
         }
     }
 
@@ -148,20 +239,23 @@ impl FrameReader {
         loop {
             let available = self.buf.len() - self.start;
             let mut want = READ_CHUNK_BYTES;
-            if available >= FRAME_HEADER_BYTES {
-                let mut header = [0u8; FRAME_HEADER_BYTES];
-                header.copy_from_slice(&self.buf[self.start..self.start + FRAME_HEADER_BYTES]);
-                let len = usize::try_from(u32::from_be_bytes(header)).unwrap_or(usize::MAX);
+            let header_bytes = self.format.header_bytes();
+            if available >= header_bytes {
+                let header = &self.buf[self.start..self.start + header_bytes];
+                let len = self.format.body_len(header).unwrap_or(usize::MAX);
                 if len > self.max_frame_bytes {
                     return Err(FrameError::Oversize {
                         len,
                         max: self.max_frame_bytes,
                     });
                 }
-                let total = FRAME_HEADER_BYTES + len;
+                let total = header_bytes + len;
                 if available >= total {
-                    let body = self.start + FRAME_HEADER_BYTES;
-                    let frame = self.buf[body..body + len].to_vec();
+                    let from = match self.format {
+                        FrameFormat::LengthPrefixed => self.start + header_bytes,
+                        FrameFormat::HeaderLength { .. } => self.start,
+                    };
+                    let frame = self.buf[from..self.start + total].to_vec();
                     self.start += total;
                     self.compact();
                     return Ok(Some(frame));
@@ -182,6 +276,12 @@ impl FrameReader {
                 }
             }
         }
+    }
+
+    /// The same reader with another frame format (before anything was read).
+    pub fn with_format(mut self, format: FrameFormat) -> Self {
+        self.format = format;
+        self
     }
 
     /// The largest frame this reader accepts.

@@ -586,3 +586,183 @@ async fn connections_beyond_the_limit_are_refused() {
         .unwrap();
     assert!(matches!(third, Err(ConnectError::Refused)), "{third:?}");
 }
+
+#[tokio::test]
+async fn pending_handshakes_beyond_the_cap_are_refused() {
+    let mut limits = ConnectionLimits::hub();
+    limits.max_pending_handshakes = 0;
+    let hub = TestHub::start(limits);
+    let d =
+        DeviceEndpoint::for_hub(hub.addr, hub.identity.pin(), ConnectionLimits::device()).unwrap();
+    let r = tokio::time::timeout(STEP, d.connect(hub.addr))
+        .await
+        .unwrap();
+    assert!(matches!(r, Err(ConnectError::Refused)), "{r:?}");
+}
+
+/// Writes `bytes` one at a time with a yield between, so frames arrive in many pieces.
+async fn trickle(w: &mut FrameWriter, bytes: &[u8]) {
+    for b in bytes {
+        w.write_raw(std::slice::from_ref(b)).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn frames_split_into_single_bytes_reassemble() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (mut w, _) = open_bi_framed(&pair.device_conn, 1024).await.unwrap();
+    let mut raw = Vec::new();
+    for frame in [&b"abc"[..], b"", &[9u8; 300]] {
+        raw.extend_from_slice(&u32::try_from(frame.len()).unwrap().to_be_bytes());
+        raw.extend_from_slice(frame);
+    }
+    let send = async {
+        trickle(&mut w, &raw).await;
+        w.finish().unwrap();
+    };
+    let recv = async {
+        let (_, mut r) = accept_bi_framed(&pair.hub_conn, 1024).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(f) = r.read_frame().await.unwrap() {
+            got.push(f);
+        }
+        got
+    };
+    let ((), got) = tokio::time::timeout(STEP, async { tokio::join!(send, recv) })
+        .await
+        .unwrap();
+    assert_eq!(got, vec![b"abc".to_vec(), vec![], vec![9u8; 300]]);
+}
+
+/// A frame in the wire format's layout: magic, version, kind, flags, length, body.
+fn wire_frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = b"FSYN".to_vec();
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&[kind, 0]);
+    f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+#[tokio::test]
+async fn wire_format_frames_travel_unchanged() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (w, _) = open_bi_framed(&pair.device_conn, 64).await.unwrap();
+    let mut w = w.with_format(FrameFormat::WIRE_V1);
+    // The writer checks the header against the frame before sending.
+    let mut lying = wire_frame(4, b"body");
+    lying[11] = 9;
+    assert!(matches!(
+        w.write_frame(&lying).await,
+        Err(FrameError::Inconsistent {
+            announced: Some(9),
+            actual: 4
+        })
+    ));
+    assert!(matches!(
+        w.write_frame(b"short").await,
+        Err(FrameError::Inconsistent {
+            announced: None,
+            ..
+        })
+    ));
+    assert!(matches!(
+        w.write_frame(&wire_frame(4, &[0; 65])).await,
+        Err(FrameError::Oversize { len: 65, max: 64 })
+    ));
+    let frames = [
+        wire_frame(1, b"hello"),
+        wire_frame(12, b""),
+        wire_frame(4, &[7; 64]),
+    ];
+    let send = async {
+        for f in &frames {
+            w.write_frame(f).await.unwrap();
+        }
+        // Then one that announces more than the reader accepts.
+        w.write_raw(&wire_frame(4, &[0; 65])[..12]).await.unwrap();
+    };
+    let recv = async {
+        let (_, r) = accept_bi_framed(&pair.hub_conn, 64).await.unwrap();
+        let mut r = r.with_format(FrameFormat::WIRE_V1);
+        let mut got = Vec::new();
+        for _ in 0..frames.len() {
+            got.push(r.read_frame().await.unwrap().unwrap());
+        }
+        (got, r.read_frame().await)
+    };
+    let ((), (got, last)) = tokio::time::timeout(STEP, async { tokio::join!(send, recv) })
+        .await
+        .unwrap();
+    assert_eq!(got, frames);
+    assert!(matches!(
+        last,
+        Err(FrameError::Oversize { len: 65, max: 64 })
+    ));
+}
+
+/// Sends `wake` on every wake-up.
+#[derive(Debug, Default)]
+struct WakeSession {
+    out: Vec<Vec<u8>>,
+}
+
+impl FrameSession for WakeSession {
+    fn handle_frame(&mut self, _now_ms: u64, _bytes: &[u8]) -> Result<(), CloseReason> {
+        Ok(())
+    }
+    fn poll_frame(&mut self) -> Option<Vec<u8>> {
+        self.out.pop()
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        None
+    }
+    fn handle_timeout(&mut self, _now_ms: u64) {}
+    fn is_closed(&self) -> bool {
+        false
+    }
+    fn handle_wake(&mut self, _now_ms: u64) {
+        self.out.push(b"wake".to_vec());
+    }
+}
+
+#[tokio::test]
+async fn a_wake_up_reaches_the_session_without_a_frame() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (mut dw, mut dr) = open_bi_framed(&pair.device_conn, 64).await.unwrap();
+    dw.write_frame(b"subscribe").await.unwrap();
+    let (mut hw, mut hr) = accept_bi_framed(&pair.hub_conn, 64).await.unwrap();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (conn, w2) = (pair.hub_conn.clone(), wake.clone());
+    let driver = tokio::spawn(async move {
+        let mut session = WakeSession::default();
+        let clock = SessionClock::new(0);
+        drive_session_with_wake(&mut session, &conn, &mut hw, &mut hr, &clock, &w2).await
+    });
+    // A notification sent before the driver waits is kept, not lost.
+    wake.notify_one();
+    let f = tokio::time::timeout(STEP, dr.read_frame())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.as_deref(), Some(&b"wake"[..]));
+    wake.notify_one();
+    let f = tokio::time::timeout(STEP, dr.read_frame())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.as_deref(), Some(&b"wake"[..]));
+    dw.finish().unwrap();
+    let outcome = tokio::time::timeout(STEP, driver).await.unwrap().unwrap();
+    assert!(
+        matches!(outcome, Ok(DriveOutcome::PeerFinished)),
+        "{outcome:?}"
+    );
+}
