@@ -31,7 +31,10 @@ mod framed;
 mod identity;
 mod verifier;
 
-pub use auth::{accept_device, authenticate, AuthError, AuthenticatedDevice};
+pub use auth::{
+    accept_device, authenticate, connect_with_credential, AuthError, AuthenticatedDevice, HubLink,
+    LinkError,
+};
 pub use config::{client_config, server_config, ConfigError, ConnectionLimits};
 pub use driver::{
     drive_session, drive_session_with_wake, CloseReason, DriveError, DriveOutcome, FrameSession,

@@ -14,9 +14,11 @@ use std::time::Duration;
 use quinn::{Connection, ConnectionError, VarInt};
 
 use crate::credential::MAX_TOKEN_BYTES;
-use crate::credential::{SignedToken, Token, TokenError, TokenRegistry, TokenVerifier};
+use crate::credential::{Credential, SignedToken, Token, TokenError, TokenRegistry, TokenVerifier};
 
 use super::codes;
+use super::config::ConnectionLimits;
+use super::endpoint::{ConnectError, DeviceEndpoint, EndpointError};
 use super::framed::{open_bi_framed, FrameError, FrameReader, FrameWriter};
 
 /// The hub's reply accepting a token.
@@ -165,4 +167,68 @@ fn refusal(conn: &Connection, e: FrameError) -> AuthError {
         };
     }
     AuthError::Frame(e)
+}
+
+/// Why a device could not open an authenticated link to its hub.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The hub address in the credential did not resolve.
+    #[error("cannot resolve hub address {address}: {reason}")]
+    Resolve {
+        /// The address as written in the credential.
+        address: String,
+        /// Why it did not resolve.
+        reason: String,
+    },
+    /// The local endpoint could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The connection failed (wrong pin, refused, unreachable).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The hub refused the token, or the exchange failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// A device's authenticated connection to its hub, with the session's control stream.
+#[derive(Debug)]
+pub struct HubLink {
+    /// The device's endpoint (keep it alive as long as the connection).
+    pub endpoint: DeviceEndpoint,
+    /// The connection (open blob streams on it).
+    pub conn: Connection,
+    /// Writer of the control stream.
+    pub writer: FrameWriter,
+    /// Reader of the control stream.
+    pub reader: FrameReader,
+}
+
+/// (Device) resolves the credential's hub address, connects with its pin and presents its token.
+#[tracing::instrument(skip_all, fields(hub = %credential.hub_address))]
+pub async fn connect_with_credential(
+    credential: &Credential,
+    limits: ConnectionLimits,
+) -> Result<HubLink, LinkError> {
+    let resolve = |reason: String| LinkError::Resolve {
+        address: credential.hub_address.clone(),
+        reason,
+    };
+    let hub = tokio::net::lookup_host(credential.hub_address.as_str())
+        .await
+        .map_err(|e| resolve(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve("no addresses".to_owned()))?;
+    let timeout = Duration::from_millis(limits.auth_timeout_ms);
+    let max_frame_bytes = limits.max_frame_bytes;
+    let endpoint = DeviceEndpoint::for_hub(hub, credential.cert_pin, limits)?;
+    let conn = endpoint.connect(hub).await?;
+    let (writer, reader) = authenticate(&conn, &credential.token, timeout, max_frame_bytes).await?;
+    Ok(HubLink {
+        endpoint,
+        conn,
+        writer,
+        reader,
+    })
 }

@@ -19,6 +19,31 @@
 //! sessions of `replication::proto` plug in through a small adapter implementing
 //! [`FrameSession`] (encode/decode with the wire format inside `handle_frame`/`poll_frame`).
 //!
+//! An adapter for a `replication::proto` session is a few lines (sketch; `Millis`, `wire` and the
+//! session types are the proto module's):
+//!
+//! ```text
+//! struct HubAdapter<'a> { session: HubSession, storage: &'a mut dyn HubStorage, now_ms: u64 }
+//! impl FrameSession for HubAdapter<'_> {
+//!     fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason> {
+//!         self.now_ms = now_ms;
+//!         match wire::decode(bytes) {            // reader uses FrameFormat::WIRE_V1
+//!             Ok((msg, _)) => self.session.handle_message(Millis(now_ms), msg, self.storage),
+//!             Err(e) => self.session.handle_wire_error(Millis(now_ms), &e),
+//!         }
+//!         Ok(())                                  // the session sends its own Close, then is_closed
+//!     }
+//!     fn poll_frame(&mut self) -> Option<Vec<u8>> {
+//!         let msg = self.session.poll_transmit(Millis(self.now_ms))?;
+//!         wire::encode(&msg).ok()
+//!     }
+//!     fn poll_timeout(&self) -> Option<u64> { self.session.poll_timeout().map(|m| m.0) }
+//!     fn handle_timeout(&mut self, now_ms: u64) { self.now_ms = now_ms; self.session.handle_timeout(Millis(now_ms)) }
+//!     fn handle_wake(&mut self, now_ms: u64) { self.now_ms = now_ms; self.session.handle_changes(Millis(now_ms), self.storage) }
+//!     fn is_closed(&self) -> bool { self.session.is_closed() }
+//! }
+//! ```
+//!
 //! Backpressure: while step 1 writes, nothing is read; QUIC flow control then slows the peer.
 //! A session must therefore not produce unbounded output in reply to input (bounded batches).
 //! Blob streams run in their own tasks ([`open_blob_stream`](super::open_blob_stream)) and never

@@ -36,14 +36,6 @@ pub enum EndpointError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
-    /// The hub address did not resolve to any socket address.
-    #[error("cannot resolve hub address {address}: {reason}")]
-    Resolve {
-        /// The address as written in the credential.
-        address: String,
-        /// Why it did not resolve.
-        reason: String,
-    },
     /// The hub presented a certificate other than the pinned one.
     #[error(transparent)]
     PinMismatch(#[from] PinMismatch),
@@ -318,21 +310,6 @@ impl DeviceEndpoint {
                 Err(ConnectError::Connection(e))
             }
         }
-    }
-
-    /// Resolves `address` (`host:port`, as in a credential) and connects to the first result.
-    pub async fn connect_to(&self, address: &str) -> Result<Connection, ConnectError> {
-        let resolve = |reason: String| ConnectError::Resolve {
-            address: address.to_owned(),
-            reason,
-        };
-        let mut addrs = tokio::net::lookup_host(address)
-            .await
-            .map_err(|e| resolve(e.to_string()))?;
-        let addr = addrs
-            .next()
-            .ok_or_else(|| resolve("no addresses".to_owned()))?;
-        self.connect(addr).await
     }
 
     /// Closes all connections and waits until the close is sent.

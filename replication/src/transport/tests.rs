@@ -766,3 +766,29 @@ async fn a_wake_up_reaches_the_session_without_a_frame() {
         "{outcome:?}"
     );
 }
+
+#[tokio::test]
+async fn a_credential_file_is_all_a_device_needs() {
+    let hub = TestHub::start(ConnectionLimits::hub());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device.cred");
+    crate::credential::Credential::new(hub.addr.to_string(), hub.identity.pin(), hub.enroll(1))
+        .save(&path)
+        .unwrap();
+    let cred = crate::credential::Credential::load(&path).unwrap();
+    let mut link = connect_with_credential(&cred, ConnectionLimits::device())
+        .await
+        .unwrap();
+    link.writer.write_frame(b"via credential").await.unwrap();
+    let echoed = tokio::time::timeout(STEP, link.reader.read_frame())
+        .await
+        .unwrap();
+    assert_eq!(echoed.unwrap().as_deref(), Some(&b"via credential"[..]));
+
+    let mut bad = cred.clone();
+    bad.hub_address = "no-such-host.invalid:1".into();
+    assert!(matches!(
+        connect_with_credential(&bad, ConnectionLimits::device()).await,
+        Err(LinkError::Resolve { .. })
+    ));
+}
