@@ -7,8 +7,9 @@
 //! `BASELINE name=quic_round_trip_us p50=... p99=...` (100-byte request/response).
 
 use fieldsync_replication::transport::baseline::{
-    bulk_limits, loopback_pair, percentile, raw_stream_throughput, round_trip_latencies,
+    loopback_pair, percentile, raw_stream_throughput, round_trip_latencies,
 };
+use fieldsync_replication::transport::ConnectionLimits;
 
 const STREAM_BYTES: u64 = 256 << 20;
 const WRITE_BYTES: usize = 64 << 10;
@@ -21,7 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let pair = loopback_pair(bulk_limits()).await?;
+        // The hub's own limits: the sync runs under them, so its baseline does too.
+        let pair = loopback_pair(ConnectionLimits::hub()).await?;
         // Warm up (congestion window, allocations), then measure.
         raw_stream_throughput(&pair, 16 << 20, WRITE_BYTES).await?;
         let t = raw_stream_throughput(&pair, STREAM_BYTES, WRITE_BYTES).await?;

@@ -2,8 +2,8 @@
 //!
 //! [`raw_stream_throughput`] sends bytes over one QUIC stream; [`round_trip_latencies`] times
 //! request/response pairs on one bidirectional stream. Both use the real endpoints of this
-//! module (pinned TLS, hub limits with a window big enough for one fast stream), so the only
-//! difference from a sync is the sync itself.
+//! module (pinned TLS, the [`ConnectionLimits`] you pass: the bench passes the hub's, which the
+//! sync runs under too), so the only difference from a sync is the sync itself.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -71,7 +71,7 @@ pub struct LoopbackPair {
     pub device_conn: Connection,
 }
 
-/// Limits for a bulk-transfer baseline: hub defaults with windows big enough for loopback speed.
+/// Hub limits with much bigger windows: how far raw QUIC goes when flow control never binds.
 pub fn bulk_limits() -> ConnectionLimits {
     let mut limits = ConnectionLimits::hub();
     limits.stream_receive_window_bytes = 16 << 20;
