@@ -63,6 +63,9 @@ pub struct ConnectionLimits {
     pub max_frame_bytes: usize,
     /// Time a hub gives a new connection to present its token.
     pub auth_timeout_ms: u64,
+    /// Time a handshake may take before its pending slot is freed (well under the idle timeout,
+    /// so slow or stalled handshakes cannot hold the slots).
+    pub handshake_timeout_ms: u64,
 }
 
 impl ConnectionLimits {
@@ -88,6 +91,7 @@ impl ConnectionLimits {
             udp_send_buffer_bytes: 4 << 20,
             max_frame_bytes: 4 << 20,
             auth_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
         }
     }
 
@@ -110,6 +114,7 @@ impl ConnectionLimits {
             udp_send_buffer_bytes: 1 << 20,
             max_frame_bytes: 4 << 20,
             auth_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
         }
     }
 

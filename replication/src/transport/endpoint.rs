@@ -1,7 +1,7 @@
 //! [`HubEndpoint`] (admission under limits) and [`DeviceEndpoint`] (pinned connections).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use quinn::{Connection, ConnectionError, Endpoint, EndpointConfig, TokioRuntime};
@@ -89,6 +89,7 @@ pub struct HubEndpoint {
     endpoint: Endpoint,
     limits: ConnectionLimits,
     pending: Arc<AtomicUsize>,
+    refused: AtomicU64,
     udp_recv_buffer_bytes: usize,
 }
 
@@ -97,6 +98,7 @@ pub struct HubEndpoint {
 pub struct PendingConnection {
     connecting: quinn::Connecting,
     remote: SocketAddr,
+    timeout: std::time::Duration,
     _slot: PendingSlot,
 }
 
@@ -131,6 +133,7 @@ impl HubEndpoint {
             endpoint,
             limits,
             pending: Arc::new(AtomicUsize::new(0)),
+            refused: AtomicU64::new(0),
             udp_recv_buffer_bytes: granted,
         })
     }
@@ -148,6 +151,11 @@ impl HubEndpoint {
     /// Handshakes admitted and not yet completed or dropped.
     pub fn pending_handshakes(&self) -> usize {
         self.pending.load(Ordering::Acquire)
+    }
+
+    /// Connection attempts refused so far for being over a limit (for `/metrics`).
+    pub fn refused_connections(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// The underlying quinn endpoint.
@@ -176,6 +184,7 @@ impl HubEndpoint {
             {
                 tracing::warn!(%remote, pending, open, "refusing connection: hub at its limit");
                 incoming.refuse();
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if pending * 2 >= self.limits.max_pending_handshakes
@@ -194,6 +203,7 @@ impl HubEndpoint {
                     return Some(PendingConnection {
                         connecting,
                         remote,
+                        timeout: std::time::Duration::from_millis(self.limits.handshake_timeout_ms),
                         _slot: PendingSlot(self.pending.clone()),
                     });
                 }
@@ -220,14 +230,21 @@ impl PendingConnection {
         self.remote
     }
 
-    /// Completes the handshake (bounded by the idle timeout). The pending slot is released when
-    /// this returns or is dropped.
+    /// Completes the handshake within [`ConnectionLimits::handshake_timeout_ms`]
+    /// ([`ConnectionError::TimedOut`] after that). The pending slot is released when this
+    /// returns or is dropped.
     pub async fn complete(self) -> Result<Connection, ConnectionError> {
         let remote = self.remote;
-        let conn = self
+        let handshake = self
             .connecting
-            .instrument(tracing::debug_span!("handshake", %remote))
-            .await?;
+            .instrument(tracing::debug_span!("handshake", %remote));
+        let conn = match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(result) => result?,
+            Err(_) => {
+                tracing::info!(%remote, "handshake timed out");
+                return Err(ConnectionError::TimedOut);
+            }
+        };
         tracing::debug!(%remote, "handshake complete");
         Ok(conn)
     }
