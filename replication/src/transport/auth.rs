@@ -8,6 +8,11 @@
 //! ```
 //!
 //! A refused device sees the connection closed with one of the `codes::AUTH_*` codes.
+//!
+//! The exchange uses [`FrameFormat::LengthPrefixed`](super::FrameFormat); the session may switch
+//! both halves with `with_format` afterwards (the device sends nothing between its token and
+//! the hub's answer, so no frame of the new format can be buffered yet). The hub verifies the
+//! token here, before any session state exists for the connection.
 
 use std::time::Duration;
 
