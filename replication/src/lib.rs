@@ -14,3 +14,7 @@ pub use evaluate::{evaluate, evaluate_all, DeviceSet, RowKey, RowView};
 pub use profile::{Profile, ProfileError, ProfileItem, RowFilter};
 pub use routing::{Route, Router, RowRef, UserDelta};
 pub use security::{Depth, Environment, EnvironmentError, Privilege, ReadScope, Role};
+#[cfg(feature = "credential")]
+pub mod credential;
+#[cfg(feature = "quic")]
+pub mod transport;
