@@ -1,6 +1,9 @@
 //! Wire format tests: golden bytes, every `WireError`, the incremental decoder, and proptests
 //! that no input panics the decoder.
 
+// Test helpers outside #[test] fns too: a panic here is a failed test, not a crash in the field.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use fieldsync_replication::proto::messages::{

@@ -560,6 +560,10 @@ impl DeviceSession {
             }
             (_, Message::Pong(_)) => Ok(()),
             (DeviceState::Handshaking, Message::Welcome(w)) => self.on_welcome(now, w, storage),
+            (DeviceState::Ready, Message::Welcome(_)) => {
+                debug!("repeated Welcome ignored");
+                Ok(())
+            }
             (DeviceState::Handshaking, Message::Refused(r)) => {
                 info!(code = %r.code, message = %r.message, "hub refused the session");
                 self.conn.closed_code = Some(r.code);

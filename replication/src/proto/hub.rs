@@ -339,6 +339,10 @@ impl HubSession {
                 Ok(())
             }
             (HubState::AwaitingHello, Message::Hello(h)) => self.on_hello(h, storage),
+            (HubState::Ready, Message::Hello(_)) => {
+                debug!("repeated Hello ignored");
+                Ok(())
+            }
             (HubState::Ready, Message::Ping(p)) => {
                 self.transmit
                     .push_back(Message::Pong(Pong { nonce: p.nonce }));

@@ -107,7 +107,8 @@ pub trait DeviceStorage {
     /// Applies changes pulled from the hub; a change already applied is skipped.
     fn apply_ops(&mut self, table: &str, ops: &[RowChange]) -> Result<(), StorageError>;
 
-    /// Imports rows entering the device's set, merging with any copy already held.
+    /// Imports rows entering the device's set, merging with any copy already held; an
+    /// eviction waiting for the row (see `evict_rows`) is cancelled.
     fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError>;
 
     /// Evicts rows that left the device's set; a row with unacknowledged local ops is evicted
@@ -185,9 +186,12 @@ pub enum PushOutcome {
 pub struct PullChunk {
     /// Changes to rows in the set at the start cursor and at `cursor`.
     pub ops: Vec<RowChange>,
-    /// Rows in the set at `cursor` but not at the start, whole.
+    /// Rows in the set at `cursor` but not at the start, whole (as of `cursor`).
     pub entering: Vec<RowDoc>,
-    /// Rows in the set at the start but not at `cursor`.
+    /// Rows not in the set at `cursor` that the device may hold: in the set at the start, or
+    /// written by the device itself in this range (it holds what it created even if the row
+    /// left its set before the feed told it the row was there). Never other rows: their ids
+    /// would leak.
     pub leaving: Vec<RowId>,
     /// Where this chunk ends (never before the start cursor).
     pub cursor: Cursor,
