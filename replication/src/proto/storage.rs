@@ -233,8 +233,11 @@ pub trait HubStorage {
     /// Checks one pushed op against the principal's privileges and row set and, if allowed,
     /// applies it durably, resolving conflicts by `policy` (the resolution is itself an op).
     ///
-    /// An op the hub already holds must be answered `Accepted` without checking it again, so a
-    /// push re-sent after a lost acknowledgement gets the same answer.
+    /// An op the hub already decided must get the same answer again, durably: `Accepted` if
+    /// it holds the op (without checking it again), the same rejection if it refused it. A push
+    /// re-sent after a lost acknowledgement is judged against a hub that has moved on (a later
+    /// op of the same push may have created the row), and a flipped answer would leave the
+    /// device with a sync error for an op the hub holds, or the reverse.
     fn apply_push(
         &mut self,
         now: Millis,
