@@ -1837,3 +1837,131 @@ fn chaos_scenarios_reach_every_path() {
         assert!(n > 0, "no {what} in the chaos scenarios: {t:?}");
     }
 }
+
+/// A device connected straight to a hub session, with no faults, for step-by-step tests.
+fn handshake(hub: &mut RefHub, cfg: DeviceConfig, now: Millis) -> (DeviceSession, HubSession) {
+    hub.devices.insert(cfg.device, (cfg.token.clone(), 1));
+    let mut dev = DeviceSession::new(cfg);
+    let mut s = HubSession::new(HubConfig::new(Uuid::nil()), now);
+    dev.handle_connected(now);
+    s.handle_message(now, dev.poll_transmit(now).unwrap(), hub);
+    let welcome = s.poll_transmit(now).unwrap();
+    let mut scratch = RefDevice::new(99);
+    dev.handle_message(now, welcome, &mut scratch);
+    assert_eq!(dev.state(), DeviceState::Ready);
+    while dev.poll_transmit(now).is_some() {}
+    (dev, s)
+}
+
+#[test]
+fn pushes_are_cut_to_the_byte_bound_whatever_storage_returns() {
+    let mut hub = RefHub::default();
+    let mut cfg = device_config(0, false, 0);
+    cfg.push_limits.max_bytes = 150;
+    cfg.push_limits.max_items = 100;
+    cfg.push_window = 100;
+    let (mut dev, _s) = handshake(&mut hub, cfg, Millis(0));
+    let mut store = RefDevice::new(1);
+    for v in 0..5 {
+        store.create("task", 1, "a", v);
+    }
+    dev.handle_local_ops(Millis(1), &mut store);
+    let mut seqs = Vec::new();
+    while let Some(m) = dev.poll_transmit(Millis(1)) {
+        let Message::Push(p) = m else { panic!("{m:?}") };
+        let bytes: usize = p.ops.iter().map(|o| o.change.len() + o.table.len()).sum();
+        assert!(
+            p.ops.len() == 1 || bytes <= 150,
+            "{} ops, {bytes} bytes",
+            p.ops.len()
+        );
+        assert_eq!(p.ops.first().unwrap().seq, p.after_seq + 1);
+        seqs.extend(p.ops.iter().map(|o| o.seq));
+    }
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<u64>>(),
+        "every op, once, in order"
+    );
+}
+
+#[test]
+fn a_busy_hub_sets_the_earliest_reconnect() {
+    let mut hub = RefHub::default();
+    let mut s = HubSession::new(HubConfig::new(Uuid::nil()), Millis(0));
+    let mut dev = DeviceSession::new(device_config(0, false, 0));
+    let mut store = RefDevice::new(1);
+    dev.handle_connected(Millis(0));
+    s.refuse_busy(Millis(0), Millis::from_minutes(3));
+    let _hello = dev.poll_transmit(Millis(0));
+    let refused = s.poll_transmit(Millis(0)).unwrap();
+    assert!(s.is_closed());
+    s.handle_message(Millis(0), Message::Ping(Ping { nonce: 0 }), &mut hub);
+    dev.handle_message(Millis(0), refused, &mut store);
+    assert_eq!(dev.state(), DeviceState::Closed);
+    dev.handle_disconnected(Millis(0));
+    let at = dev.wants_connection_at(&store).unwrap();
+    assert!(at >= Millis::from_minutes(3), "{at:?}");
+}
+
+#[test]
+fn keepalive_follows_the_hubs_idle_timeout() {
+    let mut hub = RefHub::default();
+    hub.devices.insert(device_id(0), (vec![0; 8], 1));
+    let mut store = RefDevice::new(1);
+    let mut dev = DeviceSession::new(device_config(0, false, 0));
+    let mut cfg = HubConfig::new(Uuid::nil());
+    cfg.idle_timeout = Millis::from_secs(30);
+    let mut s = HubSession::new(cfg, Millis(0));
+    dev.handle_connected(Millis(0));
+    s.handle_message(Millis(0), dev.poll_transmit(Millis(0)).unwrap(), &mut hub);
+    dev.handle_message(Millis(0), s.poll_transmit(Millis(0)).unwrap(), &mut store);
+    // Answer the first pulls so only the keep-alive timer is left.
+    let mut now = Millis(0);
+    for _ in 0..10 {
+        while let Some(m) = dev.poll_transmit(now) {
+            s.handle_message(now, m, &mut hub);
+        }
+        while let Some(m) = s.poll_transmit(now) {
+            dev.handle_message(now, m, &mut store);
+        }
+    }
+    assert!(dev.is_quiet());
+    now = dev.poll_timeout().unwrap();
+    assert_eq!(now, Millis::from_secs(10), "a third of the hub's 30 s");
+    dev.handle_timeout(now, &mut store);
+    assert!(matches!(dev.poll_transmit(now), Some(Message::Ping(_))));
+}
+
+#[test]
+fn the_hub_keeps_two_batches_in_flight_per_table() {
+    let mut hub = RefHub::default();
+    for r in 0..20u128 {
+        hub.server_edit("task", Uuid::from_u128(r), "owner", 1);
+    }
+    let mut cfg = HubConfig::new(Uuid::nil());
+    cfg.pull_limits.max_items = 4;
+    hub.devices.insert(device_id(0), (vec![0; 8], 1));
+    let mut s = HubSession::new(cfg, Millis(0));
+    let mut dev = DeviceSession::new(device_config(0, false, 0));
+    let mut store = RefDevice::new(1);
+    dev.handle_connected(Millis(0));
+    s.handle_message(Millis(0), dev.poll_transmit(Millis(0)).unwrap(), &mut hub);
+    dev.handle_message(Millis(0), s.poll_transmit(Millis(0)).unwrap(), &mut store);
+    while let Some(m) = dev.poll_transmit(Millis(0)) {
+        s.handle_message(Millis(0), m, &mut hub);
+    }
+    let mut task_batches = Vec::new();
+    while let Some(m) = s.poll_transmit(Millis(0)) {
+        if let Message::PullBatch(b) = &m {
+            if b.table == "task" {
+                task_batches.push((b.from, b.cursor, b.more));
+            }
+        }
+    }
+    assert_eq!(
+        task_batches,
+        vec![(Cursor(0), Cursor(4), true), (Cursor(4), Cursor(8), true)],
+        "two ahead of the acks, no more"
+    );
+}

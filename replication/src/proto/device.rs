@@ -7,8 +7,9 @@ use uuid::Uuid;
 
 use super::messages::{
     BlobRequest, Close, CloseCode, DeviceId, Hello, Message, Ping, Pong, Pull, PullAck, PullBatch,
-    Push, PushAck, Rejection, Subscribe, TableCursor, BLOB_CHUNK_MAX, MAX_TABLES_PER_REQUEST,
-    MAX_TEXT_LEN, PUSH_BATCH_BYTES_MAX, PUSH_BATCH_OPS_MAX, SUPPORTED_VERSIONS,
+    Push, PushAck, Rejection, Subscribe, TableCursor, BLOB_CHUNK_MAX, MAX_CHANGE_LEN,
+    MAX_TABLES_PER_REQUEST, MAX_TEXT_LEN, PUSH_BATCH_BYTES_MAX, PUSH_BATCH_OPS_MAX,
+    SUPPORTED_VERSIONS,
 };
 use super::schedule::SyncSchedule;
 use super::storage::{BatchLimits, DeviceStorage, StorageError};
@@ -196,6 +197,9 @@ struct Conn {
     blob_requests: BTreeMap<[u8; 32], Millis>,
     closed_code: Option<CloseCode>,
     retry_after: Option<Millis>,
+    /// The keep-alive interval in force: the config's, shortened to a third of the hub's idle
+    /// timeout.
+    keepalive: Millis,
     next_due: Option<Millis>,
 }
 
@@ -293,6 +297,7 @@ impl DeviceSession {
             opened_at: now,
             last_received: now,
             last_sent: now,
+            keepalive: self.config.keepalive_interval,
             ..Conn::default()
         };
         self.state = DeviceState::Handshaking;
@@ -443,7 +448,7 @@ impl DeviceSession {
             }
             DeviceState::Ready => {
                 let mut t = (c.last_received + cfg.idle_timeout)
-                    .min(c.last_sent.max(c.last_received) + cfg.keepalive_interval);
+                    .min(c.last_sent.max(c.last_received) + c.keepalive);
                 if !c.in_flight.is_empty() {
                     t = t.min(c.push_progress + cfg.request_timeout);
                 }
@@ -491,7 +496,7 @@ impl DeviceSession {
                     return Ok(());
                 }
                 let quiet_since = self.conn.last_sent.max(self.conn.last_received);
-                if now >= quiet_since + cfg.keepalive_interval {
+                if now >= quiet_since + self.conn.keepalive {
                     self.conn.ping_nonce = self.conn.ping_nonce.wrapping_add(1);
                     self.transmit.push_back(Message::Ping(Ping {
                         nonce: self.conn.ping_nonce,
@@ -604,6 +609,8 @@ impl DeviceSession {
         info!(version = w.protocol_version, user = %w.user, "session open");
         self.state = DeviceState::Ready;
         self.attempts = 0;
+        let hub_idle = Millis(w.idle_timeout_ms / 3).max(Millis::from_secs(1));
+        self.conn.keepalive = self.config.keepalive_interval.min(hub_idle);
         let acked = storage.acked_seq()?;
         self.conn.acked = acked;
         self.conn.sent_through = acked;
@@ -642,7 +649,28 @@ impl DeviceSession {
         }
         while self.conn.in_flight.len() < self.config.push_window.max(1) {
             let mut ops = storage.pending_ops(self.conn.sent_through, self.config.push_limits)?;
-            ops.truncate(PUSH_BATCH_OPS_MAX);
+            // Hold storage to the bounds: the frame must fit, whatever storage returned.
+            let max_bytes = self.config.push_limits.max_bytes.min(PUSH_BATCH_BYTES_MAX);
+            let mut bytes = 0usize;
+            let keep = ops
+                .iter()
+                .take(PUSH_BATCH_OPS_MAX)
+                .enumerate()
+                .take_while(|(i, op)| {
+                    bytes += op.change.len() + op.table.len();
+                    *i == 0 || bytes <= max_bytes
+                })
+                .count();
+            ops.truncate(keep.max(1));
+            if let Some(op) = ops.iter().find(|op| op.change.len() > MAX_CHANGE_LEN) {
+                // Never dropped, never sendable: say so and stop pushing (the store must refuse
+                // such a change at commit).
+                return Err(Fail::Storage(StorageError::Corrupt(format!(
+                    "pending op {} is {} bytes, over the {MAX_CHANGE_LEN}-byte limit",
+                    op.seq,
+                    op.change.len()
+                ))));
+            }
             let Some(last) = ops.last() else { break };
             let up_to = last.seq;
             let mut prev = self.conn.sent_through;

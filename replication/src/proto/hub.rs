@@ -63,6 +63,9 @@ pub struct HubConfig {
     pub handshake_timeout: Millis,
     /// Bounds of one pulled batch.
     pub pull_limits: BatchLimits,
+    /// Batches of one table sent ahead of the device's `PullAck`s (at least 1). Two hide one
+    /// round trip on slow links while bounding what one device has in flight.
+    pub pull_window: usize,
     /// Conflict policy per table (applied by [`HubStorage::apply_push`]).
     pub conflicts: ConflictPolicies,
 }
@@ -79,6 +82,7 @@ impl HubConfig {
                 max_items: PULL_BATCH_ITEMS_MAX,
                 max_bytes: PULL_BATCH_BYTES_MAX,
             },
+            pull_window: 2,
             conflicts: ConflictPolicies::default(),
         }
     }
@@ -148,8 +152,8 @@ pub enum HubEvent {
 struct TableFeed {
     /// Where the next batch starts.
     cursor: Cursor,
-    /// The cursor of the batch sent and not yet acknowledged.
-    outstanding: Option<Cursor>,
+    /// The cursors of the batches sent and not yet acknowledged, oldest first.
+    outstanding: VecDeque<Cursor>,
     /// The device asked for this table and the feed has not reached its end.
     requested: bool,
     /// The device subscribed (live mode).
@@ -354,8 +358,9 @@ impl HubSession {
             (HubState::Ready, Message::Subscribe(s)) => self.on_pull(now, s.tables, true, storage),
             (HubState::Ready, Message::PullAck(a)) => {
                 if let Some(feed) = self.feeds.get_mut(&a.table) {
-                    if feed.outstanding == Some(a.cursor) {
-                        feed.outstanding = None;
+                    if let Some(at) = feed.outstanding.iter().position(|c| *c == a.cursor) {
+                        // An ack covers the batches before it too (their acks may be lost).
+                        feed.outstanding.drain(..=at);
                     } else {
                         debug!(table = %a.table, "PullAck for no outstanding batch ignored");
                     }
@@ -407,12 +412,26 @@ impl HubSession {
         Ok(())
     }
 
+    /// Refuses a device before its handshake because the hub is at a connection limit; the
+    /// device retries no sooner than `retry_after`.
+    pub fn refuse_busy(&mut self, now: Millis, retry_after: Millis) {
+        let _ = now;
+        let _g = self.span.clone().entered();
+        if self.state == HubState::AwaitingHello {
+            self.refuse_with(CloseCode::BUSY, "hub busy".into(), Some(retry_after));
+        }
+    }
+
     fn refuse(&mut self, code: CloseCode, message: String) {
+        self.refuse_with(code, message, None);
+    }
+
+    fn refuse_with(&mut self, code: CloseCode, message: String, retry_after: Option<Millis>) {
         info!(%code, %message, "refusing device");
         self.transmit.push_back(Message::Refused(Refused {
             code,
             message: truncate_text(&message, MAX_TEXT_LEN),
-            retry_after_ms: None,
+            retry_after_ms: retry_after.map(|m| m.0),
         }));
         self.state = HubState::Closed;
         self.events.push_back(HubEvent::Refused { code });
@@ -506,7 +525,7 @@ impl HubSession {
             }
             let feed = self.feeds.entry(t.table).or_default();
             feed.cursor = t.cursor;
-            feed.outstanding = None;
+            feed.outstanding.clear();
             feed.requested = true;
             feed.live |= live;
         }
@@ -519,39 +538,43 @@ impl HubSession {
         let Some(who) = &self.principal else {
             return Ok(());
         };
+        let window = self.config.pull_window.max(1);
         for (table, feed) in self.feeds.iter_mut() {
-            if feed.outstanding.is_some() || !(feed.requested || (feed.live && feed.dirty)) {
-                continue;
+            while feed.outstanding.len() < window && (feed.requested || (feed.live && feed.dirty)) {
+                let chunk = storage.pull(who, table, feed.cursor, self.config.pull_limits)?;
+                let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
+                if chunk.cursor < feed.cursor || items > PULL_BATCH_ITEMS_MAX {
+                    return Err(Fail::Storage(StorageError::Corrupt(format!(
+                        "feed of `{table}` broke its contract: cursor {} -> {}, {items} items",
+                        feed.cursor.0, chunk.cursor.0
+                    ))));
+                }
+                feed.dirty = false;
+                if !feed.requested && chunk.is_empty() && !chunk.more {
+                    break;
+                }
+                self.transmit.push_back(Message::PullBatch(PullBatch {
+                    table: table.clone(),
+                    from: feed.cursor,
+                    cursor: chunk.cursor,
+                    ops: chunk.ops,
+                    entering: chunk.entering,
+                    leaving: chunk.leaving,
+                    more: chunk.more,
+                }));
+                self.events.push_back(HubEvent::BatchSent {
+                    table: table.clone(),
+                    cursor: chunk.cursor,
+                    items,
+                });
+                feed.outstanding.push_back(chunk.cursor);
+                feed.cursor = chunk.cursor;
+                feed.requested = chunk.more;
+                // A live feed that just caught up stays quiet until the hub changes again.
+                if !chunk.more {
+                    break;
+                }
             }
-            let chunk = storage.pull(who, table, feed.cursor, self.config.pull_limits)?;
-            if chunk.cursor < feed.cursor {
-                return Err(Fail::Storage(StorageError::Corrupt(format!(
-                    "feed of `{table}` moved back from {} to {}",
-                    feed.cursor.0, chunk.cursor.0
-                ))));
-            }
-            feed.dirty = false;
-            if !feed.requested && chunk.is_empty() && !chunk.more {
-                continue;
-            }
-            let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
-            self.transmit.push_back(Message::PullBatch(PullBatch {
-                table: table.clone(),
-                from: feed.cursor,
-                cursor: chunk.cursor,
-                ops: chunk.ops,
-                entering: chunk.entering,
-                leaving: chunk.leaving,
-                more: chunk.more,
-            }));
-            self.events.push_back(HubEvent::BatchSent {
-                table: table.clone(),
-                cursor: chunk.cursor,
-                items,
-            });
-            feed.outstanding = Some(chunk.cursor);
-            feed.cursor = chunk.cursor;
-            feed.requested = chunk.more;
         }
         Ok(())
     }
