@@ -817,7 +817,7 @@ impl Net {
     fn pump(&mut self) -> bool {
         let now = self.now;
         let mut busy = false;
-        let mut changed = false;
+        let mut changed: BTreeSet<String> = BTreeSet::new();
         for i in 0..self.devs.len() {
             let faults = self.faults;
             let d = &mut self.devs[i];
@@ -884,7 +884,9 @@ impl Net {
             }
             while let Some(e) = link.hub.poll_event() {
                 match &e {
-                    HubEvent::OpsApplied { accepted, .. } => changed |= *accepted > 0,
+                    HubEvent::OpsApplied {
+                        accepted, tables, ..
+                    } if *accepted > 0 => changed.extend(tables.iter().cloned()),
                     HubEvent::Closed { code, .. } if code.0 >= CloseCode::WIRE_BASE => {
                         self.stats.wire_closes += 1
                     }
@@ -940,19 +942,25 @@ impl Net {
                 }
             }
         }
-        if changed {
-            self.notify_all();
+        if !changed.is_empty() {
+            let tables: Vec<String> = changed.into_iter().collect();
+            self.notify(&tables);
         }
         busy
     }
 
-    fn notify_all(&mut self) {
+    /// Tells every hub session that these tables changed (the hub shell's fan-out).
+    fn notify(&mut self, tables: &[String]) {
         let now = self.now;
         for d in &mut self.devs {
             if let Some(link) = d.link.as_mut() {
-                link.hub.handle_changes(now, &mut self.hub);
+                link.hub.handle_changes(now, tables, &mut self.hub);
             }
         }
+    }
+
+    fn notify_all(&mut self) {
+        self.notify(&[]);
     }
 
     fn next_time(&self) -> Millis {
@@ -1964,4 +1972,128 @@ fn the_hub_keeps_two_batches_in_flight_per_table() {
         vec![(Cursor(0), Cursor(4), true), (Cursor(4), Cursor(8), true)],
         "two ahead of the acks, no more"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen regressions (shrunk proptest failures), each with its postmortem.
+// ---------------------------------------------------------------------------------------------
+
+/// Postmortem (shrunk from the convergence proptest): a device pushed [create a row for
+/// another user (refused: another owner), a column write (refused: no such row), assign the row
+/// to itself (accepted: it *created* the row)]. The ack was lost, the push re-sent, and the hub
+/// judged the first op again against the row that now existed: accepted. The device had
+/// recorded it as a sync error and rolled it back. Fix: the hub answers an op it already
+/// decided as it did the first time (`HubStorage::apply_push`).
+#[test]
+fn regression_a_resent_push_gets_the_same_answer() {
+    let mut hub = RefHub::default();
+    let (mut dev, mut s) = handshake(&mut hub, device_config(0, false, 0), Millis(0));
+    let mut store = RefDevice::new(1);
+    let row = Uuid::from_u128(5);
+    store.write("task", row, "owner", 2);
+    store.write("task", row, "a", 1);
+    store.write("task", row, "owner", 1);
+    dev.handle_local_ops(Millis(0), &mut store);
+    let push = dev.poll_transmit(Millis(0)).unwrap();
+    s.handle_message(Millis(0), push, &mut hub);
+    let lost_ack = s.poll_transmit(Millis(0)).unwrap();
+    assert!(matches!(&lost_ack, Message::PushAck(a) if a.rejected.len() == 2));
+    // The ack is lost; the device re-sends after its request timeout.
+    let t = dev.poll_timeout().unwrap();
+    dev.handle_timeout(t, &mut store);
+    let mut resent = None;
+    while let Some(m) = dev.poll_transmit(t) {
+        if let Message::Push(_) = m {
+            resent = Some(m);
+        }
+    }
+    s.handle_message(t, resent.expect("push re-sent"), &mut hub);
+    let ack = s.poll_transmit(t).unwrap();
+    assert_eq!(ack, lost_ack, "the same answer");
+    dev.handle_message(t, ack, &mut store);
+    let rejected: Vec<u64> = store.errors.iter().map(|e| e.seq).collect();
+    assert_eq!(rejected, [1, 2]);
+    assert!(
+        !hub.held.contains(&(1, 1)),
+        "a refused op stays off the hub"
+    );
+}
+
+/// Postmortem: a device created a row and pushed it; the hub gave the row to another user
+/// before the device's next pull. The feed from the device's cursor saw a row that was in the
+/// set neither at the start nor at the end, so it said nothing, and the device kept a row it
+/// may not see. Fix: a row the device wrote itself in the range is reported as leaving
+/// (`PullChunk::leaving`).
+#[test]
+fn regression_a_row_created_here_and_moved_away_before_any_pull_is_evicted() {
+    // Device 1 (user 2) is not live: it learns of rows only by pulling.
+    let mut net = Net::new(2, 13);
+    net.run_for(Millis::from_secs(2));
+    let row = net.devs[1].storage.create("task", 2, "a", 1);
+    net.local_ops(1);
+    net.pump();
+    let key = ("task".to_string(), row);
+    assert!(net.hub.rows.contains_key(&key));
+    net.hub.server_edit("task", row, "owner", 1);
+    net.notify_all();
+    net.heal_and_check();
+    assert!(!net.devs[1].storage.rows.contains_key(&key));
+    assert!(net.devs[0].storage.rows.contains_key(&key));
+}
+
+#[test]
+fn a_hub_that_breaks_the_protocol_is_dropped() {
+    let bad: Vec<Message> = vec![
+        // A rejection of an op that was not in the push.
+        Message::PushAck(fieldsync_replication::proto::PushAck {
+            after_seq: 0,
+            up_to_seq: 2,
+            rejected: vec![Rejection {
+                seq: 7,
+                table: "task".into(),
+                row: Uuid::nil(),
+                operation: Operation::Write,
+                kind: RejectionKind::Validation,
+                message: String::new(),
+                authoritative: None,
+            }],
+        }),
+        // A table outside the profile.
+        Message::PullBatch(fieldsync_replication::proto::PullBatch {
+            table: "secret".into(),
+            from: Cursor(0),
+            cursor: Cursor(1),
+            ops: vec![],
+            entering: vec![],
+            leaving: vec![],
+            more: false,
+        }),
+        // A cursor that runs backwards.
+        Message::PullBatch(fieldsync_replication::proto::PullBatch {
+            table: "task".into(),
+            from: Cursor(5),
+            cursor: Cursor(1),
+            ops: vec![],
+            entering: vec![],
+            leaving: vec![],
+            more: false,
+        }),
+        // A message only devices send.
+        Message::Pull(fieldsync_replication::proto::Pull { tables: vec![] }),
+    ];
+    for msg in bad {
+        let mut hub = RefHub::default();
+        let (mut dev, _s) = handshake(&mut hub, device_config(0, false, 0), Millis(0));
+        let mut store = RefDevice::new(1);
+        store.create("task", 1, "a", 1);
+        dev.handle_local_ops(Millis(0), &mut store);
+        while dev.poll_transmit(Millis(0)).is_some() {}
+        dev.handle_message(Millis(1), msg.clone(), &mut store);
+        assert_eq!(dev.state(), DeviceState::Closed, "{msg:?}");
+        assert!(
+            matches!(dev.poll_transmit(Millis(1)), Some(Message::Close(c)) if c.code == CloseCode::PROTOCOL_VIOLATION),
+            "{msg:?}"
+        );
+        assert_eq!(store.acked, 0, "nothing acknowledged by a broken hub");
+    }
 }

@@ -240,15 +240,15 @@ impl HubSession {
         self.close(now, error.close_code(), &error.to_string());
     }
 
-    /// The hub's data changed (another session's push, a server-side edit): live feeds look
-    /// for changes in the device's set.
-    pub fn handle_changes(&mut self, now: Millis, storage: &mut dyn HubStorage) {
+    /// The hub's data changed in `tables` (another session's push, a server-side edit; empty:
+    /// any table): live feeds of those tables look for changes in the device's set.
+    pub fn handle_changes(&mut self, now: Millis, tables: &[String], storage: &mut dyn HubStorage) {
         let _g = self.span.clone().entered();
         if self.state != HubState::Ready {
             return;
         }
-        for feed in self.feeds.values_mut() {
-            if feed.live {
+        for (table, feed) in self.feeds.iter_mut() {
+            if feed.live && (tables.is_empty() || tables.contains(table)) {
                 feed.dirty = true;
             }
         }
