@@ -685,6 +685,8 @@ struct Stats {
     leaving: u64,
     rejected: [u64; 4],
     reconnects: u64,
+    /// Frames on the wire when a disconnect or restart cut the link.
+    cut_in_flight: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -720,6 +722,8 @@ struct Net {
     hub_events: Vec<(usize, HubEvent)>,
     frames: u64,
     stats: Stats,
+    /// Frames `pump` may still deliver (`None`: no limit), to leave some in flight.
+    budget: Option<u64>,
 }
 
 fn device_id(i: usize) -> DeviceId {
@@ -778,6 +782,7 @@ impl Net {
             hub_events: Vec::new(),
             frames: 0,
             stats: Stats::default(),
+            budget: None,
         }
     }
 
@@ -798,14 +803,17 @@ impl Net {
     fn disconnect(&mut self, i: usize) {
         let now = self.now;
         let d = &mut self.devs[i];
-        if d.link.take().is_some() {
+        if let Some(link) = d.link.take() {
+            self.stats.cut_in_flight += (link.to_hub.len() + link.to_dev.len()) as u64;
             d.session.handle_disconnected(now);
         }
     }
 
     /// The app restarts: a fresh session over the same (durable) storage.
     fn restart(&mut self, i: usize) {
-        self.devs[i].link = None;
+        if let Some(link) = self.devs[i].link.take() {
+            self.stats.cut_in_flight += (link.to_hub.len() + link.to_dev.len()) as u64;
+        }
         self.devs[i].restarts += 1;
         let seed = self.rng.gen();
         let live = self.devs[i].session.config().live;
@@ -846,7 +854,13 @@ impl Net {
                 link.to_dev.push_back((wire::encode(&m).unwrap(), false));
             }
             // Deliver, with faults.
-            while let Some(frame) = take(&mut link.to_hub, faults, &mut self.rng, &mut self.stats) {
+            while let Some(frame) = take(
+                &mut link.to_hub,
+                faults,
+                &mut self.rng,
+                &mut self.stats,
+                &mut self.budget,
+            ) {
                 busy = true;
                 self.frames += 1;
                 link.hub_dec.feed(&frame);
@@ -864,7 +878,13 @@ impl Net {
                     link.to_dev.push_back((wire::encode(&m).unwrap(), false));
                 }
             }
-            while let Some(frame) = take(&mut link.to_dev, faults, &mut self.rng, &mut self.stats) {
+            while let Some(frame) = take(
+                &mut link.to_dev,
+                faults,
+                &mut self.rng,
+                &mut self.stats,
+                &mut self.budget,
+            ) {
                 busy = true;
                 self.frames += 1;
                 link.dev_dec.feed(&frame);
@@ -1076,7 +1096,14 @@ fn take(
     f: Faults,
     rng: &mut ChaCha8Rng,
     stats: &mut Stats,
+    budget: &mut Option<u64>,
 ) -> Option<Vec<u8>> {
+    if let Some(b) = budget {
+        if *b == 0 {
+            return None;
+        }
+        *b -= 1;
+    }
     loop {
         let (frame, copy) = q.pop_front()?;
         if f.loss_pct > 0 && rng.gen_range(0..100) < f.loss_pct {
@@ -1639,6 +1666,10 @@ enum Action {
     SyncNow {
         dev: usize,
     },
+    /// Deliver only a few frames, so the next fault hits messages in flight.
+    Partial {
+        frames: u64,
+    },
 }
 
 const DEVICES: usize = 3;
@@ -1656,6 +1687,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => dev.clone().prop_map(|dev| Action::Restart { dev }),
         1 => dev.clone().prop_map(|dev| Action::Corrupt { dev }),
         1 => dev.prop_map(|dev| Action::SyncNow { dev }),
+        2 => (0..4u64).prop_map(|frames| Action::Partial { frames }),
     ]
 }
 
@@ -1741,6 +1773,12 @@ fn run_scenario(seed: u64, faults: Faults, actions: &[Action]) -> Stats {
                 let d = &mut net.devs[dev];
                 d.session.sync_now(now, &mut d.storage, &[]);
             }
+            Action::Partial { frames } => {
+                net.budget = Some(frames);
+                net.pump();
+                net.budget = None;
+                continue;
+            }
         }
         net.pump();
     }
@@ -1802,6 +1840,7 @@ fn chaos_scenarios_reach_every_path() {
         total.entering += s.entering;
         total.leaving += s.leaving;
         total.reconnects += s.reconnects;
+        total.cut_in_flight += s.cut_in_flight;
         for k in 0..4 {
             total.rejected[k] += s.rejected[k];
         }
@@ -1818,6 +1857,7 @@ fn chaos_scenarios_reach_every_path() {
         ("rows entering", t.entering),
         ("rows leaving", t.leaving),
         ("reconnects", t.reconnects),
+        ("frames cut in flight", t.cut_in_flight),
         (
             "conflict rejections",
             t.rejected[RejectionKind::Conflict as usize],
