@@ -234,7 +234,7 @@ pub trait HubStorage {
     /// applies it durably, resolving conflicts by `policy` (the resolution is itself an op).
     ///
     /// An op the hub already decided must get the same answer again, durably: `Accepted` if
-    /// it holds the op (without checking it again), the same rejection if it refused it. A push
+    /// it holds the op (without checking it again), the same rejection if it refused it (its authoritative row may be newer). A push
     /// re-sent after a lost acknowledgement is judged against a hub that has moved on (a later
     /// op of the same push may have created the row), and a flipped answer would leave the
     /// device with a sync error for an op the hub holds, or the reverse.
