@@ -389,7 +389,9 @@ impl FrameDecoder {
         FrameDecoder::default()
     }
 
-    /// Appends bytes received from the stream.
+    /// Appends bytes received from the stream. Call [`next_message`](Self::next_message) until
+    /// it returns `Ok(None)` after each feed: the buffer then holds at most one partial frame,
+    /// so it stays under [`MAX_FRAME_LEN`] plus one read.
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.failed.is_some() {
             return;
