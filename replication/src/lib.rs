@@ -18,3 +18,5 @@ pub use security::{Depth, Environment, EnvironmentError, Privilege, ReadScope, R
 pub mod credential;
 #[cfg(feature = "quic")]
 pub mod transport;
+pub mod proto;
+pub mod wire;
