@@ -16,7 +16,7 @@ pub use routing::{Route, Router, RowRef, UserDelta};
 pub use security::{Depth, Environment, EnvironmentError, Privilege, ReadScope, Role};
 #[cfg(feature = "credential")]
 pub mod credential;
+pub mod proto;
 #[cfg(feature = "quic")]
 pub mod transport;
-pub mod proto;
 pub mod wire;
