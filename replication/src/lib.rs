@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod dataverse_records;
 pub mod evaluate;
 pub mod profile;
 pub mod routing;
@@ -10,6 +11,7 @@ pub mod security;
 
 pub use admin::{authorize, AdminError, AdminOperation, AuthorizationError, Catalog};
 pub use app::{apps_from_toml, generate_profile, App, GenerateReport, PublishError, View};
+pub use dataverse_records::{export_records, import_records, RecordsError};
 pub use evaluate::{evaluate, evaluate_all, DeviceSet, RowKey, RowView};
 pub use profile::{Profile, ProfileError, ProfileItem, RowFilter};
 pub use routing::{Route, Router, RowRef, UserDelta};

@@ -15,7 +15,7 @@ use crate::store::Store;
 use crate::value::{RowId, Value};
 
 /// Rows per `apply_batch` in `bulk_insert`.
-const BULK_CHUNK_ROWS: usize = 4096;
+const BULK_CHUNK_ROWS: usize = 1024;
 
 /// One row for [`Store::bulk_insert`]: an optional id and the column values.
 #[derive(Debug, Clone, PartialEq)]

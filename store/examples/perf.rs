@@ -1,0 +1,205 @@
+//! A quick look at the store's costs on realistic 12-column rows (the real comparison with
+//! SQLite lives in `store/benches/`). Run: `cargo run --release -p fieldsync-store --example
+//! perf -- [ROWS]`.
+
+use std::time::Instant;
+
+use fieldsync_store::{Durability, OwnerKind, OwnerRef, Query, Schema, Store, StoreOptions, Value};
+use uuid::Uuid;
+
+const SCHEMA: &str = include_str!("../../examples/field-service/schema.toml");
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn owner(i: usize) -> Value {
+    Value::Owner(OwnerRef {
+        kind: OwnerKind::User,
+        id: Uuid::from_u128(1 + (i % 10) as u128),
+    })
+}
+
+fn row(i: usize) -> Vec<(String, Value)> {
+    let s = |k: &str, v: Value| (k.to_string(), v);
+    vec![
+        s("msdyn_name", Value::Text(format!("WO-{i:07}"))),
+        s(
+            "msdyn_workordersummary",
+            Value::Memo(format!("Replace filter on unit {i}")),
+        ),
+        s(
+            "msdyn_systemstatus",
+            Value::Choice(690_970_000 + (i % 6) as i32),
+        ),
+        s("msdyn_priority", Value::Choice(1 + (i % 3) as i32)),
+        s(
+            "msdyn_serviceaccount",
+            Value::Lookup(Uuid::from_u128(0xACC0_0000 + (i % 500) as u128)),
+        ),
+        s(
+            "msdyn_primaryincidenttype",
+            Value::Text("Maintenance".into()),
+        ),
+        s(
+            "msdyn_estimatedduration",
+            Value::Integer(30 + (i % 90) as i64),
+        ),
+        s(
+            "msdyn_totalamount",
+            Value::Decimal(rust_decimal::Decimal::new(12_345 + i as i64, 2)),
+        ),
+        s(
+            "msdyn_datewindowstart",
+            Value::DateTime(1_790_000_000_000 + i as i64 * 60_000),
+        ),
+        s(
+            "msdyn_latitude",
+            Value::Float(47.6 + (i % 100) as f64 / 1000.0),
+        ),
+        s(
+            "msdyn_longitude",
+            Value::Float(-122.3 - (i % 100) as f64 / 1000.0),
+        ),
+        s("ownerid", owner(i)),
+        s("statecode", Value::Choice((i % 2) as i32)),
+    ]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir()?;
+    let schema = Schema::from_toml(SCHEMA)?;
+    let table = "msdyn_workorder";
+    let store = Store::create(
+        dir.path(),
+        schema,
+        StoreOptions::default().with_durability(Durability::Group),
+    )?;
+
+    let rows: Vec<_> = (0..n).map(row).collect();
+    let t = Instant::now();
+    let ids = store.bulk_insert(table, rows, &mut |_| {})?;
+    store.sync()?;
+    let el = t.elapsed();
+    println!(
+        "import   {n} rows: {:.2?} = {:.1} µs/row",
+        el,
+        el.as_secs_f64() * 1e6 / n as f64
+    );
+    println!(
+        "         RSS {:.0} MB, disk {} B/row",
+        rss_mb(),
+        store.status()?.disk_bytes / n as u64
+    );
+
+    let t = Instant::now();
+    for chunk in ids.chunks(1000) {
+        let mut tx = store.begin();
+        for (k, id) in chunk.iter().enumerate() {
+            tx.update(
+                table,
+                *id,
+                &[("msdyn_estimatedduration", Value::Integer(k as i64))],
+            )?;
+        }
+        tx.commit_with(Durability::Group)?;
+    }
+    store.sync()?;
+    let el = t.elapsed();
+    println!(
+        "update   {n} single-column updates in txns of 1000: {:.1} µs/update",
+        el.as_secs_f64() * 1e6 / n as f64
+    );
+    println!(
+        "         RSS {:.0} MB, disk {} B/row",
+        rss_mb(),
+        store.status()?.disk_bytes / n as u64
+    );
+
+    let mut lat = Vec::new();
+    for (k, id) in ids.iter().take(2000).enumerate() {
+        let t = Instant::now();
+        let mut tx = store.begin();
+        tx.update(
+            table,
+            *id,
+            &[("msdyn_name", Value::Text(format!("durable {k}")))],
+        )?;
+        tx.commit_with(Durability::Immediate)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "durable  2000 single-row commits: median {:.0} µs, p99 {:.0} µs",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+
+    let q = Query::table(table)
+        .eq("ownerid", owner(2))
+        .eq("statecode", Value::Choice(0))
+        .order_by("modifiedon", fieldsync_store::Order::Desc);
+    let t = Instant::now();
+    let mut found = 0;
+    for _ in 0..10 {
+        found = store.query(&q)?.len();
+    }
+    println!(
+        "query    my active rows ({found} rows): {:.2} ms, plan {:?}",
+        t.elapsed().as_secs_f64() * 1e3 / 10.0,
+        store.plan(&q)?
+    );
+    let t = Instant::now();
+    for id in ids.iter().take(10_000) {
+        store.get(table, *id)?;
+    }
+    println!(
+        "get      point read: {:.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / 10_000.0
+    );
+
+    store.sync()?;
+    let st = store.status()?;
+    println!(
+        "disk     {} bytes = {:.0} B/row (log {} entries)",
+        st.disk_bytes,
+        st.disk_bytes as f64 / n as f64,
+        st.log_entries
+    );
+    store.acknowledge(store.last_seq())?;
+    let t = Instant::now();
+    let report = store.compact()?;
+    println!("compact  {report:?} in {:.2?}", t.elapsed());
+    let st = store.status()?;
+    println!(
+        "disk     after compaction {} bytes = {:.0} B/row",
+        st.disk_bytes,
+        st.disk_bytes as f64 / n as f64
+    );
+    println!("memory   peak RSS {:.0} MB", peak_rss_mb());
+    Ok(())
+}
