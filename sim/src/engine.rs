@@ -43,6 +43,40 @@ pub struct RunOptions {
     pub converge_check_ms: u64,
     /// For the built-in nodes: a planted bug (tests and demonstrations only).
     pub planted_bug: Option<crate::simple::PlantedBug>,
+    /// Which nodes [`crate::run_scenario`] builds (default: the reference nodes, fast; the
+    /// CLI defaults to the real engine).
+    pub engine: Engine,
+}
+
+/// Which node implementation a run uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// The built-in last-writer-wins protocol ([`crate::simple`]): fast, for framework tests.
+    #[default]
+    Reference,
+    /// fieldsync's real store and protocol sessions ([`crate::real`]).
+    Real,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Reference => "reference",
+            Engine::Real => "real",
+        })
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "reference" => Ok(Engine::Reference),
+            "real" => Ok(Engine::Real),
+            other => Err(format!("unknown engine `{other}` (real, reference)")),
+        }
+    }
 }
 
 impl Default for RunOptions {
@@ -53,6 +87,7 @@ impl Default for RunOptions {
             steps_per_violation: 16,
             converge_check_ms: 1_000,
             planted_bug: None,
+            engine: Engine::Reference,
         }
     }
 }
