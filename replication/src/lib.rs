@@ -19,6 +19,7 @@ pub use security::{Depth, Environment, EnvironmentError, Privilege, ReadScope, R
 #[cfg(feature = "credential")]
 pub mod credential;
 pub mod proto;
+pub mod replica;
 #[cfg(feature = "quic")]
 pub mod transport;
 pub mod wire;
