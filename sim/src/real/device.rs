@@ -196,7 +196,23 @@ impl StoreDevice {
         }
     }
 
+    /// Move the store's acknowledged prefix up to just below the first unacknowledged local
+    /// op: entries pulled from the hub interleave with local ones in the store's log, and a
+    /// row whose last entry is a pulled change could not be evicted otherwise.
+    fn settle_ack(&self) -> Result<(), StorageError> {
+        let store = self.store_ref()?;
+        let floor = match self.pending.keys().next() {
+            Some(first) => first - 1,
+            None => store.last_seq(),
+        };
+        if floor > store.acked_seq().map_err(unavailable)? {
+            store.acknowledge(floor).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     fn try_evict(&mut self, table: &str, id: uuid::Uuid) -> Result<bool, StorageError> {
+        self.settle_ack()?;
         let store = self.store_ref()?;
         match store.evict_row(table, id) {
             Ok(found) => {
