@@ -267,6 +267,28 @@ impl World {
                     .inspect_change(&e.table, e.row, &e.change)
                     .unwrap()
                     .applied;
+                if !on_hub {
+                    let insp = self
+                        .hub()
+                        .inspect_change(&e.table, e.row, &e.change)
+                        .unwrap();
+                    eprintln!("insp {insp:?}");
+                    eprintln!("errors {:?}", d.storage.sync_errors().unwrap());
+                    for x in s.ops_since(0, usize::MAX).unwrap() {
+                        eprintln!("dev log {} {} {} {:?}", x.seq, x.table, x.row, &x.hash[..4]);
+                    }
+                    for x in self.hub().ops_since(0, usize::MAX).unwrap() {
+                        eprintln!("hub log {} {} {} {:?}", x.seq, x.table, x.row, &x.hash[..4]);
+                    }
+                    for (j, ev) in &self.net.hub_events {
+                        if *j == i {
+                            eprintln!("hub event {ev:?}");
+                        }
+                    }
+                    for ev in &d.events {
+                        eprintln!("dev event {ev:?}");
+                    }
+                }
                 assert!(on_hub, "device {i}: acked op {} is not on the hub", e.seq);
             }
         }
@@ -637,7 +659,7 @@ fn action() -> impl Strategy<Value = Action> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(4),
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24),
         ..ProptestConfig::default()
     })]
     #[test]

@@ -783,7 +783,9 @@ impl HubStorage for HubReplica {
             }
             Err(e) => return Err(storage_err(e)),
         };
-        let mut dk = P_DECISION.to_vec();
+        // Keyed by row too: two rows may receive byte-identical changes (same actor, same
+        // values, same instant), and a change hash is only unique within one row document.
+        let mut dk = row_key(P_DECISION, &op.table, op.row);
         dk.extend_from_slice(&insp.hash);
         if let Some(v) = self.store.aux_get(SPACE, &dk).map_err(storage_err)? {
             let d: Decision = dec(&v, "a decision")?;
