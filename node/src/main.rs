@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod device_cmd;
+mod device_sync;
+mod hub_cmd;
+mod sync;
 
 /// fieldsync: an offline-first sync engine for field apps.
 #[derive(Debug, Parser)]
@@ -29,6 +33,16 @@ enum Command {
     /// Work with a device's local store: create, edit, query, inspect.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
+    /// Run a hub: init, serve, enroll and revoke devices.
+    #[command(subcommand)]
+    Hub(hub_cmd::HubCommand),
+    /// An embedded hub and three devices on loopback QUIC: offline edits, a conflict, a
+    /// rejected write and an owner change, then what each device holds.
+    Demo {
+        /// Keep the demo's directories here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -51,6 +65,8 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Device(cmd) => device_cmd::run(cmd),
+        Command::Hub(cmd) => hub_cmd::run(cmd),
+        Command::Demo { dir } => demo::run(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
