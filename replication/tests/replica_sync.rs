@@ -100,9 +100,10 @@ const APP: &str = "mobile";
 const USERS: [&str; 3] = ["ana", "ben", "cat"];
 
 fn opts() -> StoreOptions {
-    let mut o = StoreOptions::default();
-    o.fsync = false;
-    o
+    StoreOptions {
+        fsync: false,
+        ..StoreOptions::default()
+    }
 }
 
 struct World {

@@ -22,6 +22,9 @@ pub(crate) const AUX: u8 = b'X';
 /// Longest aux space name, in bytes.
 pub const AUX_SPACE_MAX: usize = 64;
 
+/// A key (without its space prefix) and its value, as `aux_scan` returns them.
+pub type AuxEntry = (Vec<u8>, Vec<u8>);
+
 /// One write of an [`Store::aux_apply`] batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuxWrite {
@@ -122,11 +125,7 @@ impl Store {
 
     /// Every (key, value) of the aux `space` whose key starts with `prefix`, in key order
     /// (keys without the space prefix).
-    pub fn aux_scan(
-        &self,
-        space: &str,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn aux_scan(&self, space: &str, prefix: &[u8]) -> Result<Vec<AuxEntry>, StoreError> {
         let full = aux_key(space, prefix)?;
         let skip = 2 + space.len();
         let mut out = Vec::new();
@@ -144,7 +143,7 @@ impl Store {
         from: &[u8],
         to: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<AuxEntry>, StoreError> {
         let a = aux_key(space, from)?;
         let b = aux_key(space, to)?;
         let skip = 2 + space.len();

@@ -46,6 +46,10 @@ const P_MEMBERSHIP: &[u8] = b"m/";
 /// Log entries a pull looks at per requested item (other tables' entries are skipped).
 const SCAN_FACTOR: usize = 4;
 
+/// A row touched in the feed: (seq, row, the change and its actor for a log entry of the
+/// pulled table; `None` for a membership change at that seq).
+type Touch = (u64, RowId, Option<(Vec<u8>, [u8; 16])>);
+
 /// Why the hub replica could not be set up or could not do what an operator asked.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -888,7 +892,7 @@ impl HubStorage for HubReplica {
         let mut full = false;
         // (seq, row, the change and its actor for a log entry of this table; None for a row
         // whose membership changed at that seq).
-        let mut touch: Vec<(u64, RowId, Option<(Vec<u8>, [u8; 16])>)> = Vec::new();
+        let mut touch: Vec<Touch> = Vec::new();
         let mut moved_iter = moved.into_iter().peekable();
         for e in &entries {
             while let Some((s, _)) = moved_iter.peek() {
