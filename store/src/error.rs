@@ -39,6 +39,9 @@ pub enum OpenError {
         /// The actor in the options.
         requested: crate::ActorId,
     },
+    /// The store is open elsewhere (another process holds its lock).
+    #[error("the store in {0} is in use by another process")]
+    Locked(PathBuf),
     /// An operating system I/O error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

@@ -10,7 +10,7 @@ use crate::codec::{cmp_values, index_value, keys};
 use crate::error::{corrupt, StoreError};
 use crate::row::MatRow;
 use crate::schema::{SchemaError, Table};
-use crate::store::{decode, Store, COMPOSITE_OWNER_STATE};
+use crate::store::{Store, COMPOSITE_OWNER_STATE};
 use crate::value::{RowId, Value};
 
 /// Sort direction.
@@ -230,6 +230,39 @@ impl Store {
         Ok((QueryPlan::TableScan, Candidates::Table))
     }
 
+    /// Read the rows named by an index, in order; in parallel when there are many.
+    fn fetch_rows(&self, t: u16, ids: &[RowId]) -> Result<Vec<(RowId, MatRow)>, StoreError> {
+        const PARALLEL_MIN: usize = 512;
+        let fetch = |part: &[RowId]| -> Result<Vec<(RowId, MatRow)>, StoreError> {
+            part.iter()
+                .map(|id| match self.load_mat(t, *id)? {
+                    Some(m) => Ok((*id, m)),
+                    None => Err(corrupt(format!("index entry for missing row {id}"))),
+                })
+                .collect()
+        };
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4);
+        if ids.len() < PARALLEL_MIN || threads == 1 {
+            return fetch(ids);
+        }
+        let per = ids.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .chunks(per)
+                .map(|part| s.spawn(move || fetch(part)))
+                .collect();
+            let mut out = Vec::with_capacity(ids.len());
+            for h in handles {
+                let part = h.join().map_err(|_| corrupt("a query worker panicked"))??;
+                out.extend(part);
+            }
+            Ok(out)
+        })
+    }
+
     /// How `query` would find its rows (an index scan or a table scan).
     pub fn plan(&self, query: &Query) -> Result<QueryPlan, StoreError> {
         let (t, table) = self.table(&query.table)?;
@@ -266,9 +299,24 @@ impl Store {
                     let (k, v) = r?;
                     let (_, id) =
                         keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
-                    if !take(id, decode(&v, "a materialized row")?) {
+                    if !take(id, self.decode_mat(t, &v)?) {
                         break;
                     }
+                }
+            }
+            Candidates::Prefix(p) if early.is_none() => {
+                // Every candidate is needed: read the ids, then the rows on every core.
+                let mut ids = Vec::new();
+                for r in self.db().scan_prefix(&p) {
+                    let (k, _) = r?;
+                    if k.len() == p.len() + 16 {
+                        ids.push(
+                            keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?,
+                        );
+                    }
+                }
+                for (id, mat) in self.fetch_rows(t, &ids)? {
+                    take(id, mat);
                 }
             }
             Candidates::Prefix(p) => {

@@ -89,7 +89,10 @@ impl Store {
         for (t, id, change, bytes) in parsed {
             if let std::collections::hash_map::Entry::Vacant(slot) = rows.entry((t, id)) {
                 let state = self.load_state(t, id)?;
-                let old = self.load_mat(t, id)?;
+                let old = match &state {
+                    Some(s) => Some(s.materialize(self.table_by_id(t)?)),
+                    None => None,
+                };
                 slot.insert(Working {
                     state: state.unwrap_or_default(),
                     old,
@@ -167,7 +170,7 @@ impl Store {
             })
             .count();
         self.db().apply_batch(batch)?;
-        writer.next_seq = seq;
+        self.set_next_seq(&mut writer, seq);
         drop(writer);
         self.make_durable(durability)?;
         debug!(?outcome, "applied remote changes");
@@ -330,7 +333,6 @@ impl Store {
                 }
             }
             batch.remove(&keys::row_key(keys::ROW, t, id)[..]);
-            batch.remove(&keys::row_key(keys::STATE, t, id)[..]);
             batch.remove(&keys::row_key(keys::DOC, t, id)[..]);
             // Its log entries are all acknowledged: drop them now so nothing of the row
             // is left to rebuild it from.
@@ -441,7 +443,7 @@ impl Store {
                 state.has_base = true;
                 batch.insert(&keys::row_key(keys::DOC, t, id)[..], doc.save());
                 batch.insert(
-                    &keys::row_key(keys::STATE, t, id)[..],
+                    &keys::row_key(keys::ROW, t, id)[..],
                     crate::store::encode(&state),
                 );
                 report.rows_compacted += 1;

@@ -61,13 +61,19 @@ pub(crate) struct KeyOps {
 /// Everything needed to write and merge a row without loading its automerge document.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub(crate) struct CrdtState {
+    /// The row has a `__deleted` tombstone. First, so that [`peek_deleted`] can read it from
+    /// the encoded bytes without decoding the rest.
+    pub deleted: bool,
     /// Actors that appear in the row's history.
+    #[serde(with = "flat")]
     pub actors: Vec<[u8; 16]>,
     /// Per actor (same index): the seq of its last change to this row.
     pub clock: Vec<u64>,
     /// The document's heads (deps of the next local change), sorted.
+    #[serde(with = "flat")]
     pub heads: Vec<[u8; 32]>,
     /// Every change applied to the row, sorted (duplicate and dependency checks).
+    #[serde(with = "flat")]
     pub hashes: Vec<[u8; 32]>,
     /// The highest op counter in the document.
     pub max_op: u64,
@@ -275,6 +281,7 @@ impl CrdtState {
                 self.keys[pos].ops = ops;
             }
         }
+        self.deleted = self.keys.iter().any(|k| k.col == DELETED_COL);
         let n = change.ops.len() as u64;
         if n > 0 {
             self.max_op = self.max_op.max(change.start_op + n - 1);
@@ -447,5 +454,59 @@ pub(crate) fn parse_change(bytes: &[u8]) -> Result<(ExpandedChange, [u8; 32]), S
     match result {
         Ok(r) => r,
         Err(_) => Err("the change bytes could not be decoded".into()),
+    }
+}
+
+/// Whether an encoded [`CrdtState`] is a deleted row, reading only its first byte.
+pub(crate) fn peek_deleted(encoded: &[u8]) -> Option<bool> {
+    match encoded.first() {
+        Some(0) => Some(false),
+        Some(1) => Some(true),
+        _ => None,
+    }
+}
+
+/// Serde for `Vec<[u8; N]>` as one byte string (bincode encodes arrays element by element,
+/// which is slow to decode for the hash lists of a row).
+mod flat {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(
+        v: &[[u8; N]],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let flat: Vec<u8> = v.iter().flat_map(|a| a.iter().copied()).collect();
+        s.serialize_bytes(&flat)
+    }
+
+    struct Flat<const N: usize>;
+
+    impl<const N: usize> Visitor<'_> for Flat<N> {
+        type Value = Vec<[u8; N]>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a byte string of {N}-byte items")
+        }
+        fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Self::Value, E> {
+            if !b.len().is_multiple_of(N) {
+                return Err(E::custom("length is not a multiple of the item size"));
+            }
+            Ok(b.chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    a
+                })
+                .collect())
+        }
+        fn visit_byte_buf<E: Error>(self, b: Vec<u8>) -> Result<Self::Value, E> {
+            self.visit_bytes(&b)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Vec<[u8; N]>, D::Error> {
+        d.deserialize_byte_buf(Flat::<N>)
     }
 }

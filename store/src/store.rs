@@ -57,6 +57,8 @@ pub(crate) struct Inner {
     pub writer: Mutex<Writer>,
     pub id_epoch: u64,
     pub id_counter: AtomicU64,
+    /// The last log seq, published after each write so readers need not lock.
+    pub last_seq: AtomicU64,
 }
 
 /// State only the writer touches.
@@ -96,7 +98,22 @@ fn u64_meta(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(format!("meta key {what} is not 8 bytes")))
 }
 
-fn open_sled(path: &Path, options: &StoreOptions, temporary: bool) -> Result<sled::Db, String> {
+enum SledOpenError {
+    /// Another handle holds the database's file lock.
+    Locked,
+    /// Anything else: the files are damaged.
+    Damaged(String),
+}
+
+/// How long `open` waits for the file lock of a handle being dropped in this process (sled
+/// releases it when its background flusher lets go of the database).
+const LOCK_WAIT_MS: u64 = 2_000;
+
+fn open_sled(
+    path: &Path,
+    options: &StoreOptions,
+    temporary: bool,
+) -> Result<sled::Db, SledOpenError> {
     let mut config = sled::Config::new()
         .cache_capacity(options.cache_capacity_bytes)
         .flush_every_ms(Some(options.group_flush_ms.max(1)))
@@ -106,11 +123,39 @@ fn open_sled(path: &Path, options: &StoreOptions, temporary: bool) -> Result<sle
     } else {
         config = config.path(path);
     }
-    // sled 0.34 may panic on some damaged files; a damaged directory must be an error.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open())) {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the database files could not be read (sled panicked)".into()),
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = config.clone();
+        // sled 0.34 may panic on some damaged files; a damaged directory must be an error.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || attempt.open())) {
+            Ok(Ok(db)) => return Ok(db),
+            // sled reports a held file lock as an I/O error whose text says so.
+            Ok(Err(sled::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                if started.elapsed().as_millis() as u64 >= LOCK_WAIT_MS {
+                    return Err(SledOpenError::Locked);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(Err(e)) => return Err(SledOpenError::Damaged(e.to_string())),
+            Err(_) => {
+                return Err(SledOpenError::Damaged(
+                    "the database files could not be read (sled panicked)".into(),
+                ))
+            }
+        }
+    }
+}
+
+fn sled_open_error(dir: &Path, e: SledOpenError) -> OpenError {
+    match e {
+        SledOpenError::Locked => OpenError::Locked(dir.to_path_buf()),
+        SledOpenError::Damaged(reason) => OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        },
     }
 }
 
@@ -125,10 +170,7 @@ impl Store {
             return Err(OpenError::AlreadyExists(dir.to_path_buf()));
         }
         std::fs::create_dir_all(dir)?;
-        let db = open_sled(&db_path, &options, false).map_err(|reason| OpenError::Corrupt {
-            path: dir.to_path_buf(),
-            reason,
-        })?;
+        let db = open_sled(&db_path, &options, false).map_err(|e| sled_open_error(dir, e))?;
         Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
         drop(db);
         Self::open(dir, options)
@@ -136,10 +178,8 @@ impl Store {
 
     /// A store in memory only (tests, the simulator's scratch replicas); gone when dropped.
     pub fn temporary(schema: Schema, options: StoreOptions) -> Result<Store, OpenError> {
-        let db = open_sled(Path::new(""), &options, true).map_err(|reason| OpenError::Corrupt {
-            path: PathBuf::new(),
-            reason,
-        })?;
+        let db = open_sled(Path::new(""), &options, true)
+            .map_err(|e| sled_open_error(Path::new(""), e))?;
         Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
         Self::from_db(db, None, options)
     }
@@ -185,7 +225,7 @@ impl Store {
                 return Err(bad(format!("{} is missing", p.display())));
             }
         }
-        let db = open_sled(&db_path, &options, false).map_err(bad)?;
+        let db = open_sled(&db_path, &options, false).map_err(|e| sled_open_error(dir, e))?;
         let store = Self::from_db(db, Some(dir.to_path_buf()), options)?;
         Ok(store)
     }
@@ -272,12 +312,13 @@ impl Store {
             writer: Mutex::new(Writer { next_seq: 1 }),
             id_epoch,
             id_counter: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
         };
         let store = Store {
             inner: Arc::new(inner),
         };
         let last = store.compute_last_seq().map_err(OpenError::Store)?;
-        store.writer().next_seq = last + 1;
+        store.set_next_seq(&mut store.writer(), last + 1);
         let tail = if clean { 1 } else { 256 };
         if !store.tail_consistent(tail).map_err(OpenError::Store)? {
             warn!(
@@ -367,17 +408,23 @@ impl Store {
     }
 
     pub(crate) fn load_state(&self, t: u16, id: RowId) -> Result<Option<CrdtState>, StoreError> {
-        match self.db().get(keys::row_key(keys::STATE, t, id))? {
-            Some(b) => Ok(Some(decode(&b, "a row's CRDT state")?)),
+        match self.db().get(keys::row_key(keys::ROW, t, id))? {
+            Some(b) => Ok(Some(decode(&b, "a row")?)),
             None => Ok(None),
         }
     }
 
     pub(crate) fn load_mat(&self, t: u16, id: RowId) -> Result<Option<MatRow>, StoreError> {
         match self.db().get(keys::row_key(keys::ROW, t, id))? {
-            Some(b) => Ok(Some(decode(&b, "a materialized row")?)),
+            Some(b) => Ok(Some(self.decode_mat(t, &b)?)),
             None => Ok(None),
         }
+    }
+
+    /// The materialized row of a stored row record.
+    pub(crate) fn decode_mat(&self, t: u16, bytes: &[u8]) -> Result<MatRow, StoreError> {
+        let state: CrdtState = decode(bytes, "a row")?;
+        Ok(state.materialize(self.table_by_id(t)?))
     }
 
     pub(crate) fn load_entry(&self, seq: u64) -> Result<Option<StoredEntry>, StoreError> {
@@ -483,8 +530,7 @@ impl Store {
                 batch.insert(k, &[][..]);
             }
         }
-        batch.insert(&keys::row_key(keys::ROW, t, id)[..], encode(&mat));
-        batch.insert(&keys::row_key(keys::STATE, t, id)[..], encode(state));
+        batch.insert(&keys::row_key(keys::ROW, t, id)[..], encode(state));
         mat
     }
 
@@ -511,7 +557,15 @@ impl Store {
 
     /// The sequence number of the last log entry (0 if none yet).
     pub fn last_seq(&self) -> u64 {
-        self.writer().next_seq - 1
+        self.inner.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Advance the log (under the writer lock) and publish the new last seq to readers.
+    pub(crate) fn set_next_seq(&self, writer: &mut Writer, next: u64) {
+        writer.next_seq = next;
+        self.inner
+            .last_seq
+            .store(next.saturating_sub(1), Ordering::Release);
     }
 
     fn compute_last_seq(&self) -> Result<u64, StoreError> {
@@ -534,7 +588,11 @@ impl Store {
             let seq = keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?;
             let e = StoredEntry::decode(&v)
                 .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
-            match self.load_state(e.table, e.row)? {
+            // A row that does not decode is inconsistent too: the caller rebuilds it.
+            let Ok(state) = self.load_state(e.table, e.row) else {
+                return Ok(false);
+            };
+            match state {
                 Some(s) if s.pending.binary_search(&seq).is_ok() => {}
                 None if seq <= acked => {} // an evicted row
                 _ => return Ok(false),
@@ -580,7 +638,7 @@ impl Store {
                 let (k, v) = r?;
                 let (_, id) =
                     keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
-                let mat: MatRow = decode(&v, "a materialized row")?;
+                let mat: MatRow = self.decode_mat(t, &v)?;
                 Ok::<_, StoreError>((id, mat))
             })();
             match item {

@@ -250,7 +250,7 @@ impl Store {
                 seq += 1;
             }
             self.db().apply_batch(batch).map_err(StoreError::from)?;
-            writer.next_seq = seq;
+            self.set_next_seq(&mut writer, seq);
             drop(writer);
             done += chunk.len();
             progress(done);
@@ -328,16 +328,24 @@ impl Transaction<'_> {
             }
             return Ok((t, tab));
         }
-        match store.load_mat(t, id)? {
+        // Only the deleted flag is needed: it is the first byte of the stored row.
+        let stored = store
+            .db()
+            .get(crate::codec::keys::row_key(keys::ROW, t, id))
+            .map_err(StoreError::from)?;
+        match stored.as_deref().map(crate::row::peek_deleted) {
             None => Err(WriteError::RowNotFound {
                 table: table.to_string(),
                 id,
             }),
-            Some(m) if m.deleted => Err(WriteError::RowDeleted {
+            Some(None) => Err(WriteError::Store(StoreError::Corrupt(format!(
+                "row {table}/{id} does not decode"
+            )))),
+            Some(Some(true)) => Err(WriteError::RowDeleted {
                 table: table.to_string(),
                 id,
             }),
-            Some(_) => {
+            Some(Some(false)) => {
                 self.by_id.insert((t, id), self.rows.len());
                 self.rows.push(PendingRow {
                     table: t,
@@ -410,7 +418,8 @@ impl Transaction<'_> {
         for row in &self.rows {
             let table_name = store.table_name(row.table);
             let tab = store.table_by_id(row.table)?;
-            let old_mat: Option<MatRow> = store.load_mat(row.table, row.id)?;
+            let mut old_state = store.load_state(row.table, row.id)?;
+            let old_mat: Option<MatRow> = old_state.as_ref().map(|s| s.materialize(tab));
             let mut state = match (&old_mat, row.insert) {
                 (Some(m), _) if m.deleted => {
                     return Err(WriteError::RowDeleted {
@@ -430,9 +439,7 @@ impl Transaction<'_> {
                         id: row.id,
                     })
                 }
-                (Some(_), false) => store.load_state(row.table, row.id)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("row {table_name}/{} has no CRDT state", row.id))
-                })?,
+                (Some(_), false) => old_state.take().unwrap_or_default(),
                 (None, true) => CrdtState::default(),
             };
             let mut puts = row.puts.clone();
@@ -456,7 +463,7 @@ impl Transaction<'_> {
         if seq > first_seq {
             store.db().apply_batch(batch).map_err(StoreError::from)?;
         }
-        writer.next_seq = seq;
+        store.set_next_seq(&mut writer, seq);
         drop(writer);
         store.make_durable(durability)?;
         Ok(CommitInfo {

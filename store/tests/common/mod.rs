@@ -81,3 +81,15 @@ pub fn make_store(dir: &std::path::Path) {
     tx.insert("account", &[("name", text("a"))]).unwrap();
     tx.commit().unwrap();
 }
+
+/// Open the sled database of a closed store directly (to damage it), waiting for the lock of
+/// the store handle that was just dropped.
+pub fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    for _ in 0..200 {
+        if let Ok(db) = sled::open(dir.join("db")) {
+            return db;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    sled::open(dir.join("db")).unwrap()
+}
