@@ -35,6 +35,11 @@ fn real() -> RunOptions {
 
 /// Small enough for debug builds on two cores.
 fn small(s: &Scenario) -> Scenario {
+    s.downscaled(8, Dur::hours(2))
+}
+
+/// The size of the many-seed CI run.
+fn ci_size(s: &Scenario) -> Scenario {
     s.downscaled(4, Dur::hours(1))
 }
 
@@ -43,7 +48,7 @@ fn ci_seeds() -> u64 {
     std::env::var("FIELDSYNC_SIM_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+        .unwrap_or(20)
 }
 
 #[test]
@@ -73,7 +78,7 @@ fn real_engine_shipped_scenarios_pass_over_the_ci_seeds() {
     let seeds = ci_seeds();
     let t = Instant::now();
     for (name, s) in shipped() {
-        let s = small(&s);
+        let s = ci_size(&s);
         for seed in 0..seeds {
             let r = run_scenario(&s, seed, &real()).unwrap();
             assert!(

@@ -671,12 +671,7 @@ impl StoreHub {
                 if !concerned {
                     continue;
                 }
-                if first {
-                    // The history entry was recorded at `pos`: the first access entry sits there.
-                    first = false;
-                } else {
-                    // Later entries sit after it; the history is unchanged between them.
-                }
+                first = false;
                 self.feed.entries.push(Entry::Access { row });
                 let p = self.feed.pos();
                 self.feed.push_index(d, t, p);
