@@ -24,7 +24,8 @@ use fieldsync_replication::Profile;
 use fieldsync_store::{Schema, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::sync::device::{fetch_bootstrap, run_sync, wifi_allows, SyncMode};
+use crate::sync::device::{fetch_bootstrap, run_sync, wifi_allows, SyncMode, SyncReport};
+use crate::sync::Bootstrap;
 
 /// One enrollment of the device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +95,13 @@ pub fn init_with_credential(data: &Path, credential_path: &Path) -> Result<()> {
     let credential = Credential::load(credential_path)
         .with_context(|| format!("cannot read credential {}", credential_path.display()))?;
     let bundle = runtime()?.block_on(fetch_bootstrap(&credential))?;
+    println!("{}", finish_init(data, &credential, &bundle)?);
+    Ok(())
+}
+
+/// Creates (or extends, for a second app with the same profile) an enrolled device from the
+/// hub's bundle; returns what to tell the user.
+pub fn finish_init(data: &Path, credential: &Credential, bundle: &Bootstrap) -> Result<String> {
     let schema = Schema::from_toml(&bundle.schema_toml).context("the hub's schema")?;
     Profile::from_toml(&bundle.profile_toml, &schema).context("the hub's offline profile")?;
     let mut file = load_file(data)?.unwrap_or_default();
@@ -135,16 +143,16 @@ pub fn init_with_credential(data: &Path, credential_path: &Path) -> Result<()> {
         credential: name,
     });
     save_file(data, &file)?;
-    if shared {
-        println!(
+    Ok(if shared {
+        format!(
             "enrolled {} for app `{}`: same profile `{}` as app `{}`, keeping the one copy of the data",
             data.display(),
             bundle.app,
             bundle.profile_name,
             file.enrollments[0].app
-        );
+        )
     } else {
-        println!(
+        format!(
             "enrolled device {} for app `{}` (profile `{}`, user {}) with hub {} at {}; run `fieldsync device sync --data {} --once`",
             credential.token.token().device_id,
             bundle.app,
@@ -153,9 +161,8 @@ pub fn init_with_credential(data: &Path, credential_path: &Path) -> Result<()> {
             bundle.hub,
             credential.hub_address,
             data.display()
-        );
-    }
-    Ok(())
+        )
+    })
 }
 
 /// The sync schedule of the device's profile: each table's interval, related tables grouped.
@@ -202,6 +209,30 @@ pub fn session_for(data: &Path, store: &Store, live: bool) -> Result<(DeviceSess
 
 /// `device sync`.
 pub fn sync(data: &Path, watch: bool) -> Result<()> {
+    let rt = runtime()?;
+    let summary = rt.block_on(async {
+        let mut stop: Pin<Box<dyn Future<Output = ()>>> = if watch {
+            Box::pin(async {
+                let _ = crate::hub_cmd::wait_for_signal().await;
+            })
+        } else {
+            Box::pin(std::future::pending())
+        };
+        sync_device(data, watch, &mut stop).await
+    })?;
+    for r in &summary.0.rejected {
+        println!("rejected: {r}");
+    }
+    println!("{}", summary.1);
+    Ok(())
+}
+
+/// Syncs the device in `data` (once, or live until `stop`); the report and a summary line.
+pub async fn sync_device(
+    data: &Path,
+    watch: bool,
+    stop: &mut (dyn Future<Output = ()> + Unpin),
+) -> Result<(SyncReport, String)> {
     let file = enrolled(data)?;
     if let Err(reason) = wifi_allows(file.wifi_only) {
         bail!(reason);
@@ -213,31 +244,18 @@ pub fn sync(data: &Path, watch: bool) -> Result<()> {
         once: !watch,
         max_attempts: 3,
     };
-    let rt = runtime()?;
-    let report = rt.block_on(async {
-        let mut stop: Pin<Box<dyn Future<Output = ()>>> = if watch {
-            Box::pin(async {
-                let _ = crate::hub_cmd::wait_for_signal().await;
-            })
-        } else {
-            Box::pin(std::future::pending())
-        };
-        run_sync(
-            &credential,
-            &mut session,
-            &mut replica,
-            mode,
-            file.wifi_only,
-            &mut stop,
-        )
-        .await
-    })?;
+    let report = run_sync(
+        &credential,
+        &mut session,
+        &mut replica,
+        mode,
+        file.wifi_only,
+        stop,
+    )
+    .await?;
     store.sync().context("cannot flush the device store")?;
-    for r in &report.rejected {
-        println!("rejected: {r}");
-    }
     let pending = replica.pending_op_count().unwrap_or(0);
-    println!(
+    let line = format!(
         "synced with {}: pushed through seq {}, {} rejected; pulled {} changes, {} rows in, {} rows out; {} pending",
         credential.hub_address,
         report.pushed_up_to,
@@ -247,7 +265,7 @@ pub fn sync(data: &Path, watch: bool) -> Result<()> {
         report.leaving,
         pending
     );
-    Ok(())
+    Ok((report, line))
 }
 
 fn fmt_ms(ms: u64) -> String {

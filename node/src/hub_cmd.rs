@@ -259,6 +259,23 @@ fn init(
     schema: Option<&Path>,
     profile: Option<&Path>,
 ) -> Result<()> {
+    let (hub_id, pin) = init_hub(data, env, apps, schema, profile)?;
+    println!(
+        "initialized hub {hub_id} in {}\ncertificate pin {pin}\nedit {} to set addresses, limits and conflict policies",
+        data.display(),
+        data.join("hub.toml").display()
+    );
+    Ok(())
+}
+
+/// Creates a hub directory; returns the hub's id and its certificate pin.
+pub fn init_hub(
+    data: &Path,
+    env: &Path,
+    apps: &Path,
+    schema: Option<&Path>,
+    profile: Option<&Path>,
+) -> Result<(Uuid, String)> {
     let paths = HubPaths::new(data);
     if paths.file("hub.toml").exists() {
         bail!("{} already holds a hub", data.display());
@@ -324,13 +341,7 @@ fn init(
         .with_context(|| format!("cannot create the hub store in {}", paths.store().display()))?;
     std::fs::write(paths.file("hub.toml"), hub_toml(hub_id))
         .with_context(|| format!("cannot write {}", paths.file("hub.toml").display()))?;
-    println!(
-        "initialized hub {hub_id} in {}\ncertificate pin {}\nedit {} to set addresses, limits and conflict policies",
-        data.display(),
-        identity.pin(),
-        paths.file("hub.toml").display()
-    );
-    Ok(())
+    Ok((hub_id, identity.pin().to_string()))
 }
 
 /// A hub opened from its directory.

@@ -253,6 +253,10 @@ pub async fn run_sync(
                 .clone()
                 .unwrap_or_else(|| "the hub refused this device's credential".into()));
         }
+        if mode.once {
+            // Every table now, not at its interval.
+            session.sync_now(now, storage, &[]);
+        }
         let at = session
             .wants_connection_at(storage)
             .unwrap_or(Millis(now.0 + 60_000));
