@@ -33,6 +33,8 @@ offline = true
 title = "text"
 n = "integer"
 account = { lookup = "account", relationship = "task_account" }
+photo = "image"
+
 [tables.note]
 offline = true
 [tables.note.columns]
@@ -89,6 +91,7 @@ name = "Mobile"
 [tables.task]
 rows = "custom"
 filter = "ownerid eq-useroruserteams"
+images = ["photo"]
 sync_interval_minutes = 5
 [tables.account]
 rows = "related"
@@ -635,6 +638,86 @@ fn server_wins_rejects_a_concurrent_write_and_client_wins_resolves_it() {
         &Value::Integer(1)
     );
     assert!(w.hub().conflicts("task", s.ana_task).unwrap().is_empty());
+}
+
+#[test]
+fn images_the_profile_selects_download_in_chunks_to_devices_that_hold_the_row() {
+    let mut w = world(9, ConflictPolicies::default());
+    let s = seed(&mut w);
+    let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let blob = w
+        .net
+        .hub
+        .store()
+        .put_blob("pump.jpg", &mut content.as_slice())
+        .unwrap();
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("photo", Value::Image(blob.clone()))])
+        .unwrap();
+    w.net.heal(2);
+    w.net.fetch_blob(0, blob.sha256);
+    w.net.run_for(Millis::from_minutes(1));
+    assert_eq!(w.dev(0).read_blob(&blob).unwrap(), content);
+    // cat's device does not hold the row: nothing, however it asks.
+    let cat = Principal {
+        device: device_id(2),
+        user: user(&w.env, "cat"),
+        app: APP.into(),
+    };
+    assert_eq!(
+        w.net.hub.blob_chunk(&cat, &blob.sha256, 0, 1024).unwrap(),
+        None
+    );
+    w.check_converged();
+}
+
+#[test]
+fn revoked_and_foreign_tokens_are_refused() {
+    let mut w = world(10, ConflictPolicies::default());
+    let token = w
+        .net
+        .hub
+        .enroll("ben", APP, Uuid::from_u128(77), 5)
+        .unwrap();
+    let dev = DeviceId(Uuid::from_u128(77));
+    assert!(w
+        .net
+        .hub
+        .authenticate(dev, token.as_bytes(), APP)
+        .unwrap()
+        .is_ok());
+    assert!(w
+        .net
+        .hub
+        .authenticate(DeviceId(Uuid::from_u128(78)), token.as_bytes(), APP)
+        .unwrap()
+        .is_err());
+    assert!(w
+        .net
+        .hub
+        .authenticate(dev, token.as_bytes(), "other")
+        .unwrap()
+        .is_err());
+    assert!(w.net.hub.revoke(token.token().token_id).unwrap());
+    let refused = w
+        .net
+        .hub
+        .authenticate(dev, token.as_bytes(), APP)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        fieldsync_replication::proto::CloseCode::REVOKED
+    );
+    let other_key = HubSigningKey::generate().unwrap();
+    let forged = other_key.sign(token.token()).unwrap();
+    assert!(w
+        .net
+        .hub
+        .authenticate(dev, forged.as_bytes(), APP)
+        .unwrap()
+        .is_err());
 }
 
 #[derive(Debug, Clone)]

@@ -126,7 +126,10 @@ impl DeviceReplica {
     fn own_entries(&self, after: u64, limit: usize) -> Result<Vec<LogEntry>, StorageError> {
         let me = self.store.actor();
         let mut out = Vec::new();
-        let mut from = after;
+        // The store's acknowledged prefix ends just before the first unacknowledged own op
+        // (see `advance_store_ack`): nothing pending lies below it, so skip the pulled entries.
+        let floor = self.store.acked_seq().map_err(storage_err)?;
+        let mut from = after.max(floor);
         loop {
             let batch = self.store.ops_since(from, SCAN_STEP).map_err(storage_err)?;
             let Some(last) = batch.last() else { break };
@@ -460,7 +463,8 @@ impl DeviceStorage for DeviceReplica {
         if !writes.is_empty() {
             self.apply(&writes)?;
         }
-        self.advance_store_ack()
+        self.advance_store_ack()?;
+        self.run_deferred()
     }
 
     fn evict_rows(&mut self, table: &str, rows: &[RowId]) -> Result<(), StorageError> {

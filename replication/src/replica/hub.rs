@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::{dec, enc, row_key, storage_err};
 use crate::app::App;
 use crate::credential::{
-    HubSigningKey, MemoryTokenRegistry, SignedToken, Token, TokenError, TokenVerifier,
+    HubSigningKey, SignedToken, Token, TokenError, TokenRegistry, TokenStatus, TokenVerifier,
 };
 use crate::profile::Profile;
 use crate::proto::{
@@ -43,6 +43,7 @@ const P_TOKEN: &[u8] = b"tok/";
 const P_ACTOR: &[u8] = b"act/";
 const P_HISTORY: &[u8] = b"hh/";
 const P_MEMBERSHIP: &[u8] = b"m/";
+const P_BLOB: &[u8] = b"bl/";
 /// Log entries a pull looks at per requested item (other tables' entries are skipped).
 const SCAN_FACTOR: usize = 4;
 
@@ -101,6 +102,23 @@ enum Decision {
     },
 }
 
+/// The token registry as the aux space records it: `tok/` + token id → `[1]` issued, `[0]`
+/// revoked. Read through on every check, so tokens enrolled or revoked by another handle on
+/// the same store count at once.
+struct AuxRegistry<'a>(&'a Store);
+
+impl TokenRegistry for AuxRegistry<'_> {
+    fn status(&self, token_id: &Uuid) -> TokenStatus {
+        let mut k = P_TOKEN.to_vec();
+        k.extend_from_slice(token_id.as_bytes());
+        match self.0.aux_get(SPACE, &k) {
+            Ok(Some(v)) if v.first() == Some(&1) => TokenStatus::Active,
+            Ok(Some(_)) => TokenStatus::Revoked,
+            _ => TokenStatus::Unknown,
+        }
+    }
+}
+
 /// The hub's [`HubStorage`] over its store, environment, apps and profiles.
 #[derive(Debug)]
 pub struct HubReplica {
@@ -111,7 +129,6 @@ pub struct HubReplica {
     routers: BTreeMap<String, Router>,
     verifier: TokenVerifier,
     signing: Option<HubSigningKey>,
-    registry: MemoryTokenRegistry,
     changed: BTreeSet<String>,
     lag: HashMap<(DeviceId, String), Cursor>,
     now_ms: i64,
@@ -137,6 +154,29 @@ fn membership_prefix(profile: &str, user: UserId) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(user.as_bytes());
     k
+}
+
+/// Records which rows refer to which blobs (`bl/` + sha256 + row key), so a blob request
+/// checks a few rows instead of the device's whole set. Entries are never removed: a request
+/// re-checks that the row still refers to the blob.
+fn index_blobs(
+    store: &Store,
+    table: &str,
+    row: RowId,
+    values: &BTreeMap<String, Value>,
+) -> Result<(), StoreError> {
+    let mut writes = Vec::new();
+    for v in values.values() {
+        if let Value::File(b) | Value::Image(b) = v {
+            let mut p = P_BLOB.to_vec();
+            p.extend_from_slice(&b.sha256);
+            writes.push(AuxWrite::Put(row_key(&p, table, row), Vec::new()));
+        }
+    }
+    if !writes.is_empty() {
+        store.aux_apply(SPACE, &writes, Durability::Group)?;
+    }
+    Ok(())
 }
 
 /// Whether the device held a row at feed position `at`, from its transitions.
@@ -229,29 +269,14 @@ impl HubReplica {
                 for row in store.scan(&t.name)? {
                     let row = row?;
                     r.load_row(&t.name, row.id, Some(&row.values));
+                    index_blobs(&store, &t.name, row.id, &row.values)?;
                 }
             }
             r.rebuild();
             routers.insert(p.name.clone(), r);
         }
-        let mut registry = MemoryTokenRegistry::new();
-        for (k, v) in store.aux_scan(SPACE, P_TOKEN)? {
-            let Some(id) = k
-                .get(P_TOKEN.len()..)
-                .and_then(|b| Uuid::from_slice(b).ok())
-            else {
-                continue;
-            };
-            registry.insert_issued(id);
-            if v.first() == Some(&0) {
-                registry.revoke(id);
-            }
-        }
-        info!(
-            profiles = routers.len(),
-            tokens = registry.issued().count(),
-            "hub replica open"
-        );
+        let tokens = store.aux_scan(SPACE, P_TOKEN)?.len();
+        info!(profiles = routers.len(), tokens, "hub replica open");
         Ok(HubReplica {
             store,
             env,
@@ -260,7 +285,6 @@ impl HubReplica {
             routers,
             verifier,
             signing: None,
-            registry,
             changed: BTreeSet::new(),
             lag: HashMap::new(),
             now_ms,
@@ -309,7 +333,6 @@ impl HubReplica {
         let mut k = P_TOKEN.to_vec();
         k.extend_from_slice(token.token_id.as_bytes());
         self.store.aux_put(SPACE, &k, &[1], Durability::Immediate)?;
-        self.registry.insert_issued(token.token_id);
         info!(%device, user = %user_id, app, "device enrolled");
         Ok(signed)
     }
@@ -319,8 +342,9 @@ impl HubReplica {
     pub fn revoke(&mut self, token_id: Uuid) -> Result<bool, HubReplicaError> {
         let mut k = P_TOKEN.to_vec();
         k.extend_from_slice(token_id.as_bytes());
+        let issued = self.store.aux_get(SPACE, &k)?.is_some();
         self.store.aux_put(SPACE, &k, &[0], Durability::Immediate)?;
-        Ok(self.registry.revoke(token_id))
+        Ok(issued)
     }
 
     /// Tables changed since the last call (applied pushes, resolutions, membership changes):
@@ -364,6 +388,7 @@ impl HubReplica {
         tx.commit_with(Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.route(table, row)?;
+        self.store.sync()?;
         Ok(())
     }
 
@@ -446,6 +471,9 @@ impl HubReplica {
     fn route(&mut self, table: &str, row: RowId) -> Result<(), StoreError> {
         let current = self.store.get(table, row)?;
         let values = current.as_ref().map(|r| &r.values);
+        if let Some(v) = values {
+            index_blobs(&self.store, table, row, v)?;
+        }
         let mut all = Vec::new();
         for (name, r) in self.routers.iter_mut() {
             let route = r.handle_write(table, row, values);
@@ -722,7 +750,7 @@ impl HubStorage for HubReplica {
     ) -> Result<Result<Principal, Refusal>, StorageError> {
         let _span = info_span!("authenticate", %device, app).entered();
         let refuse = |code: CloseCode, message: String| Ok(Err(Refusal { code, message }));
-        let t = match self.verifier.verify(token, &self.registry) {
+        let t = match self.verifier.verify(token, &AuxRegistry(&self.store)) {
             Ok(t) => t,
             Err(TokenError::Revoked(_)) => {
                 return refuse(CloseCode::REVOKED, "the token was revoked".into())
@@ -1052,23 +1080,34 @@ impl HubStorage for HubReplica {
             return Ok(None);
         };
         let profile = router.profile().clone();
-        let set = router.device_set(who.user);
         let schema = self.store.schema().clone();
+        let mut p = P_BLOB.to_vec();
+        p.extend_from_slice(sha256);
+        let referrers = self.store.aux_scan(SPACE, &p).map_err(storage_err)?;
         let mut found = None;
-        'rows: for (table, row) in set {
+        for (k, _) in referrers {
+            let Some((table, row)) = k.get(p.len()..).and_then(super::parse_row_key) else {
+                continue;
+            };
+            if !self.in_set(who, &table, row) {
+                continue;
+            }
             let (Some(item), Ok(tab)) = (profile.items.get(&table), schema.table(&table)) else {
                 continue;
             };
             let Some(r) = self.store.get(&table, row).map_err(storage_err)? else {
                 continue;
             };
-            for (col, v) in &r.values {
-                if let Value::File(b) | Value::Image(b) = v {
-                    if b.sha256 == *sha256 && item.downloads_column(tab, col) {
-                        found = Some(b.clone());
-                        break 'rows;
-                    }
-                }
+            let refers = r.values.iter().any(|(col, v)| {
+                matches!(v, Value::File(b) | Value::Image(b)
+                    if b.sha256 == *sha256 && item.downloads_column(tab, col))
+            });
+            if refers {
+                found = r.values.values().find_map(|v| match v {
+                    Value::File(b) | Value::Image(b) if b.sha256 == *sha256 => Some(b.clone()),
+                    _ => None,
+                });
+                break;
             }
         }
         let Some(blob) = found else { return Ok(None) };

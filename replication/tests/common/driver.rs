@@ -337,6 +337,11 @@ impl<H: HubStorage, D: DeviceStorage> Net<H, D> {
         d.session.handle_local_ops(self.now, &mut d.storage);
     }
 
+    pub fn fetch_blob(&mut self, i: usize, sha256: [u8; 32]) {
+        let d = &mut self.devs[i];
+        d.session.fetch_blob(self.now, &mut d.storage, sha256);
+    }
+
     pub fn sync_now(&mut self, i: usize) {
         let d = &mut self.devs[i];
         d.session.sync_now(self.now, &mut d.storage, &[]);
