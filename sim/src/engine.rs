@@ -1800,6 +1800,17 @@ impl<N: FieldNode> Sim<N> {
         self.finish_with_progress(&mut |_, _| {})
     }
 
+    /// A node, to inspect (benchmarks and tests): 0 is the hub, devices from 1.
+    pub fn node(&self, id: NodeId) -> Option<&N> {
+        self.hosts.get(id.index()).map(|h| &h.node)
+    }
+
+    /// Run every remaining step (as [`Sim::finish`] does before it reports), leaving the
+    /// nodes to inspect; then call `finish` for the report.
+    pub fn run_to_end(&mut self) {
+        while self.step() {}
+    }
+
     /// As [`Sim::finish`], calling `progress(now_ms, end_ms)` about every simulated minute.
     pub fn finish_with_progress(mut self, progress: &mut dyn FnMut(u64, u64)) -> SimReport {
         let _span =

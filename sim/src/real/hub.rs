@@ -175,6 +175,7 @@ pub struct StoreHub {
     registry: SharedRegistry,
     events: Vec<NodeEvent>,
     bug: Option<PlantedBug>,
+    setup_rows: u64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StorageError {
@@ -250,12 +251,23 @@ impl StoreHub {
             store: Some(store),
             tables,
             devices,
-            feed,
             known: BTreeSet::new(),
             registry,
             events: Vec::new(),
+            setup_rows: feed.pos(),
+            feed,
             bug,
         })
+    }
+
+    /// The hub's store (`None` while the hub is down).
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// How many rows the setup created (the first log entries of the hub's store).
+    pub fn setup_rows(&self) -> u64 {
+        self.setup_rows
     }
 
     /// The feed position after setup (every device's initial cursor).

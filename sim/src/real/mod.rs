@@ -312,6 +312,20 @@ impl<S: SimDeviceStorage> RealDevice<S> {
     }
 }
 
+impl<H> RealHub<H> {
+    /// The hub's storage.
+    pub fn storage(&self) -> &H {
+        &self.storage
+    }
+}
+
+impl<S> RealDevice<S> {
+    /// The device's storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+}
+
 impl<H: SimHubStorage> RealHub<H> {
     fn drain(&mut self) {
         let now = Millis(self.now);
