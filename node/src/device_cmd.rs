@@ -325,12 +325,12 @@ fn delete(data: &Path, table: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// One line of an import file: the row's id if it names one, and its column values.
+type ImportRow = (Option<RowId>, Vec<(String, Value)>);
+
 /// Read and check the whole file before writing anything, so a bad line leaves the store as
 /// it was.
-fn read_import_file(
-    table: &Table,
-    file: &Path,
-) -> Result<Vec<(Option<RowId>, Vec<(String, Value)>)>> {
+fn read_import_file(table: &Table, file: &Path) -> Result<Vec<ImportRow>> {
     let reader = BufReader::new(
         std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
     );

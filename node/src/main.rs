@@ -9,6 +9,7 @@ mod demo;
 mod device_cmd;
 mod device_sync;
 mod hub_cmd;
+mod profile_cmd;
 mod sync;
 
 /// fieldsync: an offline-first sync engine for field apps.
@@ -43,6 +44,9 @@ enum Command {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Offline profiles: validate, show, generate from an app, estimate sizes, Dataverse records.
+    #[command(subcommand)]
+    Profile(profile_cmd::ProfileCommand),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Device(cmd) => device_cmd::run(cmd),
         Command::Hub(cmd) => hub_cmd::run(cmd),
         Command::Demo { dir } => demo::run(dir.as_deref()),
+        Command::Profile(cmd) => profile_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ use crate::store::Store;
 use crate::value::{RowId, Value};
 
 /// Rows per `apply_batch` in `bulk_insert`.
-const BULK_CHUNK_ROWS: usize = 1024;
+const BULK_CHUNK_ROWS: usize = 512;
 
 /// One row for [`Store::bulk_insert`]: an optional id and the column values.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +83,27 @@ impl PendingRow {
             self.puts.push((col, value));
         }
     }
+}
+
+/// Check one value against a table (the schema, and finite floats).
+fn check_one(table: &Table, name: &str, value: &Value) -> Result<u16, WriteError> {
+    table.check_value(name, value)?;
+    if let Value::Float(f) = value {
+        if !f.is_finite() {
+            return Err(WriteError::InvalidValue {
+                table: table.name.clone(),
+                column: name.to_string(),
+                reason: "floats must be finite".into(),
+            });
+        }
+    }
+    col_of(table, name).ok_or_else(|| {
+        crate::schema::SchemaError::UnknownColumn {
+            table: table.name.clone(),
+            column: name.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Check values against a table and turn them into (column number, value).
@@ -165,13 +186,22 @@ impl Store {
         let _span = info_span!("bulk_insert", table, rows = rows.len()).entered();
         let (t, tab) = self.table(table)?;
         let now = self.inner.options.clock.now_ms();
-        let mut prepared = Vec::with_capacity(rows.len());
+        // First pass: check every row, fix every id; nothing is copied.
+        let rows: Vec<BulkRow> = rows.into_iter().map(Into::into).collect();
+        let mut ids = Vec::with_capacity(rows.len());
         let mut given = std::collections::HashSet::new();
-        for row in rows {
-            let BulkRow { id, values } = row.into();
-            let id = match id {
+        for row in &rows {
+            for (name, value) in &row.values {
+                check_one(tab, name, value)?;
+            }
+            ids.push(match row.id {
                 Some(id) => {
-                    if !given.insert(id) || self.load_mat(t, id)?.is_some() {
+                    if !given.insert(id)
+                        || self
+                            .db()
+                            .contains_key(keys::row_key(keys::ROW, t, id))
+                            .map_err(StoreError::from)?
+                    {
                         return Err(WriteError::RowExists {
                             table: table.to_string(),
                             id,
@@ -180,26 +210,39 @@ impl Store {
                     id
                 }
                 None => self.new_row_id(),
-            };
-            let refs: Vec<(&str, Value)> = values
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.clone()))
-                .collect();
-            let mut puts = checked(tab, &refs)?;
-            if puts.iter().any(|(c, _)| *c == DELETED_COL) {
-                return Err(WriteError::InvalidValue {
-                    table: table.to_string(),
-                    column: crate::row::DELETED_KEY.into(),
-                    reason: "reserved".into(),
-                });
-            }
-            insert_defaults(tab, &mut puts, now);
-            prepared.push((id, puts));
+            });
         }
+        drop(given);
         let me = self.actor();
-        let mut ids = Vec::with_capacity(prepared.len());
         let mut done = 0;
-        for chunk in prepared.chunks(BULK_CHUNK_ROWS) {
+        let total = rows.len();
+        let mut input = rows.into_iter().zip(ids.iter().copied());
+        while done < total {
+            // Second pass, one batch at a time: the batch's rows are consumed (and freed).
+            let chunk: Vec<(RowId, Vec<(u16, Value)>)> = input
+                .by_ref()
+                .take(BULK_CHUNK_ROWS)
+                .map(|(row, id)| {
+                    let mut puts: Vec<(u16, Value)> = Vec::with_capacity(row.values.len() + 3);
+                    for (name, value) in row.values {
+                        // Checked in the first pass.
+                        let Some(c) = col_of(tab, &name) else {
+                            continue;
+                        };
+                        if let Some(p) = puts.iter_mut().find(|(pc, _)| *pc == c) {
+                            p.1 = value;
+                        } else {
+                            puts.push((c, value));
+                        }
+                    }
+                    insert_defaults(tab, &mut puts, now);
+                    (id, puts)
+                })
+                .collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let chunk = chunk.as_slice();
             // Build the changes on every core: this is the expensive part.
             let build = |part: &[(RowId, Vec<(u16, Value)>)]| {
                 part.iter()
@@ -246,7 +289,6 @@ impl Store {
                 };
                 batch.insert(&keys::log(seq)[..], entry.encode());
                 self.stage_row(&mut batch, t, tab, id, None, &state);
-                ids.push(id);
                 seq += 1;
             }
             self.db().apply_batch(batch).map_err(StoreError::from)?;
