@@ -6,6 +6,8 @@
 //! Run: `cargo bench -p fieldsync-sim --bench sim`. `SIM_BENCH_DEVICES` shrinks the 1,000-device
 //! day for a quick look.
 //!
+//! Devices run `replication::replica::DeviceReplica`; the hub runs the simulator's store adapter.
+//!
 //! `ours` is the wall time of the whole real-engine run: building the hub's and every device's
 //! store, the simulated day and the settling. `base` is the bare store work of the same
 //! changes, without any simulation, measured right after on fresh stores:
@@ -111,7 +113,7 @@ fn bench(name: &str, s: &Scenario) {
     let mut sim = SimBuilder::new(s)
         .rng_seed(1)
         .options(opts)
-        .build(RealFactory::new(1, None))
+        .build(RealFactory::new(1, None).with_device_replica(true))
         .unwrap();
     sim.run_to_end();
     let (log, setup) = match sim.node(HUB) {

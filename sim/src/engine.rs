@@ -46,6 +46,9 @@ pub struct RunOptions {
     /// Which nodes [`crate::run_scenario`] builds (default: the reference nodes, fast; the
     /// CLI defaults to the real engine).
     pub engine: Engine,
+    /// Real engine: devices run `replication::replica::DeviceReplica` for the protocol's
+    /// storage calls (default) rather than the simulator's minimal adapter.
+    pub device_replica: bool,
 }
 
 /// Which node implementation a run uses.
@@ -88,6 +91,7 @@ impl Default for RunOptions {
             converge_check_ms: 1_000,
             planted_bug: None,
             engine: Engine::Reference,
+            device_replica: true,
         }
     }
 }

@@ -91,7 +91,7 @@ pub fn run_scenario_progress(
             scenario,
             seed,
             opts,
-            real::RealFactory::new(seed, opts.planted_bug),
+            real::RealFactory::new(seed, opts.planted_bug).with_device_replica(opts.device_replica),
             progress,
         ),
     }

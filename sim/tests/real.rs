@@ -174,3 +174,22 @@ fn real_engine_finds_names_and_shrinks_the_planted_eviction_bug() {
         out.scenario.to_toml_minimal().unwrap()
     );
 }
+
+#[test]
+fn real_engine_with_the_minimal_device_adapter_passes_too() {
+    let opts = RunOptions {
+        device_replica: false,
+        ..real()
+    };
+    for (name, s) in shipped() {
+        let s = ci_size(&s);
+        for seed in 0..3 {
+            let a = run_scenario(&s, seed, &opts).unwrap();
+            assert!(!a.failed(), "{name} seed {seed}: {:#?}", a.violations);
+            if seed == 0 {
+                let b = run_scenario(&s, seed, &opts).unwrap();
+                assert_eq!(a.trace_digest, b.trace_digest, "{name}");
+            }
+        }
+    }
+}

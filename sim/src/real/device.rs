@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{digest_row, row_id, row_key, RealError, Registry, SharedRegistry};
 use crate::node::{EditKind, NodeEvent, OpId, RowKey};
+use fieldsync_replication::replica::DeviceReplica;
 
 /// What the side file holds: per-table cursors and last syncs, and evictions that wait for
 /// the hub's acknowledgement of local ops on the row.
@@ -77,6 +78,9 @@ pub struct StoreDevice {
     known: BTreeSet<OpId>,
     registry: SharedRegistry,
     events: Vec<NodeEvent>,
+    /// Delegate the protocol's storage calls to the replication crate's `DeviceReplica`
+    /// (`false`: this module's minimal adapter).
+    replica: bool,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StorageError {
@@ -112,7 +116,61 @@ impl StoreDevice {
             known: BTreeSet::new(),
             registry,
             events: Vec::new(),
+            replica: false,
         })
+    }
+
+    /// Run the protocol's storage calls through `replication::replica::DeviceReplica` over
+    /// the same store (this adapter then only observes: events, pending ops, rows).
+    pub fn use_replica(&mut self, on: bool) {
+        self.replica = on;
+    }
+
+    fn replica(&self) -> Result<DeviceReplica, StorageError> {
+        Ok(DeviceReplica::new(self.store_ref()?.clone()))
+    }
+
+    /// Whether the store holds the row (deleted or not).
+    fn holds(&self, table: &str, id: uuid::Uuid) -> bool {
+        self.store
+            .as_ref()
+            .and_then(|s| s.export_row(table, id).ok().flatten())
+            .is_some()
+    }
+
+    /// After the replica evicted: report the rows of `before` that are gone.
+    fn note_evicted(&mut self, before: Vec<(String, uuid::Uuid)>) {
+        for (table, id) in before {
+            if !self.holds(&table, id) {
+                if let Some(row) = row_key(id) {
+                    self.events.push(NodeEvent::Evicted { row });
+                }
+            }
+        }
+    }
+
+    /// Drop acknowledged ops from the pending view and report them acked or rejected.
+    fn take_acked(&mut self, up_to: u64, rejected: &BTreeSet<u64>) {
+        let acked: Vec<u64> = self.pending.range(..=up_to).map(|(s, _)| *s).collect();
+        for seq in acked {
+            let Some((row, hash)) = self.pending.remove(&seq) else {
+                continue;
+            };
+            if let Some(n) = self.pending_rows.get_mut(&row) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_rows.remove(&row);
+                }
+            }
+            let op = self.registry.borrow().op_of(&hash).map(|(op, _)| op);
+            if let Some(op) = op {
+                if rejected.contains(&seq) {
+                    self.events.push(NodeEvent::Rejected { op, row });
+                } else {
+                    self.events.push(NodeEvent::Acked { op });
+                }
+            }
+        }
     }
 
     /// Load the initial row set (the initial sync) and set every cursor to `cursor`.
@@ -125,6 +183,15 @@ impl StoreDevice {
             .map_err(|e| RealError::Store(e.to_string()))?;
         for t in &self.tables {
             self.side.cursors.insert(t.clone(), cursor);
+        }
+        if self.replica {
+            let mut rep = self
+                .replica()
+                .map_err(|e| RealError::Store(e.to_string()))?;
+            for t in self.tables.clone() {
+                rep.set_cursor(&t, Cursor(cursor), None)
+                    .map_err(|e| RealError::Store(e.to_string()))?;
+            }
         }
         self.save_side().map_err(|e| RealError::Io(e.to_string()))
     }
@@ -166,11 +233,17 @@ impl StoreDevice {
         let store = self.store_ref()?;
         let actor = store.actor();
         let acked = store.acked_seq().map_err(unavailable)?;
-        let mut last_local = acked;
+        // The replica keeps the protocol's acknowledged seq itself (the store's prefix may lag).
+        let own_acked = if self.replica {
+            self.replica()?.acked_seq()?.max(acked)
+        } else {
+            acked
+        };
+        let mut last_local = own_acked;
         let entries = store.ops_since(acked, usize::MAX).map_err(unavailable)?;
         let mut mine = Vec::new();
         for e in entries {
-            if e.actor == actor {
+            if e.actor == actor && e.seq > own_acked {
                 if let Some(row) = row_key(e.row) {
                     mine.push((e.seq, row, e.hash));
                 }
@@ -277,10 +350,16 @@ pub(super) fn store_options(actor: ActorId, clock: &Arc<AtomicI64>) -> StoreOpti
 
 impl DeviceStorage for StoreDevice {
     fn acked_seq(&self) -> Result<u64, StorageError> {
+        if self.replica {
+            return self.replica()?.acked_seq();
+        }
         self.store_ref()?.acked_seq().map_err(unavailable)
     }
 
     fn last_local_seq(&self) -> Result<u64, StorageError> {
+        if self.replica {
+            return self.replica()?.last_local_seq();
+        }
         self.store_ref()?;
         Ok(self.last_local)
     }
@@ -290,6 +369,9 @@ impl DeviceStorage for StoreDevice {
         after_seq: u64,
         limits: BatchLimits,
     ) -> Result<Vec<PushOp>, StorageError> {
+        if self.replica {
+            return self.replica()?.pending_ops(after_seq, limits);
+        }
         let store = self.store_ref()?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -324,32 +406,24 @@ impl DeviceStorage for StoreDevice {
         up_to_seq: u64,
         rejected: &[Rejection],
     ) -> Result<(), StorageError> {
-        let _ = now;
+        if self.replica {
+            let mut rep = self.replica()?;
+            let mut before: Vec<(String, uuid::Uuid)> =
+                rep.deferred_evictions().map_err(unavailable)?;
+            before.extend(rejected.iter().map(|r| (r.table.clone(), r.row)));
+            rep.record_ack(now, up_to_seq, rejected)?;
+            let rejected_seqs: BTreeSet<u64> = rejected.iter().map(|r| r.seq).collect();
+            self.take_acked(up_to_seq, &rejected_seqs);
+            // Rows rolled back are re-imported when the hub sent them: only report the gone.
+            self.note_evicted(before);
+            return Ok(());
+        }
         let store = self.store_ref()?;
         let up_to = up_to_seq.min(store.last_seq());
         store.acknowledge(up_to).map_err(unavailable)?;
         store.sync().map_err(unavailable)?;
         let rejected_seqs: BTreeSet<u64> = rejected.iter().map(|r| r.seq).collect();
-        let acked: Vec<u64> = self.pending.range(..=up_to).map(|(s, _)| *s).collect();
-        for seq in acked {
-            let Some((row, hash)) = self.pending.remove(&seq) else {
-                continue;
-            };
-            if let Some(n) = self.pending_rows.get_mut(&row) {
-                *n -= 1;
-                if *n == 0 {
-                    self.pending_rows.remove(&row);
-                }
-            }
-            let op = self.registry.borrow().op_of(&hash).map(|(op, _)| op);
-            if let Some(op) = op {
-                if rejected_seqs.contains(&seq) {
-                    self.events.push(NodeEvent::Rejected { op, row });
-                } else {
-                    self.events.push(NodeEvent::Acked { op });
-                }
-            }
-        }
+        self.take_acked(up_to, &rejected_seqs);
         // Roll rejected ops back: drop the row, take the hub's copy if it sent one.
         for r in rejected {
             self.try_evict(&r.table, r.row)?;
@@ -391,9 +465,13 @@ impl DeviceStorage for StoreDevice {
                 change: o.change.clone(),
             })
             .collect();
-        self.store_ref()?
-            .apply_remote(&remote, Durability::Immediate)
-            .map_err(unavailable)?;
+        if self.replica {
+            self.replica()?.apply_ops(table, ops)?;
+        } else {
+            self.store_ref()?
+                .apply_remote(&remote, Durability::Immediate)
+                .map_err(unavailable)?;
+        }
         let hashes: Vec<[u8; 32]> = ops
             .iter()
             .filter_map(|o| automerge::Change::try_from(o.change.as_slice()).ok())
@@ -404,6 +482,17 @@ impl DeviceStorage for StoreDevice {
     }
 
     fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
+        if self.replica {
+            self.replica()?.import_rows(table, rows)?;
+            for r in rows {
+                if let Ok(doc) = automerge::Automerge::load(&r.doc) {
+                    let hashes: Vec<[u8; 32]> =
+                        doc.get_changes(&[]).iter().map(|c| c.hash().0).collect();
+                    self.note_applied(hashes.into_iter());
+                }
+            }
+            return Ok(());
+        }
         let mut changed = false;
         for r in rows {
             let export = RowExport {
@@ -428,6 +517,16 @@ impl DeviceStorage for StoreDevice {
     }
 
     fn evict_rows(&mut self, table: &str, rows: &[uuid::Uuid]) -> Result<(), StorageError> {
+        if self.replica {
+            let before: Vec<(String, uuid::Uuid)> = rows
+                .iter()
+                .filter(|id| self.holds(table, **id))
+                .map(|id| (table.to_string(), *id))
+                .collect();
+            self.replica()?.evict_rows(table, rows)?;
+            self.note_evicted(before);
+            return Ok(());
+        }
         let mut changed = false;
         for id in rows {
             if !self.try_evict(table, *id)? {
@@ -441,6 +540,9 @@ impl DeviceStorage for StoreDevice {
     }
 
     fn cursor(&self, table: &str) -> Result<Cursor, StorageError> {
+        if self.replica {
+            return self.replica()?.cursor(table);
+        }
         self.store_ref()?;
         Ok(Cursor(self.side.cursors.get(table).copied().unwrap_or(0)))
     }
@@ -451,6 +553,9 @@ impl DeviceStorage for StoreDevice {
         cursor: Cursor,
         synced_at: Option<Millis>,
     ) -> Result<(), StorageError> {
+        if self.replica {
+            return self.replica()?.set_cursor(table, cursor, synced_at);
+        }
         self.store_ref()?;
         self.side.cursors.insert(table.to_string(), cursor.0);
         if let Some(at) = synced_at {
@@ -460,6 +565,9 @@ impl DeviceStorage for StoreDevice {
     }
 
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
+        if self.replica {
+            return self.replica()?.last_sync(table);
+        }
         self.store_ref()?;
         Ok(self.side.synced_at.get(table).map(|t| Millis(*t)))
     }
@@ -553,6 +661,15 @@ impl SimDeviceStorage for StoreDevice {
     }
 
     fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64)) {
+        if self.replica {
+            let Ok(rep) = self.replica() else { return };
+            for (i, t) in self.tables.iter().enumerate() {
+                if let (Ok(c), Ok(i)) = (rep.cursor(t), u32::try_from(i)) {
+                    f(i, c.0);
+                }
+            }
+            return;
+        }
         for (t, c) in &self.side.cursors {
             if let Some(i) = self.table_index(t) {
                 f(i, *c);

@@ -644,6 +644,7 @@ pub struct RealFactory {
     schema: Option<Schema>,
     /// The hub's initial changes per row and the feed position after setup.
     initial: Option<(BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>>, u64)>,
+    device_replica: bool,
 }
 
 impl RealFactory {
@@ -664,7 +665,15 @@ impl RealFactory {
             registry: Rc::new(RefCell::new(Registry::default())),
             schema: None,
             initial: None,
+            device_replica: false,
         }
+    }
+
+    /// Devices run the replication crate's `DeviceReplica` for the protocol's storage calls
+    /// (instead of this module's minimal adapter).
+    pub fn with_device_replica(mut self, on: bool) -> RealFactory {
+        self.device_replica = on;
+        self
     }
 
     fn schema(&mut self, ctx: &NodeContext<'_>) -> Result<Schema, RealError> {
@@ -734,6 +743,7 @@ impl NodeFactory for RealFactory {
                 ctx.tables.to_vec(),
                 self.registry.clone(),
             )?;
+            s.use_replica(self.device_replica);
             if let Some((per_row, pos)) = &self.initial {
                 let ops: Vec<fieldsync_store::RemoteOp> = ctx
                     .world
