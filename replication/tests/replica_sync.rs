@@ -727,6 +727,9 @@ enum Action {
     Toggle { dev: usize },
     Restart { dev: usize },
     Reassign { to: usize },
+    GiveAway { dev: usize, to: usize },
+    Unauthorized { dev: usize, n: i64 },
+    HubEdit { n: i64 },
     Run { secs: u64 },
 }
 
@@ -737,6 +740,9 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (0..3usize).prop_map(|dev| Action::Toggle { dev }),
         1 => (0..3usize).prop_map(|dev| Action::Restart { dev }),
         1 => (0..3usize).prop_map(|to| Action::Reassign { to }),
+        1 => (0..3usize, 0..3usize).prop_map(|(dev, to)| Action::GiveAway { dev, to }),
+        1 => (0..3usize, 0..100i64).prop_map(|(dev, n)| Action::Unauthorized { dev, n }),
+        1 => (0..100i64).prop_map(|n| Action::HubEdit { n }),
         3 => (1..120u64).prop_map(|secs| Action::Run { secs }),
     ]
 }
@@ -779,6 +785,23 @@ proptest! {
                 Action::Reassign { to } => {
                     w.net.hub.local_write("task", s.ana_task,
                         &[("ownerid", owner_user(users[to]))]).unwrap();
+                }
+                Action::GiveAway { dev, to } => {
+                    let held: Vec<RowId> = w.held(dev).into_iter()
+                        .filter(|(t, _)| t == "task").map(|(_, r)| r).collect();
+                    if let Some(r) = held.first() {
+                        w.write(dev, "task", *r, &[("ownerid", owner_user(users[to]))]);
+                    }
+                }
+                Action::Unauthorized { dev, n } => {
+                    // Only ana may write the account; others' writes are rejected.
+                    if w.dev(dev).get("account", s.account).unwrap().is_some() {
+                        w.write(dev, "account", s.account, &[("n", Value::Integer(n))]);
+                    }
+                }
+                Action::HubEdit { n } => {
+                    w.net.hub.local_write("task", s.team_task,
+                        &[("n", Value::Integer(n))]).unwrap();
                 }
                 Action::Run { secs } => w.net.run_for(Millis::from_secs(secs)),
             }

@@ -1,5 +1,7 @@
 //! [`DeviceReplica`]: the device's side of sync over its [`Store`].
 
+use std::collections::BTreeMap;
+
 use fieldsync_store::{
     AuxWrite, ColumnConflict, Durability, LogEntry, RemoteOp, RowExport, RowId, Store, StoreError,
     Value, DELETED_KEY,
@@ -52,6 +54,16 @@ impl From<StoredError> for SyncErrorRecord {
             message: e.message,
         }
     }
+}
+
+/// A rollback waiting to run: evict the row, import the hub's row, re-apply the hub's
+/// changes that arrived while it waited.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Rollback {
+    /// The hub's row (the newest one heard of), if the device may read it.
+    doc: Option<Vec<u8>>,
+    /// Changes pulled for the row after `doc`.
+    changes: Vec<Vec<u8>>,
 }
 
 /// A table's position in the hub's feed, as stored.
@@ -209,8 +221,8 @@ impl DeviceReplica {
             if !self.try_evict(&table, row)? {
                 continue;
             }
-            let doc: Option<Vec<u8>> = dec(&v, "a rollback")?;
-            if let Some(doc) = doc {
+            let rb: Rollback = dec(&v, "a rollback")?;
+            if let Some(doc) = rb.doc {
                 let export = RowExport {
                     table: table.clone(),
                     id: row,
@@ -218,6 +230,20 @@ impl DeviceReplica {
                 };
                 if let Err(e) = self.store.import_row(&export, Durability::Immediate) {
                     warn!(%table, %row, error = %e, "the hub's row for a rollback does not import");
+                }
+            }
+            if !rb.changes.is_empty() {
+                let ops: Vec<RemoteOp> = rb
+                    .changes
+                    .into_iter()
+                    .map(|change| RemoteOp {
+                        table: table.clone(),
+                        row,
+                        change,
+                    })
+                    .collect();
+                if let Err(e) = self.store.apply_remote(&ops, Durability::Immediate) {
+                    warn!(%table, %row, error = %e, "changes kept for a rollback do not apply");
                 }
             }
             debug!(%table, %row, "rolled back");
@@ -411,14 +437,17 @@ impl DeviceStorage for DeviceReplica {
                 message: r.message.clone(),
             };
             writes.push(AuxWrite::Put(seq_key(P_ERROR, r.seq), enc(&stored)));
-            let doc: Option<Vec<u8>> = r
-                .authoritative
-                .as_ref()
-                .filter(|d| d.row == r.row)
-                .map(|d| d.doc.clone());
+            let rb = Rollback {
+                doc: r
+                    .authoritative
+                    .as_ref()
+                    .filter(|d| d.row == r.row)
+                    .map(|d| d.doc.clone()),
+                changes: Vec::new(),
+            };
             writes.push(AuxWrite::Put(
                 row_key(P_ROLLBACK, &r.table, r.row),
-                enc(&doc),
+                enc(&rb),
             ));
         }
         writes.push(AuxWrite::Put(
@@ -443,6 +472,30 @@ impl DeviceStorage for DeviceReplica {
         self.store
             .apply_remote(&remote, Durability::Immediate)
             .map_err(storage_err)?;
+        // A row waiting for a rollback will be rebuilt from the hub's row: keep these changes
+        // to apply on top of it.
+        let mut writes = Vec::new();
+        let mut pending: BTreeMap<RowId, Rollback> = BTreeMap::new();
+        for c in ops {
+            let k = row_key(P_ROLLBACK, table, c.row);
+            if !pending.contains_key(&c.row) {
+                match self.get(&k)? {
+                    Some(v) => {
+                        pending.insert(c.row, dec(&v, "a rollback")?);
+                    }
+                    None => continue,
+                }
+            }
+            if let Some(rb) = pending.get_mut(&c.row) {
+                rb.changes.push(c.change.clone());
+            }
+        }
+        for (row, rb) in pending {
+            writes.push(AuxWrite::Put(row_key(P_ROLLBACK, table, row), enc(&rb)));
+        }
+        if !writes.is_empty() {
+            self.apply(&writes)?;
+        }
         self.advance_store_ack()
     }
 
@@ -455,14 +508,23 @@ impl DeviceStorage for DeviceReplica {
                 id: d.row,
                 doc: d.doc.clone(),
             };
+            // One flush for the whole batch (below), not one per row.
             self.store
-                .import_row(&export, Durability::Immediate)
+                .import_row(&export, Durability::Group)
                 .map_err(storage_err)?;
             writes.push(AuxWrite::Remove(row_key(P_EVICT, table, d.row)));
+            // A rollback waiting for this row rebuilds it from this newer hub row.
+            let rk = row_key(P_ROLLBACK, table, d.row);
+            if self.get(&rk)?.is_some() {
+                let rb = Rollback {
+                    doc: Some(d.doc.clone()),
+                    changes: Vec::new(),
+                };
+                writes.push(AuxWrite::Put(rk, enc(&rb)));
+            }
         }
-        if !writes.is_empty() {
-            self.apply(&writes)?;
-        }
+        // Durable before returning, rows and aux writes alike (`apply` flushes).
+        self.apply(&writes)?;
         self.advance_store_ack()?;
         self.run_deferred()
     }

@@ -44,6 +44,7 @@ const P_ACTOR: &[u8] = b"act/";
 const P_HISTORY: &[u8] = b"hh/";
 const P_MEMBERSHIP: &[u8] = b"m/";
 const P_BLOB: &[u8] = b"bl/";
+const P_OVERRIDE: &[u8] = b"ho/";
 /// Log entries a pull looks at per requested item (other tables' entries are skipped).
 const SCAN_FACTOR: usize = 4;
 
@@ -140,6 +141,19 @@ fn rejected(operation: Operation, kind: RejectionKind, message: &str) -> Decisio
         kind,
         message: message.to_string(),
     }
+}
+
+/// What a device holds after a rejected op was rolled back, from log position `seq` on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Override {
+    seq: u64,
+    held: bool,
+}
+
+fn override_key(device: DeviceId, table: &str, row: RowId) -> Vec<u8> {
+    let mut p = P_OVERRIDE.to_vec();
+    p.extend_from_slice(device.0.as_bytes());
+    row_key(&p, table, row)
 }
 
 fn history_key(device: DeviceId, table: &str, row: RowId) -> Vec<u8> {
@@ -497,20 +511,42 @@ impl HubReplica {
         self.store.export_row(table, row).ok()?.map(|e| e.doc)
     }
 
-    fn outcome(&self, who: &Principal, op: &PushOp, d: Decision) -> PushOutcome {
-        match d {
+    fn outcome(
+        &self,
+        who: &Principal,
+        op: &PushOp,
+        d: Decision,
+    ) -> Result<PushOutcome, StorageError> {
+        Ok(match d {
             Decision::Accepted => PushOutcome::Accepted,
             Decision::Rejected {
                 operation,
                 kind,
                 message,
-            } => PushOutcome::Rejected {
-                operation,
-                kind,
-                message,
-                authoritative: self.authoritative(who, &op.table, op.row),
-            },
-        }
+            } => {
+                let authoritative = self.authoritative(who, &op.table, op.row);
+                // The device rolls back: it holds the hub's row if one is sent, else nothing,
+                // whatever the feed told it before. Pulls go on from there.
+                let o = Override {
+                    seq: self.store.last_seq(),
+                    held: authoritative.is_some(),
+                };
+                self.store
+                    .aux_put(
+                        SPACE,
+                        &override_key(who.device, &op.table, op.row),
+                        &enc(&o),
+                        Durability::Group,
+                    )
+                    .map_err(storage_err)?;
+                PushOutcome::Rejected {
+                    operation,
+                    kind,
+                    message,
+                    authoritative,
+                }
+            }
+        })
     }
 
     /// The authority: what the op does, whether the user may, then apply.
@@ -800,18 +836,18 @@ impl HubStorage for HubReplica {
         let insp = match self.store.inspect_change(&op.table, op.row, &op.change) {
             Ok(i) => i,
             Err(StoreError::Schema(e)) => {
-                return Ok(self.outcome(
+                return self.outcome(
                     who,
                     op,
                     rejected(Operation::Write, RejectionKind::Permission, &e.to_string()),
-                ))
+                )
             }
             Err(StoreError::InvalidChange { reason, .. }) => {
-                return Ok(self.outcome(
+                return self.outcome(
                     who,
                     op,
                     rejected(Operation::Write, RejectionKind::Validation, &reason),
-                ))
+                )
             }
             Err(e) => return Err(storage_err(e)),
         };
@@ -821,7 +857,7 @@ impl HubStorage for HubReplica {
         dk.extend_from_slice(&insp.hash);
         if let Some(v) = self.store.aux_get(SPACE, &dk).map_err(storage_err)? {
             let d: Decision = dec(&v, "a decision")?;
-            return Ok(self.outcome(who, op, d));
+            return self.outcome(who, op, d);
         }
         if insp.applied {
             return Ok(PushOutcome::Accepted);
@@ -833,7 +869,7 @@ impl HubStorage for HubReplica {
         if let Decision::Rejected { kind, message, .. } = &d {
             debug!(?kind, %message, "op rejected");
         }
-        Ok(self.outcome(who, op, d))
+        self.outcome(who, op, d)
     }
 
     fn pull(
@@ -964,7 +1000,16 @@ impl HubStorage for HubReplica {
                 } else {
                     let hk = history_key(who.device, table, *row);
                     let hist = self.load_history(&hk)?;
-                    let before = held_at(&hist, after.0);
+                    let mut before = held_at(&hist, after.0);
+                    // A rollback changed what the device holds after the feed last told it.
+                    let ok = override_key(who.device, table, *row);
+                    if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
+                        let o: Override = dec(&v, "a holding override")?;
+                        let last = hist.iter().rev().find(|(c, _)| *c <= after.0);
+                        if last.is_none_or(|(c, _)| *c < o.seq) {
+                            before = o.held;
+                        }
+                    }
                     let now = self.in_set(who, table, *row);
                     let f = match (before, now) {
                         (true, true) => Fate::Ops,
