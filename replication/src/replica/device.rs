@@ -478,10 +478,10 @@ impl DeviceStorage for DeviceReplica {
         let mut pending: BTreeMap<RowId, Rollback> = BTreeMap::new();
         for c in ops {
             let k = row_key(P_ROLLBACK, table, c.row);
-            if !pending.contains_key(&c.row) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = pending.entry(c.row) {
                 match self.get(&k)? {
                     Some(v) => {
-                        pending.insert(c.row, dec(&v, "a rollback")?);
+                        slot.insert(dec(&v, "a rollback")?);
                     }
                     None => continue,
                 }
