@@ -469,11 +469,8 @@ impl DeviceStorage for DeviceReplica {
                 change: c.change.clone(),
             })
             .collect();
-        self.store
-            .apply_remote(&remote, Durability::Immediate)
-            .map_err(storage_err)?;
         // A row waiting for a rollback will be rebuilt from the hub's row: keep these changes
-        // to apply on top of it.
+        // to apply on top of it (recorded first, so a crash in between loses none).
         let mut writes = Vec::new();
         let mut pending: BTreeMap<RowId, Rollback> = BTreeMap::new();
         for c in ops {
@@ -496,6 +493,9 @@ impl DeviceStorage for DeviceReplica {
         if !writes.is_empty() {
             self.apply(&writes)?;
         }
+        self.store
+            .apply_remote(&remote, Durability::Immediate)
+            .map_err(storage_err)?;
         self.advance_store_ack()
     }
 

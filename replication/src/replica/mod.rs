@@ -5,6 +5,39 @@
 //!
 //! Replication metadata (cursors, sync errors, decisions, per-device bookkeeping) lives in the
 //! store's auxiliary key space (`Store::aux_*`), so it is as durable as the rows.
+//!
+//! # Aux layout
+//!
+//! `row` below is `table · 0 · row id (16 bytes)`; integers are big-endian.
+//!
+//! Device, space `device`:
+//!
+//! | key | value |
+//! |---|---|
+//! | `acked` | the protocol's acknowledged seq (u64) |
+//! | `cur/` table | cursor and last sync (bincode) |
+//! | `err/` seq | a sync error (bincode); its id is the rejected op's seq |
+//! | `ev/` row | an eviction waiting for own ops to be acknowledged |
+//! | `rb/` row | a rollback waiting to run: the hub's row and the changes pulled since |
+//! | `bp/` sha, `bc/` sha offset, `bd/` sha | blob download progress, chunks, completion |
+//!
+//! The device's own ops are the store's log entries by its actor. The store's acknowledged
+//! prefix is kept just before the first unacknowledged own op, so pulled entries never block
+//! `evict_row` or `compact`.
+//!
+//! Hub, space `hub`:
+//!
+//! | key | value |
+//! |---|---|
+//! | `tok/` token id | `[1]` issued, `[0]` revoked |
+//! | `dec/` row hash | the decision on a pushed change (bincode) |
+//! | `act/` device actor | the automerge actors a device pushed with |
+//! | `hh/` device row | the device's holding history: (feed position, held) transitions |
+//! | `ho/` device row | what a rollback left on the device, from a feed position on |
+//! | `m/` profile · 0 · user seq row | the row entered or left the user's set at `seq` |
+//! | `bl/` sha row | the row refers to the blob |
+//!
+//! The feed cursor of every table is the hub's log seq; the hub never compacts its log.
 
 use fieldsync_store::{StoreError, WriteError};
 use serde::{de::DeserializeOwned, Serialize};
