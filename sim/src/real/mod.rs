@@ -652,6 +652,12 @@ impl RealFactory {
     /// tmpfs, `/dev/shm`, when there is one). `bug` plants a bug in the hub adapter (tests
     /// only; `hub-forgets-eviction` is the one the real engine supports).
     pub fn new(seed: u64, bug: Option<PlantedBug>) -> RealFactory {
+        if bug.is_some_and(|b| b != PlantedBug::HubForgetsEviction) {
+            tracing::warn!(
+                ?bug,
+                "the real engine plants only hub-forgets-eviction; this switch does nothing here"
+            );
+        }
         let shm = std::path::Path::new("/dev/shm");
         let base = if shm.is_dir() {
             shm.to_path_buf()
