@@ -811,3 +811,94 @@ proptest! {
         w.check_converged();
     }
 }
+
+#[test]
+fn hub_and_device_state_survive_a_reopen() {
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let app = App {
+        id: Uuid::from_u128(0xa99),
+        name: APP.into(),
+        tables: BTreeSet::new(),
+        views: Vec::new(),
+        offline: true,
+        profile: Some("Mobile".into()),
+    };
+    let key = HubSigningKey::generate().unwrap();
+    let verifier = key.verifier();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let dev_dir = tempfile::tempdir().unwrap();
+    let dev = DeviceId(Uuid::from_u128(5));
+    let ana = user(&env, "ana");
+    let (token, op, first) = {
+        let store = Store::create(hub_dir.path(), schema.clone(), opts()).unwrap();
+        let mut hub = HubReplica::open(
+            store,
+            env.clone(),
+            vec![app.clone()],
+            vec![profile.clone()],
+            verifier.clone(),
+            0,
+        )
+        .unwrap()
+        .with_signing_key(key);
+        let token = hub.enroll("ana", APP, dev.0, 0).unwrap();
+        let who = hub
+            .authenticate(dev, token.as_bytes(), APP)
+            .unwrap()
+            .unwrap();
+        // A device op creating a task for cat: refused (ana may not create for cat).
+        let d = Store::create(dev_dir.path(), schema.clone(), opts()).unwrap();
+        let mut tx = d.begin();
+        tx.insert("task", &[("ownerid", owner_user(user(&env, "cat")))])
+            .unwrap();
+        tx.commit().unwrap();
+        let e = d.ops_since(0, 1).unwrap().remove(0);
+        let op = PushOp {
+            seq: e.seq,
+            table: e.table,
+            row: e.row,
+            change: e.change,
+        };
+        let first = hub
+            .apply_push(Millis(0), &who, ConflictPolicy::MergePerColumn, &op)
+            .unwrap();
+        assert!(matches!(first, PushOutcome::Rejected { .. }));
+        let mut replica = DeviceReplica::new(d);
+        let rejection = fieldsync_replication::proto::Rejection {
+            seq: op.seq,
+            table: op.table.clone(),
+            row: op.row,
+            operation: fieldsync_replication::proto::Operation::Create,
+            kind: RejectionKind::Permission,
+            message: "no".into(),
+            authoritative: None,
+        };
+        replica.record_ack(Millis(9), op.seq, &[rejection]).unwrap();
+        replica
+            .set_cursor("task", Cursor(3), Some(Millis(7)))
+            .unwrap();
+        (token, op, first)
+    };
+    let store = Store::open(hub_dir.path(), opts()).unwrap();
+    let mut hub = HubReplica::open(store, env, vec![app], vec![profile], verifier, 0).unwrap();
+    let who = hub
+        .authenticate(dev, token.as_bytes(), APP)
+        .unwrap()
+        .unwrap();
+    assert_eq!(who.user, ana);
+    let again = hub
+        .apply_push(Millis(0), &who, ConflictPolicy::MergePerColumn, &op)
+        .unwrap();
+    assert_eq!(again, first, "the same answer after a restart");
+    let d = DeviceReplica::new(Store::open(dev_dir.path(), opts()).unwrap());
+    assert_eq!(d.acked_seq().unwrap(), op.seq);
+    assert_eq!(d.cursor("task").unwrap(), Cursor(3));
+    assert_eq!(d.last_sync("task").unwrap(), Some(Millis(7)));
+    let errors = d.sync_errors().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].1.at, Millis(9));
+    assert_eq!(d.store().get("task", op.row).unwrap(), None, "rolled back");
+    assert_eq!(d.pending_op_count().unwrap(), 0);
+}
