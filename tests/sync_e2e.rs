@@ -1,5 +1,7 @@
 //! End-to-end sync: a real `fieldsync hub serve` process and real `fieldsync device ...`
 //! processes over QUIC on loopback, with the field-service example.
+// A failed unwrap here is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,6 +10,8 @@ use fieldsync_e2e::{field_service, fieldsync, fieldsync_ok, free_udp_port, HubPr
 
 const APP: &str = "Field Service Mobile";
 const WO: &str = "msdyn_workorder";
+/// ana@contoso.com's id in the field-service environment (derived from her name).
+const ANA_ID: &str = "b237bab1-137b-5641-91ea-e78c80541bdd";
 
 struct Hub {
     dir: tempfile::TempDir,
@@ -293,7 +297,7 @@ fn import_work_orders(dev: &Path, dir: &Path, n: usize) {
     let mut text = String::new();
     for i in 0..n {
         text.push_str(&format!(
-            "{{\"msdyn_name\":\"IMP-{i:05}\",\"statecode\":0,\"msdyn_systemstatus\":690970000}}\n"
+            "{{\"msdyn_name\":\"IMP-{i:05}\",\"ownerid\":\"user:{ANA_ID}\",\"statecode\":0,\"msdyn_systemstatus\":690970000}}\n"
         ));
     }
     std::fs::write(&file, text).unwrap();

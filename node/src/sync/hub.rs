@@ -126,6 +126,11 @@ impl ChangeBus {
         self.sessions().len()
     }
 
+    /// Whether no session is registered.
+    pub fn is_empty(&self) -> bool {
+        self.sessions().is_empty()
+    }
+
     fn is_shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
     }
