@@ -96,3 +96,91 @@ where
     assert!(!stderr.contains("panicked"), "fieldsync panicked: {stderr}");
     lines[0].to_string()
 }
+
+/// A free UDP port on loopback (bound and released; the hub binds it right after).
+pub fn free_udp_port() -> u16 {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap_or_else(|e| panic!("cannot bind a UDP port: {e}"));
+    sock.local_addr()
+        .unwrap_or_else(|e| panic!("no local address: {e}"))
+        .port()
+}
+
+/// A running `fieldsync hub serve` process.
+#[derive(Debug)]
+pub struct HubProcess {
+    child: std::process::Child,
+    /// The address it listens on.
+    pub addr: String,
+    /// The metrics address, if asked for.
+    pub metrics: Option<String>,
+}
+
+impl HubProcess {
+    /// Spawns `fieldsync hub serve --data DATA --listen LISTEN [--metrics M]` and waits for its
+    /// "listening on" line (and the metrics line).
+    pub fn spawn(data: &Path, listen: &str, metrics: Option<&str>) -> HubProcess {
+        use std::io::BufRead;
+        let mut cmd = Command::new(fieldsync_bin());
+        cmd.arg("hub")
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(listen);
+        if let Some(m) = metrics {
+            cmd.arg("--metrics").arg(m);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn the hub: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut addr = None;
+        let mut metrics_addr = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap_or_default();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                addr = rest.split_whitespace().next().map(str::to_string);
+                if metrics.is_none() {
+                    break;
+                }
+            }
+            if let Some(rest) = line.strip_prefix("metrics on http://") {
+                metrics_addr = rest.split('/').next().map(str::to_string);
+                break;
+            }
+        }
+        // Keep draining stdout so the hub never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = addr.unwrap_or_else(|| panic!("the hub did not print its listen address"));
+        HubProcess {
+            child,
+            addr,
+            metrics: metrics_addr,
+        }
+    }
+
+    /// SIGKILL: no drain, no flush.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn terminate(mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

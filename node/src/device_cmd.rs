@@ -17,14 +17,52 @@ const IMPORT_BATCH_ROWS: usize = 5_000;
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Create an empty device store with a schema.
+    /// Create a device store: enrolled with a hub (`--credential`: schema and profile come
+    /// from the hub), or standalone with a schema file.
     Init {
-        /// The device's data directory (created; must not hold a store yet).
+        /// The device's data directory (created; must not hold a store yet, unless enrolling
+        /// it for a second app with the same offline profile).
         #[arg(long)]
         data: PathBuf,
-        /// Schema TOML file (see examples/field-service/schema.toml).
+        /// Schema TOML file (see examples/field-service/schema.toml), for a standalone store.
+        #[arg(
+            long,
+            conflicts_with = "credential",
+            required_unless_present = "credential"
+        )]
+        schema: Option<PathBuf>,
+        /// Credential file written by `fieldsync hub enroll`.
         #[arg(long)]
-        schema: PathBuf,
+        credential: Option<PathBuf>,
+    },
+    /// Sync with the hub: `--once` pushes, pulls every table to the end and exits; `--watch`
+    /// stays connected in live mode and reconnects with backoff (until SIGINT/SIGTERM).
+    Sync {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, conflicts_with = "watch")]
+        once: bool,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List sync errors (ops the hub rejected, rolled back), or retry or discard one.
+    Errors {
+        #[arg(long)]
+        data: PathBuf,
+        /// Re-apply the rejected op as a new local edit.
+        #[arg(long, conflicts_with = "discard")]
+        retry: Option<u64>,
+        /// Forget the error; the edit stays rolled back.
+        #[arg(long)]
+        discard: Option<u64>,
+    },
+    /// Show or change the device's sync settings.
+    Config {
+        #[arg(long)]
+        data: PathBuf,
+        /// Sync only when a Wi-Fi link is up.
+        #[arg(long)]
+        wifi_only: Option<bool>,
     },
     /// Create a row, or update columns of an existing one; prints the row id.
     Put {
@@ -102,7 +140,25 @@ pub enum DeviceCommand {
 
 pub fn run(cmd: DeviceCommand) -> Result<()> {
     match cmd {
-        DeviceCommand::Init { data, schema } => init(&data, &schema),
+        DeviceCommand::Init {
+            data,
+            schema,
+            credential,
+        } => match (schema, credential) {
+            (_, Some(cred)) => crate::device_sync::init_with_credential(&data, &cred),
+            (Some(schema), None) => init(&data, &schema),
+            (None, None) => Err(anyhow!("give --schema or --credential")),
+        },
+        DeviceCommand::Sync { data, once, watch } => {
+            let _ = once;
+            crate::device_sync::sync(&data, watch)
+        }
+        DeviceCommand::Errors {
+            data,
+            retry,
+            discard,
+        } => crate::device_sync::errors(&data, retry, discard),
+        DeviceCommand::Config { data, wifi_only } => crate::device_sync::config(&data, wifi_only),
         DeviceCommand::Put {
             data,
             table,
@@ -459,5 +515,6 @@ fn status(data: &Path) -> Result<()> {
             println!("  {problem:?}");
         }
     }
+    crate::device_sync::status_lines(data, &store)?;
     Ok(())
 }

@@ -5,9 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod device_cmd;
+mod device_sync;
 mod emulator;
+mod hub_cmd;
 mod profile_cmd;
+mod sync;
 
 /// fieldsync: an offline-first sync engine for field apps.
 #[derive(Debug, Parser)]
@@ -31,6 +35,20 @@ enum Command {
     /// Work with a device's local store: create, edit, query, inspect.
     #[command(subcommand)]
     Device(device_cmd::DeviceCommand),
+    /// Run a hub: init, serve, enroll and revoke devices.
+    #[command(subcommand)]
+    Hub(hub_cmd::HubCommand),
+    /// Simulate spotty connectivity over the real store and protocol: run a scenario, or sweep
+    /// a parameter.
+    #[command(subcommand)]
+    Sim(fieldsync_sim::cli::SimCommand),
+    /// An embedded hub and three devices on loopback QUIC: offline edits, a conflict, a
+    /// rejected write and an owner change, then what each device holds.
+    Demo {
+        /// Keep the demo's directories here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// Offline profiles: validate, show, generate from an app, estimate sizes, Dataverse records.
     #[command(subcommand)]
     Profile(profile_cmd::ProfileCommand),
@@ -58,6 +76,13 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Device(cmd) => device_cmd::run(cmd),
+        Command::Hub(cmd) => hub_cmd::run(cmd),
+        Command::Sim(cmd) => match fieldsync_sim::cli::execute(cmd) {
+            // FAILURE when an invariant was violated: the report says which.
+            Ok(code) => return code,
+            Err(e) => Err(anyhow::Error::new(e)),
+        },
+        Command::Demo { dir } => demo::run(dir.as_deref()),
         Command::Profile(cmd) => profile_cmd::run(cmd),
         Command::DataverseEmulator(args) => emulator::run(args),
     };

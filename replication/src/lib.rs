@@ -18,3 +18,10 @@ pub use evaluate::{evaluate, evaluate_all, DeviceSet, RowKey, RowView};
 pub use profile::{Profile, ProfileError, ProfileItem, RowFilter};
 pub use routing::{Route, Router, RowRef, UserDelta};
 pub use security::{Depth, Environment, EnvironmentError, Privilege, ReadScope, Role};
+#[cfg(feature = "credential")]
+pub mod credential;
+pub mod proto;
+pub mod replica;
+#[cfg(feature = "quic")]
+pub mod transport;
+pub mod wire;

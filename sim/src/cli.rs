@@ -8,7 +8,7 @@ use crate::metrics::Invariant;
 use crate::scenario::{Scenario, ScenarioError};
 use crate::simple::PlantedBug;
 use crate::sweep::SweepParam;
-use crate::{report, run_scenario_with, shrink, sweep, RunOptions, SimpleFactory};
+use crate::{report, run_scenario_progress, shrink, sweep, Engine, RunOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,6 +54,15 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The nodes: `real` (fieldsync's store and protocol sessions) or `reference` (the
+    /// built-in protocol, fast). Default: the scenario's `engine`, else real.
+    #[arg(long)]
+    pub engine: Option<Engine>,
+}
+
+/// The engine of a run: the flag, else the scenario's, else the real one.
+fn engine_of(flag: Option<Engine>, scenario: &Scenario) -> Engine {
+    flag.or(scenario.engine).unwrap_or(Engine::Real)
 }
 
 /// Arguments of `fieldsync sim sweep`.
@@ -74,6 +83,9 @@ pub struct SweepArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The nodes: `real` or `reference` (default: the scenario's `engine`, else real).
+    #[arg(long)]
+    pub engine: Option<Engine>,
 }
 
 /// Why a `sim` command failed (an invariant violation is not an error: see the exit code).
@@ -121,6 +133,9 @@ pub fn execute(cmd: SimCommand) -> Result<ExitCode, SimCliError> {
 
 fn reproduce(a: &RunArgs, seed: u64) -> String {
     let mut s = format!("fieldsync sim run {} --seed {seed}", a.scenario.display());
+    if let Some(e) = a.engine {
+        s.push_str(&format!(" --engine {e}"));
+    }
     if let Some(b) = a.plant_bug {
         s.push_str(&format!(" --plant-bug {b}"));
     }
@@ -131,6 +146,7 @@ fn run(a: RunArgs) -> Result<ExitCode, SimCliError> {
     let scenario = Scenario::from_file(&a.scenario)?;
     let opts = RunOptions {
         planted_bug: a.plant_bug,
+        engine: engine_of(a.engine, &scenario),
         ..RunOptions::default()
     };
     let mut last = None;
@@ -141,17 +157,11 @@ fn run(a: RunArgs) -> Result<ExitCode, SimCliError> {
             "{prefix} [{bar:40}] {msg}",
         );
         pb.set_prefix(format!("{} seed {seed}", scenario.name));
-        let report = run_scenario_with(
-            &scenario,
-            seed,
-            &opts,
-            SimpleFactory { bug: a.plant_bug },
-            &mut |now, end| {
-                pb.set_length(end);
-                pb.set_position(now);
-                pb.set_message(report::human_ms(now));
-            },
-        )?;
+        let report = run_scenario_progress(&scenario, seed, &opts, &mut |now, end| {
+            pb.set_length(end);
+            pb.set_position(now);
+            pb.set_message(report::human_ms(now));
+        })?;
         pb.finish_and_clear();
         let failed = report.failed() || !report.converged;
         if failed || seed + 1 == a.seed.saturating_add(a.seeds.max(1)) {
@@ -237,7 +247,10 @@ fn run_sweep(a: SweepArgs) -> Result<ExitCode, SimCliError> {
         &scenario,
         a.seed,
         &a.param,
-        &RunOptions::default(),
+        &RunOptions {
+            engine: engine_of(a.engine, &scenario),
+            ..RunOptions::default()
+        },
         &mut |done, _| pb.set_position(done as u64),
     )?;
     pb.finish_and_clear();
@@ -350,6 +363,7 @@ mod tests {
             shrink_runs: 10,
             plant_bug: None,
             quiet: true,
+            engine: None,
         }))
         .unwrap();
         assert_eq!(code, ExitCode::SUCCESS);
@@ -369,6 +383,7 @@ mod tests {
             shrink_runs: 30,
             plant_bug: Some(PlantedBug::HubForgetsEviction),
             quiet: true,
+            engine: None,
         }))
         .unwrap();
         assert_eq!(code, ExitCode::FAILURE);

@@ -43,6 +43,43 @@ pub struct RunOptions {
     pub converge_check_ms: u64,
     /// For the built-in nodes: a planted bug (tests and demonstrations only).
     pub planted_bug: Option<crate::simple::PlantedBug>,
+    /// Which nodes [`crate::run_scenario`] builds (default: the reference nodes, fast; the
+    /// CLI defaults to the real engine).
+    pub engine: Engine,
+    /// Real engine: devices run `replication::replica::DeviceReplica` for the protocol's
+    /// storage calls (default) rather than the simulator's minimal adapter.
+    pub device_replica: bool,
+}
+
+/// Which node implementation a run uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// The built-in last-writer-wins protocol ([`crate::simple`]): fast, for framework tests.
+    #[default]
+    Reference,
+    /// fieldsync's real store and protocol sessions ([`crate::real`]).
+    Real,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Reference => "reference",
+            Engine::Real => "real",
+        })
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "reference" => Ok(Engine::Reference),
+            "real" => Ok(Engine::Real),
+            other => Err(format!("unknown engine `{other}` (real, reference)")),
+        }
+    }
 }
 
 impl Default for RunOptions {
@@ -53,6 +90,8 @@ impl Default for RunOptions {
             steps_per_violation: 16,
             converge_check_ms: 1_000,
             planted_bug: None,
+            engine: Engine::Reference,
+            device_replica: true,
         }
     }
 }
@@ -1763,6 +1802,17 @@ impl<N: FieldNode> Sim<N> {
     /// Run to the end (convergence after the final heal, or the settle deadline) and report.
     pub fn finish(self) -> SimReport {
         self.finish_with_progress(&mut |_, _| {})
+    }
+
+    /// A node, to inspect (benchmarks and tests): 0 is the hub, devices from 1.
+    pub fn node(&self, id: NodeId) -> Option<&N> {
+        self.hosts.get(id.index()).map(|h| &h.node)
+    }
+
+    /// Run every remaining step (as [`Sim::finish`] does before it reports), leaving the
+    /// nodes to inspect; then call `finish` for the report.
+    pub fn run_to_end(&mut self) {
+        while self.step() {}
     }
 
     /// As [`Sim::finish`], calling `progress(now_ms, end_ms)` about every simulated minute.

@@ -40,6 +40,7 @@ pub mod histogram;
 mod invariants;
 mod metrics;
 mod node;
+pub mod real;
 pub mod report;
 pub mod scenario;
 pub mod simple;
@@ -49,7 +50,7 @@ pub mod world;
 #[cfg(feature = "cli")]
 pub mod cli;
 
-pub use engine::{RunOptions, Sim, SimBuilder};
+pub use engine::{Engine, RunOptions, Sim, SimBuilder};
 pub use metrics::{DeviceMetrics, Invariant, Metrics, Series, SimReport, Violation};
 pub use node::{
     AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory, NodeId,
@@ -59,21 +60,41 @@ pub use scenario::{Dur, Scenario, ScenarioError};
 pub use simple::{PlantedBug, SimpleFactory};
 pub use sweep::{shrink, sweep, ShrinkOutcome, SweepParam, SweepRow};
 
-/// Run a scenario with the built-in nodes ([`SimpleFactory`], with `opts.planted_bug`).
+/// Run a scenario with the engine `opts.engine` selects (with `opts.planted_bug`).
 pub fn run_scenario(
     scenario: &Scenario,
     seed: u64,
     opts: &RunOptions,
 ) -> Result<SimReport, ScenarioError> {
-    run_scenario_with(
-        scenario,
-        seed,
-        opts,
-        SimpleFactory {
-            bug: opts.planted_bug,
-        },
-        &mut |_, _| {},
-    )
+    run_scenario_progress(scenario, seed, opts, &mut |_, _| {})
+}
+
+/// Like [`run_scenario`], reporting progress as `(now_ms, end_ms)`.
+pub fn run_scenario_progress(
+    scenario: &Scenario,
+    seed: u64,
+    opts: &RunOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SimReport, ScenarioError> {
+    let _span = tracing::info_span!("run_scenario", engine = %opts.engine, seed).entered();
+    match opts.engine {
+        Engine::Reference => run_scenario_with(
+            scenario,
+            seed,
+            opts,
+            SimpleFactory {
+                bug: opts.planted_bug,
+            },
+            progress,
+        ),
+        Engine::Real => run_scenario_with(
+            scenario,
+            seed,
+            opts,
+            real::RealFactory::new(seed, opts.planted_bug).with_device_replica(opts.device_replica),
+            progress,
+        ),
+    }
 }
 
 /// Run a scenario with any node implementation, reporting progress as `(now_ms, end_ms)`.

@@ -268,6 +268,10 @@ pub struct Scenario {
     /// Timed events.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
+    /// Which nodes run it: `"real"` (fieldsync's store and protocol) or `"reference"` (the
+    /// built-in protocol). Unset: the caller's choice (the CLI's `--engine`, default real).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::engine::Engine>,
 }
 
 fn default_settle() -> Dur {
@@ -694,6 +698,7 @@ impl Scenario {
             groups: Vec::new(),
             workload: Workload::default(),
             events: Vec::new(),
+            engine: None,
         })?;
         if let Some(toml::Value::Table(sync)) = top.get_mut("sync") {
             if let Some(toml::Value::Table(d)) = defaults.get("sync") {

@@ -190,7 +190,7 @@ impl SweepRow {
     }
 }
 
-/// Run the scenario once per value of the parameter (built-in nodes), calling
+/// Run the scenario once per value of the parameter (with `opts.engine`), calling
 /// `progress(done, total)` after each run.
 pub fn sweep(
     scenario: &Scenario,

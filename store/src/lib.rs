@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod api;
+mod aux;
 mod blob;
 mod check;
 mod codec;
@@ -34,6 +35,7 @@ pub use api::{
     ApplyOutcome, CheckProblem, CheckReport, ColumnConflict, CommitInfo, CompactReport, LogEntry,
     RemoteOp, Row, RowExport, StoreStatus,
 };
+pub use aux::{AuxEntry, AuxWrite, ChangeInspection, AUX_SPACE_MAX};
 pub use blob::BLOB_CHUNK_BYTES;
 pub use error::{OpenError, StoreError, WriteError};
 pub use options::{ActorId, ActorIdParseError, Clock, Durability, StoreOptions};

@@ -1,0 +1,610 @@
+//! `fieldsync hub ...`: set up, run and administer a hub.
+//!
+//! A hub's data directory:
+//!
+//! ```text
+//! DIR/hub.toml          commented config (listen and metrics addresses, limits, conflict policy)
+//! DIR/environment.toml  business units, users, teams, roles (copied at init)
+//! DIR/apps.toml         apps (copied at init)
+//! DIR/schema.toml       schema (copied at init)
+//! DIR/profile.toml      offline profile(s) (copied at init, or generated from the apps)
+//! DIR/tls/hub.crt, hub.key   the hub's TLS identity (its pin goes into every credential)
+//! DIR/signing.key       the ed25519 key that signs device tokens
+//! DIR/store/            the hub's store (rows, log, token registry, per-device bookkeeping)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use fieldsync_replication::credential::{Credential, HubSigningKey};
+use fieldsync_replication::proto::{ConflictPolicies, ConflictPolicy, HubConfig, Millis};
+use fieldsync_replication::replica::HubReplica;
+use fieldsync_replication::transport::{ConnectionLimits, HubIdentity};
+use fieldsync_replication::{apps_from_toml, generate_profile, Environment, Profile};
+use fieldsync_store::{RowId, Schema, Store, StoreOptions, Value};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::sync::hub::{
+    render_metrics, serve_metrics, start_hub, ChangeBus, HubRuntime, Metrics, RunningHub,
+    RunningHubView,
+};
+use crate::sync::{unix_ms, Bootstrap};
+
+#[derive(Debug, Subcommand)]
+pub enum HubCommand {
+    /// Create a hub: store, environment, apps, profile, TLS identity, signing key, hub.toml.
+    Init {
+        /// The hub's data directory (created).
+        #[arg(long)]
+        data: PathBuf,
+        /// Environment TOML (business units, users, teams, roles).
+        #[arg(long)]
+        env: PathBuf,
+        /// Apps TOML.
+        #[arg(long)]
+        apps: PathBuf,
+        /// Schema TOML (default: schema.toml next to the environment file).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+        /// Offline profile TOML (default: profile.toml next to the apps file, else generated).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+    },
+    /// Serve devices over QUIC + TLS until SIGTERM or SIGINT.
+    Serve {
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address to listen on (port 0: any free port; the chosen one is printed).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Local HTTP address for /healthz and /metrics.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+    },
+    /// Enroll a device of USER for APP: writes a credential file (hub not running).
+    Enroll {
+        #[arg(long)]
+        data: PathBuf,
+        /// User name (e.g. ana@contoso.com) or id.
+        #[arg(long)]
+        user: String,
+        /// App name (its offline profile decides what the device holds).
+        #[arg(long)]
+        app: String,
+        /// Where to write the credential (keep it secret).
+        #[arg(long)]
+        out: PathBuf,
+        /// The hub address written into the credential (default: hub.toml's public_address).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Revoke a device's token (hub not running): its sessions are refused from then on.
+    Revoke {
+        #[arg(long)]
+        data: PathBuf,
+        /// The token id (printed by `hub enroll`).
+        #[arg(long)]
+        token: Uuid,
+    },
+    /// Write a row on the hub itself (an operator's edit; hub not running), routed to devices
+    /// like a pushed op. Owner values may name a user: `ownerid=user:ana@contoso.com`.
+    Put {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        #[arg(long)]
+        id: Option<Uuid>,
+        #[arg(value_name = "COL=VALUE")]
+        values: Vec<String>,
+    },
+}
+
+pub fn run(cmd: HubCommand) -> Result<()> {
+    match cmd {
+        HubCommand::Init {
+            data,
+            env,
+            apps,
+            schema,
+            profile,
+        } => init(&data, &env, &apps, schema.as_deref(), profile.as_deref()),
+        HubCommand::Serve {
+            data,
+            listen,
+            metrics,
+        } => serve(&data, listen, metrics),
+        HubCommand::Enroll {
+            data,
+            user,
+            app,
+            out,
+            address,
+        } => enroll(&data, &user, &app, &out, address.as_deref()),
+        HubCommand::Revoke { data, token } => revoke(&data, token),
+        HubCommand::Put {
+            data,
+            table,
+            id,
+            values,
+        } => put(&data, &table, id, &values),
+    }
+}
+
+/// The parsed `hub.toml`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HubFile {
+    pub hub_id: Uuid,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub public_address: Option<String>,
+    #[serde(default)]
+    pub metrics: Option<String>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub conflicts: ConflictsFile,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:4433".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LimitsFile {
+    pub max_connections: Option<usize>,
+    pub max_pending_handshakes: Option<usize>,
+    pub idle_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ConflictsFile {
+    #[serde(default)]
+    pub default: Option<String>,
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
+}
+
+fn policy(text: &str) -> Result<ConflictPolicy> {
+    match text {
+        "merge" | "merge-per-column" => Ok(ConflictPolicy::MergePerColumn),
+        "server-wins" => Ok(ConflictPolicy::ServerWins),
+        "client-wins" => Ok(ConflictPolicy::ClientWins),
+        other => bail!("unknown conflict policy `{other}` (merge, server-wins or client-wins)"),
+    }
+}
+
+fn hub_toml(hub_id: Uuid) -> String {
+    format!(
+        r#"# fieldsync hub configuration, written by `fieldsync hub init`.
+
+# The hub's id (sent to devices in Welcome). Do not change it once devices are enrolled.
+hub_id = "{hub_id}"
+
+# UDP address the hub listens on for devices (QUIC + TLS 1.3, no 0-RTT).
+# `fieldsync hub serve --listen ADDR` overrides it.
+listen = "0.0.0.0:4433"
+
+# The address written into credentials by `hub enroll` (what devices dial).
+# `fieldsync hub enroll --address HOST:PORT` overrides it.
+public_address = "127.0.0.1:4433"
+
+# Local HTTP address for /healthz and Prometheus /metrics (keep it off the internet).
+# Leave out or `hub serve --metrics ADDR` to choose.
+metrics = "127.0.0.1:9464"
+
+[limits]
+# Open connections the hub holds at most; more are refused.
+max_connections = 10000
+# QUIC handshakes in progress at most; past half of this, clients must validate their address.
+max_pending_handshakes = 256
+# A session that sends nothing (not even a keep-alive) for this long is closed.
+idle_timeout_secs = 90
+
+[conflicts]
+# How concurrent writes to one row are resolved, as Dataverse's conflict detection setting:
+#   "merge"        merge per column (default); a column written on both sides keeps a winner
+#                  and shows the losing value on the device
+#   "server-wins"  the hub's row wins over a device's concurrent write, whole row
+#   "client-wins"  the device's write wins, whole row
+default = "merge"
+
+[conflicts.tables]
+# Per-table policy, e.g.:
+# msdyn_workorder = "server-wins"
+"#
+    )
+}
+
+struct HubPaths {
+    dir: PathBuf,
+}
+
+impl HubPaths {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    fn cert(&self) -> PathBuf {
+        self.dir.join("tls").join("hub.crt")
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.join("tls").join("hub.key")
+    }
+    fn signing(&self) -> PathBuf {
+        self.dir.join("signing.key")
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+fn init(
+    data: &Path,
+    env: &Path,
+    apps: &Path,
+    schema: Option<&Path>,
+    profile: Option<&Path>,
+) -> Result<()> {
+    let (hub_id, pin) = init_hub(data, env, apps, schema, profile)?;
+    println!(
+        "initialized hub {hub_id} in {}\ncertificate pin {pin}\nedit {} to set addresses, limits and conflict policies",
+        data.display(),
+        data.join("hub.toml").display()
+    );
+    Ok(())
+}
+
+/// Creates a hub directory; returns the hub's id and its certificate pin.
+pub fn init_hub(
+    data: &Path,
+    env: &Path,
+    apps: &Path,
+    schema: Option<&Path>,
+    profile: Option<&Path>,
+) -> Result<(Uuid, String)> {
+    let paths = HubPaths::new(data);
+    if paths.file("hub.toml").exists() {
+        bail!("{} already holds a hub", data.display());
+    }
+    let schema_path = schema.map(Path::to_path_buf).unwrap_or_else(|| {
+        env.parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("schema.toml")
+    });
+    let schema_text = read(&schema_path, "schema file")?;
+    let schema_parsed = Schema::from_toml(&schema_text)
+        .with_context(|| format!("schema file {}", schema_path.display()))?;
+    let env_text = read(env, "environment file")?;
+    Environment::from_toml(&env_text)
+        .with_context(|| format!("environment file {}", env.display()))?;
+    let apps_text = read(apps, "apps file")?;
+    let app_list = apps_from_toml(&apps_text, &schema_parsed)
+        .with_context(|| format!("apps file {}", apps.display()))?;
+    let profile_path = profile.map(Path::to_path_buf).or_else(|| {
+        let p = apps
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("profile.toml");
+        p.exists().then_some(p)
+    });
+    let profile_text = match &profile_path {
+        Some(p) => {
+            let text = read(p, "profile file")?;
+            Profile::from_toml(&text, &schema_parsed)
+                .with_context(|| format!("profile file {}", p.display()))?;
+            text
+        }
+        None => {
+            let app = app_list
+                .iter()
+                .find(|a| a.offline)
+                .ok_or_else(|| anyhow!("no offline app in {} and no --profile", apps.display()))?;
+            generate_profile(app, &schema_parsed).0.to_toml()
+        }
+    };
+    std::fs::create_dir_all(data.join("tls"))
+        .with_context(|| format!("cannot create {}", data.display()))?;
+    for (name, text) in [
+        ("schema.toml", &schema_text),
+        ("environment.toml", &env_text),
+        ("apps.toml", &apps_text),
+        ("profile.toml", &profile_text),
+    ] {
+        std::fs::write(paths.file(name), text)
+            .with_context(|| format!("cannot write {}", paths.file(name).display()))?;
+    }
+    let hub_id = Uuid::new_v4();
+    let identity = HubIdentity::generate(&format!("fieldsync-hub-{hub_id}"))
+        .context("cannot generate the hub's TLS identity")?;
+    identity
+        .save(&paths.cert(), &paths.key())
+        .context("cannot save the hub's TLS identity")?;
+    HubSigningKey::generate()
+        .context("cannot generate the signing key")?
+        .save(&paths.signing())
+        .context("cannot save the signing key")?;
+    Store::create(&paths.store(), schema_parsed, StoreOptions::default())
+        .with_context(|| format!("cannot create the hub store in {}", paths.store().display()))?;
+    std::fs::write(paths.file("hub.toml"), hub_toml(hub_id))
+        .with_context(|| format!("cannot write {}", paths.file("hub.toml").display()))?;
+    Ok((hub_id, identity.pin().to_string()))
+}
+
+/// A hub opened from its directory.
+pub struct OpenHub {
+    pub file: HubFile,
+    pub replica: HubReplica,
+    pub identity: HubIdentity,
+    pub verifier: fieldsync_replication::credential::TokenVerifier,
+    pub bootstraps: HashMap<String, Bootstrap>,
+    pub policies: ConflictPolicies,
+}
+
+/// Opens the hub in `data` (its store is locked while this lives).
+pub fn open_hub(data: &Path) -> Result<OpenHub> {
+    let paths = HubPaths::new(data);
+    let file_text = read(&paths.file("hub.toml"), "hub config")
+        .with_context(|| format!("is {} a hub directory (`hub init`)?", data.display()))?;
+    let file: HubFile = toml::from_str(&file_text)
+        .with_context(|| format!("hub config {}", paths.file("hub.toml").display()))?;
+    let store = Store::open(&paths.store(), StoreOptions::default())
+        .with_context(|| format!("cannot open the hub store in {}", paths.store().display()))?;
+    let schema = store.schema().clone();
+    let schema_text = read(&paths.file("schema.toml"), "schema")?;
+    let env = Environment::from_toml(&read(&paths.file("environment.toml"), "environment")?)
+        .context("environment.toml")?;
+    let apps =
+        apps_from_toml(&read(&paths.file("apps.toml"), "apps")?, &schema).context("apps.toml")?;
+    let profile_text = read(&paths.file("profile.toml"), "profile")?;
+    let profile = Profile::from_toml(&profile_text, &schema).context("profile.toml")?;
+    let identity =
+        HubIdentity::load(&paths.cert(), &paths.key()).context("cannot load the TLS identity")?;
+    let key = HubSigningKey::load(&paths.signing()).context("cannot load the signing key")?;
+    let verifier = key.verifier();
+    let mut bootstraps = HashMap::new();
+    for app in &apps {
+        if app.profile.as_deref() == Some(profile.name.as_str()) {
+            bootstraps.insert(
+                app.name.clone(),
+                Bootstrap {
+                    hub: file.hub_id,
+                    app: app.name.clone(),
+                    user: String::new(),
+                    profile_name: profile.name.clone(),
+                    schema_toml: schema_text.clone(),
+                    profile_toml: profile_text.clone(),
+                },
+            );
+        }
+    }
+    let mut policies = ConflictPolicies::default();
+    if let Some(d) = &file.conflicts.default {
+        policies.default = policy(d)?;
+    }
+    for (t, p) in &file.conflicts.tables {
+        schema
+            .table(t)
+            .with_context(|| format!("hub.toml [conflicts.tables] names table `{t}`"))?;
+        policies.tables.insert(t.clone(), policy(p)?);
+    }
+    let replica = HubReplica::open(
+        store,
+        env,
+        apps,
+        vec![profile],
+        verifier.clone(),
+        i64::try_from(unix_ms()).unwrap_or(i64::MAX),
+    )
+    .context("cannot open the hub replica")?
+    .with_signing_key(key);
+    Ok(OpenHub {
+        file,
+        replica,
+        identity,
+        verifier,
+        bootstraps,
+        policies,
+    })
+}
+
+/// The runtime state for serving an opened hub.
+pub fn runtime_of(hub: OpenHub) -> (Arc<HubRuntime>, HubIdentity, HubFile) {
+    let mut config = HubConfig::new(hub.file.hub_id);
+    config.conflicts = hub.policies;
+    if let Some(s) = hub.file.limits.idle_timeout_secs {
+        config.idle_timeout = Millis::from_secs(s);
+    }
+    let mut limits = ConnectionLimits::hub();
+    if let Some(n) = hub.file.limits.max_connections {
+        limits.max_connections = n;
+    }
+    if let Some(n) = hub.file.limits.max_pending_handshakes {
+        limits.max_pending_handshakes = n;
+    }
+    let runtime = Arc::new(HubRuntime {
+        replica: Arc::new(Mutex::new(hub.replica)),
+        config,
+        verifier: hub.verifier,
+        bootstraps: hub.bootstraps,
+        bus: Arc::new(ChangeBus::default()),
+        metrics: Arc::new(Metrics::default()),
+        limits,
+    });
+    (runtime, hub.identity, hub.file)
+}
+
+/// Starts the metrics responder for a running hub.
+pub async fn start_metrics(hub: &RunningHub, addr: SocketAddr) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let local = listener.local_addr().context("metrics address")?;
+    let endpoint = hub.endpoint.clone();
+    let runtime = hub.runtime.clone();
+    let view = Arc::new(RunningHubView {
+        render: Box::new(move || render_metrics(&endpoint, &runtime)),
+    });
+    tokio::spawn(serve_metrics(listener, view));
+    Ok(local)
+}
+
+fn serve(data: &Path, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -> Result<()> {
+    let hub = open_hub(data)?;
+    let (runtime, identity, file) = runtime_of(hub);
+    let listen = match listen {
+        Some(l) => l,
+        None => file
+            .listen
+            .parse()
+            .with_context(|| format!("hub.toml listen `{}` is not an address", file.listen))?,
+    };
+    let metrics = match metrics {
+        Some(m) => Some(m),
+        None => file
+            .metrics
+            .as_deref()
+            .map(|m| {
+                m.parse()
+                    .with_context(|| format!("hub.toml metrics `{m}` is not an address"))
+            })
+            .transpose()?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let running = start_hub(runtime, &identity, listen)?;
+        println!("hub {} listening on {} (QUIC)", file.hub_id, running.addr);
+        if let Some(m) = metrics {
+            let local = start_metrics(&running, m).await?;
+            println!("metrics on http://{local}/metrics and /healthz");
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        wait_for_signal().await?;
+        running.shut_down().await?;
+        println!("hub stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}
+
+fn enroll(data: &Path, user: &str, app: &str, out: &Path, address: Option<&str>) -> Result<()> {
+    let mut hub = open_hub(data)?;
+    let address = match address {
+        Some(a) => a.to_string(),
+        None => hub
+            .file
+            .public_address
+            .clone()
+            .ok_or_else(|| anyhow!("no --address and no public_address in hub.toml"))?,
+    };
+    let device = Uuid::new_v4();
+    let token = hub
+        .replica
+        .enroll(user, app, device, unix_ms())
+        .context("cannot enroll the device")?;
+    let token_id = token.token().token_id;
+    Credential::new(address.clone(), hub.identity.pin(), token)
+        .save(out)
+        .with_context(|| format!("cannot write the credential {}", out.display()))?;
+    println!(
+        "enrolled device {device} for {user} in app `{app}`: token {token_id}, hub {address}, credential {}",
+        out.display()
+    );
+    Ok(())
+}
+
+fn revoke(data: &Path, token: Uuid) -> Result<()> {
+    let mut hub = open_hub(data)?;
+    let known = hub
+        .replica
+        .revoke(token)
+        .context("cannot revoke the token")?;
+    if known {
+        println!("revoked token {token}");
+    } else {
+        println!("token {token} was not issued by this hub; it is refused anyway");
+    }
+    Ok(())
+}
+
+/// Parses `COL=VALUE` for the hub, resolving `user:NAME` and `team:NAME` owners.
+pub fn hub_values(
+    replica: &HubReplica,
+    table: &str,
+    args: &[String],
+) -> Result<Vec<(String, Value)>> {
+    let schema = replica.store().schema();
+    let t = schema.table(table)?;
+    args.iter()
+        .map(|arg| {
+            let (col, text) = arg
+                .split_once('=')
+                .ok_or_else(|| anyhow!("`{arg}` is not of the form COL=VALUE"))?;
+            let column = t
+                .column(col)
+                .ok_or_else(|| anyhow!("unknown column `{col}` in table `{table}`"))?;
+            let env = replica.environment();
+            let text = match text.split_once(':') {
+                Some(("user", name)) if Uuid::parse_str(name).is_err() => format!(
+                    "user:{}",
+                    env.user_by_name(name)
+                        .ok_or_else(|| anyhow!("unknown user `{name}`"))?
+                        .id
+                ),
+                Some(("team", name)) if Uuid::parse_str(name).is_err() => format!(
+                    "team:{}",
+                    env.team_by_name(name)
+                        .ok_or_else(|| anyhow!("unknown team `{name}`"))?
+                        .id
+                ),
+                _ => text.to_string(),
+            };
+            let value = Value::parse(column.ty, &text).map_err(|e| e.in_column(t, col))?;
+            Ok((col.to_string(), value))
+        })
+        .collect()
+}
+
+fn put(data: &Path, table: &str, id: Option<RowId>, args: &[String]) -> Result<()> {
+    let mut hub = open_hub(data)?;
+    let values = hub_values(&hub.replica, table, args)?;
+    let id = id.unwrap_or_else(Uuid::new_v4);
+    let refs: Vec<(&str, Value)> = values
+        .iter()
+        .map(|(c, v)| (c.as_str(), v.clone()))
+        .collect();
+    hub.replica
+        .local_write(table, id, &refs)
+        .with_context(|| format!("cannot write {table} {id}"))?;
+    hub.replica.store().sync().context("cannot flush")?;
+    println!("{id}");
+    Ok(())
+}

@@ -1,0 +1,639 @@
+//! The hub: a [`HubSession`] per connection as a [`FrameSession`], the change bus that wakes
+//! live sessions, metrics, the bootstrap responder and the accept loop.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fieldsync_replication::credential::{TokenRegistry, TokenStatus, TokenVerifier};
+use fieldsync_replication::proto::{CloseCode, HubConfig, HubEvent, HubSession, Millis};
+use fieldsync_replication::replica::HubReplica;
+use fieldsync_replication::transport::{
+    accept_device, drive_session_with_wake, CloseReason, ConnectionLimits, FrameFormat,
+    FrameReader, FrameSession, FrameWriter, HubEndpoint, HubIdentity, SessionClock,
+};
+use fieldsync_replication::wire;
+use fieldsync_store::Store;
+use tokio::sync::Notify;
+use tracing::{info, info_span, warn, Instrument};
+use uuid::Uuid;
+
+use super::{Bootstrap, BOOTSTRAP_REQUEST};
+
+/// The hub's replica, shared by every session.
+pub type SharedReplica = Arc<Mutex<HubReplica>>;
+
+fn lock(r: &SharedReplica) -> MutexGuard<'_, HubReplica> {
+    // A panic in another session must not take the hub down with it: the replica's state is
+    // durable per call, so the data behind a poisoned lock is still consistent.
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Sessions authenticated and not yet ended.
+    pub connected: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Pushed ops accepted.
+    pub ops_in: AtomicU64,
+    /// Items (ops, rows entering, rows leaving) sent in pull batches.
+    pub ops_out: AtomicU64,
+    /// Pushed ops rejected.
+    pub rejections: AtomicU64,
+    /// Sessions refused (token, version).
+    pub refused_sessions: AtomicU64,
+    /// Frames that could not be decoded.
+    pub bad_frames: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct BusEntry {
+    notify: Arc<Notify>,
+    tables: BTreeSet<String>,
+}
+
+/// Tells live sessions that the hub's data changed, and asks them to close on shutdown.
+#[derive(Debug, Default)]
+pub struct ChangeBus {
+    next: AtomicU64,
+    sessions: Mutex<HashMap<u64, BusEntry>>,
+    shutdown: AtomicBool,
+}
+
+impl ChangeBus {
+    fn sessions(&self) -> MutexGuard<'_, HashMap<u64, BusEntry>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session; returns its id and the notify the driver waits on.
+    pub fn register(&self) -> (u64, Arc<Notify>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        self.sessions().insert(
+            id,
+            BusEntry {
+                notify: notify.clone(),
+                tables: BTreeSet::new(),
+            },
+        );
+        (id, notify)
+    }
+
+    /// Forgets a session.
+    pub fn unregister(&self, id: u64) {
+        self.sessions().remove(&id);
+    }
+
+    /// Tables changed: wake every session (the pusher's own too: its other tables' feeds may
+    /// have moved, e.g. a row it created entering a related table).
+    pub fn publish(&self, tables: &[String]) {
+        if tables.is_empty() {
+            return;
+        }
+        for entry in self.sessions().values_mut() {
+            entry.tables.extend(tables.iter().cloned());
+            entry.notify.notify_one();
+        }
+    }
+
+    fn take(&self, id: u64) -> Vec<String> {
+        self.sessions()
+            .get_mut(&id)
+            .map(|e| std::mem::take(&mut e.tables).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Tables waiting to be looked at, summed over sessions (a queue depth for `/metrics`).
+    pub fn queue_depth(&self) -> usize {
+        self.sessions().values().map(|e| e.tables.len()).sum()
+    }
+
+    /// Asks every session to close (drain).
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        for entry in self.sessions().values() {
+            entry.notify.notify_one();
+        }
+    }
+
+    /// Sessions registered.
+    pub fn len(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Whether no session is registered.
+    pub fn is_empty(&self) -> bool {
+        self.sessions().is_empty()
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+/// A [`HubSession`] over the shared replica, as the transport driver sees it.
+#[derive(Debug)]
+pub struct HubAdapter {
+    session: HubSession,
+    replica: SharedReplica,
+    bus: Arc<ChangeBus>,
+    metrics: Arc<Metrics>,
+    id: u64,
+    out: VecDeque<Vec<u8>>,
+    authenticated: bool,
+}
+
+impl HubAdapter {
+    /// A session for a connection accepted at `now_ms`.
+    pub fn new(
+        config: HubConfig,
+        now_ms: u64,
+        replica: SharedReplica,
+        bus: Arc<ChangeBus>,
+        metrics: Arc<Metrics>,
+        id: u64,
+    ) -> HubAdapter {
+        HubAdapter {
+            session: HubSession::new(config, Millis(now_ms)),
+            replica,
+            bus,
+            metrics,
+            id,
+            out: VecDeque::new(),
+            authenticated: false,
+        }
+    }
+
+    /// Sends what the session has to send, then looks at its events.
+    fn settle(&mut self, now: Millis) {
+        while let Some(msg) = self.session.poll_transmit(now) {
+            match wire::encode(&msg) {
+                Ok(frame) => self.out.push_back(frame),
+                Err(e) => warn!(error = %e, msg = msg.name(), "cannot encode a message"),
+            }
+        }
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                HubEvent::Authenticated { principal } => {
+                    info!(device = %principal.device, user = %principal.user, app = %principal.app, "device connected");
+                    self.authenticated = true;
+                    self.metrics.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                HubEvent::Refused { code } => {
+                    info!(%code, "session refused");
+                    self.metrics
+                        .refused_sessions
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                HubEvent::OpsApplied {
+                    accepted, rejected, ..
+                } => {
+                    self.metrics
+                        .ops_in
+                        .fetch_add(accepted as u64, Ordering::Relaxed);
+                    self.metrics
+                        .rejections
+                        .fetch_add(rejected as u64, Ordering::Relaxed);
+                    let tables = lock(&self.replica).take_changed_tables();
+                    self.bus.publish(&tables);
+                }
+                HubEvent::BatchSent { items, .. } => {
+                    self.metrics
+                        .ops_out
+                        .fetch_add(items as u64, Ordering::Relaxed);
+                }
+                HubEvent::Closed {
+                    code,
+                    reason,
+                    by_peer,
+                } => info!(%code, %reason, by_peer, "session closed"),
+                HubEvent::StorageFailed { error } => warn!(%error, "hub storage failed"),
+                other => tracing::debug!(?other, "hub event"),
+            }
+        }
+    }
+}
+
+impl Drop for HubAdapter {
+    fn drop(&mut self) {
+        if self.authenticated {
+            self.metrics.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.bus.unregister(self.id);
+    }
+}
+
+impl FrameSession for HubAdapter {
+    fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason> {
+        let now = Millis(now_ms);
+        match wire::decode(bytes) {
+            Ok((msg, _)) => {
+                let replica = self.replica.clone();
+                let mut guard = lock(&replica);
+                self.session.handle_message(now, msg, &mut *guard);
+            }
+            Err(e) => {
+                self.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                self.session.handle_wire_error(now, &e);
+            }
+        }
+        self.settle(now);
+        Ok(())
+    }
+
+    fn poll_frame(&mut self) -> Option<Vec<u8>> {
+        self.out.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        self.session.poll_timeout().map(|m| m.0)
+    }
+
+    fn handle_timeout(&mut self, now_ms: u64) {
+        self.session.handle_timeout(Millis(now_ms));
+        self.settle(Millis(now_ms));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.session.is_closed() && self.out.is_empty()
+    }
+
+    fn handle_wake(&mut self, now_ms: u64) {
+        let now = Millis(now_ms);
+        if self.bus.is_shutting_down() {
+            self.session
+                .close(now, CloseCode::GOING_AWAY, "the hub is shutting down");
+        } else {
+            let tables = self.bus.take(self.id);
+            if !tables.is_empty() {
+                let replica = self.replica.clone();
+                let mut guard = lock(&replica);
+                self.session.handle_changes(now, &tables, &mut *guard);
+            }
+        }
+        self.settle(now);
+    }
+}
+
+/// The token registry the transport checks before any session state exists: the replica's
+/// own records (issued and revoked token ids in the store's aux space).
+#[derive(Debug, Clone)]
+pub struct StoreTokenRegistry {
+    store: Store,
+}
+
+impl StoreTokenRegistry {
+    /// Reads token records from `store` (the hub's).
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+impl TokenRegistry for StoreTokenRegistry {
+    fn status(&self, token_id: &Uuid) -> TokenStatus {
+        // Layout of HubReplica's records: space "hub", key "tok/" + id, value [1] issued,
+        // [0] revoked.
+        let mut key = b"tok/".to_vec();
+        key.extend_from_slice(token_id.as_bytes());
+        match self.store.aux_get("hub", &key) {
+            Ok(Some(v)) if v.first() == Some(&1) => TokenStatus::Active,
+            Ok(Some(_)) => TokenStatus::Revoked,
+            _ => TokenStatus::Unknown,
+        }
+    }
+}
+
+/// Everything `hub serve` runs with.
+#[derive(Debug)]
+pub struct HubRuntime {
+    /// The replica.
+    pub replica: SharedReplica,
+    /// Session config (timers, limits, conflict policies).
+    pub config: HubConfig,
+    /// Verifies tokens.
+    pub verifier: TokenVerifier,
+    /// The bundle each app's devices get at `device init`: app → bootstrap.
+    pub bootstraps: HashMap<String, Bootstrap>,
+    /// The change bus.
+    pub bus: Arc<ChangeBus>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Transport limits.
+    pub limits: ConnectionLimits,
+}
+
+/// A running hub: its endpoint and the tasks serving it.
+#[derive(Debug)]
+pub struct RunningHub {
+    /// The QUIC endpoint.
+    pub endpoint: Arc<HubEndpoint>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Shared state.
+    pub runtime: Arc<HubRuntime>,
+    accept: tokio::task::JoinHandle<()>,
+    tasks: Arc<Mutex<tokio::task::JoinSet<()>>>,
+}
+
+/// Binds `listen` and starts accepting devices.
+pub fn start_hub(
+    runtime: Arc<HubRuntime>,
+    identity: &HubIdentity,
+    listen: SocketAddr,
+) -> Result<RunningHub> {
+    let endpoint = Arc::new(
+        HubEndpoint::bind(listen, identity, runtime.limits.clone())
+            .with_context(|| format!("cannot listen on {listen}"))?,
+    );
+    let addr = endpoint
+        .local_addr()
+        .context("cannot read the listening address")?;
+    let tasks = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+    let accept = {
+        let endpoint = endpoint.clone();
+        let runtime = runtime.clone();
+        let tasks = tasks.clone();
+        tokio::spawn(async move {
+            while let Some(pending) = endpoint.accept().await {
+                let runtime = runtime.clone();
+                let remote = pending.remote_address();
+                runtime
+                    .metrics
+                    .connections_total
+                    .fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("connection", %remote);
+                let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
+                // Reap finished connection tasks so the set stays small.
+                while set.try_join_next().is_some() {}
+                set.spawn(
+                    async move {
+                        let conn = match pending.complete().await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                info!(error = %e, "handshake failed");
+                                return;
+                            }
+                        };
+                        serve_connection(runtime, conn).await;
+                    }
+                    .instrument(span),
+                );
+            }
+        })
+    };
+    Ok(RunningHub {
+        endpoint,
+        addr,
+        runtime,
+        accept,
+        tasks,
+    })
+}
+
+impl RunningHub {
+    /// Drains: sessions close with "going away" after the message they are handling, then
+    /// the endpoint closes and the store is flushed.
+    pub async fn shut_down(self) -> Result<()> {
+        info!("draining connections");
+        self.accept.abort();
+        self.runtime.bus.shut_down();
+        let mut set = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while set.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("some connections did not drain in 5 s; closing them");
+            set.abort_all();
+        }
+        self.endpoint.close(
+            fieldsync_replication::transport::codes::SHUTDOWN,
+            "hub shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        lock(&self.runtime.replica)
+            .store()
+            .sync()
+            .context("cannot flush the hub store")?;
+        info!("hub stopped");
+        Ok(())
+    }
+}
+
+async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
+    let registry = StoreTokenRegistry::new(lock(&runtime.replica).store().clone());
+    let limits = &runtime.limits;
+    let auth = match accept_device(
+        &conn,
+        &runtime.verifier,
+        &registry,
+        Duration::from_millis(limits.auth_timeout_ms),
+        limits.max_frame_bytes,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            info!(error = %e, "device not admitted");
+            runtime
+                .metrics
+                .refused_sessions
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let token = auth.token;
+    info!(device = %token.device_id, user = %token.user_id, app = %token.app, "token accepted");
+    // Bootstrap streams: one JSON bundle per request, only the token's app.
+    if let Some(bundle) = runtime.bootstraps.get(&token.app) {
+        let conn = conn.clone();
+        let bundle = bundle.clone();
+        let user = token.user_id.clone();
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let mut writer = FrameWriter::new(send, super::BOOTSTRAP_MAX_BYTES);
+                let mut reader = FrameReader::new(recv, 64);
+                match reader.read_frame().await {
+                    Ok(Some(req)) if req == BOOTSTRAP_REQUEST => {
+                        let mut b = bundle.clone();
+                        b.user = user.clone();
+                        let Ok(json) = serde_json::to_vec(&b) else {
+                            return;
+                        };
+                        let _ = writer.write_frame(&json).await;
+                        let _ = writer.finish();
+                        let _ = writer.stream_mut().stopped().await;
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    let mut writer = auth.writer.with_format(FrameFormat::WIRE_V1);
+    let mut reader = auth.reader.with_format(FrameFormat::WIRE_V1);
+    let clock = SessionClock::new(super::unix_ms());
+    let (id, wake) = runtime.bus.register();
+    let mut adapter = HubAdapter::new(
+        runtime.config.clone(),
+        clock.now_ms(),
+        runtime.replica.clone(),
+        runtime.bus.clone(),
+        runtime.metrics.clone(),
+        id,
+    );
+    if runtime.bus.is_shutting_down() {
+        adapter.handle_wake(clock.now_ms());
+    }
+    match drive_session_with_wake(&mut adapter, &conn, &mut writer, &mut reader, &clock, &wake)
+        .await
+    {
+        Ok(outcome) => info!(?outcome, "connection ended"),
+        Err(e) => info!(error = %e, "connection ended"),
+    }
+}
+
+/// The Prometheus text of the hub's metrics.
+pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
+    use std::fmt::Write;
+    let m = &runtime.metrics;
+    let mut s = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    counter(
+        "fieldsync_hub_connected_devices",
+        "Devices with an authenticated session.",
+        "gauge",
+        m.connected.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_connections_total",
+        "QUIC connections accepted.",
+        "counter",
+        m.connections_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_ops_in_total",
+        "Pushed ops accepted and applied (rate() gives ops in per second).",
+        "counter",
+        m.ops_in.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_ops_out_total",
+        "Ops and rows sent in pull batches (rate() gives ops out per second).",
+        "counter",
+        m.ops_out.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_rejections_total",
+        "Pushed ops rejected (permission, validation, conflict, not found).",
+        "counter",
+        m.rejections.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_refused_sessions_total",
+        "Sessions refused (bad, unknown or revoked tokens).",
+        "counter",
+        m.refused_sessions.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_bad_frames_total",
+        "Frames that failed to decode.",
+        "counter",
+        m.bad_frames.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_refused_connections_total",
+        "Connection attempts refused at the endpoint's limits.",
+        "counter",
+        endpoint.refused_connections(),
+    );
+    counter(
+        "fieldsync_hub_pending_handshakes",
+        "Handshakes in progress (queue depth).",
+        "gauge",
+        endpoint.pending_handshakes() as u64,
+    );
+    counter(
+        "fieldsync_hub_wake_queue_depth",
+        "Changed tables waiting to be fanned out to live sessions.",
+        "gauge",
+        runtime.bus.queue_depth() as u64,
+    );
+    counter(
+        "fieldsync_hub_sessions",
+        "Sessions being driven.",
+        "gauge",
+        runtime.bus.len() as u64,
+    );
+    let lags = lock(&runtime.replica).device_lags();
+    let _ = writeln!(
+        s,
+        "# HELP fieldsync_hub_device_lag_entries Hub log entries after the cursor a device last pulled from.\n# TYPE fieldsync_hub_device_lag_entries gauge"
+    );
+    for l in lags {
+        let _ = writeln!(
+            s,
+            "fieldsync_hub_device_lag_entries{{device=\"{}\",table=\"{}\"}} {}",
+            l.device, l.table, l.behind
+        );
+    }
+    s
+}
+
+/// Serves `/healthz` and `/metrics` on `addr` (plain HTTP/1.1, one request per connection).
+pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<RunningHubView>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut n = 0;
+            // Read the request head (bounded).
+            while n < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => {
+                        n += k;
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, ctype, body) = match path {
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", (hub.render)()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// What the metrics server reads from.
+pub struct RunningHubView {
+    /// Renders the metrics text.
+    pub render: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+impl std::fmt::Debug for RunningHubView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunningHubView")
+    }
+}

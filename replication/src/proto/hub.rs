@@ -1,0 +1,613 @@
+//! The hub side of a sync session: one per connected device.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::messages::{
+    BlobChunk, BlobRequest, Close, CloseCode, Cursor, Hello, Message, Pong, PullBatch, Push,
+    PushAck, Refused, Rejection, RowDoc, TableCursor, Welcome, BLOB_CHUNK_MAX, MAX_TEXT_LEN,
+    PULL_BATCH_BYTES_MAX, PULL_BATCH_ITEMS_MAX, SUPPORTED_VERSIONS,
+};
+use super::storage::{BatchLimits, HubStorage, Principal, PushOutcome, StorageError};
+use super::time::Millis;
+use crate::proto::messages::truncate_text;
+use crate::wire::WireError;
+
+/// Most distinct tables one session tracks (a hostile device cannot grow the hub's memory).
+pub const MAX_TRACKED_TABLES: usize = 1024;
+/// Bytes of authoritative rows one `PushAck` carries; past this, rejections go without them
+/// (the device re-pulls the rows).
+pub const AUTHORITATIVE_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// How the hub resolves concurrent writes to a row of a table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ConflictPolicy {
+    /// Merge per column (the automerge rows); concurrent writes to one column are kept as a
+    /// conflict with a deterministic winner.
+    #[default]
+    MergePerColumn,
+    /// The hub's row wins over a device's concurrent write, for the whole row.
+    ServerWins,
+    /// The device's write wins over the hub's concurrent changes, for the whole row.
+    ClientWins,
+}
+
+/// The conflict policy of each table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConflictPolicies {
+    /// The policy of tables not listed.
+    pub default: ConflictPolicy,
+    /// Per-table policies.
+    pub tables: BTreeMap<String, ConflictPolicy>,
+}
+
+impl ConflictPolicies {
+    /// The policy of a table.
+    pub fn for_table(&self, table: &str) -> ConflictPolicy {
+        self.tables.get(table).copied().unwrap_or(self.default)
+    }
+}
+
+/// How a hub serves its sessions.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// The hub's id, sent in `Welcome`.
+    pub hub: Uuid,
+    /// Protocol versions the hub speaks.
+    pub protocol_versions: Vec<u16>,
+    /// Close a session that sent nothing for this long (devices ping every 25 s by default).
+    pub idle_timeout: Millis,
+    /// Close a session that has not sent `Hello` after this long.
+    pub handshake_timeout: Millis,
+    /// Bounds of one pulled batch.
+    pub pull_limits: BatchLimits,
+    /// Batches of one table sent ahead of the device's `PullAck`s (at least 1). Two hide one
+    /// round trip on slow links while bounding what one device has in flight.
+    pub pull_window: usize,
+    /// Conflict policy per table (applied by [`HubStorage::apply_push`]).
+    pub conflicts: ConflictPolicies,
+}
+
+impl HubConfig {
+    /// A config with the default timers and limits.
+    pub fn new(hub: Uuid) -> HubConfig {
+        HubConfig {
+            hub,
+            protocol_versions: SUPPORTED_VERSIONS.to_vec(),
+            idle_timeout: Millis::from_secs(90),
+            handshake_timeout: Millis::from_secs(10),
+            pull_limits: BatchLimits {
+                max_items: PULL_BATCH_ITEMS_MAX,
+                max_bytes: PULL_BATCH_BYTES_MAX,
+            },
+            pull_window: 2,
+            conflicts: ConflictPolicies::default(),
+        }
+    }
+}
+
+/// Where a hub session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubState {
+    /// Waiting for `Hello`.
+    AwaitingHello,
+    /// Serving an authenticated device.
+    Ready,
+    /// Ended; the driver sends what is left to send and drops the transport.
+    Closed,
+}
+
+/// Something the hub's driver may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HubEvent {
+    /// The device authenticated.
+    Authenticated {
+        /// Who it acts for.
+        principal: Principal,
+    },
+    /// The session was refused at the handshake.
+    Refused {
+        /// Why.
+        code: CloseCode,
+    },
+    /// Pushed ops were processed. The driver tells the other sessions
+    /// ([`HubSession::handle_changes`]) when `accepted > 0`.
+    OpsApplied {
+        /// Ops accepted and applied.
+        accepted: usize,
+        /// Ops rejected.
+        rejected: usize,
+        /// Tables that changed.
+        tables: Vec<String>,
+    },
+    /// A batch went out.
+    BatchSent {
+        /// The table.
+        table: String,
+        /// The batch's cursor.
+        cursor: Cursor,
+        /// Ops plus rows entering and leaving.
+        items: usize,
+    },
+    /// The session ended.
+    Closed {
+        /// Why.
+        code: CloseCode,
+        /// For people.
+        reason: String,
+        /// Whether the device ended it.
+        by_peer: bool,
+    },
+    /// Hub storage failed; the session was closed.
+    StorageFailed {
+        /// The failure.
+        error: StorageError,
+    },
+}
+
+#[derive(Debug, Default)]
+struct TableFeed {
+    /// Where the next batch starts.
+    cursor: Cursor,
+    /// The cursors of the batches sent and not yet acknowledged, oldest first.
+    outstanding: VecDeque<Cursor>,
+    /// The device asked for this table and the feed has not reached its end.
+    requested: bool,
+    /// The device subscribed (live mode).
+    live: bool,
+    /// The hub changed since the last read (live mode).
+    dirty: bool,
+}
+
+enum Fail {
+    Storage(StorageError),
+    Violation(String),
+}
+
+impl From<StorageError> for Fail {
+    fn from(e: StorageError) -> Fail {
+        Fail::Storage(e)
+    }
+}
+
+/// A hub's state machine for one device connection.
+///
+/// Inputs: `handle_message`, `handle_wire_error`, `handle_timeout`, `handle_changes` (another
+/// session changed the hub's data), `close`. After each, drain `poll_transmit`, then
+/// `poll_event`, then re-arm the timer from `poll_timeout`.
+#[derive(Debug)]
+pub struct HubSession {
+    config: HubConfig,
+    span: tracing::Span,
+    state: HubState,
+    principal: Option<Principal>,
+    opened_at: Millis,
+    last_received: Millis,
+    feeds: BTreeMap<String, TableFeed>,
+    transmit: VecDeque<Message>,
+    events: VecDeque<HubEvent>,
+}
+
+impl HubSession {
+    /// A session for a connection accepted at `now`.
+    pub fn new(config: HubConfig, now: Millis) -> HubSession {
+        HubSession {
+            config,
+            span: tracing::debug_span!("hub_session", device = tracing::field::Empty),
+            state: HubState::AwaitingHello,
+            principal: None,
+            opened_at: now,
+            last_received: now,
+            feeds: BTreeMap::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> HubState {
+        self.state
+    }
+
+    /// Who the session acts for, once authenticated.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.state == HubState::Closed
+    }
+
+    /// A message arrived from the device.
+    pub fn handle_message(&mut self, now: Millis, msg: Message, storage: &mut dyn HubStorage) {
+        let _g = self.span.clone().entered();
+        if self.state == HubState::Closed {
+            return;
+        }
+        self.last_received = now;
+        let r = self.dispatch(now, msg, storage);
+        self.settle(now, r);
+    }
+
+    /// A bad frame arrived: this session closes with the error's code; no other is touched.
+    pub fn handle_wire_error(&mut self, now: Millis, error: &WireError) {
+        let _g = self.span.clone().entered();
+        warn!(%error, code = error.code(), "bad frame from device");
+        self.close(now, error.close_code(), &error.to_string());
+    }
+
+    /// The hub's data changed in `tables` (another session's push, a server-side edit; empty:
+    /// any table): live feeds of those tables look for changes in the device's set.
+    pub fn handle_changes(&mut self, now: Millis, tables: &[String], storage: &mut dyn HubStorage) {
+        let _g = self.span.clone().entered();
+        if self.state != HubState::Ready {
+            return;
+        }
+        for (table, feed) in self.feeds.iter_mut() {
+            if feed.live && (tables.is_empty() || tables.contains(table)) {
+                feed.dirty = true;
+            }
+        }
+        let r = self.pump(now, storage);
+        self.settle(now, r);
+    }
+
+    /// A timer armed from [`poll_timeout`](Self::poll_timeout) fired.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        let _g = self.span.clone().entered();
+        match self.state {
+            HubState::AwaitingHello if now >= self.opened_at + self.config.handshake_timeout => {
+                self.close(now, CloseCode::HANDSHAKE_TIMEOUT, "no Hello")
+            }
+            HubState::Ready if now >= self.last_received + self.config.idle_timeout => {
+                self.close(now, CloseCode::IDLE_TIMEOUT, "device silent")
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends the session (e.g. [`CloseCode::GOING_AWAY`] when the hub drains).
+    pub fn close(&mut self, now: Millis, code: CloseCode, reason: &str) {
+        let _ = now;
+        if self.state == HubState::Closed {
+            return;
+        }
+        let reason = truncate_text(reason, MAX_TEXT_LEN);
+        info!(%code, %reason, "closing session");
+        self.transmit.push_back(Message::Close(Close {
+            code,
+            reason: reason.clone(),
+        }));
+        self.state = HubState::Closed;
+        self.events.push_back(HubEvent::Closed {
+            code,
+            reason,
+            by_peer: false,
+        });
+    }
+
+    /// The next message to send, in order.
+    pub fn poll_transmit(&mut self, now: Millis) -> Option<Message> {
+        let _ = now;
+        self.transmit.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        match self.state {
+            HubState::AwaitingHello => Some(self.opened_at + self.config.handshake_timeout),
+            HubState::Ready => Some(self.last_received + self.config.idle_timeout),
+            HubState::Closed => None,
+        }
+    }
+
+    fn settle(&mut self, now: Millis, r: Result<(), Fail>) {
+        match r {
+            Ok(()) => {}
+            Err(Fail::Storage(error)) => {
+                warn!(%error, "hub storage failed; closing session");
+                self.close(now, CloseCode::STORAGE_FAILURE, "hub storage failure");
+                self.events.push_back(HubEvent::StorageFailed { error });
+            }
+            Err(Fail::Violation(why)) => {
+                warn!(%why, "device broke the protocol; closing session");
+                self.close(now, CloseCode::PROTOCOL_VIOLATION, &why);
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        now: Millis,
+        msg: Message,
+        storage: &mut dyn HubStorage,
+    ) -> Result<(), Fail> {
+        match (self.state, msg) {
+            (_, Message::Close(c)) => {
+                info!(code = %c.code, reason = %c.reason, "device closed the session");
+                self.state = HubState::Closed;
+                self.events.push_back(HubEvent::Closed {
+                    code: c.code,
+                    reason: c.reason,
+                    by_peer: true,
+                });
+                Ok(())
+            }
+            (HubState::AwaitingHello, Message::Hello(h)) => self.on_hello(h, storage),
+            (HubState::Ready, Message::Hello(_)) => {
+                debug!("repeated Hello ignored");
+                Ok(())
+            }
+            (HubState::Ready, Message::Ping(p)) => {
+                self.transmit
+                    .push_back(Message::Pong(Pong { nonce: p.nonce }));
+                Ok(())
+            }
+            (HubState::Ready, Message::Pong(_)) => Ok(()),
+            (HubState::Ready, Message::Push(p)) => self.on_push(now, p, storage),
+            (HubState::Ready, Message::Pull(p)) => self.on_pull(now, p.tables, false, storage),
+            (HubState::Ready, Message::Subscribe(s)) => self.on_pull(now, s.tables, true, storage),
+            (HubState::Ready, Message::PullAck(a)) => {
+                if let Some(feed) = self.feeds.get_mut(&a.table) {
+                    if let Some(at) = feed.outstanding.iter().position(|c| *c == a.cursor) {
+                        // An ack covers the batches before it too (their acks may be lost).
+                        feed.outstanding.drain(..=at);
+                    } else {
+                        debug!(table = %a.table, "PullAck for no outstanding batch ignored");
+                    }
+                }
+                self.pump(now, storage)
+            }
+            (HubState::Ready, Message::BlobRequest(r)) => self.on_blob_request(r, storage),
+            (_, other) => Err(Fail::Violation(format!(
+                "unexpected {} from the device",
+                other.name()
+            ))),
+        }
+    }
+
+    fn on_hello(&mut self, h: Hello, storage: &mut dyn HubStorage) -> Result<(), Fail> {
+        self.span
+            .record("device", tracing::field::display(h.device));
+        let version = h
+            .protocol_versions
+            .iter()
+            .filter(|v| self.config.protocol_versions.contains(v))
+            .max()
+            .copied();
+        let Some(version) = version else {
+            let message = format!(
+                "no common protocol version: device offers {:?}, hub speaks {:?}",
+                h.protocol_versions, self.config.protocol_versions
+            );
+            self.refuse(CloseCode::UNSUPPORTED_VERSION, message);
+            return Ok(());
+        };
+        match storage.authenticate(h.device, &h.token, &h.app)? {
+            Ok(principal) => {
+                info!(user = %principal.user, app = %principal.app, version, "device authenticated");
+                self.transmit.push_back(Message::Welcome(Welcome {
+                    protocol_version: version,
+                    hub: self.config.hub,
+                    user: principal.user,
+                    idle_timeout_ms: self.config.idle_timeout.0,
+                }));
+                self.state = HubState::Ready;
+                self.events.push_back(HubEvent::Authenticated {
+                    principal: principal.clone(),
+                });
+                self.principal = Some(principal);
+            }
+            Err(refusal) => self.refuse(refusal.code, refusal.message),
+        }
+        Ok(())
+    }
+
+    /// Refuses a device before its handshake because the hub is at a connection limit; the
+    /// device retries no sooner than `retry_after`.
+    pub fn refuse_busy(&mut self, now: Millis, retry_after: Millis) {
+        let _ = now;
+        let _g = self.span.clone().entered();
+        if self.state == HubState::AwaitingHello {
+            self.refuse_with(CloseCode::BUSY, "hub busy".into(), Some(retry_after));
+        }
+    }
+
+    fn refuse(&mut self, code: CloseCode, message: String) {
+        self.refuse_with(code, message, None);
+    }
+
+    fn refuse_with(&mut self, code: CloseCode, message: String, retry_after: Option<Millis>) {
+        info!(%code, %message, "refusing device");
+        self.transmit.push_back(Message::Refused(Refused {
+            code,
+            message: truncate_text(&message, MAX_TEXT_LEN),
+            retry_after_ms: retry_after.map(|m| m.0),
+        }));
+        self.state = HubState::Closed;
+        self.events.push_back(HubEvent::Refused { code });
+    }
+
+    fn on_push(&mut self, now: Millis, p: Push, storage: &mut dyn HubStorage) -> Result<(), Fail> {
+        let Some(who) = &self.principal else {
+            return Err(Fail::Violation("push before authentication".into()));
+        };
+        if p.up_to_seq < p.after_seq {
+            return Err(Fail::Violation("push range runs backwards".into()));
+        }
+        let mut prev = p.after_seq;
+        for op in &p.ops {
+            if op.seq <= prev || op.seq > p.up_to_seq {
+                return Err(Fail::Violation(format!(
+                    "push op seq {} out of order or outside ({}, {}]",
+                    op.seq, p.after_seq, p.up_to_seq
+                )));
+            }
+            prev = op.seq;
+        }
+        let mut rejected = Vec::new();
+        let mut tables = BTreeSet::new();
+        let mut accepted = 0usize;
+        let mut authoritative_budget = AUTHORITATIVE_BYTES_MAX;
+        for op in &p.ops {
+            let policy = self.config.conflicts.for_table(&op.table);
+            match storage.apply_push(now, who, policy, op)? {
+                PushOutcome::Accepted => {
+                    accepted += 1;
+                    tables.insert(op.table.clone());
+                }
+                PushOutcome::Rejected {
+                    operation,
+                    kind,
+                    message,
+                    authoritative,
+                } => {
+                    debug!(seq = op.seq, table = %op.table, ?kind, "op rejected");
+                    let authoritative = authoritative.and_then(|doc| {
+                        if doc.len() <= authoritative_budget {
+                            authoritative_budget -= doc.len();
+                            Some(RowDoc { row: op.row, doc })
+                        } else {
+                            None
+                        }
+                    });
+                    rejected.push(Rejection {
+                        seq: op.seq,
+                        table: op.table.clone(),
+                        row: op.row,
+                        operation,
+                        kind,
+                        message: truncate_text(&message, MAX_TEXT_LEN / 4),
+                        authoritative,
+                    });
+                }
+            }
+        }
+        debug!(
+            after = p.after_seq,
+            up_to = p.up_to_seq,
+            accepted,
+            rejected = rejected.len(),
+            "push processed"
+        );
+        self.events.push_back(HubEvent::OpsApplied {
+            accepted,
+            rejected: rejected.len(),
+            tables: tables.into_iter().collect(),
+        });
+        self.transmit.push_back(Message::PushAck(PushAck {
+            after_seq: p.after_seq,
+            up_to_seq: p.up_to_seq,
+            rejected,
+        }));
+        Ok(())
+    }
+
+    fn on_pull(
+        &mut self,
+        now: Millis,
+        tables: Vec<TableCursor>,
+        live: bool,
+        storage: &mut dyn HubStorage,
+    ) -> Result<(), Fail> {
+        for t in tables {
+            if !self.feeds.contains_key(&t.table) && self.feeds.len() >= MAX_TRACKED_TABLES {
+                return Err(Fail::Violation("too many tables".into()));
+            }
+            let feed = self.feeds.entry(t.table).or_default();
+            feed.cursor = t.cursor;
+            feed.outstanding.clear();
+            feed.requested = true;
+            feed.live |= live;
+        }
+        self.pump(now, storage)
+    }
+
+    /// Sends the next batch of every feed that has no batch outstanding and something to send.
+    fn pump(&mut self, now: Millis, storage: &mut dyn HubStorage) -> Result<(), Fail> {
+        let _ = now;
+        let Some(who) = &self.principal else {
+            return Ok(());
+        };
+        let window = self.config.pull_window.max(1);
+        for (table, feed) in self.feeds.iter_mut() {
+            while feed.outstanding.len() < window && (feed.requested || (feed.live && feed.dirty)) {
+                let chunk = storage.pull(who, table, feed.cursor, self.config.pull_limits)?;
+                let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
+                if chunk.cursor < feed.cursor || items > PULL_BATCH_ITEMS_MAX {
+                    return Err(Fail::Storage(StorageError::Corrupt(format!(
+                        "feed of `{table}` broke its contract: cursor {} -> {}, {items} items",
+                        feed.cursor.0, chunk.cursor.0
+                    ))));
+                }
+                feed.dirty = false;
+                if !feed.requested && chunk.is_empty() && !chunk.more {
+                    break;
+                }
+                self.transmit.push_back(Message::PullBatch(PullBatch {
+                    table: table.clone(),
+                    from: feed.cursor,
+                    cursor: chunk.cursor,
+                    ops: chunk.ops,
+                    entering: chunk.entering,
+                    leaving: chunk.leaving,
+                    more: chunk.more,
+                }));
+                self.events.push_back(HubEvent::BatchSent {
+                    table: table.clone(),
+                    cursor: chunk.cursor,
+                    items,
+                });
+                feed.outstanding.push_back(chunk.cursor);
+                feed.cursor = chunk.cursor;
+                feed.requested = chunk.more;
+                // A live feed that just caught up stays quiet until the hub changes again.
+                if !chunk.more {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_blob_request(
+        &mut self,
+        r: BlobRequest,
+        storage: &mut dyn HubStorage,
+    ) -> Result<(), Fail> {
+        let Some(who) = &self.principal else {
+            return Err(Fail::Violation("blob request before authentication".into()));
+        };
+        let max_len = (r.max_len as usize).min(BLOB_CHUNK_MAX);
+        let reply = match storage.blob_chunk(who, &r.sha256, r.offset, max_len)? {
+            Some(mut slice) => {
+                slice.data.truncate(max_len);
+                BlobChunk {
+                    sha256: r.sha256,
+                    found: true,
+                    offset: r.offset,
+                    total: slice.total,
+                    data: slice.data,
+                }
+            }
+            None => BlobChunk {
+                sha256: r.sha256,
+                found: false,
+                offset: r.offset,
+                total: 0,
+                data: Vec::new(),
+            },
+        };
+        self.transmit.push_back(Message::BlobChunk(reply));
+        Ok(())
+    }
+}

@@ -1,0 +1,650 @@
+//! [`DeviceReplica`]: the device's side of sync over its [`Store`].
+
+use std::collections::BTreeMap;
+
+use fieldsync_store::{
+    AuxWrite, ColumnConflict, Durability, LogEntry, RemoteOp, RowExport, RowId, Store, StoreError,
+    Value, DELETED_KEY,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info_span, warn};
+
+use super::{dec, enc, parse_row_key, row_key, storage_err, ReplicaError};
+use crate::proto::{
+    BatchLimits, Cursor, DeviceStorage, Millis, Operation, PushOp, Rejection, RejectionKind,
+    RowChange, RowDoc, StorageError, SyncErrorRecord,
+};
+
+/// The aux space of a device's replication metadata.
+const SPACE: &str = "device";
+const K_ACKED: &[u8] = b"acked";
+const P_CURSOR: &[u8] = b"cur/";
+const P_ERROR: &[u8] = b"err/";
+const P_EVICT: &[u8] = b"ev/";
+const P_ROLLBACK: &[u8] = b"rb/";
+const P_BLOB_PROGRESS: &[u8] = b"bp/";
+const P_BLOB_CHUNK: &[u8] = b"bc/";
+const P_BLOB_DONE: &[u8] = b"bd/";
+/// Log entries read per step when looking for the device's own ops.
+const SCAN_STEP: usize = 1024;
+
+/// A sync error as stored (a serde mirror of [`SyncErrorRecord`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredError {
+    at: u64,
+    seq: u64,
+    table: String,
+    row: RowId,
+    operation: Operation,
+    op_data: Vec<u8>,
+    kind: RejectionKind,
+    message: String,
+}
+
+impl From<StoredError> for SyncErrorRecord {
+    fn from(e: StoredError) -> SyncErrorRecord {
+        SyncErrorRecord {
+            at: Millis(e.at),
+            seq: e.seq,
+            table: e.table,
+            row: e.row,
+            operation: e.operation,
+            op_data: e.op_data,
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
+/// A rollback waiting to run: evict the row, import the hub's row, re-apply the hub's
+/// changes that arrived while it waited.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Rollback {
+    /// The hub's row (the newest one heard of), if the device may read it.
+    doc: Option<Vec<u8>>,
+    /// Changes pulled for the row after `doc`.
+    changes: Vec<Vec<u8>>,
+}
+
+/// A table's position in the hub's feed, as stored.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct StoredCursor {
+    cursor: u64,
+    synced_at: Option<u64>,
+}
+
+/// One table's sync state, for `fieldsync device status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSyncStatus {
+    /// The table.
+    pub table: String,
+    /// Its cursor in the hub's feed.
+    pub cursor: Cursor,
+    /// When a pull of it last reached the end of the feed.
+    pub last_sync: Option<Millis>,
+}
+
+/// A device's [`DeviceStorage`] over its [`Store`].
+///
+/// The device's own ops are the store's log entries made by the store's actor; pulled ops
+/// share the log and are never pushed. The protocol's acknowledged sequence number is kept in
+/// the aux space; the store's own acknowledged prefix is moved to just before the first
+/// unacknowledged own op, so that pulled entries never block an eviction or a compaction.
+#[derive(Debug, Clone)]
+pub struct DeviceReplica {
+    store: Store,
+}
+
+fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn sha_key(prefix: &[u8], sha: &[u8; 32]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(sha);
+    k
+}
+
+fn u64_of(bytes: &[u8]) -> Result<u64, StorageError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StorageError::Corrupt("a stored counter is not 8 bytes".into()))
+}
+
+impl DeviceReplica {
+    /// The device's replica over `store` (its metadata, if any, is in the store already).
+    pub fn new(store: Store) -> DeviceReplica {
+        DeviceReplica { store }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.store.aux_get(SPACE, key).map_err(storage_err)
+    }
+
+    fn apply(&self, writes: &[AuxWrite]) -> Result<(), StorageError> {
+        self.store
+            .aux_apply(SPACE, writes, Durability::Immediate)
+            .map_err(storage_err)
+    }
+
+    /// The device's own log entries after `after`, oldest first, at most `limit`.
+    fn own_entries(&self, after: u64, limit: usize) -> Result<Vec<LogEntry>, StorageError> {
+        let me = self.store.actor();
+        let mut out = Vec::new();
+        // The store's acknowledged prefix ends just before the first unacknowledged own op
+        // (see `advance_store_ack`): nothing pending lies below it, so skip the pulled entries.
+        let floor = self.store.acked_seq().map_err(storage_err)?;
+        let mut from = after.max(floor);
+        loop {
+            let batch = self.store.ops_since(from, SCAN_STEP).map_err(storage_err)?;
+            let Some(last) = batch.last() else { break };
+            from = last.seq;
+            let done = batch.len() < SCAN_STEP;
+            for e in batch {
+                if e.actor == me {
+                    out.push(e);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn has_own_pending_on(&self, table: &str, row: RowId) -> Result<bool, StorageError> {
+        let acked = self.acked_seq()?;
+        Ok(self
+            .own_entries(acked, usize::MAX)?
+            .iter()
+            .any(|e| e.table == table && e.row == row))
+    }
+
+    fn entry_at(&self, seq: u64) -> Result<Option<LogEntry>, StorageError> {
+        Ok(self
+            .store
+            .ops_since(seq.saturating_sub(1), 1)
+            .map_err(storage_err)?
+            .into_iter()
+            .find(|e| e.seq == seq))
+    }
+
+    /// Moves the store's acknowledged prefix to just before the first unacknowledged own op.
+    fn advance_store_ack(&self) -> Result<(), StorageError> {
+        let acked = self.acked_seq()?;
+        let first = self.own_entries(acked, 1)?;
+        let up_to = match first.first() {
+            Some(e) => e.seq.saturating_sub(1),
+            None => self.store.last_seq(),
+        };
+        self.store.acknowledge(up_to).map_err(storage_err)
+    }
+
+    /// Evicts a row now if nothing blocks it; returns whether it is gone.
+    fn try_evict(&self, table: &str, row: RowId) -> Result<bool, StorageError> {
+        if self.has_own_pending_on(table, row)? {
+            return Ok(false);
+        }
+        match self.store.evict_row(table, row) {
+            Ok(_) => Ok(true),
+            Err(StoreError::UnacknowledgedChanges { .. }) => Ok(false),
+            Err(StoreError::Schema(e)) => {
+                warn!(table, %row, error = %e, "eviction for an unknown table ignored");
+                Ok(true)
+            }
+            Err(e) => Err(storage_err(e)),
+        }
+    }
+
+    /// Carries out rollbacks and evictions that waited for acknowledgements.
+    fn run_deferred(&self) -> Result<(), StorageError> {
+        let mut writes = Vec::new();
+        for (k, v) in self
+            .store
+            .aux_scan(SPACE, P_ROLLBACK)
+            .map_err(storage_err)?
+        {
+            let Some((table, row)) = k.get(P_ROLLBACK.len()..).and_then(parse_row_key) else {
+                writes.push(AuxWrite::Remove(k));
+                continue;
+            };
+            if !self.try_evict(&table, row)? {
+                continue;
+            }
+            let rb: Rollback = dec(&v, "a rollback")?;
+            if let Some(doc) = rb.doc {
+                let export = RowExport {
+                    table: table.clone(),
+                    id: row,
+                    doc,
+                };
+                if let Err(e) = self.store.import_row(&export, Durability::Immediate) {
+                    warn!(%table, %row, error = %e, "the hub's row for a rollback does not import");
+                }
+            }
+            if !rb.changes.is_empty() {
+                let ops: Vec<RemoteOp> = rb
+                    .changes
+                    .into_iter()
+                    .map(|change| RemoteOp {
+                        table: table.clone(),
+                        row,
+                        change,
+                    })
+                    .collect();
+                if let Err(e) = self.store.apply_remote(&ops, Durability::Immediate) {
+                    warn!(%table, %row, error = %e, "changes kept for a rollback do not apply");
+                }
+            }
+            debug!(%table, %row, "rolled back");
+            writes.push(AuxWrite::Remove(k));
+        }
+        for (k, _) in self.store.aux_scan(SPACE, P_EVICT).map_err(storage_err)? {
+            let Some((table, row)) = k.get(P_EVICT.len()..).and_then(parse_row_key) else {
+                writes.push(AuxWrite::Remove(k));
+                continue;
+            };
+            if self.try_evict(&table, row)? {
+                debug!(%table, %row, "deferred eviction done");
+                writes.push(AuxWrite::Remove(k));
+            }
+        }
+        if !writes.is_empty() {
+            self.apply(&writes)?;
+        }
+        Ok(())
+    }
+
+    /// Every recorded sync error, by id (the op's sequence number), oldest first.
+    pub fn sync_errors(&self) -> Result<Vec<(u64, SyncErrorRecord)>, ReplicaError> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.aux_scan(SPACE, P_ERROR)? {
+            let id = u64_of(k.get(P_ERROR.len()..).unwrap_or_default())?;
+            let e: StoredError = dec(&v, "a sync error")?;
+            out.push((id, e.into()));
+        }
+        Ok(out)
+    }
+
+    /// Re-applies a rejected op's data as a new local edit (pushed with the next sync) and
+    /// removes the error; returns the new edit's sequence number.
+    pub fn retry_error(&self, id: u64) -> Result<u64, ReplicaError> {
+        let _span = info_span!("retry_error", id).entered();
+        let key = seq_key(P_ERROR, id);
+        let Some(v) = self.store.aux_get(SPACE, &key)? else {
+            return Err(ReplicaError::NoSuchError(id));
+        };
+        let e: StoredError = dec(&v, "a sync error")?;
+        let inspection = self.store.inspect_change(&e.table, e.row, &e.op_data)?;
+        let delete = inspection.columns.contains_key(DELETED_KEY);
+        let values: Vec<(&str, Value)> = inspection
+            .columns
+            .iter()
+            .filter(|(c, _)| c.as_str() != DELETED_KEY)
+            .map(|(c, v)| (c.as_str(), v.clone()))
+            .collect();
+        let mut tx = self.store.begin();
+        if self.store.get(&e.table, e.row)?.is_some() {
+            if delete {
+                tx.delete(&e.table, e.row)?;
+            } else {
+                tx.update(&e.table, e.row, &values)?;
+            }
+        } else {
+            let values: Vec<(&str, Value)> =
+                values.into_iter().filter(|(_, v)| !v.is_null()).collect();
+            tx.insert_with_id(&e.table, e.row, &values)?;
+        }
+        tx.commit_with(Durability::Immediate)?;
+        let seq = self.store.last_seq();
+        self.store.aux_remove(SPACE, &key, Durability::Immediate)?;
+        Ok(seq)
+    }
+
+    /// Forgets a sync error (its op stays rolled back); returns whether it was there.
+    pub fn discard_error(&self, id: u64) -> Result<bool, ReplicaError> {
+        Ok(self
+            .store
+            .aux_remove(SPACE, &seq_key(P_ERROR, id), Durability::Immediate)?)
+    }
+
+    /// Every table the device has pulled, with its cursor and last sync.
+    pub fn table_sync_status(&self) -> Result<Vec<TableSyncStatus>, ReplicaError> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.aux_scan(SPACE, P_CURSOR)? {
+            let table = String::from_utf8_lossy(k.get(P_CURSOR.len()..).unwrap_or_default());
+            let c: StoredCursor = dec(&v, "a cursor")?;
+            out.push(TableSyncStatus {
+                table: table.into_owned(),
+                cursor: Cursor(c.cursor),
+                last_sync: c.synced_at.map(Millis),
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many own ops wait for the hub.
+    pub fn pending_op_count(&self) -> Result<u64, ReplicaError> {
+        let acked = self.acked_seq()?;
+        Ok(self.own_entries(acked, usize::MAX)?.len() as u64)
+    }
+
+    /// Rows holding concurrent values, with every value (the winner and those that lost).
+    pub fn rows_with_conflicts(
+        &self,
+    ) -> Result<Vec<(String, RowId, Vec<ColumnConflict>)>, ReplicaError> {
+        let mut out = Vec::new();
+        let tables: Vec<String> = self
+            .store
+            .schema()
+            .tables()
+            .map(|t| t.name.clone())
+            .collect();
+        for t in tables {
+            for row in self.store.scan(&t)? {
+                let row = row?;
+                if row.has_conflicts {
+                    let c = self.store.conflicts(&t, row.id)?;
+                    out.push((t.clone(), row.id, c));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rows whose eviction waits for own ops to be acknowledged.
+    pub fn deferred_evictions(&self) -> Result<Vec<(String, RowId)>, ReplicaError> {
+        Ok(self
+            .store
+            .aux_scan(SPACE, P_EVICT)?
+            .into_iter()
+            .filter_map(|(k, _)| k.get(P_EVICT.len()..).and_then(parse_row_key))
+            .collect())
+    }
+}
+
+impl DeviceStorage for DeviceReplica {
+    fn acked_seq(&self) -> Result<u64, StorageError> {
+        match self.get(K_ACKED)? {
+            Some(v) => u64_of(&v),
+            None => Ok(0),
+        }
+    }
+
+    fn last_local_seq(&self) -> Result<u64, StorageError> {
+        let acked = self.acked_seq()?;
+        Ok(self
+            .own_entries(acked, usize::MAX)?
+            .last()
+            .map_or(acked, |e| e.seq))
+    }
+
+    fn pending_ops(
+        &self,
+        after_seq: u64,
+        limits: BatchLimits,
+    ) -> Result<Vec<PushOp>, StorageError> {
+        let entries = self.own_entries(after_seq, limits.max_items.max(1))?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut bytes = 0usize;
+        for e in entries {
+            bytes += e.change.len();
+            if !out.is_empty() && bytes > limits.max_bytes {
+                break;
+            }
+            out.push(PushOp {
+                seq: e.seq,
+                table: e.table,
+                row: e.row,
+                change: e.change,
+            });
+        }
+        Ok(out)
+    }
+
+    fn record_ack(
+        &mut self,
+        now: Millis,
+        up_to_seq: u64,
+        rejected: &[Rejection],
+    ) -> Result<(), StorageError> {
+        let _span = info_span!("record_ack", up_to_seq, rejected = rejected.len()).entered();
+        let acked = self.acked_seq()?;
+        if up_to_seq <= acked {
+            return Ok(());
+        }
+        let mut writes = Vec::new();
+        for r in rejected {
+            let op_data = self.entry_at(r.seq)?.map(|e| e.change).unwrap_or_default();
+            let stored = StoredError {
+                at: now.0,
+                seq: r.seq,
+                table: r.table.clone(),
+                row: r.row,
+                operation: r.operation,
+                op_data,
+                kind: r.kind,
+                message: r.message.clone(),
+            };
+            writes.push(AuxWrite::Put(seq_key(P_ERROR, r.seq), enc(&stored)));
+            let rb = Rollback {
+                doc: r
+                    .authoritative
+                    .as_ref()
+                    .filter(|d| d.row == r.row)
+                    .map(|d| d.doc.clone()),
+                changes: Vec::new(),
+            };
+            writes.push(AuxWrite::Put(
+                row_key(P_ROLLBACK, &r.table, r.row),
+                enc(&rb),
+            ));
+        }
+        writes.push(AuxWrite::Put(
+            K_ACKED.to_vec(),
+            up_to_seq.to_be_bytes().to_vec(),
+        ));
+        self.apply(&writes)?;
+        self.advance_store_ack()?;
+        self.run_deferred()
+    }
+
+    fn apply_ops(&mut self, table: &str, ops: &[RowChange]) -> Result<(), StorageError> {
+        let _span = info_span!("apply_ops", table, n = ops.len()).entered();
+        let remote: Vec<RemoteOp> = ops
+            .iter()
+            .map(|c| RemoteOp {
+                table: table.to_string(),
+                row: c.row,
+                change: c.change.clone(),
+            })
+            .collect();
+        // A row waiting for a rollback will be rebuilt from the hub's row: keep these changes
+        // to apply on top of it (recorded first, so a crash in between loses none).
+        let mut writes = Vec::new();
+        let mut pending: BTreeMap<RowId, Rollback> = BTreeMap::new();
+        for c in ops {
+            let k = row_key(P_ROLLBACK, table, c.row);
+            if let std::collections::btree_map::Entry::Vacant(slot) = pending.entry(c.row) {
+                match self.get(&k)? {
+                    Some(v) => {
+                        slot.insert(dec(&v, "a rollback")?);
+                    }
+                    None => continue,
+                }
+            }
+            if let Some(rb) = pending.get_mut(&c.row) {
+                rb.changes.push(c.change.clone());
+            }
+        }
+        for (row, rb) in pending {
+            writes.push(AuxWrite::Put(row_key(P_ROLLBACK, table, row), enc(&rb)));
+        }
+        if !writes.is_empty() {
+            self.apply(&writes)?;
+        }
+        self.store
+            .apply_remote(&remote, Durability::Immediate)
+            .map_err(storage_err)?;
+        self.advance_store_ack()
+    }
+
+    fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
+        let _span = info_span!("import_rows", table, n = rows.len()).entered();
+        let mut writes = Vec::new();
+        for d in rows {
+            let export = RowExport {
+                table: table.to_string(),
+                id: d.row,
+                doc: d.doc.clone(),
+            };
+            // One flush for the whole batch (below), not one per row.
+            self.store
+                .import_row(&export, Durability::Group)
+                .map_err(storage_err)?;
+            writes.push(AuxWrite::Remove(row_key(P_EVICT, table, d.row)));
+            // A rollback waiting for this row rebuilds it from this newer hub row.
+            let rk = row_key(P_ROLLBACK, table, d.row);
+            if self.get(&rk)?.is_some() {
+                let rb = Rollback {
+                    doc: Some(d.doc.clone()),
+                    changes: Vec::new(),
+                };
+                writes.push(AuxWrite::Put(rk, enc(&rb)));
+            }
+        }
+        // Durable before returning, rows and aux writes alike (`apply` flushes).
+        self.apply(&writes)?;
+        self.advance_store_ack()?;
+        self.run_deferred()
+    }
+
+    fn evict_rows(&mut self, table: &str, rows: &[RowId]) -> Result<(), StorageError> {
+        let _span = info_span!("evict_rows", table, n = rows.len()).entered();
+        self.advance_store_ack()?;
+        let mut writes = Vec::new();
+        for r in rows {
+            if self.try_evict(table, *r)? {
+                writes.push(AuxWrite::Remove(row_key(P_EVICT, table, *r)));
+            } else {
+                debug!(table, row = %r, "eviction deferred");
+                writes.push(AuxWrite::Put(row_key(P_EVICT, table, *r), Vec::new()));
+            }
+        }
+        if !writes.is_empty() {
+            self.apply(&writes)?;
+        }
+        Ok(())
+    }
+
+    fn cursor(&self, table: &str) -> Result<Cursor, StorageError> {
+        let mut k = P_CURSOR.to_vec();
+        k.extend_from_slice(table.as_bytes());
+        Ok(match self.get(&k)? {
+            Some(v) => Cursor(dec::<StoredCursor>(&v, "a cursor")?.cursor),
+            None => Cursor::default(),
+        })
+    }
+
+    fn set_cursor(
+        &mut self,
+        table: &str,
+        cursor: Cursor,
+        synced_at: Option<Millis>,
+    ) -> Result<(), StorageError> {
+        let mut k = P_CURSOR.to_vec();
+        k.extend_from_slice(table.as_bytes());
+        let mut c: StoredCursor = match self.get(&k)? {
+            Some(v) => dec(&v, "a cursor")?,
+            None => StoredCursor::default(),
+        };
+        c.cursor = c.cursor.max(cursor.0);
+        if let Some(at) = synced_at {
+            c.synced_at = Some(at.0);
+        }
+        self.apply(&[AuxWrite::Put(k, enc(&c))])
+    }
+
+    fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
+        let mut k = P_CURSOR.to_vec();
+        k.extend_from_slice(table.as_bytes());
+        Ok(match self.get(&k)? {
+            Some(v) => dec::<StoredCursor>(&v, "a cursor")?.synced_at.map(Millis),
+            None => None,
+        })
+    }
+
+    fn blob_progress(&self, sha256: &[u8; 32]) -> Result<u64, StorageError> {
+        if let Some(v) = self.get(&sha_key(P_BLOB_DONE, sha256))? {
+            return u64_of(&v);
+        }
+        match self.get(&sha_key(P_BLOB_PROGRESS, sha256))? {
+            Some(v) => u64_of(&v),
+            None => Ok(0),
+        }
+    }
+
+    fn write_blob_chunk(
+        &mut self,
+        sha256: &[u8; 32],
+        offset: u64,
+        data: &[u8],
+        total: u64,
+    ) -> Result<(), StorageError> {
+        let progress = self.blob_progress(sha256)?;
+        if offset < progress {
+            return Ok(());
+        }
+        if offset > progress {
+            return Err(StorageError::Corrupt(format!(
+                "blob chunk at {offset} but {progress} bytes stored"
+            )));
+        }
+        let end = offset + data.len() as u64;
+        let mut chunk_key = sha_key(P_BLOB_CHUNK, sha256);
+        chunk_key.extend_from_slice(&offset.to_be_bytes());
+        self.apply(&[
+            AuxWrite::Put(chunk_key, data.to_vec()),
+            AuxWrite::Put(sha_key(P_BLOB_PROGRESS, sha256), end.to_be_bytes().to_vec()),
+        ])?;
+        if end < total {
+            return Ok(());
+        }
+        let chunks = self
+            .store
+            .aux_scan(SPACE, &sha_key(P_BLOB_CHUNK, sha256))
+            .map_err(storage_err)?;
+        let mut content = Vec::with_capacity(total as usize);
+        let mut cleanup = Vec::with_capacity(chunks.len() + 2);
+        for (k, v) in chunks {
+            content.extend_from_slice(&v);
+            cleanup.push(AuxWrite::Remove(k));
+        }
+        cleanup.push(AuxWrite::Remove(sha_key(P_BLOB_PROGRESS, sha256)));
+        let stored = self
+            .store
+            .put_blob("blob", &mut content.as_slice())
+            .map_err(storage_err)?;
+        if stored.sha256 != *sha256 {
+            self.apply(&cleanup)?;
+            return Err(StorageError::Corrupt(
+                "a downloaded blob does not match its hash".into(),
+            ));
+        }
+        cleanup.push(AuxWrite::Put(
+            sha_key(P_BLOB_DONE, sha256),
+            total.to_be_bytes().to_vec(),
+        ));
+        self.apply(&cleanup)
+    }
+}

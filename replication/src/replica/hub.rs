@@ -1,0 +1,1176 @@
+//! [`HubReplica`]: the hub's side of sync over its [`Store`], environment, apps and profiles.
+//!
+//! - **Authentication**: hub-signed tokens ([`TokenVerifier`]) and a token registry persisted
+//!   in the aux space (issued and revoked ids).
+//! - **Authority**: each pushed op is decoded (`Store::inspect_change`) to see what it does
+//!   (create, write, delete, assign, append) and checked against the user's privileges, then
+//!   applied durably. The decision is remembered per change hash so a re-sent op gets the same
+//!   answer.
+//! - **Feed**: the cursor of every table is the hub's log sequence number. A pull walks the log
+//!   after the cursor and, per row touched (by a change, or by a membership change that the
+//!   [`Router`] reported), compares whether the device held the row at the cursor (a small
+//!   per-device history in aux) with whether the row is in its set now: ops for rows it keeps,
+//!   whole rows for rows entering, ids for rows leaving, nothing else.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use fieldsync_store::{
+    AuxWrite, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store, StoreError, Table, Value,
+    BLOB_CHUNK_BYTES, DELETED_KEY,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, info_span, warn};
+use uuid::Uuid;
+
+use super::{dec, enc, row_key, storage_err};
+use crate::app::App;
+use crate::credential::{
+    HubSigningKey, SignedToken, Token, TokenError, TokenRegistry, TokenStatus, TokenVerifier,
+};
+use crate::profile::Profile;
+use crate::proto::{
+    BatchLimits, BlobSlice, CloseCode, ConflictPolicy, Cursor, DeviceId, HubStorage, Millis,
+    Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
+    RowDoc, StorageError,
+};
+use crate::routing::{Router, RoutingError, UserDelta};
+use crate::security::{Depth, Environment, Privilege, UserId};
+
+/// The aux space of the hub's replication metadata.
+const SPACE: &str = "hub";
+const P_DECISION: &[u8] = b"dec/";
+const P_TOKEN: &[u8] = b"tok/";
+const P_ACTOR: &[u8] = b"act/";
+const P_HISTORY: &[u8] = b"hh/";
+const P_MEMBERSHIP: &[u8] = b"m/";
+const P_BLOB: &[u8] = b"bl/";
+const P_OVERRIDE: &[u8] = b"ho/";
+/// Log entries a pull looks at per requested item (other tables' entries are skipped).
+const SCAN_FACTOR: usize = 4;
+
+/// A row touched in the feed: (seq, row, the change and its actor for a log entry of the
+/// pulled table; `None` for a membership change at that seq).
+type Touch = (u64, RowId, Option<(Vec<u8>, [u8; 16])>);
+
+/// Why the hub replica could not be set up or could not do what an operator asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubReplicaError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A profile does not fit the schema.
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    /// Signing a token failed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Protocol storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The hub has no signing key (it can verify tokens but not issue them).
+    #[error("this hub replica was opened without a signing key")]
+    NoSigningKey,
+    /// No such user in the environment.
+    #[error("unknown user `{0}`")]
+    UnknownUser(String),
+    /// No such app, or the app has no offline profile.
+    #[error("unknown app `{0}` or it has no offline profile")]
+    UnknownApp(String),
+}
+
+/// How far behind the feed a device is, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLag {
+    /// The device.
+    pub device: DeviceId,
+    /// The table.
+    pub table: String,
+    /// The cursor the device last pulled from.
+    pub cursor: Cursor,
+    /// Hub log entries after that cursor (all tables).
+    pub behind: u64,
+}
+
+/// A decision remembered per change hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Decision {
+    Accepted,
+    Rejected {
+        operation: Operation,
+        kind: RejectionKind,
+        message: String,
+    },
+}
+
+/// The token registry as the aux space records it: `tok/` + token id → `[1]` issued, `[0]`
+/// revoked. Read through on every check, so tokens enrolled or revoked by another handle on
+/// the same store count at once.
+struct AuxRegistry<'a>(&'a Store);
+
+impl TokenRegistry for AuxRegistry<'_> {
+    fn status(&self, token_id: &Uuid) -> TokenStatus {
+        let mut k = P_TOKEN.to_vec();
+        k.extend_from_slice(token_id.as_bytes());
+        match self.0.aux_get(SPACE, &k) {
+            Ok(Some(v)) if v.first() == Some(&1) => TokenStatus::Active,
+            Ok(Some(_)) => TokenStatus::Revoked,
+            _ => TokenStatus::Unknown,
+        }
+    }
+}
+
+/// The hub's [`HubStorage`] over its store, environment, apps and profiles.
+#[derive(Debug)]
+pub struct HubReplica {
+    store: Store,
+    env: Environment,
+    apps: BTreeMap<String, App>,
+    profiles: BTreeMap<String, Profile>,
+    routers: BTreeMap<String, Router>,
+    verifier: TokenVerifier,
+    signing: Option<HubSigningKey>,
+    changed: BTreeSet<String>,
+    lag: HashMap<(DeviceId, String), Cursor>,
+    now_ms: i64,
+}
+
+fn rejected(operation: Operation, kind: RejectionKind, message: &str) -> Decision {
+    Decision::Rejected {
+        operation,
+        kind,
+        message: message.to_string(),
+    }
+}
+
+/// What a device holds after a rejected op was rolled back, from log position `seq` on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Override {
+    seq: u64,
+    held: bool,
+}
+
+fn override_key(device: DeviceId, table: &str, row: RowId) -> Vec<u8> {
+    let mut p = P_OVERRIDE.to_vec();
+    p.extend_from_slice(device.0.as_bytes());
+    row_key(&p, table, row)
+}
+
+fn history_key(device: DeviceId, table: &str, row: RowId) -> Vec<u8> {
+    let mut p = P_HISTORY.to_vec();
+    p.extend_from_slice(device.0.as_bytes());
+    row_key(&p, table, row)
+}
+
+fn membership_prefix(profile: &str, user: UserId) -> Vec<u8> {
+    let mut k = P_MEMBERSHIP.to_vec();
+    k.extend_from_slice(profile.as_bytes());
+    k.push(0);
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// Records which rows refer to which blobs (`bl/` + sha256 + row key), so a blob request
+/// checks a few rows instead of the device's whole set. Entries are never removed: a request
+/// re-checks that the row still refers to the blob.
+fn index_blobs(
+    store: &Store,
+    table: &str,
+    row: RowId,
+    values: &BTreeMap<String, Value>,
+) -> Result<(), StoreError> {
+    let mut writes = Vec::new();
+    for v in values.values() {
+        if let Value::File(b) | Value::Image(b) = v {
+            let mut p = P_BLOB.to_vec();
+            p.extend_from_slice(&b.sha256);
+            writes.push(AuxWrite::Put(row_key(&p, table, row), Vec::new()));
+        }
+    }
+    if !writes.is_empty() {
+        store.aux_apply(SPACE, &writes, Durability::Group)?;
+    }
+    Ok(())
+}
+
+/// Whether the device held a row at feed position `at`, from its transitions.
+fn held_at(history: &[(u64, bool)], at: u64) -> bool {
+    history
+        .iter()
+        .rev()
+        .find(|(c, _)| *c <= at)
+        .is_some_and(|(_, h)| *h)
+}
+
+/// Whether `user`'s roles grant `privilege` on a row of `table` with these values.
+fn privileged(
+    env: &Environment,
+    user: UserId,
+    table: &Table,
+    privilege: Privilege,
+    values: &BTreeMap<String, Value>,
+) -> bool {
+    let Some(u) = env.user(user) else {
+        return false;
+    };
+    let owner = match values.get("ownerid") {
+        Some(Value::Owner(o)) => Some(*o),
+        _ => None,
+    };
+    let row_bu = env.row_business_unit(values);
+    let org_owned = table.ownership == fieldsync_store::Ownership::Organization;
+    let me = OwnerRef {
+        kind: OwnerKind::User,
+        id: user,
+    };
+    let grants = |depth: Depth, owners: &[OwnerRef], bu: Uuid| -> bool {
+        match depth {
+            Depth::None => false,
+            _ if org_owned => true,
+            Depth::Organization => true,
+            // A row without an owner yet (a create that sets none) is the creator's.
+            Depth::User => owner.is_none_or(|o| owners.contains(&o)),
+            Depth::BusinessUnit => row_bu.is_none_or(|b| b == bu),
+            Depth::ParentChild => row_bu.is_none_or(|b| env.subtree(bu).contains(&b)),
+        }
+    };
+    let teams: Vec<_> = env.teams_of(user).collect();
+    let mut own = vec![me];
+    own.extend(teams.iter().map(|t| OwnerRef {
+        kind: OwnerKind::Team,
+        id: t.id,
+    }));
+    for r in u.roles.iter().filter_map(|r| env.role(*r)) {
+        if grants(r.depth(&table.name, privilege), &own, u.business_unit) {
+            return true;
+        }
+    }
+    for t in &teams {
+        let owners = [
+            me,
+            OwnerRef {
+                kind: OwnerKind::Team,
+                id: t.id,
+            },
+        ];
+        for r in t.roles.iter().filter_map(|r| env.role(*r)) {
+            if grants(r.depth(&table.name, privilege), &owners, t.business_unit) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+impl HubReplica {
+    /// Opens the hub's replica: loads every row of `store` into one router per profile and
+    /// the token registry from the aux space. `now_ms` is the time for time-dependent
+    /// filters.
+    pub fn open(
+        store: Store,
+        env: Environment,
+        apps: Vec<App>,
+        profiles: Vec<Profile>,
+        verifier: TokenVerifier,
+        now_ms: i64,
+    ) -> Result<HubReplica, HubReplicaError> {
+        let _span = info_span!("hub_replica_open").entered();
+        let schema = store.schema().clone();
+        let mut routers = BTreeMap::new();
+        for p in &profiles {
+            let mut r = Router::new(&schema, &env, p, now_ms)?;
+            for t in schema.tables() {
+                for row in store.scan(&t.name)? {
+                    let row = row?;
+                    r.load_row(&t.name, row.id, Some(&row.values));
+                    index_blobs(&store, &t.name, row.id, &row.values)?;
+                }
+            }
+            r.rebuild();
+            routers.insert(p.name.clone(), r);
+        }
+        let tokens = store.aux_scan(SPACE, P_TOKEN)?.len();
+        info!(profiles = routers.len(), tokens, "hub replica open");
+        Ok(HubReplica {
+            store,
+            env,
+            apps: apps.into_iter().map(|a| (a.name.clone(), a)).collect(),
+            profiles: profiles.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            routers,
+            verifier,
+            signing: None,
+            changed: BTreeSet::new(),
+            lag: HashMap::new(),
+            now_ms,
+        })
+    }
+
+    /// Gives the replica the hub's signing key, so it can [`enroll`](HubReplica::enroll).
+    pub fn with_signing_key(mut self, key: HubSigningKey) -> HubReplica {
+        self.signing = Some(key);
+        self
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The environment.
+    pub fn environment(&self) -> &Environment {
+        &self.env
+    }
+
+    /// Issues a token for a device of `user` (a name or an id) and `app`, and records it.
+    pub fn enroll(
+        &mut self,
+        user: &str,
+        app: &str,
+        device: Uuid,
+        now_ms: u64,
+    ) -> Result<SignedToken, HubReplicaError> {
+        let key = self.signing.as_ref().ok_or(HubReplicaError::NoSigningKey)?;
+        let user_id = self
+            .resolve_user(user)
+            .ok_or_else(|| HubReplicaError::UnknownUser(user.to_string()))?;
+        if self.profile_of(app).is_none() {
+            return Err(HubReplicaError::UnknownApp(app.to_string()));
+        }
+        let token = Token {
+            device_id: device,
+            user_id: user_id.to_string(),
+            app: app.to_string(),
+            issued_at_ms: now_ms,
+            token_id: Uuid::new_v4(),
+        };
+        let signed = key.sign(&token)?;
+        let mut k = P_TOKEN.to_vec();
+        k.extend_from_slice(token.token_id.as_bytes());
+        self.store.aux_put(SPACE, &k, &[1], Durability::Immediate)?;
+        info!(%device, user = %user_id, app, "device enrolled");
+        Ok(signed)
+    }
+
+    /// Revokes a token: sessions presenting it are refused from now on. Returns whether the
+    /// hub had issued it.
+    pub fn revoke(&mut self, token_id: Uuid) -> Result<bool, HubReplicaError> {
+        let mut k = P_TOKEN.to_vec();
+        k.extend_from_slice(token_id.as_bytes());
+        let issued = self.store.aux_get(SPACE, &k)?.is_some();
+        self.store.aux_put(SPACE, &k, &[0], Durability::Immediate)?;
+        Ok(issued)
+    }
+
+    /// Tables changed since the last call (applied pushes, resolutions, membership changes):
+    /// hand them to every live `HubSession::handle_changes`.
+    pub fn take_changed_tables(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.changed).into_iter().collect()
+    }
+
+    /// Per device and table, the cursor it last pulled from and how far the feed is ahead.
+    pub fn device_lags(&self) -> Vec<DeviceLag> {
+        let last = self.store.last_seq();
+        let mut out: Vec<DeviceLag> = self
+            .lag
+            .iter()
+            .map(|((d, t), c)| DeviceLag {
+                device: *d,
+                table: t.clone(),
+                cursor: *c,
+                behind: last.saturating_sub(c.0),
+            })
+            .collect();
+        out.sort_by(|a, b| (a.device, &a.table).cmp(&(b.device, &b.table)));
+        out
+    }
+
+    /// A change made on the hub itself (an admin, a flow, a test): written through a store
+    /// transaction by `edit`, then routed like a pushed op.
+    pub fn local_write(
+        &mut self,
+        table: &str,
+        row: RowId,
+        values: &[(&str, Value)],
+    ) -> Result<(), HubReplicaError> {
+        let mut tx = self.store.begin();
+        if self.store.get(table, row)?.is_some() {
+            tx.update(table, row, values)
+        } else {
+            tx.insert_with_id(table, row, values)
+        }
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.commit_with(Durability::Immediate)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.route(table, row)?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// The environment changed (users, teams, roles): re-route every set.
+    pub fn handle_environment(&mut self, env: Environment) -> Result<(), HubReplicaError> {
+        let mut all = Vec::new();
+        for (name, r) in self.routers.iter_mut() {
+            all.push((name.clone(), r.handle_environment(&env)));
+        }
+        self.env = env;
+        for (profile, deltas) in all {
+            self.record_deltas(&profile, &deltas)?;
+        }
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// The time moved (time-dependent filters).
+    pub fn handle_time(&mut self, now_ms: i64) -> Result<(), HubReplicaError> {
+        self.now_ms = now_ms;
+        let mut all = Vec::new();
+        for (name, r) in self.routers.iter_mut() {
+            all.push((name.clone(), r.handle_time(now_ms)));
+        }
+        for (profile, deltas) in all {
+            self.record_deltas(&profile, &deltas)?;
+        }
+        Ok(())
+    }
+
+    /// The rows of `user`'s set under `app`'s profile.
+    pub fn device_set(&self, user: UserId, app: &str) -> BTreeSet<(String, RowId)> {
+        self.profile_of(app)
+            .and_then(|p| self.routers.get(p))
+            .map(|r| r.device_set(user))
+            .unwrap_or_default()
+    }
+
+    fn resolve_user(&self, user: &str) -> Option<UserId> {
+        match Uuid::parse_str(user) {
+            Ok(id) => self.env.user(id).map(|u| u.id),
+            Err(_) => self.env.user_by_name(user).map(|u| u.id),
+        }
+    }
+
+    fn profile_of(&self, app: &str) -> Option<&str> {
+        let p = self.apps.get(app)?.profile.as_deref()?;
+        self.profiles.contains_key(p).then_some(p)
+    }
+
+    fn router_for(&self, who: &Principal) -> Option<(&str, &Router)> {
+        let p = self.profile_of(&who.app)?;
+        Some((p, self.routers.get(p)?))
+    }
+
+    fn in_set(&self, who: &Principal, table: &str, row: RowId) -> bool {
+        self.router_for(who)
+            .is_some_and(|(_, r)| r.holders(table, row).contains(&who.user))
+    }
+
+    /// Records, per profile and user, the rows entering and leaving at the current seq.
+    fn record_deltas(&mut self, profile: &str, deltas: &[UserDelta]) -> Result<(), StoreError> {
+        let seq = self.store.last_seq();
+        let mut writes = Vec::new();
+        for d in deltas {
+            let mut p = membership_prefix(profile, d.user);
+            p.extend_from_slice(&seq.to_be_bytes());
+            for r in d.enter.iter().chain(d.leave.iter()) {
+                writes.push(AuxWrite::Put(row_key(&p, &r.table, r.id), Vec::new()));
+                self.changed.insert(r.table.to_string());
+            }
+        }
+        if !writes.is_empty() {
+            self.store.aux_apply(SPACE, &writes, Durability::Group)?;
+        }
+        Ok(())
+    }
+
+    /// Routes the current version of a row through every profile's router.
+    fn route(&mut self, table: &str, row: RowId) -> Result<(), StoreError> {
+        let current = self.store.get(table, row)?;
+        let values = current.as_ref().map(|r| &r.values);
+        if let Some(v) = values {
+            index_blobs(&self.store, table, row, v)?;
+        }
+        let mut all = Vec::new();
+        for (name, r) in self.routers.iter_mut() {
+            let route = r.handle_write(table, row, values);
+            all.push((name.clone(), route.deltas));
+        }
+        self.changed.insert(table.to_string());
+        for (profile, deltas) in all {
+            self.record_deltas(&profile, &deltas)?;
+        }
+        Ok(())
+    }
+
+    fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
+        let current = self.store.get(table, row).ok()??;
+        let tab = self.store.schema().table(table).ok()?;
+        let readable =
+            self.in_set(who, table, row) || self.env.can_read(who.user, tab, &current.values);
+        if !readable {
+            return None;
+        }
+        self.store.export_row(table, row).ok()?.map(|e| e.doc)
+    }
+
+    fn outcome(
+        &self,
+        who: &Principal,
+        op: &PushOp,
+        d: Decision,
+    ) -> Result<PushOutcome, StorageError> {
+        Ok(match d {
+            Decision::Accepted => PushOutcome::Accepted,
+            Decision::Rejected {
+                operation,
+                kind,
+                message,
+            } => {
+                let authoritative = self.authoritative(who, &op.table, op.row);
+                // The device rolls back: it holds the hub's row if one is sent, else nothing,
+                // whatever the feed told it before. Pulls go on from there.
+                let o = Override {
+                    seq: self.store.last_seq(),
+                    held: authoritative.is_some(),
+                };
+                self.store
+                    .aux_put(
+                        SPACE,
+                        &override_key(who.device, &op.table, op.row),
+                        &enc(&o),
+                        Durability::Group,
+                    )
+                    .map_err(storage_err)?;
+                PushOutcome::Rejected {
+                    operation,
+                    kind,
+                    message,
+                    authoritative,
+                }
+            }
+        })
+    }
+
+    /// The authority: what the op does, whether the user may, then apply.
+    fn judge(
+        &mut self,
+        who: &Principal,
+        policy: ConflictPolicy,
+        op: &PushOp,
+        insp: &fieldsync_store::ChangeInspection,
+    ) -> Result<Decision, StorageError> {
+        let schema = self.store.schema().clone();
+        let Ok(tab) = schema.table(&op.table) else {
+            return Ok(rejected(
+                Operation::Write,
+                RejectionKind::Permission,
+                "no such table",
+            ));
+        };
+        let lookups: Vec<(&str, &str)> = tab
+            .columns
+            .iter()
+            .filter_map(|c| c.target.as_deref().map(|t| (c.name.as_str(), t)))
+            .collect();
+        let sets = |c: &str| insp.columns.contains_key(c);
+        let operation = if !insp.row_exists {
+            Operation::Create
+        } else if sets(DELETED_KEY) {
+            Operation::Delete
+        } else if sets("ownerid") {
+            Operation::Assign
+        } else if lookups.iter().any(|(c, _)| sets(c)) {
+            Operation::Append
+        } else {
+            Operation::Write
+        };
+        let in_profile = self
+            .router_for(who)
+            .is_some_and(|(_, r)| r.profile().items.contains_key(&op.table));
+        if !in_profile {
+            return Ok(rejected(
+                operation,
+                RejectionKind::Permission,
+                "the table is not in the device's profile",
+            ));
+        }
+        if insp.row_deleted {
+            return Ok(rejected(
+                operation,
+                RejectionKind::RowNotFound,
+                "the row is deleted",
+            ));
+        }
+        let current = self.store.get(&op.table, op.row).map_err(storage_err)?;
+        let before: BTreeMap<String, Value> = current.map(|r| r.values).unwrap_or_default();
+        let mut after = before.clone();
+        for (c, v) in &insp.columns {
+            if v.is_null() {
+                after.remove(c);
+            } else {
+                after.insert(c.clone(), v.clone());
+            }
+        }
+        let user = who.user;
+        if !insp.row_exists {
+            if !privileged(&self.env, user, tab, Privilege::Create, &after) {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Permission,
+                    "no create privilege for this owner",
+                ));
+            }
+        } else {
+            let mine = self.in_set(who, &op.table, op.row) || self.env.can_read(user, tab, &before);
+            if !mine {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Permission,
+                    "the row is not in the device's set",
+                ));
+            }
+            let plain = insp.columns.keys().any(|c| {
+                c != DELETED_KEY
+                    && c != "ownerid"
+                    && c != "modifiedon"
+                    && !lookups.iter().any(|(l, _)| l == c)
+            });
+            let mut needed = Vec::new();
+            if sets(DELETED_KEY) {
+                needed.push((Privilege::Delete, "no delete privilege on the row"));
+            }
+            if sets("ownerid") {
+                needed.push((Privilege::Assign, "no assign privilege on the row"));
+            }
+            if lookups.iter().any(|(c, _)| sets(c)) {
+                needed.push((Privilege::Append, "no append privilege on the row"));
+            }
+            if plain {
+                needed.push((Privilege::Write, "no write privilege on the row"));
+            }
+            for (p, msg) in needed {
+                if !privileged(&self.env, user, tab, p, &before) {
+                    return Ok(rejected(operation, RejectionKind::Permission, msg));
+                }
+            }
+        }
+        // A lookup only to a row the user may append to.
+        for (c, target) in &lookups {
+            let Some(Value::Lookup(to)) = insp.columns.get(*c) else {
+                continue;
+            };
+            let Ok(ttab) = schema.table(target) else {
+                continue;
+            };
+            let Some(trow) = self.store.get(target, *to).map_err(storage_err)? else {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::RowNotFound,
+                    "the row the lookup points at does not exist",
+                ));
+            };
+            if !privileged(&self.env, user, ttab, Privilege::AppendTo, &trow.values) {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Permission,
+                    "no append-to privilege on the row the lookup points at",
+                ));
+            }
+            if insp.row_exists && !privileged(&self.env, user, tab, Privilege::Append, &after) {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Permission,
+                    "no append privilege on the row",
+                ));
+            }
+        }
+        if !insp.ready {
+            return Ok(rejected(
+                operation,
+                RejectionKind::Conflict,
+                "the op depends on a change the hub does not hold (an earlier op was rejected)",
+            ));
+        }
+        if policy == ConflictPolicy::ServerWins && !insp.concurrent.is_empty() {
+            return Ok(rejected(
+                operation,
+                RejectionKind::Conflict,
+                &format!(
+                    "server wins: the hub changed {} concurrently",
+                    insp.concurrent.join(", ")
+                ),
+            ));
+        }
+        let remote = RemoteOp {
+            table: op.table.clone(),
+            row: op.row,
+            change: op.change.clone(),
+        };
+        match self.store.apply_remote(&[remote], Durability::Immediate) {
+            Ok(o) if o.applied + o.duplicates >= 1 => {}
+            Ok(o) => {
+                warn!(?o, "a ready op was held");
+            }
+            Err(StoreError::InvalidChange { reason, .. }) => {
+                return Ok(rejected(operation, RejectionKind::Validation, &reason));
+            }
+            Err(e) => return Err(storage_err(e)),
+        }
+        let mut k = P_ACTOR.to_vec();
+        k.extend_from_slice(who.device.0.as_bytes());
+        k.extend_from_slice(&insp.actor.0);
+        self.store
+            .aux_put(SPACE, &k, &[], Durability::Group)
+            .map_err(storage_err)?;
+        if policy == ConflictPolicy::ClientWins && !insp.concurrent.is_empty() {
+            self.resolve_client_wins(op, insp)?;
+        }
+        self.route(&op.table, op.row).map_err(storage_err)?;
+        Ok(Decision::Accepted)
+    }
+
+    /// Client wins: the hub writes the client's values again, as its own op, so every replica
+    /// converges to them.
+    fn resolve_client_wins(
+        &mut self,
+        op: &PushOp,
+        insp: &fieldsync_store::ChangeInspection,
+    ) -> Result<(), StorageError> {
+        let values: Vec<(&str, Value)> = insp
+            .concurrent
+            .iter()
+            .filter_map(|c| insp.columns.get(c).map(|v| (c.as_str(), v.clone())))
+            .collect();
+        if values.is_empty()
+            || self
+                .store
+                .get(&op.table, op.row)
+                .map_err(storage_err)?
+                .is_none()
+        {
+            return Ok(());
+        }
+        let mut tx = self.store.begin();
+        tx.update(&op.table, op.row, &values)
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        tx.commit_with(Durability::Immediate)
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        debug!(table = %op.table, row = %op.row, "client wins: resolution written");
+        Ok(())
+    }
+
+    fn device_actors(&self, device: DeviceId) -> Result<Vec<[u8; 16]>, StorageError> {
+        let mut p = P_ACTOR.to_vec();
+        p.extend_from_slice(device.0.as_bytes());
+        Ok(self
+            .store
+            .aux_scan(SPACE, &p)
+            .map_err(storage_err)?
+            .into_iter()
+            .filter_map(|(k, _)| k.get(p.len()..).and_then(|a| <[u8; 16]>::try_from(a).ok()))
+            .collect())
+    }
+
+    fn load_history(&self, key: &[u8]) -> Result<Vec<(u64, bool)>, StorageError> {
+        match self.store.aux_get(SPACE, key).map_err(storage_err)? {
+            Some(v) => dec(&v, "a row history"),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl HubStorage for HubReplica {
+    fn authenticate(
+        &mut self,
+        device: DeviceId,
+        token: &[u8],
+        app: &str,
+    ) -> Result<Result<Principal, Refusal>, StorageError> {
+        let _span = info_span!("authenticate", %device, app).entered();
+        let refuse = |code: CloseCode, message: String| Ok(Err(Refusal { code, message }));
+        let t = match self.verifier.verify(token, &AuxRegistry(&self.store)) {
+            Ok(t) => t,
+            Err(TokenError::Revoked(_)) => {
+                return refuse(CloseCode::REVOKED, "the token was revoked".into())
+            }
+            Err(e) => return refuse(CloseCode::UNAUTHORIZED, e.to_string()),
+        };
+        if t.device_id != device.0 {
+            return refuse(
+                CloseCode::UNAUTHORIZED,
+                "the token was issued to another device".into(),
+            );
+        }
+        if t.app != app {
+            return refuse(
+                CloseCode::UNAUTHORIZED,
+                "the token was issued for another app".into(),
+            );
+        }
+        let Some(user) = self.resolve_user(&t.user_id) else {
+            return refuse(
+                CloseCode::UNAUTHORIZED,
+                "the token's user is unknown".into(),
+            );
+        };
+        if self.profile_of(app).is_none() {
+            return refuse(
+                CloseCode::UNAUTHORIZED,
+                "the app has no offline profile on this hub".into(),
+            );
+        }
+        Ok(Ok(Principal {
+            device,
+            user,
+            app: app.to_string(),
+        }))
+    }
+
+    fn apply_push(
+        &mut self,
+        _now: Millis,
+        who: &Principal,
+        policy: ConflictPolicy,
+        op: &PushOp,
+    ) -> Result<PushOutcome, StorageError> {
+        let _span =
+            info_span!("apply_push", table = %op.table, row = %op.row, seq = op.seq).entered();
+        let insp = match self.store.inspect_change(&op.table, op.row, &op.change) {
+            Ok(i) => i,
+            Err(StoreError::Schema(e)) => {
+                return self.outcome(
+                    who,
+                    op,
+                    rejected(Operation::Write, RejectionKind::Permission, &e.to_string()),
+                )
+            }
+            Err(StoreError::InvalidChange { reason, .. }) => {
+                return self.outcome(
+                    who,
+                    op,
+                    rejected(Operation::Write, RejectionKind::Validation, &reason),
+                )
+            }
+            Err(e) => return Err(storage_err(e)),
+        };
+        // Keyed by row too: two rows may receive byte-identical changes (same actor, same
+        // values, same instant), and a change hash is only unique within one row document.
+        let mut dk = row_key(P_DECISION, &op.table, op.row);
+        dk.extend_from_slice(&insp.hash);
+        if let Some(v) = self.store.aux_get(SPACE, &dk).map_err(storage_err)? {
+            let d: Decision = dec(&v, "a decision")?;
+            return self.outcome(who, op, d);
+        }
+        if insp.applied {
+            return Ok(PushOutcome::Accepted);
+        }
+        let d = self.judge(who, policy, op, &insp)?;
+        self.store
+            .aux_put(SPACE, &dk, &enc(&d), Durability::Immediate)
+            .map_err(storage_err)?;
+        if let Decision::Rejected { kind, message, .. } = &d {
+            debug!(?kind, %message, "op rejected");
+        }
+        self.outcome(who, op, d)
+    }
+
+    fn pull(
+        &mut self,
+        who: &Principal,
+        table: &str,
+        after: Cursor,
+        limits: BatchLimits,
+    ) -> Result<PullChunk, StorageError> {
+        let _span = info_span!("pull", device = %who.device, table, after = after.0).entered();
+        let mut chunk = PullChunk {
+            cursor: after,
+            ..PullChunk::default()
+        };
+        let Some((profile, _)) = self.router_for(who) else {
+            return Ok(chunk);
+        };
+        let profile = profile.to_string();
+        let in_profile = self
+            .profiles
+            .get(&profile)
+            .is_some_and(|p| p.items.contains_key(table));
+        if !in_profile {
+            return Ok(chunk);
+        }
+        self.lag.insert((who.device, table.to_string()), after);
+        let last = self.store.last_seq();
+        if after.0 >= last {
+            return Ok(chunk);
+        }
+        let max_items = limits.max_items.max(1);
+        let entries = self
+            .store
+            .ops_since(after.0, max_items.saturating_mul(SCAN_FACTOR))
+            .map_err(storage_err)?;
+        let actors = self.device_actors(who.device)?;
+        // Membership changes of this user in this table, by seq.
+        let mp = membership_prefix(&profile, who.user);
+        let from = {
+            let mut k = mp.clone();
+            k.extend_from_slice(&(after.0 + 1).to_be_bytes());
+            k
+        };
+        let scan_end = entries.last().map_or(after.0, |e| e.seq);
+        let to = {
+            let mut k = mp.clone();
+            k.extend_from_slice(&(scan_end.saturating_add(1)).to_be_bytes());
+            k
+        };
+        let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
+        for (k, _) in self
+            .store
+            .aux_range(SPACE, &from, &to, usize::MAX)
+            .map_err(storage_err)?
+        {
+            let Some(rest) = k.get(mp.len()..) else {
+                continue;
+            };
+            let Some(seq) = rest
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            if let Some((t, row)) = rest.get(8..).and_then(super::parse_row_key) {
+                if t == table {
+                    moved.entry(seq).or_default().push(row);
+                }
+            }
+        }
+        // Walk the feed.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Fate {
+            Ops,
+            Entered,
+            Left,
+            Skip,
+        }
+        let mut fates: BTreeMap<RowId, (Fate, Vec<(u64, bool)>)> = BTreeMap::new();
+        let mut items = 0usize;
+        let mut bytes = 0usize;
+        let mut end = after.0;
+        let mut full = false;
+        // (seq, row, the change and its actor for a log entry of this table; None for a row
+        // whose membership changed at that seq).
+        let mut touch: Vec<Touch> = Vec::new();
+        let mut moved_iter = moved.into_iter().peekable();
+        for e in &entries {
+            while let Some((s, _)) = moved_iter.peek() {
+                if *s > e.seq {
+                    break;
+                }
+                if let Some((s, rows)) = moved_iter.next() {
+                    touch.extend(rows.into_iter().map(|r| (s, r, None)));
+                }
+            }
+            if e.table == table {
+                touch.push((e.seq, e.row, Some((e.change.clone(), e.actor.0))));
+            }
+        }
+        for (s, rows) in moved_iter {
+            touch.extend(rows.into_iter().map(|r| (s, r, None)));
+        }
+        let mut i = 0;
+        while i < touch.len() {
+            let seq = touch[i].0;
+            // Process every item at this seq together, so the cursor never splits a seq.
+            let mut j = i;
+            let mut group_items = 0usize;
+            let mut group = Vec::new();
+            while j < touch.len() && touch[j].0 == seq {
+                group.push(j);
+                j += 1;
+            }
+            let mut planned: Vec<(RowId, Fate, Option<Vec<u8>>)> = Vec::new();
+            let mut fresh: Vec<RowId> = Vec::new();
+            for &g in &group {
+                let (_, row, change) = &touch[g];
+                let state = if let Some((f, _)) = fates.get(row) {
+                    *f
+                } else {
+                    Fate::Skip
+                };
+                let known = fates.contains_key(row);
+                let fate = if known {
+                    state
+                } else {
+                    let hk = history_key(who.device, table, *row);
+                    let hist = self.load_history(&hk)?;
+                    let mut before = held_at(&hist, after.0);
+                    // A rollback changed what the device holds after the feed last told it.
+                    let ok = override_key(who.device, table, *row);
+                    if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
+                        let o: Override = dec(&v, "a holding override")?;
+                        let last = hist.iter().rev().find(|(c, _)| *c <= after.0);
+                        if last.is_none_or(|(c, _)| *c < o.seq) {
+                            before = o.held;
+                        }
+                    }
+                    let now = self.in_set(who, table, *row);
+                    let f = match (before, now) {
+                        (true, true) => Fate::Ops,
+                        (false, true) => Fate::Entered,
+                        (true, false) => Fate::Left,
+                        (false, false) => Fate::Skip,
+                    };
+                    fates.insert(*row, (f, hist));
+                    fresh.push(*row);
+                    if f == Fate::Entered || f == Fate::Left {
+                        planned.push((*row, f, None));
+                        group_items += 1;
+                    }
+                    f
+                };
+                if let Some((c, actor)) = change {
+                    match fate {
+                        Fate::Ops => {
+                            bytes += c.len();
+                            group_items += 1;
+                            planned.push((*row, Fate::Ops, Some(c.clone())));
+                        }
+                        Fate::Skip if actors.contains(actor) => {
+                            // The device holds what it wrote, even outside its set.
+                            if let Some(x) = fates.get_mut(row) {
+                                x.0 = Fate::Left;
+                            }
+                            planned.push((*row, Fate::Left, None));
+                            group_items += 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if items > 0 && (items + group_items > max_items || bytes > limits.max_bytes) {
+                full = true;
+                // Undo the decisions first made in this group.
+                for (row, f, _) in &planned {
+                    if fresh.contains(row) {
+                        fates.remove(row);
+                    } else if *f == Fate::Left {
+                        if let Some(x) = fates.get_mut(row) {
+                            x.0 = Fate::Skip;
+                        }
+                    }
+                }
+                for row in &fresh {
+                    fates.remove(row);
+                }
+                break;
+            }
+            for (row, f, c) in planned {
+                match f {
+                    Fate::Ops => {
+                        if let Some(change) = c {
+                            chunk.ops.push(RowChange { row, change });
+                        }
+                    }
+                    Fate::Entered => {
+                        if let Some(x) = self.store.export_row(table, row).map_err(storage_err)? {
+                            bytes += x.doc.len();
+                            chunk.entering.push(RowDoc { row, doc: x.doc });
+                        }
+                    }
+                    Fate::Left => chunk.leaving.push(row),
+                    Fate::Skip => {}
+                }
+            }
+            items += group_items;
+            end = seq;
+            i = j;
+        }
+        if !full {
+            end = end.max(scan_end);
+        }
+        // Remember what the device holds at `end`.
+        let mut writes = Vec::new();
+        for (row, (fate, mut hist)) in fates {
+            let held = match fate {
+                Fate::Entered => true,
+                Fate::Left => false,
+                _ => continue,
+            };
+            // Transitions after `after` were computed for batches the device never applied
+            // (it pulls from `after` again); of those before, only the last one matters.
+            hist.retain(|(c, _)| *c <= after.0);
+            let keep_from = hist.len().saturating_sub(1);
+            hist.drain(..keep_from);
+            hist.push((end, held));
+            writes.push(AuxWrite::Put(
+                history_key(who.device, table, row),
+                enc(&hist),
+            ));
+        }
+        if !writes.is_empty() {
+            self.store
+                .aux_apply(SPACE, &writes, Durability::Immediate)
+                .map_err(storage_err)?;
+        }
+        chunk.cursor = Cursor(end.max(after.0));
+        chunk.more = chunk.cursor.0 < last;
+        Ok(chunk)
+    }
+
+    fn blob_chunk(
+        &mut self,
+        who: &Principal,
+        sha256: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        let Some((_, router)) = self.router_for(who) else {
+            return Ok(None);
+        };
+        let profile = router.profile().clone();
+        let schema = self.store.schema().clone();
+        let mut p = P_BLOB.to_vec();
+        p.extend_from_slice(sha256);
+        let referrers = self.store.aux_scan(SPACE, &p).map_err(storage_err)?;
+        let mut found = None;
+        for (k, _) in referrers {
+            let Some((table, row)) = k.get(p.len()..).and_then(super::parse_row_key) else {
+                continue;
+            };
+            if !self.in_set(who, &table, row) {
+                continue;
+            }
+            let (Some(item), Ok(tab)) = (profile.items.get(&table), schema.table(&table)) else {
+                continue;
+            };
+            let Some(r) = self.store.get(&table, row).map_err(storage_err)? else {
+                continue;
+            };
+            let refers = r.values.iter().any(|(col, v)| {
+                matches!(v, Value::File(b) | Value::Image(b)
+                    if b.sha256 == *sha256 && item.downloads_column(tab, col))
+            });
+            if refers {
+                found = r.values.values().find_map(|v| match v {
+                    Value::File(b) | Value::Image(b) if b.sha256 == *sha256 => Some(b.clone()),
+                    _ => None,
+                });
+                break;
+            }
+        }
+        let Some(blob) = found else { return Ok(None) };
+        if !self.store.has_blob(&blob).map_err(storage_err)? {
+            return Ok(None);
+        }
+        let index = (offset / BLOB_CHUNK_BYTES as u64) as u32;
+        let within = (offset % BLOB_CHUNK_BYTES as u64) as usize;
+        let data = self
+            .store
+            .read_blob_chunk(&blob, index)
+            .map_err(storage_err)?
+            .unwrap_or_default();
+        let start = within.min(data.len());
+        let stop = start.saturating_add(max_len).min(data.len());
+        Ok(Some(BlobSlice {
+            total: blob.size,
+            data: data.get(start..stop).unwrap_or_default().to_vec(),
+        }))
+    }
+}

@@ -1,0 +1,259 @@
+//! The per-connection driver: the async shell that runs a sans-IO session over a framed stream.
+//!
+//! One task per connection runs [`drive_session`], in the shape of quinn's `ConnectionDriver`:
+//!
+//! ```text
+//! loop {
+//!     1. write out:   while let Some(frame) = session.poll_frame() { writer.write_frame(frame) }
+//!     2. closed?      if session.is_closed() { finish the stream, close the connection, return }
+//!     3. wait for the first of:
+//!          a frame    -> session.handle_frame(now, frame)   (Err(reason) -> close with reason)
+//!          the timer  -> session.handle_timeout(now)         (deadline = session.poll_timeout())
+//!          a wake-up  -> session.handle_wake(now)            (drive_session_with_wake only)
+//!          peer's end -> return PeerFinished
+//! }
+//! ```
+//!
+//! The session never sees a socket or the clock: time comes from [`SessionClock`] as
+//! milliseconds, so the simulator can drive the very same session with a fake clock. The sans-IO
+//! sessions of `replication::proto` plug in through a small adapter implementing
+//! [`FrameSession`] (encode/decode with the wire format inside `handle_frame`/`poll_frame`).
+//!
+//! An adapter for a `replication::proto` session is a few lines (sketch; `Millis`, `wire` and the
+//! session types are the proto module's):
+//!
+//! ```text
+//! struct HubAdapter<'a> { session: HubSession, storage: &'a mut dyn HubStorage, now_ms: u64 }
+//! impl FrameSession for HubAdapter<'_> {
+//!     fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason> {
+//!         self.now_ms = now_ms;
+//!         match wire::decode(bytes) {            // reader uses FrameFormat::WIRE_V1
+//!             Ok((msg, _)) => self.session.handle_message(Millis(now_ms), msg, self.storage),
+//!             Err(e) => self.session.handle_wire_error(Millis(now_ms), &e),
+//!         }
+//!         Ok(())                                  // the session sends its own Close, then is_closed
+//!     }
+//!     fn poll_frame(&mut self) -> Option<Vec<u8>> {
+//!         let msg = self.session.poll_transmit(Millis(self.now_ms))?;
+//!         wire::encode(&msg).ok()
+//!     }
+//!     fn poll_timeout(&self) -> Option<u64> { self.session.poll_timeout().map(|m| m.0) }
+//!     fn handle_timeout(&mut self, now_ms: u64) { self.now_ms = now_ms; self.session.handle_timeout(Millis(now_ms)) }
+//!     fn handle_wake(&mut self, now_ms: u64) { self.now_ms = now_ms; self.session.handle_changes(Millis(now_ms), self.storage) }
+//!     fn is_closed(&self) -> bool { self.session.is_closed() }
+//! }
+//! ```
+//!
+//! Backpressure: while step 1 writes, nothing is read; QUIC flow control then slows the peer.
+//! A session must therefore not produce unbounded output in reply to input (bounded batches).
+//! Blob streams run in their own tasks ([`open_blob_stream`](super::open_blob_stream)) and never
+//! block this loop.
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use quinn::{Connection, VarInt};
+
+use super::codes;
+use super::framed::{FrameError, FrameReader, FrameWriter};
+
+/// Why a session ends a connection: an application close code and a short reason for the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The QUIC application close code (outside the transport's `codes` range).
+    pub code: u32,
+    /// A short human-readable reason sent to the peer.
+    pub reason: String,
+}
+
+impl CloseReason {
+    /// A close reason with `code` and `reason`.
+    pub fn new(code: u32, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A session the driver can run: frames in, frames out, one timer. All times are milliseconds
+/// on the [`SessionClock`]'s scale.
+///
+/// Poll order after any `handle_*`: drain [`poll_frame`](FrameSession::poll_frame), then check
+/// [`is_closed`](FrameSession::is_closed), then read [`poll_timeout`](FrameSession::poll_timeout).
+pub trait FrameSession {
+    /// Takes one frame received from the peer. `Err` ends the connection with that reason.
+    fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason>;
+    /// The next frame to send, if any.
+    fn poll_frame(&mut self) -> Option<Vec<u8>>;
+    /// When [`handle_timeout`](FrameSession::handle_timeout) should next be called, if ever.
+    fn poll_timeout(&self) -> Option<u64>;
+    /// Tells the session its timer deadline passed.
+    fn handle_timeout(&mut self, now_ms: u64);
+    /// Whether the session is done; the driver then finishes the stream and closes.
+    fn is_closed(&self) -> bool;
+    /// Something outside this connection changed (e.g. another device's edit that a live
+    /// subscriber should get now, not at its next poll). Called by
+    /// [`drive_session_with_wake`] when its [`Notify`] fires. Does nothing by default.
+    fn handle_wake(&mut self, now_ms: u64) {
+        let _ = now_ms;
+    }
+}
+
+/// Maps the tokio clock to session milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionClock {
+    origin: Instant,
+    origin_ms: u64,
+}
+
+impl SessionClock {
+    /// A clock reading `origin_ms` now (e.g. Unix milliseconds, or 0) and advancing with tokio's.
+    pub fn new(origin_ms: u64) -> Self {
+        Self {
+            origin: Instant::now(),
+            origin_ms,
+        }
+    }
+
+    /// The current time in session milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.origin_ms.saturating_add(elapsed)
+    }
+
+    /// The tokio instant of session time `ms` (times in the past map to the origin).
+    pub fn instant_at(&self, ms: u64) -> Instant {
+        self.origin + std::time::Duration::from_millis(ms.saturating_sub(self.origin_ms))
+    }
+}
+
+/// How a driven session ended without error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DriveOutcome {
+    /// The session reported itself closed; we finished our stream and closed the connection.
+    SessionClosed,
+    /// The peer finished its side of the stream at a frame boundary.
+    PeerFinished,
+}
+
+/// Why a driven session ended with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriveError {
+    /// The session refused a frame; the connection was closed with its reason.
+    #[error("session closed the connection (code {:#x}): {}", .0.code, .0.reason)]
+    Session(CloseReason),
+    /// The peer sent an invalid frame; the connection was closed with `codes::FRAME_ERROR`.
+    #[error("peer sent an invalid frame: {0}")]
+    PeerFrame(FrameError),
+    /// The stream or connection failed (peer closed, lost, reset).
+    #[error("stream failed: {0}")]
+    Stream(FrameError),
+}
+
+/// Runs `session` over the framed stream `writer`/`reader` of `conn` until it ends.
+///
+/// Closes the connection when the session closes or refuses a frame, or when the peer sends an
+/// invalid frame (code [`codes::FRAME_ERROR`]) — other connections on the endpoint are
+/// unaffected.
+pub async fn drive_session<S: FrameSession + ?Sized>(
+    session: &mut S,
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    clock: &SessionClock,
+) -> Result<DriveOutcome, DriveError> {
+    drive_session_with_wake(session, conn, writer, reader, clock, &Notify::new()).await
+}
+
+/// [`drive_session`], also calling [`FrameSession::handle_wake`] whenever `wake` is notified.
+///
+/// Use `wake.notify_one()` from the producer (e.g. the hub's change feed): a notification sent
+/// while the driver is busy writing is kept and delivered at the next wait, never lost.
+#[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
+pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
+    session: &mut S,
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    clock: &SessionClock,
+    wake: &Notify,
+) -> Result<DriveOutcome, DriveError> {
+    loop {
+        while let Some(frame) = session.poll_frame() {
+            write_or_close(conn, writer, &frame).await?;
+        }
+        if session.is_closed() {
+            let _ = writer.finish();
+            // Give the peer our last frames before the close, then close the connection.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                writer.stream_mut().stopped(),
+            )
+            .await;
+            conn.close(VarInt::from_u32(codes::DONE), b"session closed");
+            tracing::debug!("session closed");
+            return Ok(DriveOutcome::SessionClosed);
+        }
+        let deadline = session.poll_timeout().map(|ms| clock.instant_at(ms));
+        tokio::select! {
+            frame = reader.read_frame() => match frame {
+                Ok(Some(bytes)) => {
+                    if let Err(reason) = session.handle_frame(clock.now_ms(), &bytes) {
+                        tracing::info!(code = reason.code, reason = %reason.reason, "session refused a frame");
+                        conn.close(VarInt::from_u32(reason.code), reason.reason.as_bytes());
+                        return Err(DriveError::Session(reason));
+                    }
+                }
+                Ok(None) => {
+                    // Drain what the session still has to say, then report the peer's end.
+                    while let Some(frame) = session.poll_frame() {
+                        write_or_close(conn, writer, &frame).await?;
+                    }
+                    let _ = writer.finish();
+                    return Ok(DriveOutcome::PeerFinished);
+                }
+                Err(e) if e.is_peer_violation() => {
+                    tracing::warn!(error = %e, "closing connection: invalid frame");
+                    reader.stop(codes::FRAME_ERROR);
+                    conn.close(VarInt::from_u32(codes::FRAME_ERROR), e.to_string().as_bytes());
+                    return Err(DriveError::PeerFrame(e));
+                }
+                Err(e) => return Err(DriveError::Stream(e)),
+            },
+            () = sleep_until(deadline) => session.handle_timeout(clock.now_ms()),
+            () = wake.notified() => session.handle_wake(clock.now_ms()),
+        }
+    }
+}
+
+/// Writes one frame; a frame our own session made too large closes the connection
+/// ([`codes::LOCAL_ERROR`]) rather than leaving the peer waiting.
+async fn write_or_close(
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    frame: &[u8],
+) -> Result<(), DriveError> {
+    match writer.write_frame(frame).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if matches!(e, FrameError::Oversize { .. }) {
+                tracing::error!(error = %e, "session produced an oversize frame");
+                conn.close(
+                    VarInt::from_u32(codes::LOCAL_ERROR),
+                    b"oversize frame from session",
+                );
+            }
+            Err(DriveError::Stream(e))
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

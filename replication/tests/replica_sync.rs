@@ -1,0 +1,904 @@
+//! The real storages (`DeviceReplica`, `HubReplica`) over real stores, driven by the sans-IO
+//! sessions: offline edits, conflicts, ownership changes, rejected writes, hostile pulls,
+//! duplicated frames, and a proptest with loss, duplication, reordering and disconnects.
+#![cfg(feature = "credential")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "common/driver.rs"]
+mod driver;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use driver::{Faults, Net};
+use fieldsync_replication::credential::HubSigningKey;
+use fieldsync_replication::proto::{
+    BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceId, DeviceStorage,
+    HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind, SyncSchedule,
+};
+use fieldsync_replication::replica::{DeviceReplica, HubReplica};
+use fieldsync_replication::{App, Environment, Profile};
+use fieldsync_store::{OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+const SCHEMA: &str = r#"
+[tables.account]
+offline = true
+[tables.account.columns]
+name = "text"
+n = "integer"
+[tables.task]
+offline = true
+[tables.task.columns]
+title = "text"
+n = "integer"
+account = { lookup = "account", relationship = "task_account" }
+photo = "image"
+
+[tables.note]
+offline = true
+[tables.note.columns]
+text = "text"
+"#;
+
+const ENV: &str = r#"
+[[business_units]]
+name = "Root"
+[[business_units]]
+name = "North"
+parent = "Root"
+[[business_units]]
+name = "South"
+parent = "Root"
+
+[[users]]
+name = "ana"
+business_unit = "North"
+roles = ["Tech"]
+[[users]]
+name = "ben"
+business_unit = "North"
+roles = ["Tech"]
+[[users]]
+name = "cat"
+business_unit = "South"
+roles = ["Tech"]
+
+[[teams]]
+name = "North Team"
+business_unit = "North"
+members = ["ana", "ben"]
+roles = []
+
+[[roles]]
+name = "Tech"
+[roles.privileges.task]
+create = "user"
+read = "user"
+write = "user"
+append = "user"
+append_to = "user"
+assign = "user"
+[roles.privileges.account]
+create = "user"
+read = "business_unit"
+write = "user"
+append_to = "business_unit"
+"#;
+
+const PROFILE: &str = r#"
+name = "Mobile"
+[tables.task]
+rows = "custom"
+filter = "ownerid eq-useroruserteams"
+images = ["photo"]
+sync_interval_minutes = 5
+[tables.account]
+rows = "related"
+relationships = ["task_account"]
+sync_interval_minutes = 5
+"#;
+
+const APP: &str = "mobile";
+const USERS: [&str; 3] = ["ana", "ben", "cat"];
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        fsync: false,
+        ..StoreOptions::default()
+    }
+}
+
+struct World {
+    net: Net<HubReplica, DeviceReplica>,
+    env: Environment,
+}
+
+fn user(env: &Environment, name: &str) -> Uuid {
+    env.user_by_name(name).unwrap().id
+}
+
+fn owner_user(id: Uuid) -> Value {
+    Value::Owner(OwnerRef {
+        kind: OwnerKind::User,
+        id,
+    })
+}
+
+fn owner_team(id: Uuid) -> Value {
+    Value::Owner(OwnerRef {
+        kind: OwnerKind::Team,
+        id,
+    })
+}
+
+fn device_id(i: usize) -> DeviceId {
+    DeviceId(Uuid::from_u128(0xd000 + i as u128))
+}
+
+fn world(seed: u64, policies: ConflictPolicies) -> World {
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let app = App {
+        id: Uuid::from_u128(0xa99),
+        name: APP.into(),
+        tables: BTreeSet::new(),
+        views: Vec::new(),
+        offline: true,
+        profile: Some("Mobile".into()),
+    };
+    let key = HubSigningKey::generate().unwrap();
+    let hub_store = Store::temporary(schema.clone(), opts()).unwrap();
+    let mut hub = HubReplica::open(
+        hub_store,
+        env.clone(),
+        vec![app],
+        vec![profile],
+        key.verifier(),
+        1_790_000_000_000,
+    )
+    .unwrap()
+    .with_signing_key(key);
+    let mut devs = Vec::new();
+    for (i, u) in USERS.iter().enumerate() {
+        let token = hub.enroll(u, APP, device_id(i).0, 0).unwrap();
+        let schedule = SyncSchedule::new([("task", Some(5)), ("account", Some(5))], &[]);
+        let mut c = DeviceConfig::new(device_id(i), token.as_bytes().to_vec(), APP, schedule);
+        c.rng_seed = seed ^ i as u64;
+        c.push_limits.max_items = 3;
+        let store = Store::temporary(schema.clone(), opts()).unwrap();
+        devs.push((c, DeviceReplica::new(store)));
+    }
+    let mut hub_config = HubConfig::new(Uuid::from_u128(0xabc));
+    hub_config.pull_limits.max_items = 4;
+    hub_config.conflicts = policies;
+    World {
+        net: Net::new(hub, hub_config, devs, seed),
+        env,
+    }
+}
+
+impl World {
+    fn dev(&self, i: usize) -> &Store {
+        self.net.devs[i].storage.store()
+    }
+    fn hub(&self) -> &Store {
+        self.net.hub.store()
+    }
+
+    fn write(&mut self, i: usize, table: &str, row: RowId, values: &[(&str, Value)]) {
+        let store = self.dev(i).clone();
+        let mut tx = store.begin();
+        tx.update(table, row, values).unwrap();
+        tx.commit().unwrap();
+        self.net.local_ops(i);
+    }
+
+    fn insert(&mut self, i: usize, table: &str, values: &[(&str, Value)]) -> RowId {
+        let store = self.dev(i).clone();
+        let mut tx = store.begin();
+        let id = tx.insert(table, values).unwrap();
+        tx.commit().unwrap();
+        self.net.local_ops(i);
+        id
+    }
+
+    fn hub_insert(&mut self, table: &str, values: &[(&str, Value)]) -> RowId {
+        let id = Uuid::new_v4();
+        self.net.hub.local_write(table, id, values).unwrap();
+        id
+    }
+
+    /// The rows a device holds (table, id) over the profile's tables.
+    fn held(&self, i: usize) -> BTreeSet<(String, RowId)> {
+        let mut out = BTreeSet::new();
+        for t in ["task", "account"] {
+            for r in self.dev(i).scan(t).unwrap() {
+                out.insert((t.to_string(), r.unwrap().id));
+            }
+        }
+        out
+    }
+
+    /// Every device holds exactly its set, with the hub's values and conflicts; every op the
+    /// hub acknowledged is on the hub.
+    fn check_converged(&self) {
+        for (i, u) in USERS.iter().enumerate() {
+            let d = &self.net.devs[i].storage;
+            assert_eq!(
+                d.acked_seq().unwrap(),
+                d.last_local_seq().unwrap(),
+                "device {i}: ops left unacknowledged"
+            );
+            assert!(
+                d.deferred_evictions().unwrap().is_empty(),
+                "device {i}: evictions still waiting"
+            );
+            let set = self.net.hub.device_set(user(&self.env, u), APP);
+            assert_eq!(self.held(i), set, "device {i} ({u}) holds a different set");
+            for (t, id) in &set {
+                let mine = self.dev(i).get(t, *id).unwrap().unwrap();
+                let hubs = self.hub().get(t, *id).unwrap().unwrap();
+                assert_eq!(mine.values, hubs.values, "device {i}: {t}/{id}");
+                assert_eq!(
+                    self.dev(i).conflicts(t, *id).unwrap(),
+                    self.hub().conflicts(t, *id).unwrap(),
+                    "device {i}: conflicts of {t}/{id}"
+                );
+            }
+        }
+        self.check_acked_on_hub();
+    }
+
+    fn check_acked_on_hub(&self) {
+        for (i, d) in self.net.devs.iter().enumerate() {
+            let s = d.storage.store();
+            let acked = d.storage.acked_seq().unwrap();
+            let rejected: BTreeSet<u64> = d
+                .storage
+                .sync_errors()
+                .unwrap()
+                .into_iter()
+                .map(|(_, e)| e.seq)
+                .collect();
+            for e in s.ops_since(0, usize::MAX).unwrap() {
+                if e.actor != s.actor() || e.seq > acked || rejected.contains(&e.seq) {
+                    continue;
+                }
+                let on_hub = self
+                    .hub()
+                    .inspect_change(&e.table, e.row, &e.change)
+                    .unwrap()
+                    .applied;
+                if !on_hub {
+                    let insp = self
+                        .hub()
+                        .inspect_change(&e.table, e.row, &e.change)
+                        .unwrap();
+                    eprintln!("insp {insp:?}");
+                    eprintln!("errors {:?}", d.storage.sync_errors().unwrap());
+                    for x in s.ops_since(0, usize::MAX).unwrap() {
+                        eprintln!("dev log {} {} {} {:?}", x.seq, x.table, x.row, &x.hash[..4]);
+                    }
+                    for x in self.hub().ops_since(0, usize::MAX).unwrap() {
+                        eprintln!("hub log {} {} {} {:?}", x.seq, x.table, x.row, &x.hash[..4]);
+                    }
+                    for (j, ev) in &self.net.hub_events {
+                        if *j == i {
+                            eprintln!("hub event {ev:?}");
+                        }
+                    }
+                    for ev in &d.events {
+                        eprintln!("dev event {ev:?}");
+                    }
+                }
+                assert!(on_hub, "device {i}: acked op {} is not on the hub", e.seq);
+            }
+        }
+    }
+}
+
+struct Seed {
+    account: RowId,
+    ana_task: RowId,
+    team_task: RowId,
+    cat_task: RowId,
+}
+
+fn seed(w: &mut World) -> Seed {
+    let ana = user(&w.env, "ana");
+    let cat = user(&w.env, "cat");
+    let team = w.env.team_by_name("North Team").unwrap().id;
+    let account = w.hub_insert(
+        "account",
+        &[
+            ("name", Value::Text("Contoso".into())),
+            ("ownerid", owner_user(ana)),
+        ],
+    );
+    let ana_task = w.hub_insert(
+        "task",
+        &[
+            ("title", Value::Text("fix pump".into())),
+            ("ownerid", owner_user(ana)),
+            ("account", Value::Lookup(account)),
+        ],
+    );
+    let team_task = w.hub_insert(
+        "task",
+        &[
+            ("title", Value::Text("inspect".into())),
+            ("n", Value::Integer(1)),
+            ("ownerid", owner_team(team)),
+            ("account", Value::Lookup(account)),
+        ],
+    );
+    let cat_task = w.hub_insert(
+        "task",
+        &[
+            ("title", Value::Text("south job".into())),
+            ("ownerid", owner_user(cat)),
+        ],
+    );
+    Seed {
+        account,
+        ana_task,
+        team_task,
+        cat_task,
+    }
+}
+
+#[test]
+fn initial_sync_offline_edits_and_conflicts_converge() {
+    let mut w = world(1, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    w.check_converged();
+    assert!(w.held(0).contains(&("task".into(), s.ana_task)));
+    assert!(w.held(0).contains(&("account".into(), s.account)));
+    assert!(w.held(1).contains(&("task".into(), s.team_task)));
+    assert!(!w.held(1).contains(&("task".into(), s.ana_task)));
+    assert_eq!(w.held(2), [("task".to_string(), s.cat_task)].into());
+
+    // ana and ben edit the team's task offline, concurrently.
+    w.net.set_online(0, false);
+    w.net.set_online(1, false);
+    w.write(0, "task", s.team_task, &[("n", Value::Integer(10))]);
+    w.write(1, "task", s.team_task, &[("n", Value::Integer(20))]);
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("title", Value::Text("pump fixed".into()))],
+    );
+    let new = w.insert(
+        1,
+        "task",
+        &[
+            ("title", Value::Text("new".into())),
+            (
+                "ownerid",
+                owner_team(w.env.team_by_name("North Team").unwrap().id),
+            ),
+        ],
+    );
+    w.net.heal(4);
+    w.check_converged();
+    let conflicts = w.hub().conflicts("task", s.team_task).unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(w.held(0).contains(&("task".into(), new)));
+    assert_eq!(
+        w.dev(1).get("task", s.ana_task).unwrap(),
+        None,
+        "ben never sees ana's task"
+    );
+    assert!(!w.net.devs[0]
+        .storage
+        .rows_with_conflicts()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn an_owner_change_moves_a_row_after_its_pending_ops_are_pushed() {
+    let mut w = world(2, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    // ana edits her task offline, then gives it to cat: both ops go up, then the row leaves.
+    w.net.set_online(0, false);
+    let cat = user(&w.env, "cat");
+    w.write(0, "task", s.ana_task, &[("n", Value::Integer(7))]);
+    w.write(0, "task", s.ana_task, &[("ownerid", owner_user(cat))]);
+    w.net.heal(4);
+    w.check_converged();
+    assert!(w.net.devs[0].storage.sync_errors().unwrap().is_empty());
+    assert_eq!(
+        w.dev(0).get("task", s.ana_task).unwrap(),
+        None,
+        "evicted on ana"
+    );
+    let at_cat = w.dev(2).get("task", s.ana_task).unwrap().unwrap();
+    assert_eq!(
+        at_cat.get("n"),
+        &Value::Integer(7),
+        "ana's edit reached cat"
+    );
+}
+
+#[test]
+fn a_row_given_away_on_the_hub_rejects_the_old_owners_pending_edit() {
+    let mut w = world(8, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    w.net.set_online(0, false);
+    w.write(0, "task", s.ana_task, &[("n", Value::Integer(7))]);
+    let cat = user(&w.env, "cat");
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("ownerid", owner_user(cat))])
+        .unwrap();
+    w.net.heal(4);
+    w.check_converged();
+    assert_eq!(w.dev(0).get("task", s.ana_task).unwrap(), None);
+    let errors = w.net.devs[0].storage.sync_errors().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].1.kind, RejectionKind::Permission);
+    assert!(w.dev(2).get("task", s.ana_task).unwrap().is_some());
+}
+
+#[test]
+fn an_unauthorized_write_is_rejected_rolled_back_and_listed() {
+    let mut w = world(3, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    // ben may read the account (same business unit) but not write it (ana owns it).
+    assert!(w.held(1).contains(&("account".into(), s.account)));
+    w.write(
+        1,
+        "account",
+        s.account,
+        &[("name", Value::Text("hacked".into()))],
+    );
+    w.net.heal(3);
+    w.check_converged();
+    let name = w.dev(1).get("account", s.account).unwrap().unwrap();
+    assert_eq!(
+        name.get("name"),
+        &Value::Text("Contoso".into()),
+        "rolled back"
+    );
+    let errors = w.net.devs[1].storage.sync_errors().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].1.kind, RejectionKind::Permission);
+    assert_eq!(errors[0].1.table, "account");
+
+    // Retry: pushed again, rejected again (a new error); discard: gone.
+    let id = errors[0].0;
+    w.net.devs[1].storage.retry_error(id).unwrap();
+    w.net.local_ops(1);
+    w.net.heal(3);
+    let errors = w.net.devs[1].storage.sync_errors().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_ne!(errors[0].0, id);
+    assert!(w.net.devs[1].storage.discard_error(errors[0].0).unwrap());
+    assert!(w.net.devs[1].storage.sync_errors().unwrap().is_empty());
+    w.check_converged();
+}
+
+#[test]
+fn forged_cursors_and_foreign_tables_get_nothing_outside_the_set() {
+    let mut w = world(4, ConflictPolicies::default());
+    let s = seed(&mut w);
+    let cat = Principal {
+        device: device_id(2),
+        user: user(&w.env, "cat"),
+        app: APP.into(),
+    };
+    let limits = BatchLimits {
+        max_items: 100,
+        max_bytes: 1 << 20,
+    };
+    let hub = &mut w.net.hub;
+    let mut seen = BTreeSet::new();
+    for c in [0, 1, 2, 3, 5, 1000, u64::MAX] {
+        let chunk = hub.pull(&cat, "task", Cursor(c), limits).unwrap();
+        for r in chunk.entering.iter().map(|d| d.row) {
+            seen.insert(r);
+        }
+        for r in chunk.ops.iter().map(|o| o.row) {
+            seen.insert(r);
+        }
+        for r in &chunk.leaving {
+            seen.insert(*r);
+        }
+        assert!(chunk.cursor >= Cursor(c));
+    }
+    assert_eq!(seen, [s.cat_task].into());
+    for t in ["account", "note", "secret", ""] {
+        let chunk = hub.pull(&cat, t, Cursor(0), limits).unwrap();
+        assert!(chunk.is_empty(), "{t}: {chunk:?}");
+    }
+}
+
+#[test]
+fn duplicated_batches_and_resent_ops_change_nothing() {
+    let mut w = world(5, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let ana = Principal {
+        device: device_id(0),
+        user: user(&w.env, "ana"),
+        app: APP.into(),
+    };
+    // A re-sent op gets the same answer, and applying it twice adds nothing.
+    let store = w.dev(0).clone();
+    let mut tx = store.begin();
+    tx.update("task", s.ana_task, &[("n", Value::Integer(3))])
+        .unwrap();
+    tx.commit().unwrap();
+    let e = store.ops_since(store.last_seq() - 1, 1).unwrap().remove(0);
+    let op = PushOp {
+        seq: e.seq,
+        table: e.table.clone(),
+        row: e.row,
+        change: e.change.clone(),
+    };
+    let hub_seq = w.hub().last_seq();
+    let a = w
+        .net
+        .hub
+        .apply_push(Millis(0), &ana, ConflictPolicy::MergePerColumn, &op)
+        .unwrap();
+    let b = w
+        .net
+        .hub
+        .apply_push(Millis(0), &ana, ConflictPolicy::MergePerColumn, &op)
+        .unwrap();
+    assert_eq!(a, PushOutcome::Accepted);
+    assert_eq!(a, b);
+    assert_eq!(w.hub().last_seq(), hub_seq + 1);
+    // A pull batch applied twice on the device changes nothing.
+    let chunk = w
+        .net
+        .hub
+        .pull(
+            &ana,
+            "task",
+            Cursor(0),
+            BatchLimits {
+                max_items: 100,
+                max_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+    let dev = &mut w.net.devs[0].storage;
+    dev.import_rows("task", &chunk.entering).unwrap();
+    dev.apply_ops("task", &chunk.ops).unwrap();
+    let before = dev.store().last_seq();
+    dev.import_rows("task", &chunk.entering).unwrap();
+    dev.apply_ops("task", &chunk.ops).unwrap();
+    assert_eq!(dev.store().last_seq(), before);
+    // Duplicated and reordered frames.
+    w.net.faults = Faults {
+        loss_pct: 0,
+        dup_pct: 30,
+        reorder_pct: 30,
+    };
+    w.write(1, "task", s.team_task, &[("n", Value::Integer(5))]);
+    w.net.run_for(Millis::from_minutes(10));
+    w.net.heal(4);
+    w.check_converged();
+}
+
+#[test]
+fn server_wins_rejects_a_concurrent_write_and_client_wins_resolves_it() {
+    let policies = ConflictPolicies {
+        default: ConflictPolicy::MergePerColumn,
+        tables: [("task".to_string(), ConflictPolicy::ServerWins)]
+            .into_iter()
+            .collect::<BTreeMap<_, _>>(),
+    };
+    let mut w = world(6, policies);
+    let s = seed(&mut w);
+    w.net.heal(3);
+    w.net.set_online(0, false);
+    w.write(0, "task", s.ana_task, &[("n", Value::Integer(1))]);
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("n", Value::Integer(2))])
+        .unwrap();
+    w.net.heal(4);
+    w.check_converged();
+    let errors = w.net.devs[0].storage.sync_errors().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].1.kind, RejectionKind::Conflict);
+    assert_eq!(
+        w.dev(0).get("task", s.ana_task).unwrap().unwrap().get("n"),
+        &Value::Integer(2)
+    );
+
+    let policies = ConflictPolicies {
+        default: ConflictPolicy::ClientWins,
+        tables: BTreeMap::new(),
+    };
+    let mut w = world(7, policies);
+    let s = seed(&mut w);
+    w.net.heal(3);
+    w.net.set_online(0, false);
+    w.write(0, "task", s.ana_task, &[("n", Value::Integer(1))]);
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("n", Value::Integer(2))])
+        .unwrap();
+    w.net.heal(4);
+    w.check_converged();
+    assert_eq!(
+        w.hub().get("task", s.ana_task).unwrap().unwrap().get("n"),
+        &Value::Integer(1)
+    );
+    assert!(w.hub().conflicts("task", s.ana_task).unwrap().is_empty());
+}
+
+#[test]
+fn images_the_profile_selects_download_in_chunks_to_devices_that_hold_the_row() {
+    let mut w = world(9, ConflictPolicies::default());
+    let s = seed(&mut w);
+    let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let blob = w
+        .net
+        .hub
+        .store()
+        .put_blob("pump.jpg", &mut content.as_slice())
+        .unwrap();
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("photo", Value::Image(blob.clone()))])
+        .unwrap();
+    w.net.heal(2);
+    w.net.fetch_blob(0, blob.sha256);
+    w.net.run_for(Millis::from_minutes(1));
+    assert_eq!(w.dev(0).read_blob(&blob).unwrap(), content);
+    // cat's device does not hold the row: nothing, however it asks.
+    let cat = Principal {
+        device: device_id(2),
+        user: user(&w.env, "cat"),
+        app: APP.into(),
+    };
+    assert_eq!(
+        w.net.hub.blob_chunk(&cat, &blob.sha256, 0, 1024).unwrap(),
+        None
+    );
+    w.check_converged();
+}
+
+#[test]
+fn revoked_and_foreign_tokens_are_refused() {
+    let mut w = world(10, ConflictPolicies::default());
+    let token = w
+        .net
+        .hub
+        .enroll("ben", APP, Uuid::from_u128(77), 5)
+        .unwrap();
+    let dev = DeviceId(Uuid::from_u128(77));
+    assert!(w
+        .net
+        .hub
+        .authenticate(dev, token.as_bytes(), APP)
+        .unwrap()
+        .is_ok());
+    assert!(w
+        .net
+        .hub
+        .authenticate(DeviceId(Uuid::from_u128(78)), token.as_bytes(), APP)
+        .unwrap()
+        .is_err());
+    assert!(w
+        .net
+        .hub
+        .authenticate(dev, token.as_bytes(), "other")
+        .unwrap()
+        .is_err());
+    assert!(w.net.hub.revoke(token.token().token_id).unwrap());
+    let refused = w
+        .net
+        .hub
+        .authenticate(dev, token.as_bytes(), APP)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        fieldsync_replication::proto::CloseCode::REVOKED
+    );
+    let other_key = HubSigningKey::generate().unwrap();
+    let forged = other_key.sign(token.token()).unwrap();
+    assert!(w
+        .net
+        .hub
+        .authenticate(dev, forged.as_bytes(), APP)
+        .unwrap()
+        .is_err());
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Edit { dev: usize, n: i64 },
+    Create { dev: usize },
+    Toggle { dev: usize },
+    Restart { dev: usize },
+    Reassign { to: usize },
+    GiveAway { dev: usize, to: usize },
+    Unauthorized { dev: usize, n: i64 },
+    HubEdit { n: i64 },
+    Run { secs: u64 },
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        4 => (0..3usize, 0..100i64).prop_map(|(dev, n)| Action::Edit { dev, n }),
+        1 => (0..3usize).prop_map(|dev| Action::Create { dev }),
+        2 => (0..3usize).prop_map(|dev| Action::Toggle { dev }),
+        1 => (0..3usize).prop_map(|dev| Action::Restart { dev }),
+        1 => (0..3usize).prop_map(|to| Action::Reassign { to }),
+        1 => (0..3usize, 0..3usize).prop_map(|(dev, to)| Action::GiveAway { dev, to }),
+        1 => (0..3usize, 0..100i64).prop_map(|(dev, n)| Action::Unauthorized { dev, n }),
+        1 => (0..100i64).prop_map(|n| Action::HubEdit { n }),
+        3 => (1..120u64).prop_map(|secs| Action::Run { secs }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24),
+        ..ProptestConfig::default()
+    })]
+    #[test]
+    fn real_replicas_converge_under_faults(
+        seed_n in any::<u64>(),
+        loss in 0..25u32,
+        dup in 0..25u32,
+        reorder in 0..25u32,
+        actions in proptest::collection::vec(action(), 1..14),
+    ) {
+        let mut w = world(seed_n, ConflictPolicies::default());
+        let s = seed(&mut w);
+        w.net.faults = Faults { loss_pct: loss, dup_pct: dup, reorder_pct: reorder };
+        let users: Vec<Uuid> = USERS.iter().map(|u| user(&w.env, u)).collect();
+        for a in actions {
+            match a {
+                Action::Edit { dev, n } => {
+                    let held: Vec<RowId> = w.held(dev).into_iter()
+                        .filter(|(t, _)| t == "task").map(|(_, r)| r).collect();
+                    if let Some(r) = held.get(n as usize % held.len().max(1)) {
+                        w.write(dev, "task", *r, &[("n", Value::Integer(n))]);
+                    }
+                }
+                Action::Create { dev } => {
+                    w.insert(dev, "task", &[("title", Value::Text(format!("t{dev}"))),
+                        ("ownerid", owner_user(users[dev]))]);
+                }
+                Action::Toggle { dev } => {
+                    let on = !w.net.devs[dev].online;
+                    w.net.set_online(dev, on);
+                }
+                Action::Restart { dev } => w.net.restart(dev),
+                Action::Reassign { to } => {
+                    w.net.hub.local_write("task", s.ana_task,
+                        &[("ownerid", owner_user(users[to]))]).unwrap();
+                }
+                Action::GiveAway { dev, to } => {
+                    let held: Vec<RowId> = w.held(dev).into_iter()
+                        .filter(|(t, _)| t == "task").map(|(_, r)| r).collect();
+                    if let Some(r) = held.first() {
+                        w.write(dev, "task", *r, &[("ownerid", owner_user(users[to]))]);
+                    }
+                }
+                Action::Unauthorized { dev, n } => {
+                    // Only ana may write the account; others' writes are rejected.
+                    if w.dev(dev).get("account", s.account).unwrap().is_some() {
+                        w.write(dev, "account", s.account, &[("n", Value::Integer(n))]);
+                    }
+                }
+                Action::HubEdit { n } => {
+                    w.net.hub.local_write("task", s.team_task,
+                        &[("n", Value::Integer(n))]).unwrap();
+                }
+                Action::Run { secs } => w.net.run_for(Millis::from_secs(secs)),
+            }
+            w.check_acked_on_hub();
+        }
+        w.net.heal(6);
+        w.check_converged();
+    }
+}
+
+#[test]
+fn hub_and_device_state_survive_a_reopen() {
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let app = App {
+        id: Uuid::from_u128(0xa99),
+        name: APP.into(),
+        tables: BTreeSet::new(),
+        views: Vec::new(),
+        offline: true,
+        profile: Some("Mobile".into()),
+    };
+    let key = HubSigningKey::generate().unwrap();
+    let verifier = key.verifier();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let dev_dir = tempfile::tempdir().unwrap();
+    let dev = DeviceId(Uuid::from_u128(5));
+    let ana = user(&env, "ana");
+    let (token, op, first) = {
+        let store = Store::create(hub_dir.path(), schema.clone(), opts()).unwrap();
+        let mut hub = HubReplica::open(
+            store,
+            env.clone(),
+            vec![app.clone()],
+            vec![profile.clone()],
+            verifier.clone(),
+            0,
+        )
+        .unwrap()
+        .with_signing_key(key);
+        let token = hub.enroll("ana", APP, dev.0, 0).unwrap();
+        let who = hub
+            .authenticate(dev, token.as_bytes(), APP)
+            .unwrap()
+            .unwrap();
+        // A device op creating a task for cat: refused (ana may not create for cat).
+        let d = Store::create(dev_dir.path(), schema.clone(), opts()).unwrap();
+        let mut tx = d.begin();
+        tx.insert("task", &[("ownerid", owner_user(user(&env, "cat")))])
+            .unwrap();
+        tx.commit().unwrap();
+        let e = d.ops_since(0, 1).unwrap().remove(0);
+        let op = PushOp {
+            seq: e.seq,
+            table: e.table,
+            row: e.row,
+            change: e.change,
+        };
+        let first = hub
+            .apply_push(Millis(0), &who, ConflictPolicy::MergePerColumn, &op)
+            .unwrap();
+        assert!(matches!(first, PushOutcome::Rejected { .. }));
+        let mut replica = DeviceReplica::new(d);
+        let rejection = fieldsync_replication::proto::Rejection {
+            seq: op.seq,
+            table: op.table.clone(),
+            row: op.row,
+            operation: fieldsync_replication::proto::Operation::Create,
+            kind: RejectionKind::Permission,
+            message: "no".into(),
+            authoritative: None,
+        };
+        replica.record_ack(Millis(9), op.seq, &[rejection]).unwrap();
+        replica
+            .set_cursor("task", Cursor(3), Some(Millis(7)))
+            .unwrap();
+        (token, op, first)
+    };
+    let store = Store::open(hub_dir.path(), opts()).unwrap();
+    let mut hub = HubReplica::open(store, env, vec![app], vec![profile], verifier, 0).unwrap();
+    let who = hub
+        .authenticate(dev, token.as_bytes(), APP)
+        .unwrap()
+        .unwrap();
+    assert_eq!(who.user, ana);
+    let again = hub
+        .apply_push(Millis(0), &who, ConflictPolicy::MergePerColumn, &op)
+        .unwrap();
+    assert_eq!(again, first, "the same answer after a restart");
+    let d = DeviceReplica::new(Store::open(dev_dir.path(), opts()).unwrap());
+    assert_eq!(d.acked_seq().unwrap(), op.seq);
+    assert_eq!(d.cursor("task").unwrap(), Cursor(3));
+    assert_eq!(d.last_sync("task").unwrap(), Some(Millis(7)));
+    let errors = d.sync_errors().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].1.at, Millis(9));
+    assert_eq!(d.store().get("task", op.row).unwrap(), None, "rolled back");
+    assert_eq!(d.pending_op_count().unwrap(), 0);
+}

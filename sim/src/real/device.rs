@@ -1,0 +1,712 @@
+//! A device's storage: the real [`Store`] behind the protocol's [`DeviceStorage`] trait.
+//!
+//! This is the simulator's minimal adapter, used until `replication::replica::DeviceReplica`
+//! lands (the node driver in [`super`] is generic over [`SimDeviceStorage`], so the replica
+//! drops in). Rows, the op log, remote apply, import, eviction and acknowledgement are the
+//! store's own; the cursors and the evictions waiting for an acknowledgement are kept in a
+//! small side file next to the store (written with a rename, so it is durable when the call
+//! returns), where the replica keeps them in the store's aux space.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use fieldsync_replication::proto::{
+    BatchLimits, Cursor, DeviceStorage, Millis, PushOp, Rejection, RowChange, RowDoc, StorageError,
+};
+use fieldsync_store::{
+    ActorId, Clock, Durability, RemoteOp, RowExport, Store, StoreError, StoreOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{digest_row, row_id, row_key, RealError, Registry, SharedRegistry};
+use crate::node::{EditKind, NodeEvent, OpId, RowKey};
+use fieldsync_replication::replica::DeviceReplica;
+
+/// What the side file holds: per-table cursors and last syncs, and evictions that wait for
+/// the hub's acknowledgement of local ops on the row.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct SideState {
+    cursors: BTreeMap<String, u64>,
+    synced_at: BTreeMap<String, u64>,
+    evict_waiting: BTreeSet<(String, uuid::Uuid)>,
+}
+
+/// What a simulated device's storage offers beyond [`DeviceStorage`]: edits, observation,
+/// crash and restart.
+pub trait SimDeviceStorage: DeviceStorage {
+    /// Commit a user's edit; `Ok(None)` when the store refuses it (unknown or deleted row).
+    fn edit(&mut self, now: u64, op: OpId, row: RowKey, kind: EditKind) -> Result<bool, RealError>;
+    /// Visit every live row with the digest of its materialized values.
+    fn for_each_row(&self, f: &mut dyn FnMut(RowKey, u64));
+    /// Visit every live row.
+    fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey));
+    /// The digest of one row.
+    fn row_digest(&self, row: RowKey) -> Option<u64>;
+    /// Whether this device's state includes the op (its own, or applied here).
+    fn has_op(&self, op: OpId) -> bool;
+    /// Local ops not yet acknowledged.
+    fn pending_count(&self) -> usize;
+    /// Whether a local unacknowledged op touches the row.
+    fn has_pending_on(&self, row: RowKey) -> bool;
+    /// The pull cursor of each table, by table index.
+    fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64));
+    /// Take the events the storage produced (ops applied, acknowledged, rejected; evictions).
+    fn drain_events(&mut self, out: &mut Vec<NodeEvent>);
+    /// Set the clock the store stamps changes with (local ms since the epoch).
+    fn set_now(&mut self, now: u64);
+    /// The process dies: drop every handle without flushing.
+    fn crash(&mut self);
+    /// Reopen from what was durable.
+    fn restart(&mut self) -> Result<(), RealError>;
+}
+
+/// The real store of one device, on a temporary directory.
+#[derive(Debug)]
+pub struct StoreDevice {
+    dir: tempfile::TempDir,
+    options: StoreOptions,
+    clock: Arc<AtomicI64>,
+    store: Option<Store>,
+    tables: Vec<String>,
+    side: SideState,
+    /// Unacknowledged local log entries: seq → (row, change hash).
+    pending: BTreeMap<u64, (RowKey, [u8; 32])>,
+    pending_rows: BTreeMap<RowKey, usize>,
+    last_local: u64,
+    known: BTreeSet<OpId>,
+    registry: SharedRegistry,
+    events: Vec<NodeEvent>,
+    /// Delegate the protocol's storage calls to the replication crate's `DeviceReplica`
+    /// (`false`: this module's minimal adapter).
+    replica: bool,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Unavailable(e.to_string())
+}
+
+impl StoreDevice {
+    /// Create the device's store in a fresh temporary directory under `base`.
+    pub fn create(
+        base: &Path,
+        schema: fieldsync_store::Schema,
+        actor: ActorId,
+        tables: Vec<String>,
+        registry: SharedRegistry,
+    ) -> Result<StoreDevice, RealError> {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldsync-sim-dev")
+            .tempdir_in(base)
+            .map_err(|e| RealError::Io(e.to_string()))?;
+        let clock = Arc::new(AtomicI64::new(0));
+        let options = store_options(actor, &clock);
+        let store = open_store(dir.path(), Some(schema), &options)?;
+        Ok(StoreDevice {
+            dir,
+            options,
+            clock,
+            store: Some(store),
+            tables,
+            side: SideState::default(),
+            pending: BTreeMap::new(),
+            pending_rows: BTreeMap::new(),
+            last_local: 0,
+            known: BTreeSet::new(),
+            registry,
+            events: Vec::new(),
+            replica: false,
+        })
+    }
+
+    /// Run the protocol's storage calls through `replication::replica::DeviceReplica` over
+    /// the same store (this adapter then only observes: events, pending ops, rows).
+    pub fn use_replica(&mut self, on: bool) {
+        self.replica = on;
+    }
+
+    fn replica(&self) -> Result<DeviceReplica, StorageError> {
+        Ok(DeviceReplica::new(self.store_ref()?.clone()))
+    }
+
+    /// Whether the store holds the row (deleted or not).
+    fn holds(&self, table: &str, id: uuid::Uuid) -> bool {
+        self.store
+            .as_ref()
+            .and_then(|s| s.export_row(table, id).ok().flatten())
+            .is_some()
+    }
+
+    /// After the replica evicted: report the rows of `before` that are gone.
+    fn note_evicted(&mut self, before: Vec<(String, uuid::Uuid)>) {
+        for (table, id) in before {
+            if !self.holds(&table, id) {
+                if let Some(row) = row_key(id) {
+                    self.events.push(NodeEvent::Evicted { row });
+                }
+            }
+        }
+    }
+
+    /// Drop acknowledged ops from the pending view and report them acked or rejected.
+    fn take_acked(&mut self, up_to: u64, rejected: &BTreeSet<u64>) {
+        let acked: Vec<u64> = self.pending.range(..=up_to).map(|(s, _)| *s).collect();
+        for seq in acked {
+            let Some((row, hash)) = self.pending.remove(&seq) else {
+                continue;
+            };
+            if let Some(n) = self.pending_rows.get_mut(&row) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_rows.remove(&row);
+                }
+            }
+            let op = self.registry.borrow().op_of(&hash).map(|(op, _)| op);
+            if let Some(op) = op {
+                if rejected.contains(&seq) {
+                    self.events.push(NodeEvent::Rejected { op, row });
+                } else {
+                    self.events.push(NodeEvent::Acked { op });
+                }
+            }
+        }
+    }
+
+    /// Load the initial row set (the initial sync) and set every cursor to `cursor`.
+    pub fn seed(&mut self, ops: &[RemoteOp], cursor: u64) -> Result<(), RealError> {
+        let store = self
+            .store_ref()
+            .map_err(|e| RealError::Store(e.to_string()))?;
+        store
+            .apply_remote(ops, Durability::Immediate)
+            .map_err(|e| RealError::Store(e.to_string()))?;
+        for t in &self.tables {
+            self.side.cursors.insert(t.clone(), cursor);
+        }
+        if self.replica {
+            let mut rep = self
+                .replica()
+                .map_err(|e| RealError::Store(e.to_string()))?;
+            for t in self.tables.clone() {
+                rep.set_cursor(&t, Cursor(cursor), None)
+                    .map_err(|e| RealError::Store(e.to_string()))?;
+            }
+        }
+        self.save_side().map_err(|e| RealError::Io(e.to_string()))
+    }
+
+    fn store_ref(&self) -> Result<&Store, StorageError> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| StorageError::Unavailable("the device is down".into()))
+    }
+
+    fn side_path(&self) -> PathBuf {
+        self.dir.path().join("sim-side.json")
+    }
+
+    fn save_side(&self) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(&self.side).map_err(unavailable)?;
+        let tmp = self.dir.path().join("sim-side.json.tmp");
+        std::fs::write(&tmp, bytes).map_err(unavailable)?;
+        std::fs::rename(&tmp, self.side_path()).map_err(unavailable)
+    }
+
+    fn table_index(&self, table: &str) -> Option<u32> {
+        self.tables
+            .iter()
+            .position(|t| t == table)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    fn add_pending(&mut self, seq: u64, row: RowKey, hash: [u8; 32]) {
+        self.pending.insert(seq, (row, hash));
+        *self.pending_rows.entry(row).or_insert(0) += 1;
+        self.last_local = self.last_local.max(seq);
+    }
+
+    /// Rebuild the in-memory view (pending ops, known ops) from the store after an open.
+    fn rebuild(&mut self) -> Result<(), StorageError> {
+        self.pending.clear();
+        self.pending_rows.clear();
+        let store = self.store_ref()?;
+        let actor = store.actor();
+        let acked = store.acked_seq().map_err(unavailable)?;
+        // The replica keeps the protocol's acknowledged seq itself (the store's prefix may lag).
+        let own_acked = if self.replica {
+            self.replica()?.acked_seq()?.max(acked)
+        } else {
+            acked
+        };
+        let mut last_local = own_acked;
+        let entries = store.ops_since(acked, usize::MAX).map_err(unavailable)?;
+        let mut mine = Vec::new();
+        for e in entries {
+            if e.actor == actor && e.seq > own_acked {
+                if let Some(row) = row_key(e.row) {
+                    mine.push((e.seq, row, e.hash));
+                }
+                last_local = last_local.max(e.seq);
+            }
+        }
+        self.last_local = last_local;
+        for (seq, row, hash) in mine {
+            self.add_pending(seq, row, hash);
+        }
+        Ok(())
+    }
+
+    /// Record the ops of these change hashes as applied here (first time only).
+    fn note_applied(&mut self, hashes: impl Iterator<Item = [u8; 32]>) {
+        let reg = self.registry.borrow();
+        for h in hashes {
+            if let Some((op, row)) = reg.op_of(&h) {
+                if self.known.insert(op) {
+                    self.events.push(NodeEvent::Applied { op, row });
+                }
+            }
+        }
+    }
+
+    /// Move the store's acknowledged prefix up to just below the first unacknowledged local
+    /// op: entries pulled from the hub interleave with local ones in the store's log, and a
+    /// row whose last entry is a pulled change could not be evicted otherwise.
+    fn settle_ack(&self) -> Result<(), StorageError> {
+        let store = self.store_ref()?;
+        let floor = match self.pending.keys().next() {
+            Some(first) => first - 1,
+            None => store.last_seq(),
+        };
+        if floor > store.acked_seq().map_err(unavailable)? {
+            store.acknowledge(floor).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    fn try_evict(&mut self, table: &str, id: uuid::Uuid) -> Result<bool, StorageError> {
+        self.settle_ack()?;
+        let store = self.store_ref()?;
+        match store.evict_row(table, id) {
+            Ok(found) => {
+                if found {
+                    if let Some(row) = row_key(id) {
+                        self.events.push(NodeEvent::Evicted { row });
+                    }
+                }
+                Ok(true)
+            }
+            Err(StoreError::UnacknowledgedChanges { .. }) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+/// Open (or first create) the store in `dir`, waiting for sled to let go of the directory.
+///
+/// sled releases a dropped database's file lock from its flusher thread, a little after the
+/// handle is gone: `Store::create` (which reopens) and a restart right after a crash can find
+/// the lock still held. Waiting costs wall time only; what is opened does not depend on it.
+pub(super) fn open_store(
+    dir: &Path,
+    schema: Option<fieldsync_store::Schema>,
+    options: &StoreOptions,
+) -> Result<Store, RealError> {
+    let mut schema = schema;
+    let mut last = String::new();
+    for attempt in 0..400u32 {
+        let r = match schema.take() {
+            Some(s) if !dir.join("db").exists() => Store::create(dir, s, options.clone()),
+            _ => Store::open(dir, options.clone()),
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                last = e.to_string();
+                if !last.contains("lock") {
+                    return Err(RealError::Store(last));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(
+                    u64::from(attempt.min(20)) + 1,
+                ));
+            }
+        }
+    }
+    Err(RealError::Store(last))
+}
+
+/// Store options of every simulated store: a fixed actor, the manual clock, immediate
+/// durability without fsync (a process crash, not a power loss), a small cache.
+pub(super) fn store_options(actor: ActorId, clock: &Arc<AtomicI64>) -> StoreOptions {
+    StoreOptions {
+        fsync: false,
+        ..StoreOptions::default()
+    }
+    .with_actor(actor)
+    .with_clock(Clock::manual(clock.clone()))
+    .with_durability(Durability::Immediate)
+    .with_cache_capacity(1 << 20)
+}
+
+impl DeviceStorage for StoreDevice {
+    fn acked_seq(&self) -> Result<u64, StorageError> {
+        if self.replica {
+            return self.replica()?.acked_seq();
+        }
+        self.store_ref()?.acked_seq().map_err(unavailable)
+    }
+
+    fn last_local_seq(&self) -> Result<u64, StorageError> {
+        if self.replica {
+            return self.replica()?.last_local_seq();
+        }
+        self.store_ref()?;
+        Ok(self.last_local)
+    }
+
+    fn pending_ops(
+        &self,
+        after_seq: u64,
+        limits: BatchLimits,
+    ) -> Result<Vec<PushOp>, StorageError> {
+        if self.replica {
+            return self.replica()?.pending_ops(after_seq, limits);
+        }
+        let store = self.store_ref()?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (&seq, _) in self.pending.range(after_seq.saturating_add(1)..) {
+            if out.len() >= limits.max_items.max(1)
+                || (!out.is_empty() && bytes >= limits.max_bytes)
+            {
+                break;
+            }
+            let Some(e) = store
+                .ops_since(seq - 1, 1)
+                .map_err(unavailable)?
+                .into_iter()
+                .next()
+            else {
+                return Err(StorageError::Corrupt(format!("log entry {seq} is missing")));
+            };
+            bytes += e.change.len();
+            out.push(PushOp {
+                seq,
+                table: e.table,
+                row: e.row,
+                change: e.change,
+            });
+        }
+        Ok(out)
+    }
+
+    fn record_ack(
+        &mut self,
+        now: Millis,
+        up_to_seq: u64,
+        rejected: &[Rejection],
+    ) -> Result<(), StorageError> {
+        if self.replica {
+            let mut rep = self.replica()?;
+            let mut before: Vec<(String, uuid::Uuid)> =
+                rep.deferred_evictions().map_err(unavailable)?;
+            before.extend(rejected.iter().map(|r| (r.table.clone(), r.row)));
+            rep.record_ack(now, up_to_seq, rejected)?;
+            let rejected_seqs: BTreeSet<u64> = rejected.iter().map(|r| r.seq).collect();
+            self.take_acked(up_to_seq, &rejected_seqs);
+            // Rows rolled back are re-imported when the hub sent them: only report the gone.
+            self.note_evicted(before);
+            return Ok(());
+        }
+        let store = self.store_ref()?;
+        let up_to = up_to_seq.min(store.last_seq());
+        store.acknowledge(up_to).map_err(unavailable)?;
+        store.sync().map_err(unavailable)?;
+        let rejected_seqs: BTreeSet<u64> = rejected.iter().map(|r| r.seq).collect();
+        self.take_acked(up_to, &rejected_seqs);
+        // Roll rejected ops back: drop the row, take the hub's copy if it sent one.
+        for r in rejected {
+            self.try_evict(&r.table, r.row)?;
+            if let Some(doc) = &r.authoritative {
+                let export = RowExport {
+                    table: r.table.clone(),
+                    id: doc.row,
+                    doc: doc.doc.clone(),
+                };
+                self.store_ref()?
+                    .import_row(&export, Durability::Immediate)
+                    .map_err(unavailable)?;
+            }
+        }
+        // Evictions that waited for these acknowledgements.
+        let waiting: Vec<(String, uuid::Uuid)> = self.side.evict_waiting.iter().cloned().collect();
+        let mut changed = false;
+        for (table, id) in waiting {
+            if self.try_evict(&table, id)? {
+                self.side.evict_waiting.remove(&(table, id));
+                changed = true;
+            }
+        }
+        if changed {
+            self.save_side()?;
+        }
+        Ok(())
+    }
+
+    fn apply_ops(&mut self, table: &str, ops: &[RowChange]) -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let remote: Vec<RemoteOp> = ops
+            .iter()
+            .map(|o| RemoteOp {
+                table: table.to_string(),
+                row: o.row,
+                change: o.change.clone(),
+            })
+            .collect();
+        if self.replica {
+            self.replica()?.apply_ops(table, ops)?;
+        } else {
+            self.store_ref()?
+                .apply_remote(&remote, Durability::Immediate)
+                .map_err(unavailable)?;
+        }
+        let hashes: Vec<[u8; 32]> = ops
+            .iter()
+            .filter_map(|o| automerge::Change::try_from(o.change.as_slice()).ok())
+            .map(|c| c.hash().0)
+            .collect();
+        self.note_applied(hashes.into_iter());
+        Ok(())
+    }
+
+    fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
+        if self.replica {
+            self.replica()?.import_rows(table, rows)?;
+            for r in rows {
+                if let Ok(doc) = automerge::Automerge::load(&r.doc) {
+                    let hashes: Vec<[u8; 32]> =
+                        doc.get_changes(&[]).iter().map(|c| c.hash().0).collect();
+                    self.note_applied(hashes.into_iter());
+                }
+            }
+            return Ok(());
+        }
+        let mut changed = false;
+        for r in rows {
+            let export = RowExport {
+                table: table.to_string(),
+                id: r.row,
+                doc: r.doc.clone(),
+            };
+            self.store_ref()?
+                .import_row(&export, Durability::Immediate)
+                .map_err(unavailable)?;
+            changed |= self.side.evict_waiting.remove(&(table.to_string(), r.row));
+            if let Ok(doc) = automerge::Automerge::load(&r.doc) {
+                let hashes: Vec<[u8; 32]> =
+                    doc.get_changes(&[]).iter().map(|c| c.hash().0).collect();
+                self.note_applied(hashes.into_iter());
+            }
+        }
+        if changed {
+            self.save_side()?;
+        }
+        Ok(())
+    }
+
+    fn evict_rows(&mut self, table: &str, rows: &[uuid::Uuid]) -> Result<(), StorageError> {
+        if self.replica {
+            let before: Vec<(String, uuid::Uuid)> = rows
+                .iter()
+                .filter(|id| self.holds(table, **id))
+                .map(|id| (table.to_string(), *id))
+                .collect();
+            self.replica()?.evict_rows(table, rows)?;
+            self.note_evicted(before);
+            return Ok(());
+        }
+        let mut changed = false;
+        for id in rows {
+            if !self.try_evict(table, *id)? {
+                changed |= self.side.evict_waiting.insert((table.to_string(), *id));
+            }
+        }
+        if changed {
+            self.save_side()?;
+        }
+        Ok(())
+    }
+
+    fn cursor(&self, table: &str) -> Result<Cursor, StorageError> {
+        if self.replica {
+            return self.replica()?.cursor(table);
+        }
+        self.store_ref()?;
+        Ok(Cursor(self.side.cursors.get(table).copied().unwrap_or(0)))
+    }
+
+    fn set_cursor(
+        &mut self,
+        table: &str,
+        cursor: Cursor,
+        synced_at: Option<Millis>,
+    ) -> Result<(), StorageError> {
+        if self.replica {
+            return self.replica()?.set_cursor(table, cursor, synced_at);
+        }
+        self.store_ref()?;
+        self.side.cursors.insert(table.to_string(), cursor.0);
+        if let Some(at) = synced_at {
+            self.side.synced_at.insert(table.to_string(), at.0);
+        }
+        self.save_side()
+    }
+
+    fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
+        if self.replica {
+            return self.replica()?.last_sync(table);
+        }
+        self.store_ref()?;
+        Ok(self.side.synced_at.get(table).map(|t| Millis(*t)))
+    }
+
+    fn blob_progress(&self, _sha256: &[u8; 32]) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+
+    fn write_blob_chunk(
+        &mut self,
+        _sha256: &[u8; 32],
+        _offset: u64,
+        _data: &[u8],
+        _total: u64,
+    ) -> Result<(), StorageError> {
+        Err(StorageError::Unavailable(
+            "the simulator's workload has no blobs".into(),
+        ))
+    }
+}
+
+impl SimDeviceStorage for StoreDevice {
+    fn edit(&mut self, now: u64, op: OpId, row: RowKey, kind: EditKind) -> Result<bool, RealError> {
+        self.set_now(now);
+        let Some(table) = self.tables.get(row.table as usize).cloned() else {
+            return Ok(false);
+        };
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| RealError::Store("the device is down".into()))?;
+        let Some(info) = super::commit_edit(store, &table, row, kind)? else {
+            return Ok(false);
+        };
+        let e = store
+            .ops_since(info.first_seq - 1, 1)
+            .map_err(|e| RealError::Store(e.to_string()))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| RealError::Store("the commit wrote no log entry".into()))?;
+        self.registry.borrow_mut().insert(e.hash, op, row);
+        self.known.insert(op);
+        self.add_pending(e.seq, row, e.hash);
+        Ok(true)
+    }
+
+    fn for_each_row(&self, f: &mut dyn FnMut(RowKey, u64)) {
+        let Some(store) = &self.store else { return };
+        for t in &self.tables {
+            let Ok(rows) = store.scan(t) else { continue };
+            for r in rows.flatten() {
+                if let Some(k) = row_key(r.id) {
+                    f(k, digest_row(&r));
+                }
+            }
+        }
+    }
+
+    fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey)) {
+        let Some(store) = &self.store else { return };
+        for t in &self.tables {
+            let Ok(rows) = store.scan(t) else { continue };
+            for r in rows.flatten() {
+                if let Some(k) = row_key(r.id) {
+                    f(k);
+                }
+            }
+        }
+    }
+
+    fn row_digest(&self, row: RowKey) -> Option<u64> {
+        let store = self.store.as_ref()?;
+        let table = self.tables.get(row.table as usize)?;
+        store
+            .get(table, row_id(row))
+            .ok()
+            .flatten()
+            .map(|r| digest_row(&r))
+    }
+
+    fn has_op(&self, op: OpId) -> bool {
+        self.known.contains(&op)
+    }
+
+    fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn has_pending_on(&self, row: RowKey) -> bool {
+        self.pending_rows.contains_key(&row)
+    }
+
+    fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64)) {
+        if self.replica {
+            let Ok(rep) = self.replica() else { return };
+            for (i, t) in self.tables.iter().enumerate() {
+                if let (Ok(c), Ok(i)) = (rep.cursor(t), u32::try_from(i)) {
+                    f(i, c.0);
+                }
+            }
+            return;
+        }
+        for (t, c) in &self.side.cursors {
+            if let Some(i) = self.table_index(t) {
+                f(i, *c);
+            }
+        }
+    }
+
+    fn drain_events(&mut self, out: &mut Vec<NodeEvent>) {
+        out.append(&mut self.events);
+    }
+
+    fn set_now(&mut self, now: u64) {
+        self.clock
+            .store(i64::try_from(now).unwrap_or(i64::MAX), Ordering::SeqCst);
+    }
+
+    fn crash(&mut self) {
+        self.store = None;
+        self.events.clear();
+    }
+
+    fn restart(&mut self) -> Result<(), RealError> {
+        let store = open_store(self.dir.path(), None, &self.options)?;
+        self.store = Some(store);
+        let side = match std::fs::read(self.side_path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| RealError::Store(format!("the side file: {e}")))?,
+            Err(_) => SideState::default(),
+        };
+        self.side = side;
+        self.rebuild().map_err(|e| RealError::Store(e.to_string()))
+    }
+}
+
+impl Registry {
+    /// The op and row of a change hash, if the workload made it.
+    pub fn op_of(&self, hash: &[u8; 32]) -> Option<(OpId, RowKey)> {
+        self.by_hash.get(hash).copied()
+    }
+}

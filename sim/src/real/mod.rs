@@ -1,0 +1,791 @@
+//! The real engine: nodes that run fieldsync's own store and protocol state machines.
+//!
+//! Each device is a [`DeviceSession`] over a real [`fieldsync_store::Store`] (on a temporary
+//! sled directory), the hub is one [`HubSession`] per connected device over the hub's store.
+//! Messages between them are the real wire frames ([`wire::encode`] / [`wire::decode`]), so
+//! the byte counters measure what the protocol would send. Everything is deterministic: every
+//! store has a fixed [`ActorId`] derived from the run's seed and a manual clock set from
+//! virtual time before each call, row ids are derived from the simulator's [`RowKey`]s, and
+//! nothing here iterates a `HashMap` or reads a clock.
+//!
+//! The node drivers ([`RealNode`]) are generic over the storage: [`SimDeviceStorage`] and
+//! [`SimHubStorage`] extend the protocol's `DeviceStorage` / `HubStorage` with what the
+//! simulator needs (edits, admin changes, observation, crash). [`RealFactory`] builds them over
+//! the minimal store adapters of this module ([`StoreDevice`], [`StoreHub`]).
+//!
+//! # Crashes
+//!
+//! Every commit is `Durability::Immediate` without `fsync` (a process crash, not a power
+//! loss): a crash drops the store handle and the sessions, a restart reopens the store from its
+//! directory. So a crash loses connections, messages in flight and session state, never a
+//! commit; group-commit loss is not modelled (sled flushes group commits on a wall-clock timer,
+//! which would make runs irreproducible).
+
+mod device;
+mod hub;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use fieldsync_replication::proto::{
+    DeviceConfig, DeviceEvent, DeviceId, DeviceSession, DeviceState, HubConfig, HubEvent,
+    HubSession, Message, Millis, SyncSchedule,
+};
+use fieldsync_replication::wire;
+use fieldsync_store::{ActorId, CommitInfo, Row, RowId, Schema, Store, Value, WriteError};
+
+pub use device::{SimDeviceStorage, StoreDevice};
+pub use hub::{SimHubStorage, StoreHub};
+
+use crate::digest::Fnv64;
+use crate::node::{
+    AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory, NodeId,
+    Observe, OpId, RowKey, SimMessage, SimNode, Transmit, HUB,
+};
+use crate::simple::PlantedBug;
+
+/// Why the real engine could not set up or drive a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RealError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// A file or directory could not be made.
+    #[error("i/o: {0}")]
+    Io(String),
+    /// The scenario's tables do not make a schema.
+    #[error("schema: {0}")]
+    Schema(String),
+}
+
+/// Which workload op each automerge change is (shared by every node of a run: the simulator's
+/// knowledge, never a node's).
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_hash: BTreeMap<[u8; 32], (OpId, RowKey)>,
+}
+
+impl Registry {
+    fn insert(&mut self, hash: [u8; 32], op: OpId, row: RowKey) {
+        self.by_hash.insert(hash, (op, row));
+    }
+}
+
+/// The registry, shared by the nodes of one run.
+pub type SharedRegistry = Rc<RefCell<Registry>>;
+
+const ROW_TAG: u64 = 0x5157_0000_0000_0000;
+
+/// The store's row id of a simulator row.
+pub fn row_id(row: RowKey) -> RowId {
+    uuid::Uuid::from_u64_pair(ROW_TAG | u64::from(row.table), row.id)
+}
+
+/// The simulator row of a store row id (`None` for ids the simulator did not make).
+pub fn row_key(id: RowId) -> Option<RowKey> {
+    let (hi, lo) = id.as_u64_pair();
+    if hi & 0xffff_ffff_0000_0000 != ROW_TAG {
+        return None;
+    }
+    Some(RowKey {
+        table: (hi & 0xffff_ffff) as u32,
+        id: lo,
+    })
+}
+
+fn device_id(d: NodeId) -> DeviceId {
+    DeviceId(uuid::Uuid::from_u64_pair(
+        0xDE71_CE00_0000_0000,
+        u64::from(d.0),
+    ))
+}
+
+fn user_id(d: NodeId) -> uuid::Uuid {
+    uuid::Uuid::from_u64_pair(0x05E7_0000_0000_0000, u64::from(d.0))
+}
+
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The fixed actor of a node in a run of `seed`.
+pub fn actor_of(seed: u64, node: NodeId) -> ActorId {
+    let mut x = seed ^ (u64::from(node.0) << 32) ^ 0xA5A5_5A5A;
+    let a = splitmix(&mut x);
+    let b = splitmix(&mut x);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&a.to_le_bytes());
+    bytes[8..].copy_from_slice(&b.to_le_bytes());
+    ActorId(bytes)
+}
+
+/// The digest of a row's materialized values (every column, system columns included).
+fn digest_row(row: &Row) -> u64 {
+    let mut h = Fnv64::new();
+    for (k, v) in &row.values {
+        h.write_bytes(k.as_bytes());
+        h.write_u8(0);
+        match serde_json::to_vec(v) {
+            Ok(b) => h.write_bytes(&b),
+            Err(_) => h.write_u8(0xff),
+        }
+    }
+    h.finish()
+}
+
+/// Commit one workload edit as a real transaction; `None` when the store refuses it.
+fn commit_edit(
+    store: &Store,
+    table: &str,
+    row: RowKey,
+    kind: EditKind,
+) -> Result<Option<CommitInfo>, RealError> {
+    let mut tx = store.begin();
+    let id = row_id(row);
+    let r = match kind {
+        EditKind::Create => tx.insert_with_id(table, id, &[("c0", Value::Integer(0))]),
+        EditKind::Update { column, value } => {
+            let col = format!("c{column}");
+            let v = Value::Integer(i64::try_from(value & 0x7fff_ffff_ffff_ffff).unwrap_or(0));
+            tx.update(table, id, &[(col.as_str(), v)])
+        }
+        EditKind::Delete => tx.delete(table, id),
+    };
+    match r {
+        Ok(()) => {}
+        Err(
+            WriteError::RowNotFound { .. }
+            | WriteError::RowDeleted { .. }
+            | WriteError::RowExists { .. }
+            | WriteError::Schema(_),
+        ) => return Ok(None),
+        Err(e) => return Err(RealError::Store(e.to_string())),
+    }
+    tx.commit()
+        .map(Some)
+        .map_err(|e| RealError::Store(e.to_string()))
+}
+
+/// The schema of a scenario: each table has integer columns `c0..cN`.
+pub fn scenario_schema(tables: &[(String, u32)]) -> Result<Schema, RealError> {
+    let mut toml = String::new();
+    for (name, columns) in tables {
+        toml.push_str(&format!("[tables.\"{name}\".columns]\n"));
+        for c in 0..(*columns).max(1) {
+            toml.push_str(&format!("c{c} = \"integer\"\n"));
+        }
+    }
+    Schema::from_toml(&toml).map_err(|e| RealError::Schema(e.to_string()))
+}
+
+/// A real wire frame: the bytes `wire::encode` produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    bytes: Vec<u8>,
+    kind: &'static str,
+}
+
+impl Frame {
+    fn encode(msg: &Message) -> Option<Frame> {
+        match wire::encode(msg) {
+            Ok(bytes) => Some(Frame {
+                bytes,
+                kind: msg.name(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, msg = msg.name(), "a message does not encode");
+                None
+            }
+        }
+    }
+}
+
+impl SimMessage for Frame {
+    fn wire_len(&self) -> usize {
+        self.bytes.len()
+    }
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    fn digest(&self, hasher: &mut Fnv64) {
+        hasher.write_bytes(&self.bytes);
+    }
+}
+
+/// A device: its session and its storage.
+#[derive(Debug)]
+pub struct RealDevice<S> {
+    config: DeviceConfig,
+    session: DeviceSession,
+    storage: S,
+    tables: usize,
+    now: u64,
+    alive: bool,
+    outbox: VecDeque<Frame>,
+    events: VecDeque<NodeEvent>,
+    sync_started: Option<u64>,
+    synced: BTreeSet<String>,
+}
+
+/// The hub: one session per connected device, and its storage.
+#[derive(Debug)]
+pub struct RealHub<H> {
+    config: HubConfig,
+    sessions: BTreeMap<NodeId, HubSession>,
+    storage: H,
+    now: u64,
+    alive: bool,
+    outbox: VecDeque<Transmit<Frame>>,
+    events: VecDeque<NodeEvent>,
+}
+
+/// A node of the real engine.
+#[derive(Debug)]
+pub enum RealNode<S, H> {
+    /// The hub.
+    Hub(Box<RealHub<H>>),
+    /// A device.
+    Device(Box<RealDevice<S>>),
+}
+
+impl<S: SimDeviceStorage> RealDevice<S> {
+    fn drain(&mut self) {
+        let now = Millis(self.now);
+        while let Some(msg) = self.session.poll_transmit(now) {
+            if let Some(f) = Frame::encode(&msg) {
+                self.outbox.push_back(f);
+            }
+        }
+        let mut evs = Vec::new();
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                DeviceEvent::Connected { .. } => {
+                    self.sync_started = Some(self.now);
+                    self.synced.clear();
+                }
+                DeviceEvent::TableSynced { table } => {
+                    if let Some(start) = self.sync_started {
+                        self.synced.insert(table);
+                        if self.synced.len() >= self.tables {
+                            self.sync_started = None;
+                            evs.push(NodeEvent::SyncCompleted {
+                                started_local_ms: start,
+                            });
+                        }
+                    }
+                }
+                DeviceEvent::StorageFailed { error } => {
+                    tracing::warn!(%error, "device storage failed");
+                }
+                _ => {}
+            }
+        }
+        let mut stored = Vec::new();
+        self.storage.drain_events(&mut stored);
+        self.events.extend(stored);
+        self.events.extend(evs);
+    }
+
+    fn edit(&mut self, now: u64, edit: &Edit) -> EditResult {
+        self.now = now;
+        self.storage.set_now(now);
+        match self.storage.edit(now, edit.op, edit.row, edit.kind) {
+            Ok(true) => {
+                self.session
+                    .handle_local_ops(Millis(now), &mut self.storage);
+                self.drain();
+                EditResult::Committed
+            }
+            Ok(false) => EditResult::Refused,
+            Err(e) => {
+                tracing::warn!(error = %e, "device edit failed");
+                EditResult::Refused
+            }
+        }
+    }
+}
+
+impl<H> RealHub<H> {
+    /// The hub's storage.
+    pub fn storage(&self) -> &H {
+        &self.storage
+    }
+}
+
+impl<S> RealDevice<S> {
+    /// The device's storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+}
+
+impl<H: SimHubStorage> RealHub<H> {
+    fn drain(&mut self) {
+        let now = Millis(self.now);
+        let mut changed: Vec<(NodeId, Vec<String>)> = Vec::new();
+        for (d, s) in self.sessions.iter_mut() {
+            while let Some(msg) = s.poll_transmit(now) {
+                if let Some(f) = Frame::encode(&msg) {
+                    self.outbox.push_back(Transmit { to: *d, msg: f });
+                }
+            }
+            while let Some(ev) = s.poll_event() {
+                match ev {
+                    HubEvent::OpsApplied {
+                        accepted, tables, ..
+                    } if accepted > 0 => changed.push((*d, tables)),
+                    HubEvent::StorageFailed { error } => {
+                        tracing::warn!(%error, "hub storage failed");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut stored = Vec::new();
+        self.storage.drain_events(&mut stored);
+        self.events.extend(stored);
+        if !changed.is_empty() {
+            for (from, tables) in changed {
+                self.changes(Some(from), &tables);
+            }
+        }
+    }
+
+    /// Tell every session (but `except`) that these tables changed, then drain again.
+    fn changes(&mut self, except: Option<NodeId>, tables: &[String]) {
+        let now = Millis(self.now);
+        for (d, s) in self.sessions.iter_mut() {
+            if Some(*d) != except {
+                s.handle_changes(now, tables, &mut self.storage);
+            }
+        }
+        self.drain();
+    }
+}
+
+impl<S: SimDeviceStorage, H: SimHubStorage> SimNode for RealNode<S, H> {
+    type Msg = Frame;
+
+    fn handle_connected(&mut self, now: u64, peer: NodeId) {
+        match self {
+            RealNode::Hub(h) => {
+                h.now = now;
+                h.sessions
+                    .insert(peer, HubSession::new(h.config.clone(), Millis(now)));
+                h.drain();
+            }
+            RealNode::Device(d) => {
+                d.now = now;
+                d.session.handle_connected(Millis(now));
+                d.drain();
+            }
+        }
+    }
+
+    fn handle_disconnected(&mut self, now: u64, peer: NodeId) {
+        match self {
+            RealNode::Hub(h) => {
+                h.now = now;
+                h.sessions.remove(&peer);
+                h.outbox.retain(|t| t.to != peer);
+            }
+            RealNode::Device(d) => {
+                d.now = now;
+                d.outbox.clear();
+                d.sync_started = None;
+                d.session.handle_disconnected(Millis(now));
+                d.drain();
+            }
+        }
+    }
+
+    fn handle_message(&mut self, now: u64, from: NodeId, msg: Frame) {
+        let _span = tracing::trace_span!("real_message", kind = msg.kind).entered();
+        match self {
+            RealNode::Hub(h) => {
+                h.now = now;
+                h.storage.set_now(now);
+                let Some(s) = h.sessions.get_mut(&from) else {
+                    return;
+                };
+                match wire::decode(&msg.bytes) {
+                    Ok((m, _)) => s.handle_message(Millis(now), m, &mut h.storage),
+                    Err(e) => s.handle_wire_error(Millis(now), &e),
+                }
+                h.drain();
+            }
+            RealNode::Device(d) => {
+                d.now = now;
+                d.storage.set_now(now);
+                match wire::decode(&msg.bytes) {
+                    Ok((m, _)) => d.session.handle_message(Millis(now), m, &mut d.storage),
+                    Err(e) => d.session.handle_wire_error(Millis(now), &e),
+                }
+                d.drain();
+            }
+        }
+    }
+
+    fn handle_timeout(&mut self, now: u64) {
+        match self {
+            RealNode::Hub(h) => {
+                h.now = now;
+                for s in h.sessions.values_mut() {
+                    if s.poll_timeout().is_some_and(|t| t.0 <= now) {
+                        s.handle_timeout(Millis(now));
+                    }
+                }
+                h.drain();
+            }
+            RealNode::Device(d) => {
+                d.now = now;
+                d.storage.set_now(now);
+                if d.session.state() != DeviceState::Idle {
+                    d.session.handle_timeout(Millis(now), &mut d.storage);
+                }
+                d.drain();
+            }
+        }
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit<Frame>> {
+        match self {
+            RealNode::Hub(h) => h.outbox.pop_front(),
+            RealNode::Device(d) => d.outbox.pop_front().map(|msg| Transmit { to: HUB, msg }),
+        }
+    }
+
+    fn poll_event(&mut self) -> Option<NodeEvent> {
+        match self {
+            RealNode::Hub(h) => h.events.pop_front(),
+            RealNode::Device(d) => d.events.pop_front(),
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        match self {
+            RealNode::Hub(h) => h
+                .sessions
+                .values()
+                .filter_map(|s| s.poll_timeout())
+                .map(|t| t.0)
+                .min(),
+            RealNode::Device(d) => {
+                if !d.alive {
+                    return None;
+                }
+                if d.session.state() == DeviceState::Idle {
+                    // Wake when the device wants to connect, so the simulator asks again.
+                    d.session
+                        .wants_connection_at(&d.storage)
+                        .map(|t| t.0)
+                        .filter(|t| *t > d.now)
+                } else {
+                    d.session.poll_timeout().map(|t| t.0)
+                }
+            }
+        }
+    }
+
+    fn wants_connection(&self) -> bool {
+        match self {
+            RealNode::Hub(_) => true,
+            RealNode::Device(d) => match d.session.state() {
+                DeviceState::Idle => d
+                    .session
+                    .wants_connection_at(&d.storage)
+                    .is_some_and(|t| t.0 <= d.now),
+                DeviceState::Handshaking | DeviceState::Ready => true,
+                DeviceState::Closed | DeviceState::Halted => false,
+            },
+        }
+    }
+
+    fn crash(&mut self) {
+        match self {
+            RealNode::Hub(h) => {
+                h.alive = false;
+                h.sessions.clear();
+                h.outbox.clear();
+                h.events.clear();
+                h.storage.crash();
+            }
+            RealNode::Device(d) => {
+                d.alive = false;
+                d.outbox.clear();
+                d.events.clear();
+                d.sync_started = None;
+                d.storage.crash();
+                d.session = DeviceSession::new(d.config.clone());
+            }
+        }
+    }
+
+    fn restart(&mut self, now: u64) {
+        match self {
+            RealNode::Hub(h) => {
+                h.now = now;
+                if let Err(e) = h.storage.restart() {
+                    tracing::error!(error = %e, "the hub's store does not reopen");
+                }
+                h.alive = true;
+            }
+            RealNode::Device(d) => {
+                d.now = now;
+                if let Err(e) = d.storage.restart() {
+                    tracing::error!(error = %e, "a device's store does not reopen");
+                }
+                d.session = DeviceSession::new(d.config.clone());
+                d.alive = true;
+            }
+        }
+    }
+}
+
+impl<S: SimDeviceStorage, H: SimHubStorage> Observe for RealNode<S, H> {
+    fn for_each_row(&self, f: &mut dyn FnMut(RowKey, u64)) {
+        match self {
+            RealNode::Hub(h) => h.storage.for_each_row(f),
+            RealNode::Device(d) => d.storage.for_each_row(f),
+        }
+    }
+
+    fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey)) {
+        match self {
+            RealNode::Hub(h) => h.storage.for_each_row(&mut |r, _| f(r)),
+            RealNode::Device(d) => d.storage.for_each_row_key(f),
+        }
+    }
+
+    fn row_digest(&self, row: RowKey) -> Option<u64> {
+        match self {
+            RealNode::Hub(h) => h.storage.row_digest(row),
+            RealNode::Device(d) => d.storage.row_digest(row),
+        }
+    }
+
+    fn has_op(&self, op: OpId) -> bool {
+        match self {
+            RealNode::Hub(h) => h.storage.has_op(op),
+            RealNode::Device(d) => d.storage.has_op(op),
+        }
+    }
+
+    fn pending_ops(&self) -> usize {
+        match self {
+            RealNode::Hub(_) => 0,
+            RealNode::Device(d) => d.storage.pending_count(),
+        }
+    }
+
+    fn has_pending_on(&self, row: RowKey) -> bool {
+        match self {
+            RealNode::Hub(_) => false,
+            RealNode::Device(d) => d.storage.has_pending_on(row),
+        }
+    }
+
+    fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64)) {
+        if let RealNode::Device(d) = self {
+            d.storage.for_each_cursor(f);
+        }
+    }
+}
+
+impl<S: SimDeviceStorage, H: SimHubStorage> FieldNode for RealNode<S, H> {
+    fn local_edit(&mut self, now: u64, edit: &Edit) -> EditResult {
+        let _span = tracing::trace_span!("real_edit", op = edit.op.0).entered();
+        match self {
+            RealNode::Hub(h) => {
+                h.now = now;
+                match h.storage.edit(now, edit.op, edit.row, edit.kind) {
+                    Ok(Some(table)) => {
+                        h.changes(None, &[table]);
+                        EditResult::Committed
+                    }
+                    Ok(None) => EditResult::Refused,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "office edit failed");
+                        EditResult::Refused
+                    }
+                }
+            }
+            RealNode::Device(d) => d.edit(now, edit),
+        }
+    }
+
+    fn handle_admin(&mut self, now: u64, event: &AdminEvent) {
+        let _span = tracing::debug_span!("real_admin").entered();
+        if let RealNode::Hub(h) = self {
+            h.now = now;
+            match h.storage.admin(now, event) {
+                Ok(tables) if !tables.is_empty() => h.changes(None, &tables),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "admin change failed"),
+            }
+        }
+    }
+}
+
+/// Builds real nodes: a [`StoreHub`] and [`StoreDevice`]s on temporary directories.
+#[derive(Debug)]
+pub struct RealFactory {
+    seed: u64,
+    base: PathBuf,
+    bug: Option<PlantedBug>,
+    registry: SharedRegistry,
+    schema: Option<Schema>,
+    /// The hub's initial changes per row and the feed position after setup.
+    initial: Option<(BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>>, u64)>,
+    device_replica: bool,
+}
+
+impl RealFactory {
+    /// A factory for a run of `seed`; stores live in the system's temporary directory (on
+    /// tmpfs, `/dev/shm`, when there is one). `bug` plants a bug in the hub adapter (tests
+    /// only; `hub-forgets-eviction` is the one the real engine supports).
+    pub fn new(seed: u64, bug: Option<PlantedBug>) -> RealFactory {
+        if bug.is_some_and(|b| b != PlantedBug::HubForgetsEviction) {
+            tracing::warn!(
+                ?bug,
+                "the real engine plants only hub-forgets-eviction; this switch does nothing here"
+            );
+        }
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        RealFactory {
+            seed,
+            base,
+            bug,
+            registry: Rc::new(RefCell::new(Registry::default())),
+            schema: None,
+            initial: None,
+            device_replica: false,
+        }
+    }
+
+    /// Devices run the replication crate's `DeviceReplica` for the protocol's storage calls
+    /// (instead of this module's minimal adapter).
+    pub fn with_device_replica(mut self, on: bool) -> RealFactory {
+        self.device_replica = on;
+        self
+    }
+
+    fn schema(&mut self, ctx: &NodeContext<'_>) -> Result<Schema, RealError> {
+        if let Some(s) = &self.schema {
+            return Ok(s.clone());
+        }
+        let tables: Vec<(String, u32)> = ctx.tables.iter().map(|t| (t.clone(), 64)).collect();
+        let s = scenario_schema(&tables)?;
+        self.schema = Some(s.clone());
+        Ok(s)
+    }
+
+    fn hub_config() -> HubConfig {
+        HubConfig::new(uuid::Uuid::from_u64_pair(0x4855_4200_0000_0000, 0))
+    }
+}
+
+/// The node type of the real engine.
+pub type RealStoreNode = RealNode<StoreDevice, StoreHub>;
+
+impl NodeFactory for RealFactory {
+    type Node = RealStoreNode;
+
+    fn hub(&mut self, ctx: &NodeContext<'_>) -> RealStoreNode {
+        let built = self.schema(ctx).and_then(|schema| {
+            StoreHub::create(
+                &self.base,
+                schema,
+                actor_of(self.seed, HUB),
+                ctx.tables.to_vec(),
+                ctx.world,
+                self.registry.clone(),
+                self.bug,
+            )
+        });
+        // Building a node has no error path in the trait: a store that cannot be created
+        // is a broken host, and the run cannot go on.
+        let storage = match built {
+            Ok(s) => s,
+            Err(e) => panic!("the real engine cannot create the hub's store: {e}"),
+        };
+        let mut per_row: BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>> = BTreeMap::new();
+        let all: Vec<RowKey> = ctx.world.all_rows().map(|(r, _)| r).collect();
+        for op in storage.initial_ops(&all) {
+            if let Some(k) = row_key(op.row) {
+                per_row.entry(k).or_default().push(op);
+            }
+        }
+        self.initial = Some((per_row, storage.position()));
+        RealNode::Hub(Box::new(RealHub {
+            config: Self::hub_config(),
+            sessions: BTreeMap::new(),
+            storage,
+            now: crate::node::SIM_EPOCH_MS,
+            alive: true,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+        }))
+    }
+
+    fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> RealStoreNode {
+        let built = self.schema(ctx).and_then(|schema| {
+            let mut s = StoreDevice::create(
+                &self.base,
+                schema,
+                actor_of(self.seed, id),
+                ctx.tables.to_vec(),
+                self.registry.clone(),
+            )?;
+            s.use_replica(self.device_replica);
+            if let Some((per_row, pos)) = &self.initial {
+                let ops: Vec<fieldsync_store::RemoteOp> = ctx
+                    .world
+                    .entitled_rows(id)
+                    .into_iter()
+                    .filter_map(|r| per_row.get(&r))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                s.seed(&ops, *pos)?;
+            }
+            Ok(s)
+        });
+        let storage = match built {
+            Ok(s) => s,
+            Err(e) => panic!("the real engine cannot create a device's store: {e}"),
+        };
+        let did = device_id(id);
+        let minutes = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
+        let schedule =
+            SyncSchedule::new(ctx.tables.iter().map(|t| (t.clone(), Some(minutes))), &[]);
+        let mut config = DeviceConfig::new(did, did.0.as_bytes().to_vec(), "sim", schedule);
+        config.live = ctx.sync.live;
+        config.request_timeout = Millis(ctx.sync.request_timeout.0.max(1_000));
+        config.rng_seed = self.seed ^ u64::from(id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        RealNode::Device(Box::new(RealDevice {
+            session: DeviceSession::new(config.clone()),
+            config,
+            storage,
+            tables: ctx.tables.len(),
+            now: 0,
+            alive: true,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            sync_started: None,
+            synced: BTreeSet::new(),
+        }))
+    }
+}

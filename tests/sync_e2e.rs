@@ -1,0 +1,568 @@
+//! End-to-end sync: a real `fieldsync hub serve` process and real `fieldsync device ...`
+//! processes over QUIC on loopback, with the field-service example.
+// A failed unwrap here is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fieldsync_e2e::{field_service, fieldsync, fieldsync_ok, free_udp_port, HubProcess};
+
+const APP: &str = "Field Service Mobile";
+const WO: &str = "msdyn_workorder";
+/// ana@contoso.com's id in the field-service environment (derived from her name).
+const ANA_ID: &str = "b237bab1-137b-5641-91ea-e78c80541bdd";
+
+struct Hub {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Hub {
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("hub")
+    }
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn init() -> Hub {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub {
+            dir,
+            port: free_udp_port(),
+        };
+        let data = hub.data();
+        fieldsync_ok([
+            "hub".as_ref(),
+            "init".as_ref(),
+            "--data".as_ref(),
+            data.as_os_str(),
+            "--env".as_ref(),
+            field_service("environment.toml").as_os_str(),
+            "--apps".as_ref(),
+            field_service("apps.toml").as_os_str(),
+            "--schema".as_ref(),
+            field_service("schema.toml").as_os_str(),
+            "--profile".as_ref(),
+            field_service("profile.toml").as_os_str(),
+        ]);
+        hub
+    }
+    /// An operator's write on the hub (hub stopped); returns the row id.
+    fn put(&self, table: &str, id: Option<&str>, values: &[&str]) -> String {
+        let data = self.data();
+        let mut args = vec![
+            "hub".to_string(),
+            "put".into(),
+            "--data".into(),
+            data.to_string_lossy().into_owned(),
+            table.into(),
+        ];
+        if let Some(id) = id {
+            args.push("--id".into());
+            args.push(id.into());
+        }
+        args.extend(values.iter().map(|s| s.to_string()));
+        fieldsync_ok(args).trim().to_string()
+    }
+    /// Enrolls USER and initializes a device for it (hub running); returns the device dir.
+    fn device(&self, user: &str, name: &str) -> PathBuf {
+        let cred = self.path(&format!("{name}.cred"));
+        let dev = self.path(name);
+        fieldsync_ok([
+            "hub".as_ref(),
+            "enroll".as_ref(),
+            "--data".as_ref(),
+            self.data().as_os_str(),
+            "--user".as_ref(),
+            user.as_ref(),
+            "--app".as_ref(),
+            APP.as_ref(),
+            "--out".as_ref(),
+            cred.as_os_str(),
+            "--address".as_ref(),
+            self.addr().as_ref(),
+        ]);
+        dev
+    }
+    fn serve(&self) -> HubProcess {
+        HubProcess::spawn(&self.data(), &self.addr(), None)
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn init_device(dev: &Path, cred: &Path) {
+    fieldsync_ok([
+        "device",
+        "init",
+        "--data",
+        &s(dev),
+        "--credential",
+        &s(cred),
+    ]);
+}
+
+fn sync(dev: &Path) -> String {
+    fieldsync_ok(["device", "sync", "--data", &s(dev), "--once"])
+}
+
+fn rows(dev: &Path, table: &str) -> Vec<serde_json::Value> {
+    fieldsync_ok(["device", "query", "--data", &s(dev), table, "--json"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn names(dev: &Path) -> Vec<String> {
+    let mut v: Vec<String> = rows(dev, WO)
+        .iter()
+        .filter_map(|r| r["msdyn_name"].as_str().map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+fn field(dev: &Path, table: &str, id: &str, col: &str) -> Option<String> {
+    rows(dev, table)
+        .into_iter()
+        .find(|r| r[format!("{table}id")].as_str() == Some(id))
+        .and_then(|r| r[col].as_str().map(str::to_string))
+}
+
+/// Three devices: offline edits, a conflicting edit, an unauthorized write (rejected, rolled
+/// back, listed by `device errors`), convergence; then an owner change (hub drained with
+/// SIGTERM, edited, restarted) moves a row from one device to another.
+#[test]
+fn three_devices_converge_conflict_rejection_and_owner_change() {
+    let hub = Hub::init();
+    let wo_ana = hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-101",
+            "ownerid=user:ana@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+        ],
+    );
+    let wo_move = hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-102",
+            "ownerid=user:ana@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970001",
+        ],
+    );
+    let wo_team = hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-103",
+            "ownerid=team:Emergency Crew",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+            "msdyn_workordersummary=flooded",
+        ],
+    );
+    hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-201",
+            "ownerid=user:ines@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+        ],
+    );
+    hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-301",
+            "ownerid=user:lena@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970002",
+        ],
+    );
+    let ana = hub.device("ana@contoso.com", "ana");
+    let ines = hub.device("ines@contoso.com", "ines");
+    let lena = hub.device("lena@contoso.com", "lena");
+
+    let proc = hub.serve();
+    for d in [&ana, &ines, &lena] {
+        let name = d.file_name().unwrap().to_string_lossy().into_owned();
+        init_device(d, &hub.path(&format!("{name}.cred")));
+        sync(d);
+    }
+    assert_eq!(names(&ana), ["WO-101", "WO-102", "WO-103"]);
+    assert_eq!(names(&ines), ["WO-103", "WO-201"]);
+    assert_eq!(names(&lena), ["WO-301"]);
+
+    // Offline edits.
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &s(&ana),
+        WO,
+        "--id",
+        &wo_team,
+        "msdyn_workordersummary=pump restarted",
+    ]);
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &s(&ana),
+        WO,
+        "--id",
+        &wo_ana,
+        "msdyn_priority=1",
+    ]);
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &s(&ines),
+        WO,
+        "--id",
+        &wo_team,
+        "msdyn_workordersummary=basement dry",
+    ]);
+    let product = fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &s(&ines),
+        "product",
+        "name=gasket",
+    ])
+    .trim()
+    .to_string();
+    let status = fieldsync_ok(["device", "status", "--data", &s(&ines)]);
+    assert!(status.contains("pending ops   2"), "{status}");
+
+    // Reconnect, twice round so every device has every other's edits.
+    for d in [&ana, &ines, &lena, &ana, &ines] {
+        sync(d);
+    }
+    let a = field(&ana, WO, &wo_team, "msdyn_workordersummary");
+    let i = field(&ines, WO, &wo_team, "msdyn_workordersummary");
+    assert_eq!(a, i, "devices converge on the conflicting column");
+    assert!(a.as_deref() == Some("pump restarted") || a.as_deref() == Some("basement dry"));
+    let status = fieldsync_ok(["device", "status", "--data", &s(&ana)]);
+    assert!(status.contains("conflicts     1"), "{status}");
+    assert!(status.contains("pending ops   0"), "{status}");
+    assert_eq!(
+        field(&ines, WO, &wo_ana, "msdyn_priority"),
+        None,
+        "ines may not see ana's row"
+    );
+
+    // The unauthorized create: rejected, rolled back, listed.
+    assert!(
+        field(&ines, "product", &product, "name").is_none(),
+        "rolled back"
+    );
+    let errors = fieldsync_ok(["device", "errors", "--data", &s(&ines)]);
+    assert!(
+        errors.contains(&product) && errors.contains("Permission"),
+        "{errors}"
+    );
+    let id = errors.split_whitespace().next().unwrap().to_string();
+    fieldsync_ok(["device", "errors", "--data", &s(&ines), "--discard", &id]);
+    assert!(fieldsync_ok(["device", "errors", "--data", &s(&ines)]).contains("no sync errors"));
+
+    // Owner change on the hub: drain (SIGTERM), edit, restart on the same port.
+    assert!(proc.terminate(), "the hub exits 0 on SIGTERM");
+    hub.put(WO, Some(&wo_move), &["ownerid=user:lena@contoso.com"]);
+    let _proc = hub.serve();
+    sync(&ana);
+    sync(&lena);
+    assert_eq!(names(&ana), ["WO-101", "WO-103"], "evicted from ana");
+    assert_eq!(names(&lena), ["WO-102", "WO-301"], "arrived on lena");
+}
+
+fn import_work_orders(dev: &Path, dir: &Path, n: usize) {
+    let file = dir.join("wo.jsonl");
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "{{\"msdyn_name\":\"IMP-{i:05}\",\"ownerid\":\"user:{ANA_ID}\",\"statecode\":0,\"msdyn_systemstatus\":690970000}}\n"
+        ));
+    }
+    std::fs::write(&file, text).unwrap();
+    fieldsync_ok(["device", "import", "--data", &s(dev), WO, &s(&file)]);
+}
+
+/// A device killed with SIGKILL mid-sync, again and again, loses nothing and duplicates
+/// nothing; a hub killed with SIGKILL loses no op it acknowledged.
+#[test]
+fn sigkill_device_and_hub_lose_nothing() {
+    const N: usize = 1500;
+    let hub = Hub::init();
+    let ana = hub.device("ana@contoso.com", "ana");
+    let ana2 = hub.device("ana@contoso.com", "ana2");
+    let proc = hub.serve();
+    init_device(&ana, &hub.path("ana.cred"));
+    init_device(&ana2, &hub.path("ana2.cred"));
+    import_work_orders(&ana, hub.dir.path(), N);
+
+    // Kill the device's sync at growing delays until one run completes.
+    let bin = fieldsync_e2e::fieldsync_bin();
+    let mut kills = 0;
+    for delay_ms in [150u64, 300, 450, 600, 900] {
+        let mut child = std::process::Command::new(bin)
+            .args(["device", "sync", "--data", &s(&ana), "--once"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        let _ = child.wait();
+    }
+    sync(&ana);
+    let status = fieldsync_ok(["device", "status", "--data", &s(&ana)]);
+    assert!(status.contains("pending ops   0"), "{status}");
+    assert!(status.contains("integrity     ok"), "{status}");
+    let mine = names(&ana);
+    assert_eq!(
+        mine.len(),
+        N,
+        "killed {kills} times: nothing lost or duplicated on the device"
+    );
+
+    // The acknowledged ops are on the hub: kill it without a drain, restart, read them back.
+    proc.kill();
+    let _proc = hub.serve();
+    sync(&ana2);
+    let theirs = names(&ana2);
+    assert_eq!(
+        theirs, mine,
+        "every acknowledged op survived the hub's SIGKILL"
+    );
+}
+
+/// A second app with the same profile shares the device's one copy; a revoked token is
+/// refused; sync-only-on-Wi-Fi is honoured with a clear message.
+#[test]
+fn second_app_revocation_and_wifi_only() {
+    let hub = Hub::init();
+    hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-1",
+            "ownerid=user:ana@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+        ],
+    );
+    let ana = hub.device("ana@contoso.com", "ana");
+    let bad = hub.device("ines@contoso.com", "ines");
+    let out = fieldsync_ok([
+        "hub",
+        "enroll",
+        "--data",
+        &s(&hub.data()),
+        "--user",
+        "ines@contoso.com",
+        "--app",
+        APP,
+        "--out",
+        &s(&hub.path("revoked.cred")),
+        "--address",
+        &hub.addr(),
+    ]);
+    let token = out
+        .split("token ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    fieldsync_ok([
+        "hub",
+        "revoke",
+        "--data",
+        &s(&hub.data()),
+        "--token",
+        &token,
+    ]);
+    let _proc = hub.serve();
+    init_device(&ana, &hub.path("ana.cred"));
+    sync(&ana);
+    assert_eq!(names(&ana), ["WO-1"]);
+    let _ = bad;
+
+    // Revoked: one clear error line.
+    let out = fieldsync([
+        "device",
+        "init",
+        "--data",
+        &s(&hub.path("rev")),
+        "--credential",
+        &s(&hub.path("revoked.cred")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revoked"), "{err}");
+
+    // Wi-Fi only.
+    fieldsync_ok([
+        "device",
+        "config",
+        "--data",
+        &s(&ana),
+        "--wifi-only",
+        "true",
+    ]);
+    let out = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
+        .args(["device", "sync", "--data", &s(&ana), "--once"])
+        .env("FIELDSYNC_FAKE_LINK", "cellular")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Wi-Fi only"));
+    let out = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
+        .args(["device", "sync", "--data", &s(&ana), "--once"])
+        .env("FIELDSYNC_FAKE_LINK", "wifi")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A client with a valid credential that asks for other tables, forged cursors, sends oversize
+/// and garbage frames: it gets nothing outside its set and the hub keeps serving others.
+#[test]
+fn hostile_client_gets_nothing_outside_its_set() {
+    use fieldsync_replication::credential::Credential;
+    use fieldsync_replication::proto::{Cursor, DeviceId, Hello, Message, Pull, TableCursor};
+    use fieldsync_replication::transport::{
+        connect_with_credential, ConnectionLimits, FrameFormat,
+    };
+    use fieldsync_replication::wire;
+
+    let hub = Hub::init();
+    let secret = hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=SECRET",
+            "ownerid=user:ines@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+        ],
+    );
+    let mine = hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=MINE",
+            "ownerid=user:ana@contoso.com",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+        ],
+    );
+    let _mal = hub.device("ana@contoso.com", "mallory");
+    let ines = hub.device("ines@contoso.com", "ines");
+    let _proc = hub.serve();
+    let cred = Credential::load(&hub.path("mallory.cred")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let seen: Vec<u8> = rt.block_on(async {
+        let mut seen = Vec::new();
+        // 1: valid Hello, then pulls of other tables and forged cursors.
+        let link = connect_with_credential(&cred, ConnectionLimits::device())
+            .await
+            .unwrap();
+        let mut w = link.writer.with_format(FrameFormat::WIRE_V1);
+        let mut r = link.reader.with_format(FrameFormat::WIRE_V1);
+        let token = cred.token.token();
+        let hello = Message::Hello(Hello {
+            protocol_versions: vec![fieldsync_replication::proto::messages::PROTOCOL_VERSION],
+            device: DeviceId(token.device_id),
+            token: cred.token.as_bytes().to_vec(),
+            app: token.app.clone(),
+            client: "mallory".into(),
+        });
+        w.write_frame(&wire::encode(&hello).unwrap()).await.unwrap();
+        let mut tables = Vec::new();
+        for t in ["systemaudit", "msdyn_workorder", "account", "no_such_table"] {
+            for c in [0u64, 1, 3, 7, u64::MAX / 2, u64::MAX] {
+                tables.push(TableCursor {
+                    table: t.into(),
+                    cursor: Cursor(c),
+                });
+            }
+        }
+        let pull = Message::Pull(Pull { tables });
+        w.write_frame(&wire::encode(&pull).unwrap()).await.unwrap();
+        // Read whatever comes for a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Ok(Some(frame))) = tokio::time::timeout_at(deadline, r.read_frame()).await {
+            seen.extend_from_slice(&frame);
+        }
+        link.conn.close(0u32.into(), b"");
+        // 2: garbage frame with a valid header length, and an oversize header.
+        let link = connect_with_credential(&cred, ConnectionLimits::device())
+            .await
+            .unwrap();
+        let mut w = link.writer.with_format(FrameFormat::WIRE_V1);
+        let mut garbage = b"FSYN".to_vec();
+        garbage.extend_from_slice(&[9, 9, 9, 9, 0, 0, 0, 8]);
+        garbage.extend_from_slice(b"garbage!");
+        let _ = w.write_raw(&garbage).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), link.conn.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the hub closes a connection that sends garbage"
+        );
+        let link = connect_with_credential(&cred, ConnectionLimits::device())
+            .await
+            .unwrap();
+        let mut w = link.writer.with_format(FrameFormat::WIRE_V1);
+        let mut oversize = b"FSYN".to_vec();
+        oversize.extend_from_slice(&[1, 1, 0, 0, 0x7f, 0xff, 0xff, 0xff]);
+        let _ = w.write_raw(&oversize).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), link.conn.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the hub closes a connection that announces an oversize frame"
+        );
+        seen
+    });
+    let secret_bytes = uuid::Uuid::parse_str(&secret).unwrap();
+    assert!(
+        !seen.windows(16).any(|w| w == secret_bytes.as_bytes()),
+        "another user's row id never reaches the hostile client"
+    );
+    assert!(!String::from_utf8_lossy(&seen).contains("SECRET"));
+    let _ = mine;
+    // The hub still serves another device.
+    init_device(&ines, &hub.path("ines.cred"));
+    sync(&ines);
+    assert_eq!(names(&ines), ["SECRET"]);
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
