@@ -645,3 +645,54 @@ pub(crate) mod mat_view {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Schema;
+
+    #[test]
+    fn mat_view_decodes_what_materialize_builds() {
+        let schema =
+            Schema::from_toml(include_str!("../../examples/field-service/schema.toml")).unwrap();
+        let table = schema.table("msdyn_workorder").unwrap();
+        let name = key_col(table, "msdyn_name").unwrap();
+        let op = |counter, actor, value| LiveOp {
+            counter,
+            actor,
+            value,
+        };
+        let mut state = CrdtState {
+            actors: vec![[1; 16], [2; 16]],
+            clock: vec![3, 1],
+            heads: vec![[7; 32]],
+            hashes: vec![[5; 32], [7; 32]],
+            max_op: 4,
+            pending: vec![1, 2, 9],
+            has_base: true,
+            keys: vec![KeyOps {
+                col: name,
+                ops: vec![
+                    op(1, 0, Value::Text("a".into())),
+                    op(2, 1, Value::Text("b".into())),
+                ],
+            }],
+            ..CrdtState::default()
+        };
+        let check = |s: &CrdtState| {
+            let got = mat_view::decode(&crate::store::encode(s), table).unwrap();
+            assert_eq!(got, s.materialize(table));
+        };
+        check(&state);
+        assert!(state.materialize(table).has_conflicts);
+        state.keys[0].ops.remove(0);
+        state.keys.push(KeyOps {
+            col: DELETED_COL,
+            ops: vec![op(4, 0, Value::Boolean(true))],
+        });
+        state.deleted = true;
+        check(&state);
+        check(&CrdtState::default());
+        assert!(mat_view::decode(&[9, 9, 9], table).is_err());
+    }
+}
