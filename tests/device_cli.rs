@@ -1,5 +1,8 @@
 //! End-to-end tests of the device commands, each a real `fieldsync` process.
 
+// Test setup that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 
 use fieldsync_e2e::{field_service, fieldsync_err, fieldsync_ok};

@@ -22,7 +22,12 @@ pub fn field_service(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The `fieldsync` binary, built once per test process with the same cargo that runs the tests.
+/// The `fieldsync` binary, brought up to date once per test process with the same cargo that
+/// runs the tests.
+///
+/// It asks for the workspace's test build (`cargo test --workspace --no-run`), not a plain
+/// `cargo build`: that resolves features exactly as `cargo test --workspace` does, so under the
+/// README's test command it finds everything built and rebuilds nothing.
 ///
 /// Panics (failing the test) when the build fails.
 pub fn fieldsync_bin() -> &'static Path {
@@ -31,7 +36,7 @@ pub fn fieldsync_bin() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let root = workspace_root();
         let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "fieldsync-node", "--bin", "fieldsync"])
+            .args(["test", "-q", "--workspace", "--no-run"])
             .current_dir(&root)
             .status()
             .unwrap_or_else(|e| panic!("cannot run cargo build: {e}"));

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod device_cmd;
 mod device_sync;
+mod emulator;
 mod hub_cmd;
 mod profile_cmd;
 mod sync;
@@ -47,6 +48,8 @@ enum Command {
     /// Offline profiles: validate, show, generate from an app, estimate sizes, Dataverse records.
     #[command(subcommand)]
     Profile(profile_cmd::ProfileCommand),
+    /// Serve a local emulator of the Dataverse Web API (the subset fieldsync uses).
+    DataverseEmulator(emulator::EmulatorArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Hub(cmd) => hub_cmd::run(cmd),
         Command::Demo { dir } => demo::run(dir.as_deref()),
         Command::Profile(cmd) => profile_cmd::run(cmd),
+        Command::DataverseEmulator(args) => emulator::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

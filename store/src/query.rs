@@ -383,9 +383,41 @@ impl Store {
         if let Some(n) = query.limit {
             out.truncate(n);
         }
-        Ok(out
-            .into_iter()
-            .map(|(id, mat)| self.to_row(table, id, mat))
-            .collect())
+        // Building the rows (a map of column names per row) costs as much as reading them:
+        // spread it over the cores too when there are many.
+        const PARALLEL_MIN: usize = 512;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4);
+        if out.len() < PARALLEL_MIN || threads == 1 {
+            return Ok(out
+                .into_iter()
+                .map(|(id, mat)| self.to_row(table, id, mat))
+                .collect());
+        }
+        let per = out.len().div_ceil(threads);
+        let mut parts: Vec<Vec<(RowId, MatRow)>> = Vec::with_capacity(threads);
+        while !out.is_empty() {
+            let rest = out.split_off(per.min(out.len()));
+            parts.push(std::mem::replace(&mut out, rest));
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    s.spawn(move || {
+                        part.into_iter()
+                            .map(|(id, mat)| self.to_row(table, id, mat))
+                            .collect::<Vec<Row>>()
+                    })
+                })
+                .collect();
+            let mut rows = Vec::new();
+            for h in handles {
+                rows.extend(h.join().map_err(|_| corrupt("a query worker panicked"))?);
+            }
+            Ok(rows)
+        })
     }
 }

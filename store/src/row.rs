@@ -507,6 +507,192 @@ mod flat {
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
         d: D,
     ) -> Result<Vec<[u8; N]>, D::Error> {
-        d.deserialize_byte_buf(Flat::<N>)
+        // `deserialize_bytes` borrows from the input: no intermediate buffer.
+        d.deserialize_bytes(Flat::<N>)
+    }
+}
+
+/// Decoding only what a [`MatRow`] needs from an encoded [`CrdtState`], without building the
+/// state: the actor, head and hash lists are skipped in place, and of each key's visible ops
+/// only the winner's value is kept. Same wire format as [`CrdtState`] (field order matters).
+pub(crate) mod mat_view {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+
+    use super::{key_name, LiveOp, MatRow, DELETED_COL, UNREPORTED_CONFLICT_COLUMNS};
+    use crate::schema::Table;
+    use crate::value::Value;
+
+    /// A byte string, skipped.
+    struct SkipBytes;
+
+    impl<'de> Deserialize<'de> for SkipBytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = SkipBytes;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a byte string")
+                }
+                fn visit_bytes<E: Error>(self, _: &[u8]) -> Result<SkipBytes, E> {
+                    Ok(SkipBytes)
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+
+    /// A sequence of `T`, read and dropped.
+    struct SkipSeq<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for SkipSeq<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = SkipSeq<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a sequence")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<SkipSeq<T>, A::Error> {
+                    while a.next_element::<T>()?.is_some() {}
+                    Ok(SkipSeq(PhantomData))
+                }
+            }
+            d.deserialize_seq(V(PhantomData))
+        }
+    }
+
+    /// The visible ops of a key: how many, and the winner's value.
+    struct Winner {
+        count: usize,
+        value: Option<Value>,
+    }
+
+    impl<'de> Deserialize<'de> for Winner {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Winner;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a sequence of ops")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Winner, A::Error> {
+                    let mut w = Winner {
+                        count: 0,
+                        value: None,
+                    };
+                    while let Some(op) = a.next_element::<LiveOp>()? {
+                        w.count += 1;
+                        w.value = Some(op.value);
+                    }
+                    Ok(w)
+                }
+            }
+            d.deserialize_seq(V)
+        }
+    }
+
+    #[derive(serde::Deserialize)]
+    struct KeyView {
+        col: u16,
+        ops: Winner,
+    }
+
+    /// Mirrors [`super::CrdtState`]'s fields, in order.
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct StateView {
+        deleted: bool,
+        actors: SkipBytes,
+        clock: SkipSeq<u64>,
+        heads: SkipBytes,
+        hashes: SkipBytes,
+        max_op: u64,
+        pending: SkipSeq<u64>,
+        has_base: bool,
+        keys: Vec<KeyView>,
+    }
+
+    /// The [`MatRow`] of an encoded [`super::CrdtState`] (equal to decoding the state and
+    /// calling [`super::CrdtState::materialize`]).
+    pub(crate) fn decode(bytes: &[u8], table: &Table) -> Result<MatRow, String> {
+        let (view, _): (StateView, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map_err(|e| e.to_string())?;
+        let mut values = Vec::with_capacity(view.keys.len());
+        let mut has_conflicts = false;
+        let mut deleted = false;
+        for k in view.keys {
+            if k.col == DELETED_COL {
+                deleted = true;
+                continue;
+            }
+            if k.ops.count > 1 && !UNREPORTED_CONFLICT_COLUMNS.contains(&key_name(table, k.col)) {
+                has_conflicts = true;
+            }
+            if let Some(v) = k.ops.value {
+                if !v.is_null() {
+                    values.push((k.col, v));
+                }
+            }
+        }
+        Ok(MatRow {
+            deleted,
+            has_conflicts,
+            values,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Schema;
+
+    #[test]
+    fn mat_view_decodes_what_materialize_builds() {
+        let schema =
+            Schema::from_toml(include_str!("../../examples/field-service/schema.toml")).unwrap();
+        let table = schema.table("msdyn_workorder").unwrap();
+        let name = key_col(table, "msdyn_name").unwrap();
+        let op = |counter, actor, value| LiveOp {
+            counter,
+            actor,
+            value,
+        };
+        let mut state = CrdtState {
+            actors: vec![[1; 16], [2; 16]],
+            clock: vec![3, 1],
+            heads: vec![[7; 32]],
+            hashes: vec![[5; 32], [7; 32]],
+            max_op: 4,
+            pending: vec![1, 2, 9],
+            has_base: true,
+            keys: vec![KeyOps {
+                col: name,
+                ops: vec![
+                    op(1, 0, Value::Text("a".into())),
+                    op(2, 1, Value::Text("b".into())),
+                ],
+            }],
+            ..CrdtState::default()
+        };
+        let check = |s: &CrdtState| {
+            let got = mat_view::decode(&crate::store::encode(s), table).unwrap();
+            assert_eq!(got, s.materialize(table));
+        };
+        check(&state);
+        assert!(state.materialize(table).has_conflicts);
+        state.keys[0].ops.remove(0);
+        state.keys.push(KeyOps {
+            col: DELETED_COL,
+            ops: vec![op(4, 0, Value::Boolean(true))],
+        });
+        state.deleted = true;
+        check(&state);
+        check(&CrdtState::default());
+        assert!(mat_view::decode(&[9, 9, 9], table).is_err());
     }
 }

@@ -359,9 +359,10 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A new row id: the open epoch and a counter in the high bytes (so ids this store
-    /// creates are increasing, and land next to each other in every key space), a hash of
-    /// the actor and both in the low bytes (so ids of different stores differ). A simulator
+    /// A new row id: a prefix of the actor's hash, the open epoch and a counter in the high
+    /// bytes (so ids this store creates are increasing, and land next to each other in every
+    /// key space), a hash of the actor, epoch and counter in the low bytes (so ids never
+    /// repeat). A simulator
     /// with a fixed actor gets the same ids on every run. UUID version 8 (custom).
     pub(crate) fn new_row_id(&self) -> RowId {
         let n = self.inner.id_counter.fetch_add(1, Ordering::Relaxed);
@@ -371,9 +372,17 @@ impl Store {
         h.update(n.to_be_bytes());
         let d = h.finalize();
         let mut b = [0u8; 16];
-        // 8 bits of epoch and 40 bits of counter in the first 6 bytes (byte 6 carries the
-        // UUID version, byte 8 the variant: both land in the hash part).
-        let high = ((self.inner.id_epoch & 0xff) << 40) | (n & ((1 << 40) - 1));
+        // First 6 bytes: 16 bits of the actor's hash (ids of one store share a prefix, and do
+        // not all start with zeros), 8 bits of epoch, 24 bits of counter. Byte 6 carries the
+        // UUID version and byte 8 the variant; both land in the hash part, which makes ids
+        // unique.
+        let prefix = u16::from_be_bytes(
+            Sha256::digest(self.inner.actor.0)[..2]
+                .try_into()
+                .unwrap_or([0, 0]),
+        );
+        let high =
+            (u64::from(prefix) << 32) | ((self.inner.id_epoch & 0xff) << 24) | (n & 0xff_ffff);
         b[..6].copy_from_slice(&high.to_be_bytes()[2..]);
         b[6..].copy_from_slice(&d[..10]);
         uuid::Builder::from_custom_bytes(b).into_uuid()
@@ -423,8 +432,8 @@ impl Store {
 
     /// The materialized row of a stored row record.
     pub(crate) fn decode_mat(&self, t: u16, bytes: &[u8]) -> Result<MatRow, StoreError> {
-        let state: CrdtState = decode(bytes, "a row")?;
-        Ok(state.materialize(self.table_by_id(t)?))
+        crate::row::mat_view::decode(bytes, self.table_by_id(t)?)
+            .map_err(|e| corrupt(format!("a row does not decode: {e}")))
     }
 
     pub(crate) fn load_entry(&self, seq: u64) -> Result<Option<StoredEntry>, StoreError> {

@@ -15,7 +15,7 @@ use crate::store::Store;
 use crate::value::{RowId, Value};
 
 /// Rows per `apply_batch` in `bulk_insert`.
-const BULK_CHUNK_ROWS: usize = 512;
+const BULK_CHUNK_ROWS: usize = 256;
 
 /// One row for [`Store::bulk_insert`]: an optional id and the column values.
 #[derive(Debug, Clone, PartialEq)]
@@ -458,37 +458,56 @@ impl Transaction<'_> {
         let mut seq = first_seq;
         let mut batch = sled::Batch::default();
         for row in &self.rows {
-            let table_name = store.table_name(row.table);
             let tab = store.table_by_id(row.table)?;
             let mut old_state = store.load_state(row.table, row.id)?;
-            let old_mat: Option<MatRow> = old_state.as_ref().map(|s| s.materialize(tab));
-            let mut state = match (&old_mat, row.insert) {
-                (Some(m), _) if m.deleted => {
+            // A local change only moves index entries when it writes an indexed column (or
+            // inserts or deletes the row): otherwise the old row need not be materialized
+            // nor its index keys recomputed.
+            let touches_index = row.insert
+                || row.delete
+                || row.puts.iter().any(|(c, _)| {
+                    tab.columns
+                        .get(usize::from(*c))
+                        .is_none_or(|col| col.ty.is_indexed())
+                });
+            let old_deleted = old_state.as_ref().map(|s| s.deleted);
+            let old_mat: Option<MatRow> = if touches_index {
+                old_state.as_ref().map(|s| s.materialize(tab))
+            } else {
+                None
+            };
+            let mut state = match (old_deleted, row.insert) {
+                (Some(true), _) => {
                     return Err(WriteError::RowDeleted {
-                        table: table_name,
+                        table: store.table_name(row.table),
                         id: row.id,
                     })
                 }
-                (Some(_), true) => {
+                (Some(false), true) => {
                     return Err(WriteError::RowExists {
-                        table: table_name,
+                        table: store.table_name(row.table),
                         id: row.id,
                     })
                 }
                 (None, false) => {
                     return Err(WriteError::RowNotFound {
-                        table: table_name,
+                        table: store.table_name(row.table),
                         id: row.id,
                     })
                 }
-                (Some(_), false) => old_state.take().unwrap_or_default(),
+                (Some(false), false) => old_state.take().unwrap_or_default(),
                 (None, true) => CrdtState::default(),
             };
-            let mut puts = row.puts.clone();
-            if row.delete {
-                puts.push((DELETED_COL, Value::Boolean(true)));
-            }
-            let (bytes, change) = state.local_change(tab, me, now, &puts);
+            let with_delete;
+            let puts: &[(u16, Value)] = if row.delete {
+                let mut p = row.puts.clone();
+                p.push((DELETED_COL, Value::Boolean(true)));
+                with_delete = p;
+                &with_delete
+            } else {
+                &row.puts
+            };
+            let (bytes, change) = state.local_change(tab, me, now, puts);
             state.apply(&change);
             state.pending.push(seq);
             let entry = StoredEntry {
@@ -499,7 +518,14 @@ impl Transaction<'_> {
                 change: bytes,
             };
             batch.insert(&keys::log(seq)[..], entry.encode());
-            store.stage_row(&mut batch, row.table, tab, row.id, old_mat.as_ref(), &state);
+            if touches_index {
+                store.stage_row(&mut batch, row.table, tab, row.id, old_mat.as_ref(), &state);
+            } else {
+                batch.insert(
+                    &keys::row_key(keys::ROW, row.table, row.id)[..],
+                    crate::store::encode(&state),
+                );
+            }
             seq += 1;
         }
         if seq > first_seq {

@@ -423,3 +423,32 @@ fn bulk_insert_writes_every_row() {
     assert!(matches!(r, Err(WriteError::RowExists { .. })));
     assert_eq!(p.last_seq(), 2);
 }
+
+#[test]
+fn reopen_keeps_actor_rows_and_seq_and_ids_stay_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data");
+    let opts = || fieldsync_store::StoreOptions::default().with_durability(Durability::Group);
+    let (actor, first) = {
+        let s = Store::create(&p, schema(), opts()).unwrap();
+        let mut tx = s.begin();
+        let id = tx.insert("account", &[("name", text("a"))]).unwrap();
+        tx.commit().unwrap();
+        s.sync().unwrap();
+        (s.actor(), id)
+    };
+    let s = Store::open(&p, opts()).unwrap();
+    assert_eq!(s.actor(), actor, "the random actor is persisted");
+    assert_eq!(s.last_seq(), 1);
+    assert!(s.get("account", first).unwrap().is_some());
+    let mut tx = s.begin();
+    let second = tx.insert("account", &[]).unwrap();
+    tx.commit().unwrap();
+    assert_ne!(first, second, "a reopened store does not reuse row ids");
+    assert_eq!(s.last_seq(), 2);
+    let status = s.status().unwrap();
+    assert_eq!(status.rows_per_table["account"], 2);
+    assert_eq!(status.log_entries, 2);
+    assert!(status.disk_bytes > 0);
+    assert!(s.check().unwrap().is_ok());
+}
