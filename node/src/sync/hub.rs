@@ -122,13 +122,8 @@ impl ChangeBus {
     }
 
     /// Sessions registered.
-    pub fn len(&self) -> usize {
+    pub fn session_count(&self) -> usize {
         self.sessions().len()
-    }
-
-    /// Whether no session is registered.
-    pub fn is_empty(&self) -> bool {
-        self.sessions().is_empty()
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -569,7 +564,7 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
         "fieldsync_hub_sessions",
         "Sessions being driven.",
         "gauge",
-        runtime.bus.len() as u64,
+        runtime.bus.session_count() as u64,
     );
     let lags = lock(&runtime.replica).device_lags();
     let _ = writeln!(
