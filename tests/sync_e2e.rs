@@ -13,6 +13,13 @@ const WO: &str = "msdyn_workorder";
 /// ana@contoso.com's id in the field-service environment (derived from her name).
 const ANA_ID: &str = "b237bab1-137b-5641-91ea-e78c80541bdd";
 
+/// These tests start real hubs and devices that each want both cores; run side by side on a
+/// two-core machine their QUIC handshakes time out. One at a time keeps them meaningful.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Hub {
     dir: tempfile::TempDir,
     port: u16,
@@ -141,6 +148,7 @@ fn field(dev: &Path, table: &str, id: &str, col: &str) -> Option<String> {
 /// SIGTERM, edited, restarted) moves a row from one device to another.
 #[test]
 fn three_devices_converge_conflict_rejection_and_owner_change() {
+    let _serial = serial();
     let hub = Hub::init();
     let wo_ana = hub.put(
         WO,
@@ -308,6 +316,7 @@ fn import_work_orders(dev: &Path, dir: &Path, n: usize) {
 /// nothing; a hub killed with SIGKILL loses no op it acknowledged.
 #[test]
 fn sigkill_device_and_hub_lose_nothing() {
+    let _serial = serial();
     const N: usize = 1500;
     let hub = Hub::init();
     let ana = hub.device("ana@contoso.com", "ana");
@@ -360,6 +369,7 @@ fn sigkill_device_and_hub_lose_nothing() {
 /// refused; sync-only-on-Wi-Fi is honoured with a clear message.
 #[test]
 fn second_app_revocation_and_wifi_only() {
+    let _serial = serial();
     let hub = Hub::init();
     hub.put(
         WO,
@@ -454,6 +464,7 @@ fn second_app_revocation_and_wifi_only() {
 /// and garbage frames: it gets nothing outside its set and the hub keeps serving others.
 #[test]
 fn hostile_client_gets_nothing_outside_its_set() {
+    let _serial = serial();
     use fieldsync_replication::credential::Credential;
     use fieldsync_replication::proto::{Cursor, DeviceId, Hello, Message, Pull, TableCursor};
     use fieldsync_replication::transport::{
