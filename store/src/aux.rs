@@ -15,6 +15,7 @@ use crate::options::{ActorId, Durability};
 use crate::row::{parse_change, row_change, DELETED_COL, DELETED_KEY};
 use crate::store::Store;
 use crate::value::{RowId, Value};
+use crate::wal::WriteBatch;
 
 /// Prefix byte of the auxiliary key space (see `docs/storage.md`).
 pub(crate) const AUX: u8 = b'X';
@@ -83,8 +84,9 @@ impl Store {
         durability: Durability,
     ) -> Result<(), StoreError> {
         let _span = trace_span!("aux_put", space).entered();
-        self.db().insert(aux_key(space, key)?, value)?;
-        self.make_durable(durability)
+        let mut batch = WriteBatch::default();
+        batch.insert(aux_key(space, key)?, value);
+        self.write(batch, durability)
     }
 
     /// The value of `key` in the aux `space`.
@@ -99,9 +101,12 @@ impl Store {
         key: &[u8],
         durability: Durability,
     ) -> Result<bool, StoreError> {
-        let old = self.db().remove(aux_key(space, key)?)?;
-        self.make_durable(durability)?;
-        Ok(old.is_some())
+        let key = aux_key(space, key)?;
+        let existed = self.db().contains_key(&key)?;
+        let mut batch = WriteBatch::default();
+        batch.remove(key);
+        self.write(batch, durability)?;
+        Ok(existed)
     }
 
     /// Apply several aux writes of one space atomically (one sled batch).
@@ -112,15 +117,14 @@ impl Store {
         durability: Durability,
     ) -> Result<(), StoreError> {
         let _span = trace_span!("aux_apply", space, writes = writes.len()).entered();
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         for w in writes {
             match w {
                 AuxWrite::Put(k, v) => batch.insert(aux_key(space, k)?, v.as_slice()),
                 AuxWrite::Remove(k) => batch.remove(aux_key(space, k)?),
             }
         }
-        self.db().apply_batch(batch)?;
-        self.make_durable(durability)
+        self.write(batch, durability)
     }
 
     /// Every (key, value) of the aux `space` whose key starts with `prefix`, in key order

@@ -12,8 +12,10 @@ use tracing::debug_span;
 
 use crate::codec::keys;
 use crate::error::StoreError;
+use crate::options::Durability;
 use crate::store::{decode, encode, Store};
 use crate::value::BlobRef;
+use crate::wal::WriteBatch;
 
 /// The size of a blob chunk.
 pub const BLOB_CHUNK_BYTES: usize = 256 * 1024;
@@ -62,7 +64,9 @@ impl Store {
             let data = &buf[..filled];
             whole.update(data);
             let sha: [u8; 32] = Sha256::digest(data).into();
-            self.db().insert(chunk_key(&sha), data)?;
+            let mut batch = WriteBatch::default();
+            batch.insert(chunk_key(&sha), data);
+            self.write(batch, Durability::Group)?;
             chunks.push(sha);
             size += filled as u64;
             if filled < buf.len() {
@@ -71,8 +75,9 @@ impl Store {
         }
         let sha256: [u8; 32] = whole.finalize().into();
         let header = BlobHeader { size, chunks };
-        self.db().insert(blob_key(&sha256), encode(&header))?;
-        self.make_durable(self.inner.options.durability)?;
+        let mut batch = WriteBatch::default();
+        batch.insert(blob_key(&sha256), encode(&header));
+        self.write(batch, self.inner.options.durability)?;
         Ok(BlobRef {
             sha256,
             size,

@@ -9,9 +9,11 @@ use tracing::{info, info_span};
 use crate::api::{CheckProblem, CheckReport, StoreStatus};
 use crate::codec::{from_scalar, keys};
 use crate::error::{corrupt, StoreError};
+use crate::options::Durability;
 use crate::row::{key_col, parse_change, row_change, CrdtState, MatRow, DELETED_COL};
 use crate::store::Store;
 use crate::value::{RowId, Value};
+use crate::wal::WriteBatch;
 
 /// Rows per batch when rebuilding.
 const REBUILD_CHUNK: usize = 1024;
@@ -97,7 +99,7 @@ impl Store {
         // Drop the derived state.
         for prefix in [keys::ROW, keys::INDEX] {
             loop {
-                let mut batch = sled::Batch::default();
+                let mut batch = WriteBatch::default();
                 let mut n = 0;
                 for r in self.db().scan_prefix([prefix]).take(REBUILD_CHUNK * 8) {
                     let (k, _) = r?;
@@ -107,10 +109,10 @@ impl Store {
                 if n == 0 {
                     break;
                 }
-                self.db().apply_batch(batch)?;
+                self.write(batch, Durability::Group)?;
             }
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         let mut n = 0;
         for ((t, id), h) in &histories {
             let state = self.replay(*t, *id, h)?;
@@ -118,11 +120,10 @@ impl Store {
             self.stage_row(&mut batch, *t, table, *id, None, &state);
             n += 1;
             if n % REBUILD_CHUNK == 0 {
-                self.db().apply_batch(std::mem::take(&mut batch))?;
+                self.write(std::mem::take(&mut batch), Durability::Group)?;
             }
         }
-        self.db().apply_batch(batch)?;
-        self.sync()?;
+        self.write(batch, Durability::Immediate)?;
         info!(
             rows = histories.len(),
             "rebuilt materialized rows from the log"

@@ -30,6 +30,7 @@ mod schema;
 mod store;
 mod txn;
 mod value;
+mod wal;
 
 pub use api::{
     ApplyOutcome, CheckProblem, CheckReport, ColumnConflict, CommitInfo, CompactReport, LogEntry,

@@ -59,12 +59,13 @@ impl FromStr for ActorId {
 /// When a commit is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Durability {
-    /// The commit is on disk (flushed and fsync'd) before `commit` returns.
+    /// The commit is on disk (written to the write-ahead file and `fdatasync`ed) before
+    /// `commit` returns: it survives a process crash and power loss.
     #[default]
     Immediate,
-    /// The commit is in memory when `commit` returns; it becomes durable at the next
-    /// [`Store::sync`](crate::Store::sync) or background flush (every
-    /// [`StoreOptions::group_flush_ms`] milliseconds).
+    /// The commit is written to the write-ahead file but not synced when `commit` returns: it
+    /// survives a process crash, and power loss once the next
+    /// [`Store::sync`](crate::Store::sync) returned. For bulk work.
     Group,
 }
 
@@ -121,11 +122,19 @@ pub struct StoreOptions {
     pub actor: Option<ActorId>,
     /// The clock (default the system clock).
     pub clock: Clock,
-    /// How often sled flushes group commits in the background, in milliseconds (default 200).
+    /// How often sled writes its buffers in the background, in milliseconds (default 200); it
+    /// bounds the work left for a write-ahead checkpoint.
     pub group_flush_ms: u64,
-    /// Whether an [`Durability::Immediate`] commit also `fdatasync`s the database file, so it
+    /// Whether an [`Durability::Immediate`] commit `fdatasync`s the write-ahead file, so it
     /// survives power loss and not only a process crash (default true). See `docs/storage.md`.
     pub fsync: bool,
+    /// Size of the write-ahead file (default 4 MiB): the store checkpoints (makes sled durable
+    /// and starts the file over) when it is full.
+    pub wal_capacity_bytes: u64,
+    /// Whether to write the write-ahead file's bytes once at open (default true), so that
+    /// a durable commit's `fdatasync` changes no file metadata. Many short-lived stores (the
+    /// simulator's) may turn it off.
+    pub wal_preallocate: bool,
 }
 
 impl Default for StoreOptions {
@@ -137,6 +146,8 @@ impl Default for StoreOptions {
             clock: Clock::system(),
             group_flush_ms: 200,
             fsync: true,
+            wal_capacity_bytes: 4 << 20,
+            wal_preallocate: true,
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::options::Durability;
 use crate::row::{parse_change, row_change, CrdtState, MatRow, RowChange};
 use crate::store::Store;
 use crate::value::RowId;
+use crate::wal::WriteBatch;
 
 /// Log entries folded per compaction batch.
 const COMPACT_CHUNK: usize = 2048;
@@ -82,7 +83,7 @@ impl Store {
         let mut outcome = ApplyOutcome::default();
         let mut writer = self.writer();
         let mut seq = writer.next_seq;
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         let mut rows: HashMap<(u16, RowId), Working> = HashMap::new();
         let mut order: Vec<(u16, RowId)> = Vec::new();
         let mut batch_held: Vec<[u8; 32]> = Vec::new();
@@ -169,7 +170,7 @@ impl Store {
                     .any(|w| w.held.get(*h).is_some_and(|(_, _, on_disk)| !on_disk))
             })
             .count();
-        self.db().apply_batch(batch)?;
+        self.write(batch, Durability::Group)?;
         self.set_next_seq(&mut writer, seq);
         drop(writer);
         self.make_durable(durability)?;
@@ -201,7 +202,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     fn apply_one(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut crate::wal::WriteBatch,
         seq: &mut u64,
         t: u16,
         id: RowId,
@@ -316,7 +317,7 @@ impl Store {
         let writer = self.writer();
         let acked = self.meta_u64("acked")?;
         let state = self.load_state(t, id)?;
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         let mut found = false;
         if let Some(state) = &state {
             if let Some(&last) = state.pending.iter().rev().find(|s| **s > acked) {
@@ -346,7 +347,7 @@ impl Store {
             batch.remove(k);
             found = true;
         }
-        self.db().apply_batch(batch)?;
+        self.write(batch, Durability::Group)?;
         drop(writer);
         self.make_durable(self.inner.options.durability)?;
         Ok(found)
@@ -404,7 +405,7 @@ impl Store {
             if seqs.is_empty() {
                 break;
             }
-            let mut batch = sled::Batch::default();
+            let mut batch = WriteBatch::default();
             for ((t, id), entries) in by_row {
                 let Some(mut state) = self.load_state(t, id)? else {
                     report.entries_of_evicted_rows += entries.len() as u64;
@@ -454,7 +455,7 @@ impl Store {
             report.entries_removed += seqs.len() as u64;
             // Keep last_seq when the log becomes empty.
             batch.insert(keys::meta("seq"), &last.to_be_bytes()[..]);
-            self.db().apply_batch(batch)?;
+            self.write(batch, Durability::Group)?;
             drop(writer);
         }
         self.sync()?;

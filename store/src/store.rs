@@ -16,6 +16,7 @@ use crate::options::{ActorId, Durability, StoreOptions};
 use crate::row::{CrdtState, MatRow};
 use crate::schema::{Schema, SchemaError, Table};
 use crate::value::{RowId, Value};
+use crate::wal::{Wal, WriteBatch};
 
 /// The on-disk format version, in the `0format` meta key.
 pub const FORMAT_VERSION: u32 = 1;
@@ -59,6 +60,10 @@ pub(crate) struct Inner {
     pub id_counter: AtomicU64,
     /// The last log seq, published after each write so readers need not lock.
     pub last_seq: AtomicU64,
+    /// The write-ahead file every batch goes through (`None` for a temporary store).
+    pub wal: Option<Mutex<Wal>>,
+    /// A second handle on the write-ahead file, to `fdatasync` it outside the lock.
+    pub wal_sync: Option<std::fs::File>,
 }
 
 /// State only the writer touches.
@@ -96,6 +101,69 @@ fn u64_meta(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(bytes)
         .map(u64::from_be_bytes)
         .map_err(|_| corrupt(format!("meta key {what} is not 8 bytes")))
+}
+
+/// Open the write-ahead file of the store in `dir`, replay what sled may not hold yet, and
+/// checkpoint, so the file starts empty in a new generation.
+fn recover_wal(
+    dir: &Path,
+    db: &sled::Db,
+    db_file: Option<&std::fs::File>,
+    options: &StoreOptions,
+) -> Result<Wal, OpenError> {
+    let generation = match db.get(keys::meta("walgen")).map_err(StoreError::from)? {
+        Some(g) => u64_meta(&g, "walgen")?,
+        None => 0,
+    };
+    let mut wal = Wal::open(
+        dir,
+        generation,
+        options.wal_capacity_bytes,
+        options.wal_preallocate,
+    )
+    .map_err(|e| OpenError::Corrupt {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "the write-ahead file {}: {e}",
+            dir.join(crate::wal::WAL_FILE).display()
+        ),
+    })?;
+    let batches = wal.replay()?;
+    if !batches.is_empty() {
+        debug!(
+            batches = batches.len(),
+            generation, "replaying the write-ahead file"
+        );
+    }
+    for b in batches {
+        db.apply_batch(b).map_err(StoreError::from)?;
+    }
+    checkpoint(db, db_file, options, &mut wal)?;
+    Ok(wal)
+}
+
+/// Make sled hold everything the write-ahead file holds, durably, then start the file over in
+/// the next generation (recorded durably in sled before any record of it is written).
+fn checkpoint(
+    db: &sled::Db,
+    db_file: Option<&std::fs::File>,
+    options: &StoreOptions,
+    wal: &mut Wal,
+) -> Result<(), StoreError> {
+    let _span = tracing::debug_span!("checkpoint", generation = wal.generation).entered();
+    let sync_db = || -> Result<(), StoreError> {
+        db.flush()?;
+        if let (true, Some(f)) = (options.fsync, db_file) {
+            f.sync_data()?;
+        }
+        Ok(())
+    };
+    sync_db()?;
+    let next = wal.generation + 1;
+    db.insert(keys::meta("walgen"), &next.to_be_bytes()[..])?;
+    sync_db()?;
+    wal.restart(next);
+    Ok(())
 }
 
 enum SledOpenError {
@@ -300,6 +368,14 @@ impl Store {
             Some(d) => Some(std::fs::File::open(d.join(DB_DIR).join("db"))?),
             None => None,
         };
+        let (wal, wal_sync) = match &dir {
+            Some(d) => {
+                let wal = recover_wal(d, &db, db_file.as_ref(), &options)?;
+                let sync = wal.sync_handle()?;
+                (Some(Mutex::new(wal)), Some(sync))
+            }
+            None => (None, None),
+        };
         let inner = Inner {
             db,
             dir,
@@ -313,6 +389,8 @@ impl Store {
             id_epoch,
             id_counter: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
+            wal,
+            wal_sync,
         };
         let store = Store {
             inner: Arc::new(inner),
@@ -513,7 +591,7 @@ impl Store {
     /// Stage the new materialized row, its state and its index changes into `batch`.
     pub(crate) fn stage_row(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
         t: u16,
         table: &Table,
         id: RowId,
@@ -543,6 +621,38 @@ impl Store {
         mat
     }
 
+    /// Write `batch` atomically: appended to the write-ahead file, then applied to sled (in
+    /// that order for every batch, under the WAL lock), then made durable as `durability` asks.
+    pub(crate) fn write(
+        &self,
+        batch: WriteBatch,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let Some(wal) = &self.inner.wal else {
+            self.db().apply_batch(batch.sled)?;
+            return self.make_durable(durability);
+        };
+        {
+            let mut wal = wal
+                .lock()
+                .map_err(|_| StoreError::Corrupt("a writer panicked while appending".into()))?;
+            if wal.needs_checkpoint(&batch) {
+                checkpoint(
+                    self.db(),
+                    self.inner.db_file.as_ref(),
+                    &self.inner.options,
+                    &mut wal,
+                )?;
+            }
+            wal.append(&batch)?;
+            self.db().apply_batch(batch.sled)?;
+        }
+        self.make_durable(durability)
+    }
+
     /// Make what has been written durable, as `durability` asks.
     pub(crate) fn make_durable(&self, durability: Durability) -> Result<(), StoreError> {
         if durability == Durability::Immediate {
@@ -551,14 +661,19 @@ impl Store {
         Ok(())
     }
 
-    /// Make every commit so far durable (group commits included): sled flush, then
-    /// `fdatasync` of the database file when [`StoreOptions::fsync`] is on.
+    /// Make every commit so far durable (group commits included): `fdatasync` of the
+    /// write-ahead file when [`StoreOptions::fsync`] is on (without it, a commit survives a
+    /// process crash as soon as it returns). A temporary store flushes sled.
     pub fn sync(&self) -> Result<(), StoreError> {
         let _span = tracing::trace_span!("sync").entered();
-        self.db().flush()?;
-        if self.inner.options.fsync {
-            if let Some(f) = &self.inner.db_file {
-                f.sync_data()?;
+        match &self.inner.wal_sync {
+            Some(f) => {
+                if self.inner.options.fsync {
+                    f.sync_data()?;
+                }
+            }
+            None => {
+                self.db().flush()?;
             }
         }
         Ok(())

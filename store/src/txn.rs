@@ -13,6 +13,7 @@ use crate::row::{CrdtState, MatRow, DELETED_COL};
 use crate::schema::Table;
 use crate::store::Store;
 use crate::value::{RowId, Value};
+use crate::wal::WriteBatch;
 
 /// Rows per `apply_batch` in `bulk_insert`.
 const BULK_CHUNK_ROWS: usize = 256;
@@ -275,7 +276,7 @@ impl Store {
             }
             let mut writer = self.writer();
             let mut seq = writer.next_seq;
-            let mut batch = sled::Batch::default();
+            let mut batch = WriteBatch::default();
             for (id, bytes, change) in built {
                 let mut state = CrdtState::default();
                 state.apply(&change);
@@ -291,7 +292,7 @@ impl Store {
                 self.stage_row(&mut batch, t, tab, id, None, &state);
                 seq += 1;
             }
-            self.db().apply_batch(batch).map_err(StoreError::from)?;
+            self.write(batch, Durability::Group)?;
             self.set_next_seq(&mut writer, seq);
             drop(writer);
             done += chunk.len();
@@ -456,7 +457,7 @@ impl Transaction<'_> {
         let mut writer = store.writer();
         let first_seq = writer.next_seq;
         let mut seq = first_seq;
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         for row in &self.rows {
             let tab = store.table_by_id(row.table)?;
             let mut old_state = store.load_state(row.table, row.id)?;
@@ -529,7 +530,7 @@ impl Transaction<'_> {
             seq += 1;
         }
         if seq > first_seq {
-            store.db().apply_batch(batch).map_err(StoreError::from)?;
+            store.write(batch, Durability::Group)?;
         }
         store.set_next_seq(&mut writer, seq);
         drop(writer);

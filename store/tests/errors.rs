@@ -249,6 +249,19 @@ fn damaged_data_directories_are_clear_errors() {
             let len = f.metadata().unwrap().len();
             f.set_len(len / 2).unwrap();
         }),
+        ("write-ahead file garbage", |p| {
+            fs::write(p.join("wal"), vec![0x5au8; 64 << 10]).unwrap()
+        }),
+        ("write-ahead file truncated to zero", |p| {
+            fs::write(p.join("wal"), b"").unwrap()
+        }),
+        ("write-ahead file missing", |p| {
+            fs::remove_file(p.join("wal")).unwrap()
+        }),
+        ("write-ahead file is a directory", |p| {
+            fs::remove_file(p.join("wal")).unwrap();
+            fs::create_dir(p.join("wal")).unwrap();
+        }),
         ("db is a directory of garbage", |p| {
             fs::remove_dir_all(p.join("db")).unwrap();
             fs::create_dir(p.join("db")).unwrap();
@@ -262,7 +275,9 @@ fn damaged_data_directories_are_clear_errors() {
         make_store(&p);
         damage(&p);
         match Store::open(&p, options(1)) {
-            Err(OpenError::Corrupt { .. }) | Err(OpenError::NotFound(_)) => {}
+            Err(OpenError::Corrupt { .. })
+            | Err(OpenError::NotFound(_))
+            | Err(OpenError::Io(_)) => {}
             Err(other) => panic!("{name}: unexpected error {other}"),
             Ok(s) => {
                 // sled recovered a consistent prefix: it must check out.
