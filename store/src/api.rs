@@ -94,7 +94,9 @@ pub struct RowExport {
     pub table: String,
     /// The row.
     pub id: RowId,
-    /// The automerge document, `save()` format (the whole history of the row).
+    /// The whole history of the row as bytes `automerge::Automerge::load` accepts: the row's
+    /// change chunks one after the other when it has no compacted base (no document is built
+    /// to export or import it), else a saved document.
     pub doc: Vec<u8>,
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use sha2::{Digest, Sha256};
 use tracing::{debug, info_span};
 
 use crate::api::{ApplyOutcome, CompactReport, LogEntry, RemoteOp, RowExport};
@@ -232,11 +233,25 @@ impl Store {
         let Some(state) = self.load_state(t, id)? else {
             return Ok(None);
         };
-        let doc = self.row_document(t, id, &state)?;
+        let doc = if state.has_base {
+            self.row_document(t, id, &state)?.save()
+        } else {
+            // No compacted base: the row's history is its log entries, and their change chunks
+            // one after the other are bytes `Automerge::load` accepts. No document is built
+            // here, and `import_rows` applies them without building one either.
+            let mut doc = Vec::new();
+            for seq in &state.pending {
+                let e = self
+                    .load_entry(*seq)?
+                    .ok_or_else(|| corrupt(format!("log entry {seq} of row {id} is missing")))?;
+                doc.extend_from_slice(&e.change);
+            }
+            doc
+        };
         Ok(Some(RowExport {
             table: table.to_string(),
             id,
-            doc: doc.save(),
+            doc,
         }))
     }
 
@@ -271,38 +286,56 @@ impl Store {
         Ok(doc)
     }
 
-    /// Merge a whole exported row document (idempotent, like `apply_remote` of its changes).
+    /// Merge a whole exported row (idempotent, like `apply_remote` of its changes).
     pub fn import_row(&self, row: &RowExport, durability: Durability) -> Result<(), StoreError> {
-        let _span = info_span!("import_row", table = %row.table, row = %row.id).entered();
-        self.table(&row.table)?;
-        let loaded = std::panic::catch_unwind(|| automerge::Automerge::load(&row.doc));
-        let doc = match loaded {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                return Err(StoreError::InvalidExport {
-                    table: row.table.clone(),
-                    row: row.id,
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(StoreError::InvalidExport {
-                    table: row.table.clone(),
-                    row: row.id,
-                    reason: "the document could not be decoded".into(),
-                })
-            }
-        };
-        let ops: Vec<RemoteOp> = doc
-            .get_changes(&[])
-            .into_iter()
-            .map(|c| RemoteOp {
+        self.import_rows(std::slice::from_ref(row), durability)
+    }
+
+    /// Merge many exported rows in one write (idempotent, like `apply_remote` of their
+    /// changes). A row sent as change chunks (what `export_row` gives for a row with no
+    /// compacted base) is applied without building its automerge document; a saved document
+    /// is loaded to read its changes. A row that does not decode refuses the whole call.
+    pub fn import_rows(
+        &self,
+        rows: &[RowExport],
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let _span = info_span!("import_rows", rows = rows.len()).entered();
+        let mut ops = Vec::new();
+        for row in rows {
+            self.table(&row.table)?;
+            let invalid = |reason: String| StoreError::InvalidExport {
                 table: row.table.clone(),
                 row: row.id,
-                change: c.raw_bytes().to_vec(),
-            })
-            .collect();
-        self.apply_remote(&ops, durability)?;
+                reason,
+            };
+            let op = |change: Vec<u8>| RemoteOp {
+                table: row.table.clone(),
+                row: row.id,
+                change,
+            };
+            if let Some(chunks) = change_chunks(&row.doc).map_err(invalid)? {
+                ops.extend(chunks.into_iter().map(|c| op(c.to_vec())));
+                continue;
+            }
+            let doc = match std::panic::catch_unwind(|| automerge::Automerge::load(&row.doc)) {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => return Err(invalid(e.to_string())),
+                Err(_) => return Err(invalid("the document could not be decoded".into())),
+            };
+            ops.extend(
+                doc.get_changes(&[])
+                    .into_iter()
+                    .map(|c| op(c.raw_bytes().to_vec())),
+            );
+        }
+        self.apply_remote(&ops, durability).map_err(|e| match e {
+            // A bad change inside an export is a bad export.
+            StoreError::InvalidChange { table, row, reason } => {
+                StoreError::InvalidExport { table, row, reason }
+            }
+            other => other,
+        })?;
         Ok(())
     }
 
@@ -462,4 +495,61 @@ impl Store {
         debug!(?report, "compacted");
         Ok(report)
     }
+}
+
+/// The chunks of `bytes` if it starts with an automerge change chunk (plain or compressed):
+/// then every chunk must be a whole change chunk. `Ok(None)` for anything else (a saved
+/// document). Only the chunk framing is read here (magic, checksum, type, LEB128 length);
+/// `apply_remote` checks the rest.
+fn change_chunks(mut bytes: &[u8]) -> Result<Option<Vec<&[u8]>>, String> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const CHANGE: u8 = 1;
+    const COMPRESSED_CHANGE: u8 = 2;
+    let is_change = |b: &[u8]| {
+        b.get(..4) == Some(&MAGIC[..]) && matches!(b.get(8), Some(&CHANGE | &COMPRESSED_CHANGE))
+    };
+    if !is_change(bytes) {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if !is_change(bytes) {
+            return Err(format!("chunk {} is not an automerge change", out.len()));
+        }
+        let whole = bytes
+            .get(9..)
+            .and_then(uleb128)
+            .and_then(|(len, leb)| {
+                9usize
+                    .checked_add(leb)?
+                    .checked_add(usize::try_from(len).ok()?)
+            })
+            .and_then(|total| Some((bytes.get(..total)?, bytes.get(total..)?)));
+        let Some((chunk, rest)) = whole else {
+            return Err(format!("change chunk {} is cut short", out.len()));
+        };
+        // The checksum is the start of the SHA-256 of type, length and contents (for a
+        // compressed chunk, of its uncompressed form: automerge checks that one).
+        if chunk.get(8) == Some(&CHANGE) {
+            let sum = Sha256::digest(chunk.get(8..).unwrap_or_default());
+            if sum.get(..4) != chunk.get(4..8) {
+                return Err(format!("change chunk {} fails its checksum", out.len()));
+            }
+        }
+        out.push(chunk);
+        bytes = rest;
+    }
+    Ok(Some(out))
+}
+
+/// An unsigned LEB128 number and how many bytes it took.
+fn uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }

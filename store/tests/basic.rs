@@ -452,3 +452,56 @@ fn reopen_keeps_actor_rows_and_seq_and_ids_stay_unique() {
     assert!(status.disk_bytes > 0);
     assert!(s.check().unwrap().is_ok());
 }
+
+#[test]
+fn rows_travel_as_change_chunks_without_documents() {
+    // Two replicas edit one row; the export of a row with no compacted base is its change
+    // chunks, which automerge itself loads, and `import_rows` applies in one write.
+    let a = temp_store(1);
+    let b = temp_store(2);
+    let mut tx = a.begin();
+    let id = tx.insert("account", &[("name", text("v1"))]).unwrap();
+    let other = tx.insert("account", &[("name", text("other"))]).unwrap();
+    tx.commit().unwrap();
+    b.import_row(
+        &a.export_row("account", id).unwrap().unwrap(),
+        Durability::Group,
+    )
+    .unwrap();
+    let mut tx = b.begin();
+    tx.update("account", id, &[("revenue", Value::Decimal(12.into()))])
+        .unwrap();
+    tx.commit().unwrap();
+    let from_b = b.export_row("account", id).unwrap().unwrap();
+    let doc = automerge::Automerge::load(&from_b.doc).unwrap();
+    assert_eq!(doc.get_changes(&[]).len(), 2, "both changes travel");
+
+    let c = temp_store(3);
+    let rows = [
+        from_b.clone(),
+        a.export_row("account", other).unwrap().unwrap(),
+    ];
+    c.import_rows(&rows, Durability::Group).unwrap();
+    c.import_rows(&rows, Durability::Group).unwrap();
+    assert_eq!(c.get("account", id).unwrap(), b.get("account", id).unwrap());
+    assert_eq!(
+        c.get("account", other).unwrap(),
+        a.get("account", other).unwrap()
+    );
+    assert!(c.check().unwrap().is_ok());
+
+    // A chunk with a bad checksum, or one cut short, refuses the whole call.
+    let mut bad = from_b.clone();
+    bad.doc[5] ^= 0xff;
+    let d = temp_store(4);
+    let r = d.import_rows(&[rows[1].clone(), bad], Durability::Group);
+    assert!(matches!(r, Err(StoreError::InvalidExport { .. })), "{r:?}");
+    assert!(
+        d.get("account", other).unwrap().is_none(),
+        "nothing written"
+    );
+    let mut cut = from_b;
+    cut.doc.truncate(cut.doc.len() - 3);
+    let r = d.import_row(&cut, Durability::Group);
+    assert!(matches!(r, Err(StoreError::InvalidExport { .. })), "{r:?}");
+}
