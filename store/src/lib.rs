@@ -20,6 +20,7 @@ mod aux;
 mod blob;
 mod check;
 mod codec;
+mod engine;
 mod error;
 mod log;
 mod options;

@@ -10,6 +10,7 @@ use tracing::{debug, info_span, warn};
 
 use crate::api::{ColumnConflict, Row};
 use crate::codec::{index_value, keys};
+use crate::engine::Engine;
 use crate::error::{corrupt, OpenError, StoreError};
 use crate::log::StoredEntry;
 use crate::options::{ActorId, Durability, StoreOptions};
@@ -46,7 +47,7 @@ impl std::fmt::Debug for Store {
 }
 
 pub(crate) struct Inner {
-    pub db: sled::Db,
+    pub db: Engine,
     pub dir: Option<PathBuf>,
     /// The sled data file, opened separately to `fdatasync` it.
     pub db_file: Option<std::fs::File>,
@@ -107,7 +108,7 @@ fn u64_meta(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
 /// checkpoint, so the file starts empty in a new generation.
 fn recover_wal(
     dir: &Path,
-    db: &sled::Db,
+    db: &Engine,
     db_file: Option<&std::fs::File>,
     options: &StoreOptions,
 ) -> Result<Wal, OpenError> {
@@ -136,7 +137,7 @@ fn recover_wal(
         );
     }
     for b in batches {
-        db.apply_batch(b).map_err(StoreError::from)?;
+        db.apply_batch(&b).map_err(StoreError::from)?;
     }
     checkpoint(db, db_file, options, &mut wal)?;
     Ok(wal)
@@ -145,7 +146,7 @@ fn recover_wal(
 /// Make sled hold everything the write-ahead file holds, durably, then start the file over in
 /// the next generation (recorded durably in sled before any record of it is written).
 fn checkpoint(
-    db: &sled::Db,
+    db: &Engine,
     db_file: Option<&std::fs::File>,
     options: &StoreOptions,
     wal: &mut Wal,
@@ -177,20 +178,12 @@ enum SledOpenError {
 /// releases it when its background flusher lets go of the database).
 const LOCK_WAIT_MS: u64 = 2_000;
 
-fn open_sled(
-    path: &Path,
-    options: &StoreOptions,
-    temporary: bool,
-) -> Result<sled::Db, SledOpenError> {
-    let mut config = sled::Config::new()
+fn open_sled(path: &Path, options: &StoreOptions) -> Result<sled::Db, SledOpenError> {
+    let config = sled::Config::new()
         .cache_capacity(options.cache_capacity_bytes)
         .flush_every_ms(Some(options.group_flush_ms.max(1)))
-        .mode(sled::Mode::HighThroughput);
-    if temporary {
-        config = config.temporary(true);
-    } else {
-        config = config.path(path);
-    }
+        .mode(sled::Mode::HighThroughput)
+        .path(path);
     let started = std::time::Instant::now();
     loop {
         let attempt = config.clone();
@@ -238,29 +231,26 @@ impl Store {
             return Err(OpenError::AlreadyExists(dir.to_path_buf()));
         }
         std::fs::create_dir_all(dir)?;
-        let db = open_sled(&db_path, &options, false).map_err(|e| sled_open_error(dir, e))?;
-        Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
-        drop(db);
+        let db = open_sled(&db_path, &options).map_err(|e| sled_open_error(dir, e))?;
+        let engine = Engine::Sled(db);
+        Self::initialize(&engine, &schema, &options).map_err(OpenError::Store)?;
+        drop(engine);
         Self::open(dir, options)
     }
 
-    /// A store in memory only (tests, the simulator's scratch replicas); gone when dropped.
+    /// A store in memory only (tests, the simulator's replicas): an ordered map instead of
+    /// sled, no files, no background threads; gone when dropped.
     pub fn temporary(schema: Schema, options: StoreOptions) -> Result<Store, OpenError> {
-        let db = open_sled(Path::new(""), &options, true)
-            .map_err(|e| sled_open_error(Path::new(""), e))?;
-        Self::initialize(&db, &schema, &options).map_err(OpenError::Store)?;
-        Self::from_db(db, None, options)
+        let engine = Engine::memory();
+        Self::initialize(&engine, &schema, &options).map_err(OpenError::Store)?;
+        Self::from_db(engine, None, options)
     }
 
-    fn initialize(
-        db: &sled::Db,
-        schema: &Schema,
-        options: &StoreOptions,
-    ) -> Result<(), StoreError> {
+    fn initialize(db: &Engine, schema: &Schema, options: &StoreOptions) -> Result<(), StoreError> {
         let actor = options.actor.unwrap_or_else(ActorId::random);
         let schema_json = serde_json::to_vec(schema)
             .map_err(|e| corrupt(format!("schema does not serialize: {e}")))?;
-        let mut b = sled::Batch::default();
+        let mut b = WriteBatch::default();
         b.insert(keys::meta("format"), &FORMAT_VERSION.to_be_bytes()[..]);
         b.insert(keys::meta("actor"), &actor.0[..]);
         b.insert(keys::meta("schema"), schema_json);
@@ -268,7 +258,7 @@ impl Store {
         b.insert(keys::meta("acked"), &0u64.to_be_bytes()[..]);
         b.insert(keys::meta("idgen"), &0u64.to_be_bytes()[..]);
         b.insert(keys::meta("clean"), &[1u8][..]);
-        db.apply_batch(b)?;
+        db.apply_batch(&b)?;
         db.flush()?;
         Ok(())
     }
@@ -293,13 +283,13 @@ impl Store {
                 return Err(bad(format!("{} is missing", p.display())));
             }
         }
-        let db = open_sled(&db_path, &options, false).map_err(|e| sled_open_error(dir, e))?;
-        let store = Self::from_db(db, Some(dir.to_path_buf()), options)?;
+        let db = open_sled(&db_path, &options).map_err(|e| sled_open_error(dir, e))?;
+        let store = Self::from_db(Engine::Sled(db), Some(dir.to_path_buf()), options)?;
         Ok(store)
     }
 
     fn from_db(
-        db: sled::Db,
+        db: Engine,
         dir: Option<PathBuf>,
         options: StoreOptions,
     ) -> Result<Store, OpenError> {
@@ -424,7 +414,7 @@ impl Store {
         self.inner.dir.as_deref()
     }
 
-    pub(crate) fn db(&self) -> &sled::Db {
+    pub(crate) fn db(&self) -> &Engine {
         &self.inner.db
     }
 
@@ -632,7 +622,7 @@ impl Store {
             return Ok(());
         }
         let Some(wal) = &self.inner.wal else {
-            self.db().apply_batch(batch.sled)?;
+            self.db().apply_batch(&batch)?;
             return self.make_durable(durability);
         };
         {
@@ -648,7 +638,7 @@ impl Store {
                 )?;
             }
             wal.append(&batch)?;
-            self.db().apply_batch(batch.sled)?;
+            self.db().apply_batch(&batch)?;
         }
         self.make_durable(durability)
     }

@@ -20,6 +20,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use sled::IVec;
+
 use crate::error::{corrupt, StoreError};
 
 /// The write-ahead file's name inside the data directory.
@@ -29,45 +31,65 @@ const HEADER_BYTES: usize = 16;
 const OP_REMOVE: u8 = 0;
 const OP_INSERT: u8 = 1;
 
-/// One atomic write: the sled batch and the same operations encoded as a WAL payload.
+/// One atomic write: inserts (`Some(value)`) and removals (`None`), in order.
 #[derive(Default)]
 pub(crate) struct WriteBatch {
-    pub(crate) sled: sled::Batch,
-    payload: Vec<u8>,
-    ops: usize,
+    ops: Vec<(IVec, Option<IVec>)>,
 }
 
 impl WriteBatch {
     /// Set `key` to `value`.
     pub(crate) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        let (key, value) = (key.as_ref(), value.as_ref());
-        self.payload.push(OP_INSERT);
-        push_bytes(&mut self.payload, key);
-        push_bytes(&mut self.payload, value);
-        self.sled.insert(key, value);
-        self.ops += 1;
+        self.ops
+            .push((IVec::from(key.as_ref()), Some(IVec::from(value.as_ref()))));
     }
 
     /// Remove `key`.
     pub(crate) fn remove(&mut self, key: impl AsRef<[u8]>) {
-        let key = key.as_ref();
-        self.payload.push(OP_REMOVE);
-        push_bytes(&mut self.payload, key);
-        self.sled.remove(key);
-        self.ops += 1;
+        self.ops.push((IVec::from(key.as_ref()), None));
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.ops == 0
+        self.ops.is_empty()
+    }
+
+    pub(crate) fn ops(&self) -> &[(IVec, Option<IVec>)] {
+        &self.ops
+    }
+
+    fn payload_len(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
+            .sum()
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        let mut p = Vec::with_capacity(self.payload_len());
+        for (k, v) in &self.ops {
+            match v {
+                Some(v) => {
+                    p.push(OP_INSERT);
+                    push_bytes(&mut p, k);
+                    push_bytes(&mut p, v);
+                }
+                None => {
+                    p.push(OP_REMOVE);
+                    push_bytes(&mut p, k);
+                }
+            }
+        }
+        p
     }
 
     /// The WAL record of this batch in `generation`.
     fn record(&self, generation: u64) -> Vec<u8> {
-        let mut r = Vec::with_capacity(HEADER_BYTES + self.payload.len());
-        r.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
-        r.extend_from_slice(&record_crc(generation, &self.payload).to_le_bytes());
+        let payload = self.payload();
+        let mut r = Vec::with_capacity(HEADER_BYTES + payload.len());
+        r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        r.extend_from_slice(&record_crc(generation, &payload).to_le_bytes());
         r.extend_from_slice(&generation.to_le_bytes());
-        r.extend_from_slice(&self.payload);
+        r.extend_from_slice(&payload);
         r
     }
 }
@@ -133,7 +155,7 @@ impl Wal {
 
     /// Whether appending `batch` would pass the capacity (and something is already written).
     pub(crate) fn needs_checkpoint(&self, batch: &WriteBatch) -> bool {
-        self.offset > 0 && self.offset + (HEADER_BYTES + batch.payload.len()) as u64 > self.capacity
+        self.offset > 0 && self.offset + (HEADER_BYTES + batch.payload_len()) as u64 > self.capacity
     }
 
     /// Append `batch` as a record of the current generation (in the OS page cache on return).
@@ -157,7 +179,7 @@ impl Wal {
 
     /// The batches of the current generation, in order, up to the first record that is torn,
     /// fails its CRC or belongs to another generation.
-    pub(crate) fn replay(&self) -> Result<Vec<sled::Batch>, StoreError> {
+    pub(crate) fn replay(&self) -> Result<Vec<WriteBatch>, StoreError> {
         let len = self.file.metadata()?.len();
         let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| corrupt("wal too large"))?];
         self.file.read_exact_at(&mut bytes, 0)?;
@@ -195,7 +217,7 @@ impl Wal {
 }
 
 /// A payload whose CRC matched but that does not parse is damage (or a bug), not a torn write.
-fn decode_payload(mut p: &[u8]) -> Result<sled::Batch, StoreError> {
+fn decode_payload(mut p: &[u8]) -> Result<WriteBatch, StoreError> {
     fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], StoreError> {
         if p.len() < n {
             return Err(corrupt("a write-ahead record is cut short"));
@@ -211,7 +233,7 @@ fn decode_payload(mut p: &[u8]) -> Result<sled::Batch, StoreError> {
             .unwrap_or(0) as usize;
         take(p, len)
     }
-    let mut batch = sled::Batch::default();
+    let mut batch = WriteBatch::default();
     while !p.is_empty() {
         let op = take(&mut p, 1)?;
         match op.first() {

@@ -1,0 +1,281 @@
+//! The key-value engine under the store: sled for a store on disk, an ordered map in memory
+//! for a temporary store (no files, no background threads: a simulator runs thousands).
+//!
+//! Both offer the handful of sled calls the store makes, with sled's types, so the code above
+//! does not know which one it runs on.
+
+use std::collections::BTreeMap;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, RwLock};
+
+use sled::IVec;
+
+use crate::wal::WriteBatch;
+
+/// One key-value pair as an iterator yields it.
+pub(crate) type KvResult = sled::Result<(IVec, IVec)>;
+
+/// A double-ended iterator over key-value pairs in key order.
+pub(crate) type KvIter = Box<dyn DoubleEndedIterator<Item = KvResult> + Send>;
+
+type Map = Arc<RwLock<BTreeMap<IVec, IVec>>>;
+
+pub(crate) enum Engine {
+    Sled(sled::Db),
+    Memory(Map),
+}
+
+fn poisoned() -> sled::Error {
+    sled::Error::ReportableBug("a thread panicked while writing the in-memory store".into())
+}
+
+impl Engine {
+    pub(crate) fn memory() -> Engine {
+        Engine::Memory(Map::default())
+    }
+
+    pub(crate) fn get(&self, key: impl AsRef<[u8]>) -> sled::Result<Option<IVec>> {
+        match self {
+            Engine::Sled(db) => db.get(key),
+            Engine::Memory(m) => Ok(m.read().map_err(|_| poisoned())?.get(key.as_ref()).cloned()),
+        }
+    }
+
+    pub(crate) fn contains_key(&self, key: impl AsRef<[u8]>) -> sled::Result<bool> {
+        match self {
+            Engine::Sled(db) => db.contains_key(key),
+            Engine::Memory(m) => Ok(m.read().map_err(|_| poisoned())?.contains_key(key.as_ref())),
+        }
+    }
+
+    /// A single write outside any batch (meta keys at open and close only).
+    pub(crate) fn insert(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> sled::Result<()> {
+        match self {
+            Engine::Sled(db) => db.insert(key.as_ref(), value.as_ref()).map(drop),
+            Engine::Memory(m) => {
+                m.write()
+                    .map_err(|_| poisoned())?
+                    .insert(IVec::from(key.as_ref()), IVec::from(value.as_ref()));
+                Ok(())
+            }
+        }
+    }
+
+    /// Apply `batch` atomically.
+    pub(crate) fn apply_batch(&self, batch: &WriteBatch) -> sled::Result<()> {
+        match self {
+            Engine::Sled(db) => {
+                let mut b = sled::Batch::default();
+                for (k, v) in batch.ops() {
+                    match v {
+                        Some(v) => b.insert(k.clone(), v.clone()),
+                        None => b.remove(k.clone()),
+                    }
+                }
+                db.apply_batch(b)
+            }
+            Engine::Memory(m) => {
+                let mut m = m.write().map_err(|_| poisoned())?;
+                for (k, v) in batch.ops() {
+                    match v {
+                        Some(v) => {
+                            m.insert(k.clone(), v.clone());
+                        }
+                        None => {
+                            m.remove(k);
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn flush(&self) -> sled::Result<()> {
+        match self {
+            Engine::Sled(db) => db.flush().map(drop),
+            Engine::Memory(_) => Ok(()),
+        }
+    }
+
+    pub(crate) fn size_on_disk(&self) -> sled::Result<u64> {
+        match self {
+            Engine::Sled(db) => db.size_on_disk(),
+            Engine::Memory(_) => Ok(0),
+        }
+    }
+
+    pub(crate) fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> KvIter {
+        let prefix = prefix.as_ref();
+        match self {
+            Engine::Sled(db) => Box::new(db.scan_prefix(prefix)),
+            Engine::Memory(m) => {
+                // The smallest key above every key that starts with `prefix`, if there is one.
+                let mut end = prefix.to_vec();
+                while end.last() == Some(&0xff) {
+                    end.pop();
+                }
+                let hi = match end.last_mut() {
+                    Some(b) => {
+                        *b += 1;
+                        Bound::Excluded(IVec::from(end))
+                    }
+                    None => Bound::Unbounded,
+                };
+                Box::new(MemIter::new(m, Bound::Included(IVec::from(prefix)), hi))
+            }
+        }
+    }
+
+    pub(crate) fn range<R: RangeBounds<Vec<u8>>>(&self, range: R) -> KvIter {
+        match self {
+            Engine::Sled(db) => Box::new(db.range::<Vec<u8>, R>(range)),
+            Engine::Memory(m) => {
+                let own = |b: Bound<&Vec<u8>>| match b {
+                    Bound::Included(k) => Bound::Included(IVec::from(k.as_slice())),
+                    Bound::Excluded(k) => Bound::Excluded(IVec::from(k.as_slice())),
+                    Bound::Unbounded => Bound::Unbounded,
+                };
+                Box::new(MemIter::new(
+                    m,
+                    own(range.start_bound()),
+                    own(range.end_bound()),
+                ))
+            }
+        }
+    }
+}
+
+/// A lazy walk over the in-memory map between two bounds that narrow as it goes: each step
+/// takes the read lock for one O(log n) lookup, so a scan never copies the map and, like
+/// sled's, sees writes made while it runs.
+struct MemIter {
+    map: Map,
+    lo: Bound<IVec>,
+    hi: Bound<IVec>,
+    done: bool,
+}
+
+impl MemIter {
+    fn new(map: &Map, lo: Bound<IVec>, hi: Bound<IVec>) -> MemIter {
+        let mut it = MemIter {
+            map: map.clone(),
+            lo,
+            hi,
+            done: false,
+        };
+        it.done = it.bounds_cross();
+        it
+    }
+
+    /// Whether no key can lie between the bounds (`BTreeMap::range` panics on such bounds).
+    fn bounds_cross(&self) -> bool {
+        match (&self.lo, &self.hi) {
+            (Bound::Included(l), Bound::Included(h)) => l > h,
+            (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(h))
+            | (Bound::Excluded(l), Bound::Included(h)) => l >= h,
+            _ => false,
+        }
+    }
+
+    fn step(&mut self, back: bool) -> Option<KvResult> {
+        if self.done {
+            return None;
+        }
+        let found = {
+            let map = match self.map.read() {
+                Ok(m) => m,
+                Err(_) => return Some(Err(poisoned())),
+            };
+            let mut r = map.range::<IVec, _>((self.lo.clone(), self.hi.clone()));
+            let kv = if back { r.next_back() } else { r.next() };
+            kv.map(|(k, v)| (k.clone(), v.clone()))
+        };
+        match &found {
+            Some((k, _)) if back => self.hi = Bound::Excluded(k.clone()),
+            Some((k, _)) => self.lo = Bound::Excluded(k.clone()),
+            None => {}
+        }
+        self.done = found.is_none() || self.bounds_cross();
+        found.map(Ok)
+    }
+}
+
+impl Iterator for MemIter {
+    type Item = KvResult;
+
+    fn next(&mut self) -> Option<KvResult> {
+        self.step(false)
+    }
+}
+
+impl DoubleEndedIterator for MemIter {
+    fn next_back(&mut self) -> Option<KvResult> {
+        self.step(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine_with(keys: &[&[u8]]) -> Engine {
+        let e = Engine::memory();
+        let mut b = WriteBatch::default();
+        for k in keys {
+            b.insert(k, b"v");
+        }
+        e.apply_batch(&b).unwrap();
+        e
+    }
+
+    fn keys(it: impl Iterator<Item = KvResult>) -> Vec<Vec<u8>> {
+        it.map(|r| r.unwrap().0.to_vec()).collect()
+    }
+
+    #[test]
+    fn memory_scans_match_sled() {
+        let all: &[&[u8]] = &[
+            b"a",
+            b"ab",
+            b"ab\xff",
+            b"ab\xff\x01",
+            b"ac",
+            b"b",
+            b"\xff\xff",
+        ];
+        let mem = engine_with(all);
+        let dir = tempfile::tempdir().unwrap();
+        let sled_engine = Engine::Sled(sled::open(dir.path()).unwrap());
+        let mut b = WriteBatch::default();
+        for k in all {
+            b.insert(k, b"v");
+        }
+        sled_engine.apply_batch(&b).unwrap();
+        for e in [&mem, &sled_engine] {
+            assert_eq!(
+                keys(e.scan_prefix(b"ab")),
+                vec![b"ab".to_vec(), b"ab\xff".to_vec(), b"ab\xff\x01".to_vec()]
+            );
+            assert_eq!(keys(e.scan_prefix(b"ab\xff")).len(), 2);
+            assert_eq!(keys(e.scan_prefix(b"\xff")), vec![b"\xff\xff".to_vec()]);
+            assert_eq!(keys(e.scan_prefix(b"")).len(), all.len());
+            assert_eq!(
+                keys(e.scan_prefix(b"ab").rev()).first(),
+                Some(&b"ab\xff\x01".to_vec())
+            );
+            assert_eq!(keys(e.range(b"ab".to_vec()..b"b".to_vec())).len(), 4);
+            assert_eq!(keys(e.range(b"ab".to_vec()..=b"b".to_vec())).len(), 5);
+            assert_eq!(keys(e.range(b"ac".to_vec()..)).len(), 3);
+            // Both ends at once meet in the middle without repeating.
+            let mut it = e.range(b"a".to_vec()..b"b".to_vec());
+            let (f, l) = (it.next(), it.next_back());
+            assert_ne!(f.unwrap().unwrap().0, l.unwrap().unwrap().0);
+            assert_eq!(it.count(), 3);
+        }
+    }
+}
