@@ -246,6 +246,25 @@ impl Store {
         Self::from_db(engine, None, options)
     }
 
+    /// A new handle on a temporary store's data, opened as [`Store::open`] opens a directory
+    /// after a process crash: every commit that returned is there, and the handle's own state
+    /// (writer position, row-id epoch) is rebuilt from the data. The simulator restarts a
+    /// crashed device with it, without files. Drop the old handle first, or at least never
+    /// write through it again. A store on disk answers [`OpenError::NotFound`]: drop it and
+    /// [`Store::open`] its directory.
+    pub fn reopen_temporary(&self) -> Result<Store, OpenError> {
+        match &self.inner.db {
+            Engine::Memory(map) => Self::from_db(
+                Engine::Memory(map.clone()),
+                None,
+                self.inner.options.clone(),
+            ),
+            Engine::Sled(_) => Err(OpenError::NotFound(
+                self.inner.dir.clone().unwrap_or_default(),
+            )),
+        }
+    }
+
     fn initialize(db: &Engine, schema: &Schema, options: &StoreOptions) -> Result<(), StoreError> {
         let actor = options.actor.unwrap_or_else(ActorId::random);
         let schema_json = serde_json::to_vec(schema)

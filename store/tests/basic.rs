@@ -505,3 +505,25 @@ fn rows_travel_as_change_chunks_without_documents() {
     let r = d.import_row(&cut, Durability::Group);
     assert!(matches!(r, Err(StoreError::InvalidExport { .. })), "{r:?}");
 }
+
+#[test]
+fn a_temporary_store_reopens_with_every_commit() {
+    let s = temp_store(1);
+    let mut tx = s.begin();
+    let id = tx.insert("account", &[("name", text("kept"))]).unwrap();
+    tx.commit_with(Durability::Group).unwrap();
+    let again = s.reopen_temporary().unwrap();
+    drop(s);
+    assert_eq!(
+        again.get("account", id).unwrap().unwrap().get("name"),
+        &text("kept")
+    );
+    assert_eq!(again.last_seq(), 1);
+    // New ids after the restart never repeat the old ones (a new id epoch).
+    let mut tx = again.begin();
+    let other = tx.insert("account", &[("name", text("new"))]).unwrap();
+    tx.commit().unwrap();
+    assert_ne!(id, other);
+    assert_eq!(again.last_seq(), 2);
+    assert!(again.check().unwrap().is_ok());
+}
