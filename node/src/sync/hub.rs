@@ -55,6 +55,7 @@ pub struct Metrics {
 struct BusEntry {
     notify: Arc<Notify>,
     tables: BTreeSet<String>,
+    listener: bool,
 }
 
 /// Tells live sessions that the hub's data changed, and asks them to close on shutdown.
@@ -79,8 +80,17 @@ impl ChangeBus {
             BusEntry {
                 notify: notify.clone(),
                 tables: BTreeSet::new(),
+                listener: false,
             },
         );
+        (id, notify)
+    }
+
+    /// Registers a listener that only wants to be woken (the upstream bridge): it is not a
+    /// session, so its tables are not kept and it adds nothing to the queue depth.
+    pub fn register_listener(&self) -> (u64, Arc<Notify>) {
+        let (id, notify) = self.register();
+        self.sessions().entry(id).and_modify(|e| e.listener = true);
         (id, notify)
     }
 
@@ -96,7 +106,9 @@ impl ChangeBus {
             return;
         }
         for entry in self.sessions().values_mut() {
-            entry.tables.extend(tables.iter().cloned());
+            if !entry.listener {
+                entry.tables.extend(tables.iter().cloned());
+            }
             entry.notify.notify_one();
         }
     }
