@@ -188,7 +188,11 @@ pub struct UpstreamArgs {
     #[arg(long, requires = "upstream_tenant")]
     upstream_secret_env: Option<String>,
     /// Entra ID: the client secret is in this file.
-    #[arg(long, requires = "upstream_tenant", conflicts_with = "upstream_secret_env")]
+    #[arg(
+        long,
+        requires = "upstream_tenant",
+        conflicts_with = "upstream_secret_env"
+    )]
     upstream_secret_file: Option<PathBuf>,
     /// Entra ID: the token endpoint (default: login.microsoftonline.com for the tenant).
     #[arg(long, requires = "upstream_tenant")]

@@ -77,7 +77,9 @@ impl ApiResponse {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     pub fn json(&self) -> Result<J, UpstreamError> {
@@ -115,7 +117,9 @@ pub struct DataverseClient {
     pub stats: Arc<ClientStats>,
 }
 
-fn install_crypto_provider() {
+/// Installs ring as the process's rustls provider (reqwest is built without one); call before
+/// building any `reqwest::Client`.
+pub fn install_crypto_provider() {
     // reqwest is built without a default provider; the workspace's rustls uses ring. Installing
     // twice is refused harmlessly.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -128,7 +132,9 @@ impl DataverseClient {
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
             .build()
-            .map_err(|e| UpstreamError::Unreachable(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| {
+                UpstreamError::Unreachable(format!("cannot build the HTTP client: {e}"))
+            })?;
         Ok(DataverseClient {
             http,
             base: config.api_base(),
@@ -205,7 +211,10 @@ impl DataverseClient {
                     .headers()
                     .iter()
                     .filter_map(|(k, v)| {
-                        Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_string()))
+                        Some((
+                            k.as_str().to_ascii_lowercase(),
+                            v.to_str().ok()?.to_string(),
+                        ))
                     })
                     .collect();
                 let bytes = resp
@@ -223,7 +232,10 @@ impl DataverseClient {
                     if wait > self.retry_after_max {
                         return Err(UpstreamError::Throttled { retry_after: wait });
                     }
-                    warn!(wait_ms = wait.as_millis() as u64, "throttled (429): waiting Retry-After");
+                    warn!(
+                        wait_ms = wait.as_millis() as u64,
+                        "throttled (429): waiting Retry-After"
+                    );
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -281,18 +293,14 @@ impl DataverseClient {
         if parts.len() == requests.len() && parts.iter().all(ApiResponse::is_success) {
             return Ok(BatchOutcome::Applied(parts));
         }
-        let failing = parts
-            .into_iter()
-            .find(|p| !p.is_success())
-            .unwrap_or(resp);
+        let failing = parts.into_iter().find(|p| !p.is_success()).unwrap_or(resp);
         Ok(BatchOutcome::Failed(failing))
     }
 
     fn batch_body(&self, batch: &str, requests: &[ApiRequest]) -> String {
         let changeset = format!("changeset_{}", Uuid::new_v4());
-        let mut out = format!(
-            "--{batch}\r\nContent-Type: multipart/mixed; boundary=\"{changeset}\"\r\n\r\n"
-        );
+        let mut out =
+            format!("--{batch}\r\nContent-Type: multipart/mixed; boundary=\"{changeset}\"\r\n\r\n");
         for (i, r) in requests.iter().enumerate() {
             out.push_str(&format!(
                 "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: {}\r\n\r\n",
@@ -384,7 +392,9 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<ApiResponse>, Upst
             .nth(1)
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or_else(|| {
-                UpstreamError::BadReply(format!("a $batch part without a status line: {status_line:?}"))
+                UpstreamError::BadReply(format!(
+                    "a $batch part without a status line: {status_line:?}"
+                ))
             })?;
         let headers = header_map(&lines.collect::<Vec<_>>().join("\n"));
         out.push(ApiResponse {

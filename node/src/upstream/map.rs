@@ -5,18 +5,21 @@
 
 use std::collections::BTreeMap;
 
-use fieldsync_store::{ColumnType, OwnerKind, OwnerRef, RowId, Schema, Table, Value};
+use fieldsync_store::{ColumnType, OwnerKind, OwnerRef, Ownership, RowId, Schema, Table, Value};
 use serde_json::{json, Map, Value as J};
 use uuid::Uuid;
 
 use super::UpstreamError;
 
-/// Columns the bridge relays: every column but files and images (uploaded separately).
+/// Columns the bridge relays: every column but files and images (uploaded separately), and
+/// the owner only where the table has owners.
 pub fn synced(table: &Table) -> impl Iterator<Item = &fieldsync_store::Column> {
-    table
-        .columns
-        .iter()
-        .filter(|c| !matches!(c.ty, ColumnType::File | ColumnType::Image))
+    let owned = table.ownership == Ownership::UserOrTeam;
+    table.columns.iter().filter(move |c| match c.ty {
+        ColumnType::File | ColumnType::Image => false,
+        ColumnType::Owner => owned,
+        _ => true,
+    })
 }
 
 /// Columns Dataverse computes itself: read, never written.
@@ -125,7 +128,10 @@ pub fn to_wire(
                     OwnerKind::User => "systemusers",
                     OwnerKind::Team => "teams",
                 };
-                m.insert("ownerid@odata.bind".into(), json!(format!("/{set}({})", o.id)));
+                m.insert(
+                    "ownerid@odata.bind".into(),
+                    json!(format!("/{set}({})", o.id)),
+                );
             }
             (ColumnType::Owner, _) => {}
             (ColumnType::Lookup, Value::Lookup(id)) => {
@@ -136,7 +142,10 @@ pub fn to_wire(
                     .table(target)
                     .map_err(|e| UpstreamError::BadRequest(e.to_string()))?
                     .entity_set;
-                m.insert(format!("{}@odata.bind", c.name), json!(format!("/{set}({id})")));
+                m.insert(
+                    format!("{}@odata.bind", c.name),
+                    json!(format!("/{set}({id})")),
+                );
             }
             (ColumnType::Lookup, _) => {
                 m.insert(format!("{}@odata.bind", c.name), J::Null);

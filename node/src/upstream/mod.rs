@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use fieldsync_replication::replica::{HubReplica, HubReplicaError};
 use fieldsync_store::{
-    ActorId, OpenError, RemoteOp, RowId, Schema, SchemaError, Store, StoreError, StoreOptions, Value,
-    WriteError,
+    ActorId, OpenError, RemoteOp, RowId, Schema, SchemaError, Store, StoreError, StoreOptions,
+    Value, WriteError,
 };
 use tokio::sync::Notify;
 use tracing::{info, warn};

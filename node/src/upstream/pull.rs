@@ -102,7 +102,10 @@ impl Bridge {
                 return Err(resp.error());
             }
             let page = resp.json()?;
-            let next = page.get("@odata.nextLink").and_then(J::as_str).map(String::from);
+            let next = page
+                .get("@odata.nextLink")
+                .and_then(J::as_str)
+                .map(String::from);
             let delta = page
                 .get("@odata.deltaLink")
                 .and_then(J::as_str)
@@ -140,7 +143,11 @@ impl Bridge {
                         }
                     }
                 }
-                let link = if next.is_none() { delta.as_deref() } else { None };
+                let link = if next.is_none() {
+                    delta.as_deref()
+                } else {
+                    None
+                };
                 let tables = self.apply_page(&mut hub, table, &rows, &deletions, link)?;
                 drop(hub);
                 self.changed(&tables);
@@ -208,7 +215,9 @@ impl Bridge {
         let tables = merger.apply(hub)?;
         writes.commit(hub.store())?;
         self.stats.rows_pulled.fetch_add(pulled, Ordering::Relaxed);
-        self.stats.rows_deleted.fetch_add(deleted, Ordering::Relaxed);
+        self.stats
+            .rows_deleted
+            .fetch_add(deleted, Ordering::Relaxed);
         debug!(table, rows = rows.len(), pulled, deleted, "page applied");
         Ok(tables)
     }

@@ -12,7 +12,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::{ApiRequest, ApiResponse, BatchOutcome, BATCH_REQUESTS_MAX};
 use super::state::{self, Base, StateWrites};
-use super::{lock, map, Bridge, UpstreamError, DATAVERSE_ACTOR};
+use super::{lock, map, Bridge, Merger, UpstreamError, DATAVERSE_ACTOR};
 
 /// Log entries read per push round.
 const ENTRIES_PER_ROUND: usize = 10_000;
@@ -94,13 +94,16 @@ impl Bridge {
             };
             match self.client.change_set(&requests).await? {
                 BatchOutcome::Applied(responses) => {
-                    let hub = lock(&self.replica);
+                    let mut hub = lock(&self.replica);
+                    let mut merger = Merger::new(hub.store().schema())?;
                     let mut writes = StateWrites::default();
                     for (item, resp) in group.iter().zip(&responses) {
-                        record(&hub, &mut writes, item, resp)?;
+                        record(&hub, &mut writes, &mut merger, item, resp)?;
                     }
+                    let tables = merger.apply(&mut hub)?;
                     writes.commit(hub.store())?;
                     drop(hub);
+                    self.changed(&tables);
                     self.stats
                         .rows_pushed
                         .fetch_add(group.len() as u64, Ordering::Relaxed);
@@ -108,8 +111,13 @@ impl Bridge {
                 }
                 BatchOutcome::Failed(resp) => {
                     // The change set was rolled back as a whole: find the culprit row by row.
-                    self.stats.failed_change_sets.fetch_add(1, Ordering::Relaxed);
-                    debug!(status = resp.status, "change set failed; writing one by one");
+                    self.stats
+                        .failed_change_sets
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        status = resp.status,
+                        "change set failed; writing one by one"
+                    );
                     if resp.status == 429 || resp.status >= 500 {
                         return Err(resp.error());
                     }
@@ -128,11 +136,14 @@ impl Bridge {
             let req = request_of(&lock(&self.replica), &item)?;
             let resp = self.client.send(&req).await?;
             if resp.is_success() || (resp.status == 404 && matches!(item.write, Write::Delete)) {
-                let hub = lock(&self.replica);
+                let mut hub = lock(&self.replica);
+                let mut merger = Merger::new(hub.store().schema())?;
                 let mut writes = StateWrites::default();
-                record(&hub, &mut writes, &item, &resp)?;
+                record(&hub, &mut writes, &mut merger, &item, &resp)?;
+                let tables = merger.apply(&mut hub)?;
                 writes.commit(hub.store())?;
                 drop(hub);
+                self.changed(&tables);
                 self.stats.rows_pushed.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
@@ -246,6 +257,7 @@ fn request_of(
 fn record(
     hub: &fieldsync_replication::replica::HubReplica,
     writes: &mut StateWrites,
+    merger: &mut Merger,
     item: &Item,
     resp: &ApiResponse,
 ) -> Result<(), UpstreamError> {
@@ -261,10 +273,22 @@ fn record(
         .ok()
         .and_then(|b| b.as_object().and_then(|m| map::from_wire(tab, m).ok()));
     let base = match returned {
-        Some(row) => Base {
-            etag: row.etag,
-            values: row.values,
-        },
+        Some(row) => {
+            // Columns Dataverse set itself (the owner of a create, the business unit) come
+            // back to the hub; its timestamps do not count as a change.
+            let mut sent = map::relayed(tab, values);
+            for stamp in ["createdon", "modifiedon"] {
+                match row.values.get(stamp) {
+                    Some(v) => sent.insert(stamp.to_string(), v.clone()),
+                    None => sent.remove(stamp),
+                };
+            }
+            merger.upsert(hub.store(), &item.table, item.id, &row.values, Some(&sent))?;
+            Base {
+                etag: row.etag,
+                values: row.values,
+            }
+        }
         None => Base {
             etag: resp
                 .header("etag")

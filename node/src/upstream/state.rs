@@ -52,7 +52,9 @@ pub fn cursor(store: &Store) -> Result<u64, UpstreamError> {
     match store.aux_get(SPACE, K_CURSOR)? {
         None => Ok(0),
         Some(v) => Ok(u64::from_be_bytes(
-            v.as_slice().try_into().map_err(|_| corrupt("push cursor"))?,
+            v.as_slice()
+                .try_into()
+                .map_err(|_| corrupt("push cursor"))?,
         )),
     }
 }
