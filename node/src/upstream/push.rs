@@ -172,6 +172,12 @@ impl Bridge {
         )))
     }
 
+    /// Reads one row (one `GET`) and merges it into the hub as a Dataverse op, or deletes it if
+    /// Dataverse no longer has it.
+    pub async fn pull_row(&self, table: &str, id: RowId) -> Result<(), UpstreamError> {
+        self.refresh(table, id).await.map(|_| ())
+    }
+
     /// Re-reads a row after a conflict, merges it into the hub as a Dataverse op (or deletes
     /// it if Dataverse did), and says what to write now.
     async fn refresh(&self, table: &str, id: RowId) -> Result<Option<Item>, UpstreamError> {
