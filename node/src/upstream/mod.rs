@@ -110,12 +110,15 @@ pub struct BridgeStats {
     pub failed_rounds: AtomicU64,
 }
 
+/// Told which tables rows pulled from Dataverse changed (the hub wakes device sessions).
+pub type ChangeHook = Box<dyn Fn(&[String]) + Send + Sync>;
+
 /// The bridge between one hub and its upstream environment.
 pub struct Bridge {
     pub(crate) client: DataverseClient,
     pub(crate) config: UpstreamConfig,
     pub(crate) replica: Arc<Mutex<HubReplica>>,
-    on_change: Box<dyn Fn(&[String]) + Send + Sync>,
+    on_change: ChangeHook,
     pub(crate) tables: Vec<String>,
     pub stats: Arc<BridgeStats>,
 }
@@ -141,7 +144,7 @@ impl Bridge {
     pub fn new(
         config: UpstreamConfig,
         replica: Arc<Mutex<HubReplica>>,
-        on_change: Box<dyn Fn(&[String]) + Send + Sync>,
+        on_change: ChangeHook,
     ) -> Result<Bridge, UpstreamError> {
         let client = DataverseClient::new(&config)?;
         let tables = lock(&replica)
