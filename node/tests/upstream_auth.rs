@@ -70,11 +70,28 @@ async fn client_credentials_token_is_fetched_once_and_used() {
     b.pull_table("account").await.unwrap();
     b.pull_table("contact").await.unwrap();
     let forms = forms.lock().unwrap().clone();
-    assert_eq!(forms.len(), 1, "the token is cached until shortly before it expires");
+    assert_eq!(
+        forms.len(),
+        1,
+        "the token is cached until shortly before it expires"
+    );
     let scope = format!("scope={}", "http%3A%2F%2F127.0.0.1");
-    assert!(forms[0].contains(&scope), "default scope <url>/.default: {}", forms[0]);
+    assert!(
+        forms[0].contains(&scope),
+        "default scope <url>/.default: {}",
+        forms[0]
+    );
     assert!(forms[0].contains("%2F.default"));
-    assert!(replica.lock().unwrap().store().scan("account").unwrap().count() > 0);
+    assert!(
+        replica
+            .lock()
+            .unwrap()
+            .store()
+            .scan("account")
+            .unwrap()
+            .count()
+            > 0
+    );
     // The config (what hub.toml holds and what gets logged) names the secret, never holds it.
     assert!(!format!("{cfg:?}").contains("s3cret"));
     assert!(!format!("{b:?}").contains("s3cret"));
@@ -108,5 +125,7 @@ async fn a_wrong_secret_is_an_auth_error_naming_no_secret() {
     };
     let b2 = bridge(cfg2, &replica);
     let err = b2.pull_table("account").await.unwrap_err();
-    assert!(err.to_string().contains("FIELDSYNC_TEST_UNSET_TOKEN_VAR is not set"));
+    assert!(err
+        .to_string()
+        .contains("FIELDSYNC_TEST_UNSET_TOKEN_VAR is not set"));
 }

@@ -73,10 +73,17 @@ async fn hub_serve_relays_both_ways() {
     std::fs::write(hub.join("hub.toml"), toml::to_string(&doc).unwrap()).unwrap();
 
     // An operator's edit made while the hub is down is pushed once it serves.
-    let id = fieldsync(&["hub", "put", "--data", hub_s, "account", "name=From the hub"])
-        .trim()
-        .parse::<Uuid>()
-        .unwrap();
+    let id = fieldsync(&[
+        "hub",
+        "put",
+        "--data",
+        hub_s,
+        "account",
+        "name=From the hub",
+    ])
+    .trim()
+    .parse::<Uuid>()
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fieldsync"))
         .args(["hub", "serve", "--data", hub_s, "--listen", "127.0.0.1:0"])
         .env("FS_TEST_DV_TOKEN", "admin-token")
@@ -118,4 +125,39 @@ async fn hub_serve_relays_both_ways() {
     let store = Store::open(&hub.join("store"), StoreOptions::default()).unwrap();
     let here = store.get("account", id).unwrap().unwrap();
     assert_eq!(here.get("telephone1"), &Value::Text("555-0142".into()));
+}
+
+#[test]
+fn demo_with_the_emulator_upstream_relays_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fieldsync(&[
+        "demo",
+        "--upstream-emulator",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.contains("the hub wrote its 6 rows there"), "{out}");
+    assert!(
+        out.contains("Dataverse WO-101 msdyn_systemstatus = 690970002"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Dataverse WO-102 owner is lena: true"),
+        "{out}"
+    );
+    // The conflict's winner depends on the devices' random actors: Dataverse has the same.
+    let winner = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ana   summary = "))
+        .and_then(|rest| rest.split(';').next())
+        .unwrap();
+    assert!(
+        out.contains(&format!("Dataverse WO-103 summary = {winner} ")),
+        "{out}"
+    );
+    assert!(
+        out.contains("ana   WO-101 summary = \"Customer called: gate code 4711\""),
+        "{out}"
+    );
+    assert!(out.contains("ines  holds WO-101: false"), "{out}");
 }
