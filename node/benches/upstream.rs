@@ -71,11 +71,17 @@ fn main() {
         single.push().await.unwrap();
         let base_push = t.elapsed().as_secs_f64() * 1e6 / ROWS as f64;
         assert_eq!(
-            batched.stats.rows_pushed.load(std::sync::atomic::Ordering::Relaxed) as usize,
+            batched
+                .stats
+                .rows_pushed
+                .load(std::sync::atomic::Ordering::Relaxed) as usize,
             ROWS
         );
         assert_eq!(
-            single.stats.rows_pushed.load(std::sync::atomic::Ordering::Relaxed) as usize,
+            single
+                .stats
+                .rows_pushed
+                .load(std::sync::atomic::Ordering::Relaxed) as usize,
             ROWS
         );
         line("upstream_push", ours_push, base_push);
