@@ -39,6 +39,16 @@ fn hub_get(
     replica.lock().unwrap().store().get(table, id).unwrap()
 }
 
+fn blob_ref_of(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> fieldsync_store::BlobRef {
+    match hub_get(replica, "account", id).unwrap().get("contract") {
+        Value::File(b) => b.clone(),
+        other => panic!("not a file: {other:?}"),
+    }
+}
+
 fn id_of(row: &serde_json::Value, key: &str) -> Uuid {
     Uuid::parse_str(row[key].as_str().unwrap()).unwrap()
 }
@@ -419,4 +429,92 @@ async fn upstream_outage_keeps_the_queue_and_catches_up_once() {
         assert!(emu.row("accounts", *id).await.is_some());
     }
     assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), 5);
+}
+
+#[tokio::test]
+async fn files_go_up_and_come_down_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let mut cfg = config(&emu, dir.path());
+    cfg.file_chunk_bytes = 64 * 1024;
+    let b = bridge(cfg, &replica);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let blob = replica
+        .lock()
+        .unwrap()
+        .store()
+        .put_blob("contract.pdf", &mut data.as_slice())
+        .unwrap();
+    let id = Uuid::new_v4();
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[
+            ("name", text("With a file")),
+            ("contract", Value::File(blob)),
+        ],
+    );
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    // The row, the chunked upload's start and its 4 chunks, then a read of the new file id.
+    assert_eq!(
+        b.client().stats.requests.load(Ordering::Relaxed) - before,
+        7
+    );
+    let http = reqwest::Client::new();
+    let value = format!("{}/api/data/v9.2/accounts({id})/contract/$value", emu.url());
+    let got = http
+        .get(&value)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.headers()["x-ms-file-name"], "contract.pdf");
+    assert_eq!(got.bytes().await.unwrap().to_vec(), data);
+
+    // Pulling right after: the file is known, nothing is downloaded or written.
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.pull_table("account").await.unwrap();
+    assert_eq!(
+        b.client().stats.requests.load(Ordering::Relaxed) - before,
+        1
+    );
+    assert_eq!(
+        hub_get(&replica, "account", id).unwrap().get("contract"),
+        &Value::File(blob_ref_of(&replica, id))
+    );
+    let entries = dataverse_entries(&replica);
+
+    // The office replaces the file: the hub downloads it in ranges and writes it.
+    let office: Vec<u8> = (0..150_000u32).map(|i| (i % 13) as u8).collect();
+    let put = http
+        .patch(format!(
+            "{}/api/data/v9.2/accounts({id})/contract",
+            emu.url()
+        ))
+        .header("Authorization", "Bearer admin-token")
+        .header("Content-Type", "application/octet-stream")
+        .header("x-ms-file-name", "v2.pdf")
+        .body(office.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    b.pull_table("account").await.unwrap();
+    let row = hub_get(&replica, "account", id).unwrap();
+    let Value::File(here) = row.get("contract").clone() else {
+        panic!("no file on the hub: {row:?}")
+    };
+    assert_eq!(here.name, "v2.pdf");
+    assert_eq!(
+        replica.lock().unwrap().store().read_blob(&here).unwrap(),
+        office
+    );
+    assert_eq!(dataverse_entries(&replica), entries + 1);
+    // And it is not sent back.
+    let pushed = b.stats.rows_pushed.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), pushed);
 }

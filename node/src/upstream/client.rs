@@ -170,6 +170,19 @@ impl DataverseClient {
             .await
     }
 
+    /// Sends raw bytes (file uploads) with `content_type` and extra headers.
+    pub async fn send_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<ApiResponse, UpstreamError> {
+        self.send_raw(&method, path, headers, Some(content_type), body)
+            .await
+    }
+
     async fn send_raw(
         &self,
         method: &Method,

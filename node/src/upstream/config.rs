@@ -32,6 +32,14 @@ pub struct UpstreamConfig {
     /// Longest `Retry-After` the bridge waits in place before giving the round up.
     #[serde(default = "default_retry_after_max_secs")]
     pub retry_after_max_secs: u64,
+    /// Files larger than this are uploaded in chunks (and downloaded in ranges of this size);
+    /// Dataverse's chunk size is 4 MiB.
+    #[serde(default = "default_file_chunk_bytes")]
+    pub file_chunk_bytes: u64,
+}
+
+fn default_file_chunk_bytes() -> u64 {
+    4 * 1024 * 1024
 }
 
 fn default_page_size() -> usize {
@@ -65,6 +73,7 @@ impl UpstreamConfig {
             backoff_ms: default_backoff_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             retry_after_max_secs: default_retry_after_max_secs(),
+            file_chunk_bytes: default_file_chunk_bytes(),
         }
     }
 

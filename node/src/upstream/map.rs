@@ -27,9 +27,17 @@ fn computed(name: &str) -> bool {
     matches!(name, "createdon" | "modifiedon" | "owningbusinessunit")
 }
 
+/// File and image columns (relayed with their own requests, `file-column-data.md`).
+pub fn file_columns(table: &Table) -> impl Iterator<Item = &fieldsync_store::Column> {
+    table
+        .columns
+        .iter()
+        .filter(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+}
+
 /// The `$select` list for a table.
 pub fn select(table: &Table) -> String {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = file_columns(table).map(|c| c.name.clone()).collect();
     for c in synced(table) {
         match c.ty {
             ColumnType::Owner => {
@@ -50,6 +58,12 @@ pub struct WireRow {
     pub id: RowId,
     pub etag: String,
     pub values: BTreeMap<String, Value>,
+    /// File and image columns that hold a file: column → Dataverse's file id.
+    pub files: BTreeMap<String, String>,
+    /// File columns whose content was downloaded: the values to write to the hub.
+    pub file_writes: Vec<(String, Value)>,
+    /// What is known of each file column upstream (filled by the download step).
+    pub file_states: BTreeMap<String, super::state::FileState>,
 }
 
 fn guid(j: Option<&J>) -> Option<Uuid> {
@@ -96,7 +110,20 @@ pub fn from_wire(table: &Table, m: &Map<String, J>) -> Result<WireRow, UpstreamE
             values.insert(c.name.clone(), v);
         }
     }
-    Ok(WireRow { id, etag, values })
+    let files = file_columns(table)
+        .filter_map(|c| {
+            let id = m.get(&c.name)?.as_str()?;
+            Some((c.name.clone(), id.to_string()))
+        })
+        .collect();
+    Ok(WireRow {
+        id,
+        etag,
+        values,
+        files,
+        file_writes: Vec::new(),
+        file_states: BTreeMap::new(),
+    })
 }
 
 /// The values of `row` that the bridge relays (files, images and nulls left out).

@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod files;
 pub mod map;
 pub mod pull;
 pub mod push;
@@ -257,7 +258,8 @@ impl Merger {
     }
 
     /// Merges an upstream row: the columns that differ from `base` are Dataverse's changes;
-    /// those that also differ from the hub's row are written.
+    /// those that also differ from the hub's row are written, with `files` (downloaded file
+    /// columns) in the same change.
     pub fn upsert(
         &mut self,
         hub: &Store,
@@ -265,6 +267,7 @@ impl Merger {
         id: RowId,
         upstream: &BTreeMap<String, Value>,
         base: Option<&BTreeMap<String, Value>>,
+        files: &[(String, Value)],
     ) -> Result<Merged, UpstreamError> {
         let current = hub.get(table, id)?;
         if current.is_none() && hub.is_deleted(table, id)? {
@@ -285,6 +288,12 @@ impl Merger {
                 .unwrap_or(Value::Null);
             if &here != up {
                 writes.push((c.name.as_str(), up.clone()));
+            }
+        }
+        for (col, v) in files {
+            let here = current.as_ref().map(|r| r.get(col)).unwrap_or(&null);
+            if here != v {
+                writes.push((col.as_str(), v.clone()));
             }
         }
         if writes.is_empty() {

@@ -110,8 +110,8 @@ impl Bridge {
                 .get("@odata.deltaLink")
                 .and_then(J::as_str)
                 .map(String::from);
-            {
-                let mut hub = lock(&self.replica);
+            let (mut rows, deletions) = {
+                let hub = lock(&self.replica);
                 let tab = hub.store().schema().table(table)?.clone();
                 let list = entries(&tab, &page)?;
                 if full {
@@ -120,20 +120,14 @@ impl Bridge {
                         Entry::Deleted(id) => *id,
                     }));
                 }
-                let mut deletions: Vec<RowId> = list
-                    .iter()
-                    .filter_map(|e| match e {
-                        Entry::Deleted(id) => Some(*id),
-                        Entry::Row(_) => None,
-                    })
-                    .collect();
-                let rows: Vec<map::WireRow> = list
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        Entry::Row(r) => Some(r),
-                        Entry::Deleted(_) => None,
-                    })
-                    .collect();
+                let mut deletions = Vec::new();
+                let mut rows = Vec::new();
+                for e in list {
+                    match e {
+                        Entry::Row(r) => rows.push(r),
+                        Entry::Deleted(id) => deletions.push(id),
+                    }
+                }
                 if next.is_none() && full {
                     // The last page of a full read: whatever is known upstream and was not
                     // seen was deleted while the hub was not looking.
@@ -143,15 +137,19 @@ impl Bridge {
                         }
                     }
                 }
-                let link = if next.is_none() {
-                    delta.as_deref()
-                } else {
-                    None
-                };
-                let tables = self.apply_page(&mut hub, table, &rows, &deletions, link)?;
-                drop(hub);
-                self.changed(&tables);
-            }
+                (rows, deletions)
+            };
+            self.fetch_files(table, &mut rows).await?;
+            let link = if next.is_none() {
+                delta.as_deref()
+            } else {
+                None
+            };
+            let tables = {
+                let mut hub = lock(&self.replica);
+                self.apply_page(&mut hub, table, &rows, &deletions, link)?
+            };
+            self.changed(&tables);
             match next {
                 Some(n) => url = n,
                 None if delta.is_some() => return Ok(()),
@@ -190,9 +188,19 @@ impl Bridge {
                 row.id,
                 &row.values,
                 base.as_ref().map(|b| &b.values),
+                &row.file_writes,
             )? {
                 Merged::Written => pulled += 1,
                 Merged::Unchanged | Merged::DeletedHere => {}
+            }
+            // Files not downloaded this time keep their known state while their id is the same.
+            let mut files = row.file_states.clone();
+            if let Some(b) = &base {
+                for (col, st) in &b.files {
+                    if row.files.get(col) == Some(&st.id) {
+                        files.entry(col.clone()).or_insert_with(|| st.clone());
+                    }
+                }
             }
             writes.put_base(
                 table,
@@ -200,6 +208,7 @@ impl Bridge {
                 &Base {
                     etag: row.etag.clone(),
                     values: row.values.clone(),
+                    files,
                 },
             )?;
         }

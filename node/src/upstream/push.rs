@@ -94,19 +94,26 @@ impl Bridge {
             };
             match self.client.change_set(&requests).await? {
                 BatchOutcome::Applied(responses) => {
-                    let mut hub = lock(&self.replica);
-                    let mut merger = Merger::new(hub.store().schema())?;
-                    let mut writes = StateWrites::default();
-                    for (item, resp) in group.iter().zip(&responses) {
-                        record(&hub, &mut writes, &mut merger, item, resp)?;
-                    }
-                    let tables = merger.apply(&mut hub)?;
-                    writes.commit(hub.store())?;
-                    drop(hub);
+                    let tables = {
+                        let mut hub = lock(&self.replica);
+                        let mut merger = Merger::new(hub.store().schema())?;
+                        let mut writes = StateWrites::default();
+                        for (item, resp) in group.iter().zip(&responses) {
+                            record(&hub, &mut writes, &mut merger, item, resp)?;
+                        }
+                        let tables = merger.apply(&mut hub)?;
+                        writes.commit(hub.store())?;
+                        tables
+                    };
                     self.changed(&tables);
                     self.stats
                         .rows_pushed
                         .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    for item in group {
+                        if !matches!(item.write, Write::Delete) {
+                            self.push_files(&item.table, item.id).await?;
+                        }
+                    }
                     return Ok(());
                 }
                 BatchOutcome::Failed(resp) => {
@@ -136,15 +143,20 @@ impl Bridge {
             let req = request_of(&lock(&self.replica), &item)?;
             let resp = self.client.send(&req).await?;
             if resp.is_success() || (resp.status == 404 && matches!(item.write, Write::Delete)) {
-                let mut hub = lock(&self.replica);
-                let mut merger = Merger::new(hub.store().schema())?;
-                let mut writes = StateWrites::default();
-                record(&hub, &mut writes, &mut merger, &item, &resp)?;
-                let tables = merger.apply(&mut hub)?;
-                writes.commit(hub.store())?;
-                drop(hub);
+                let tables = {
+                    let mut hub = lock(&self.replica);
+                    let mut merger = Merger::new(hub.store().schema())?;
+                    let mut writes = StateWrites::default();
+                    record(&hub, &mut writes, &mut merger, &item, &resp)?;
+                    let tables = merger.apply(&mut hub)?;
+                    writes.commit(hub.store())?;
+                    tables
+                };
                 self.changed(&tables);
                 self.stats.rows_pushed.fetch_add(1, Ordering::Relaxed);
+                if !matches!(item.write, Write::Delete) {
+                    self.push_files(&item.table, item.id).await?;
+                }
                 return Ok(());
             }
             let err = resp.error();
@@ -289,10 +301,18 @@ fn record(
                     None => sent.remove(stamp),
                 };
             }
-            merger.upsert(hub.store(), &item.table, item.id, &row.values, Some(&sent))?;
+            merger.upsert(
+                hub.store(),
+                &item.table,
+                item.id,
+                &row.values,
+                Some(&sent),
+                &[],
+            )?;
             Base {
                 etag: row.etag,
                 values: row.values,
+                files: kept_files(hub, item, &row.files)?,
             }
         }
         None => Base {
@@ -301,7 +321,24 @@ fn record(
                 .ok_or_else(|| UpstreamError::BadReply("a write answered without an etag".into()))?
                 .to_string(),
             values: map::relayed(tab, values),
+            files: state::base(hub.store(), &item.table, item.id)?
+                .map(|b| b.files)
+                .unwrap_or_default(),
         },
     };
     writes.put_base(&item.table, item.id, &base)
+}
+
+/// The file states of the row's previous base that still hold (same file id upstream).
+fn kept_files(
+    hub: &fieldsync_replication::replica::HubReplica,
+    item: &Item,
+    ids: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, state::FileState>, UpstreamError> {
+    Ok(state::base(hub.store(), &item.table, item.id)?
+        .map(|b| b.files)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(col, f)| ids.get(col) == Some(&f.id))
+        .collect())
 }

@@ -23,6 +23,16 @@ const P_BASE: &[u8] = b"bs/";
 pub struct Base {
     pub etag: String,
     pub values: BTreeMap<String, Value>,
+    /// File and image columns as Dataverse has them.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileState>,
+}
+
+/// One file column upstream: Dataverse's file id and the content's SHA-256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    pub id: String,
+    pub sha256: String,
 }
 
 fn base_prefix(table: &str) -> Vec<u8> {
