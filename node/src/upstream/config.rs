@@ -132,3 +132,49 @@ pub enum AuthConfig {
         scope: Option<String>,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct HubToml {
+        upstream: UpstreamConfig,
+    }
+
+    #[test]
+    fn entra_config_round_trips_through_hub_toml_without_a_secret() {
+        let mut c = UpstreamConfig::new("https://contoso.crm4.dynamics.com");
+        c.auth = AuthConfig::Entra {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: SecretSource::Env("FIELDSYNC_DATAVERSE_SECRET".into()),
+            token_endpoint: None,
+            scope: None,
+        };
+        let text = toml::to_string(&HubToml {
+            upstream: c.clone(),
+        })
+        .unwrap();
+        let back: HubToml = toml::from_str(&text).unwrap();
+        assert_eq!(back.upstream, c);
+        assert_eq!(
+            c.api_base(),
+            "https://contoso.crm4.dynamics.com/api/data/v9.2/"
+        );
+        // A minimal section takes the defaults.
+        let min: HubToml = toml::from_str("[upstream]\nurl = \"http://127.0.0.1:8080/\"").unwrap();
+        assert_eq!(min.upstream.auth, AuthConfig::None);
+        assert_eq!(
+            min.upstream.api_base(),
+            "http://127.0.0.1:8080/api/data/v9.2/"
+        );
+    }
+
+    #[test]
+    fn a_config_with_an_unknown_auth_kind_is_refused() {
+        let r: Result<HubToml, _> =
+            toml::from_str("[upstream]\nurl = \"x\"\n[upstream.auth]\nkind = \"password\"");
+        assert!(r.is_err());
+    }
+}
