@@ -517,4 +517,33 @@ async fn files_go_up_and_come_down_in_chunks() {
     let pushed = b.stats.rows_pushed.load(Ordering::Relaxed);
     b.push().await.unwrap();
     assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), pushed);
+
+    // The office replaces the file again while the hub renames the row: the 412 re-read brings
+    // the new file to the hub, and the hub's write does not put the old file back.
+    let third: Vec<u8> = vec![7u8; 1000];
+    let put = http
+        .patch(format!("{}/api/data/v9.2/accounts({id})/contract", emu.url()))
+        .header("Authorization", "Bearer admin-token")
+        .header("Content-Type", "application/octet-stream")
+        .header("x-ms-file-name", "v3.pdf")
+        .body(third.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    hub_write(&replica, "account", id, &[("name", text("Renamed with file"))]);
+    b.push().await.unwrap();
+    let here = blob_ref_of(&replica, id);
+    assert_eq!(here.name, "v3.pdf");
+    let got = http
+        .get(&value)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().to_vec(), third);
+    assert_eq!(
+        emu.row("accounts", id).await.unwrap()["name"],
+        "Renamed with file"
+    );
 }

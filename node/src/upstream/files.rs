@@ -120,7 +120,7 @@ impl Bridge {
     /// After a row was written: uploads (or removes) its file columns where the hub's content
     /// differs from what Dataverse has, then records the row as Dataverse now has it.
     pub(crate) async fn push_files(&self, table: &str, id: RowId) -> Result<(), UpstreamError> {
-        let (set, changes, select) = {
+        let (set, changes) = {
             let hub = lock(&self.replica);
             let store = hub.store();
             let tab = store.schema().table(table)?;
@@ -142,7 +142,7 @@ impl Bridge {
                     changes.push((c.name.clone(), content.transpose()?));
                 }
             }
-            (tab.entity_set.clone(), changes, map::select(tab))
+            (tab.entity_set.clone(), changes)
         };
         if changes.is_empty() {
             return Ok(());
@@ -169,23 +169,10 @@ impl Bridge {
             }
         }
         // Learn the new file ids and etag (an upload changes the row's version).
-        let resp = self
-            .client
-            .send(&ApiRequest::new(
-                Method::GET,
-                format!("{set}({id})?$select={select}"),
-            ))
-            .await?;
-        if !resp.is_success() {
-            return Err(resp.error());
-        }
+        let Some(row) = self.read_row(table, id).await? else {
+            return Ok(()); // deleted meanwhile: the next pull says so
+        };
         let hub = lock(&self.replica);
-        let tab = hub.store().schema().table(table)?;
-        let body = resp.json()?;
-        let obj = body
-            .as_object()
-            .ok_or_else(|| UpstreamError::BadReply("a row that is not an object".into()))?;
-        let row = map::from_wire(tab, obj)?;
         let old = state::base(hub.store(), table, id)?;
         let files = row
             .files

@@ -163,6 +163,37 @@ impl Bridge {
         }
     }
 
+    /// Reads one row as Dataverse has it now (`None`: it does not exist).
+    pub(crate) async fn read_row(
+        &self,
+        table: &str,
+        id: RowId,
+    ) -> Result<Option<map::WireRow>, UpstreamError> {
+        let (set, select, tab) = {
+            let hub = lock(&self.replica);
+            let tab = hub.store().schema().table(table)?.clone();
+            (tab.entity_set.clone(), map::select(&tab), tab)
+        };
+        let resp = self
+            .client
+            .send(&ApiRequest::new(
+                Method::GET,
+                format!("{set}({id})?$select={select}"),
+            ))
+            .await?;
+        if resp.status == 404 {
+            return Ok(None);
+        }
+        if !resp.is_success() {
+            return Err(resp.error());
+        }
+        let body = resp.json()?;
+        let obj = body
+            .as_object()
+            .ok_or_else(|| UpstreamError::BadReply("a row that is not an object".into()))?;
+        map::from_wire(&tab, obj).map(Some)
+    }
+
     /// Applies one page's rows and deletions to the hub, then (only then) records their bases
     /// and, on the last page, the delta link.
     pub(crate) fn apply_page(

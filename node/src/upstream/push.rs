@@ -193,32 +193,19 @@ impl Bridge {
     /// Re-reads a row after a conflict, merges it into the hub as a Dataverse op (or deletes
     /// it if Dataverse did), and says what to write now.
     async fn refresh(&self, table: &str, id: RowId) -> Result<Option<Item>, UpstreamError> {
-        let (set, select) = {
-            let hub = lock(&self.replica);
-            let tab = hub.store().schema().table(table)?;
-            (tab.entity_set.clone(), map::select(tab))
+        let row = match self.read_row(table, id).await? {
+            Some(row) => {
+                let mut rows = vec![row];
+                self.fetch_files(table, &mut rows).await?;
+                Some(rows)
+            }
+            None => None,
         };
-        let resp = self
-            .client
-            .send(&ApiRequest::new(
-                Method::GET,
-                format!("{set}({id})?$select={select}"),
-            ))
-            .await?;
         let mut hub = lock(&self.replica);
-        let tables = if resp.status == 404 {
+        let tables = match &row {
+            Some(rows) => self.apply_page(&mut hub, table, rows, &[], None)?,
             // Deleted upstream while the hub changed it: Dataverse, the system of record, wins.
-            self.apply_page(&mut hub, table, &[], &[id], None)?
-        } else if resp.is_success() {
-            let tab = hub.store().schema().table(table)?.clone();
-            let m = resp.json()?;
-            let obj = m
-                .as_object()
-                .ok_or_else(|| UpstreamError::BadReply("a row that is not an object".into()))?;
-            let row = map::from_wire(&tab, obj)?;
-            self.apply_page(&mut hub, table, &[row], &[], None)?
-        } else {
-            return Err(resp.error());
+            None => self.apply_page(&mut hub, table, &[], &[id], None)?,
         };
         let next = item_of(&hub, table, id)?;
         drop(hub);
