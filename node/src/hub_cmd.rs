@@ -548,6 +548,7 @@ pub fn runtime_of(hub: OpenHub) -> (Arc<HubRuntime>, HubIdentity, HubFile) {
         bus: Arc::new(ChangeBus::default()),
         metrics: Arc::new(Metrics::default()),
         limits,
+        upstream: std::sync::OnceLock::new(),
     });
     (runtime, hub.identity, hub.file)
 }
@@ -630,6 +631,7 @@ pub fn start_bridge(
     let on_change = Box::new(move |tables: &[String]| bus.publish(tables));
     let bridge = Bridge::new(config, runtime.replica.clone(), on_change)
         .context("cannot start the upstream bridge")?;
+    let _ = runtime.upstream.set(bridge.stats.clone());
     let (_, wake) = runtime.bus.register_listener();
     Ok(tokio::spawn(Arc::new(bridge).run(wake)))
 }

@@ -522,7 +522,10 @@ async fn files_go_up_and_come_down_in_chunks() {
     // the new file to the hub, and the hub's write does not put the old file back.
     let third: Vec<u8> = vec![7u8; 1000];
     let put = http
-        .patch(format!("{}/api/data/v9.2/accounts({id})/contract", emu.url()))
+        .patch(format!(
+            "{}/api/data/v9.2/accounts({id})/contract",
+            emu.url()
+        ))
         .header("Authorization", "Bearer admin-token")
         .header("Content-Type", "application/octet-stream")
         .header("x-ms-file-name", "v3.pdf")
@@ -531,7 +534,12 @@ async fn files_go_up_and_come_down_in_chunks() {
         .await
         .unwrap();
     assert_eq!(put.status(), 204);
-    hub_write(&replica, "account", id, &[("name", text("Renamed with file"))]);
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[("name", text("Renamed with file"))],
+    );
     b.push().await.unwrap();
     let here = blob_ref_of(&replica, id);
     assert_eq!(here.name, "v3.pdf");

@@ -85,17 +85,32 @@ async fn hub_serve_relays_both_ways() {
     .parse::<Uuid>()
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fieldsync"))
-        .args(["hub", "serve", "--data", hub_s, "--listen", "127.0.0.1:0"])
+        .args([
+            "hub",
+            "serve",
+            "--data",
+            hub_s,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
         .env("FS_TEST_DV_TOKEN", "admin-token")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|l| l.starts_with("relaying to Dataverse at")));
+    let mut metrics = None;
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("metrics on http://") {
+            metrics = rest.split('/').next().map(str::to_string);
+        }
+        if line.starts_with("relaying to Dataverse at") {
+            break;
+        }
+    }
+    let metrics = metrics.expect("a metrics address");
     std::thread::spawn(move || for _ in lines {});
     let deadline = Instant::now() + Duration::from_secs(15);
     let row = loop {
@@ -106,6 +121,17 @@ async fn hub_serve_relays_both_ways() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(row["name"], "From the hub");
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("fieldsync_upstream_rows_pushed_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("fieldsync_upstream_queue_entries "), "{text}");
 
     // An office edit reaches the hub's store.
     let (s, _) = emu
