@@ -121,16 +121,20 @@ async fn hub_serve_relays_both_ways() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(row["name"], "From the hub");
-    let text = reqwest::get(format!("http://{metrics}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("fieldsync_upstream_rows_pushed_total 1"),
-        "{text}"
-    );
+    // The row is visible upstream a moment before the bridge has read the answer.
+    let text = loop {
+        let text = reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("fieldsync_upstream_rows_pushed_total 1") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(text.contains("fieldsync_upstream_queue_entries "), "{text}");
 
     // An office edit reaches the hub's store.
