@@ -272,6 +272,21 @@ async fn push_creates_updates_deletes_and_merges_on_412() {
     let here = hub_get(&replica, "account", account).unwrap();
     assert_eq!(here.get("telephone1"), &text("555-0199"));
 
+    // Both sides write the same column: Dataverse (the system of record, changed after the
+    // hub last saw it) wins, and both sides end with the same value.
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({account})"),
+        Some(json!({"name": "Office Name"})),
+    )
+    .await;
+    hub_write(&replica, "account", account, &[("name", text("Hub Name"))]);
+    b.sync_once().await.unwrap();
+    let up = emu.row("accounts", account).await.unwrap();
+    let here = hub_get(&replica, "account", account).unwrap();
+    assert_eq!(up["name"], "Office Name");
+    assert_eq!(here.get("name"), &text("Office Name"));
+
     // A delete on the hub reaches Dataverse; the next pull does not echo anything back.
     {
         let r = replica.lock().unwrap();
