@@ -30,7 +30,7 @@ struct Device {
     dir: PathBuf,
 }
 
-pub fn run(dir: Option<&Path>) -> Result<()> {
+pub fn run(dir: Option<&Path>, upstream_emulator: bool) -> Result<()> {
     let tmp;
     let root = match dir {
         Some(d) => d.to_path_buf(),
@@ -78,6 +78,16 @@ pub fn run(dir: Option<&Path>) -> Result<()> {
         put(&runtime, WO, &["msdyn_name=WO-201 Heat pump service", "ownerid=user:ines@contoso.com", "statecode=0", "msdyn_systemstatus=690970000"])?;
         put(&runtime, WO, &["msdyn_name=WO-301 Annual inspection", "ownerid=user:lena@contoso.com", "statecode=0", "msdyn_systemstatus=690970002"])?;
         put(&runtime, "product", &["name=Pump seal kit", "productnumber=PS-10"])?;
+        let upstream = match upstream_emulator {
+            true => {
+                let up = crate::demo_upstream::start(&root, &runtime, SCHEMA).await?;
+                up.bridge.sync_once().await?;
+                println!("Dataverse (emulator) at {}: the hub wrote its {} rows there\n", up.api,
+                    up.bridge.stats.rows_pushed.load(std::sync::atomic::Ordering::Relaxed));
+                Some(up)
+            }
+            false => None,
+        };
 
         let devices = [
             Device { name: "ana", user: "ana@contoso.com", about: "Contoso North; teams North Technicians, Emergency Crew", dir: root.join("ana") },
@@ -151,6 +161,30 @@ pub fn run(dir: Option<&Path>) -> Result<()> {
         println!("\nowner change: WO-102 evicted from ana ({}), now on lena ({})",
             if open(&devices[0].dir)?.get(WO, wo_move)?.is_some() { "still there (!)" } else { "gone" },
             if open(&devices[2].dir)?.get(WO, wo_move)?.is_some() { "present" } else { "missing (!)" });
+        if let Some(up) = upstream {
+            println!("\n5. with Dataverse upstream:");
+            up.bridge.sync_once().await?;
+            let wo = up.office(reqwest::Method::GET, &format!("msdyn_workorders({wo_ana})?$select=msdyn_systemstatus"), None).await?;
+            println!("  Dataverse WO-101 msdyn_systemstatus = {} (ana's offline edit, relayed by the hub)", wo["msdyn_systemstatus"]);
+            let wo = up.office(reqwest::Method::GET, &format!("msdyn_workorders({wo_move})?$select=_ownerid_value"), None).await?;
+            let lena = runtime.replica.lock().map_err(|_| anyhow!("hub lock poisoned"))?
+                .environment().user_by_name("lena@contoso.com").map(|u| u.id.to_string()).unwrap_or_default();
+            println!("  Dataverse WO-102 owner is lena: {}", wo["_ownerid_value"].as_str() == Some(lena.as_str()));
+            let wo = up.office(reqwest::Method::GET, &format!("msdyn_workorders({wo_team})?$select=msdyn_workordersummary"), None).await?;
+            println!("  Dataverse WO-103 summary = {} (the conflict's winner, as on the devices)", wo["msdyn_workordersummary"]);
+            up.office(reqwest::Method::PATCH, &format!("msdyn_workorders({wo_ana})"),
+                Some(serde_json::json!({"msdyn_workordersummary": "Customer called: gate code 4711"}))).await?;
+            println!("  office (Web API) PATCH WO-101 summary = \"Customer called: gate code 4711\"");
+            up.bridge.sync_once().await?;
+            let (_, line) = sync(&devices[0]).await?;
+            let summary = open(&devices[0].dir)?.get(WO, wo_ana)?
+                .and_then(|r| r.values.get("msdyn_workordersummary").map(|v| v.to_string()))
+                .unwrap_or_default();
+            println!("  ana   {line}\n  ana   WO-101 summary = \"{summary}\" (pulled by the hub through change tracking)");
+            let ines = open(&devices[1].dir)?.get(WO, wo_ana)?.is_some();
+            println!("  ines  holds WO-101: {ines} (not in her set)");
+            up.stop();
+        }
         running.shut_down().await?;
         println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
         Ok::<_, anyhow::Error>(())

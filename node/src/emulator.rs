@@ -122,7 +122,6 @@ pub struct EmulatorConfig {
 
 impl EmulatorConfig {
     /// A configuration with Dataverse's default limits, keeping data in `data_dir`.
-    #[allow(dead_code)] // for in-process callers: the hub bridge (issue 5, item 1)
     pub fn new(data_dir: impl Into<PathBuf>) -> EmulatorConfig {
         EmulatorConfig {
             data_dir: data_dir.into(),

@@ -3,7 +3,8 @@
 //! A hub's data directory:
 //!
 //! ```text
-//! DIR/hub.toml          commented config (listen and metrics addresses, limits, conflict policy)
+//! DIR/hub.toml          commented config (listen and metrics addresses, limits, conflict policy,
+//!                       and the upstream Dataverse environment if any)
 //! DIR/environment.toml  business units, users, teams, roles (copied at init)
 //! DIR/apps.toml         apps (copied at init)
 //! DIR/schema.toml       schema (copied at init)
@@ -28,6 +29,8 @@ use fieldsync_replication::{apps_from_toml, generate_profile, Environment, Profi
 use fieldsync_store::{RowId, Schema, Store, StoreOptions, Value};
 use serde::Deserialize;
 use uuid::Uuid;
+
+use fieldsync_node::upstream::{AuthConfig, Bridge, SecretSource, UpstreamConfig};
 
 use crate::sync::hub::{
     render_metrics, serve_metrics, start_hub, ChangeBus, HubRuntime, Metrics, RunningHub,
@@ -54,6 +57,8 @@ pub enum HubCommand {
         /// Offline profile TOML (default: profile.toml next to the apps file, else generated).
         #[arg(long)]
         profile: Option<PathBuf>,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
     },
     /// Serve devices over QUIC + TLS until SIGTERM or SIGINT.
     Serve {
@@ -112,7 +117,15 @@ pub fn run(cmd: HubCommand) -> Result<()> {
             apps,
             schema,
             profile,
-        } => init(&data, &env, &apps, schema.as_deref(), profile.as_deref()),
+            upstream,
+        } => {
+            init(&data, &env, &apps, schema.as_deref(), profile.as_deref())?;
+            if let Some(config) = upstream.config()? {
+                set_upstream(&data, &config)?;
+                println!("relaying to Dataverse at {}", config.url);
+            }
+            Ok(())
+        }
         HubCommand::Serve {
             data,
             listen,
@@ -149,6 +162,98 @@ pub struct HubFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub conflicts: ConflictsFile,
+    /// The Dataverse environment the hub relays to; none: the hub is the system of record.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// `hub init --upstream URL ...`: where Dataverse is and how to authenticate. Secrets are
+/// named (an environment variable or a file), never written into hub.toml.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpstreamArgs {
+    /// Relay to this Dataverse environment (or emulator) URL, e.g.
+    /// https://contoso.crm4.dynamics.com or http://127.0.0.1:8080.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// A static bearer token is in this environment variable (the emulator's users).
+    #[arg(long, requires = "upstream")]
+    upstream_token_env: Option<String>,
+    /// Entra ID: the directory (tenant) id; with --upstream-client-id and a secret source.
+    #[arg(long, requires = "upstream")]
+    upstream_tenant: Option<String>,
+    /// Entra ID: the app registration's application (client) id.
+    #[arg(long, requires = "upstream_tenant")]
+    upstream_client_id: Option<String>,
+    /// Entra ID: the client secret is in this environment variable.
+    #[arg(long, requires = "upstream_tenant")]
+    upstream_secret_env: Option<String>,
+    /// Entra ID: the client secret is in this file.
+    #[arg(
+        long,
+        requires = "upstream_tenant",
+        conflicts_with = "upstream_secret_env"
+    )]
+    upstream_secret_file: Option<PathBuf>,
+    /// Entra ID: the token endpoint (default: login.microsoftonline.com for the tenant).
+    #[arg(long, requires = "upstream_tenant")]
+    upstream_token_endpoint: Option<String>,
+}
+
+impl UpstreamArgs {
+    fn config(&self) -> Result<Option<UpstreamConfig>> {
+        let Some(url) = &self.upstream else {
+            return Ok(None);
+        };
+        let mut config = UpstreamConfig::new(url.clone());
+        config.auth = match (&self.upstream_tenant, &self.upstream_token_env) {
+            (Some(tenant), _) => {
+                let secret = match (&self.upstream_secret_env, &self.upstream_secret_file) {
+                    (Some(var), _) => SecretSource::Env(var.clone()),
+                    (None, Some(file)) => SecretSource::File(file.clone()),
+                    (None, None) => bail!(
+                        "--upstream-tenant needs --upstream-secret-env VAR or --upstream-secret-file PATH"
+                    ),
+                };
+                AuthConfig::Entra {
+                    tenant_id: tenant.clone(),
+                    client_id: self
+                        .upstream_client_id
+                        .clone()
+                        .ok_or_else(|| anyhow!("--upstream-tenant needs --upstream-client-id"))?,
+                    secret,
+                    token_endpoint: self.upstream_token_endpoint.clone(),
+                    scope: None,
+                }
+            }
+            (None, Some(var)) => AuthConfig::Bearer {
+                token: SecretSource::Env(var.clone()),
+            },
+            (None, None) => AuthConfig::None,
+        };
+        Ok(Some(config))
+    }
+}
+
+/// Adds (or replaces) the `[upstream]` section of a hub's hub.toml.
+pub fn set_upstream(data: &Path, config: &UpstreamConfig) -> Result<()> {
+    let path = HubPaths::new(data).file("hub.toml");
+    let text = read(&path, "hub config")?;
+    let kept = match text.find("\n# The Dataverse environment this hub relays to") {
+        Some(i) => &text[..i],
+        None => text.as_str(),
+    };
+    #[derive(serde::Serialize)]
+    struct Section<'a> {
+        upstream: &'a UpstreamConfig,
+    }
+    let section = toml::to_string(&Section { upstream: config })
+        .context("cannot write the upstream section")?;
+    let out = format!(
+        "{}\n# The Dataverse environment this hub relays to (README, \"Relaying to Dataverse\").\n# Secrets are named here (env = \"VAR\" or file = \"PATH\"), never stored.\n{section}",
+        kept.trim_end()
+    );
+    std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 fn default_listen() -> String {
@@ -443,6 +548,7 @@ pub fn runtime_of(hub: OpenHub) -> (Arc<HubRuntime>, HubIdentity, HubFile) {
         bus: Arc::new(ChangeBus::default()),
         metrics: Arc::new(Metrics::default()),
         limits,
+        upstream: std::sync::OnceLock::new(),
     });
     (runtime, hub.identity, hub.file)
 }
@@ -494,13 +600,40 @@ fn serve(data: &Path, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -
             let local = start_metrics(&running, m).await?;
             println!("metrics on http://{local}/metrics and /healthz");
         }
+        let bridge = match &file.upstream {
+            Some(config) => {
+                let task = start_bridge(&running.runtime, config.clone())?;
+                println!("relaying to Dataverse at {}", config.url);
+                Some(task)
+            }
+            None => None,
+        };
         use std::io::Write;
         let _ = std::io::stdout().flush();
         wait_for_signal().await?;
+        if let Some(task) = bridge {
+            // The bridge's state is durable per step: stopping it mid-round loses nothing.
+            task.abort();
+        }
         running.shut_down().await?;
         println!("hub stopped");
         Ok(())
     })
+}
+
+/// Starts the upstream bridge as a background task of a running hub: pulled rows wake the
+/// device sessions through the change bus, and device writes wake the bridge.
+pub fn start_bridge(
+    runtime: &Arc<HubRuntime>,
+    config: UpstreamConfig,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let bus = runtime.bus.clone();
+    let on_change = Box::new(move |tables: &[String]| bus.publish(tables));
+    let bridge = Bridge::new(config, runtime.replica.clone(), on_change)
+        .context("cannot start the upstream bridge")?;
+    let _ = runtime.upstream.set(bridge.stats.clone());
+    let (_, wake) = runtime.bus.register_listener();
+    Ok(tokio::spawn(Arc::new(bridge).run(wake)))
 }
 
 /// Resolves on SIGTERM or SIGINT.

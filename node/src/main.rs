@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod demo_upstream;
 mod device_cmd;
 mod device_sync;
 mod emulator;
@@ -48,6 +49,10 @@ enum Command {
         /// Keep the demo's directories here instead of a temporary directory.
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
+        /// Relay the hub to an in-process Dataverse Web API emulator, and show an office edit
+        /// reaching a device and device edits reaching Dataverse.
+        #[arg(long)]
+        upstream_emulator: bool,
     },
     /// Offline profiles: validate, show, generate from an app, estimate sizes, Dataverse records.
     #[command(subcommand)]
@@ -82,7 +87,10 @@ fn main() -> ExitCode {
             Ok(code) => return code,
             Err(e) => Err(anyhow::Error::new(e)),
         },
-        Command::Demo { dir } => demo::run(dir.as_deref()),
+        Command::Demo {
+            dir,
+            upstream_emulator,
+        } => demo::run(dir.as_deref(), upstream_emulator),
         Command::Profile(cmd) => profile_cmd::run(cmd),
         Command::DataverseEmulator(args) => emulator::run(args),
     };

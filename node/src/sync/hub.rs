@@ -55,6 +55,7 @@ pub struct Metrics {
 struct BusEntry {
     notify: Arc<Notify>,
     tables: BTreeSet<String>,
+    listener: bool,
 }
 
 /// Tells live sessions that the hub's data changed, and asks them to close on shutdown.
@@ -79,8 +80,17 @@ impl ChangeBus {
             BusEntry {
                 notify: notify.clone(),
                 tables: BTreeSet::new(),
+                listener: false,
             },
         );
+        (id, notify)
+    }
+
+    /// Registers a listener that only wants to be woken (the upstream bridge): it is not a
+    /// session, so its tables are not kept and it adds nothing to the queue depth.
+    pub fn register_listener(&self) -> (u64, Arc<Notify>) {
+        let (id, notify) = self.register();
+        self.sessions().entry(id).and_modify(|e| e.listener = true);
         (id, notify)
     }
 
@@ -96,7 +106,9 @@ impl ChangeBus {
             return;
         }
         for entry in self.sessions().values_mut() {
-            entry.tables.extend(tables.iter().cloned());
+            if !entry.listener {
+                entry.tables.extend(tables.iter().cloned());
+            }
             entry.notify.notify_one();
         }
     }
@@ -320,6 +332,8 @@ pub struct HubRuntime {
     pub metrics: Arc<Metrics>,
     /// Transport limits.
     pub limits: ConnectionLimits,
+    /// The upstream bridge's counters, once it runs.
+    pub upstream: std::sync::OnceLock<Arc<fieldsync_node::upstream::BridgeStats>>,
 }
 
 /// A running hub: its endpoint and the tasks serving it.
@@ -566,6 +580,63 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
         "gauge",
         runtime.bus.session_count() as u64,
     );
+    if let Some(up) = runtime.upstream.get() {
+        for (name, help, v) in [
+            (
+                "rows_pulled_total",
+                "Rows changed in Dataverse and merged into the hub.",
+                &up.rows_pulled,
+            ),
+            (
+                "rows_deleted_total",
+                "Rows deleted in Dataverse and tombstoned on the hub.",
+                &up.rows_deleted,
+            ),
+            (
+                "rows_pushed_total",
+                "Rows written to Dataverse.",
+                &up.rows_pushed,
+            ),
+            (
+                "conflicts_total",
+                "412s resolved by re-reading and merging.",
+                &up.conflicts,
+            ),
+            (
+                "refused_total",
+                "Writes Dataverse refused for good (logged, skipped).",
+                &up.refused,
+            ),
+            (
+                "full_reads_total",
+                "Full re-reads after an expired change-tracking token.",
+                &up.full_reads,
+            ),
+            (
+                "failed_rounds_total",
+                "Bridge rounds that failed (Dataverse down, throttled).",
+                &up.failed_rounds,
+            ),
+        ] {
+            counter(
+                &format!("fieldsync_upstream_{name}"),
+                help,
+                "counter",
+                v.load(Ordering::Relaxed),
+            );
+        }
+        let r = lock(&runtime.replica);
+        let behind = fieldsync_node::upstream::state::cursor(r.store())
+            .map(|c| r.store().last_seq().saturating_sub(c))
+            .unwrap_or_default();
+        drop(r);
+        counter(
+            "fieldsync_upstream_queue_entries",
+            "Hub log entries not yet acknowledged by Dataverse (the outbound queue).",
+            "gauge",
+            behind,
+        );
+    }
     let lags = lock(&runtime.replica).device_lags();
     let _ = writeln!(
         s,

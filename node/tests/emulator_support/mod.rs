@@ -74,7 +74,11 @@ impl Emulator {
         Emulator {
             child,
             base,
-            client: Client::new(),
+            client: {
+                // reqwest has TLS without a built-in crypto provider (the bridge's HTTPS).
+                fieldsync_node::upstream::client::install_crypto_provider();
+                Client::new()
+            },
         }
     }
 

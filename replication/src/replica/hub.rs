@@ -406,6 +406,23 @@ impl HubReplica {
         Ok(())
     }
 
+    /// Changes from the system of record (the Dataverse bridge): applied durably without a
+    /// device's authorization (they come from upstream, which already decided), then routed
+    /// like a pushed op. Idempotent, as [`Store::apply_remote`].
+    pub fn apply_upstream(
+        &mut self,
+        ops: &[RemoteOp],
+    ) -> Result<fieldsync_store::ApplyOutcome, HubReplicaError> {
+        let _span = info_span!("hub_apply_upstream", ops = ops.len()).entered();
+        let outcome = self.store.apply_remote(ops, Durability::Immediate)?;
+        let rows: BTreeSet<(&str, RowId)> = ops.iter().map(|o| (o.table.as_str(), o.row)).collect();
+        for (table, row) in rows {
+            self.route(table, row)?;
+        }
+        self.store.sync()?;
+        Ok(outcome)
+    }
+
     /// The environment changed (users, teams, roles): re-route every set.
     pub fn handle_environment(&mut self, env: Environment) -> Result<(), HubReplicaError> {
         let mut all = Vec::new();

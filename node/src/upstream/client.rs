@@ -1,0 +1,420 @@
+//! HTTP to the Web API: the documented headers, bearer tokens, `429` with `Retry-After`, error
+//! bodies, and `$batch` change sets (`execute-batch-operations-using-web-api.md`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value as J;
+use tracing::{debug, info_span, warn, Instrument};
+use uuid::Uuid;
+
+use super::auth::TokenSource;
+use super::config::UpstreamConfig;
+use super::UpstreamError;
+
+/// Most requests in one `$batch` (documented limit).
+pub const BATCH_REQUESTS_MAX: usize = 1000;
+
+/// Error code of an expired change-tracking token
+/// (`use-change-tracking-synchronize-data-external-systems.md`).
+pub const CHANGE_TRACKING_EXPIRED: &str = "0x80044352";
+
+/// Counters for tests, benches and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// HTTP requests sent (a `$batch` counts once).
+    pub requests: AtomicU64,
+    /// `429` answers received.
+    pub throttled: AtomicU64,
+}
+
+/// One request, on its own or inside a `$batch`.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub method: Method,
+    /// Relative to the API base (`accounts(<id>)`) or absolute (a next or delta link).
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<J>,
+}
+
+impl ApiRequest {
+    pub fn new(method: Method, path: impl Into<String>) -> ApiRequest {
+        ApiRequest {
+            method,
+            path: path.into(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> ApiRequest {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn json(mut self, body: J) -> ApiRequest {
+        self.body = Some(body);
+        self
+    }
+}
+
+/// A response (top-level or one part of a `$batch` response).
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl ApiResponse {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn json(&self) -> Result<J, UpstreamError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| UpstreamError::BadReply(format!("a JSON body was expected: {e}")))
+    }
+
+    /// The `{"error":{"code","message"}}` body as an error.
+    pub fn error(&self) -> UpstreamError {
+        let parsed: Option<J> = serde_json::from_slice(&self.body).ok();
+        let field = |k: &str| {
+            parsed
+                .as_ref()
+                .and_then(|j| j.get("error"))
+                .and_then(|e| e.get(k))
+                .and_then(J::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        UpstreamError::Api {
+            status: self.status,
+            code: field("code"),
+            message: field("message"),
+        }
+    }
+}
+
+/// A Web API client for one environment.
+#[derive(Debug, Clone)]
+pub struct DataverseClient {
+    http: reqwest::Client,
+    base: String,
+    tokens: Arc<TokenSource>,
+    retry_after_max: Duration,
+    pub stats: Arc<ClientStats>,
+}
+
+/// Installs ring as the process's rustls provider (reqwest is built without one); call before
+/// building any `reqwest::Client`.
+pub fn install_crypto_provider() {
+    // reqwest is built without a default provider; the workspace's rustls uses ring. Installing
+    // twice is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl DataverseClient {
+    pub fn new(config: &UpstreamConfig) -> Result<DataverseClient, UpstreamError> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| {
+                UpstreamError::Unreachable(format!("cannot build the HTTP client: {e}"))
+            })?;
+        Ok(DataverseClient {
+            http,
+            base: config.api_base(),
+            tokens: Arc::new(TokenSource::new(config.auth.clone(), &config.url)),
+            retry_after_max: Duration::from_secs(config.retry_after_max_secs),
+            stats: Arc::new(ClientStats::default()),
+        })
+    }
+
+    /// The API base URL, ending in `/api/data/v9.2/`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{}", self.base, path.trim_start_matches('/'))
+        }
+    }
+
+    /// Sends one request; waits out `429`s (up to `retry_after_max_secs` each) and retries once
+    /// after a `401` with a fresh token. Transport failures are [`UpstreamError::Unreachable`].
+    pub async fn send(&self, req: &ApiRequest) -> Result<ApiResponse, UpstreamError> {
+        let content_type = req.body.as_ref().map(|_| "application/json");
+        let body = req
+            .body
+            .as_ref()
+            .map(|b| b.to_string().into_bytes())
+            .unwrap_or_default();
+        self.send_raw(&req.method, &req.path, &req.headers, content_type, body)
+            .await
+    }
+
+    /// Sends raw bytes (file uploads) with `content_type` and extra headers.
+    pub async fn send_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<ApiResponse, UpstreamError> {
+        self.send_raw(&method, path, headers, Some(content_type), body)
+            .await
+    }
+
+    async fn send_raw(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &[(String, String)],
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<ApiResponse, UpstreamError> {
+        let url = self.url(path);
+        let span = info_span!("dataverse_request", %method, %url);
+        async {
+            let mut reauthorized = false;
+            loop {
+                let mut rb = self
+                    .http
+                    .request(method.clone(), &url)
+                    .header("Accept", "application/json")
+                    .header("OData-MaxVersion", "4.0")
+                    .header("OData-Version", "4.0");
+                if let Some(auth) = self.tokens.header(&self.http).await? {
+                    rb = rb.header("Authorization", auth);
+                }
+                if let Some(ct) = content_type {
+                    rb = rb.header("Content-Type", ct);
+                }
+                for (k, v) in headers {
+                    rb = rb.header(k.as_str(), v.as_str());
+                }
+                if !body.is_empty() {
+                    rb = rb.body(body.clone());
+                }
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let resp = rb
+                    .send()
+                    .await
+                    .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+                let status = resp.status();
+                let headers: BTreeMap<String, String> = resp
+                    .headers()
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            k.as_str().to_ascii_lowercase(),
+                            v.to_str().ok()?.to_string(),
+                        ))
+                    })
+                    .collect();
+                let bytes = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| UpstreamError::Unreachable(e.to_string()))?
+                    .to_vec();
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    let wait = headers
+                        .get("retry-after")
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        .map(Duration::from_secs_f64)
+                        .unwrap_or(Duration::from_secs(1));
+                    if wait > self.retry_after_max {
+                        return Err(UpstreamError::Throttled { retry_after: wait });
+                    }
+                    warn!(
+                        wait_ms = wait.as_millis() as u64,
+                        "throttled (429): waiting Retry-After"
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                if status == StatusCode::UNAUTHORIZED && !reauthorized {
+                    reauthorized = true;
+                    self.tokens.invalidate().await;
+                    continue;
+                }
+                debug!(status = status.as_u16(), bytes = bytes.len(), "response");
+                return Ok(ApiResponse {
+                    status: status.as_u16(),
+                    headers,
+                    body: bytes,
+                });
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends `requests` as one `$batch` holding one change set (atomic: all or nothing).
+    /// Returns one response per request when the change set succeeded, or
+    /// [`BatchOutcome::Failed`] with the failing request's response.
+    pub async fn change_set(&self, requests: &[ApiRequest]) -> Result<BatchOutcome, UpstreamError> {
+        if requests.len() > BATCH_REQUESTS_MAX {
+            return Err(UpstreamError::BadRequest(format!(
+                "a $batch holds at most {BATCH_REQUESTS_MAX} requests, not {}",
+                requests.len()
+            )));
+        }
+        let batch = format!("batch_{}", Uuid::new_v4());
+        let body = self.batch_body(&batch, requests);
+        let resp = self
+            .send_raw(
+                &Method::POST,
+                "$batch",
+                &[],
+                Some(&format!("multipart/mixed; boundary=\"{batch}\"")),
+                body.into_bytes(),
+            )
+            .await?;
+        let parts = match resp
+            .header("content-type")
+            .and_then(boundary_of)
+            .map(|b| parse_multipart(&resp.body, &b))
+        {
+            Some(parts) => parts?,
+            None if !resp.is_success() => return Ok(BatchOutcome::Failed(resp)),
+            None => {
+                return Err(UpstreamError::BadReply(
+                    "a $batch response without a multipart body".into(),
+                ))
+            }
+        };
+        if parts.len() == requests.len() && parts.iter().all(ApiResponse::is_success) {
+            return Ok(BatchOutcome::Applied(parts));
+        }
+        let failing = parts.into_iter().find(|p| !p.is_success()).unwrap_or(resp);
+        Ok(BatchOutcome::Failed(failing))
+    }
+
+    fn batch_body(&self, batch: &str, requests: &[ApiRequest]) -> String {
+        let changeset = format!("changeset_{}", Uuid::new_v4());
+        let mut out =
+            format!("--{batch}\r\nContent-Type: multipart/mixed; boundary=\"{changeset}\"\r\n\r\n");
+        for (i, r) in requests.iter().enumerate() {
+            out.push_str(&format!(
+                "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: {}\r\n\r\n",
+                i + 1
+            ));
+            out.push_str(&format!("{} {} HTTP/1.1\r\n", r.method, self.url(&r.path)));
+            if r.body.is_some() {
+                out.push_str("Content-Type: application/json\r\n");
+            }
+            for (k, v) in &r.headers {
+                out.push_str(&format!("{k}: {v}\r\n"));
+            }
+            out.push_str("\r\n");
+            if let Some(b) = &r.body {
+                out.push_str(&b.to_string());
+                out.push_str("\r\n");
+            }
+        }
+        out.push_str(&format!("--{changeset}--\r\n--{batch}--\r\n"));
+        out
+    }
+}
+
+/// What a change set did.
+#[derive(Debug)]
+pub enum BatchOutcome {
+    /// Every request succeeded: their responses, in order.
+    Applied(Vec<ApiResponse>),
+    /// The change set was rolled back: the failing request's response.
+    Failed(ApiResponse),
+}
+
+fn boundary_of(content_type: &str) -> Option<String> {
+    if !content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/mixed")
+    {
+        return None;
+    }
+    content_type.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
+fn split_head(text: &str) -> (&str, &str) {
+    for sep in ["\r\n\r\n", "\n\n"] {
+        if let Some(i) = text.find(sep) {
+            return (&text[..i], &text[i + sep.len()..]);
+        }
+    }
+    (text, "")
+}
+
+fn header_map(head: &str) -> BTreeMap<String, String> {
+    head.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Flattens a multipart response (with nested change-set responses) into its HTTP responses.
+fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<ApiResponse>, UpstreamError> {
+    let text = String::from_utf8_lossy(body);
+    let delim = format!("--{boundary}");
+    let mut out = Vec::new();
+    for chunk in text.split(delim.as_str()).skip(1) {
+        if chunk.starts_with("--") {
+            break;
+        }
+        let chunk = chunk.trim_start_matches(['\r', '\n']);
+        let (head, content) = split_head(chunk);
+        let headers = header_map(head);
+        if let Some(inner) = headers.get("content-type").and_then(|c| boundary_of(c)) {
+            out.extend(parse_multipart(content.as_bytes(), &inner)?);
+            continue;
+        }
+        let content = content.trim_start_matches(['\r', '\n']);
+        let (http_head, http_body) = split_head(content);
+        let mut lines = http_head.lines();
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| {
+                UpstreamError::BadReply(format!(
+                    "a $batch part without a status line: {status_line:?}"
+                ))
+            })?;
+        let headers = header_map(&lines.collect::<Vec<_>>().join("\n"));
+        out.push(ApiResponse {
+            status,
+            headers,
+            body: http_body.trim_end_matches(['\r', '\n']).as_bytes().to_vec(),
+        });
+    }
+    Ok(out)
+}

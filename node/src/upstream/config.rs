@@ -1,0 +1,180 @@
+//! The `[upstream]` section of `hub.toml`: where Dataverse is and how the hub authenticates.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The upstream Dataverse environment (or the emulator) the hub relays to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpstreamConfig {
+    /// The environment URL, e.g. `https://contoso.crm4.dynamics.com` or
+    /// `http://127.0.0.1:8080` (the Web API lives under `/api/data/v9.2/`).
+    pub url: String,
+    /// How the hub authenticates.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Rows per page when pulling (`Prefer: odata.maxpagesize`, at most 5000).
+    #[serde(default = "default_page_size")]
+    pub page_size: usize,
+    /// Writes per `$batch` (at most 1000).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Seconds between pull rounds when nothing is pending.
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+    /// First retry delay after a failed round, in milliseconds (doubles up to `backoff_max_ms`).
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Longest `Retry-After` the bridge waits in place before giving the round up.
+    #[serde(default = "default_retry_after_max_secs")]
+    pub retry_after_max_secs: u64,
+    /// Files larger than this are uploaded in chunks (and downloaded in ranges of this size);
+    /// Dataverse's chunk size is 4 MiB.
+    #[serde(default = "default_file_chunk_bytes")]
+    pub file_chunk_bytes: u64,
+}
+
+fn default_file_chunk_bytes() -> u64 {
+    4 * 1024 * 1024
+}
+
+fn default_page_size() -> usize {
+    1000
+}
+fn default_batch_size() -> usize {
+    200
+}
+fn default_poll_secs() -> u64 {
+    10
+}
+fn default_backoff_ms() -> u64 {
+    1000
+}
+fn default_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_retry_after_max_secs() -> u64 {
+    300
+}
+
+impl UpstreamConfig {
+    /// Defaults for `url` with no authentication (the emulator accepts a static token too).
+    pub fn new(url: impl Into<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.into(),
+            auth: AuthConfig::None,
+            page_size: default_page_size(),
+            batch_size: default_batch_size(),
+            poll_secs: default_poll_secs(),
+            backoff_ms: default_backoff_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            retry_after_max_secs: default_retry_after_max_secs(),
+            file_chunk_bytes: default_file_chunk_bytes(),
+        }
+    }
+
+    /// The Web API base, ending in `/api/data/v9.2/`.
+    pub fn api_base(&self) -> String {
+        let url = self.url.trim_end_matches('/');
+        if url.ends_with("/api/data/v9.2") {
+            format!("{url}/")
+        } else {
+            format!("{url}/api/data/v9.2/")
+        }
+    }
+
+    /// The delay between pull rounds.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_secs(self.poll_secs)
+    }
+}
+
+/// Where a secret comes from: never stored in `hub.toml` itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretSource {
+    /// An environment variable's name.
+    Env(String),
+    /// A file whose content (trimmed) is the secret.
+    File(PathBuf),
+}
+
+/// How the hub gets its bearer token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuthConfig {
+    /// No `Authorization` header (an emulator without tokens).
+    #[default]
+    None,
+    /// A fixed bearer token (the emulator's users have known tokens).
+    Bearer {
+        /// Where the token is.
+        token: SecretSource,
+    },
+    /// Microsoft Entra ID client credentials (an app registration with a client secret).
+    Entra {
+        /// The directory (tenant) id.
+        tenant_id: String,
+        /// The application (client) id.
+        client_id: String,
+        /// Where the client secret is.
+        secret: SecretSource,
+        /// The token endpoint (default
+        /// `https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token`).
+        #[serde(default)]
+        token_endpoint: Option<String>,
+        /// The scope (default `<url>/.default`).
+        #[serde(default)]
+        scope: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct HubToml {
+        upstream: UpstreamConfig,
+    }
+
+    #[test]
+    fn entra_config_round_trips_through_hub_toml_without_a_secret() {
+        let mut c = UpstreamConfig::new("https://contoso.crm4.dynamics.com");
+        c.auth = AuthConfig::Entra {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: SecretSource::Env("FIELDSYNC_DATAVERSE_SECRET".into()),
+            token_endpoint: None,
+            scope: None,
+        };
+        let text = toml::to_string(&HubToml {
+            upstream: c.clone(),
+        })
+        .unwrap();
+        let back: HubToml = toml::from_str(&text).unwrap();
+        assert_eq!(back.upstream, c);
+        assert_eq!(
+            c.api_base(),
+            "https://contoso.crm4.dynamics.com/api/data/v9.2/"
+        );
+        // A minimal section takes the defaults.
+        let min: HubToml = toml::from_str("[upstream]\nurl = \"http://127.0.0.1:8080/\"").unwrap();
+        assert_eq!(min.upstream.auth, AuthConfig::None);
+        assert_eq!(
+            min.upstream.api_base(),
+            "http://127.0.0.1:8080/api/data/v9.2/"
+        );
+    }
+
+    #[test]
+    fn a_config_with_an_unknown_auth_kind_is_refused() {
+        let r: Result<HubToml, _> =
+            toml::from_str("[upstream]\nurl = \"x\"\n[upstream.auth]\nkind = \"password\"");
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! Rows between the hub's typed values and the Web API's JSON: what to `$select`, how a read
+//! row becomes values (`_<col>_value` lookups, the owner from `_owninguser_value` /
+//! `_owningteam_value`), and how values become a write body (`<col>@odata.bind`,
+//! `ownerid@odata.bind`).
+
+use std::collections::BTreeMap;
+
+use fieldsync_store::{ColumnType, OwnerKind, OwnerRef, Ownership, RowId, Schema, Table, Value};
+use serde_json::{json, Map, Value as J};
+use uuid::Uuid;
+
+use super::UpstreamError;
+
+/// Columns the bridge relays: every column but files and images (uploaded separately), and
+/// the owner only where the table has owners.
+pub fn synced(table: &Table) -> impl Iterator<Item = &fieldsync_store::Column> {
+    let owned = table.ownership == Ownership::UserOrTeam;
+    table.columns.iter().filter(move |c| match c.ty {
+        ColumnType::File | ColumnType::Image => false,
+        ColumnType::Owner => owned,
+        _ => true,
+    })
+}
+
+/// Columns Dataverse computes itself: read, never written.
+fn computed(name: &str) -> bool {
+    matches!(name, "createdon" | "modifiedon" | "owningbusinessunit")
+}
+
+/// File and image columns (relayed with their own requests, `file-column-data.md`).
+pub fn file_columns(table: &Table) -> impl Iterator<Item = &fieldsync_store::Column> {
+    table
+        .columns
+        .iter()
+        .filter(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+}
+
+/// The `$select` list for a table.
+pub fn select(table: &Table) -> String {
+    let mut out: Vec<String> = file_columns(table).map(|c| c.name.clone()).collect();
+    for c in synced(table) {
+        match c.ty {
+            ColumnType::Owner => {
+                out.push("_ownerid_value".to_string());
+                out.push("_owninguser_value".to_string());
+                out.push("_owningteam_value".to_string());
+            }
+            ColumnType::Lookup => out.push(format!("_{}_value", c.name)),
+            _ => out.push(c.name.clone()),
+        }
+    }
+    out.join(",")
+}
+
+/// A row as read: its id, `@odata.etag` and values (absent columns are null).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireRow {
+    pub id: RowId,
+    pub etag: String,
+    pub values: BTreeMap<String, Value>,
+    /// File and image columns that hold a file: column → Dataverse's file id.
+    pub files: BTreeMap<String, String>,
+    /// File columns whose content was downloaded: the values to write to the hub.
+    pub file_writes: Vec<(String, Value)>,
+    /// What is known of each file column upstream (filled by the download step).
+    pub file_states: BTreeMap<String, super::state::FileState>,
+}
+
+fn guid(j: Option<&J>) -> Option<Uuid> {
+    j.and_then(J::as_str).and_then(|s| Uuid::parse_str(s).ok())
+}
+
+/// Reads an entity from a response body.
+pub fn from_wire(table: &Table, m: &Map<String, J>) -> Result<WireRow, UpstreamError> {
+    let bad = |what: String| UpstreamError::BadReply(format!("{} row: {what}", table.name));
+    let id = guid(m.get(&table.primary_id_column()))
+        .ok_or_else(|| bad(format!("no {} GUID", table.primary_id_column())))?;
+    let etag = m
+        .get("@odata.etag")
+        .and_then(J::as_str)
+        .ok_or_else(|| bad("no @odata.etag".into()))?
+        .to_string();
+    let mut values = BTreeMap::new();
+    for c in synced(table) {
+        let v = match c.ty {
+            ColumnType::Owner => {
+                let team = guid(m.get("_owningteam_value"));
+                match (guid(m.get("_ownerid_value")), team) {
+                    (Some(id), Some(t)) if t == id => Value::Owner(OwnerRef {
+                        kind: OwnerKind::Team,
+                        id,
+                    }),
+                    (Some(id), _) => Value::Owner(OwnerRef {
+                        kind: OwnerKind::User,
+                        id,
+                    }),
+                    (None, _) => Value::Null,
+                }
+            }
+            ColumnType::Lookup => match guid(m.get(&format!("_{}_value", c.name))) {
+                Some(id) => Value::Lookup(id),
+                None => Value::Null,
+            },
+            ty => match m.get(&c.name) {
+                None => Value::Null,
+                Some(j) => Value::from_json(ty, j).map_err(|e| bad(e.to_string()))?,
+            },
+        };
+        if !v.is_null() {
+            values.insert(c.name.clone(), v);
+        }
+    }
+    let files = file_columns(table)
+        .filter_map(|c| {
+            let id = m.get(&c.name)?.as_str()?;
+            Some((c.name.clone(), id.to_string()))
+        })
+        .collect();
+    Ok(WireRow {
+        id,
+        etag,
+        values,
+        files,
+        file_writes: Vec::new(),
+        file_states: BTreeMap::new(),
+    })
+}
+
+/// The values of `row` that the bridge relays (files, images and nulls left out).
+pub fn relayed(table: &Table, values: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    synced(table)
+        .filter_map(|c| {
+            let v = values.get(&c.name)?;
+            (!v.is_null()).then(|| (c.name.clone(), v.clone()))
+        })
+        .collect()
+}
+
+/// A create or update body: every relayed, writable column (nulls clear), lookups and the
+/// owner as `@odata.bind`.
+pub fn to_wire(
+    schema: &Schema,
+    table: &Table,
+    values: &BTreeMap<String, Value>,
+) -> Result<J, UpstreamError> {
+    let mut m = Map::new();
+    for c in synced(table) {
+        if computed(&c.name) {
+            continue;
+        }
+        let v = values.get(&c.name).unwrap_or(&Value::Null);
+        match (c.ty, v) {
+            (ColumnType::Owner, Value::Owner(o)) => {
+                let set = match o.kind {
+                    OwnerKind::User => "systemusers",
+                    OwnerKind::Team => "teams",
+                };
+                m.insert(
+                    "ownerid@odata.bind".into(),
+                    json!(format!("/{set}({})", o.id)),
+                );
+            }
+            (ColumnType::Owner, _) => {}
+            (ColumnType::Lookup, Value::Lookup(id)) => {
+                let target = c.target.as_deref().ok_or_else(|| {
+                    UpstreamError::BadRequest(format!("lookup {} has no target", c.name))
+                })?;
+                let set = &schema
+                    .table(target)
+                    .map_err(|e| UpstreamError::BadRequest(e.to_string()))?
+                    .entity_set;
+                m.insert(
+                    format!("{}@odata.bind", c.name),
+                    json!(format!("/{set}({id})")),
+                );
+            }
+            (ColumnType::Lookup, _) => {
+                m.insert(format!("{}@odata.bind", c.name), J::Null);
+            }
+            (ColumnType::Decimal, Value::Decimal(d)) => {
+                let n = d
+                    .to_string()
+                    .parse::<serde_json::Number>()
+                    .map(J::Number)
+                    .unwrap_or(J::Null);
+                m.insert(c.name.clone(), n);
+            }
+            _ => {
+                m.insert(c.name.clone(), v.to_json());
+            }
+        }
+    }
+    Ok(J::Object(m))
+}

@@ -1,0 +1,340 @@
+//! The hub's upstream bridge to Dataverse (issue 5, item 1).
+//!
+//! - **Pull** ([`pull`]): per offline table, change tracking (`Prefer: odata.track-changes`),
+//!   pages followed by `@odata.nextLink`, the `@odata.deltaLink` kept per table. Rows Dataverse
+//!   changed become ops of the fixed [`DATAVERSE_ACTOR`] applied to the hub store and routed to
+//!   devices like a pushed op; `$deletedEntity` becomes a tombstone; an expired token
+//!   (`0x80044352`) triggers a full re-read that reconciles.
+//! - **Push** ([`push`]): a cursor over the hub's log is the durable outbound queue; it moves
+//!   only after Dataverse acknowledged every row up to it. Ops of the Dataverse actor are not
+//!   echoed back. Writes go in `$batch` change sets; a failed change set is retried one request
+//!   each, where `412` re-reads the row, merges it and writes again.
+//! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
+//!
+//! A pulled row is merged three ways: the columns whose upstream value differs from the
+//! row's base (what Dataverse had when the hub last saw it) are the ones Dataverse changed, and
+//! only those are written. Writes are made by a scratch in-memory store whose actor is
+//! [`DATAVERSE_ACTOR`] after it imported the hub's current document of the row, so the change
+//! is causally after everything the hub knows and the hub applies it as a remote op.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod files;
+pub mod map;
+pub mod pull;
+pub mod push;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fieldsync_replication::replica::{HubReplica, HubReplicaError};
+use fieldsync_store::{
+    ActorId, OpenError, RemoteOp, RowId, Schema, SchemaError, Store, StoreError, StoreOptions,
+    Value, WriteError,
+};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+pub use client::DataverseClient;
+pub use config::{AuthConfig, SecretSource, UpstreamConfig};
+
+/// The actor of every change that came from Dataverse ("Dataverse" in ASCII, zero padded).
+pub const DATAVERSE_ACTOR: ActorId = ActorId(*b"Dataverse\0\0\0\0\0\0\0");
+
+/// What can go wrong talking to Dataverse or applying what it says.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("Dataverse is unreachable: {0}")]
+    Unreachable(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("Dataverse answered {status} {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("throttled: Dataverse asks to wait {retry_after:?}")]
+    Throttled { retry_after: Duration },
+    #[error("unexpected reply from Dataverse: {0}")]
+    BadReply(String),
+    #[error("cannot build the request: {0}")]
+    BadRequest(String),
+    #[error("bridge state: {0}")]
+    State(String),
+    #[error("hub store: {0}")]
+    Store(#[from] StoreError),
+    #[error("hub store: {0}")]
+    Write(#[from] WriteError),
+    #[error("schema: {0}")]
+    Schema(#[from] SchemaError),
+    #[error("scratch store: {0}")]
+    Open(#[from] OpenError),
+    #[error("hub: {0}")]
+    Hub(#[from] HubReplicaError),
+}
+
+impl UpstreamError {
+    /// Whether a later retry may succeed (the round is retried with backoff) rather than the
+    /// request being refused for good.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_) | UpstreamError::Throttled { .. } => true,
+            UpstreamError::Api { status, .. } => *status >= 500 || *status == 401,
+            _ => false,
+        }
+    }
+}
+
+/// Counters, for tests, benches and operators.
+#[derive(Debug, Default)]
+pub struct BridgeStats {
+    /// Rows pulled whose changes were applied to the hub.
+    pub rows_pulled: AtomicU64,
+    /// Rows deleted in the hub because Dataverse deleted them.
+    pub rows_deleted: AtomicU64,
+    /// Rows written to Dataverse (creates, updates, deletes).
+    pub rows_pushed: AtomicU64,
+    /// `412`s resolved by re-reading and merging.
+    pub conflicts: AtomicU64,
+    /// Change sets that failed and were retried one request each.
+    pub failed_change_sets: AtomicU64,
+    /// Rows Dataverse refused for good (logged; the queue moves on).
+    pub refused: AtomicU64,
+    /// Full re-reads after an expired change-tracking token.
+    pub full_reads: AtomicU64,
+    /// Rounds that failed (upstream down, throttled past the limit).
+    pub failed_rounds: AtomicU64,
+}
+
+/// Told which tables rows pulled from Dataverse changed (the hub wakes device sessions).
+pub type ChangeHook = Box<dyn Fn(&[String]) + Send + Sync>;
+
+/// The bridge between one hub and its upstream environment.
+pub struct Bridge {
+    pub(crate) client: DataverseClient,
+    pub(crate) config: UpstreamConfig,
+    pub(crate) replica: Arc<Mutex<HubReplica>>,
+    on_change: ChangeHook,
+    pub(crate) tables: Vec<String>,
+    pub stats: Arc<BridgeStats>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("config", &self.config)
+            .field("tables", &self.tables)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn lock(r: &Mutex<HubReplica>) -> MutexGuard<'_, HubReplica> {
+    // Same reasoning as the hub's sessions: the replica is durable per call.
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Bridge {
+    /// A bridge for the hub's `replica`; `on_change` is told which tables pulled rows changed
+    /// (the hub wakes its device sessions with it). Every offline table of the schema is
+    /// relayed.
+    pub fn new(
+        config: UpstreamConfig,
+        replica: Arc<Mutex<HubReplica>>,
+        on_change: ChangeHook,
+    ) -> Result<Bridge, UpstreamError> {
+        let client = DataverseClient::new(&config)?;
+        let tables = lock(&replica)
+            .store()
+            .schema()
+            .tables()
+            .filter(|t| t.offline)
+            .map(|t| t.name.clone())
+            .collect();
+        Ok(Bridge {
+            client,
+            config,
+            replica,
+            on_change,
+            tables,
+            stats: Arc::new(BridgeStats::default()),
+        })
+    }
+
+    /// The HTTP client (its counters count requests).
+    pub fn client(&self) -> &DataverseClient {
+        &self.client
+    }
+
+    /// One round: push what the hub owes Dataverse, then pull what changed there.
+    pub async fn sync_once(&self) -> Result<(), UpstreamError> {
+        self.push().await?;
+        self.pull().await
+    }
+
+    pub(crate) fn changed(&self, tables: &[String]) {
+        if !tables.is_empty() {
+            (self.on_change)(tables);
+        }
+    }
+
+    /// Runs rounds until dropped: after a success, waits for `wake` (a local change) or the
+    /// poll interval; after a failure, backs off exponentially. Devices never wait on this.
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>) {
+        let mut backoff = Duration::from_millis(self.config.backoff_ms);
+        let max = Duration::from_millis(self.config.backoff_max_ms);
+        info!(url = %self.config.url, tables = self.tables.len(), "upstream bridge running");
+        loop {
+            match self.sync_once().await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(self.config.backoff_ms);
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(self.config.poll_interval()) => {}
+                    }
+                }
+                Err(e) => {
+                    self.stats.failed_rounds.fetch_add(1, Ordering::Relaxed);
+                    let wait = match &e {
+                        UpstreamError::Throttled { retry_after } => (*retry_after).max(backoff),
+                        _ => backoff,
+                    };
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "upstream round failed; the queue is kept");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(max);
+                }
+            }
+        }
+    }
+}
+
+/// Turns upstream facts into Dataverse-actor ops on the hub, one batch at a time.
+pub(crate) struct Merger {
+    scratch: Store,
+    ops: Vec<RemoteOp>,
+}
+
+/// What merging one upstream row decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Merged {
+    /// Some columns were written.
+    Written,
+    /// Nothing to write (already known, or the hub's values already match).
+    Unchanged,
+    /// The hub deleted the row: it is not brought back.
+    DeletedHere,
+}
+
+impl Merger {
+    pub fn new(schema: &Schema) -> Result<Merger, UpstreamError> {
+        let options = StoreOptions::default()
+            .with_actor(DATAVERSE_ACTOR)
+            .with_durability(fieldsync_store::Durability::Group);
+        Ok(Merger {
+            scratch: Store::temporary(schema.clone(), options)?,
+            ops: Vec::new(),
+        })
+    }
+
+    fn load(&self, hub: &Store, table: &str, id: RowId) -> Result<bool, UpstreamError> {
+        match hub.export_row(table, id)? {
+            Some(doc) => {
+                self.scratch
+                    .import_row(&doc, fieldsync_store::Durability::Group)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn take_ops(&mut self, before: u64) -> Result<(), UpstreamError> {
+        let entries = self.scratch.ops_since(before, usize::MAX)?;
+        self.ops.extend(entries.iter().map(|e| e.to_remote()));
+        Ok(())
+    }
+
+    /// Merges an upstream row: the columns that differ from `base` are Dataverse's changes;
+    /// those that also differ from the hub's row are written, with `files` (downloaded file
+    /// columns) in the same change.
+    pub fn upsert(
+        &mut self,
+        hub: &Store,
+        table: &str,
+        id: RowId,
+        upstream: &BTreeMap<String, Value>,
+        base: Option<&BTreeMap<String, Value>>,
+        files: &[(String, Value)],
+    ) -> Result<Merged, UpstreamError> {
+        let current = hub.get(table, id)?;
+        if current.is_none() && hub.is_deleted(table, id)? {
+            return Ok(Merged::DeletedHere);
+        }
+        let tab = hub.schema().table(table)?;
+        let null = Value::Null;
+        let mut writes: Vec<(&str, Value)> = Vec::new();
+        for c in map::synced(tab) {
+            let up = upstream.get(&c.name).unwrap_or(&null);
+            let was = base.map(|b| b.get(&c.name).unwrap_or(&null));
+            if was == Some(up) {
+                continue; // Dataverse did not change this column
+            }
+            let here = current
+                .as_ref()
+                .map(|r| r.get(&c.name).clone())
+                .unwrap_or(Value::Null);
+            if &here != up {
+                writes.push((c.name.as_str(), up.clone()));
+            }
+        }
+        for (col, v) in files {
+            let here = current.as_ref().map(|r| r.get(col)).unwrap_or(&null);
+            if here != v {
+                writes.push((col.as_str(), v.clone()));
+            }
+        }
+        if writes.is_empty() {
+            return Ok(Merged::Unchanged);
+        }
+        let exists = self.load(hub, table, id)?;
+        let before = self.scratch.last_seq();
+        let mut tx = self.scratch.begin();
+        if exists {
+            tx.update(table, id, &writes)?;
+        } else {
+            writes.retain(|(_, v)| !v.is_null());
+            tx.insert_with_id(table, id, &writes)?;
+        }
+        tx.commit()?;
+        self.take_ops(before)?;
+        Ok(Merged::Written)
+    }
+
+    /// Dataverse deleted the row: a tombstone from the Dataverse actor, if the hub has it.
+    pub fn delete(&mut self, hub: &Store, table: &str, id: RowId) -> Result<bool, UpstreamError> {
+        if hub.get(table, id)?.is_none() {
+            return Ok(false);
+        }
+        self.load(hub, table, id)?;
+        let before = self.scratch.last_seq();
+        let mut tx = self.scratch.begin();
+        tx.delete(table, id)?;
+        tx.commit()?;
+        self.take_ops(before)?;
+        Ok(true)
+    }
+
+    /// Applies the collected ops to the hub (durably, routed to devices); returns the tables
+    /// they touched.
+    pub fn apply(&mut self, replica: &mut HubReplica) -> Result<Vec<String>, UpstreamError> {
+        if self.ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops = std::mem::take(&mut self.ops);
+        replica.apply_upstream(&ops)?;
+        Ok(replica.take_changed_tables())
+    }
+}

@@ -1,0 +1,264 @@
+//! Pull with change tracking (`use-change-tracking-synchronize-data-external-systems.md`).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use fieldsync_store::RowId;
+use reqwest::Method;
+use serde_json::Value as J;
+use tracing::{debug, info, info_span, Instrument};
+
+use super::client::{ApiRequest, CHANGE_TRACKING_EXPIRED};
+use super::state::{self, Base, StateWrites};
+use super::{lock, map, Bridge, Merged, Merger, UpstreamError};
+
+/// One entry of a change-tracking page.
+enum Entry {
+    Row(map::WireRow),
+    Deleted(RowId),
+}
+
+fn entries(table: &fieldsync_store::Table, page: &J) -> Result<Vec<Entry>, UpstreamError> {
+    let value = page
+        .get("value")
+        .and_then(J::as_array)
+        .ok_or_else(|| UpstreamError::BadReply("a page without `value`".into()))?;
+    value
+        .iter()
+        .map(|item| {
+            let m = item
+                .as_object()
+                .ok_or_else(|| UpstreamError::BadReply("a page entry is not an object".into()))?;
+            let deleted = m
+                .get("@odata.context")
+                .and_then(J::as_str)
+                .is_some_and(|c| c.ends_with("$deletedEntity"))
+                || m.get("reason").and_then(J::as_str) == Some("deleted");
+            if deleted {
+                let id = m
+                    .get("id")
+                    .and_then(J::as_str)
+                    .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                    .ok_or_else(|| UpstreamError::BadReply("$deletedEntity without id".into()))?;
+                Ok(Entry::Deleted(id))
+            } else {
+                Ok(Entry::Row(map::from_wire(table, m)?))
+            }
+        })
+        .collect()
+}
+
+impl Bridge {
+    /// Pulls every relayed table.
+    pub async fn pull(&self) -> Result<(), UpstreamError> {
+        for table in self.tables.clone() {
+            self.pull_table(&table)
+                .instrument(info_span!("upstream_pull", %table))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn prefer(&self) -> String {
+        format!(
+            "odata.track-changes, odata.maxpagesize={}",
+            self.config.page_size.clamp(1, 5000)
+        )
+    }
+
+    /// Pulls one table: from its delta link, or a full read when there is none or it expired.
+    pub async fn pull_table(&self, table: &str) -> Result<(), UpstreamError> {
+        let (set, select, link) = {
+            let hub = lock(&self.replica);
+            let tab = hub.store().schema().table(table)?;
+            (
+                tab.entity_set.clone(),
+                map::select(tab),
+                state::delta_link(hub.store(), table)?,
+            )
+        };
+        if let Some(link) = link {
+            match self.read_pages(table, &link, false).await {
+                Err(UpstreamError::Api { code, .. }) if code == CHANGE_TRACKING_EXPIRED => {
+                    info!(table, "change-tracking token expired: full re-read");
+                    self.stats.full_reads.fetch_add(1, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        self.read_pages(table, &format!("{set}?$select={select}"), true)
+            .await
+    }
+
+    /// Follows `@odata.nextLink` from `first` to the delta link, applying each page. A full
+    /// read then deletes rows known upstream that it did not see.
+    async fn read_pages(&self, table: &str, first: &str, full: bool) -> Result<(), UpstreamError> {
+        let mut url = first.to_string();
+        let mut seen: BTreeSet<RowId> = BTreeSet::new();
+        loop {
+            let req = ApiRequest::new(Method::GET, url.clone()).header("Prefer", self.prefer());
+            let resp = self.client.send(&req).await?;
+            if !resp.is_success() {
+                return Err(resp.error());
+            }
+            let page = resp.json()?;
+            let next = page
+                .get("@odata.nextLink")
+                .and_then(J::as_str)
+                .map(String::from);
+            let delta = page
+                .get("@odata.deltaLink")
+                .and_then(J::as_str)
+                .map(String::from);
+            let (mut rows, deletions) = {
+                let hub = lock(&self.replica);
+                let tab = hub.store().schema().table(table)?.clone();
+                let list = entries(&tab, &page)?;
+                if full {
+                    seen.extend(list.iter().map(|e| match e {
+                        Entry::Row(r) => r.id,
+                        Entry::Deleted(id) => *id,
+                    }));
+                }
+                let mut deletions = Vec::new();
+                let mut rows = Vec::new();
+                for e in list {
+                    match e {
+                        Entry::Row(r) => rows.push(r),
+                        Entry::Deleted(id) => deletions.push(id),
+                    }
+                }
+                if next.is_none() && full {
+                    // The last page of a full read: whatever is known upstream and was not
+                    // seen was deleted while the hub was not looking.
+                    for id in state::known_ids(hub.store(), table)? {
+                        if !seen.contains(&id) {
+                            deletions.push(id);
+                        }
+                    }
+                }
+                (rows, deletions)
+            };
+            self.fetch_files(table, &mut rows).await?;
+            let link = if next.is_none() {
+                delta.as_deref()
+            } else {
+                None
+            };
+            let tables = {
+                let mut hub = lock(&self.replica);
+                self.apply_page(&mut hub, table, &rows, &deletions, link)?
+            };
+            self.changed(&tables);
+            match next {
+                Some(n) => url = n,
+                None if delta.is_some() => return Ok(()),
+                None => {
+                    return Err(UpstreamError::BadReply(
+                        "the last page has no @odata.deltaLink (is change tracking enabled?)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Reads one row as Dataverse has it now (`None`: it does not exist).
+    pub(crate) async fn read_row(
+        &self,
+        table: &str,
+        id: RowId,
+    ) -> Result<Option<map::WireRow>, UpstreamError> {
+        let (set, select, tab) = {
+            let hub = lock(&self.replica);
+            let tab = hub.store().schema().table(table)?.clone();
+            (tab.entity_set.clone(), map::select(&tab), tab)
+        };
+        let resp = self
+            .client
+            .send(&ApiRequest::new(
+                Method::GET,
+                format!("{set}({id})?$select={select}"),
+            ))
+            .await?;
+        if resp.status == 404 {
+            return Ok(None);
+        }
+        if !resp.is_success() {
+            return Err(resp.error());
+        }
+        let body = resp.json()?;
+        let obj = body
+            .as_object()
+            .ok_or_else(|| UpstreamError::BadReply("a row that is not an object".into()))?;
+        map::from_wire(&tab, obj).map(Some)
+    }
+
+    /// Applies one page's rows and deletions to the hub, then (only then) records their bases
+    /// and, on the last page, the delta link.
+    pub(crate) fn apply_page(
+        &self,
+        hub: &mut fieldsync_replication::replica::HubReplica,
+        table: &str,
+        rows: &[map::WireRow],
+        deletions: &[RowId],
+        delta_link: Option<&str>,
+    ) -> Result<Vec<String>, UpstreamError> {
+        let mut merger = Merger::new(hub.store().schema())?;
+        let mut writes = StateWrites::default();
+        let mut pulled = 0u64;
+        let mut deleted = 0u64;
+        for row in rows {
+            let base = state::base(hub.store(), table, row.id)?;
+            if base.as_ref().is_some_and(|b| b.etag == row.etag) {
+                continue; // this version is known (pulled before, or written by the hub)
+            }
+            match merger.upsert(
+                hub.store(),
+                table,
+                row.id,
+                &row.values,
+                base.as_ref().map(|b| &b.values),
+                &row.file_writes,
+            )? {
+                Merged::Written => pulled += 1,
+                Merged::Unchanged | Merged::DeletedHere => {}
+            }
+            // Files not downloaded this time keep their known state while their id is the same.
+            let mut files = row.file_states.clone();
+            if let Some(b) = &base {
+                for (col, st) in &b.files {
+                    if row.files.get(col) == Some(&st.id) {
+                        files.entry(col.clone()).or_insert_with(|| st.clone());
+                    }
+                }
+            }
+            writes.put_base(
+                table,
+                row.id,
+                &Base {
+                    etag: row.etag.clone(),
+                    values: row.values.clone(),
+                    files,
+                },
+            )?;
+        }
+        for id in deletions {
+            if merger.delete(hub.store(), table, *id)? {
+                deleted += 1;
+            }
+            writes.remove_base(table, *id);
+        }
+        if let Some(link) = delta_link {
+            writes.set_delta_link(table, Some(link));
+        }
+        let tables = merger.apply(hub)?;
+        writes.commit(hub.store())?;
+        self.stats.rows_pulled.fetch_add(pulled, Ordering::Relaxed);
+        self.stats
+            .rows_deleted
+            .fetch_add(deleted, Ordering::Relaxed);
+        debug!(table, rows = rows.len(), pulled, deleted, "page applied");
+        Ok(tables)
+    }
+}

@@ -1,0 +1,331 @@
+//! Push: the hub's log after the cursor, minus the Dataverse actor's own ops, written to
+//! Dataverse (`create-entity-web-api.md`, `update-delete-entities-using-web-api.md`,
+//! `perform-conditional-operations-using-web-api.md`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use fieldsync_store::{RowId, Value};
+use reqwest::Method;
+use serde_json::Value as J;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::client::{ApiRequest, ApiResponse, BatchOutcome, BATCH_REQUESTS_MAX};
+use super::state::{self, Base, StateWrites};
+use super::{lock, map, Bridge, Merger, UpstreamError, DATAVERSE_ACTOR};
+
+/// Log entries read per push round.
+const ENTRIES_PER_ROUND: usize = 10_000;
+/// Times one row is re-read and re-written after `412` before the round gives up.
+const CONFLICT_RETRIES: usize = 5;
+
+/// One row to write, as the hub has it now.
+#[derive(Debug, Clone)]
+enum Write {
+    /// Create (`PATCH` with `If-None-Match: *`, keeping the hub's id).
+    Create { values: BTreeMap<String, Value> },
+    /// Update (`PATCH` with `If-Match: <etag>`).
+    Update {
+        etag: String,
+        values: BTreeMap<String, Value>,
+    },
+    /// Delete.
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+struct Item {
+    table: String,
+    id: RowId,
+    write: Write,
+}
+
+impl Bridge {
+    /// Writes what devices (and hub operators) changed since the cursor; moves the cursor only
+    /// after Dataverse acknowledged all of it.
+    pub async fn push(&self) -> Result<(), UpstreamError> {
+        loop {
+            let (items, last) = self.pending()?;
+            let Some(last) = last else {
+                return Ok(());
+            };
+            let chunk = self.config.batch_size.clamp(1, BATCH_REQUESTS_MAX);
+            for group in items.chunks(chunk) {
+                self.push_group(group)
+                    .instrument(info_span!("upstream_push", rows = group.len()))
+                    .await?;
+            }
+            state::set_cursor(lock(&self.replica).store(), last)?;
+            debug!(cursor = last, rows = items.len(), "push acknowledged");
+        }
+    }
+
+    /// The rows changed after the cursor (in log order, once each) and the last entry read.
+    fn pending(&self) -> Result<(Vec<Item>, Option<u64>), UpstreamError> {
+        let hub = lock(&self.replica);
+        let store = hub.store();
+        let cursor = state::cursor(store)?;
+        let entries = store.ops_since(cursor, ENTRIES_PER_ROUND)?;
+        let last = entries.last().map(|e| e.seq);
+        let mut seen = BTreeSet::new();
+        let mut items = Vec::new();
+        for e in entries {
+            if e.actor == DATAVERSE_ACTOR || !self.tables.contains(&e.table) {
+                continue; // never echo back what came from Dataverse
+            }
+            if !seen.insert((e.table.clone(), e.row)) {
+                continue;
+            }
+            if let Some(item) = item_of(&hub, &e.table, e.row)? {
+                items.push(item);
+            }
+        }
+        Ok((items, last))
+    }
+
+    async fn push_group(&self, group: &[Item]) -> Result<(), UpstreamError> {
+        if group.len() > 1 {
+            let requests = {
+                let hub = lock(&self.replica);
+                group
+                    .iter()
+                    .map(|i| request_of(&hub, i))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            match self.client.change_set(&requests).await? {
+                BatchOutcome::Applied(responses) => {
+                    let tables = {
+                        let mut hub = lock(&self.replica);
+                        let mut merger = Merger::new(hub.store().schema())?;
+                        let mut writes = StateWrites::default();
+                        for (item, resp) in group.iter().zip(&responses) {
+                            record(&hub, &mut writes, &mut merger, item, resp)?;
+                        }
+                        let tables = merger.apply(&mut hub)?;
+                        writes.commit(hub.store())?;
+                        tables
+                    };
+                    self.changed(&tables);
+                    self.stats
+                        .rows_pushed
+                        .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    for item in group {
+                        if !matches!(item.write, Write::Delete) {
+                            self.push_files(&item.table, item.id).await?;
+                        }
+                    }
+                    return Ok(());
+                }
+                BatchOutcome::Failed(resp) => {
+                    // The change set was rolled back as a whole: find the culprit row by row.
+                    self.stats
+                        .failed_change_sets
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        status = resp.status,
+                        "change set failed; writing one by one"
+                    );
+                    if resp.status == 429 || resp.status >= 500 {
+                        return Err(resp.error());
+                    }
+                }
+            }
+        }
+        for item in group {
+            self.push_one(item.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one row; on `412` re-reads it, merges it as a Dataverse op and writes again.
+    async fn push_one(&self, mut item: Item) -> Result<(), UpstreamError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let req = request_of(&lock(&self.replica), &item)?;
+            let resp = self.client.send(&req).await?;
+            if resp.is_success() || (resp.status == 404 && matches!(item.write, Write::Delete)) {
+                let tables = {
+                    let mut hub = lock(&self.replica);
+                    let mut merger = Merger::new(hub.store().schema())?;
+                    let mut writes = StateWrites::default();
+                    record(&hub, &mut writes, &mut merger, &item, &resp)?;
+                    let tables = merger.apply(&mut hub)?;
+                    writes.commit(hub.store())?;
+                    tables
+                };
+                self.changed(&tables);
+                self.stats.rows_pushed.fetch_add(1, Ordering::Relaxed);
+                if !matches!(item.write, Write::Delete) {
+                    self.push_files(&item.table, item.id).await?;
+                }
+                return Ok(());
+            }
+            let err = resp.error();
+            match resp.status {
+                412 | 404 => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    match self.refresh(&item.table, item.id).await? {
+                        Some(next) => item = next,
+                        None => return Ok(()), // nothing left to write
+                    }
+                }
+                _ if err.is_transient() => return Err(err),
+                _ => {
+                    // Refused for good (a bad value, a missing privilege): keeping it would
+                    // block every later write, so it is logged and skipped.
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(table = %item.table, row = %item.id, error = %err, "Dataverse refused a write; skipped");
+                    return Ok(());
+                }
+            }
+        }
+        Err(UpstreamError::BadReply(format!(
+            "{} {} kept changing upstream ({CONFLICT_RETRIES} conflicts in a row)",
+            item.table, item.id
+        )))
+    }
+
+    /// Reads one row (one `GET`) and merges it into the hub as a Dataverse op, or deletes it if
+    /// Dataverse no longer has it.
+    pub async fn pull_row(&self, table: &str, id: RowId) -> Result<(), UpstreamError> {
+        self.refresh(table, id).await.map(|_| ())
+    }
+
+    /// Re-reads a row after a conflict, merges it into the hub as a Dataverse op (or deletes
+    /// it if Dataverse did), and says what to write now.
+    async fn refresh(&self, table: &str, id: RowId) -> Result<Option<Item>, UpstreamError> {
+        let row = match self.read_row(table, id).await? {
+            Some(row) => {
+                let mut rows = vec![row];
+                self.fetch_files(table, &mut rows).await?;
+                Some(rows)
+            }
+            None => None,
+        };
+        let mut hub = lock(&self.replica);
+        let tables = match &row {
+            Some(rows) => self.apply_page(&mut hub, table, rows, &[], None)?,
+            // Deleted upstream while the hub changed it: Dataverse, the system of record, wins.
+            None => self.apply_page(&mut hub, table, &[], &[id], None)?,
+        };
+        let next = item_of(&hub, table, id)?;
+        drop(hub);
+        self.changed(&tables);
+        Ok(next)
+    }
+}
+
+fn item_of(
+    hub: &fieldsync_replication::replica::HubReplica,
+    table: &str,
+    id: RowId,
+) -> Result<Option<Item>, UpstreamError> {
+    let store = hub.store();
+    let base = state::base(store, table, id)?;
+    let write = match (store.get(table, id)?, base) {
+        (Some(row), Some(b)) => Write::Update {
+            etag: b.etag,
+            values: row.values,
+        },
+        (Some(row), None) => Write::Create { values: row.values },
+        (None, Some(_)) => Write::Delete,
+        (None, None) => return Ok(None), // never reached Dataverse: nothing to undo
+    };
+    Ok(Some(Item {
+        table: table.to_string(),
+        id,
+        write,
+    }))
+}
+
+fn request_of(
+    hub: &fieldsync_replication::replica::HubReplica,
+    item: &Item,
+) -> Result<ApiRequest, UpstreamError> {
+    let schema = hub.store().schema();
+    let tab = schema.table(&item.table)?;
+    let path = format!("{}({})", tab.entity_set, item.id);
+    Ok(match &item.write {
+        Write::Create { values } => ApiRequest::new(Method::PATCH, path)
+            .header("If-None-Match", "*")
+            .header("Prefer", "return=representation")
+            .json(map::to_wire(schema, tab, values)?),
+        Write::Update { etag, values } => ApiRequest::new(Method::PATCH, path)
+            .header("If-Match", etag.clone())
+            .header("Prefer", "return=representation")
+            .json(map::to_wire(schema, tab, values)?),
+        Write::Delete => ApiRequest::new(Method::DELETE, path),
+    })
+}
+
+/// Records what Dataverse now has for a written row: the returned row, or (without a body)
+/// what was sent and the `ETag` header.
+fn record(
+    hub: &fieldsync_replication::replica::HubReplica,
+    writes: &mut StateWrites,
+    merger: &mut Merger,
+    item: &Item,
+    resp: &ApiResponse,
+) -> Result<(), UpstreamError> {
+    let values = match &item.write {
+        Write::Delete => {
+            writes.remove_base(&item.table, item.id);
+            return Ok(());
+        }
+        Write::Create { values } | Write::Update { values, .. } => values,
+    };
+    let tab = hub.store().schema().table(&item.table)?;
+    let returned = serde_json::from_slice::<J>(&resp.body)
+        .ok()
+        .and_then(|b| b.as_object().and_then(|m| map::from_wire(tab, m).ok()));
+    let base = match returned {
+        Some(row) => {
+            // Columns Dataverse set itself (the owner of a create, the business unit) come
+            // back to the hub; its timestamps do not count as a change.
+            let mut sent = map::relayed(tab, values);
+            for stamp in ["createdon", "modifiedon"] {
+                match row.values.get(stamp) {
+                    Some(v) => sent.insert(stamp.to_string(), v.clone()),
+                    None => sent.remove(stamp),
+                };
+            }
+            merger.upsert(
+                hub.store(),
+                &item.table,
+                item.id,
+                &row.values,
+                Some(&sent),
+                &[],
+            )?;
+            Base {
+                etag: row.etag,
+                values: row.values,
+                files: kept_files(hub, item, &row.files)?,
+            }
+        }
+        None => Base {
+            etag: resp
+                .header("etag")
+                .ok_or_else(|| UpstreamError::BadReply("a write answered without an etag".into()))?
+                .to_string(),
+            values: map::relayed(tab, values),
+            files: state::base(hub.store(), &item.table, item.id)?
+                .map(|b| b.files)
+                .unwrap_or_default(),
+        },
+    };
+    writes.put_base(&item.table, item.id, &base)
+}
+
+/// The file states of the row's previous base that still hold (same file id upstream).
+fn kept_files(
+    hub: &fieldsync_replication::replica::HubReplica,
+    item: &Item,
+    ids: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, state::FileState>, UpstreamError> {
+    Ok(state::base(hub.store(), &item.table, item.id)?
+        .map(|b| b.files)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(col, f)| ids.get(col) == Some(&f.id))
+        .collect())
+}

@@ -1,0 +1,572 @@
+//! The hub's upstream bridge against the Dataverse emulator over real HTTP on loopback:
+//! paging, delta with deletes, expired tokens, 412, 429, a failing change set, and an outage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod upstream_support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fieldsync_node::upstream::DATAVERSE_ACTOR;
+use fieldsync_store::Value;
+use reqwest::Method;
+use serde_json::json;
+use upstream_support::{bridge, config, hub_replica, Emulator};
+use uuid::Uuid;
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn hub_write(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    table: &str,
+    id: Uuid,
+    values: &[(&str, Value)],
+) {
+    replica
+        .lock()
+        .unwrap()
+        .local_write(table, id, values)
+        .unwrap();
+}
+
+fn hub_get(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    table: &str,
+    id: Uuid,
+) -> Option<fieldsync_store::Row> {
+    replica.lock().unwrap().store().get(table, id).unwrap()
+}
+
+fn blob_ref_of(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> fieldsync_store::BlobRef {
+    match hub_get(replica, "account", id).unwrap().get("contract") {
+        Value::File(b) => b.clone(),
+        other => panic!("not a file: {other:?}"),
+    }
+}
+
+fn id_of(row: &serde_json::Value, key: &str) -> Uuid {
+    Uuid::parse_str(row[key].as_str().unwrap()).unwrap()
+}
+
+/// Log entries of the Dataverse actor in the hub store.
+fn dataverse_entries(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+) -> usize {
+    let r = replica.lock().unwrap();
+    r.store()
+        .ops_since(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|e| e.actor == DATAVERSE_ACTOR)
+        .count()
+}
+
+#[tokio::test]
+async fn pull_follows_pages_then_deltas_with_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    for i in 0..7 {
+        let (s, _) = emu
+            .call(
+                Method::POST,
+                "accounts",
+                Some(json!({"name": format!("Paged {i}")})),
+            )
+            .await;
+        assert_eq!(s, 204);
+    }
+    let upstream = emu.rows("accounts").await;
+    assert!(upstream.len() >= 10);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let mut cfg = config(&emu, dir.path());
+    cfg.page_size = 3;
+    let b = bridge(cfg, &replica);
+
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.pull_table("account").await.unwrap();
+    let gets = b.client().stats.requests.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        gets as usize,
+        upstream.len().div_ceil(3),
+        "one GET per page of 3"
+    );
+    for row in &upstream {
+        let id = id_of(row, "accountid");
+        let here = hub_get(&replica, "account", id).expect("every upstream row pulled");
+        assert_eq!(here.get("name").to_string(), row["name"].as_str().unwrap());
+    }
+    let entries = dataverse_entries(&replica);
+    assert_eq!(entries, upstream.len(), "one Dataverse op per row");
+
+    // Office edits: one update, one delete, one create.
+    let changed = id_of(&upstream[0], "accountid");
+    let gone = id_of(&upstream[1], "accountid");
+    let (s, _) = emu
+        .call(
+            Method::PATCH,
+            &format!("accounts({changed})"),
+            Some(json!({"telephone1": "555-0100"})),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = emu
+        .call(Method::DELETE, &format!("accounts({gone})"), None)
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = emu
+        .call(Method::POST, "accounts", Some(json!({"name": "Late"})))
+        .await;
+    assert_eq!(s, 204);
+
+    b.pull_table("account").await.unwrap();
+    assert_eq!(
+        hub_get(&replica, "account", changed)
+            .unwrap()
+            .get("telephone1"),
+        &text("555-0100")
+    );
+    assert!(hub_get(&replica, "account", gone).is_none());
+    assert!(replica
+        .lock()
+        .unwrap()
+        .store()
+        .is_deleted("account", gone)
+        .unwrap());
+    assert_eq!(b.stats.rows_deleted.load(Ordering::Relaxed), 1);
+    // Update + delete + create: three new ops, nothing re-applied.
+    assert_eq!(dataverse_entries(&replica), entries + 3);
+
+    // Nothing changed: an empty delta, no ops.
+    b.pull_table("account").await.unwrap();
+    assert_eq!(dataverse_entries(&replica), entries + 3);
+}
+
+#[tokio::test]
+async fn expired_token_full_reread_reconciles_without_duplicates_or_resurrection() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(
+        &dir.path().join("emu"),
+        &["--change-tracking-retention-secs", "1"],
+    );
+    for i in 0..3 {
+        emu.call(
+            Method::POST,
+            "contacts",
+            Some(json!({"lastname": format!("Aging {i}")})),
+        )
+        .await;
+    }
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    b.pull_table("contact").await.unwrap();
+    let rows = emu.rows("contacts").await;
+    assert!(rows.len() >= 3);
+    let edited = id_of(&rows[0], "contactid");
+    let removed = id_of(&rows[1], "contactid");
+    let removed_here = id_of(&rows[2], "contactid");
+    let entries = dataverse_entries(&replica);
+
+    // While the token ages: the office edits one row and deletes another; the hub deletes a
+    // third (not yet pushed).
+    emu.call(
+        Method::PATCH,
+        &format!("contacts({edited})"),
+        Some(json!({"jobtitle": "Supervisor"})),
+    )
+    .await;
+    emu.call(Method::DELETE, &format!("contacts({removed})"), None)
+        .await;
+    {
+        let r = replica.lock().unwrap();
+        let mut tx = r.store().begin();
+        tx.delete("contact", removed_here).unwrap();
+        tx.commit().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+
+    b.pull_table("contact").await.unwrap();
+    assert_eq!(b.stats.full_reads.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        hub_get(&replica, "contact", edited)
+            .unwrap()
+            .get("jobtitle"),
+        &text("Supervisor")
+    );
+    assert!(
+        hub_get(&replica, "contact", removed).is_none(),
+        "deleted upstream"
+    );
+    assert!(
+        hub_get(&replica, "contact", removed_here).is_none(),
+        "a row the hub deleted is not resurrected by the full read"
+    );
+    // Exactly the edit and the delete became ops: unchanged rows added nothing.
+    assert_eq!(dataverse_entries(&replica), entries + 2);
+    let live = replica
+        .lock()
+        .unwrap()
+        .store()
+        .scan("contact")
+        .unwrap()
+        .count();
+    assert_eq!(live, rows.len() - 2);
+}
+
+#[tokio::test]
+async fn push_creates_updates_deletes_and_merges_on_412() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    b.pull().await.unwrap();
+
+    let account = Uuid::new_v4();
+    hub_write(&replica, "account", account, &[("name", text("Hub Made"))]);
+    let contact = Uuid::new_v4();
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[
+            ("lastname", text("Field")),
+            ("parentcustomerid", Value::Lookup(account)),
+        ],
+    );
+    b.sync_once().await.unwrap();
+    let up = emu
+        .row("accounts", account)
+        .await
+        .expect("created upstream");
+    assert_eq!(up["name"], "Hub Made");
+    let c = emu
+        .row("contacts", contact)
+        .await
+        .expect("created upstream");
+    assert_eq!(c["_parentcustomerid_value"], account.to_string());
+    // Dataverse made itself the owner: that came back to the hub.
+    assert!(matches!(
+        hub_get(&replica, "account", account)
+            .unwrap()
+            .get("ownerid"),
+        Value::Owner(_)
+    ));
+
+    // The office changes the phone; the hub (a device) changes the name: 412, merge, retry.
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({account})"),
+        Some(json!({"telephone1": "555-0199"})),
+    )
+    .await;
+    hub_write(&replica, "account", account, &[("name", text("Renamed"))]);
+    b.push().await.unwrap();
+    assert!(b.stats.conflicts.load(Ordering::Relaxed) >= 1);
+    let up = emu.row("accounts", account).await.unwrap();
+    assert_eq!(up["name"], "Renamed");
+    assert_eq!(up["telephone1"], "555-0199");
+    let here = hub_get(&replica, "account", account).unwrap();
+    assert_eq!(here.get("telephone1"), &text("555-0199"));
+
+    // Both sides write the same column: Dataverse (the system of record, changed after the
+    // hub last saw it) wins, and both sides end with the same value.
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({account})"),
+        Some(json!({"name": "Office Name"})),
+    )
+    .await;
+    hub_write(&replica, "account", account, &[("name", text("Hub Name"))]);
+    b.sync_once().await.unwrap();
+    let up = emu.row("accounts", account).await.unwrap();
+    let here = hub_get(&replica, "account", account).unwrap();
+    assert_eq!(up["name"], "Office Name");
+    assert_eq!(here.get("name"), &text("Office Name"));
+
+    // A delete on the hub reaches Dataverse; the next pull does not echo anything back.
+    {
+        let r = replica.lock().unwrap();
+        let mut tx = r.store().begin();
+        tx.delete("contact", contact).unwrap();
+        tx.commit().unwrap();
+    }
+    let pushed = b.stats.rows_pushed.load(Ordering::Relaxed);
+    b.sync_once().await.unwrap();
+    assert!(emu.row("contacts", contact).await.is_none());
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), pushed + 1);
+    b.sync_once().await.unwrap();
+    assert_eq!(
+        b.stats.rows_pushed.load(Ordering::Relaxed),
+        pushed + 1,
+        "no echo"
+    );
+}
+
+#[tokio::test]
+async fn throttled_requests_wait_for_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(
+        &dir.path().join("emu"),
+        &[
+            "--rate-limit-requests",
+            "3",
+            "--rate-limit-window-secs",
+            "1",
+        ],
+    );
+    let replica = hub_replica(&dir.path().join("hub"));
+    let mut cfg = config(&emu, dir.path());
+    cfg.batch_size = 1; // one request per row, to run into the limit
+    let b = bridge(cfg, &replica);
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        hub_write(
+            &replica,
+            "product",
+            *id,
+            &[("name", text(&format!("Part {i}")))],
+        );
+    }
+    let start = std::time::Instant::now();
+    b.push().await.unwrap();
+    assert!(b.client().stats.throttled.load(Ordering::Relaxed) >= 1);
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "waited Retry-After"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // One request: the check itself is subject to the limit.
+    let upstream: Vec<Uuid> = emu
+        .rows("products")
+        .await
+        .iter()
+        .map(|r| id_of(r, "productid"))
+        .collect();
+    for id in &ids {
+        assert!(upstream.contains(id));
+    }
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), 6);
+}
+
+#[tokio::test]
+async fn failing_change_set_is_retried_row_by_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        hub_write(&replica, "account", *id, &[("name", text("Batch"))]);
+    }
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    assert_eq!(
+        b.client().stats.requests.load(Ordering::Relaxed) - before,
+        1,
+        "three creates in one $batch"
+    );
+    // The office edits the middle row: the hub's next change set fails on it as a whole.
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({})", ids[1]),
+        Some(json!({"accountnumber": "OFFICE-1"})),
+    )
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        hub_write(
+            &replica,
+            "account",
+            *id,
+            &[("name", text(&format!("Batch {i}")))],
+        );
+    }
+    b.push().await.unwrap();
+    assert_eq!(b.stats.failed_change_sets.load(Ordering::Relaxed), 1);
+    for (i, id) in ids.iter().enumerate() {
+        let up = emu.row("accounts", *id).await.unwrap();
+        assert_eq!(up["name"], format!("Batch {i}"));
+    }
+    assert_eq!(
+        emu.row("accounts", ids[1]).await.unwrap()["accountnumber"],
+        "OFFICE-1"
+    );
+    assert_eq!(
+        hub_get(&replica, "account", ids[1])
+            .unwrap()
+            .get("accountnumber"),
+        &text("OFFICE-1")
+    );
+}
+
+#[tokio::test]
+async fn upstream_outage_keeps_the_queue_and_catches_up_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = std::sync::Arc::new(bridge(config(&emu, dir.path()), &replica));
+    b.sync_once().await.unwrap();
+    let baseline = emu.rows("accounts").await.len();
+
+    emu.stop();
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn(b.clone().run(wake.clone()));
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        hub_write(
+            &replica,
+            "account",
+            *id,
+            &[("name", text(&format!("Offline {i}")))],
+        );
+        wake.notify_one();
+    }
+    // The hub keeps taking writes while Dataverse is down.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(b.stats.failed_rounds.load(Ordering::Relaxed) >= 1);
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), 0);
+
+    emu.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.stats.rows_pushed.load(Ordering::Relaxed) < 5 {
+        assert!(std::time::Instant::now() < deadline, "caught up in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wake.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    let rows = emu.rows("accounts").await;
+    assert_eq!(rows.len(), baseline + 5, "each row created exactly once");
+    for id in &ids {
+        assert!(emu.row("accounts", *id).await.is_some());
+    }
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), 5);
+}
+
+#[tokio::test]
+async fn files_go_up_and_come_down_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let mut cfg = config(&emu, dir.path());
+    cfg.file_chunk_bytes = 64 * 1024;
+    let b = bridge(cfg, &replica);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let blob = replica
+        .lock()
+        .unwrap()
+        .store()
+        .put_blob("contract.pdf", &mut data.as_slice())
+        .unwrap();
+    let id = Uuid::new_v4();
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[
+            ("name", text("With a file")),
+            ("contract", Value::File(blob)),
+        ],
+    );
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    // The row, the chunked upload's start and its 4 chunks, then a read of the new file id.
+    assert_eq!(
+        b.client().stats.requests.load(Ordering::Relaxed) - before,
+        7
+    );
+    let http = reqwest::Client::new();
+    let value = format!("{}/api/data/v9.2/accounts({id})/contract/$value", emu.url());
+    let got = http
+        .get(&value)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.headers()["x-ms-file-name"], "contract.pdf");
+    assert_eq!(got.bytes().await.unwrap().to_vec(), data);
+
+    // Pulling right after: the file is known, nothing is downloaded or written.
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.pull_table("account").await.unwrap();
+    assert_eq!(
+        b.client().stats.requests.load(Ordering::Relaxed) - before,
+        1
+    );
+    assert_eq!(
+        hub_get(&replica, "account", id).unwrap().get("contract"),
+        &Value::File(blob_ref_of(&replica, id))
+    );
+    let entries = dataverse_entries(&replica);
+
+    // The office replaces the file: the hub downloads it in ranges and writes it.
+    let office: Vec<u8> = (0..150_000u32).map(|i| (i % 13) as u8).collect();
+    let put = http
+        .patch(format!(
+            "{}/api/data/v9.2/accounts({id})/contract",
+            emu.url()
+        ))
+        .header("Authorization", "Bearer admin-token")
+        .header("Content-Type", "application/octet-stream")
+        .header("x-ms-file-name", "v2.pdf")
+        .body(office.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    b.pull_table("account").await.unwrap();
+    let row = hub_get(&replica, "account", id).unwrap();
+    let Value::File(here) = row.get("contract").clone() else {
+        panic!("no file on the hub: {row:?}")
+    };
+    assert_eq!(here.name, "v2.pdf");
+    assert_eq!(
+        replica.lock().unwrap().store().read_blob(&here).unwrap(),
+        office
+    );
+    assert_eq!(dataverse_entries(&replica), entries + 1);
+    // And it is not sent back.
+    let pushed = b.stats.rows_pushed.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), pushed);
+
+    // The office replaces the file again while the hub renames the row: the 412 re-read brings
+    // the new file to the hub, and the hub's write does not put the old file back.
+    let third: Vec<u8> = vec![7u8; 1000];
+    let put = http
+        .patch(format!(
+            "{}/api/data/v9.2/accounts({id})/contract",
+            emu.url()
+        ))
+        .header("Authorization", "Bearer admin-token")
+        .header("Content-Type", "application/octet-stream")
+        .header("x-ms-file-name", "v3.pdf")
+        .body(third.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[("name", text("Renamed with file"))],
+    );
+    b.push().await.unwrap();
+    let here = blob_ref_of(&replica, id);
+    assert_eq!(here.name, "v3.pdf");
+    let got = http
+        .get(&value)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().to_vec(), third);
+    assert_eq!(
+        emu.row("accounts", id).await.unwrap()["name"],
+        "Renamed with file"
+    );
+}
