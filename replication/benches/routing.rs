@@ -22,9 +22,7 @@ mod field_service;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use field_service::{
-    counts, environment, example, id_of, owner_user, row_values, Data, DAY, NOW,
-};
+use field_service::{counts, environment, example, id_of, owner_user, row_values, Data, DAY, NOW};
 use fieldsync_replication::{Profile, Router};
 use fieldsync_store::{Schema, Value};
 use rand::seq::SliceRandom;

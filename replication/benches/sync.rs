@@ -22,20 +22,22 @@
 //!   Timed from A's local commit to B's store holding the new value; in ms. Base: one QUIC
 //!   round trip (100 bytes each way) on a loopback pair, p50 and p99 of the same run.
 //! - `hub_memory_per_device`: a hub in its own process (this binary re-run with `--child hub`)
-//!   with `FIELDSYNC_BENCH_HUB_ROWS` rows (1,000,000) and `FIELDSYNC_BENCH_DEVICES` technicians
-//!   (1,000). Each technician's device connects in live mode, pushes 5 ops (a new work order
-//!   and 4 edits to it) and pulls its whole set, and stays connected. The hub's RSS
-//!   (`/proc/<pid>/status` VmRSS) is read idle (store and replica open, no device), with one
-//!   device synced and connected, and with every device synced and connected. ours =
-//!   (RSS with all devices − idle) / devices; base = RSS with one device − idle; in MiB. A `#`
-//!   line gives the hub's ops per second while the devices sync (ops pushed and accepted plus
-//!   items pulled, over the wall time from the first connection to the last device done).
-//!   These devices use a light in-memory `DeviceStorage` (`LightDevice`: its own ops, acks,
-//!   cursors; pulled rows are counted, not stored) so the bench process does not hold 1,000
-//!   sled stores; the hub does the same work either way.
-//! - `hub_rss_1m_rows`: the same hub: ours = its RSS after open and one device's full sync;
-//!   base = the size on disk of the hub's store directory right after the rows were written
-//!   (rows, their log, indexes); in MiB.
+//!   with `FIELDSYNC_BENCH_DEVICE_HUB_ROWS` rows (100,000) and `FIELDSYNC_BENCH_DEVICES`
+//!   technicians (1,000), one device each. Each device connects in live mode, pushes 5 ops (a
+//!   new work order and 4 edits to it), pulls its whole set (the product catalog included), and
+//!   stays connected. The hub's RSS (VmRSS of `/proc/self/status`, read by the hub process on
+//!   request) is taken idle (store and replica open, no device), with the first device synced
+//!   and connected, and with every device synced and connected. ours = (RSS with all devices −
+//!   idle) / devices; base = RSS with one device − idle; in MiB. A `#` line gives the hub's ops
+//!   per second while the other devices sync (ops pushed and accepted plus items pulled, over
+//!   the wall time from their first connection to the last one done; they connect in waves of
+//!   64). These devices use a light in-memory `DeviceStorage` (`LightDevice`: its own ops,
+//!   acks, cursors; pulled rows are counted, not stored) so the bench process does not hold
+//!   1,000 sled stores; the hub does the same work either way.
+//! - `hub_rss_1m_rows`: a second hub process with `FIELDSYNC_BENCH_HUB_ROWS` rows (1,000,000)
+//!   and 1,000 technicians: ours = its RSS after open and one device's full sync (it is still
+//!   connected); base = the size on disk of the hub's store directory right after the rows
+//!   were written (rows, log, indexes); in MiB.
 //!
 //! Counts scale with `FIELDSYNC_BENCH_ROWS`, `FIELDSYNC_BENCH_HUB_ROWS`,
 //! `FIELDSYNC_BENCH_DEVICES` and `FIELDSYNC_BENCH_EDITS`; the counts used are printed.
@@ -58,9 +60,10 @@ use fieldsync_replication::credential::{
     HubSigningKey, MemoryTokenRegistry, SignedToken, TokenVerifier,
 };
 use fieldsync_replication::proto::{
-    BatchLimits, Cursor, DeviceConfig, DeviceEvent, DeviceId, DeviceSession, DeviceState,
-    DeviceStorage, HubConfig, HubEvent, HubSession, Millis, PushOp, Rejection, RowChange, RowDoc,
-    StorageError, SyncSchedule,
+    BatchLimits, BlobSlice, ConflictPolicy, Cursor, DeviceConfig, DeviceEvent, DeviceId,
+    DeviceSession, DeviceState, DeviceStorage, HubConfig, HubEvent, HubSession, HubStorage, Millis,
+    Principal, PullChunk, PushOp, PushOutcome, Refusal, Rejection, RowChange, RowDoc, StorageError,
+    SyncSchedule,
 };
 use fieldsync_replication::replica::{DeviceReplica, HubReplica};
 use fieldsync_replication::transport::baseline::{loopback_pair, percentile, round_trip_latencies};
@@ -143,6 +146,10 @@ impl Bus {
 
 #[derive(Default)]
 struct HubStats {
+    /// Time spent in the hub's session and replica (handling messages and wake-ups).
+    busy_ns: AtomicU64,
+    /// Time spent in `HubReplica::pull` (part of `busy_ns`).
+    pull_ns: AtomicU64,
     ops_in: AtomicU64,
     items_out: AtomicU64,
     rejected: AtomicU64,
@@ -202,15 +209,22 @@ impl HubAdapter {
 impl FrameSession for HubAdapter {
     fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason> {
         let now = Millis(now_ms);
+        let t = Instant::now();
         match wire::decode(bytes) {
             Ok((msg, _)) => {
                 let hub = self.hub.clone();
                 let mut replica = hub.replica.lock().unwrap();
-                self.session.handle_message(now, msg, &mut *replica);
+                let mut storage = TimedHub {
+                    inner: &mut replica,
+                    pull_ns: &hub.stats.pull_ns,
+                };
+                self.session.handle_message(now, msg, &mut storage);
             }
             Err(e) => self.session.handle_wire_error(now, &e),
         }
         self.settle(now);
+        let busy = t.elapsed().as_nanos() as u64;
+        self.hub.stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
         Ok(())
     }
     fn poll_frame(&mut self) -> Option<Vec<u8>> {
@@ -289,8 +303,10 @@ fn load_rows(store: &Store, data: &field_service::Data, total: usize) -> usize {
     for (table, count) in counts(total) {
         for i in 0..count {
             let values = row_values(data, table, i, 0);
-            let values: Vec<(&str, Value)> =
-                values.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            let values: Vec<(&str, Value)> = values
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
             tx.insert_with_id(table, id_of(table, i), &values).unwrap();
             n += 1;
             if n % 1_000 == 0 {
@@ -370,6 +386,8 @@ struct DeviceAdapter<S> {
     done: bool,
     items_in: u64,
     rejected: u64,
+    /// Time spent in the device's session and storage handling frames.
+    busy_ns: Arc<AtomicU64>,
 }
 
 impl<S: DeviceStorage> DeviceAdapter<S> {
@@ -395,7 +413,8 @@ impl<S: DeviceStorage> DeviceAdapter<S> {
             }
         }
         if !self.done && self.session.state() == DeviceState::Ready && self.session.is_quiet() {
-            let pending = self.storage.last_local_seq().unwrap() > self.storage.acked_seq().unwrap();
+            let pending =
+                self.storage.last_local_seq().unwrap() > self.storage.acked_seq().unwrap();
             if !pending {
                 self.done = true;
                 let _ = self.signals.send(Signal::Done);
@@ -407,11 +426,14 @@ impl<S: DeviceStorage> DeviceAdapter<S> {
 impl<S: DeviceStorage> FrameSession for DeviceAdapter<S> {
     fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason> {
         let now = Millis(now_ms);
+        let t = Instant::now();
         match wire::decode(bytes) {
             Ok((msg, _)) => self.session.handle_message(now, msg, &mut self.storage),
             Err(e) => self.session.handle_wire_error(now, &e),
         }
         self.settle(now);
+        let busy = t.elapsed().as_nanos() as u64;
+        self.busy_ns.fetch_add(busy, Ordering::Relaxed);
         Ok(())
     }
     fn poll_frame(&mut self) -> Option<Vec<u8>> {
@@ -421,7 +443,8 @@ impl<S: DeviceStorage> FrameSession for DeviceAdapter<S> {
         self.session.poll_timeout().map(|m| m.0)
     }
     fn handle_timeout(&mut self, now_ms: u64) {
-        self.session.handle_timeout(Millis(now_ms), &mut self.storage);
+        self.session
+            .handle_timeout(Millis(now_ms), &mut self.storage);
         self.settle(Millis(now_ms));
     }
     fn is_closed(&self) -> bool {
@@ -438,10 +461,123 @@ impl<S: DeviceStorage> FrameSession for DeviceAdapter<S> {
     }
 }
 
+/// A [`DeviceStorage`] that times the calls a pulled batch makes (the initial sync's
+/// breakdown line).
+struct Timed<S> {
+    inner: S,
+    /// ns in apply_ops + import_rows + evict_rows, and in set_cursor (the batch's flush).
+    apply_ns: Arc<AtomicU64>,
+    cursor_ns: Arc<AtomicU64>,
+}
+
+fn timed<T>(acc: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    acc.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
+}
+
+impl<S: DeviceStorage> DeviceStorage for Timed<S> {
+    fn acked_seq(&self) -> Result<u64, StorageError> {
+        self.inner.acked_seq()
+    }
+    fn last_local_seq(&self) -> Result<u64, StorageError> {
+        self.inner.last_local_seq()
+    }
+    fn pending_ops(&self, after: u64, limits: BatchLimits) -> Result<Vec<PushOp>, StorageError> {
+        self.inner.pending_ops(after, limits)
+    }
+    fn record_ack(&mut self, now: Millis, up_to: u64, r: &[Rejection]) -> Result<(), StorageError> {
+        self.inner.record_ack(now, up_to, r)
+    }
+    fn apply_ops(&mut self, table: &str, ops: &[RowChange]) -> Result<(), StorageError> {
+        timed(&self.apply_ns, || self.inner.apply_ops(table, ops))
+    }
+    fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
+        timed(&self.apply_ns, || self.inner.import_rows(table, rows))
+    }
+    fn evict_rows(&mut self, table: &str, rows: &[RowId]) -> Result<(), StorageError> {
+        timed(&self.apply_ns, || self.inner.evict_rows(table, rows))
+    }
+    fn cursor(&self, table: &str) -> Result<Cursor, StorageError> {
+        self.inner.cursor(table)
+    }
+    fn set_cursor(
+        &mut self,
+        table: &str,
+        cursor: Cursor,
+        synced_at: Option<Millis>,
+    ) -> Result<(), StorageError> {
+        timed(&self.cursor_ns, || {
+            self.inner.set_cursor(table, cursor, synced_at)
+        })
+    }
+    fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
+        self.inner.last_sync(table)
+    }
+    fn blob_progress(&self, sha: &[u8; 32]) -> Result<u64, StorageError> {
+        self.inner.blob_progress(sha)
+    }
+    fn write_blob_chunk(
+        &mut self,
+        sha: &[u8; 32],
+        offset: u64,
+        data: &[u8],
+        total: u64,
+    ) -> Result<(), StorageError> {
+        self.inner.write_blob_chunk(sha, offset, data, total)
+    }
+}
+
+/// The hub's replica as one session sees it, timing `pull` (the initial sync's breakdown).
+struct TimedHub<'a> {
+    inner: &'a mut HubReplica,
+    pull_ns: &'a AtomicU64,
+}
+
+impl HubStorage for TimedHub<'_> {
+    fn authenticate(
+        &mut self,
+        device: DeviceId,
+        token: &[u8],
+        app: &str,
+    ) -> Result<Result<Principal, Refusal>, StorageError> {
+        self.inner.authenticate(device, token, app)
+    }
+    fn apply_push(
+        &mut self,
+        now: Millis,
+        who: &Principal,
+        policy: ConflictPolicy,
+        op: &PushOp,
+    ) -> Result<PushOutcome, StorageError> {
+        self.inner.apply_push(now, who, policy, op)
+    }
+    fn pull(
+        &mut self,
+        who: &Principal,
+        table: &str,
+        after: Cursor,
+        limits: BatchLimits,
+    ) -> Result<PullChunk, StorageError> {
+        timed(self.pull_ns, || self.inner.pull(who, table, after, limits))
+    }
+    fn blob_chunk(
+        &mut self,
+        who: &Principal,
+        sha: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        self.inner.blob_chunk(who, sha, offset, max_len)
+    }
+}
+
 /// A connected device: its signals, the notify that tells it about local edits, its task.
 struct Running<S> {
     signals: mpsc::UnboundedReceiver<Signal>,
     local_ops: Arc<Notify>,
+    busy_ns: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<DeviceAdapter<S>>,
 }
 
@@ -470,10 +606,14 @@ async fn connect<S: DeviceStorage + Send + 'static>(
 ) -> Running<S> {
     let limits = ConnectionLimits::device();
     let conn = endpoint.connect(hub).await.unwrap();
-    let (writer, reader) =
-        authenticate(&conn, token, Duration::from_secs(30), limits.max_frame_bytes)
-            .await
-            .unwrap();
+    let (writer, reader) = authenticate(
+        &conn,
+        token,
+        Duration::from_secs(30),
+        limits.max_frame_bytes,
+    )
+    .await
+    .unwrap();
     let t = token.token();
     let mut config = DeviceConfig::new(
         DeviceId(t.device_id),
@@ -490,6 +630,8 @@ async fn connect<S: DeviceStorage + Send + 'static>(
     let (tx, rx) = mpsc::unbounded_channel();
     let local_ops = Arc::new(Notify::new());
     let wake = local_ops.clone();
+    let busy_ns = Arc::new(AtomicU64::new(0));
+    let busy = busy_ns.clone();
     let task = tokio::spawn(async move {
         let mut adapter = DeviceAdapter {
             session,
@@ -499,6 +641,7 @@ async fn connect<S: DeviceStorage + Send + 'static>(
             done: false,
             items_in: 0,
             rejected: 0,
+            busy_ns: busy,
         };
         adapter.settle(now);
         let mut writer = writer.with_format(FrameFormat::WIRE_V1);
@@ -511,6 +654,7 @@ async fn connect<S: DeviceStorage + Send + 'static>(
     Running {
         signals: rx,
         local_ops,
+        busy_ns,
         task,
     }
 }
@@ -557,8 +701,12 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
         d.counts.insert(t, c);
     }
     let dir = tempfile::tempdir().unwrap();
-    let hub_store = Store::create(&dir.path().join("hub"), schema.clone(), StoreOptions::default())
-        .unwrap();
+    let hub_store = Store::create(
+        &dir.path().join("hub"),
+        schema.clone(),
+        StoreOptions::default(),
+    )
+    .unwrap();
     let t = Instant::now();
     let written = load_rows(&hub_store, &d, total);
     println!(
@@ -586,12 +734,7 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
     let mut tokens = Vec::new();
     for (i, u) in d.users.iter().enumerate() {
         let tok = replica
-            .enroll(
-                &u.to_string(),
-                APP,
-                Uuid::from_u128(0xde0 + i as u128),
-                now,
-            )
+            .enroll(&u.to_string(), APP, Uuid::from_u128(0xde0 + i as u128), now)
             .unwrap();
         registry.insert_issued(tok.token().token_id);
         tokens.push(tok);
@@ -599,21 +742,31 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
     let held = replica.device_set(d.users[0], APP).len();
     let profile = Profile::from_toml(&example("profile.toml"), &schema).unwrap();
     let schedule = SyncSchedule::for_profile(&schema, &profile);
-    let (hub, _endpoint, addr, identity) =
-        start_hub(replica, verifier, registry);
+    let (hub, _endpoint, addr, identity) = start_hub(replica, verifier, registry);
     let device_endpoint =
         DeviceEndpoint::for_hub(addr, identity.pin(), ConnectionLimits::device()).unwrap();
 
     // Initial sync of device A.
-    let store_a =
-        Store::create(&dir.path().join("a"), schema.clone(), StoreOptions::default()).unwrap();
+    let store_a = Store::create(
+        &dir.path().join("a"),
+        schema.clone(),
+        StoreOptions::default(),
+    )
+    .unwrap();
     *hub.capture.lock().unwrap() = Some(Vec::new());
+    let apply_ns = Arc::new(AtomicU64::new(0));
+    let cursor_ns = Arc::new(AtomicU64::new(0));
+    let storage_a = Timed {
+        inner: DeviceReplica::new(store_a.clone()),
+        apply_ns: apply_ns.clone(),
+        cursor_ns: cursor_ns.clone(),
+    };
     let mut a = connect(
         &device_endpoint,
         addr,
         &tokens[0],
         schedule.clone(),
-        DeviceReplica::new(store_a.clone()),
+        storage_a,
     )
     .await;
     let t = Instant::now();
@@ -623,6 +776,15 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
     let rows = store_rows(&store_a);
     assert_eq!(rows, held, "device A holds its whole set");
     let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    let secs = |ns: u64| ns as f64 / 1e9;
+    println!(
+        "# initial sync: hub busy {:.2} s (HubReplica::pull {:.2} s); device busy {:.2} s (applying batches {:.2} s, storing cursors {:.2} s)",
+        secs(hub.stats.busy_ns.load(Ordering::Relaxed)),
+        secs(hub.stats.pull_ns.load(Ordering::Relaxed)),
+        secs(a.busy_ns.load(Ordering::Relaxed)),
+        secs(apply_ns.load(Ordering::Relaxed)),
+        secs(cursor_ns.load(Ordering::Relaxed))
+    );
     println!(
         "# initial sync: {rows} rows (technician 1's set of {} hub rows), {:.1} MiB in {} frames, {:.2} s",
         written + 1,
@@ -633,8 +795,12 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
     let base = raw_quic_into_sled(&frames, rows, dir.path()).await;
 
     // Device B: technician 2, live.
-    let store_b =
-        Store::create(&dir.path().join("b"), schema.clone(), StoreOptions::default()).unwrap();
+    let store_b = Store::create(
+        &dir.path().join("b"),
+        schema.clone(),
+        StoreOptions::default(),
+    )
+    .unwrap();
     let mut b = connect(
         &device_endpoint,
         addr,
@@ -804,7 +970,13 @@ impl DeviceStorage for LightDevice {
     fn blob_progress(&self, _: &[u8; 32]) -> Result<u64, StorageError> {
         Ok(0)
     }
-    fn write_blob_chunk(&mut self, _: &[u8; 32], _: u64, _: &[u8], _: u64) -> Result<(), StorageError> {
+    fn write_blob_chunk(
+        &mut self,
+        _: &[u8; 32],
+        _: u64,
+        _: &[u8],
+        _: u64,
+    ) -> Result<(), StorageError> {
         Ok(())
     }
 }
@@ -897,9 +1069,10 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `--child hub DIR ROWS USERS`: writes the rows, opens the replica, enrolls one device per
-/// user (tokens to DIR/tokens), serves, and answers `rss` / `stats` lines on stdin.
-fn child_hub(dir: &Path, rows: usize, users: usize) {
+/// `--child hub DIR ROWS USERS DEVICES`: writes the rows, opens the replica, enrolls one
+/// device for each of the first DEVICES users (tokens to DIR/tokens), serves, and answers
+/// `rss` / `stats` lines on stdin.
+fn child_hub(dir: &Path, rows: usize, users: usize, devices: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -922,9 +1095,11 @@ fn child_hub(dir: &Path, rows: usize, users: usize) {
     let open = t.elapsed();
     let mut registry = MemoryTokenRegistry::new();
     let mut lines = String::new();
-    for (i, u) in d.users.iter().enumerate() {
+    for (i, u) in d.users.iter().enumerate().take(devices) {
         let device = Uuid::from_u128(0xd_0000 + i as u128);
-        let tok = replica.enroll(&u.to_string(), APP, device, unix_ms()).unwrap();
+        let tok = replica
+            .enroll(&u.to_string(), APP, device, unix_ms())
+            .unwrap();
         registry.insert_issued(tok.token().token_id);
         lines.push_str(&format!("{u} {}\n", hex(tok.as_bytes())));
     }
@@ -998,7 +1173,10 @@ impl HubChild {
         writeln!(self.stdin, "rss").unwrap();
         self.stdin.flush().unwrap();
         let l = self.line();
-        let mut it = l.split_whitespace().skip(1).map(|v| v.parse::<u64>().unwrap() * 1024);
+        let mut it = l
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse::<u64>().unwrap() * 1024);
         (it.next().unwrap(), it.next().unwrap())
     }
 
@@ -1007,7 +1185,11 @@ impl HubChild {
         writeln!(self.stdin, "stats").unwrap();
         self.stdin.flush().unwrap();
         let l = self.line();
-        let v: Vec<u64> = l.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+        let v: Vec<u64> = l
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect();
         (v[0], v[1], v[2])
     }
 }
@@ -1023,12 +1205,14 @@ struct MemoryFigures {
     elapsed: Duration,
 }
 
-async fn hub_memory(rows: usize, devices: usize) -> MemoryFigures {
+/// A hub process with `rows` rows and `users` technicians; devices of the first `devices`
+/// connect (the first alone, then the others in waves).
+async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--child", "hub"])
         .arg(dir.path())
-        .args([rows.to_string(), devices.to_string()])
+        .args([rows.to_string(), users.to_string(), devices.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -1044,9 +1228,8 @@ async fn hub_memory(rows: usize, devices: usize) -> MemoryFigures {
     let f: Vec<&str> = ready.split_whitespace().collect();
     assert_eq!(f.first(), Some(&"READY"), "hub child: {ready}");
     let addr: SocketAddr = f[1].parse().unwrap();
-    let pin = fieldsync_replication::credential::CertPin::from_bytes(
-        unhex(f[2]).try_into().unwrap(),
-    );
+    let pin =
+        fieldsync_replication::credential::CertPin::from_bytes(unhex(f[2]).try_into().unwrap());
     let written: usize = f[3].parse().unwrap();
     let disk: u64 = f[4].parse().unwrap();
     println!(
@@ -1060,7 +1243,10 @@ async fn hub_memory(rows: usize, devices: usize) -> MemoryFigures {
         .lines()
         .map(|l| {
             let (u, t) = l.split_once(' ').unwrap();
-            (u.parse().unwrap(), SignedToken::from_bytes(unhex(t)).unwrap())
+            (
+                u.parse().unwrap(),
+                SignedToken::from_bytes(unhex(t)).unwrap(),
+            )
         })
         .collect();
     let schema = schema();
@@ -1077,7 +1263,8 @@ async fn hub_memory(rows: usize, devices: usize) -> MemoryFigures {
         t.elapsed().as_secs_f64()
     );
     let (idle, _) = hub.rss();
-    let endpoint = Arc::new(DeviceEndpoint::for_hub(addr, pin, ConnectionLimits::device()).unwrap());
+    let endpoint =
+        Arc::new(DeviceEndpoint::for_hub(addr, pin, ConnectionLimits::device()).unwrap());
     let mut running = Vec::with_capacity(devices);
     let first = storages.remove(0);
     let mut d0 = connect(&endpoint, addr, &tokens[0].1, schedule.clone(), first).await;
@@ -1136,7 +1323,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == "--child") {
         let dir = Path::new(&args[pos + 2]);
-        child_hub(dir, args[pos + 3].parse().unwrap(), args[pos + 4].parse().unwrap());
+        child_hub(
+            dir,
+            args[pos + 3].parse().unwrap(),
+            args[pos + 4].parse().unwrap(),
+            args[pos + 5].parse().unwrap(),
+        );
         return;
     }
     if args.iter().any(|a| a == "--list") {
@@ -1146,8 +1338,9 @@ fn main() {
     let edits = env_usize("FIELDSYNC_BENCH_EDITS", 1_000);
     let hub_rows = env_usize("FIELDSYNC_BENCH_HUB_ROWS", 1_000_000);
     let devices = env_usize("FIELDSYNC_BENCH_DEVICES", 1_000).max(1);
+    let device_hub_rows = env_usize("FIELDSYNC_BENCH_DEVICE_HUB_ROWS", 100_000);
     println!(
-        "# sync bench: initial sync of ~{rows} rows, {edits} edits, a hub of {hub_rows} rows with {devices} devices"
+        "# sync bench: initial sync of ~{rows} rows; {edits} edits; {devices} devices on a hub of {device_hub_rows} rows; a hub of {hub_rows} rows"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1176,7 +1369,7 @@ fn main() {
             ours / base
         );
     }
-    let m = rt.block_on(hub_memory(hub_rows, devices));
+    let m = rt.block_on(hub_memory(device_hub_rows, devices, devices));
     let mib = |b: u64| b as f64 / MIB;
     let per_device = (m.all.saturating_sub(m.idle)) as f64 / MIB / m.devices as f64;
     let one = m.one.saturating_sub(m.idle) as f64 / MIB;
@@ -1198,10 +1391,17 @@ fn main() {
         "BENCH name=hub_memory_per_device ours={per_device:.3} base={one:.3} unit=MiB ratio={:.2}",
         per_device / one.max(1e-9)
     );
+    let big = rt.block_on(hub_memory(hub_rows, 1_000, 1));
+    println!(
+        "# hub of {hub_rows} rows: RSS idle {:.1} MiB, serving one device's sync {:.1} MiB, peak {:.1} MiB",
+        mib(big.idle),
+        mib(big.one),
+        mib(big.peak)
+    );
     println!(
         "BENCH name=hub_rss_1m_rows ours={:.1} base={:.1} unit=MiB ratio={:.2}",
-        mib(m.one),
-        mib(m.disk),
-        m.one as f64 / m.disk as f64
+        mib(big.one),
+        mib(big.disk),
+        big.one as f64 / big.disk as f64
     );
 }
