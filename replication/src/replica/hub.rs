@@ -706,7 +706,10 @@ impl HubReplica {
             row: op.row,
             change: op.change.clone(),
         };
-        match self.store.apply_remote(&[remote], Durability::Immediate) {
+        // Made durable by the decision record written after it (`apply_push`), before the
+        // op is acknowledged: one flush per op, not two. A crash in between loses both, and
+        // the device pushes the op again.
+        match self.store.apply_remote(&[remote], Durability::Group) {
             Ok(o) if o.applied + o.duplicates >= 1 => {}
             Ok(o) => {
                 warn!(?o, "a ready op was held");
@@ -865,6 +868,7 @@ impl HubStorage for HubReplica {
             return Ok(PushOutcome::Accepted);
         }
         let d = self.judge(who, policy, op, &insp)?;
+        // Durable with everything `judge` wrote before it (the applied op included).
         self.store
             .aux_put(SPACE, &dk, &enc(&d), Durability::Immediate)
             .map_err(storage_err)?;
