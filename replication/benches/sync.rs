@@ -39,8 +39,10 @@
 //!   connected); base = the size on disk of the hub's store directory right after the rows
 //!   were written (rows, log, indexes); in MiB.
 //!
-//! Counts scale with `FIELDSYNC_BENCH_ROWS`, `FIELDSYNC_BENCH_HUB_ROWS`,
-//! `FIELDSYNC_BENCH_DEVICES` and `FIELDSYNC_BENCH_EDITS`; the counts used are printed.
+//! Counts scale with `FIELDSYNC_BENCH_ROWS`, `FIELDSYNC_BENCH_EDITS`,
+//! `FIELDSYNC_BENCH_DEVICES`, `FIELDSYNC_BENCH_DEVICE_HUB_ROWS` and `FIELDSYNC_BENCH_HUB_ROWS`
+//! (a count of 0 skips that part); the counts used are printed. The `quic` feature is
+//! required (`--features quic`): the transport is behind it.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "common/field_service.rs"]
