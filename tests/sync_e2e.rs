@@ -36,6 +36,9 @@ impl Hub {
         self.dir.path().join(name)
     }
     fn init() -> Hub {
+        Hub::init_with_apps(&field_service("apps.toml"))
+    }
+    fn init_with_apps(apps: &Path) -> Hub {
         let dir = tempfile::tempdir().unwrap();
         let hub = Hub {
             dir,
@@ -50,7 +53,7 @@ impl Hub {
             "--env".as_ref(),
             field_service("environment.toml").as_os_str(),
             "--apps".as_ref(),
-            field_service("apps.toml").as_os_str(),
+            apps.as_os_str(),
             "--schema".as_ref(),
             field_service("schema.toml").as_os_str(),
             "--profile".as_ref(),
@@ -75,8 +78,12 @@ impl Hub {
         args.extend(values.iter().map(|s| s.to_string()));
         fieldsync_ok(args).trim().to_string()
     }
-    /// Enrolls USER and initializes a device for it (hub running); returns the device dir.
+    /// Enrolls USER for the app (credential `NAME.cred`); returns the device dir.
     fn device(&self, user: &str, name: &str) -> PathBuf {
+        self.device_for_app(user, name, APP)
+    }
+    /// Enrolls USER for APP (credential `NAME.cred`); returns the device dir `NAME`.
+    fn device_for_app(&self, user: &str, name: &str, app: &str) -> PathBuf {
         let cred = self.path(&format!("{name}.cred"));
         let dev = self.path(name);
         fieldsync_ok([
@@ -87,7 +94,7 @@ impl Hub {
             "--user".as_ref(),
             user.as_ref(),
             "--app".as_ref(),
-            APP.as_ref(),
+            app.as_ref(),
             "--out".as_ref(),
             cred.as_os_str(),
             "--address".as_ref(),
@@ -458,6 +465,121 @@ fn second_app_revocation_and_wifi_only() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A device enrolled for a second app whose offline profile is the same keeps its one store
+/// and downloads nothing again.
+#[test]
+fn second_app_with_the_same_profile_downloads_once() {
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let apps = work.path().join("apps.toml");
+    let mut text = std::fs::read_to_string(field_service("apps.toml")).unwrap();
+    text.push_str(
+        "\n[[apps]]\nname = \"Field Service Lite\"\noffline = true\nprofile = \"Field Service Mobile\"\n",
+    );
+    std::fs::write(&apps, text).unwrap();
+    let hub = Hub::init_with_apps(&apps);
+    for n in 1..=3 {
+        hub.put(
+            WO,
+            None,
+            &[
+                &format!("msdyn_name=WO-{n}"),
+                "ownerid=user:ana@contoso.com",
+                "statecode=0",
+                "msdyn_systemstatus=690970000",
+            ],
+        );
+    }
+    let ana = hub.device("ana@contoso.com", "ana");
+    hub.device_for_app("ana@contoso.com", "ana-lite", "Field Service Lite");
+    let _proc = hub.serve();
+    init_device(&ana, &hub.path("ana.cred"));
+    let first = sync(&ana);
+    assert!(first.contains("3 rows in"), "{first}");
+    let out = fieldsync_ok([
+        "device",
+        "init",
+        "--data",
+        &s(&ana),
+        "--credential",
+        &s(&hub.path("ana-lite.cred")),
+    ]);
+    assert!(out.contains("keeping the one copy of the data"), "{out}");
+    let second = sync(&ana);
+    assert!(
+        second.contains("pulled 0 changes, 0 rows in"),
+        "the second app downloaded again: {second}"
+    );
+    assert_eq!(names(&ana), ["WO-1", "WO-2", "WO-3"]);
+}
+
+/// `device sync --watch` stays connected in live mode: another device's edit reaches it within
+/// seconds, although the profile's tables sync every 5 minutes or more.
+#[test]
+fn watch_sees_another_devices_edit_within_seconds() {
+    use std::io::BufRead;
+    let _serial = serial();
+    let hub = Hub::init();
+    let wo = hub.put(
+        WO,
+        None,
+        &[
+            "msdyn_name=WO-1",
+            "ownerid=team:Emergency Crew",
+            "statecode=0",
+            "msdyn_systemstatus=690970000",
+        ],
+    );
+    let ana = hub.device("ana@contoso.com", "ana");
+    let ines = hub.device("ines@contoso.com", "ines");
+    let _proc = hub.serve();
+    init_device(&ana, &hub.path("ana.cred"));
+    init_device(&ines, &hub.path("ines.cred"));
+    sync(&ana);
+    sync(&ines);
+    assert_eq!(names(&ines), ["WO-1"]);
+
+    let mut watch = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
+        .args(["device", "sync", "--data", &s(&ines), "--watch"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = watch.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("connected to the hub") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the watching device did not connect");
+
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &s(&ana),
+        WO,
+        "--id",
+        &wo,
+        "msdyn_name=WO-1 pump replaced",
+    ]);
+    sync(&ana);
+    // Live mode pushes the edit at once; the table's own interval is 5 minutes.
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status();
+    let status = watch.wait().unwrap();
+    assert!(status.success(), "watch exited with {status}");
+    assert_eq!(names(&ines), ["WO-1 pump replaced"]);
 }
 
 /// A client with a valid credential that asks for other tables, forged cursors, sends oversize

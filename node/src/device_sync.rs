@@ -165,22 +165,6 @@ pub fn finish_init(data: &Path, credential: &Credential, bundle: &Bootstrap) -> 
     })
 }
 
-/// The sync schedule of the device's profile: each table's interval, related tables grouped.
-pub fn schedule_of(schema: &Schema, profile: &Profile) -> SyncSchedule {
-    let intervals: Vec<(String, Option<u32>)> = profile
-        .items
-        .iter()
-        .map(|(t, item)| (t.clone(), Some(item.sync_interval_minutes)))
-        .collect();
-    let related: Vec<(String, String)> = schema
-        .relationships()
-        .iter()
-        .filter(|r| profile.items.contains_key(&r.table) && profile.items.contains_key(&r.target))
-        .map(|r| (r.table.clone(), r.target.clone()))
-        .collect();
-    SyncSchedule::new(intervals, &related)
-}
-
 /// The device's session config from its first enrollment.
 pub fn session_for(data: &Path, store: &Store, live: bool) -> Result<(DeviceSession, Credential)> {
     let file = enrolled(data)?;
@@ -198,7 +182,7 @@ pub fn session_for(data: &Path, store: &Store, live: bool) -> Result<(DeviceSess
         DeviceId(token.device_id),
         credential.token.as_bytes().to_vec(),
         &token.app,
-        schedule_of(store.schema(), &profile),
+        SyncSchedule::for_profile(store.schema(), &profile),
     );
     config.live = live;
     config.rng_seed =

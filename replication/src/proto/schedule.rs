@@ -24,6 +24,24 @@ pub struct SyncSchedule {
 }
 
 impl SyncSchedule {
+    /// The schedule of a device syncing `profile`: each table's interval, and the tables
+    /// related in `schema` (both in the profile) pulled together.
+    pub fn for_profile(schema: &fieldsync_store::Schema, profile: &crate::Profile) -> SyncSchedule {
+        let intervals = profile
+            .items
+            .iter()
+            .map(|(t, item)| (t.clone(), Some(item.sync_interval_minutes)));
+        let related: Vec<(String, String)> = schema
+            .relationships()
+            .iter()
+            .filter(|r| {
+                profile.items.contains_key(&r.table) && profile.items.contains_key(&r.target)
+            })
+            .map(|r| (r.table.clone(), r.target.clone()))
+            .collect();
+        SyncSchedule::new(intervals, &related)
+    }
+
     /// Builds the schedule from each table's configured interval (minutes, clamped to 5–1440,
     /// `None` for the default) and the pairs of related tables.
     ///

@@ -118,8 +118,9 @@ pub trait DeviceStorage {
     /// The device's cursor for a table ([`Cursor::default`] if it never pulled it).
     fn cursor(&self, table: &str) -> Result<Cursor, StorageError>;
 
-    /// Stores a table's cursor; `synced_at` is set when the pull reached the end of the feed
-    /// (the table's "last sync").
+    /// Stores a table's cursor durably, and with it everything the batch applied before it
+    /// (the pulled batch's one flush); `synced_at` is set when the pull reached the end of
+    /// the feed (the table's "last sync").
     fn set_cursor(
         &mut self,
         table: &str,

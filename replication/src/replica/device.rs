@@ -460,6 +460,9 @@ impl DeviceStorage for DeviceReplica {
     }
 
     fn apply_ops(&mut self, table: &str, ops: &[RowChange]) -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
         let _span = info_span!("apply_ops", table, n = ops.len()).entered();
         let remote: Vec<RemoteOp> = ops
             .iter()
@@ -493,13 +496,18 @@ impl DeviceStorage for DeviceReplica {
         if !writes.is_empty() {
             self.apply(&writes)?;
         }
+        // Made durable by the batch's cursor write (`set_cursor`), which comes after it in
+        // the store's log: one flush per pulled batch, not one per part of it.
         self.store
-            .apply_remote(&remote, Durability::Immediate)
+            .apply_remote(&remote, Durability::Group)
             .map_err(storage_err)?;
         self.advance_store_ack()
     }
 
     fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let _span = info_span!("import_rows", table, n = rows.len()).entered();
         let mut writes = Vec::new();
         for d in rows {
@@ -508,7 +516,7 @@ impl DeviceStorage for DeviceReplica {
                 id: d.row,
                 doc: d.doc.clone(),
             };
-            // One flush for the whole batch (below), not one per row.
+            // No flush per row: see the end.
             self.store
                 .import_row(&export, Durability::Group)
                 .map_err(storage_err)?;
@@ -523,13 +531,20 @@ impl DeviceStorage for DeviceReplica {
                 writes.push(AuxWrite::Put(rk, enc(&rb)));
             }
         }
-        // Durable before returning, rows and aux writes alike (`apply` flushes).
-        self.apply(&writes)?;
+        // Rows and aux writes are made durable by the batch's cursor write (`set_cursor`),
+        // which follows them in the store's log: a crash before it loses the batch and its
+        // cursor together, and the batch is pulled again.
+        self.store
+            .aux_apply(SPACE, &writes, Durability::Group)
+            .map_err(storage_err)?;
         self.advance_store_ack()?;
         self.run_deferred()
     }
 
     fn evict_rows(&mut self, table: &str, rows: &[RowId]) -> Result<(), StorageError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let _span = info_span!("evict_rows", table, n = rows.len()).entered();
         self.advance_store_ack()?;
         let mut writes = Vec::new();

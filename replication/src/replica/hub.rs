@@ -47,6 +47,8 @@ const P_BLOB: &[u8] = b"bl/";
 const P_OVERRIDE: &[u8] = b"ho/";
 /// Log entries a pull looks at per requested item (other tables' entries are skipped).
 const SCAN_FACTOR: usize = 4;
+/// Most log windows of `SCAN_FACTOR` × the batch size one pull reads.
+const MAX_SCAN_WINDOWS: usize = 64;
 
 /// A row touched in the feed: (seq, row, the change and its actor for a log entry of the
 /// pulled table; `None` for a membership change at that seq).
@@ -721,7 +723,10 @@ impl HubReplica {
             row: op.row,
             change: op.change.clone(),
         };
-        match self.store.apply_remote(&[remote], Durability::Immediate) {
+        // Made durable by the decision record written after it (`apply_push`), before the
+        // op is acknowledged: one flush per op, not two. A crash in between loses both, and
+        // the device pushes the op again.
+        match self.store.apply_remote(&[remote], Durability::Group) {
             Ok(o) if o.applied + o.duplicates >= 1 => {}
             Ok(o) => {
                 warn!(?o, "a ready op was held");
@@ -880,6 +885,7 @@ impl HubStorage for HubReplica {
             return Ok(PushOutcome::Accepted);
         }
         let d = self.judge(who, policy, op, &insp)?;
+        // Durable with everything `judge` wrote before it (the applied op included).
         self.store
             .aux_put(SPACE, &dk, &enc(&d), Durability::Immediate)
             .map_err(storage_err)?;
@@ -918,46 +924,8 @@ impl HubStorage for HubReplica {
             return Ok(chunk);
         }
         let max_items = limits.max_items.max(1);
-        let entries = self
-            .store
-            .ops_since(after.0, max_items.saturating_mul(SCAN_FACTOR))
-            .map_err(storage_err)?;
         let actors = self.device_actors(who.device)?;
-        // Membership changes of this user in this table, by seq.
         let mp = membership_prefix(&profile, who.user);
-        let from = {
-            let mut k = mp.clone();
-            k.extend_from_slice(&(after.0 + 1).to_be_bytes());
-            k
-        };
-        let scan_end = entries.last().map_or(after.0, |e| e.seq);
-        let to = {
-            let mut k = mp.clone();
-            k.extend_from_slice(&(scan_end.saturating_add(1)).to_be_bytes());
-            k
-        };
-        let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
-        for (k, _) in self
-            .store
-            .aux_range(SPACE, &from, &to, usize::MAX)
-            .map_err(storage_err)?
-        {
-            let Some(rest) = k.get(mp.len()..) else {
-                continue;
-            };
-            let Some(seq) = rest
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-            else {
-                continue;
-            };
-            if let Some((t, row)) = rest.get(8..).and_then(super::parse_row_key) {
-                if t == table {
-                    moved.entry(seq).or_default().push(row);
-                }
-            }
-        }
         // Walk the feed.
         #[derive(Clone, Copy, PartialEq)]
         enum Fate {
@@ -971,137 +939,193 @@ impl HubStorage for HubReplica {
         let mut bytes = 0usize;
         let mut end = after.0;
         let mut full = false;
-        // (seq, row, the change and its actor for a log entry of this table; None for a row
-        // whose membership changed at that seq).
-        let mut touch: Vec<Touch> = Vec::new();
-        let mut moved_iter = moved.into_iter().peekable();
-        for e in &entries {
-            while let Some((s, _)) = moved_iter.peek() {
-                if *s > e.seq {
+        // A table may be a small part of the log: scan window after window until the batch
+        // is full or the log ends (a bounded number per pull), so a sparse table does not cost
+        // the device a round trip and a durable write per window.
+        let mut scanned = after.0;
+        for _ in 0..MAX_SCAN_WINDOWS {
+            let entries = self
+                .store
+                .ops_since(scanned, max_items.saturating_mul(SCAN_FACTOR))
+                .map_err(storage_err)?;
+            // Membership changes of this user in this table in the window, by seq.
+            let from = {
+                let mut k = mp.clone();
+                k.extend_from_slice(&(scanned + 1).to_be_bytes());
+                k
+            };
+            let scan_end = entries.last().map_or(scanned, |e| e.seq);
+            let to = {
+                let mut k = mp.clone();
+                k.extend_from_slice(&(scan_end.saturating_add(1)).to_be_bytes());
+                k
+            };
+            let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
+            for (k, _) in self
+                .store
+                .aux_range(SPACE, &from, &to, usize::MAX)
+                .map_err(storage_err)?
+            {
+                let Some(rest) = k.get(mp.len()..) else {
+                    continue;
+                };
+                let Some(seq) = rest
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                else {
+                    continue;
+                };
+                if let Some((t, row)) = rest.get(8..).and_then(super::parse_row_key) {
+                    if t == table {
+                        moved.entry(seq).or_default().push(row);
+                    }
+                }
+            }
+            // (seq, row, the change and its actor for a log entry of this table; None for a row
+            // whose membership changed at that seq).
+            let mut touch: Vec<Touch> = Vec::new();
+            let mut moved_iter = moved.into_iter().peekable();
+            for e in &entries {
+                while let Some((s, _)) = moved_iter.peek() {
+                    if *s > e.seq {
+                        break;
+                    }
+                    if let Some((s, rows)) = moved_iter.next() {
+                        touch.extend(rows.into_iter().map(|r| (s, r, None)));
+                    }
+                }
+                if e.table == table {
+                    touch.push((e.seq, e.row, Some((e.change.clone(), e.actor.0))));
+                }
+            }
+            for (s, rows) in moved_iter {
+                touch.extend(rows.into_iter().map(|r| (s, r, None)));
+            }
+            let mut i = 0;
+            while i < touch.len() {
+                let seq = touch[i].0;
+                // Process every item at this seq together, so the cursor never splits a seq.
+                let mut j = i;
+                let mut group_items = 0usize;
+                let mut group = Vec::new();
+                while j < touch.len() && touch[j].0 == seq {
+                    group.push(j);
+                    j += 1;
+                }
+                let mut planned: Vec<(RowId, Fate, Option<Vec<u8>>)> = Vec::new();
+                let mut fresh: Vec<RowId> = Vec::new();
+                for &g in &group {
+                    let (_, row, change) = &touch[g];
+                    let state = if let Some((f, _)) = fates.get(row) {
+                        *f
+                    } else {
+                        Fate::Skip
+                    };
+                    let known = fates.contains_key(row);
+                    let fate = if known {
+                        state
+                    } else {
+                        let hk = history_key(who.device, table, *row);
+                        let hist = self.load_history(&hk)?;
+                        let mut before = held_at(&hist, after.0);
+                        // A rollback changed what the device holds after the feed last told it.
+                        let ok = override_key(who.device, table, *row);
+                        if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
+                            let o: Override = dec(&v, "a holding override")?;
+                            let last = hist.iter().rev().find(|(c, _)| *c <= after.0);
+                            if last.is_none_or(|(c, _)| *c < o.seq) {
+                                before = o.held;
+                            }
+                        }
+                        let now = self.in_set(who, table, *row);
+                        let f = match (before, now) {
+                            (true, true) => Fate::Ops,
+                            (false, true) => Fate::Entered,
+                            (true, false) => Fate::Left,
+                            (false, false) => Fate::Skip,
+                        };
+                        fates.insert(*row, (f, hist));
+                        fresh.push(*row);
+                        if f == Fate::Entered || f == Fate::Left {
+                            planned.push((*row, f, None));
+                            group_items += 1;
+                        }
+                        f
+                    };
+                    if let Some((c, actor)) = change {
+                        match fate {
+                            Fate::Ops => {
+                                bytes += c.len();
+                                group_items += 1;
+                                planned.push((*row, Fate::Ops, Some(c.clone())));
+                            }
+                            Fate::Skip if actors.contains(actor) => {
+                                // The device holds what it wrote, even outside its set.
+                                if let Some(x) = fates.get_mut(row) {
+                                    x.0 = Fate::Left;
+                                }
+                                planned.push((*row, Fate::Left, None));
+                                group_items += 1;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if items > 0 && (items + group_items > max_items || bytes > limits.max_bytes) {
+                    full = true;
+                    // Undo the decisions first made in this group.
+                    for (row, f, _) in &planned {
+                        if fresh.contains(row) {
+                            fates.remove(row);
+                        } else if *f == Fate::Left {
+                            if let Some(x) = fates.get_mut(row) {
+                                x.0 = Fate::Skip;
+                            }
+                        }
+                    }
+                    for row in &fresh {
+                        fates.remove(row);
+                    }
                     break;
                 }
-                if let Some((s, rows)) = moved_iter.next() {
-                    touch.extend(rows.into_iter().map(|r| (s, r, None)));
-                }
-            }
-            if e.table == table {
-                touch.push((e.seq, e.row, Some((e.change.clone(), e.actor.0))));
-            }
-        }
-        for (s, rows) in moved_iter {
-            touch.extend(rows.into_iter().map(|r| (s, r, None)));
-        }
-        let mut i = 0;
-        while i < touch.len() {
-            let seq = touch[i].0;
-            // Process every item at this seq together, so the cursor never splits a seq.
-            let mut j = i;
-            let mut group_items = 0usize;
-            let mut group = Vec::new();
-            while j < touch.len() && touch[j].0 == seq {
-                group.push(j);
-                j += 1;
-            }
-            let mut planned: Vec<(RowId, Fate, Option<Vec<u8>>)> = Vec::new();
-            let mut fresh: Vec<RowId> = Vec::new();
-            for &g in &group {
-                let (_, row, change) = &touch[g];
-                let state = if let Some((f, _)) = fates.get(row) {
-                    *f
-                } else {
-                    Fate::Skip
-                };
-                let known = fates.contains_key(row);
-                let fate = if known {
-                    state
-                } else {
-                    let hk = history_key(who.device, table, *row);
-                    let hist = self.load_history(&hk)?;
-                    let mut before = held_at(&hist, after.0);
-                    // A rollback changed what the device holds after the feed last told it.
-                    let ok = override_key(who.device, table, *row);
-                    if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
-                        let o: Override = dec(&v, "a holding override")?;
-                        let last = hist.iter().rev().find(|(c, _)| *c <= after.0);
-                        if last.is_none_or(|(c, _)| *c < o.seq) {
-                            before = o.held;
-                        }
-                    }
-                    let now = self.in_set(who, table, *row);
-                    let f = match (before, now) {
-                        (true, true) => Fate::Ops,
-                        (false, true) => Fate::Entered,
-                        (true, false) => Fate::Left,
-                        (false, false) => Fate::Skip,
-                    };
-                    fates.insert(*row, (f, hist));
-                    fresh.push(*row);
-                    if f == Fate::Entered || f == Fate::Left {
-                        planned.push((*row, f, None));
-                        group_items += 1;
-                    }
-                    f
-                };
-                if let Some((c, actor)) = change {
-                    match fate {
+                for (row, f, c) in planned {
+                    match f {
                         Fate::Ops => {
-                            bytes += c.len();
-                            group_items += 1;
-                            planned.push((*row, Fate::Ops, Some(c.clone())));
-                        }
-                        Fate::Skip if actors.contains(actor) => {
-                            // The device holds what it wrote, even outside its set.
-                            if let Some(x) = fates.get_mut(row) {
-                                x.0 = Fate::Left;
+                            if let Some(change) = c {
+                                chunk.ops.push(RowChange { row, change });
                             }
-                            planned.push((*row, Fate::Left, None));
-                            group_items += 1;
                         }
-                        _ => {}
+                        Fate::Entered => {
+                            if let Some(x) =
+                                self.store.export_row(table, row).map_err(storage_err)?
+                            {
+                                bytes += x.doc.len();
+                                chunk.entering.push(RowDoc { row, doc: x.doc });
+                            }
+                        }
+                        Fate::Left => chunk.leaving.push(row),
+                        Fate::Skip => {}
                     }
                 }
+                items += group_items;
+                end = seq;
+                i = j;
             }
-            if items > 0 && (items + group_items > max_items || bytes > limits.max_bytes) {
-                full = true;
-                // Undo the decisions first made in this group.
-                for (row, f, _) in &planned {
-                    if fresh.contains(row) {
-                        fates.remove(row);
-                    } else if *f == Fate::Left {
-                        if let Some(x) = fates.get_mut(row) {
-                            x.0 = Fate::Skip;
-                        }
-                    }
-                }
-                for row in &fresh {
-                    fates.remove(row);
-                }
+            if full {
                 break;
             }
-            for (row, f, c) in planned {
-                match f {
-                    Fate::Ops => {
-                        if let Some(change) = c {
-                            chunk.ops.push(RowChange { row, change });
-                        }
-                    }
-                    Fate::Entered => {
-                        if let Some(x) = self.store.export_row(table, row).map_err(storage_err)? {
-                            bytes += x.doc.len();
-                            chunk.entering.push(RowDoc { row, doc: x.doc });
-                        }
-                    }
-                    Fate::Left => chunk.leaving.push(row),
-                    Fate::Skip => {}
-                }
-            }
-            items += group_items;
-            end = seq;
-            i = j;
-        }
-        if !full {
             end = end.max(scan_end);
+            if entries.is_empty()
+                || scan_end >= last
+                || items >= max_items
+                || bytes >= limits.max_bytes
+            {
+                break;
+            }
+            scanned = scan_end;
         }
+
         // Remember what the device holds at `end`.
         let mut writes = Vec::new();
         for (row, (fate, mut hist)) in fates {
