@@ -509,17 +509,21 @@ impl DeviceStorage for DeviceReplica {
             return Ok(());
         }
         let _span = info_span!("import_rows", table, n = rows.len()).entered();
-        let mut writes = Vec::new();
-        for d in rows {
-            let export = RowExport {
+        // One store write for the whole batch, no automerge document built per row (the hub
+        // sends rows as change chunks); no flush here: see the end.
+        let exports: Vec<RowExport> = rows
+            .iter()
+            .map(|d| RowExport {
                 table: table.to_string(),
                 id: d.row,
                 doc: d.doc.clone(),
-            };
-            // No flush per row: see the end.
-            self.store
-                .import_row(&export, Durability::Group)
-                .map_err(storage_err)?;
+            })
+            .collect();
+        self.store
+            .import_rows(&exports, Durability::Group)
+            .map_err(storage_err)?;
+        let mut writes = Vec::new();
+        for d in rows {
             writes.push(AuxWrite::Remove(row_key(P_EVICT, table, d.row)));
             // A rollback waiting for this row rebuilds it from this newer hub row.
             let rk = row_key(P_ROLLBACK, table, d.row);
