@@ -70,6 +70,8 @@ pub struct StoreDevice {
     clock: Arc<AtomicI64>,
     store: Option<Store>,
     tables: Vec<String>,
+    /// The `ownerid` of rows this device's user creates.
+    owner: fieldsync_store::Value,
     side: SideState,
     /// Unacknowledged local log entries: seq → (row, change hash).
     pending: BTreeMap<u64, (RowKey, [u8; 32])>,
@@ -94,6 +96,7 @@ impl StoreDevice {
         schema: fieldsync_store::Schema,
         actor: ActorId,
         tables: Vec<String>,
+        owner: fieldsync_store::Value,
         registry: SharedRegistry,
     ) -> Result<StoreDevice, RealError> {
         let dir = tempfile::Builder::new()
@@ -109,6 +112,7 @@ impl StoreDevice {
             clock,
             store: Some(store),
             tables,
+            owner,
             side: SideState::default(),
             pending: BTreeMap::new(),
             pending_rows: BTreeMap::new(),
@@ -599,7 +603,7 @@ impl SimDeviceStorage for StoreDevice {
             .store
             .as_ref()
             .ok_or_else(|| RealError::Store("the device is down".into()))?;
-        let Some(info) = super::commit_edit(store, &table, row, kind)? else {
+        let Some(info) = super::commit_edit(store, &table, row, kind, &self.owner)? else {
             return Ok(false);
         };
         let e = store
