@@ -902,3 +902,48 @@ fn hub_and_device_state_survive_a_reopen() {
     assert_eq!(d.store().get("task", op.row).unwrap(), None, "rolled back");
     assert_eq!(d.pending_op_count().unwrap(), 0);
 }
+
+#[test]
+fn a_role_change_evicts_on_a_device_that_had_pulled_everything() {
+    let mut w = world(5, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    w.check_converged();
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+    // No write follows the change: it has no log entry of its own, and ana's cursor is
+    // already at the end of the log.
+    let ana = user(&w.env, "ana");
+    let tech = w.env.role_by_name("Tech").unwrap().id;
+    w.env.remove_role(ana, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert_eq!(w.dev(0).get("task", s.ana_task).unwrap(), None);
+    assert_eq!(w.dev(0).get("account", s.account).unwrap(), None);
+    // Given back: the rows come back whole.
+    w.env.assign_role(ana, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+}
+
+#[test]
+fn a_table_leaving_the_profile_is_evicted_from_devices() {
+    let mut w = world(6, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    assert!(w.dev(0).get("account", s.account).unwrap().is_some());
+    let schema = w.hub().schema().clone();
+    let narrower = PROFILE
+        .split("[tables.account]")
+        .next()
+        .unwrap()
+        .to_string();
+    let profile = Profile::from_toml(&narrower, &schema).unwrap();
+    w.net.hub.handle_profile(profile).unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert_eq!(w.dev(0).get("account", s.account).unwrap(), None);
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+}
