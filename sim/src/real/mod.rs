@@ -1,17 +1,19 @@
 //! The real engine: nodes that run fieldsync's own store and protocol state machines.
 //!
 //! Each device is a [`DeviceSession`] over a real [`fieldsync_store::Store`] (on a temporary
-//! sled directory), the hub is one [`HubSession`] per connected device over the hub's store.
-//! Messages between them are the real wire frames ([`wire::encode`] / [`wire::decode`]), so
-//! the byte counters measure what the protocol would send. Everything is deterministic: every
-//! store has a fixed [`ActorId`] derived from the run's seed and a manual clock set from
-//! virtual time before each call, row ids are derived from the simulator's [`RowKey`]s, and
-//! nothing here iterates a `HashMap` or reads a clock.
+//! sled directory), the hub is one [`HubSession`] per connected device over the replication
+//! crate's `HubReplica` on the hub's store ([`ReplicaHub`]), with an environment, apps and
+//! profiles derived from the scenario ([`SimEnvironment`]). Messages between them are the real
+//! wire frames ([`wire::encode`] / [`wire::decode`]), so the byte counters measure what the
+//! protocol would send. Everything is deterministic: every store has a fixed [`ActorId`]
+//! derived from the run's seed and a manual clock set from virtual time before each call, the
+//! hub's signing key and token ids come from the seed, row ids are derived from the
+//! simulator's [`RowKey`]s, and nothing here iterates a `HashMap` or reads a clock.
 //!
 //! The node drivers ([`RealNode`]) are generic over the storage: [`SimDeviceStorage`] and
 //! [`SimHubStorage`] extend the protocol's `DeviceStorage` / `HubStorage` with what the
-//! simulator needs (edits, admin changes, observation, crash). [`RealFactory`] builds them over
-//! the minimal store adapters of this module ([`StoreDevice`], [`StoreHub`]).
+//! simulator needs (edits, admin changes, observation, crash). [`RealFactory`] builds them:
+//! [`ReplicaHub`] and [`StoreDevice`].
 //!
 //! # Crashes
 //!
