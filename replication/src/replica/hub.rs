@@ -1125,6 +1125,13 @@ impl HubStorage for HubReplica {
                         }
                     }
                     let now = self.in_set(who, table, *row);
+                    if seq > last {
+                        // A membership change with no log entry of its own (recorded at
+                        // `last + 1`): whether the device applied an earlier batch of it is
+                        // unknown (the cursor cannot pass `last`), so send the truth again;
+                        // importing a held row and evicting an absent one change nothing.
+                        before = !now;
+                    }
                     let f = match (before, now) {
                         (true, true) => Fate::Ops,
                         (false, true) => Fate::Entered,
@@ -1200,9 +1207,7 @@ impl HubStorage for HubReplica {
         if !full {
             end = end.max(scan_end);
         }
-        // Changes recorded at `last + 1` were sent as of `last`: the next write takes that
-        // seq, and the cursor must not pass it.
-        end = end.min(last);
+
         // Remember what the device holds at `end`.
         let mut writes = Vec::new();
         for (row, (fate, mut hist)) in fates {
@@ -1227,7 +1232,9 @@ impl HubStorage for HubReplica {
                 .aux_apply(SPACE, &writes, Durability::Immediate)
                 .map_err(storage_err)?;
         }
-        chunk.cursor = Cursor(end.max(after.0));
+        // Membership changes recorded at `last + 1` leave the cursor at `last`: the next
+        // write takes that seq. Until it does, pulls from `last` send those rows again.
+        chunk.cursor = Cursor(end.min(last).max(after.0));
         chunk.more = chunk.cursor.0 < last;
         Ok(chunk)
     }
