@@ -947,3 +947,38 @@ fn a_table_leaving_the_profile_is_evicted_from_devices() {
     assert_eq!(w.dev(0).get("account", s.account).unwrap(), None);
     assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
 }
+
+#[test]
+fn a_role_change_is_pulled_again_after_a_lost_batch_and_a_quick_reversal() {
+    let mut w = world(7, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let ana = Principal {
+        device: device_id(0),
+        user: user(&w.env, "ana"),
+        app: APP.into(),
+    };
+    let limits = BatchLimits {
+        max_items: 100,
+        max_bytes: 1 << 20,
+    };
+    let last = Cursor(w.hub().last_seq());
+    let tech = w.env.role_by_name("Tech").unwrap().id;
+    w.env.remove_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    // The batch is lost on the link: the same pull again still says the row left.
+    for _ in 0..2 {
+        let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
+        assert!(chunk.leaving.contains(&s.ana_task), "{chunk:?}");
+        assert_eq!(chunk.cursor, last, "the cursor cannot pass the log");
+    }
+    // Given back before any write: the row enters again, whole.
+    w.env.assign_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
+    assert!(
+        chunk.entering.iter().any(|d| d.row == s.ana_task),
+        "{chunk:?}"
+    );
+    assert!(chunk.leaving.is_empty(), "{chunk:?}");
+}
