@@ -982,3 +982,38 @@ fn a_role_change_is_pulled_again_after_a_lost_batch_and_a_quick_reversal() {
     );
     assert!(chunk.leaving.is_empty(), "{chunk:?}");
 }
+
+#[test]
+fn a_row_that_left_and_came_back_while_writes_went_on_is_sent_whole_again() {
+    let mut w = world(9, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let ana = Principal {
+        device: device_id(0),
+        user: user(&w.env, "ana"),
+        app: APP.into(),
+    };
+    let limits = BatchLimits {
+        max_items: 100,
+        max_bytes: 1 << 20,
+    };
+    let last = Cursor(w.hub().last_seq());
+    let tech = w.env.role_by_name("Tech").unwrap().id;
+    w.env.remove_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    // The device applies the eviction; its cursor stays at `last`.
+    let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
+    assert!(chunk.leaving.contains(&s.ana_task), "{chunk:?}");
+    // Other writes move the log on, then the role comes back.
+    w.net
+        .hub
+        .local_write("task", s.cat_task, &[("n", Value::Integer(9))])
+        .unwrap();
+    w.env.assign_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let chunk = w.net.hub.pull(&ana, "task", chunk.cursor, limits).unwrap();
+    assert!(
+        chunk.entering.iter().any(|d| d.row == s.ana_task),
+        "{chunk:?}"
+    );
+}

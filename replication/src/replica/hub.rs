@@ -1125,11 +1125,12 @@ impl HubStorage for HubReplica {
                         }
                     }
                     let now = self.in_set(who, table, *row);
-                    if seq > last {
-                        // A membership change with no log entry of its own (recorded at
-                        // `last + 1`): whether the device applied an earlier batch of it is
-                        // unknown (the cursor cannot pass `last`), so send the truth again;
-                        // importing a held row and evicting an absent one change nothing.
+                    if seq > last || hist.iter().any(|(c, _)| *c > after.0) {
+                        // Whether the device applied a batch sent after `after` is unknown: a
+                        // membership change with no log entry of its own (recorded at
+                        // `last + 1`, the cursor cannot pass `last`), or a batch lost or
+                        // unacknowledged. Send the truth; importing a held row and evicting
+                        // an absent one change nothing.
                         before = !now;
                     }
                     let f = match (before, now) {
