@@ -902,3 +902,118 @@ fn hub_and_device_state_survive_a_reopen() {
     assert_eq!(d.store().get("task", op.row).unwrap(), None, "rolled back");
     assert_eq!(d.pending_op_count().unwrap(), 0);
 }
+
+#[test]
+fn a_role_change_evicts_on_a_device_that_had_pulled_everything() {
+    let mut w = world(5, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    w.check_converged();
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+    // No write follows the change: it has no log entry of its own, and ana's cursor is
+    // already at the end of the log.
+    let ana = user(&w.env, "ana");
+    let tech = w.env.role_by_name("Tech").unwrap().id;
+    w.env.remove_role(ana, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert_eq!(w.dev(0).get("task", s.ana_task).unwrap(), None);
+    assert_eq!(w.dev(0).get("account", s.account).unwrap(), None);
+    // Given back: the rows come back whole.
+    w.env.assign_role(ana, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+}
+
+#[test]
+fn a_table_leaving_the_profile_is_evicted_from_devices() {
+    let mut w = world(6, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    assert!(w.dev(0).get("account", s.account).unwrap().is_some());
+    let schema = w.hub().schema().clone();
+    let narrower = PROFILE
+        .split("[tables.account]")
+        .next()
+        .unwrap()
+        .to_string();
+    let profile = Profile::from_toml(&narrower, &schema).unwrap();
+    w.net.hub.handle_profile(profile).unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert_eq!(w.dev(0).get("account", s.account).unwrap(), None);
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+}
+
+#[test]
+fn a_role_change_is_pulled_again_after_a_lost_batch_and_a_quick_reversal() {
+    let mut w = world(7, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let ana = Principal {
+        device: device_id(0),
+        user: user(&w.env, "ana"),
+        app: APP.into(),
+    };
+    let limits = BatchLimits {
+        max_items: 100,
+        max_bytes: 1 << 20,
+    };
+    let last = Cursor(w.hub().last_seq());
+    let tech = w.env.role_by_name("Tech").unwrap().id;
+    w.env.remove_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    // The batch is lost on the link: the same pull again still says the row left.
+    for _ in 0..2 {
+        let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
+        assert!(chunk.leaving.contains(&s.ana_task), "{chunk:?}");
+        assert_eq!(chunk.cursor, last, "the cursor cannot pass the log");
+    }
+    // Given back before any write: the row enters again, whole.
+    w.env.assign_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
+    assert!(
+        chunk.entering.iter().any(|d| d.row == s.ana_task),
+        "{chunk:?}"
+    );
+    assert!(chunk.leaving.is_empty(), "{chunk:?}");
+}
+
+#[test]
+fn a_row_that_left_and_came_back_while_writes_went_on_is_sent_whole_again() {
+    let mut w = world(9, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let ana = Principal {
+        device: device_id(0),
+        user: user(&w.env, "ana"),
+        app: APP.into(),
+    };
+    let limits = BatchLimits {
+        max_items: 100,
+        max_bytes: 1 << 20,
+    };
+    let last = Cursor(w.hub().last_seq());
+    let tech = w.env.role_by_name("Tech").unwrap().id;
+    w.env.remove_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    // The device applies the eviction; its cursor stays at `last`.
+    let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
+    assert!(chunk.leaving.contains(&s.ana_task), "{chunk:?}");
+    // Other writes move the log on, then the role comes back.
+    w.net
+        .hub
+        .local_write("task", s.cat_task, &[("n", Value::Integer(9))])
+        .unwrap();
+    w.env.assign_role(ana.user, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let chunk = w.net.hub.pull(&ana, "task", chunk.cursor, limits).unwrap();
+    assert!(
+        chunk.entering.iter().any(|d| d.row == s.ana_task),
+        "{chunk:?}"
+    );
+}

@@ -6,7 +6,7 @@
 //! Run: `cargo bench -p fieldsync-sim --bench sim`. `SIM_BENCH_DEVICES` shrinks the 1,000-device
 //! day for a quick look.
 //!
-//! Devices run `replication::replica::DeviceReplica`; the hub runs the simulator's store adapter.
+//! Devices run `replication::replica::DeviceReplica`; the hub runs `replication::replica::HubReplica`.
 //!
 //! `ours` is the wall time of the whole real-engine run: building the hub's and every device's
 //! store, the simulated day and the settling. `base` is the bare store work of the same

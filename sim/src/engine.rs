@@ -394,10 +394,19 @@ impl<N: FieldNode> Sim<N> {
                 }
             }
         }
+        let groups: Vec<String> = scenario.groups.iter().map(|g| g.name.clone()).collect();
+        let device_groups: Vec<usize> = scenario
+            .groups
+            .iter()
+            .enumerate()
+            .flat_map(|(i, g)| std::iter::repeat_n(i, g.devices as usize))
+            .collect();
         let ctx = NodeContext {
             world: &world,
             sync: &scenario.sync,
             tables: &tables,
+            groups: &groups,
+            device_groups: &device_groups,
         };
         let mut setup_rng = sub_rng(seed, "setup", 0);
         let mut hosts = Vec::with_capacity(devices as usize + 1);

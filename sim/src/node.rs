@@ -301,6 +301,10 @@ pub struct NodeContext<'a> {
     pub sync: &'a crate::scenario::SyncConfig,
     /// Table names, by index.
     pub tables: &'a [String],
+    /// Group names, by index.
+    pub groups: &'a [String],
+    /// Each device's group index: `device_groups[d - 1]` for device `d`.
+    pub device_groups: &'a [usize],
 }
 
 /// Builds the hub and the devices of a run (so that the run can be repeated bit for bit).

@@ -93,7 +93,8 @@ fn real_engine_shipped_scenarios_pass_over_the_ci_seeds() {
 }
 
 /// The full count at the shipped sizes: `FIELDSYNC_SIM_SEEDS=200 cargo test -p fieldsync-sim
-/// --release --test real -- --ignored` (hours in debug).
+/// --release --test real -- --ignored --nocapture` (hours in debug; `FIELDSYNC_SIM_SCENARIO`
+/// runs only the scenario files whose name contains it). Every failing seed is listed.
 #[test]
 #[ignore = "full-size scenarios; run with --ignored (and FIELDSYNC_SIM_SEEDS)"]
 fn real_engine_shipped_scenarios_pass_at_full_size() {
@@ -101,12 +102,23 @@ fn real_engine_shipped_scenarios_pass_at_full_size() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200u64);
-    for (name, s) in shipped() {
+    let only = std::env::var("FIELDSYNC_SIM_SCENARIO").unwrap_or_default();
+    let mut failures = Vec::new();
+    for (name, s) in shipped().into_iter().filter(|(n, _)| n.contains(&only)) {
+        let t = Instant::now();
         for seed in 0..seeds {
             let r = run_scenario(&s, seed, &real()).unwrap();
-            assert!(!r.failed(), "{name} seed {seed}: {:#?}", r.violations);
+            if r.failed() {
+                failures.push(format!(
+                    "{name} seed {seed}: converged {} {:#?}",
+                    r.converged,
+                    r.violations.first()
+                ));
+            }
         }
+        eprintln!("{name}: {seeds} seeds in {:?}", t.elapsed());
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[test]

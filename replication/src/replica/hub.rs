@@ -135,6 +135,19 @@ pub struct HubReplica {
     changed: BTreeSet<String>,
     lag: HashMap<(DeviceId, String), Cursor>,
     now_ms: i64,
+    #[cfg(feature = "planted-bugs")]
+    planted: Option<PlantedHubBug>,
+}
+
+/// A bug planted on purpose, to prove the simulator finds such bugs (feature `planted-bugs`,
+/// enabled only by the simulator's tests; never in a product build).
+#[cfg(feature = "planted-bugs")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PlantedHubBug {
+    /// A pull forgets to tell the device that a row left its set while the row still exists
+    /// (its owner changed, or the user lost access): the device keeps a row it may not see.
+    ForgetsEviction,
 }
 
 fn rejected(operation: Operation, kind: RejectionKind, message: &str) -> Decision {
@@ -304,7 +317,27 @@ impl HubReplica {
             changed: BTreeSet::new(),
             lag: HashMap::new(),
             now_ms,
+            #[cfg(feature = "planted-bugs")]
+            planted: None,
         })
+    }
+
+    /// Switches a planted bug on (tests of the simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_bug(&mut self, bug: Option<PlantedHubBug>) {
+        self.planted = bug;
+    }
+
+    /// Whether the planted eviction bug hides that this row left a set.
+    #[cfg(feature = "planted-bugs")]
+    fn forgets_eviction(&self, table: &str, row: RowId) -> bool {
+        self.planted == Some(PlantedHubBug::ForgetsEviction)
+            && self.store.get(table, row).ok().flatten().is_some()
+    }
+
+    #[cfg(not(feature = "planted-bugs"))]
+    fn forgets_eviction(&self, _table: &str, _row: RowId) -> bool {
+        false
     }
 
     /// Gives the replica the hub's signing key, so it can [`enroll`](HubReplica::enroll).
@@ -331,6 +364,19 @@ impl HubReplica {
         device: Uuid,
         now_ms: u64,
     ) -> Result<SignedToken, HubReplicaError> {
+        self.enroll_with_token_id(user, app, device, Uuid::new_v4(), now_ms)
+    }
+
+    /// [`enroll`](HubReplica::enroll) with the token's id chosen by the caller, for callers
+    /// that must be reproducible (the simulator); ids must be unique.
+    pub fn enroll_with_token_id(
+        &mut self,
+        user: &str,
+        app: &str,
+        device: Uuid,
+        token_id: Uuid,
+        now_ms: u64,
+    ) -> Result<SignedToken, HubReplicaError> {
         let key = self.signing.as_ref().ok_or(HubReplicaError::NoSigningKey)?;
         let user_id = self
             .resolve_user(user)
@@ -343,7 +389,7 @@ impl HubReplica {
             user_id: user_id.to_string(),
             app: app.to_string(),
             issued_at_ms: now_ms,
-            token_id: Uuid::new_v4(),
+            token_id,
         };
         let signed = key.sign(&token)?;
         let mut k = P_TOKEN.to_vec();
@@ -432,10 +478,65 @@ impl HubReplica {
             all.push((name.clone(), r.handle_environment(&env)));
         }
         self.env = env;
+        let next = self.store.last_seq() + 1;
         for (profile, deltas) in all {
-            self.record_deltas(&profile, &deltas)?;
+            self.record_deltas(&profile, &deltas, next)?;
         }
         self.store.sync()?;
+        Ok(())
+    }
+
+    /// A profile changed (or is new): re-route every user of its apps. Rows entering and
+    /// leaving a set go out with the next pulls, like any other membership change.
+    pub fn handle_profile(&mut self, profile: Profile) -> Result<(), HubReplicaError> {
+        let _span = info_span!("hub_profile", profile = %profile.name).entered();
+        let schema = self.store.schema().clone();
+        let mut rows = Vec::new();
+        for t in schema.tables() {
+            for row in self.store.scan(&t.name)? {
+                rows.push(row?);
+            }
+        }
+        let views = rows.iter().map(|r| crate::evaluate::RowView {
+            table: &r.table,
+            id: r.id,
+            values: &r.values,
+        });
+        let deltas = match self.routers.get_mut(&profile.name) {
+            Some(router) => router.handle_profile(&profile, views)?,
+            None => {
+                let router = Router::with_rows(&schema, &self.env, &profile, self.now_ms, views)?;
+                self.routers.insert(profile.name.clone(), router);
+                Vec::new()
+            }
+        };
+        let name = profile.name.clone();
+        self.profiles.insert(name.clone(), profile);
+        let next = self.store.last_seq() + 1;
+        self.record_deltas(&name, &deltas, next)?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// Records that `device` holds these rows as of feed position `at`, for a device
+    /// provisioned out of band (loaded from a snapshot of the hub's rows at `at`) rather than
+    /// by pulling from the start: its pulls from `at` on treat the rows as already held.
+    pub fn provision(
+        &mut self,
+        device: DeviceId,
+        rows: &[(String, RowId)],
+        at: Cursor,
+    ) -> Result<(), HubReplicaError> {
+        let writes: Vec<AuxWrite> = rows
+            .iter()
+            .map(|(table, row)| {
+                AuxWrite::Put(history_key(device, table, *row), enc(&vec![(at.0, true)]))
+            })
+            .collect();
+        if !writes.is_empty() {
+            self.store
+                .aux_apply(SPACE, &writes, Durability::Immediate)?;
+        }
         Ok(())
     }
 
@@ -446,8 +547,9 @@ impl HubReplica {
         for (name, r) in self.routers.iter_mut() {
             all.push((name.clone(), r.handle_time(now_ms)));
         }
+        let next = self.store.last_seq() + 1;
         for (profile, deltas) in all {
-            self.record_deltas(&profile, &deltas)?;
+            self.record_deltas(&profile, &deltas, next)?;
         }
         Ok(())
     }
@@ -482,9 +584,15 @@ impl HubReplica {
             .is_some_and(|(_, r)| r.holders(table, row).contains(&who.user))
     }
 
-    /// Records, per profile and user, the rows entering and leaving at the current seq.
-    fn record_deltas(&mut self, profile: &str, deltas: &[UserDelta]) -> Result<(), StoreError> {
-        let seq = self.store.last_seq();
+    /// Records, per profile and user, the rows entering and leaving at `seq`: the seq of the
+    /// write that moved them, or — for a change with no log entry of its own (environment,
+    /// time, profile) — the next seq (`last_seq + 1`), which no device has pulled past yet.
+    fn record_deltas(
+        &mut self,
+        profile: &str,
+        deltas: &[UserDelta],
+        seq: u64,
+    ) -> Result<(), StoreError> {
         let mut writes = Vec::new();
         for d in deltas {
             let mut p = membership_prefix(profile, d.user);
@@ -513,8 +621,9 @@ impl HubReplica {
             all.push((name.clone(), route.deltas));
         }
         self.changed.insert(table.to_string());
+        let seq = self.store.last_seq();
         for (profile, deltas) in all {
-            self.record_deltas(&profile, &deltas)?;
+            self.record_deltas(&profile, &deltas, seq)?;
         }
         Ok(())
     }
@@ -915,12 +1024,14 @@ impl HubStorage for HubReplica {
             .profiles
             .get(&profile)
             .is_some_and(|p| p.items.contains_key(table));
-        if !in_profile {
-            return Ok(chunk);
+        // A table that left the profile is still pulled: the device hears that the rows it
+        // holds left its set (nothing else of the table is in the set any more).
+        if in_profile {
+            self.lag.insert((who.device, table.to_string()), after);
         }
-        self.lag.insert((who.device, table.to_string()), after);
         let last = self.store.last_seq();
-        if after.0 >= last {
+        // `after == last` still looks at membership changes recorded at `last + 1`.
+        if after.0 > last {
             return Ok(chunk);
         }
         let max_items = limits.max_items.max(1);
@@ -955,9 +1066,12 @@ impl HubStorage for HubReplica {
                 k
             };
             let scan_end = entries.last().map_or(scanned, |e| e.seq);
+            // At the end of the log, membership changes that have no log entry of their own
+            // (recorded at `last + 1`) are due too.
+            let membership_end = if scan_end >= last { last + 1 } else { scan_end };
             let to = {
                 let mut k = mp.clone();
-                k.extend_from_slice(&(scan_end.saturating_add(1)).to_be_bytes());
+                k.extend_from_slice(&(membership_end.saturating_add(1)).to_be_bytes());
                 k
             };
             let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
@@ -1039,9 +1153,18 @@ impl HubStorage for HubReplica {
                             }
                         }
                         let now = self.in_set(who, table, *row);
+                        if seq > last || hist.iter().any(|(c, _)| *c > after.0) {
+                            // Whether the device applied a batch sent after `after` is
+                            // unknown: a membership change with no log entry of its own
+                            // (recorded at `last + 1`, the cursor cannot pass `last`), or a
+                            // batch lost or unacknowledged. Send the truth; importing a held
+                            // row and evicting an absent one change nothing.
+                            before = !now;
+                        }
                         let f = match (before, now) {
                             (true, true) => Fate::Ops,
                             (false, true) => Fate::Entered,
+                            (true, false) if self.forgets_eviction(table, *row) => Fate::Skip,
                             (true, false) => Fate::Left,
                             (false, false) => Fate::Skip,
                         };
@@ -1150,7 +1273,9 @@ impl HubStorage for HubReplica {
                 .aux_apply(SPACE, &writes, Durability::Immediate)
                 .map_err(storage_err)?;
         }
-        chunk.cursor = Cursor(end.max(after.0));
+        // Membership changes recorded at `last + 1` leave the cursor at `last`: the next
+        // write takes that seq. Until it does, pulls from `last` send those rows again.
+        chunk.cursor = Cursor(end.min(last).max(after.0));
         chunk.more = chunk.cursor.0 < last;
         Ok(chunk)
     }

@@ -49,6 +49,8 @@ mod device;
 mod hub;
 
 pub use device::{DeviceReplica, TableSyncStatus};
+#[cfg(all(feature = "credential", feature = "planted-bugs"))]
+pub use hub::PlantedHubBug;
 #[cfg(feature = "credential")]
 pub use hub::{DeviceLag, HubReplica, HubReplicaError};
 

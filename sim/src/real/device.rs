@@ -70,6 +70,8 @@ pub struct StoreDevice {
     clock: Arc<AtomicI64>,
     store: Option<Store>,
     tables: Vec<String>,
+    /// The `ownerid` of rows this device's user creates.
+    owner: fieldsync_store::Value,
     side: SideState,
     /// Unacknowledged local log entries: seq → (row, change hash).
     pending: BTreeMap<u64, (RowKey, [u8; 32])>,
@@ -94,6 +96,7 @@ impl StoreDevice {
         schema: fieldsync_store::Schema,
         actor: ActorId,
         tables: Vec<String>,
+        owner: fieldsync_store::Value,
         registry: SharedRegistry,
     ) -> Result<StoreDevice, RealError> {
         let dir = tempfile::Builder::new()
@@ -109,6 +112,7 @@ impl StoreDevice {
             clock,
             store: Some(store),
             tables,
+            owner,
             side: SideState::default(),
             pending: BTreeMap::new(),
             pending_rows: BTreeMap::new(),
@@ -336,10 +340,14 @@ pub(super) fn open_store(
 }
 
 /// Store options of every simulated store: a fixed actor, the manual clock, immediate
-/// durability without fsync (a process crash, not a power loss), a small cache.
+/// durability without fsync (a process crash, not a power loss), a small cache, and a rare
+/// background flush: with a thousand stores in one process, sled's per-store flusher waking
+/// every 200 ms costs more than the simulation. Group writes (the hub's aux metadata) are
+/// still flushed when a store is dropped, crash included, so nothing depends on the timer.
 pub(super) fn store_options(actor: ActorId, clock: &Arc<AtomicI64>) -> StoreOptions {
     StoreOptions {
         fsync: false,
+        group_flush_ms: 60_000,
         ..StoreOptions::default()
     }
     .with_actor(actor)
@@ -599,7 +607,7 @@ impl SimDeviceStorage for StoreDevice {
             .store
             .as_ref()
             .ok_or_else(|| RealError::Store("the device is down".into()))?;
-        let Some(info) = super::commit_edit(store, &table, row, kind)? else {
+        let Some(info) = super::commit_edit(store, &table, row, kind, &self.owner)? else {
             return Ok(false);
         };
         let e = store

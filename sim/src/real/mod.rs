@@ -1,17 +1,19 @@
 //! The real engine: nodes that run fieldsync's own store and protocol state machines.
 //!
 //! Each device is a [`DeviceSession`] over a real [`fieldsync_store::Store`] (on a temporary
-//! sled directory), the hub is one [`HubSession`] per connected device over the hub's store.
-//! Messages between them are the real wire frames ([`wire::encode`] / [`wire::decode`]), so
-//! the byte counters measure what the protocol would send. Everything is deterministic: every
-//! store has a fixed [`ActorId`] derived from the run's seed and a manual clock set from
-//! virtual time before each call, row ids are derived from the simulator's [`RowKey`]s, and
-//! nothing here iterates a `HashMap` or reads a clock.
+//! sled directory), the hub is one [`HubSession`] per connected device over the replication
+//! crate's `HubReplica` on the hub's store ([`ReplicaHub`]), with an environment, apps and
+//! profiles derived from the scenario ([`SimEnvironment`]). Messages between them are the real
+//! wire frames ([`wire::encode`] / [`wire::decode`]), so the byte counters measure what the
+//! protocol would send. Everything is deterministic: every store has a fixed [`ActorId`]
+//! derived from the run's seed and a manual clock set from virtual time before each call, the
+//! hub's signing key and token ids come from the seed, row ids are derived from the
+//! simulator's [`RowKey`]s, and nothing here iterates a `HashMap` or reads a clock.
 //!
 //! The node drivers ([`RealNode`]) are generic over the storage: [`SimDeviceStorage`] and
 //! [`SimHubStorage`] extend the protocol's `DeviceStorage` / `HubStorage` with what the
-//! simulator needs (edits, admin changes, observation, crash). [`RealFactory`] builds them over
-//! the minimal store adapters of this module ([`StoreDevice`], [`StoreHub`]).
+//! simulator needs (edits, admin changes, observation, crash). [`RealFactory`] builds them:
+//! [`ReplicaHub`] and [`StoreDevice`].
 //!
 //! # Crashes
 //!
@@ -22,6 +24,7 @@
 //! which would make runs irreproducible).
 
 mod device;
+mod environment;
 mod hub;
 
 use std::cell::RefCell;
@@ -37,7 +40,8 @@ use fieldsync_replication::wire;
 use fieldsync_store::{ActorId, CommitInfo, Row, RowId, Schema, Store, Value, WriteError};
 
 pub use device::{SimDeviceStorage, StoreDevice};
-pub use hub::{SimHubStorage, StoreHub};
+pub use environment::{device_user, SimEnvironment};
+pub use hub::{ReplicaHub, SimHubStorage};
 
 use crate::digest::Fnv64;
 use crate::node::{
@@ -103,10 +107,6 @@ fn device_id(d: NodeId) -> DeviceId {
     ))
 }
 
-fn user_id(d: NodeId) -> uuid::Uuid {
-    uuid::Uuid::from_u64_pair(0x05E7_0000_0000_0000, u64::from(d.0))
-}
-
 fn splitmix(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *x;
@@ -140,20 +140,31 @@ fn digest_row(row: &Row) -> u64 {
     h.finish()
 }
 
-/// Commit one workload edit as a real transaction; `None` when the store refuses it.
+/// The column and value a workload update writes.
+fn edit_column(column: u32, value: u64) -> (String, Value) {
+    let v = Value::Integer(i64::try_from(value & 0x7fff_ffff_ffff_ffff).unwrap_or(0));
+    (format!("c{column}"), v)
+}
+
+/// Commit one workload edit as a real transaction; `None` when the store refuses it. A
+/// create sets `ownerid` to `owner` (the device's user: the creator owns the row).
 fn commit_edit(
     store: &Store,
     table: &str,
     row: RowKey,
     kind: EditKind,
+    owner: &Value,
 ) -> Result<Option<CommitInfo>, RealError> {
     let mut tx = store.begin();
     let id = row_id(row);
     let r = match kind {
-        EditKind::Create => tx.insert_with_id(table, id, &[("c0", Value::Integer(0))]),
+        EditKind::Create => tx.insert_with_id(
+            table,
+            id,
+            &[("c0", Value::Integer(0)), ("ownerid", owner.clone())],
+        ),
         EditKind::Update { column, value } => {
-            let col = format!("c{column}");
-            let v = Value::Integer(i64::try_from(value & 0x7fff_ffff_ffff_ffff).unwrap_or(0));
+            let (col, v) = edit_column(column, value);
             tx.update(table, id, &[(col.as_str(), v)])
         }
         EditKind::Delete => tx.delete(table, id),
@@ -177,6 +188,7 @@ fn commit_edit(
 pub fn scenario_schema(tables: &[(String, u32)]) -> Result<Schema, RealError> {
     let mut toml = String::new();
     for (name, columns) in tables {
+        toml.push_str(&format!("[tables.\"{name}\"]\noffline = true\n"));
         toml.push_str(&format!("[tables.\"{name}\".columns]\n"));
         for c in 0..(*columns).max(1) {
             toml.push_str(&format!("c{c} = \"integer\"\n"));
@@ -606,8 +618,8 @@ impl<S: SimDeviceStorage, H: SimHubStorage> FieldNode for RealNode<S, H> {
             RealNode::Hub(h) => {
                 h.now = now;
                 match h.storage.edit(now, edit.op, edit.row, edit.kind) {
-                    Ok(Some(table)) => {
-                        h.changes(None, &[table]);
+                    Ok(Some(tables)) => {
+                        h.changes(None, &tables);
                         EditResult::Committed
                     }
                     Ok(None) => EditResult::Refused,
@@ -634,7 +646,7 @@ impl<S: SimDeviceStorage, H: SimHubStorage> FieldNode for RealNode<S, H> {
     }
 }
 
-/// Builds real nodes: a [`StoreHub`] and [`StoreDevice`]s on temporary directories.
+/// Builds real nodes: a [`ReplicaHub`] and [`StoreDevice`]s on temporary directories.
 #[derive(Debug)]
 pub struct RealFactory {
     seed: u64,
@@ -642,15 +654,25 @@ pub struct RealFactory {
     bug: Option<PlantedBug>,
     registry: SharedRegistry,
     schema: Option<Schema>,
-    /// The hub's initial changes per row and the feed position after setup.
-    initial: Option<(BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>>, u64)>,
+    /// What the hub's setup hands each device: the initial changes per row, the feed
+    /// position after setup, and per device its token and app.
+    initial: Option<Provisioning>,
     device_replica: bool,
+}
+
+/// The snapshot devices are provisioned from.
+#[derive(Debug)]
+struct Provisioning {
+    per_row: BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>>,
+    position: u64,
+    enrolled: BTreeMap<NodeId, (Vec<u8>, String)>,
 }
 
 impl RealFactory {
     /// A factory for a run of `seed`; stores live in the system's temporary directory (on
-    /// tmpfs, `/dev/shm`, when there is one). `bug` plants a bug in the hub adapter (tests
-    /// only; `hub-forgets-eviction` is the one the real engine supports).
+    /// tmpfs, `/dev/shm`, when there is one). `bug` plants a bug in the hub's replica (tests
+    /// only: it needs the `planted-bugs` feature; `hub-forgets-eviction` is the one the real
+    /// engine supports).
     pub fn new(seed: u64, bug: Option<PlantedBug>) -> RealFactory {
         if bug.is_some_and(|b| b != PlantedBug::HubForgetsEviction) {
             tracing::warn!(
@@ -695,40 +717,53 @@ impl RealFactory {
     fn hub_config() -> HubConfig {
         HubConfig::new(uuid::Uuid::from_u64_pair(0x4855_4200_0000_0000, 0))
     }
+
+    fn build_hub(&mut self, ctx: &NodeContext<'_>) -> Result<ReplicaHub, RealError> {
+        let schema = self.schema(ctx)?;
+        let hub = ReplicaHub::create(
+            &self.base,
+            schema,
+            self.seed,
+            actor_of(self.seed, HUB),
+            ctx,
+            self.registry.clone(),
+            self.bug,
+        )?;
+        let mut per_row: BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>> = BTreeMap::new();
+        let all: Vec<RowKey> = ctx.world.all_rows().map(|(r, _)| r).collect();
+        for op in hub.initial_ops(&all)? {
+            if let Some(k) = row_key(op.row) {
+                per_row.entry(k).or_default().push(op);
+            }
+        }
+        let enrolled = (1..=ctx.world.devices())
+            .filter_map(|i| {
+                let d = NodeId(i);
+                Some((d, (hub.token(d)?.to_vec(), hub.app_of(d)?)))
+            })
+            .collect();
+        self.initial = Some(Provisioning {
+            per_row,
+            position: hub.position(),
+            enrolled,
+        });
+        Ok(hub)
+    }
 }
 
 /// The node type of the real engine.
-pub type RealStoreNode = RealNode<StoreDevice, StoreHub>;
+pub type RealStoreNode = RealNode<StoreDevice, ReplicaHub>;
 
 impl NodeFactory for RealFactory {
     type Node = RealStoreNode;
 
     fn hub(&mut self, ctx: &NodeContext<'_>) -> RealStoreNode {
-        let built = self.schema(ctx).and_then(|schema| {
-            StoreHub::create(
-                &self.base,
-                schema,
-                actor_of(self.seed, HUB),
-                ctx.tables.to_vec(),
-                ctx.world,
-                self.registry.clone(),
-                self.bug,
-            )
-        });
         // Building a node has no error path in the trait: a store that cannot be created
         // is a broken host, and the run cannot go on.
-        let storage = match built {
+        let storage = match self.build_hub(ctx) {
             Ok(s) => s,
-            Err(e) => panic!("the real engine cannot create the hub's store: {e}"),
+            Err(e) => panic!("the real engine cannot create the hub: {e}"),
         };
-        let mut per_row: BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>> = BTreeMap::new();
-        let all: Vec<RowKey> = ctx.world.all_rows().map(|(r, _)| r).collect();
-        for op in storage.initial_ops(&all) {
-            if let Some(k) = row_key(op.row) {
-                per_row.entry(k).or_default().push(op);
-            }
-        }
-        self.initial = Some((per_row, storage.position()));
         RealNode::Hub(Box::new(RealHub {
             config: Self::hub_config(),
             sessions: BTreeMap::new(),
@@ -747,19 +782,20 @@ impl NodeFactory for RealFactory {
                 schema,
                 actor_of(self.seed, id),
                 ctx.tables.to_vec(),
+                environment::owner_value(crate::world::Owner::Device(id)),
                 self.registry.clone(),
             )?;
             s.use_replica(self.device_replica);
-            if let Some((per_row, pos)) = &self.initial {
+            if let Some(p) = &self.initial {
                 let ops: Vec<fieldsync_store::RemoteOp> = ctx
                     .world
                     .entitled_rows(id)
                     .into_iter()
-                    .filter_map(|r| per_row.get(&r))
+                    .filter_map(|r| p.per_row.get(&r))
                     .flatten()
                     .cloned()
                     .collect();
-                s.seed(&ops, *pos)?;
+                s.seed(&ops, p.position)?;
             }
             Ok(s)
         });
@@ -768,10 +804,15 @@ impl NodeFactory for RealFactory {
             Err(e) => panic!("the real engine cannot create a device's store: {e}"),
         };
         let did = device_id(id);
+        let (token, app) = self
+            .initial
+            .as_ref()
+            .and_then(|p| p.enrolled.get(&id).cloned())
+            .unwrap_or_else(|| (Vec::new(), String::new()));
         let minutes = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
         let schedule =
             SyncSchedule::new(ctx.tables.iter().map(|t| (t.clone(), Some(minutes))), &[]);
-        let mut config = DeviceConfig::new(did, did.0.as_bytes().to_vec(), "sim", schedule);
+        let mut config = DeviceConfig::new(did, token, &app, schedule);
         config.live = ctx.sync.live;
         config.request_timeout = Millis(ctx.sync.request_timeout.0.max(1_000));
         config.rng_seed = self.seed ^ u64::from(id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
