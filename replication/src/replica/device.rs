@@ -460,9 +460,6 @@ impl DeviceStorage for DeviceReplica {
     }
 
     fn apply_ops(&mut self, table: &str, ops: &[RowChange]) -> Result<(), StorageError> {
-        if ops.is_empty() {
-            return Ok(());
-        }
         let _span = info_span!("apply_ops", table, n = ops.len()).entered();
         let remote: Vec<RemoteOp> = ops
             .iter()
@@ -505,9 +502,6 @@ impl DeviceStorage for DeviceReplica {
     }
 
     fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let _span = info_span!("import_rows", table, n = rows.len()).entered();
         // One store write for the whole batch, no automerge document built per row (the hub
         // sends rows as change chunks); no flush here: see the end.
@@ -546,9 +540,6 @@ impl DeviceStorage for DeviceReplica {
     }
 
     fn evict_rows(&mut self, table: &str, rows: &[RowId]) -> Result<(), StorageError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let _span = info_span!("evict_rows", table, n = rows.len()).entered();
         self.advance_store_ack()?;
         let mut writes = Vec::new();
