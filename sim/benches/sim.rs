@@ -32,27 +32,13 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Instant;
 
-fn scratch_store(schema: &fieldsync_store::Schema, n: u8) -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir_in(shm()).unwrap();
-    let options = StoreOptions {
-        fsync: false,
-        ..StoreOptions::default()
-    }
-    .with_actor(ActorId([n; 16]))
-    .with_clock(Clock::manual(Arc::new(AtomicI64::new(1_767_592_800_000))))
-    .with_durability(Durability::Immediate)
-    .with_cache_capacity(1 << 20);
-    let store = Store::create(dir.path(), schema.clone(), options).unwrap();
-    (dir, store)
-}
-
-fn shm() -> std::path::PathBuf {
-    let p = Path::new("/dev/shm");
-    if p.is_dir() {
-        p.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    }
+/// A store like the simulator's own (temporary, in memory), for the bare store work.
+fn scratch_store(schema: &fieldsync_store::Schema, n: u8) -> Store {
+    let options = StoreOptions::default()
+        .with_actor(ActorId([n; 16]))
+        .with_clock(Clock::manual(Arc::new(AtomicI64::new(1_767_592_800_000))))
+        .with_durability(Durability::Immediate);
+    Store::temporary(schema.clone(), options).unwrap()
 }
 
 /// The bare store work of the run's changes, in seconds: (create, apply).
@@ -63,7 +49,7 @@ fn base_work(
     replicas: usize,
 ) -> (f64, f64) {
     // Create: the same rows and edits through transactions.
-    let (_d, store) = scratch_store(schema, 1);
+    let store = scratch_store(schema, 1);
     let t = Instant::now();
     let mut tx = store.begin();
     for e in &log[..setup] {
@@ -88,7 +74,7 @@ fn base_work(
     // Apply: the actual change bytes, to `replicas` stores.
     let mut apply = 0.0;
     for i in 0..replicas.max(1) {
-        let (_d, store) = scratch_store(schema, 2 + (i % 200) as u8);
+        let store = scratch_store(schema, 2 + (i % 200) as u8);
         let t = Instant::now();
         let setup_ops: Vec<RemoteOp> = log[..setup].iter().map(LogEntry::to_remote).collect();
         store

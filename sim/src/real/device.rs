@@ -66,9 +66,10 @@ pub trait SimDeviceStorage: DeviceStorage {
 #[derive(Debug)]
 pub struct StoreDevice {
     dir: tempfile::TempDir,
-    options: StoreOptions,
     clock: Arc<AtomicI64>,
     store: Option<Store>,
+    /// The store's handle while the device is down: a restart reopens its data.
+    crashed: Option<Store>,
     tables: Vec<String>,
     /// The `ownerid` of rows this device's user creates.
     owner: fieldsync_store::Value,
@@ -105,12 +106,15 @@ impl StoreDevice {
             .map_err(|e| RealError::Io(e.to_string()))?;
         let clock = Arc::new(AtomicI64::new(0));
         let options = store_options(actor, &clock);
-        let store = open_store(dir.path(), Some(schema), &options)?;
+        // In memory: a simulated crash loses the session, not what `commit` returned (as the
+        // store's write-ahead file promises for a process crash); thousands fit in memory.
+        let store =
+            Store::temporary(schema, options).map_err(|e| RealError::Store(e.to_string()))?;
         Ok(StoreDevice {
             dir,
-            options,
             clock,
             store: Some(store),
+            crashed: None,
             tables,
             owner,
             side: SideState::default(),
@@ -306,54 +310,13 @@ impl StoreDevice {
     }
 }
 
-/// Open (or first create) the store in `dir`, waiting for sled to let go of the directory.
-///
-/// sled releases a dropped database's file lock from its flusher thread, a little after the
-/// handle is gone: `Store::create` (which reopens) and a restart right after a crash can find
-/// the lock still held. Waiting costs wall time only; what is opened does not depend on it.
-pub(super) fn open_store(
-    dir: &Path,
-    schema: Option<fieldsync_store::Schema>,
-    options: &StoreOptions,
-) -> Result<Store, RealError> {
-    let mut schema = schema;
-    let mut last = String::new();
-    for attempt in 0..400u32 {
-        let r = match schema.take() {
-            Some(s) if !dir.join("db").exists() => Store::create(dir, s, options.clone()),
-            _ => Store::open(dir, options.clone()),
-        };
-        match r {
-            Ok(s) => return Ok(s),
-            Err(e) => {
-                last = e.to_string();
-                if !last.contains("lock") {
-                    return Err(RealError::Store(last));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(
-                    u64::from(attempt.min(20)) + 1,
-                ));
-            }
-        }
-    }
-    Err(RealError::Store(last))
-}
-
-/// Store options of every simulated store: a fixed actor, the manual clock, immediate
-/// durability without fsync (a process crash, not a power loss), a small cache, and a rare
-/// background flush: with a thousand stores in one process, sled's per-store flusher waking
-/// every 200 ms costs more than the simulation. Group writes (the hub's aux metadata) are
-/// still flushed when a store is dropped, crash included, so nothing depends on the timer.
+/// Store options of every simulated store (temporary, in memory): a fixed actor, the manual
+/// clock, immediate durability.
 pub(super) fn store_options(actor: ActorId, clock: &Arc<AtomicI64>) -> StoreOptions {
-    StoreOptions {
-        fsync: false,
-        group_flush_ms: 60_000,
-        ..StoreOptions::default()
-    }
-    .with_actor(actor)
-    .with_clock(Clock::manual(clock.clone()))
-    .with_durability(Durability::Immediate)
-    .with_cache_capacity(1 << 20)
+    StoreOptions::default()
+        .with_actor(actor)
+        .with_clock(Clock::manual(clock.clone()))
+        .with_durability(Durability::Immediate)
 }
 
 impl DeviceStorage for StoreDevice {
@@ -695,12 +658,22 @@ impl SimDeviceStorage for StoreDevice {
     }
 
     fn crash(&mut self) {
-        self.store = None;
+        if let Some(store) = self.store.take() {
+            self.crashed = Some(store);
+        }
         self.events.clear();
     }
 
     fn restart(&mut self) -> Result<(), RealError> {
-        let store = open_store(self.dir.path(), None, &self.options)?;
+        let old = self
+            .crashed
+            .take()
+            .or_else(|| self.store.take())
+            .ok_or_else(|| RealError::Store("the device has no store to restart".into()))?;
+        let store = old
+            .reopen_temporary()
+            .map_err(|e| RealError::Store(e.to_string()))?;
+        drop(old);
         self.store = Some(store);
         let side = match std::fs::read(self.side_path()) {
             Ok(bytes) => serde_json::from_slice(&bytes)

@@ -18,9 +18,9 @@ use fieldsync_replication::proto::{
     PullChunk, PushOp, PushOutcome, Refusal, StorageError,
 };
 use fieldsync_replication::replica::HubReplica;
-use fieldsync_store::{ActorId, RemoteOp, Store, StoreOptions, Value};
+use fieldsync_store::{ActorId, RemoteOp, Store, Value};
 
-use super::device::{open_store, store_options};
+use super::device::store_options;
 use super::environment::{owner_value, SimEnvironment};
 use super::{device_id, digest_row, edit_column, row_id, row_key, RealError, SharedRegistry};
 use crate::node::{AdminEvent, EditKind, NodeContext, NodeEvent, NodeId, OpId, RowKey};
@@ -59,10 +59,10 @@ pub trait SimHubStorage: HubStorage {
 /// The hub: `HubReplica` over its store, and what the simulator observes of it.
 #[derive(Debug)]
 pub struct ReplicaHub {
-    dir: tempfile::TempDir,
-    options: StoreOptions,
     clock: Arc<AtomicI64>,
     replica: Option<HubReplica>,
+    /// The store's handle while the hub is down: a restart reopens its data.
+    crashed: Option<Store>,
     world: SimEnvironment,
     verifier: TokenVerifier,
     tables: Vec<String>,
@@ -92,11 +92,10 @@ fn signing_key(seed: u64) -> Result<HubSigningKey, RealError> {
 }
 
 impl ReplicaHub {
-    /// Create the hub's store under `base` with every initial row of the world (one
+    /// Create the hub's store (in memory) with every initial row of the world (one
     /// transaction), open the replica, enroll every device and record that each holds its
     /// initial set (the devices are provisioned from this snapshot).
     pub fn create(
-        base: &std::path::Path,
         schema: fieldsync_store::Schema,
         seed: u64,
         actor: ActorId,
@@ -104,13 +103,10 @@ impl ReplicaHub {
         registry: SharedRegistry,
         bug: Option<PlantedBug>,
     ) -> Result<ReplicaHub, RealError> {
-        let dir = tempfile::Builder::new()
-            .prefix("fieldsync-sim-hub")
-            .tempdir_in(base)
-            .map_err(|e| RealError::Io(e.to_string()))?;
         let clock = Arc::new(AtomicI64::new(crate::node::SIM_EPOCH_MS as i64));
         let options = store_options(actor, &clock);
-        let store = open_store(dir.path(), Some(schema.clone()), &options)?;
+        // In memory, like the devices' stores (see `StoreDevice::create`).
+        let store = Store::temporary(schema.clone(), options).map_err(store_err)?;
         let tables = ctx.tables.to_vec();
         let interval = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
         let world = SimEnvironment::new(
@@ -176,10 +172,9 @@ impl ReplicaHub {
                 .map_err(store_err)?;
         }
         let mut hub = ReplicaHub {
-            dir,
-            options,
             clock,
             replica: Some(replica),
+            crashed: None,
             world,
             verifier,
             tables,
@@ -469,12 +464,20 @@ impl SimHubStorage for ReplicaHub {
     }
 
     fn crash(&mut self) {
-        self.replica = None;
+        if let Some(replica) = self.replica.take() {
+            self.crashed = Some(replica.store().clone());
+        }
         self.events.clear();
     }
 
     fn restart(&mut self) -> Result<(), RealError> {
-        let store = open_store(self.dir.path(), None, &self.options)?;
+        let old = self
+            .crashed
+            .take()
+            .or_else(|| self.replica.take().map(|r| r.store().clone()))
+            .ok_or_else(|| RealError::Store("the hub has no store to restart".into()))?;
+        let store = old.reopen_temporary().map_err(store_err)?;
+        drop(old);
         let now = self.clock.load(Ordering::SeqCst);
         let replica = HubReplica::open(
             store,

@@ -721,7 +721,6 @@ impl RealFactory {
     fn build_hub(&mut self, ctx: &NodeContext<'_>) -> Result<ReplicaHub, RealError> {
         let schema = self.schema(ctx)?;
         let hub = ReplicaHub::create(
-            &self.base,
             schema,
             self.seed,
             actor_of(self.seed, HUB),
