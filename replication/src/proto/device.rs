@@ -817,7 +817,13 @@ impl DeviceSession {
         let current = storage.cursor(&b.table)?;
         if b.from != current {
             if b.cursor <= current {
+                // Already held; say where this device is, so the hub frees the batch's place
+                // in its window.
                 debug!(table = %b.table, "stale batch ignored");
+                self.transmit.push_back(Message::PullAck(PullAck {
+                    table: b.table.clone(),
+                    cursor: current,
+                }));
             } else {
                 debug!(table = %b.table, from = b.from.0, current = current.0, "gap; pulling again");
                 self.conn.pulls.remove(&b.table);

@@ -358,10 +358,13 @@ impl HubSession {
             (HubState::Ready, Message::Subscribe(s)) => self.on_pull(now, s.tables, true, storage),
             (HubState::Ready, Message::PullAck(a)) => {
                 if let Some(feed) = self.feeds.get_mut(&a.table) {
-                    if let Some(at) = feed.outstanding.iter().position(|c| *c == a.cursor) {
-                        // An ack covers the batches before it too (their acks may be lost).
-                        feed.outstanding.drain(..=at);
-                    } else {
+                    // The device holds everything up to its cursor: every batch that ends there
+                    // or before is done, whether it applied it, an ack was lost, or it ignored
+                    // the batch as stale (it then acks its own cursor). Waiting for an exact
+                    // match kept such batches in the window until the device's request timeout.
+                    let before = feed.outstanding.len();
+                    feed.outstanding.retain(|c| *c > a.cursor);
+                    if feed.outstanding.len() == before {
                         debug!(table = %a.table, "PullAck for no outstanding batch ignored");
                     }
                 }
