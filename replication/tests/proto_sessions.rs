@@ -2238,3 +2238,75 @@ fn a_three_second_window_makes_progress() {
     assert!(windows >= 2, "the test should need more than one window");
     store.check().unwrap();
 }
+
+#[test]
+fn a_stale_batch_is_acked_with_the_devices_cursor_and_acks_free_the_window() {
+    let mut hub = RefHub::default();
+    for r in 0..20u128 {
+        hub.server_edit("task", Uuid::from_u128(r), "owner", 1);
+    }
+    let mut cfg = HubConfig::new(Uuid::nil());
+    cfg.pull_limits.max_items = 4;
+    hub.devices.insert(device_id(0), (vec![0; 8], 1));
+    let mut s = HubSession::new(cfg, Millis(0));
+    let mut dev = DeviceSession::new(device_config(0, false, 0));
+    let mut store = RefDevice::new(1);
+    let t = Millis(0);
+    dev.handle_connected(t);
+    s.handle_message(t, dev.poll_transmit(t).unwrap(), &mut hub);
+    dev.handle_message(t, s.poll_transmit(t).unwrap(), &mut store);
+    while let Some(m) = dev.poll_transmit(t) {
+        s.handle_message(t, m, &mut hub);
+    }
+    let task_batches = |s: &mut HubSession| {
+        let mut out = Vec::new();
+        while let Some(m) = s.poll_transmit(t) {
+            if let Message::PullBatch(b) = m {
+                if b.table == "task" {
+                    out.push(b);
+                }
+            }
+        }
+        out
+    };
+    let task_acks = |dev: &mut DeviceSession| {
+        let mut out = Vec::new();
+        while let Some(m) = dev.poll_transmit(t) {
+            if let Message::PullAck(a) = m {
+                if a.table == "task" {
+                    out.push(a.cursor);
+                }
+            }
+        }
+        out
+    };
+    let sent = task_batches(&mut s);
+    assert_eq!(sent.len(), 2, "two batches ahead of the acks");
+    // The device applies the first batch, then gets it again (as after a feed reset): the copy
+    // is stale, and the device says where it is instead of staying silent.
+    dev.handle_message(t, Message::PullBatch(sent[0].clone()), &mut store);
+    assert_eq!(task_acks(&mut dev), vec![Cursor(4)]);
+    dev.handle_message(t, Message::PullBatch(sent[0].clone()), &mut store);
+    assert_eq!(
+        task_acks(&mut dev),
+        vec![Cursor(4)],
+        "a stale batch is acked"
+    );
+    // One ack at the second batch's cursor frees both places: the next two batches go out.
+    s.handle_message(
+        t,
+        Message::PullAck(fieldsync_replication::proto::messages::PullAck {
+            table: "task".into(),
+            cursor: Cursor(8),
+        }),
+        &mut hub,
+    );
+    let next: Vec<_> = task_batches(&mut s)
+        .iter()
+        .map(|b| (b.from, b.cursor))
+        .collect();
+    assert_eq!(
+        next,
+        vec![(Cursor(8), Cursor(12)), (Cursor(12), Cursor(16))]
+    );
+}
