@@ -43,12 +43,13 @@ fn ci_size(s: &Scenario) -> Scenario {
     s.downscaled(4, Dur::hours(1))
 }
 
-/// CI seeds per shipped scenario (`FIELDSYNC_SIM_SEEDS` for more).
+/// CI seeds per shipped scenario (`FIELDSYNC_SIM_SEEDS` for more: 200 take ~140 s in a debug
+/// build, ~18 s in release).
 fn ci_seeds() -> u64 {
     std::env::var("FIELDSYNC_SIM_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(100)
 }
 
 #[test]
