@@ -64,32 +64,29 @@ impl WriteBatch {
             .sum()
     }
 
-    fn payload(&self) -> Vec<u8> {
-        let mut p = Vec::with_capacity(self.payload_len());
+    /// The WAL record of this batch in `generation`, payload encoded in place.
+    fn record(&self, generation: u64) -> Vec<u8> {
+        let mut r = Vec::with_capacity(HEADER_BYTES + self.payload_len());
+        r.extend_from_slice(&[0; 8]); // length and CRC, filled in below
+        r.extend_from_slice(&generation.to_le_bytes());
         for (k, v) in &self.ops {
             match v {
                 Some(v) => {
-                    p.push(OP_INSERT);
-                    push_bytes(&mut p, k);
-                    push_bytes(&mut p, v);
+                    r.push(OP_INSERT);
+                    push_bytes(&mut r, k);
+                    push_bytes(&mut r, v);
                 }
                 None => {
-                    p.push(OP_REMOVE);
-                    push_bytes(&mut p, k);
+                    r.push(OP_REMOVE);
+                    push_bytes(&mut r, k);
                 }
             }
         }
-        p
-    }
-
-    /// The WAL record of this batch in `generation`.
-    fn record(&self, generation: u64) -> Vec<u8> {
-        let payload = self.payload();
-        let mut r = Vec::with_capacity(HEADER_BYTES + payload.len());
-        r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        r.extend_from_slice(&record_crc(generation, &payload).to_le_bytes());
-        r.extend_from_slice(&generation.to_le_bytes());
-        r.extend_from_slice(&payload);
+        let (header, payload) = r.split_at_mut(HEADER_BYTES);
+        let len = (payload.len() as u32).to_le_bytes();
+        let crc = record_crc(generation, payload).to_le_bytes();
+        header[..4].copy_from_slice(&len);
+        header[4..8].copy_from_slice(&crc);
         r
     }
 }
