@@ -179,7 +179,31 @@ fn world(seed: u64, policies: ConflictPolicies) -> World {
     }
 }
 
+/// Room for a whole test set in one pull.
+const WIDE: BatchLimits = BatchLimits {
+    max_items: 100,
+    max_bytes: 1 << 20,
+};
+
 impl World {
+    /// The principal of device `i`, whose user is `USERS[i]`.
+    fn principal(&self, i: usize) -> Principal {
+        Principal {
+            device: device_id(i),
+            user: user(&self.env, USERS[i]),
+            app: APP.into(),
+        }
+    }
+
+    /// Take the Tech role from device `i`'s user and tell the hub; returns the role.
+    fn revoke_tech(&mut self, i: usize) -> Uuid {
+        let who = self.principal(i).user;
+        let tech = self.env.role_by_name("Tech").unwrap().id;
+        self.env.remove_role(who, tech).unwrap();
+        self.net.hub.handle_environment(self.env.clone()).unwrap();
+        tech
+    }
+
     fn dev(&self, i: usize) -> &Store {
         self.net.devs[i].storage.store()
     }
@@ -490,15 +514,8 @@ fn an_unauthorized_write_is_rejected_rolled_back_and_listed() {
 fn forged_cursors_and_foreign_tables_get_nothing_outside_the_set() {
     let mut w = world(4, ConflictPolicies::default());
     let s = seed(&mut w);
-    let cat = Principal {
-        device: device_id(2),
-        user: user(&w.env, "cat"),
-        app: APP.into(),
-    };
-    let limits = BatchLimits {
-        max_items: 100,
-        max_bytes: 1 << 20,
-    };
+    let cat = w.principal(2);
+    let limits = WIDE;
     let hub = &mut w.net.hub;
     let mut seen = BTreeSet::new();
     for c in [0, 1, 2, 3, 5, 1000, u64::MAX] {
@@ -526,11 +543,7 @@ fn duplicated_batches_and_resent_ops_change_nothing() {
     let mut w = world(5, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(2);
-    let ana = Principal {
-        device: device_id(0),
-        user: user(&w.env, "ana"),
-        app: APP.into(),
-    };
+    let ana = w.principal(0);
     // A re-sent op gets the same answer, and applying it twice adds nothing.
     let store = w.dev(0).clone();
     let mut tx = store.begin();
@@ -559,19 +572,7 @@ fn duplicated_batches_and_resent_ops_change_nothing() {
     assert_eq!(a, b);
     assert_eq!(w.hub().last_seq(), hub_seq + 1);
     // A pull batch applied twice on the device changes nothing.
-    let chunk = w
-        .net
-        .hub
-        .pull(
-            &ana,
-            "task",
-            Cursor(0),
-            BatchLimits {
-                max_items: 100,
-                max_bytes: 1 << 20,
-            },
-        )
-        .unwrap();
+    let chunk = w.net.hub.pull(&ana, "task", Cursor(0), WIDE).unwrap();
     let dev = &mut w.net.devs[0].storage;
     dev.import_rows("task", &chunk.entering).unwrap();
     dev.apply_ops("task", &chunk.ops).unwrap();
@@ -660,11 +661,7 @@ fn images_the_profile_selects_download_in_chunks_to_devices_that_hold_the_row() 
     w.net.run_for(Millis::from_minutes(1));
     assert_eq!(w.dev(0).read_blob(&blob).unwrap(), content);
     // cat's device does not hold the row: nothing, however it asks.
-    let cat = Principal {
-        device: device_id(2),
-        user: user(&w.env, "cat"),
-        app: APP.into(),
-    };
+    let cat = w.principal(2);
     assert_eq!(
         w.net.hub.blob_chunk(&cat, &blob.sha256, 0, 1024).unwrap(),
         None
@@ -913,9 +910,7 @@ fn a_role_change_evicts_on_a_device_that_had_pulled_everything() {
     // No write follows the change: it has no log entry of its own, and ana's cursor is
     // already at the end of the log.
     let ana = user(&w.env, "ana");
-    let tech = w.env.role_by_name("Tech").unwrap().id;
-    w.env.remove_role(ana, tech).unwrap();
-    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let tech = w.revoke_tech(0);
     w.net.heal(3);
     w.check_converged();
     assert_eq!(w.dev(0).get("task", s.ana_task).unwrap(), None);
@@ -953,19 +948,10 @@ fn a_role_change_is_pulled_again_after_a_lost_batch_and_a_quick_reversal() {
     let mut w = world(7, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(3);
-    let ana = Principal {
-        device: device_id(0),
-        user: user(&w.env, "ana"),
-        app: APP.into(),
-    };
-    let limits = BatchLimits {
-        max_items: 100,
-        max_bytes: 1 << 20,
-    };
+    let ana = w.principal(0);
+    let limits = WIDE;
     let last = Cursor(w.hub().last_seq());
-    let tech = w.env.role_by_name("Tech").unwrap().id;
-    w.env.remove_role(ana.user, tech).unwrap();
-    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let tech = w.revoke_tech(0);
     // The batch is lost on the link: the same pull again still says the row left.
     for _ in 0..2 {
         let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
@@ -988,19 +974,10 @@ fn a_row_that_left_and_came_back_while_writes_went_on_is_sent_whole_again() {
     let mut w = world(9, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(3);
-    let ana = Principal {
-        device: device_id(0),
-        user: user(&w.env, "ana"),
-        app: APP.into(),
-    };
-    let limits = BatchLimits {
-        max_items: 100,
-        max_bytes: 1 << 20,
-    };
+    let ana = w.principal(0);
+    let limits = WIDE;
     let last = Cursor(w.hub().last_seq());
-    let tech = w.env.role_by_name("Tech").unwrap().id;
-    w.env.remove_role(ana.user, tech).unwrap();
-    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    let tech = w.revoke_tech(0);
     // The device applies the eviction; its cursor stays at `last`.
     let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
     assert!(chunk.leaving.contains(&s.ana_task), "{chunk:?}");

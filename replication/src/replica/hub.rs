@@ -1147,8 +1147,8 @@ impl HubStorage for HubReplica {
                         let ok = override_key(who.device, table, *row);
                         if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
                             let o: Override = dec(&v, "a holding override")?;
-                            let last = hist.iter().rev().find(|(c, _)| *c <= after.0);
-                            if last.is_none_or(|(c, _)| *c < o.seq) {
+                            let last_told = hist.iter().rev().find(|(c, _)| *c <= after.0);
+                            if last_told.is_none_or(|(c, _)| *c < o.seq) {
                                 before = o.held;
                             }
                         }
@@ -1198,17 +1198,15 @@ impl HubStorage for HubReplica {
                 if items > 0 && (items + group_items > max_items || bytes > limits.max_bytes) {
                     full = true;
                     // Undo the decisions first made in this group.
+                    for row in &fresh {
+                        fates.remove(row);
+                    }
                     for (row, f, _) in &planned {
-                        if fresh.contains(row) {
-                            fates.remove(row);
-                        } else if *f == Fate::Left {
+                        if *f == Fate::Left {
                             if let Some(x) = fates.get_mut(row) {
                                 x.0 = Fate::Skip;
                             }
                         }
-                    }
-                    for row in &fresh {
-                        fates.remove(row);
                     }
                     break;
                 }
