@@ -105,7 +105,6 @@ pub async fn start(root: &Path, runtime: &Arc<HubRuntime>, schema: &str) -> Resu
         runtime.replica.clone(),
         Box::new(move |t: &[String]| bus.publish(t)),
     )?;
-    fieldsync_node::upstream::client::install_crypto_provider();
     Ok(Upstream {
         bridge,
         api: format!("http://{addr}{API_PREFIX}"),

@@ -234,14 +234,11 @@ impl UpstreamArgs {
     }
 }
 
-/// Adds (or replaces) the `[upstream]` section of a hub's hub.toml.
-pub fn set_upstream(data: &Path, config: &UpstreamConfig) -> Result<()> {
+/// Appends the `[upstream]` section to the hub.toml `hub init` just wrote (init refuses a
+/// directory that already has one).
+fn set_upstream(data: &Path, config: &UpstreamConfig) -> Result<()> {
     let path = HubPaths::new(data).file("hub.toml");
     let text = read(&path, "hub config")?;
-    let kept = match text.find("\n# The Dataverse environment this hub relays to") {
-        Some(i) => &text[..i],
-        None => text.as_str(),
-    };
     #[derive(serde::Serialize)]
     struct Section<'a> {
         upstream: &'a UpstreamConfig,
@@ -250,7 +247,7 @@ pub fn set_upstream(data: &Path, config: &UpstreamConfig) -> Result<()> {
         .context("cannot write the upstream section")?;
     let out = format!(
         "{}\n# The Dataverse environment this hub relays to (README, \"Relaying to Dataverse\").\n# Secrets are named here (env = \"VAR\" or file = \"PATH\"), never stored.\n{section}",
-        kept.trim_end()
+        text.trim_end()
     );
     std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -628,11 +625,11 @@ pub fn start_bridge(
     config: UpstreamConfig,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let bus = runtime.bus.clone();
-    let on_change = Box::new(move |tables: &[String]| bus.publish(tables));
+    let (me, wake) = bus.register_listener();
+    let on_change = Box::new(move |tables: &[String]| bus.publish_except(tables, Some(me)));
     let bridge = Bridge::new(config, runtime.replica.clone(), on_change)
         .context("cannot start the upstream bridge")?;
     let _ = runtime.upstream.set(bridge.stats.clone());
-    let (_, wake) = runtime.bus.register_listener();
     Ok(tokio::spawn(Arc::new(bridge).run(wake)))
 }
 

@@ -73,6 +73,17 @@ impl ChangeBus {
 
     /// Registers a session; returns its id and the notify the driver waits on.
     pub fn register(&self) -> (u64, Arc<Notify>) {
+        self.register_entry(false)
+    }
+
+    /// Registers a listener that only wants to be woken (the upstream bridge): it is not a
+    /// session, so its tables are not kept and it counts neither as a session nor in the
+    /// queue depth.
+    pub fn register_listener(&self) -> (u64, Arc<Notify>) {
+        self.register_entry(true)
+    }
+
+    fn register_entry(&self, listener: bool) -> (u64, Arc<Notify>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
         self.sessions().insert(
@@ -80,17 +91,9 @@ impl ChangeBus {
             BusEntry {
                 notify: notify.clone(),
                 tables: BTreeSet::new(),
-                listener: false,
+                listener,
             },
         );
-        (id, notify)
-    }
-
-    /// Registers a listener that only wants to be woken (the upstream bridge): it is not a
-    /// session, so its tables are not kept and it adds nothing to the queue depth.
-    pub fn register_listener(&self) -> (u64, Arc<Notify>) {
-        let (id, notify) = self.register();
-        self.sessions().entry(id).and_modify(|e| e.listener = true);
         (id, notify)
     }
 
@@ -102,10 +105,19 @@ impl ChangeBus {
     /// Tables changed: wake every session (the pusher's own too: its other tables' feeds may
     /// have moved, e.g. a row it created entering a related table).
     pub fn publish(&self, tables: &[String]) {
+        self.publish_except(tables, None);
+    }
+
+    /// `publish`, without waking `skip`: a listener publishing its own changes (the bridge
+    /// would otherwise wake itself for one more round after every round that wrote).
+    pub fn publish_except(&self, tables: &[String], skip: Option<u64>) {
         if tables.is_empty() {
             return;
         }
-        for entry in self.sessions().values_mut() {
+        for (id, entry) in self.sessions().iter_mut() {
+            if Some(*id) == skip {
+                continue;
+            }
             if !entry.listener {
                 entry.tables.extend(tables.iter().cloned());
             }
@@ -133,9 +145,9 @@ impl ChangeBus {
         }
     }
 
-    /// Sessions registered.
+    /// Device sessions registered (listeners not counted).
     pub fn session_count(&self) -> usize {
-        self.sessions().len()
+        self.sessions().values().filter(|e| !e.listener).count()
     }
 
     fn is_shutting_down(&self) -> bool {

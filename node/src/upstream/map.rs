@@ -178,12 +178,11 @@ pub fn to_wire(
                 m.insert(format!("{}@odata.bind", c.name), J::Null);
             }
             (ColumnType::Decimal, Value::Decimal(d)) => {
-                let n = d
-                    .to_string()
-                    .parse::<serde_json::Number>()
-                    .map(J::Number)
-                    .unwrap_or(J::Null);
-                m.insert(c.name.clone(), n);
+                // Never `null` for a value that fails to convert: that would clear the column.
+                let n = d.to_string().parse::<serde_json::Number>().map_err(|e| {
+                    UpstreamError::BadRequest(format!("decimal {d} in {}: {e}", c.name))
+                })?;
+                m.insert(c.name.clone(), J::Number(n));
             }
             _ => {
                 m.insert(c.name.clone(), v.to_json());

@@ -214,7 +214,9 @@ impl Bridge {
 
 /// Turns upstream facts into Dataverse-actor ops on the hub, one batch at a time.
 pub(crate) struct Merger {
-    scratch: Store,
+    schema: Schema,
+    /// Made on the first row that needs writing: most pages change nothing.
+    scratch: Option<Store>,
     ops: Vec<RemoteOp>,
 }
 
@@ -231,28 +233,44 @@ pub(crate) enum Merged {
 
 impl Merger {
     pub fn new(schema: &Schema) -> Result<Merger, UpstreamError> {
-        let options = StoreOptions::default()
-            .with_actor(DATAVERSE_ACTOR)
-            .with_durability(fieldsync_store::Durability::Group);
         Ok(Merger {
-            scratch: Store::temporary(schema.clone(), options)?,
+            schema: schema.clone(),
+            scratch: None,
             ops: Vec::new(),
         })
     }
 
-    fn load(&self, hub: &Store, table: &str, id: RowId) -> Result<bool, UpstreamError> {
-        match hub.export_row(table, id)? {
-            Some(doc) => {
-                self.scratch
-                    .import_row(&doc, fieldsync_store::Durability::Group)?;
-                Ok(true)
+    /// The Dataverse actor's scratch store, with `table`/`id` loaded from the hub if it has
+    /// the row (whether it has it is the second value).
+    fn scratch_with(
+        &mut self,
+        hub: &Store,
+        table: &str,
+        id: RowId,
+    ) -> Result<(Store, bool), UpstreamError> {
+        let scratch = match &self.scratch {
+            Some(s) => s.clone(),
+            None => {
+                let options = StoreOptions::default()
+                    .with_actor(DATAVERSE_ACTOR)
+                    .with_durability(fieldsync_store::Durability::Group);
+                let s = Store::temporary(self.schema.clone(), options)?;
+                self.scratch = Some(s.clone());
+                s
             }
-            None => Ok(false),
-        }
+        };
+        let exists = match hub.export_row(table, id)? {
+            Some(doc) => {
+                scratch.import_row(&doc, fieldsync_store::Durability::Group)?;
+                true
+            }
+            None => false,
+        };
+        Ok((scratch, exists))
     }
 
-    fn take_ops(&mut self, before: u64) -> Result<(), UpstreamError> {
-        let entries = self.scratch.ops_since(before, usize::MAX)?;
+    fn take_ops(&mut self, scratch: &Store, before: u64) -> Result<(), UpstreamError> {
+        let entries = scratch.ops_since(before, usize::MAX)?;
         self.ops.extend(entries.iter().map(|e| e.to_remote()));
         Ok(())
     }
@@ -299,9 +317,9 @@ impl Merger {
         if writes.is_empty() {
             return Ok(Merged::Unchanged);
         }
-        let exists = self.load(hub, table, id)?;
-        let before = self.scratch.last_seq();
-        let mut tx = self.scratch.begin();
+        let (scratch, exists) = self.scratch_with(hub, table, id)?;
+        let before = scratch.last_seq();
+        let mut tx = scratch.begin();
         if exists {
             tx.update(table, id, &writes)?;
         } else {
@@ -309,7 +327,7 @@ impl Merger {
             tx.insert_with_id(table, id, &writes)?;
         }
         tx.commit()?;
-        self.take_ops(before)?;
+        self.take_ops(&scratch, before)?;
         Ok(Merged::Written)
     }
 
@@ -318,12 +336,12 @@ impl Merger {
         if hub.get(table, id)?.is_none() {
             return Ok(false);
         }
-        self.load(hub, table, id)?;
-        let before = self.scratch.last_seq();
-        let mut tx = self.scratch.begin();
+        let (scratch, _) = self.scratch_with(hub, table, id)?;
+        let before = scratch.last_seq();
+        let mut tx = scratch.begin();
         tx.delete(table, id)?;
         tx.commit()?;
-        self.take_ops(before)?;
+        self.take_ops(&scratch, before)?;
         Ok(true)
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use fieldsync_store::RowId;
 use reqwest::Method;
 use serde_json::Value as J;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::client::{ApiRequest, CHANGE_TRACKING_EXPIRED};
 use super::state::{self, Base, StateWrites};
@@ -49,14 +49,30 @@ fn entries(table: &fieldsync_store::Table, page: &J) -> Result<Vec<Entry>, Upstr
 }
 
 impl Bridge {
-    /// Pulls every relayed table.
+    /// Pulls every relayed table. A table whose rows or replies fail does not hold up the
+    /// others; the round still fails (with the first error) so it is retried with backoff.
     pub async fn pull(&self) -> Result<(), UpstreamError> {
+        let mut first_error = None;
         for table in self.tables.clone() {
-            self.pull_table(&table)
+            let pulled = self
+                .pull_table(&table)
                 .instrument(info_span!("upstream_pull", %table))
-                .await?;
+                .await;
+            match pulled {
+                Ok(()) => {}
+                // Dataverse itself is away, refusing us or asking to wait: so is every table.
+                Err(
+                    e @ (UpstreamError::Unreachable(_)
+                    | UpstreamError::Auth(_)
+                    | UpstreamError::Throttled { .. }),
+                ) => return Err(e),
+                Err(e) => {
+                    warn!(%table, error = %e, "pulling the table failed");
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn prefer(&self) -> String {
