@@ -3,12 +3,11 @@
 //! This is the simulator's minimal adapter, used until `replication::replica::DeviceReplica`
 //! lands (the node driver in [`super`] is generic over [`SimDeviceStorage`], so the replica
 //! drops in). Rows, the op log, remote apply, import, eviction and acknowledgement are the
-//! store's own; the cursors and the evictions waiting for an acknowledgement are kept in a
-//! small side file next to the store (written with a rename, so it is durable when the call
-//! returns), where the replica keeps them in the store's aux space.
+//! store's own; the cursors and the evictions waiting for an acknowledgement are kept beside
+//! the store (a copy taken when each call returns is what survives a crash), where the replica
+//! keeps them in the store's aux space.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -18,15 +17,14 @@ use fieldsync_replication::proto::{
 use fieldsync_store::{
     ActorId, Clock, Durability, RemoteOp, RowExport, Store, StoreError, StoreOptions,
 };
-use serde::{Deserialize, Serialize};
 
 use super::{digest_row, row_id, row_key, RealError, Registry, SharedRegistry};
 use crate::node::{EditKind, NodeEvent, OpId, RowKey};
 use fieldsync_replication::replica::DeviceReplica;
 
-/// What the side file holds: per-table cursors and last syncs, and evictions that wait for
+/// The adapter's own state: per-table cursors and last syncs, and evictions that wait for
 /// the hub's acknowledgement of local ops on the row.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone)]
 struct SideState {
     cursors: BTreeMap<String, u64>,
     synced_at: BTreeMap<String, u64>,
@@ -62,10 +60,9 @@ pub trait SimDeviceStorage: DeviceStorage {
     fn restart(&mut self) -> Result<(), RealError>;
 }
 
-/// The real store of one device, on a temporary directory.
+/// The real store of one device (a temporary store, in memory).
 #[derive(Debug)]
 pub struct StoreDevice {
-    dir: tempfile::TempDir,
     clock: Arc<AtomicI64>,
     store: Option<Store>,
     /// The store's handle while the device is down: a restart reopens its data.
@@ -74,6 +71,8 @@ pub struct StoreDevice {
     /// The `ownerid` of rows this device's user creates.
     owner: fieldsync_store::Value,
     side: SideState,
+    /// `side` as of the last storage call that returned: what a crash leaves.
+    durable_side: SideState,
     /// Unacknowledged local log entries: seq → (row, change hash).
     pending: BTreeMap<u64, (RowKey, [u8; 32])>,
     pending_rows: BTreeMap<RowKey, usize>,
@@ -91,19 +90,14 @@ fn unavailable(e: impl std::fmt::Display) -> StorageError {
 }
 
 impl StoreDevice {
-    /// Create the device's store in a fresh temporary directory under `base`.
+    /// Create the device's store.
     pub fn create(
-        base: &Path,
         schema: fieldsync_store::Schema,
         actor: ActorId,
         tables: Vec<String>,
         owner: fieldsync_store::Value,
         registry: SharedRegistry,
     ) -> Result<StoreDevice, RealError> {
-        let dir = tempfile::Builder::new()
-            .prefix("fieldsync-sim-dev")
-            .tempdir_in(base)
-            .map_err(|e| RealError::Io(e.to_string()))?;
         let clock = Arc::new(AtomicI64::new(0));
         let options = store_options(actor, &clock);
         // In memory: a simulated crash loses the session, not what `commit` returned (as the
@@ -111,13 +105,13 @@ impl StoreDevice {
         let store =
             Store::temporary(schema, options).map_err(|e| RealError::Store(e.to_string()))?;
         Ok(StoreDevice {
-            dir,
             clock,
             store: Some(store),
             crashed: None,
             tables,
             owner,
             side: SideState::default(),
+            durable_side: SideState::default(),
             pending: BTreeMap::new(),
             pending_rows: BTreeMap::new(),
             last_local: 0,
@@ -201,7 +195,8 @@ impl StoreDevice {
                     .map_err(|e| RealError::Store(e.to_string()))?;
             }
         }
-        self.save_side().map_err(|e| RealError::Io(e.to_string()))
+        self.save_side();
+        Ok(())
     }
 
     fn store_ref(&self) -> Result<&Store, StorageError> {
@@ -210,15 +205,8 @@ impl StoreDevice {
             .ok_or_else(|| StorageError::Unavailable("the device is down".into()))
     }
 
-    fn side_path(&self) -> PathBuf {
-        self.dir.path().join("sim-side.json")
-    }
-
-    fn save_side(&self) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(&self.side).map_err(unavailable)?;
-        let tmp = self.dir.path().join("sim-side.json.tmp");
-        std::fs::write(&tmp, bytes).map_err(unavailable)?;
-        std::fs::rename(&tmp, self.side_path()).map_err(unavailable)
+    fn save_side(&mut self) {
+        self.durable_side = self.side.clone();
     }
 
     fn table_index(&self, table: &str) -> Option<u32> {
@@ -419,7 +407,7 @@ impl DeviceStorage for StoreDevice {
             }
         }
         if changed {
-            self.save_side()?;
+            self.save_side();
         }
         Ok(())
     }
@@ -482,7 +470,7 @@ impl DeviceStorage for StoreDevice {
             }
         }
         if changed {
-            self.save_side()?;
+            self.save_side();
         }
         Ok(())
     }
@@ -505,7 +493,7 @@ impl DeviceStorage for StoreDevice {
             }
         }
         if changed {
-            self.save_side()?;
+            self.save_side();
         }
         Ok(())
     }
@@ -532,7 +520,8 @@ impl DeviceStorage for StoreDevice {
         if let Some(at) = synced_at {
             self.side.synced_at.insert(table.to_string(), at.0);
         }
-        self.save_side()
+        self.save_side();
+        Ok(())
     }
 
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
@@ -675,12 +664,7 @@ impl SimDeviceStorage for StoreDevice {
             .map_err(|e| RealError::Store(e.to_string()))?;
         drop(old);
         self.store = Some(store);
-        let side = match std::fs::read(self.side_path()) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| RealError::Store(format!("the side file: {e}")))?,
-            Err(_) => SideState::default(),
-        };
-        self.side = side;
+        self.side = self.durable_side.clone();
         self.rebuild().map_err(|e| RealError::Store(e.to_string()))
     }
 }

@@ -6,7 +6,7 @@
 //! edits and admin changes (owner writes, profile and role changes), observation (rows, which
 //! workload ops the hub holds), and crash and restart. Dataverse's state (the environment and
 //! the profiles) lives outside the hub's process and survives a hub crash; the replica is
-//! reopened over the store from its directory.
+//! reopened over the store's data (`Store::reopen_temporary`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -1,7 +1,7 @@
 //! The real engine: nodes that run fieldsync's own store and protocol state machines.
 //!
-//! Each device is a [`DeviceSession`] over a real [`fieldsync_store::Store`] (on a temporary
-//! sled directory), the hub is one [`HubSession`] per connected device over the replication
+//! Each device is a [`DeviceSession`] over a real [`fieldsync_store::Store`] (a temporary
+//! store: the store's code over an in-memory map), the hub is one [`HubSession`] per connected device over the replication
 //! crate's `HubReplica` on the hub's store ([`ReplicaHub`]), with an environment, apps and
 //! profiles derived from the scenario ([`SimEnvironment`]). Messages between them are the real
 //! wire frames ([`wire::encode`] / [`wire::decode`]), so the byte counters measure what the
@@ -17,11 +17,12 @@
 //!
 //! # Crashes
 //!
-//! Every commit is `Durability::Immediate` without `fsync` (a process crash, not a power
-//! loss): a crash drops the store handle and the sessions, a restart reopens the store from its
-//! directory. So a crash loses connections, messages in flight and session state, never a
-//! commit; group-commit loss is not modelled (sled flushes group commits on a wall-clock timer,
-//! which would make runs irreproducible).
+//! A crash is a process crash, not a power loss: it drops the store handle and the sessions,
+//! and a restart reopens the same data (`Store::reopen_temporary`). So a crash loses
+//! connections, messages in flight and session state, never a commit that returned, group
+//! commits included — what a real store's write-ahead file guarantees after a process crash.
+//! Losing unsynced group commits to a power loss is not modelled (the store's own crash test
+//! covers the write-ahead file).
 
 mod device;
 mod environment;
@@ -29,7 +30,6 @@ mod hub;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
 use std::rc::Rc;
 
 use fieldsync_replication::proto::{
@@ -646,11 +646,10 @@ impl<S: SimDeviceStorage, H: SimHubStorage> FieldNode for RealNode<S, H> {
     }
 }
 
-/// Builds real nodes: a [`ReplicaHub`] and [`StoreDevice`]s on temporary directories.
+/// Builds real nodes: a [`ReplicaHub`] and [`StoreDevice`]s, on in-memory stores.
 #[derive(Debug)]
 pub struct RealFactory {
     seed: u64,
-    base: PathBuf,
     bug: Option<PlantedBug>,
     registry: SharedRegistry,
     schema: Option<Schema>,
@@ -669,8 +668,7 @@ struct Provisioning {
 }
 
 impl RealFactory {
-    /// A factory for a run of `seed`; stores live in the system's temporary directory (on
-    /// tmpfs, `/dev/shm`, when there is one). `bug` plants a bug in the hub's replica (tests
+    /// A factory for a run of `seed`. `bug` plants a bug in the hub's replica (tests
     /// only: it needs the `planted-bugs` feature; `hub-forgets-eviction` is the one the real
     /// engine supports).
     pub fn new(seed: u64, bug: Option<PlantedBug>) -> RealFactory {
@@ -680,15 +678,8 @@ impl RealFactory {
                 "the real engine plants only hub-forgets-eviction; this switch does nothing here"
             );
         }
-        let shm = std::path::Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
         RealFactory {
             seed,
-            base,
             bug,
             registry: Rc::new(RefCell::new(Registry::default())),
             schema: None,
@@ -777,7 +768,6 @@ impl NodeFactory for RealFactory {
     fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> RealStoreNode {
         let built = self.schema(ctx).and_then(|schema| {
             let mut s = StoreDevice::create(
-                &self.base,
                 schema,
                 actor_of(self.seed, id),
                 ctx.tables.to_vec(),
