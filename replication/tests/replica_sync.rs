@@ -994,3 +994,31 @@ fn a_row_that_left_and_came_back_while_writes_went_on_is_sent_whole_again() {
         "{chunk:?}"
     );
 }
+
+/// The per-user feed holds no op written while the row was out of the user's set: a row that
+/// left and came back between two pulls must be sent whole (found by the proptest above:
+/// `Reassign { to: 1 }, Reassign { to: 0 }` with no sync in between).
+#[test]
+fn a_row_given_away_and_back_between_pulls_arrives_with_every_op() {
+    let mut w = world(10, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let users: Vec<Uuid> = USERS.iter().map(|u| user(&w.env, u)).collect();
+    let ana = w.principal(0);
+    let cursor = Cursor(w.hub().last_seq());
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("ownerid", owner_user(users[1]))])
+        .unwrap();
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("ownerid", owner_user(users[0]))])
+        .unwrap();
+    let chunk = w.net.hub.pull(&ana, "task", cursor, WIDE).unwrap();
+    assert!(
+        chunk.entering.iter().any(|d| d.row == s.ana_task),
+        "{chunk:?}"
+    );
+    w.net.heal(3);
+    w.check_converged();
+}

@@ -57,6 +57,23 @@ impl Store {
         Ok(out)
     }
 
+    /// The log entry at `seq`, if the log holds it (not compacted away, not past the end).
+    pub fn log_entry(&self, seq: u64) -> Result<Option<LogEntry>, StoreError> {
+        let Some(v) = self.db().get(keys::log(seq))? else {
+            return Ok(None);
+        };
+        let e = StoredEntry::decode(&v)
+            .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
+        Ok(Some(LogEntry {
+            seq,
+            table: self.table_name(e.table),
+            row: e.row,
+            actor: e.actor,
+            hash: e.hash,
+            change: e.change,
+        }))
+    }
+
     /// Apply changes made elsewhere.
     ///
     /// Idempotent: a change already applied (or already held) is counted as a duplicate and

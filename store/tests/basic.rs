@@ -174,6 +174,16 @@ fn apply_remote_is_idempotent_and_holds_early_changes() {
         .map(|e| e.to_remote())
         .collect();
     assert_eq!(ops.len(), 4);
+    // A point read of the log gives the same entries.
+    for e in a.ops_since(0, 100).unwrap() {
+        let at = a.log_entry(e.seq).unwrap().unwrap();
+        assert_eq!(
+            (at.seq, at.row, at.hash, at.change),
+            (e.seq, e.row, e.hash, e.change)
+        );
+    }
+    assert!(a.log_entry(0).unwrap().is_none());
+    assert!(a.log_entry(a.last_seq() + 1).unwrap().is_none());
     // Newest first: all but the insert are held.
     let out = b
         .apply_remote(&[ops[3].clone(), ops[2].clone()], Durability::Group)

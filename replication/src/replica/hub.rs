@@ -6,11 +6,14 @@
 //!   (create, write, delete, assign, append) and checked against the user's privileges, then
 //!   applied durably. The decision is remembered per change hash so a re-sent op gets the same
 //!   answer.
-//! - **Feed**: the cursor of every table is the hub's log sequence number. A pull walks the log
-//!   after the cursor and, per row touched (by a change, or by a membership change that the
-//!   [`Router`] reported), compares whether the device held the row at the cursor (a small
-//!   per-device history in aux) with whether the row is in its set now: ops for rows it keeps,
-//!   whole rows for rows entering, ids for rows leaving, nothing else.
+//! - **Feed**: the cursor of every table is the hub's log sequence number. Every log entry is
+//!   indexed per profile, user and table for the users who hold its row after the write (and
+//!   for the writer), and every membership change per profile and user; a pull walks those two
+//!   indexes after the cursor — never the whole log, so a pull costs what the device's own
+//!   rows changed, not what every device changed. Per row touched it compares whether the
+//!   device held the row at the cursor (a small per-device history in aux) with whether the
+//!   row is in its set now: ops for rows it keeps, whole rows for rows entering, ids for rows
+//!   leaving, nothing else.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -33,7 +36,7 @@ use crate::proto::{
     Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
     RowDoc, StorageError,
 };
-use crate::routing::{Router, RoutingError, UserDelta};
+use crate::routing::{Router, RoutingError, RowRef, UserDelta};
 use crate::security::{Depth, Environment, Privilege, UserId};
 
 /// The aux space of the hub's replication metadata.
@@ -45,6 +48,12 @@ const P_HISTORY: &[u8] = b"hh/";
 const P_MEMBERSHIP: &[u8] = b"m/";
 const P_BLOB: &[u8] = b"bl/";
 const P_OVERRIDE: &[u8] = b"ho/";
+/// Log entries per profile, user and table: `f/` profile 0 user table 0 seq row.
+const P_FEED: &[u8] = b"f/";
+/// The last log seq whose entry is in the feed index.
+const K_FED: &[u8] = b"fed";
+/// Log entries indexed per aux batch when the feed index catches up.
+const FEED_BATCH: usize = 4096;
 /// Log entries a pull looks at per requested item (other tables' entries are skipped).
 const SCAN_FACTOR: usize = 4;
 /// Most log windows of `SCAN_FACTOR` × the batch size one pull reads.
@@ -134,6 +143,8 @@ pub struct HubReplica {
     signing: Option<HubSigningKey>,
     changed: BTreeSet<String>,
     lag: HashMap<(DeviceId, String), Cursor>,
+    /// The last log seq in the feed index (`K_FED`).
+    fed: u64,
     now_ms: i64,
     #[cfg(feature = "planted-bugs")]
     planted: Option<PlantedHubBug>,
@@ -183,6 +194,29 @@ fn membership_prefix(profile: &str, user: UserId) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(user.as_bytes());
     k
+}
+
+fn feed_prefix(profile: &str, user: UserId, table: &str) -> Vec<u8> {
+    let mut k = P_FEED.to_vec();
+    k.extend_from_slice(profile.as_bytes());
+    k.push(0);
+    k.extend_from_slice(user.as_bytes());
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k
+}
+
+fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The (seq, row) of a feed key without its prefix.
+fn parse_feed_key(rest: &[u8]) -> Option<(u64, RowId)> {
+    let seq = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let row = Uuid::from_slice(rest.get(8..24)?).ok()?;
+    Some((seq, row))
 }
 
 /// Records which rows refer to which blobs (`bl/` + sha256 + row key), so a blob request
@@ -305,8 +339,15 @@ impl HubReplica {
             routers.insert(p.name.clone(), r);
         }
         let tokens = store.aux_scan(SPACE, P_TOKEN)?.len();
-        info!(profiles = routers.len(), tokens, "hub replica open");
-        Ok(HubReplica {
+        let fed =
+            match store.aux_get(SPACE, K_FED)? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                    StoreError::Corrupt("the hub's feed position is malformed".into())
+                })?),
+                None => 0,
+            };
+        info!(profiles = routers.len(), tokens, fed, "hub replica open");
+        let mut hub = HubReplica {
             store,
             env,
             apps: apps.into_iter().map(|a| (a.name.clone(), a)).collect(),
@@ -316,10 +357,14 @@ impl HubReplica {
             signing: None,
             changed: BTreeSet::new(),
             lag: HashMap::new(),
+            fed,
             now_ms,
             #[cfg(feature = "planted-bugs")]
             planted: None,
-        })
+        };
+        // Entries written before a crash (or by an older hub) that never reached the index.
+        hub.feed_log(None)?;
+        Ok(hub)
     }
 
     /// Switches a planted bug on (tests of the simulator only).
@@ -450,6 +495,7 @@ impl HubReplica {
         tx.commit_with(Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.route(table, row)?;
+        self.feed_log(None)?;
         self.store.sync()?;
         Ok(())
     }
@@ -467,6 +513,7 @@ impl HubReplica {
         for (table, row) in rows {
             self.route(table, row)?;
         }
+        self.feed_log(None)?;
         self.store.sync()?;
         Ok(outcome)
     }
@@ -628,6 +675,84 @@ impl HubReplica {
         Ok(())
     }
 
+    /// Indexes every log entry after `self.fed` under the users who hold its row now, in every
+    /// profile, and under `writer` (a device holds what it wrote until the feed tells it
+    /// otherwise). Called after every write is routed, so "now" is just after the write.
+    fn feed_log(&mut self, writer: Option<&Principal>) -> Result<(), StoreError> {
+        let last = self.store.last_seq();
+        if self.fed >= last {
+            return Ok(());
+        }
+        let _span = info_span!("feed_log", from = self.fed, to = last).entered();
+        let writer = writer.and_then(|w| Some((self.profile_of(&w.app)?.to_string(), w.user)));
+        while self.fed < last {
+            let entries = self.store.ops_since(self.fed, FEED_BATCH)?;
+            let Some(end) = entries.last().map(|e| e.seq) else {
+                break;
+            };
+            let mut writes = Vec::new();
+            for e in &entries {
+                for (profile, router) in &self.routers {
+                    let mut users = router.holders(&e.table, e.row);
+                    if let Some((p, u)) = &writer {
+                        if p == profile && !users.contains(u) {
+                            users.push(*u);
+                        }
+                    }
+                    for user in users {
+                        let mut k = seq_key(&feed_prefix(profile, user, &e.table), e.seq);
+                        k.extend_from_slice(e.row.as_bytes());
+                        writes.push(AuxWrite::Put(k, Vec::new()));
+                    }
+                }
+            }
+            writes.push(AuxWrite::Put(K_FED.to_vec(), end.to_be_bytes().to_vec()));
+            self.store.aux_apply(SPACE, &writes, Durability::Group)?;
+            self.fed = end;
+        }
+        Ok(())
+    }
+
+    /// Up to about `limit` entries of one feed with `after < seq <= last`, in order, whole
+    /// seqs only (a seq is never split between windows), and whether the feed ended.
+    fn feed_window(
+        &self,
+        prefix: &[u8],
+        after: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, RowId)>, bool), StoreError> {
+        let to = seq_key(prefix, last.saturating_add(1));
+        let parse = |entries: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<(u64, RowId)> {
+            entries
+                .iter()
+                .filter_map(|(k, _)| parse_feed_key(k.get(prefix.len()..)?))
+                .collect()
+        };
+        let limit = limit.max(1);
+        let mut window = parse(self.store.aux_range(
+            SPACE,
+            &seq_key(prefix, after.saturating_add(1)),
+            &to,
+            limit,
+        )?);
+        if window.len() < limit {
+            return Ok((window, true));
+        }
+        // The window may end inside a seq: take that seq whole.
+        let Some(&(tail, _)) = window.last() else {
+            return Ok((window, true));
+        };
+        window.retain(|(s, _)| *s < tail);
+        window.extend(parse(self.store.aux_range(
+            SPACE,
+            &seq_key(prefix, tail),
+            &seq_key(prefix, tail.saturating_add(1)),
+            usize::MAX,
+        )?));
+        Ok((window, tail >= last))
+    }
+
     fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
         let current = self.store.get(table, row).ok()??;
         let tab = self.store.schema().table(table).ok()?;
@@ -640,7 +765,7 @@ impl HubReplica {
     }
 
     fn outcome(
-        &self,
+        &mut self,
         who: &Principal,
         op: &PushOp,
         d: Decision,
@@ -653,6 +778,23 @@ impl HubReplica {
                 message,
             } => {
                 let authoritative = self.authoritative(who, &op.table, op.row);
+                if authoritative.is_some() && !self.in_set(who, &op.table, op.row) {
+                    // Readable but outside the set: the device gets the hub's row back now
+                    // and hears that it left with its next pull.
+                    if let Some(profile) = self.profile_of(&who.app).map(str::to_string) {
+                        let leave = UserDelta {
+                            user: who.user,
+                            enter: Vec::new(),
+                            leave: vec![RowRef {
+                                table: op.table.as_str().into(),
+                                id: op.row,
+                            }],
+                        };
+                        let next = self.store.last_seq() + 1;
+                        self.record_deltas(&profile, &[leave], next)
+                            .map_err(storage_err)?;
+                    }
+                }
                 // The device rolls back: it holds the hub's row if one is sent, else nothing,
                 // whatever the feed told it before. Pulls go on from there.
                 let o = Override {
@@ -685,7 +827,9 @@ impl HubReplica {
         op: &PushOp,
         insp: &fieldsync_store::ChangeInspection,
     ) -> Result<Decision, StorageError> {
-        let schema = self.store.schema().clone();
+        // A handle (an `Arc`), not a copy of the schema: `self` is borrowed mutably below.
+        let store = self.store.clone();
+        let schema = store.schema();
         let Ok(tab) = schema.table(&op.table) else {
             return Ok(rejected(
                 Operation::Write,
@@ -855,6 +999,7 @@ impl HubReplica {
             self.resolve_client_wins(op, insp)?;
         }
         self.route(&op.table, op.row).map_err(storage_err)?;
+        self.feed_log(Some(who)).map_err(storage_err)?;
         Ok(Decision::Accepted)
     }
 
@@ -1035,8 +1180,12 @@ impl HubStorage for HubReplica {
             return Ok(chunk);
         }
         let max_items = limits.max_items.max(1);
-        let actors = self.device_actors(who.device)?;
+        // The device's own actors, read when a row outside its set shows up (rarely).
+        let mut actors: Option<Vec<[u8; 16]>> = None;
         let mp = membership_prefix(&profile, who.user);
+        // Entries written around `route` (directly to the store) are indexed before reading.
+        self.feed_log(None).map_err(storage_err)?;
+        let fp = feed_prefix(&profile, who.user, table);
         // Walk the feed.
         #[derive(Clone, Copy, PartialEq)]
         enum Fate {
@@ -1050,22 +1199,29 @@ impl HubStorage for HubReplica {
         let mut bytes = 0usize;
         let mut end = after.0;
         let mut full = false;
-        // A table may be a small part of the log: scan window after window until the batch
-        // is full or the log ends (a bounded number per pull), so a sparse table does not cost
-        // the device a round trip and a durable write per window.
+        // Scan the user's feed of this table window after window until the batch is full or
+        // the feed ends (a bounded number per pull), so rows that are skipped (their fate
+        // unchanged) do not cost the device a round trip and a durable write per window.
         let mut scanned = after.0;
         for _ in 0..MAX_SCAN_WINDOWS {
-            let entries = self
-                .store
-                .ops_since(scanned, max_items.saturating_mul(SCAN_FACTOR))
+            let (fed, ended) = self
+                .feed_window(&fp, scanned, last, max_items.saturating_mul(SCAN_FACTOR))
                 .map_err(storage_err)?;
+            let tail = fed.last().map_or(scanned, |(s, _)| *s);
+            let mut entries = Vec::with_capacity(fed.len());
+            for (seq, row) in fed {
+                match self.store.log_entry(seq).map_err(storage_err)? {
+                    Some(e) if e.row == row && e.table == table => entries.push(e),
+                    _ => warn!(seq, %row, "a feed entry names no such log entry"),
+                }
+            }
             // Membership changes of this user in this table in the window, by seq.
             let from = {
                 let mut k = mp.clone();
                 k.extend_from_slice(&(scanned + 1).to_be_bytes());
                 k
             };
-            let scan_end = entries.last().map_or(scanned, |e| e.seq);
+            let scan_end = if ended { last } else { tail };
             // At the end of the log, membership changes that have no log entry of their own
             // (recorded at `last + 1`) are due too.
             let membership_end = if scan_end >= last { last + 1 } else { scan_end };
@@ -1129,6 +1285,7 @@ impl HubStorage for HubReplica {
                 }
                 let mut planned: Vec<(RowId, Fate, Option<Vec<u8>>)> = Vec::new();
                 let mut fresh: Vec<RowId> = Vec::new();
+                let mut upgraded: Vec<RowId> = Vec::new();
                 for &g in &group {
                     let (_, row, change) = &touch[g];
                     let state = if let Some((f, _)) = fates.get(row) {
@@ -1162,6 +1319,10 @@ impl HubStorage for HubReplica {
                             before = !now;
                         }
                         let f = match (before, now) {
+                            // Held at the cursor and now, but its membership changed in
+                            // between: it left and came back, and the feed holds none of the
+                            // ops written while it was away. Send it whole.
+                            (true, true) if change.is_none() => Fate::Entered,
                             (true, true) => Fate::Ops,
                             (false, true) => Fate::Entered,
                             (true, false) if self.forgets_eviction(table, *row) => Fate::Skip,
@@ -1176,6 +1337,15 @@ impl HubStorage for HubReplica {
                         }
                         f
                     };
+                    if known && change.is_none() && fate == Fate::Ops {
+                        // A membership change after ops already planned (see above).
+                        if let Some(x) = fates.get_mut(row) {
+                            x.0 = Fate::Entered;
+                        }
+                        planned.push((*row, Fate::Entered, None));
+                        upgraded.push(*row);
+                        group_items += 1;
+                    }
                     if let Some((c, actor)) = change {
                         match fate {
                             Fate::Ops => {
@@ -1183,13 +1353,18 @@ impl HubStorage for HubReplica {
                                 group_items += 1;
                                 planned.push((*row, Fate::Ops, Some(c.clone())));
                             }
-                            Fate::Skip if actors.contains(actor) => {
-                                // The device holds what it wrote, even outside its set.
-                                if let Some(x) = fates.get_mut(row) {
-                                    x.0 = Fate::Left;
+                            Fate::Skip => {
+                                if actors.is_none() {
+                                    actors = Some(self.device_actors(who.device)?);
                                 }
-                                planned.push((*row, Fate::Left, None));
-                                group_items += 1;
+                                if actors.as_ref().is_some_and(|a| a.contains(actor)) {
+                                    // The device holds what it wrote, even outside its set.
+                                    if let Some(x) = fates.get_mut(row) {
+                                        x.0 = Fate::Left;
+                                    }
+                                    planned.push((*row, Fate::Left, None));
+                                    group_items += 1;
+                                }
                             }
                             _ => {}
                         }
@@ -1200,6 +1375,11 @@ impl HubStorage for HubReplica {
                     // Undo the decisions first made in this group.
                     for row in &fresh {
                         fates.remove(row);
+                    }
+                    for row in &upgraded {
+                        if let Some(x) = fates.get_mut(row) {
+                            x.0 = Fate::Ops;
+                        }
                     }
                     for (row, f, _) in &planned {
                         if *f == Fate::Left {
@@ -1237,11 +1417,7 @@ impl HubStorage for HubReplica {
                 break;
             }
             end = end.max(scan_end);
-            if entries.is_empty()
-                || scan_end >= last
-                || items >= max_items
-                || bytes >= limits.max_bytes
-            {
+            if ended || scan_end >= last || items >= max_items || bytes >= limits.max_bytes {
                 break;
             }
             scanned = scan_end;
@@ -1289,7 +1465,7 @@ impl HubStorage for HubReplica {
             return Ok(None);
         };
         let profile = router.profile().clone();
-        let schema = self.store.schema().clone();
+        let schema = self.store.schema();
         let mut p = P_BLOB.to_vec();
         p.extend_from_slice(sha256);
         let referrers = self.store.aux_scan(SPACE, &p).map_err(storage_err)?;
