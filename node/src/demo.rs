@@ -204,7 +204,7 @@ fn put_existing(runtime: &HubRuntime, table: &str, id: RowId, values: &[&str]) -
     let vals = hub_values(&r, table, &args)?;
     let refs: Vec<(&str, Value)> = vals.iter().map(|(c, v)| (c.as_str(), v.clone())).collect();
     r.local_write(table, id, &refs)?;
-    let changed = r.take_changed_tables();
+    let changed = r.take_changes();
     drop(r);
     runtime.bus.publish(&changed);
     Ok(id)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use fieldsync_node::upstream::{AuthConfig, Bridge, SecretSource, UpstreamConfig};
+use fieldsync_replication::replica::FeedChanges;
 use fieldsync_replication::security::Depth;
 use fieldsync_replication::{Environment, Privilege};
 use serde_json::{json, Value as J};
@@ -103,7 +104,7 @@ pub async fn start(root: &Path, runtime: &Arc<HubRuntime>, schema: &str) -> Resu
     let bridge = Bridge::new(
         up,
         runtime.replica.clone(),
-        Box::new(move |t: &[String]| bus.publish(t)),
+        Box::new(move |c: &FeedChanges| bus.publish(c)),
     )?;
     Ok(Upstream {
         bridge,

@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use fieldsync_replication::credential::{Credential, HubSigningKey};
 use fieldsync_replication::proto::{ConflictPolicies, ConflictPolicy, HubConfig, Millis};
-use fieldsync_replication::replica::HubReplica;
+use fieldsync_replication::replica::{FeedChanges, HubReplica};
 use fieldsync_replication::transport::{ConnectionLimits, HubIdentity};
 use fieldsync_replication::{apps_from_toml, generate_profile, Environment, Profile};
 use fieldsync_store::{RowId, Schema, Store, StoreOptions, Value};
@@ -626,7 +626,7 @@ pub fn start_bridge(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let bus = runtime.bus.clone();
     let (me, wake) = bus.register_listener();
-    let on_change = Box::new(move |tables: &[String]| bus.publish_except(tables, Some(me)));
+    let on_change = Box::new(move |changes: &FeedChanges| bus.publish_except(changes, Some(me)));
     let bridge = Bridge::new(config, runtime.replica.clone(), on_change)
         .context("cannot start the upstream bridge")?;
     let _ = runtime.upstream.set(bridge.stats.clone());

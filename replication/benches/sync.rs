@@ -67,7 +67,8 @@ use fieldsync_replication::proto::{
     Principal, PullChunk, PushOp, PushOutcome, Refusal, Rejection, RowChange, RowDoc, StorageError,
     SyncSchedule,
 };
-use fieldsync_replication::replica::{DeviceReplica, HubReplica};
+use fieldsync_replication::replica::{DeviceReplica, FeedChanges, HubReplica};
+use fieldsync_replication::security::UserId;
 use fieldsync_replication::transport::baseline::{loopback_pair, percentile, round_trip_latencies};
 use fieldsync_replication::transport::{
     accept_device, authenticate, drive_session_with_wake, CloseReason, ConnectionLimits,
@@ -104,8 +105,9 @@ fn schema() -> Schema {
 // The hub: a HubSession per connection over one shared HubReplica, woken for live sessions.
 // ---------------------------------------------------------------------------------------------
 
-/// A live session's wake-up and the tables changed since it last looked.
-type Waiting = (Arc<Notify>, BTreeSet<String>);
+/// A live session's wake-up, its user once authenticated, and the tables changed since it
+/// last looked.
+type Waiting = (Arc<Notify>, Option<UserId>, BTreeSet<String>);
 
 /// Wakes live sessions when tables changed (the shape of node's change bus).
 #[derive(Default)]
@@ -121,7 +123,7 @@ impl Bus {
         self.sessions
             .lock()
             .unwrap()
-            .insert(id, (notify.clone(), BTreeSet::new()));
+            .insert(id, (notify.clone(), None, BTreeSet::new()));
         (id, notify)
     }
 
@@ -129,13 +131,20 @@ impl Bus {
         self.sessions.lock().unwrap().remove(&id);
     }
 
-    fn publish(&self, tables: &[String]) {
-        if tables.is_empty() {
-            return;
+    fn set_user(&self, id: u64, user: UserId) {
+        if let Some(w) = self.sessions.lock().unwrap().get_mut(&id) {
+            w.1 = Some(user);
         }
-        for (notify, pending) in self.sessions.lock().unwrap().values_mut() {
-            pending.extend(tables.iter().cloned());
-            notify.notify_one();
+    }
+
+    /// Wakes the sessions whose user's feeds moved.
+    fn publish(&self, changes: &FeedChanges) {
+        for (notify, user, pending) in self.sessions.lock().unwrap().values_mut() {
+            let tables = user.map(|u| changes.tables_for(u)).unwrap_or_default();
+            if !tables.is_empty() {
+                pending.extend(tables);
+                notify.notify_one();
+            }
         }
     }
 
@@ -144,7 +153,7 @@ impl Bus {
             .lock()
             .unwrap()
             .get_mut(&id)
-            .map(|(_, t)| std::mem::take(t).into_iter().collect())
+            .map(|(_, _, t)| std::mem::take(t).into_iter().collect())
             .unwrap_or_default()
     }
 }
@@ -189,14 +198,17 @@ impl HubAdapter {
         }
         while let Some(ev) = self.session.poll_event() {
             match ev {
+                HubEvent::Authenticated { principal } => {
+                    self.hub.bus.set_user(self.id, principal.user);
+                }
                 HubEvent::OpsApplied {
                     accepted, rejected, ..
                 } => {
                     let s = &self.hub.stats;
                     s.ops_in.fetch_add(accepted as u64, Ordering::Relaxed);
                     s.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
-                    let tables = self.hub.replica.lock().unwrap().take_changed_tables();
-                    self.hub.bus.publish(&tables);
+                    let changes = self.hub.replica.lock().unwrap().take_changes();
+                    self.hub.bus.publish(&changes);
                 }
                 HubEvent::BatchSent { items, .. } => {
                     self.hub

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use fieldsync_replication::credential::{TokenRegistry, TokenStatus, TokenVerifier};
 use fieldsync_replication::proto::{CloseCode, HubConfig, HubEvent, HubSession, Millis};
-use fieldsync_replication::replica::HubReplica;
+use fieldsync_replication::replica::{FeedChanges, HubReplica};
+use fieldsync_replication::security::UserId;
 use fieldsync_replication::transport::{
     accept_device, drive_session_with_wake, CloseReason, ConnectionLimits, FrameFormat,
     FrameReader, FrameSession, FrameWriter, HubEndpoint, HubIdentity, SessionClock,
@@ -55,6 +56,8 @@ pub struct Metrics {
 struct BusEntry {
     notify: Arc<Notify>,
     tables: BTreeSet<String>,
+    /// The session's user once it has authenticated: only changes to that user's feeds wake it.
+    user: Option<UserId>,
     listener: bool,
 }
 
@@ -91,6 +94,7 @@ impl ChangeBus {
             BusEntry {
                 notify: notify.clone(),
                 tables: BTreeSet::new(),
+                user: None,
                 listener,
             },
         );
@@ -102,26 +106,44 @@ impl ChangeBus {
         self.sessions().remove(&id);
     }
 
-    /// Tables changed: wake every session (the pusher's own too: its other tables' feeds may
-    /// have moved, e.g. a row it created entering a related table).
-    pub fn publish(&self, tables: &[String]) {
-        self.publish_except(tables, None);
+    /// The session `id` authenticated as `user`.
+    pub fn set_user(&self, id: u64, user: UserId) {
+        if let Some(e) = self.sessions().get_mut(&id) {
+            e.user = Some(user);
+        }
+    }
+
+    /// The hub's data changed: wake every session whose user's feeds moved (the pusher's own
+    /// too: its other tables' feeds may have moved, e.g. a row it created entering a related
+    /// table) and every listener. Sessions of other users stay asleep: with a thousand
+    /// devices connected, one push costs the few pulls it concerns, not a thousand.
+    pub fn publish(&self, changes: &FeedChanges) {
+        self.publish_except(changes, None);
     }
 
     /// `publish`, without waking `skip`: a listener publishing its own changes (the bridge
     /// would otherwise wake itself for one more round after every round that wrote).
-    pub fn publish_except(&self, tables: &[String], skip: Option<u64>) {
-        if tables.is_empty() {
+    pub fn publish_except(&self, changes: &FeedChanges, skip: Option<u64>) {
+        if changes.is_empty() {
             return;
         }
         for (id, entry) in self.sessions().iter_mut() {
             if Some(*id) == skip {
                 continue;
             }
-            if !entry.listener {
-                entry.tables.extend(tables.iter().cloned());
+            if entry.listener {
+                entry.notify.notify_one();
+                continue;
             }
-            entry.notify.notify_one();
+            // A session not yet authenticated pulls everything once it is.
+            let Some(user) = entry.user else {
+                continue;
+            };
+            let tables = changes.tables_for(user);
+            if !tables.is_empty() {
+                entry.tables.extend(tables);
+                entry.notify.notify_one();
+            }
         }
     }
 
@@ -201,6 +223,7 @@ impl HubAdapter {
                 HubEvent::Authenticated { principal } => {
                     info!(device = %principal.device, user = %principal.user, app = %principal.app, "device connected");
                     self.authenticated = true;
+                    self.bus.set_user(self.id, principal.user);
                     self.metrics.connected.fetch_add(1, Ordering::Relaxed);
                 }
                 HubEvent::Refused { code } => {
@@ -218,8 +241,8 @@ impl HubAdapter {
                     self.metrics
                         .rejections
                         .fetch_add(rejected as u64, Ordering::Relaxed);
-                    let tables = lock(&self.replica).take_changed_tables();
-                    self.bus.publish(&tables);
+                    let changes = lock(&self.replica).take_changes();
+                    self.bus.publish(&changes);
                 }
                 HubEvent::BatchSent { items, .. } => {
                     self.metrics

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fieldsync_replication::replica::{HubReplica, HubReplicaError};
+use fieldsync_replication::replica::{FeedChanges, HubReplica, HubReplicaError};
 use fieldsync_store::{
     ActorId, OpenError, RemoteOp, RowId, Schema, SchemaError, Store, StoreError, StoreOptions,
     Value, WriteError,
@@ -112,7 +112,7 @@ pub struct BridgeStats {
 }
 
 /// Told which tables rows pulled from Dataverse changed (the hub wakes device sessions).
-pub type ChangeHook = Box<dyn Fn(&[String]) + Send + Sync>;
+pub type ChangeHook = Box<dyn Fn(&FeedChanges) + Send + Sync>;
 
 /// The bridge between one hub and its upstream environment.
 pub struct Bridge {
@@ -176,9 +176,9 @@ impl Bridge {
         self.pull().await
     }
 
-    pub(crate) fn changed(&self, tables: &[String]) {
-        if !tables.is_empty() {
-            (self.on_change)(tables);
+    pub(crate) fn changed(&self, changes: &FeedChanges) {
+        if !changes.is_empty() {
+            (self.on_change)(changes);
         }
     }
 
@@ -345,14 +345,14 @@ impl Merger {
         Ok(true)
     }
 
-    /// Applies the collected ops to the hub (durably, routed to devices); returns the tables
+    /// Applies the collected ops to the hub (durably, routed to devices); returns what
     /// they touched.
-    pub fn apply(&mut self, replica: &mut HubReplica) -> Result<Vec<String>, UpstreamError> {
+    pub fn apply(&mut self, replica: &mut HubReplica) -> Result<FeedChanges, UpstreamError> {
         if self.ops.is_empty() {
-            return Ok(Vec::new());
+            return Ok(FeedChanges::default());
         }
         let ops = std::mem::take(&mut self.ops);
         replica.apply_upstream(&ops)?;
-        Ok(replica.take_changed_tables())
+        Ok(replica.take_changes())
     }
 }

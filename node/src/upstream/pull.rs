@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
+use fieldsync_replication::replica::FeedChanges;
 use fieldsync_store::RowId;
 use reqwest::Method;
 use serde_json::Value as J;
@@ -219,7 +220,7 @@ impl Bridge {
         rows: &[map::WireRow],
         deletions: &[RowId],
         delta_link: Option<&str>,
-    ) -> Result<Vec<String>, UpstreamError> {
+    ) -> Result<FeedChanges, UpstreamError> {
         let mut merger = Merger::new(hub.store().schema())?;
         let mut writes = StateWrites::default();
         let mut pulled = 0u64;

@@ -131,6 +131,56 @@ impl TokenRegistry for AuxRegistry<'_> {
     }
 }
 
+/// What a batch of writes changed on the hub: every table written, and per user the tables
+/// whose feed (rows held, entering or leaving) moved. Only those users' sessions need to pull.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedChanges {
+    tables: BTreeSet<String>,
+    feeds: BTreeSet<(UserId, String)>,
+}
+
+impl FeedChanges {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.feeds.is_empty()
+    }
+
+    /// Every table written (for listeners that want all changes, like the upstream bridge).
+    pub fn tables(&self) -> Vec<String> {
+        self.tables.iter().cloned().collect()
+    }
+
+    /// The tables whose feed moved for `user`.
+    pub fn tables_for(&self, user: UserId) -> Vec<String> {
+        self.feeds
+            .range((user, String::new())..)
+            .take_while(|(u, _)| *u == user)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
+    /// `table` was written.
+    pub fn record_table(&mut self, table: &str) {
+        if !self.tables.contains(table) {
+            self.tables.insert(table.to_string());
+        }
+    }
+
+    /// `user`'s feed of `table` moved (the table was written too).
+    pub fn record_feed(&mut self, user: UserId, table: &str) {
+        self.record_table(table);
+        if !self.feeds.contains(&(user, table.to_string())) {
+            self.feeds.insert((user, table.to_string()));
+        }
+    }
+
+    /// Adds `other`'s changes to these.
+    pub fn merge(&mut self, other: FeedChanges) {
+        self.tables.extend(other.tables);
+        self.feeds.extend(other.feeds);
+    }
+}
+
 /// The hub's [`HubStorage`] over its store, environment, apps and profiles.
 #[derive(Debug)]
 pub struct HubReplica {
@@ -141,7 +191,7 @@ pub struct HubReplica {
     routers: BTreeMap<String, Router>,
     verifier: TokenVerifier,
     signing: Option<HubSigningKey>,
-    changed: BTreeSet<String>,
+    changed: FeedChanges,
     lag: HashMap<(DeviceId, String), Cursor>,
     /// The last log seq in the feed index (`K_FED`).
     fed: u64,
@@ -355,7 +405,7 @@ impl HubReplica {
             routers,
             verifier,
             signing: None,
-            changed: BTreeSet::new(),
+            changed: FeedChanges::default(),
             lag: HashMap::new(),
             fed,
             now_ms,
@@ -454,10 +504,11 @@ impl HubReplica {
         Ok(issued)
     }
 
-    /// Tables changed since the last call (applied pushes, resolutions, membership changes):
-    /// hand them to every live `HubSession::handle_changes`.
-    pub fn take_changed_tables(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.changed).into_iter().collect()
+    /// What changed since the last call (applied pushes, resolutions, membership changes):
+    /// hand each live `HubSession::handle_changes` the tables of its user
+    /// ([`FeedChanges::tables_for`]).
+    pub fn take_changes(&mut self) -> FeedChanges {
+        std::mem::take(&mut self.changed)
     }
 
     /// Per device and table, the cursor it last pulled from and how far the feed is ahead.
@@ -646,7 +697,7 @@ impl HubReplica {
             p.extend_from_slice(&seq.to_be_bytes());
             for r in d.enter.iter().chain(d.leave.iter()) {
                 writes.push(AuxWrite::Put(row_key(&p, &r.table, r.id), Vec::new()));
-                self.changed.insert(r.table.to_string());
+                self.changed.record_feed(d.user, &r.table);
             }
         }
         if !writes.is_empty() {
@@ -667,7 +718,7 @@ impl HubReplica {
             let route = r.handle_write(table, row, values);
             all.push((name.clone(), route.deltas));
         }
-        self.changed.insert(table.to_string());
+        self.changed.record_table(table);
         let seq = self.store.last_seq();
         for (profile, deltas) in all {
             self.record_deltas(&profile, &deltas, seq)?;
@@ -703,6 +754,7 @@ impl HubReplica {
                         let mut k = seq_key(&feed_prefix(profile, user, &e.table), e.seq);
                         k.extend_from_slice(e.row.as_bytes());
                         writes.push(AuxWrite::Put(k, Vec::new()));
+                        self.changed.record_feed(user, &e.table);
                     }
                 }
             }

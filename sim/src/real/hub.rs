@@ -17,7 +17,7 @@ use fieldsync_replication::proto::{
     BatchLimits, BlobSlice, ConflictPolicy, Cursor, DeviceId, HubStorage, Millis, Principal,
     PullChunk, PushOp, PushOutcome, Refusal, StorageError,
 };
-use fieldsync_replication::replica::HubReplica;
+use fieldsync_replication::replica::{FeedChanges, HubReplica};
 use fieldsync_store::{ActorId, RemoteOp, Store, Value};
 
 use super::device::store_options;
@@ -40,6 +40,8 @@ pub trait SimHubStorage: HubStorage {
     ) -> Result<Option<Vec<String>>, RealError>;
     /// Apply an administrative change; the tables whose feeds changed.
     fn admin(&mut self, now: u64, event: &AdminEvent) -> Result<Vec<String>, RealError>;
+    /// Which users' feeds moved since the last call: only their sessions need to pull.
+    fn take_feed_changes(&mut self) -> FeedChanges;
     /// Visit every live row with its digest.
     fn for_each_row(&self, f: &mut dyn FnMut(RowKey, u64));
     /// The digest of one row.
@@ -75,6 +77,8 @@ pub struct ReplicaHub {
     bug: Option<PlantedBug>,
     setup_rows: u64,
     position: u64,
+    /// Feeds moved since the sessions were last told.
+    feed_changes: FeedChanges,
 }
 
 fn store_err(e: impl std::fmt::Display) -> RealError {
@@ -186,6 +190,7 @@ impl ReplicaHub {
             bug,
             setup_rows,
             position,
+            feed_changes: FeedChanges::default(),
         };
         hub.plant();
         Ok(hub)
@@ -311,13 +316,18 @@ impl ReplicaHub {
         Ok(Some(entries))
     }
 
-    /// Tables whose feeds changed, and the workload ops now in the log.
+    /// Tables whose feeds changed, and the workload ops now in the log; the feeds that moved
+    /// are kept for [`SimHubStorage::take_feed_changes`].
     fn changed(&mut self) -> Vec<String> {
         self.note_log();
-        self.replica
+        let changes = self
+            .replica
             .as_mut()
-            .map(HubReplica::take_changed_tables)
-            .unwrap_or_default()
+            .map(HubReplica::take_changes)
+            .unwrap_or_default();
+        let tables = changes.tables();
+        self.feed_changes.merge(changes);
+        tables
     }
 }
 
@@ -395,6 +405,11 @@ impl SimHubStorage for ReplicaHub {
             tables.push(table);
         }
         Ok(Some(tables))
+    }
+
+    fn take_feed_changes(&mut self) -> FeedChanges {
+        self.changed();
+        std::mem::take(&mut self.feed_changes)
     }
 
     fn admin(&mut self, now: u64, event: &AdminEvent) -> Result<Vec<String>, RealError> {

@@ -341,7 +341,7 @@ impl<S> RealDevice<S> {
 impl<H: SimHubStorage> RealHub<H> {
     fn drain(&mut self) {
         let now = Millis(self.now);
-        let mut changed: Vec<(NodeId, Vec<String>)> = Vec::new();
+        let mut changed: Vec<NodeId> = Vec::new();
         for (d, s) in self.sessions.iter_mut() {
             while let Some(msg) = s.poll_transmit(now) {
                 if let Some(f) = Frame::encode(&msg) {
@@ -350,9 +350,7 @@ impl<H: SimHubStorage> RealHub<H> {
             }
             while let Some(ev) = s.poll_event() {
                 match ev {
-                    HubEvent::OpsApplied {
-                        accepted, tables, ..
-                    } if accepted > 0 => changed.push((*d, tables)),
+                    HubEvent::OpsApplied { accepted, .. } if accepted > 0 => changed.push(*d),
                     HubEvent::StorageFailed { error } => {
                         tracing::warn!(%error, "hub storage failed");
                     }
@@ -363,19 +361,26 @@ impl<H: SimHubStorage> RealHub<H> {
         let mut stored = Vec::new();
         self.storage.drain_events(&mut stored);
         self.events.extend(stored);
-        if !changed.is_empty() {
-            for (from, tables) in changed {
-                self.changes(Some(from), &tables);
-            }
+        for from in changed {
+            self.changes(Some(from));
         }
     }
 
-    /// Tell every session (but `except`) that these tables changed, then drain again.
-    fn changes(&mut self, except: Option<NodeId>, tables: &[String]) {
+    /// Tell every session (but `except`) whose user's feeds moved which of its tables did,
+    /// as the product's change bus does, then drain again.
+    fn changes(&mut self, except: Option<NodeId>) {
         let now = Millis(self.now);
+        let feeds = self.storage.take_feed_changes();
         for (d, s) in self.sessions.iter_mut() {
-            if Some(*d) != except {
-                s.handle_changes(now, tables, &mut self.storage);
+            if Some(*d) == except {
+                continue;
+            }
+            let Some(user) = s.principal().map(|p| p.user) else {
+                continue;
+            };
+            let tables = feeds.tables_for(user);
+            if !tables.is_empty() {
+                s.handle_changes(now, &tables, &mut self.storage);
             }
         }
         self.drain();
@@ -618,8 +623,8 @@ impl<S: SimDeviceStorage, H: SimHubStorage> FieldNode for RealNode<S, H> {
             RealNode::Hub(h) => {
                 h.now = now;
                 match h.storage.edit(now, edit.op, edit.row, edit.kind) {
-                    Ok(Some(tables)) => {
-                        h.changes(None, &tables);
+                    Ok(Some(_)) => {
+                        h.changes(None);
                         EditResult::Committed
                     }
                     Ok(None) => EditResult::Refused,
@@ -638,7 +643,7 @@ impl<S: SimDeviceStorage, H: SimHubStorage> FieldNode for RealNode<S, H> {
         if let RealNode::Hub(h) = self {
             h.now = now;
             match h.storage.admin(now, event) {
-                Ok(tables) if !tables.is_empty() => h.changes(None, &tables),
+                Ok(tables) if !tables.is_empty() => h.changes(None),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "admin change failed"),
             }
