@@ -153,8 +153,9 @@ impl Bus {
 struct HubStats {
     /// Time spent in the hub's session and replica (handling messages and wake-ups).
     busy_ns: AtomicU64,
-    /// Time spent in `HubReplica::pull` (part of `busy_ns`).
+    /// Time spent in `HubReplica::pull` (part of `busy_ns`), and its calls.
     pull_ns: AtomicU64,
+    pulls: AtomicU64,
     ops_in: AtomicU64,
     items_out: AtomicU64,
     rejected: AtomicU64,
@@ -221,7 +222,7 @@ impl FrameSession for HubAdapter {
                 let mut replica = hub.replica.lock().unwrap();
                 let mut storage = TimedHub {
                     inner: &mut replica,
-                    pull_ns: &hub.stats.pull_ns,
+                    stats: &hub.stats,
                 };
                 self.session.handle_message(now, msg, &mut storage);
             }
@@ -247,13 +248,20 @@ impl FrameSession for HubAdapter {
     }
     fn handle_wake(&mut self, now_ms: u64) {
         let now = Millis(now_ms);
+        let t = Instant::now();
         let tables = self.hub.bus.take(self.id);
         if !tables.is_empty() {
             let hub = self.hub.clone();
             let mut replica = hub.replica.lock().unwrap();
-            self.session.handle_changes(now, &tables, &mut *replica);
+            let mut storage = TimedHub {
+                inner: &mut replica,
+                stats: &hub.stats,
+            };
+            self.session.handle_changes(now, &tables, &mut storage);
         }
         self.settle(now);
+        let busy = t.elapsed().as_nanos() as u64;
+        self.hub.stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
     }
 }
 
@@ -389,6 +397,8 @@ struct DeviceAdapter<S> {
     out: VecDeque<Vec<u8>>,
     signals: mpsc::UnboundedSender<Signal>,
     done: bool,
+    /// Why the session ended, if it did.
+    closed: Option<String>,
     items_in: u64,
     rejected: u64,
     /// Time spent in the device's session and storage handling frames.
@@ -414,6 +424,14 @@ impl<S: DeviceStorage> DeviceAdapter<S> {
                 DeviceEvent::PushAcked { rejected, .. } => self.rejected += rejected.len() as u64,
                 DeviceEvent::Refused { message, .. } => panic!("hub refused a device: {message}"),
                 DeviceEvent::StorageFailed { error } => panic!("device storage: {error}"),
+                DeviceEvent::Closed {
+                    code,
+                    reason,
+                    by_peer,
+                } => {
+                    let by = if by_peer { "hub" } else { "device" };
+                    self.closed = Some(format!("closed by the {by}: {code} ({reason})"));
+                }
                 _ => {}
             }
         }
@@ -537,7 +555,7 @@ impl<S: DeviceStorage> DeviceStorage for Timed<S> {
 /// The hub's replica as one session sees it, timing `pull` (the initial sync's breakdown).
 struct TimedHub<'a> {
     inner: &'a mut HubReplica,
-    pull_ns: &'a AtomicU64,
+    stats: &'a HubStats,
 }
 
 impl HubStorage for TimedHub<'_> {
@@ -565,7 +583,10 @@ impl HubStorage for TimedHub<'_> {
         after: Cursor,
         limits: BatchLimits,
     ) -> Result<PullChunk, StorageError> {
-        timed(self.pull_ns, || self.inner.pull(who, table, after, limits))
+        self.stats.pulls.fetch_add(1, Ordering::Relaxed);
+        timed(&self.stats.pull_ns, || {
+            self.inner.pull(who, table, after, limits)
+        })
     }
     fn blob_chunk(
         &mut self,
@@ -644,6 +665,7 @@ async fn connect<S: DeviceStorage + Send + 'static>(
             out: VecDeque::new(),
             signals: tx,
             done: false,
+            closed: None,
             items_in: 0,
             rejected: 0,
             busy_ns: busy,
@@ -651,9 +673,19 @@ async fn connect<S: DeviceStorage + Send + 'static>(
         adapter.settle(now);
         let mut writer = writer.with_format(FrameFormat::WIRE_V1);
         let mut reader = reader.with_format(FrameFormat::WIRE_V1);
-        let _ =
+        let outcome =
             drive_session_with_wake(&mut adapter, &conn, &mut writer, &mut reader, &clock, &wake)
                 .await;
+        if !adapter.done {
+            // This bench does not reconnect: say why the device stopped, and close its signals
+            // so a waiter fails now rather than at its timeout.
+            eprintln!(
+                "# device {} ended before it synced: {}; driver: {outcome:?}",
+                adapter.session.config().device,
+                adapter.closed.as_deref().unwrap_or("session still open")
+            );
+            adapter.signals = mpsc::unbounded_channel().0;
+        }
         adapter
     });
     Running {
@@ -1152,10 +1184,13 @@ fn child_hub(dir: &Path, rows: usize, users: usize, devices: usize) {
         let _ = stdin.await;
         let s = &hub.stats;
         eprintln!(
-            "# hub child: {} ops in, {} items out, {} rejected",
+            "# hub child: {} ops in, {} items out, {} rejected; busy {:.1} s, {} pulls in {:.1} s",
             s.ops_in.load(Ordering::Relaxed),
             s.items_out.load(Ordering::Relaxed),
-            s.rejected.load(Ordering::Relaxed)
+            s.rejected.load(Ordering::Relaxed),
+            s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            s.pulls.load(Ordering::Relaxed),
+            s.pull_ns.load(Ordering::Relaxed) as f64 / 1e9
         );
     });
 }
@@ -1299,6 +1334,11 @@ async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures 
         for j in joins {
             running.push(j.await.unwrap());
         }
+        eprintln!(
+            "# {} devices synced after {:.1} s",
+            running.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     let elapsed = started.elapsed();
     let after = hub.stats();
@@ -1324,8 +1364,28 @@ async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures 
     }
 }
 
+/// Logs to stderr as `RUST_LOG` asks (nothing when unset), tagged with the process's role.
+fn init_logging(role: &'static str) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(move || {
+            let mut err = std::io::stderr();
+            let _ = write!(err, "[{role}] ");
+            err
+        })
+        .try_init();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    init_logging(if args.iter().any(|a| a == "--child") {
+        "hub"
+    } else {
+        "devices"
+    });
     if let Some(pos) = args.iter().position(|a| a == "--child") {
         let dir = Path::new(&args[pos + 2]);
         child_hub(
