@@ -1170,10 +1170,13 @@ fn child_hub(dir: &Path, rows: usize, users: usize, devices: usize) {
                     Some("stats") => {
                         let s = &stats.stats;
                         println!(
-                            "STATS {} {} {}",
+                            "STATS {} {} {} {} {} {}",
                             s.ops_in.load(Ordering::Relaxed),
                             s.items_out.load(Ordering::Relaxed),
-                            s.rejected.load(Ordering::Relaxed)
+                            s.rejected.load(Ordering::Relaxed),
+                            s.busy_ns.load(Ordering::Relaxed),
+                            s.pulls.load(Ordering::Relaxed),
+                            s.pull_ns.load(Ordering::Relaxed)
                         );
                     }
                     _ => println!("?"),
@@ -1220,8 +1223,8 @@ impl HubChild {
         (it.next().unwrap(), it.next().unwrap())
     }
 
-    /// (ops pushed and accepted, items pulled, ops rejected) so far.
-    fn stats(&mut self) -> (u64, u64, u64) {
+    /// (ops pushed and accepted, items pulled, ops rejected, ns busy, pulls, ns in pulls) so far.
+    fn stats(&mut self) -> (u64, u64, u64, u64, u64, u64) {
         writeln!(self.stdin, "stats").unwrap();
         self.stdin.flush().unwrap();
         let l = self.line();
@@ -1230,7 +1233,7 @@ impl HubChild {
             .skip(1)
             .map(|v| v.parse().unwrap())
             .collect();
-        (v[0], v[1], v[2])
+        (v[0], v[1], v[2], v[3], v[4], v[5])
     }
 }
 
@@ -1307,11 +1310,21 @@ async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures 
         Arc::new(DeviceEndpoint::for_hub(addr, pin, ConnectionLimits::device()).unwrap());
     let mut running = Vec::with_capacity(devices);
     let first = storages.remove(0);
+    let t = Instant::now();
     let mut d0 = connect(&endpoint, addr, &tokens[0].1, schedule.clone(), first).await;
     d0.wait(Signal::Done, Duration::from_secs(600)).await;
+    let first_sync = t.elapsed();
     running.push(d0);
     let (one, _) = hub.rss();
     let before = hub.stats();
+    println!(
+        "# first device synced alone in {:.2} s: {} items, hub busy {:.2} s, {} pulls in {:.2} s",
+        first_sync.as_secs_f64(),
+        before.1,
+        before.3 as f64 / 1e9,
+        before.4,
+        before.5 as f64 / 1e9
+    );
     let started = Instant::now();
     // Connect in waves well under the hub's pending-handshake cap.
     let mut rest = tokens.iter().skip(1).zip(storages);
