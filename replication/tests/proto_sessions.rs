@@ -102,6 +102,8 @@ struct RefHub {
     resolutions: u64,
     /// Ops refused once, with the answer given.
     refused: BTreeMap<OpId, PushOutcome>,
+    /// Where each pull started: (table, after).
+    reads: Vec<(String, Cursor)>,
 }
 
 impl RefHub {
@@ -233,6 +235,7 @@ impl HubStorage for RefHub {
         after: Cursor,
         limits: BatchLimits,
     ) -> Result<PullChunk, StorageError> {
+        self.reads.push((table.to_string(), after));
         self.pull_chunk(who, table, after, limits)
     }
 
@@ -2311,51 +2314,6 @@ fn a_stale_batch_is_acked_with_the_devices_cursor_and_acks_free_the_window() {
     );
 }
 
-/// The hub's storage, recording where each pull of the feed starts.
-struct CountingReads<'a> {
-    hub: &'a mut RefHub,
-    reads: Vec<(String, Cursor)>,
-}
-
-impl HubStorage for CountingReads<'_> {
-    fn authenticate(
-        &mut self,
-        device: DeviceId,
-        token: &[u8],
-        app: &str,
-    ) -> Result<Result<Principal, Refusal>, StorageError> {
-        self.hub.authenticate(device, token, app)
-    }
-    fn apply_push(
-        &mut self,
-        now: Millis,
-        who: &Principal,
-        policy: ConflictPolicy,
-        op: &PushOp,
-    ) -> Result<PushOutcome, StorageError> {
-        self.hub.apply_push(now, who, policy, op)
-    }
-    fn pull(
-        &mut self,
-        who: &Principal,
-        table: &str,
-        after: Cursor,
-        limits: BatchLimits,
-    ) -> Result<PullChunk, StorageError> {
-        self.reads.push((table.to_string(), after));
-        self.hub.pull(who, table, after, limits)
-    }
-    fn blob_chunk(
-        &mut self,
-        who: &Principal,
-        sha256: &[u8; 32],
-        offset: u64,
-        max_len: usize,
-    ) -> Result<Option<BlobSlice>, StorageError> {
-        self.hub.blob_chunk(who, sha256, offset, max_len)
-    }
-}
-
 /// Postmortem (the sync bench: 1,000 live devices on one hub stalled at about 700): every push
 /// wakes every live session, and a live feed that found nothing for its device read again from
 /// the device's last batch, so each wake-up re-read every change made since then. The hub's
@@ -2387,28 +2345,23 @@ fn regression_a_quiet_live_feed_reads_each_change_once() {
     assert!(dev.is_quiet(), "the device synced and subscribed");
     let synced = store.cursors["task"];
     // Other users' rows change: nothing for this device, nothing sent, each change read once.
-    let mut reads = CountingReads {
-        hub: &mut hub,
-        reads: Vec::new(),
-    };
+    hub.reads.clear();
     for k in 0..4u128 {
-        reads
-            .hub
-            .server_edit("task", Uuid::from_u128(100 + k), "owner", 2);
-        s.handle_changes(t, &["task".to_string()], &mut reads);
+        hub.server_edit("task", Uuid::from_u128(100 + k), "owner", 2);
+        s.handle_changes(t, &["task".to_string()], &mut hub);
         assert_eq!(s.poll_transmit(t), None, "nothing for the device");
     }
-    let starts: Vec<u64> = reads.reads.iter().map(|(_, c)| c.0).collect();
+    let starts: Vec<u64> = hub.reads.iter().map(|(_, c)| c.0).collect();
     assert_eq!(
         starts,
         vec![synced.0, synced.0 + 1, synced.0 + 2, synced.0 + 3],
         "each wake-up reads on from where the last one stopped"
     );
     // The device's own row changes: one batch from the device's cursor, applied as is.
-    reads.hub.server_edit("task", mine, "a", 7);
-    s.handle_changes(t, &["task".to_string()], &mut reads);
+    hub.server_edit("task", mine, "a", 7);
+    s.handle_changes(t, &["task".to_string()], &mut hub);
     assert_eq!(
-        reads.reads.last(),
+        hub.reads.last(),
         Some(&("task".to_string(), Cursor(synced.0 + 4)))
     );
     let Some(Message::PullBatch(b)) = s.poll_transmit(t) else {
