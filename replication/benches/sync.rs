@@ -162,8 +162,9 @@ impl Bus {
 struct HubStats {
     /// Time spent in the hub's session and replica (handling messages and wake-ups).
     busy_ns: AtomicU64,
-    /// Time spent in `HubReplica::pull` (part of `busy_ns`).
+    /// Time spent in `HubReplica::pull` (part of `busy_ns`), and its calls.
     pull_ns: AtomicU64,
+    pulls: AtomicU64,
     ops_in: AtomicU64,
     items_out: AtomicU64,
     rejected: AtomicU64,
@@ -233,7 +234,7 @@ impl FrameSession for HubAdapter {
                 let mut replica = hub.replica.lock().unwrap();
                 let mut storage = TimedHub {
                     inner: &mut replica,
-                    pull_ns: &hub.stats.pull_ns,
+                    stats: &hub.stats,
                 };
                 self.session.handle_message(now, msg, &mut storage);
             }
@@ -259,13 +260,20 @@ impl FrameSession for HubAdapter {
     }
     fn handle_wake(&mut self, now_ms: u64) {
         let now = Millis(now_ms);
+        let t = Instant::now();
         let tables = self.hub.bus.take(self.id);
         if !tables.is_empty() {
             let hub = self.hub.clone();
             let mut replica = hub.replica.lock().unwrap();
-            self.session.handle_changes(now, &tables, &mut *replica);
+            let mut storage = TimedHub {
+                inner: &mut replica,
+                stats: &hub.stats,
+            };
+            self.session.handle_changes(now, &tables, &mut storage);
         }
         self.settle(now);
+        let busy = t.elapsed().as_nanos() as u64;
+        self.hub.stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
     }
 }
 
@@ -401,6 +409,8 @@ struct DeviceAdapter<S> {
     out: VecDeque<Vec<u8>>,
     signals: mpsc::UnboundedSender<Signal>,
     done: bool,
+    /// Why the session ended, if it did.
+    closed: Option<String>,
     items_in: u64,
     rejected: u64,
     /// Time spent in the device's session and storage handling frames.
@@ -426,6 +436,14 @@ impl<S: DeviceStorage> DeviceAdapter<S> {
                 DeviceEvent::PushAcked { rejected, .. } => self.rejected += rejected.len() as u64,
                 DeviceEvent::Refused { message, .. } => panic!("hub refused a device: {message}"),
                 DeviceEvent::StorageFailed { error } => panic!("device storage: {error}"),
+                DeviceEvent::Closed {
+                    code,
+                    reason,
+                    by_peer,
+                } => {
+                    let by = if by_peer { "hub" } else { "device" };
+                    self.closed = Some(format!("closed by the {by}: {code} ({reason})"));
+                }
                 _ => {}
             }
         }
@@ -549,7 +567,7 @@ impl<S: DeviceStorage> DeviceStorage for Timed<S> {
 /// The hub's replica as one session sees it, timing `pull` (the initial sync's breakdown).
 struct TimedHub<'a> {
     inner: &'a mut HubReplica,
-    pull_ns: &'a AtomicU64,
+    stats: &'a HubStats,
 }
 
 impl HubStorage for TimedHub<'_> {
@@ -577,7 +595,10 @@ impl HubStorage for TimedHub<'_> {
         after: Cursor,
         limits: BatchLimits,
     ) -> Result<PullChunk, StorageError> {
-        timed(self.pull_ns, || self.inner.pull(who, table, after, limits))
+        self.stats.pulls.fetch_add(1, Ordering::Relaxed);
+        timed(&self.stats.pull_ns, || {
+            self.inner.pull(who, table, after, limits)
+        })
     }
     fn blob_chunk(
         &mut self,
@@ -656,6 +677,7 @@ async fn connect<S: DeviceStorage + Send + 'static>(
             out: VecDeque::new(),
             signals: tx,
             done: false,
+            closed: None,
             items_in: 0,
             rejected: 0,
             busy_ns: busy,
@@ -663,9 +685,19 @@ async fn connect<S: DeviceStorage + Send + 'static>(
         adapter.settle(now);
         let mut writer = writer.with_format(FrameFormat::WIRE_V1);
         let mut reader = reader.with_format(FrameFormat::WIRE_V1);
-        let _ =
+        let outcome =
             drive_session_with_wake(&mut adapter, &conn, &mut writer, &mut reader, &clock, &wake)
                 .await;
+        if !adapter.done {
+            // This bench does not reconnect: say why the device stopped, and close its signals
+            // so a waiter fails now rather than at its timeout.
+            eprintln!(
+                "# device {} ended before it synced: {}; driver: {outcome:?}",
+                adapter.session.config().device,
+                adapter.closed.as_deref().unwrap_or("session still open")
+            );
+            adapter.signals = mpsc::unbounded_channel().0;
+        }
         adapter
     });
     Running {
@@ -1150,10 +1182,13 @@ fn child_hub(dir: &Path, rows: usize, users: usize, devices: usize) {
                     Some("stats") => {
                         let s = &stats.stats;
                         println!(
-                            "STATS {} {} {}",
+                            "STATS {} {} {} {} {} {}",
                             s.ops_in.load(Ordering::Relaxed),
                             s.items_out.load(Ordering::Relaxed),
-                            s.rejected.load(Ordering::Relaxed)
+                            s.rejected.load(Ordering::Relaxed),
+                            s.busy_ns.load(Ordering::Relaxed),
+                            s.pulls.load(Ordering::Relaxed),
+                            s.pull_ns.load(Ordering::Relaxed)
                         );
                     }
                     _ => println!("?"),
@@ -1164,10 +1199,13 @@ fn child_hub(dir: &Path, rows: usize, users: usize, devices: usize) {
         let _ = stdin.await;
         let s = &hub.stats;
         eprintln!(
-            "# hub child: {} ops in, {} items out, {} rejected",
+            "# hub child: {} ops in, {} items out, {} rejected; busy {:.1} s, {} pulls in {:.1} s",
             s.ops_in.load(Ordering::Relaxed),
             s.items_out.load(Ordering::Relaxed),
-            s.rejected.load(Ordering::Relaxed)
+            s.rejected.load(Ordering::Relaxed),
+            s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            s.pulls.load(Ordering::Relaxed),
+            s.pull_ns.load(Ordering::Relaxed) as f64 / 1e9
         );
     });
 }
@@ -1197,8 +1235,8 @@ impl HubChild {
         (it.next().unwrap(), it.next().unwrap())
     }
 
-    /// (ops pushed and accepted, items pulled, ops rejected) so far.
-    fn stats(&mut self) -> (u64, u64, u64) {
+    /// (ops pushed and accepted, items pulled, ops rejected, ns busy, pulls, ns in pulls) so far.
+    fn stats(&mut self) -> (u64, u64, u64, u64, u64, u64) {
         writeln!(self.stdin, "stats").unwrap();
         self.stdin.flush().unwrap();
         let l = self.line();
@@ -1207,7 +1245,7 @@ impl HubChild {
             .skip(1)
             .map(|v| v.parse().unwrap())
             .collect();
-        (v[0], v[1], v[2])
+        (v[0], v[1], v[2], v[3], v[4], v[5])
     }
 }
 
@@ -1284,11 +1322,21 @@ async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures 
         Arc::new(DeviceEndpoint::for_hub(addr, pin, ConnectionLimits::device()).unwrap());
     let mut running = Vec::with_capacity(devices);
     let first = storages.remove(0);
+    let t = Instant::now();
     let mut d0 = connect(&endpoint, addr, &tokens[0].1, schedule.clone(), first).await;
     d0.wait(Signal::Done, Duration::from_secs(600)).await;
+    let first_sync = t.elapsed();
     running.push(d0);
     let (one, _) = hub.rss();
     let before = hub.stats();
+    println!(
+        "# first device synced alone in {:.2} s: {} items, hub busy {:.2} s, {} pulls in {:.2} s",
+        first_sync.as_secs_f64(),
+        before.1,
+        before.3 as f64 / 1e9,
+        before.4,
+        before.5 as f64 / 1e9
+    );
     let started = Instant::now();
     // Connect in waves well under the hub's pending-handshake cap.
     let mut rest = tokens.iter().skip(1).zip(storages);
@@ -1311,6 +1359,11 @@ async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures 
         for j in joins {
             running.push(j.await.unwrap());
         }
+        eprintln!(
+            "# {} devices synced after {:.1} s",
+            running.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     let elapsed = started.elapsed();
     let after = hub.stats();
@@ -1336,8 +1389,28 @@ async fn hub_memory(rows: usize, users: usize, devices: usize) -> MemoryFigures 
     }
 }
 
+/// Logs to stderr as `RUST_LOG` asks (nothing when unset), tagged with the process's role.
+fn init_logging(role: &'static str) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(move || {
+            let mut err = std::io::stderr();
+            let _ = write!(err, "[{role}] ");
+            err
+        })
+        .try_init();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    init_logging(if args.iter().any(|a| a == "--child") {
+        "hub"
+    } else {
+        "devices"
+    });
     if let Some(pos) = args.iter().position(|a| a == "--child") {
         let dir = Path::new(&args[pos + 2]);
         child_hub(

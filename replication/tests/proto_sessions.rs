@@ -102,6 +102,8 @@ struct RefHub {
     resolutions: u64,
     /// Ops refused once, with the answer given.
     refused: BTreeMap<OpId, PushOutcome>,
+    /// Where each pull started: (table, after).
+    reads: Vec<(String, Cursor)>,
 }
 
 impl RefHub {
@@ -233,6 +235,7 @@ impl HubStorage for RefHub {
         after: Cursor,
         limits: BatchLimits,
     ) -> Result<PullChunk, StorageError> {
+        self.reads.push((table.to_string(), after));
         self.pull_chunk(who, table, after, limits)
     }
 
@@ -2309,4 +2312,68 @@ fn a_stale_batch_is_acked_with_the_devices_cursor_and_acks_free_the_window() {
         next,
         vec![(Cursor(8), Cursor(12)), (Cursor(12), Cursor(16))]
     );
+}
+
+/// Postmortem (the sync bench: 1,000 live devices on one hub stalled at about 700): every push
+/// wakes every live session, and a live feed that found nothing for its device read again from
+/// the device's last batch, so each wake-up re-read every change made since then. The hub's
+/// work per push grew with devices × pushes; new devices waited over 10 s for `Welcome`, their
+/// handshakes timed out, and the bench (which does not reconnect) waited for them forever.
+/// Fix: a live feed remembers how far it read with nothing to send and reads on from there;
+/// the batch it sends next still starts at the device's cursor, which the device accepts.
+#[test]
+fn regression_a_quiet_live_feed_reads_each_change_once() {
+    let mut hub = RefHub::default();
+    let mine = Uuid::from_u128(1);
+    hub.server_edit("task", mine, "owner", 1);
+    hub.devices.insert(device_id(0), (vec![0; 8], 1));
+    let mut store = RefDevice::new(1);
+    let mut dev = DeviceSession::new(device_config(0, true, 0));
+    let mut s = HubSession::new(HubConfig::new(Uuid::nil()), Millis(0));
+    let t = Millis(0);
+    dev.handle_connected(t);
+    s.handle_message(t, dev.poll_transmit(t).unwrap(), &mut hub);
+    dev.handle_message(t, s.poll_transmit(t).unwrap(), &mut store);
+    for _ in 0..10 {
+        while let Some(m) = dev.poll_transmit(t) {
+            s.handle_message(t, m, &mut hub);
+        }
+        while let Some(m) = s.poll_transmit(t) {
+            dev.handle_message(t, m, &mut store);
+        }
+    }
+    assert!(dev.is_quiet(), "the device synced and subscribed");
+    let synced = store.cursors["task"];
+    // Other users' rows change: nothing for this device, nothing sent, each change read once.
+    hub.reads.clear();
+    for k in 0..4u128 {
+        hub.server_edit("task", Uuid::from_u128(100 + k), "owner", 2);
+        s.handle_changes(t, &["task".to_string()], &mut hub);
+        assert_eq!(s.poll_transmit(t), None, "nothing for the device");
+    }
+    let starts: Vec<u64> = hub.reads.iter().map(|(_, c)| c.0).collect();
+    assert_eq!(
+        starts,
+        vec![synced.0, synced.0 + 1, synced.0 + 2, synced.0 + 3],
+        "each wake-up reads on from where the last one stopped"
+    );
+    // The device's own row changes: one batch from the device's cursor, applied as is.
+    hub.server_edit("task", mine, "a", 7);
+    s.handle_changes(t, &["task".to_string()], &mut hub);
+    assert_eq!(
+        hub.reads.last(),
+        Some(&("task".to_string(), Cursor(synced.0 + 4)))
+    );
+    let Some(Message::PullBatch(b)) = s.poll_transmit(t) else {
+        panic!("a batch for the device's row")
+    };
+    assert_eq!((b.from, b.cursor), (synced, Cursor(synced.0 + 5)));
+    dev.handle_message(t, Message::PullBatch(b), &mut store);
+    assert_eq!(store.cursors["task"], Cursor(synced.0 + 5));
+    assert!(
+        matches!(dev.poll_transmit(t), Some(Message::PullAck(a)) if a.cursor == Cursor(synced.0 + 5)),
+        "applied, not taken for a gap"
+    );
+    let ops = &store.rows[&("task".to_string(), mine)];
+    assert!(ops.values().any(|o| o.column == "a" && o.value == 7));
 }

@@ -150,8 +150,13 @@ pub enum HubEvent {
 
 #[derive(Debug, Default)]
 struct TableFeed {
-    /// Where the next batch starts.
+    /// Where the next batch starts: the cursor of the last batch sent (or the device's).
     cursor: Cursor,
+    /// Where the next read of the hub's feed starts: past `cursor` once a live feed's reads
+    /// found nothing for the device up to here (nothing was sent, so the device's cursor is
+    /// still `cursor`). Without it every wake-up re-read everything since the device's last
+    /// batch: with many live devices, each push cost the hub every device's whole backlog.
+    scanned: Cursor,
     /// The cursors of the batches sent and not yet acknowledged, oldest first.
     outstanding: VecDeque<Cursor>,
     /// The device asked for this table and the feed has not reached its end.
@@ -528,6 +533,7 @@ impl HubSession {
             }
             let feed = self.feeds.entry(t.table).or_default();
             feed.cursor = t.cursor;
+            feed.scanned = t.cursor;
             feed.outstanding.clear();
             feed.requested = true;
             feed.live |= live;
@@ -544,16 +550,22 @@ impl HubSession {
         let window = self.config.pull_window.max(1);
         for (table, feed) in self.feeds.iter_mut() {
             while feed.outstanding.len() < window && (feed.requested || (feed.live && feed.dirty)) {
-                let chunk = storage.pull(who, table, feed.cursor, self.config.pull_limits)?;
+                let read_from = feed.scanned.max(feed.cursor);
+                let chunk = storage.pull(who, table, read_from, self.config.pull_limits)?;
                 let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
-                if chunk.cursor < feed.cursor || items > PULL_BATCH_ITEMS_MAX {
+                if chunk.cursor < read_from || items > PULL_BATCH_ITEMS_MAX {
                     return Err(Fail::Storage(StorageError::Corrupt(format!(
                         "feed of `{table}` broke its contract: cursor {} -> {}, {items} items",
-                        feed.cursor.0, chunk.cursor.0
+                        read_from.0, chunk.cursor.0
                     ))));
                 }
                 feed.dirty = false;
                 if !feed.requested && chunk.is_empty() && !chunk.more {
+                    // Nothing for the device up to `chunk.cursor`: the next read starts there.
+                    // The next batch still starts at the device's cursor, and covers this span
+                    // as the empty batch the hub did not send would have.
+                    debug!(%table, scanned = chunk.cursor.0, "live feed: nothing new for the device");
+                    feed.scanned = chunk.cursor;
                     break;
                 }
                 self.transmit.push_back(Message::PullBatch(PullBatch {
@@ -572,6 +584,7 @@ impl HubSession {
                 });
                 feed.outstanding.push_back(chunk.cursor);
                 feed.cursor = chunk.cursor;
+                feed.scanned = chunk.cursor;
                 feed.requested = chunk.more;
                 // A live feed that just caught up stays quiet until the hub changes again.
                 if !chunk.more {
