@@ -48,7 +48,7 @@
 #[path = "common/field_service.rs"]
 mod field_service;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -67,11 +67,10 @@ use fieldsync_replication::proto::{
     Principal, PullChunk, PushOp, PushOutcome, Refusal, Rejection, RowChange, RowDoc, StorageError,
     SyncSchedule,
 };
-use fieldsync_replication::replica::{DeviceReplica, FeedChanges, HubReplica};
-use fieldsync_replication::security::UserId;
+use fieldsync_replication::replica::{DeviceReplica, HubReplica};
 use fieldsync_replication::transport::baseline::{loopback_pair, percentile, round_trip_latencies};
 use fieldsync_replication::transport::{
-    accept_device, authenticate, drive_session_with_wake, CloseReason, ConnectionLimits,
+    accept_device, authenticate, drive_session_with_wake, ChangeBus, CloseReason, ConnectionLimits,
     DeviceEndpoint, FrameFormat, FrameSession, HubEndpoint, HubIdentity, SessionClock,
 };
 use fieldsync_replication::{apps_from_toml, wire, Profile, Router};
@@ -105,59 +104,6 @@ fn schema() -> Schema {
 // The hub: a HubSession per connection over one shared HubReplica, woken for live sessions.
 // ---------------------------------------------------------------------------------------------
 
-/// A live session's wake-up, its user once authenticated, and the tables changed since it
-/// last looked.
-type Waiting = (Arc<Notify>, Option<UserId>, BTreeSet<String>);
-
-/// Wakes live sessions when tables changed (the shape of node's change bus).
-#[derive(Default)]
-struct Bus {
-    next: AtomicU64,
-    sessions: Mutex<HashMap<u64, Waiting>>,
-}
-
-impl Bus {
-    fn register(&self) -> (u64, Arc<Notify>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let notify = Arc::new(Notify::new());
-        self.sessions
-            .lock()
-            .unwrap()
-            .insert(id, (notify.clone(), None, BTreeSet::new()));
-        (id, notify)
-    }
-
-    fn unregister(&self, id: u64) {
-        self.sessions.lock().unwrap().remove(&id);
-    }
-
-    fn set_user(&self, id: u64, user: UserId) {
-        if let Some(w) = self.sessions.lock().unwrap().get_mut(&id) {
-            w.1 = Some(user);
-        }
-    }
-
-    /// Wakes the sessions whose user's feeds moved.
-    fn publish(&self, changes: &FeedChanges) {
-        for (notify, user, pending) in self.sessions.lock().unwrap().values_mut() {
-            let tables = user.map(|u| changes.tables_for(u)).unwrap_or_default();
-            if !tables.is_empty() {
-                pending.extend(tables);
-                notify.notify_one();
-            }
-        }
-    }
-
-    fn take(&self, id: u64) -> Vec<String> {
-        self.sessions
-            .lock()
-            .unwrap()
-            .get_mut(&id)
-            .map(|(_, _, t)| std::mem::take(t).into_iter().collect())
-            .unwrap_or_default()
-    }
-}
-
 #[derive(Default)]
 struct HubStats {
     /// Time spent in the hub's session and replica (handling messages and wake-ups).
@@ -175,7 +121,7 @@ struct Hub {
     config: HubConfig,
     verifier: TokenVerifier,
     registry: MemoryTokenRegistry,
-    bus: Bus,
+    bus: ChangeBus,
     stats: HubStats,
     /// Every frame the hub sends, while `Some` (the initial sync's baseline resends them).
     capture: Mutex<Option<Vec<Vec<u8>>>>,
@@ -383,7 +329,7 @@ fn start_hub(
         config: HubConfig::new(Uuid::from_u128(0x4ab)),
         verifier,
         registry,
-        bus: Bus::default(),
+        bus: ChangeBus::default(),
         stats: HubStats::default(),
         capture: Mutex::new(None),
     });

@@ -24,6 +24,7 @@
 
 mod auth;
 pub mod baseline;
+mod bus;
 mod config;
 mod driver;
 mod endpoint;
@@ -35,6 +36,7 @@ pub use auth::{
     accept_device, authenticate, connect_with_credential, AuthError, AuthenticatedDevice, HubLink,
     LinkError,
 };
+pub use bus::ChangeBus;
 pub use config::{client_config, server_config, ConfigError, ConnectionLimits};
 pub use driver::{
     drive_session, drive_session_with_wake, CloseReason, DriveError, DriveOutcome, FrameSession,
