@@ -15,7 +15,7 @@ use fieldsync_replication::proto::{
     BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceId, DeviceStorage,
     HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind, SyncSchedule,
 };
-use fieldsync_replication::replica::{DeviceReplica, HubReplica};
+use fieldsync_replication::replica::{DeviceReplica, HubReplica, SHARED_FEED_HOLDERS};
 use fieldsync_replication::{App, Environment, Profile};
 use fieldsync_store::{OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value};
 use proptest::prelude::*;
@@ -159,7 +159,13 @@ fn world(seed: u64, policies: ConflictPolicies) -> World {
         1_790_000_000_000,
     )
     .unwrap()
-    .with_signing_key(key);
+    .with_signing_key(key)
+    // Odd seeds file every row in the profile's shared feed, even ones in per-user feeds.
+    .with_shared_feed_holders(if seed % 2 == 1 {
+        0
+    } else {
+        SHARED_FEED_HOLDERS
+    });
     let mut devs = Vec::new();
     for (i, u) in USERS.iter().enumerate() {
         let token = hub.enroll(u, APP, device_id(i).0, 0).unwrap();

@@ -8,7 +8,8 @@
 //!   answer.
 //! - **Feed**: the cursor of every table is the hub's log sequence number. Every log entry is
 //!   indexed per profile, user and table for the users who hold its row after the write (and
-//!   for the writer), and every membership change per profile and user; a pull walks those two
+//!   for the writer) — once per profile and table for a row held by many users — and every
+//!   membership change per profile and user; a pull walks those two
 //!   indexes after the cursor — never the whole log, so a pull costs what the device's own
 //!   rows changed, not what every device changed. Per row touched it compares whether the
 //!   device held the row at the cursor (a small per-device history in aux) with whether the
@@ -50,6 +51,14 @@ const P_BLOB: &[u8] = b"bl/";
 const P_OVERRIDE: &[u8] = b"ho/";
 /// Log entries per profile, user and table: `f/` profile 0 user table 0 seq row.
 const P_FEED: &[u8] = b"f/";
+/// Log entries of widely held rows per profile and table, read by every pull of the profile:
+/// `fs/` profile 0 table 0 seq row.
+const P_SHARED_FEED: &[u8] = b"fs/";
+/// A row held by more users than this goes to the profile's shared feed instead of one entry
+/// per user: a catalog row every device holds would otherwise cost an entry per device per
+/// write (a million-row hub with a thousand technicians ran out of memory building them).
+/// Pulls read both feeds, so changing it never loses an entry.
+pub const SHARED_FEED_HOLDERS: usize = 32;
 /// The last log seq whose entry is in the feed index.
 const K_FED: &[u8] = b"fed";
 /// Log entries indexed per aux batch when the feed index catches up.
@@ -195,6 +204,7 @@ pub struct HubReplica {
     lag: HashMap<(DeviceId, String), Cursor>,
     /// The last log seq in the feed index (`K_FED`).
     fed: u64,
+    shared_feed_holders: usize,
     now_ms: i64,
     #[cfg(feature = "planted-bugs")]
     planted: Option<PlantedHubBug>,
@@ -251,6 +261,15 @@ fn feed_prefix(profile: &str, user: UserId, table: &str) -> Vec<u8> {
     k.extend_from_slice(profile.as_bytes());
     k.push(0);
     k.extend_from_slice(user.as_bytes());
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k
+}
+
+fn shared_feed_prefix(profile: &str, table: &str) -> Vec<u8> {
+    let mut k = P_SHARED_FEED.to_vec();
+    k.extend_from_slice(profile.as_bytes());
+    k.push(0);
     k.extend_from_slice(table.as_bytes());
     k.push(0);
     k
@@ -408,6 +427,7 @@ impl HubReplica {
             changed: FeedChanges::default(),
             lag: HashMap::new(),
             fed,
+            shared_feed_holders: SHARED_FEED_HOLDERS,
             now_ms,
             #[cfg(feature = "planted-bugs")]
             planted: None,
@@ -415,6 +435,14 @@ impl HubReplica {
         // Entries written before a crash (or by an older hub) that never reached the index.
         hub.feed_log(None)?;
         Ok(hub)
+    }
+
+    /// Rows held by more than `holders` users of a profile are filed once in the profile's
+    /// shared feed rather than in each user's ([`SHARED_FEED_HOLDERS`] by default; tests use 0
+    /// to send every row through the shared feed).
+    pub fn with_shared_feed_holders(mut self, holders: usize) -> HubReplica {
+        self.shared_feed_holders = holders;
+        self
     }
 
     /// Switches a planted bug on (tests of the simulator only).
@@ -744,17 +772,28 @@ impl HubReplica {
             let mut writes = Vec::new();
             for e in &entries {
                 for (profile, router) in &self.routers {
-                    let mut users = router.holders(&e.table, e.row);
+                    let holders = router.holders(&e.table, e.row);
+                    let mut users = Vec::new();
+                    for user in &holders {
+                        self.changed.record_feed(*user, &e.table);
+                    }
+                    if holders.len() > self.shared_feed_holders {
+                        let mut k = seq_key(&shared_feed_prefix(profile, &e.table), e.seq);
+                        k.extend_from_slice(e.row.as_bytes());
+                        writes.push(AuxWrite::Put(k, Vec::new()));
+                    } else {
+                        users.extend_from_slice(&holders);
+                    }
                     if let Some((p, u)) = &writer {
-                        if p == profile && !users.contains(u) {
+                        if p == profile && !holders.contains(u) {
                             users.push(*u);
+                            self.changed.record_feed(*u, &e.table);
                         }
                     }
                     for user in users {
                         let mut k = seq_key(&feed_prefix(profile, user, &e.table), e.seq);
                         k.extend_from_slice(e.row.as_bytes());
                         writes.push(AuxWrite::Put(k, Vec::new()));
-                        self.changed.record_feed(user, &e.table);
                     }
                 }
             }
@@ -803,6 +842,34 @@ impl HubReplica {
             usize::MAX,
         )?));
         Ok((window, tail >= last))
+    }
+
+    /// [`feed_window`](Self::feed_window) over several feeds merged: entries in seq order
+    /// (each (seq, row) once) up to the first place one feed's window was cut, whether every
+    /// feed ended, and the last seq covered.
+    fn feeds_window(
+        &self,
+        prefixes: &[Vec<u8>],
+        after: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, RowId)>, bool, u64), StoreError> {
+        let mut all = Vec::new();
+        let mut cut: Option<u64> = None;
+        for prefix in prefixes {
+            let (window, ended) = self.feed_window(prefix, after, last, limit)?;
+            if !ended {
+                let tail = window.last().map_or(after, |(s, _)| *s);
+                cut = Some(cut.map_or(tail, |c| c.min(tail)));
+            }
+            all.extend(window);
+        }
+        if let Some(c) = cut {
+            all.retain(|(s, _)| *s <= c);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok((all, cut.is_none(), cut.unwrap_or(last)))
     }
 
     fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
@@ -1237,7 +1304,10 @@ impl HubStorage for HubReplica {
         let mp = membership_prefix(&profile, who.user);
         // Entries written around `route` (directly to the store) are indexed before reading.
         self.feed_log(None).map_err(storage_err)?;
-        let fp = feed_prefix(&profile, who.user, table);
+        let feeds = [
+            feed_prefix(&profile, who.user, table),
+            shared_feed_prefix(&profile, table),
+        ];
         // Walk the feed.
         #[derive(Clone, Copy, PartialEq)]
         enum Fate {
@@ -1256,10 +1326,9 @@ impl HubStorage for HubReplica {
         // unchanged) do not cost the device a round trip and a durable write per window.
         let mut scanned = after.0;
         for _ in 0..MAX_SCAN_WINDOWS {
-            let (fed, ended) = self
-                .feed_window(&fp, scanned, last, max_items.saturating_mul(SCAN_FACTOR))
+            let (fed, ended, tail) = self
+                .feeds_window(&feeds, scanned, last, max_items.saturating_mul(SCAN_FACTOR))
                 .map_err(storage_err)?;
-            let tail = fed.last().map_or(scanned, |(s, _)| *s);
             let mut entries = Vec::with_capacity(fed.len());
             for (seq, row) in fed {
                 match self.store.log_entry(seq).map_err(storage_err)? {

@@ -52,7 +52,7 @@ pub use device::{DeviceReplica, TableSyncStatus};
 #[cfg(all(feature = "credential", feature = "planted-bugs"))]
 pub use hub::PlantedHubBug;
 #[cfg(feature = "credential")]
-pub use hub::{DeviceLag, FeedChanges, HubReplica, HubReplicaError};
+pub use hub::{DeviceLag, FeedChanges, HubReplica, HubReplicaError, SHARED_FEED_HOLDERS};
 
 /// Why a replica operation the CLI calls directly failed.
 #[derive(Debug, thiserror::Error)]
