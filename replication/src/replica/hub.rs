@@ -266,6 +266,14 @@ fn feed_prefix(profile: &str, user: UserId, table: &str) -> Vec<u8> {
     k
 }
 
+/// Feed entries `(seq, row)` in seq order, each once; whether every feed read ended (else the
+/// window stops at `tail`, a whole seq); the last seq covered.
+struct FeedWindow {
+    entries: Vec<(u64, RowId)>,
+    ended: bool,
+    tail: u64,
+}
+
 fn shared_feed_prefix(profile: &str, table: &str) -> Vec<u8> {
     let mut k = P_SHARED_FEED.to_vec();
     k.extend_from_slice(profile.as_bytes());
@@ -844,16 +852,15 @@ impl HubReplica {
         Ok((window, tail >= last))
     }
 
-    /// [`feed_window`](Self::feed_window) over several feeds merged: entries in seq order
-    /// (each (seq, row) once) up to the first place one feed's window was cut, whether every
-    /// feed ended, and the last seq covered.
+    /// [`feed_window`](Self::feed_window) over several feeds merged, up to the first place
+    /// one feed's window was cut.
     fn feeds_window(
         &self,
         prefixes: &[Vec<u8>],
         after: u64,
         last: u64,
         limit: usize,
-    ) -> Result<(Vec<(u64, RowId)>, bool, u64), StoreError> {
+    ) -> Result<FeedWindow, StoreError> {
         let mut all = Vec::new();
         let mut cut: Option<u64> = None;
         for prefix in prefixes {
@@ -869,7 +876,11 @@ impl HubReplica {
         }
         all.sort_unstable();
         all.dedup();
-        Ok((all, cut.is_none(), cut.unwrap_or(last)))
+        Ok(FeedWindow {
+            entries: all,
+            ended: cut.is_none(),
+            tail: cut.unwrap_or(last),
+        })
     }
 
     fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
@@ -1326,7 +1337,11 @@ impl HubStorage for HubReplica {
         // unchanged) do not cost the device a round trip and a durable write per window.
         let mut scanned = after.0;
         for _ in 0..MAX_SCAN_WINDOWS {
-            let (fed, ended, tail) = self
+            let FeedWindow {
+                entries: fed,
+                ended,
+                tail,
+            } = self
                 .feeds_window(&feeds, scanned, last, max_items.saturating_mul(SCAN_FACTOR))
                 .map_err(storage_err)?;
             let mut entries = Vec::with_capacity(fed.len());
