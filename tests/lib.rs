@@ -106,6 +106,28 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a test that fails
+/// half-way leaves no process behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// SIGTERM, then its exit status.
+    pub fn terminate(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()?;
+        self.0.wait()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running `fieldsync hub serve` process.
 #[derive(Debug)]
 pub struct HubProcess {

@@ -541,15 +541,17 @@ fn watch_sees_another_devices_edit_within_seconds() {
     sync(&ines);
     assert_eq!(names(&ines), ["WO-1"]);
 
-    let mut watch = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
-        .args(["device", "sync", "--data", &s(&ines), "--watch"])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = fieldsync_e2e::KillOnDrop(
+        std::process::Command::new(fieldsync_e2e::fieldsync_bin())
+            .args(["device", "sync", "--data", &s(&ines), "--watch"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = watch.stderr.take().unwrap();
+    let stderr = watch.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
@@ -574,10 +576,7 @@ fn watch_sees_another_devices_edit_within_seconds() {
     sync(&ana);
     // Live mode pushes the edit at once; the table's own interval is 5 minutes.
     std::thread::sleep(Duration::from_secs(3));
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &watch.id().to_string()])
-        .status();
-    let status = watch.wait().unwrap();
+    let status = watch.terminate().unwrap();
     assert!(status.success(), "watch exited with {status}");
     assert_eq!(names(&ines), ["WO-1 pump replaced"]);
 }
