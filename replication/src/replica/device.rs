@@ -1,6 +1,6 @@
 //! [`DeviceReplica`]: the device's side of sync over its [`Store`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use fieldsync_store::{
     AuxWrite, ColumnConflict, Durability, LogEntry, RemoteOp, RowExport, RowId, Store, StoreError,
@@ -122,6 +122,20 @@ impl DeviceReplica {
     /// The store underneath.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The rows of `table` with a key under `prefix` (a `row_key` space).
+    fn rows_under(&self, prefix: &[u8], table: &str) -> Result<HashSet<RowId>, StorageError> {
+        let mut p = prefix.to_vec();
+        p.extend_from_slice(table.as_bytes());
+        p.push(0);
+        Ok(self
+            .store
+            .aux_scan(SPACE, &p)
+            .map_err(storage_err)?
+            .iter()
+            .filter_map(|(k, _)| RowId::from_slice(k.get(p.len()..)?).ok())
+            .collect())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -516,17 +530,22 @@ impl DeviceStorage for DeviceReplica {
         self.store
             .import_rows(&exports, Durability::Group)
             .map_err(storage_err)?;
+        // Deferred evictions and waiting rollbacks are rare: read the table's few once rather
+        // than probing (and deleting) a key per imported row.
+        let evicting = self.rows_under(P_EVICT, table)?;
+        let rolling = self.rows_under(P_ROLLBACK, table)?;
         let mut writes = Vec::new();
         for d in rows {
-            writes.push(AuxWrite::Remove(row_key(P_EVICT, table, d.row)));
+            if evicting.contains(&d.row) {
+                writes.push(AuxWrite::Remove(row_key(P_EVICT, table, d.row)));
+            }
             // A rollback waiting for this row rebuilds it from this newer hub row.
-            let rk = row_key(P_ROLLBACK, table, d.row);
-            if self.get(&rk)?.is_some() {
+            if rolling.contains(&d.row) {
                 let rb = Rollback {
                     doc: Some(d.doc.clone()),
                     changes: Vec::new(),
                 };
-                writes.push(AuxWrite::Put(rk, enc(&rb)));
+                writes.push(AuxWrite::Put(row_key(P_ROLLBACK, table, d.row), enc(&rb)));
             }
         }
         // Rows and aux writes are made durable by the batch's cursor write (`set_cursor`),
