@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use axum::http::StatusCode;
+use fieldsync_node::multipart::{boundary, header_lines, split_head};
 use uuid::Uuid;
 
 use super::errors::{self, ApiError};
@@ -39,18 +40,6 @@ enum Item {
 
 fn batch_error(message: impl Into<String>) -> ApiError {
     ApiError::new(400, errors::BATCH_INVALID, message)
-}
-
-/// The `boundary` parameter of a `multipart/mixed` content type.
-fn boundary(content_type: &str) -> Option<String> {
-    let lower = content_type.to_ascii_lowercase();
-    if !lower.trim_start().starts_with("multipart/mixed") {
-        return None;
-    }
-    content_type.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        (k.trim().eq_ignore_ascii_case("boundary")).then(|| v.trim().trim_matches('"').to_string())
-    })
 }
 
 /// Split a multipart body into the parts' raw text.
@@ -87,23 +76,8 @@ fn split_parts<'a>(text: &'a str, boundary: &str) -> Result<Vec<&'a str>, ApiErr
     }
 }
 
-/// Split header lines from a body at the first blank line.
-fn split_head(text: &str) -> (&str, &str) {
-    for sep in ["\r\n\r\n", "\n\n"] {
-        if let Some(i) = text.find(sep) {
-            return (&text[..i], &text[i + sep.len()..]);
-        }
-    }
-    (text, "")
-}
-
 fn headers_of(head: &str) -> Vec<(String, String)> {
-    head.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        })
-        .collect()
+    header_lines(head).collect()
 }
 
 /// Parse one `application/http` part into a request.

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::auth::TokenSource;
 use super::config::UpstreamConfig;
 use super::UpstreamError;
+use crate::multipart::{self, header_lines, split_head};
 
 /// Most requests in one `$batch` (documented limit).
 pub const BATCH_REQUESTS_MAX: usize = 1000;
@@ -292,7 +293,7 @@ impl DataverseClient {
             .await?;
         let parts = match resp
             .header("content-type")
-            .and_then(boundary_of)
+            .and_then(multipart::boundary)
             .map(|b| parse_multipart(&resp.body, &b))
         {
             Some(parts) => parts?,
@@ -346,38 +347,8 @@ pub enum BatchOutcome {
     Failed(ApiResponse),
 }
 
-fn boundary_of(content_type: &str) -> Option<String> {
-    if !content_type
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("multipart/mixed")
-    {
-        return None;
-    }
-    content_type.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_string())
-    })
-}
-
-fn split_head(text: &str) -> (&str, &str) {
-    for sep in ["\r\n\r\n", "\n\n"] {
-        if let Some(i) = text.find(sep) {
-            return (&text[..i], &text[i + sep.len()..]);
-        }
-    }
-    (text, "")
-}
-
 fn header_map(head: &str) -> BTreeMap<String, String> {
-    head.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        })
-        .collect()
+    header_lines(head).collect()
 }
 
 /// Flattens a multipart response (with nested change-set responses) into its HTTP responses.
@@ -392,7 +363,10 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<ApiResponse>, Upst
         let chunk = chunk.trim_start_matches(['\r', '\n']);
         let (head, content) = split_head(chunk);
         let headers = header_map(head);
-        if let Some(inner) = headers.get("content-type").and_then(|c| boundary_of(c)) {
+        if let Some(inner) = headers
+            .get("content-type")
+            .and_then(|c| multipart::boundary(c))
+        {
             out.extend(parse_multipart(content.as_bytes(), &inner)?);
             continue;
         }
