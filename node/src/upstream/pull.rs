@@ -244,10 +244,8 @@ impl Bridge {
             // Files not downloaded this time keep their known state while their id is the same.
             let mut files = row.file_states.clone();
             if let Some(b) = &base {
-                for (col, st) in &b.files {
-                    if row.files.get(col) == Some(&st.id) {
-                        files.entry(col.clone()).or_insert_with(|| st.clone());
-                    }
+                for (col, st) in b.files_kept(&row.files) {
+                    files.entry(col).or_insert(st);
                 }
             }
             writes.put_base(

@@ -323,9 +323,6 @@ fn kept_files(
     ids: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, state::FileState>, UpstreamError> {
     Ok(state::base(hub.store(), &item.table, item.id)?
-        .map(|b| b.files)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(col, f)| ids.get(col) == Some(&f.id))
-        .collect())
+        .map(|b| b.files_kept(ids))
+        .unwrap_or_default())
 }

@@ -28,6 +28,18 @@ pub struct Base {
     pub files: BTreeMap<String, FileState>,
 }
 
+impl Base {
+    /// The file states that still hold for a newer version of the row whose file columns have
+    /// these Dataverse file ids: a file is the same while its id is.
+    pub fn files_kept(&self, ids: &BTreeMap<String, String>) -> BTreeMap<String, FileState> {
+        self.files
+            .iter()
+            .filter(|(col, f)| ids.get(*col) == Some(&f.id))
+            .map(|(col, f)| (col.clone(), f.clone()))
+            .collect()
+    }
+}
+
 /// One file column upstream: Dataverse's file id and the content's SHA-256 (hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileState {
