@@ -68,6 +68,16 @@ const SCAN_FACTOR: usize = 4;
 /// Most log windows of `SCAN_FACTOR` × the batch size one pull reads.
 const MAX_SCAN_WINDOWS: usize = 64;
 
+/// What a pull sends a device for a row it touched: its ops (the device keeps holding it), the
+/// whole row (it entered the set), its id (it left), or nothing.
+#[derive(Clone, Copy, PartialEq)]
+enum Fate {
+    Ops,
+    Entered,
+    Left,
+    Skip,
+}
+
 /// A row touched in the feed: (seq, row, the change and its actor for a log entry of the
 /// pulled table; `None` for a membership change at that seq).
 type Touch = (u64, RowId, Option<(Vec<u8>, [u8; 16])>);
@@ -883,6 +893,139 @@ impl HubReplica {
         })
     }
 
+    /// One window of the feeds after `scanned`: the rows touched in seq order — log entries of
+    /// `table` with their change and actor, and the user's membership changes of `table`
+    /// (under `mp`) without — and the last seq it covers (whole seqs only).
+    fn touches(
+        &self,
+        feeds: &[Vec<u8>],
+        mp: &[u8],
+        table: &str,
+        scanned: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<(Vec<Touch>, u64), StorageError> {
+        let FeedWindow {
+            entries: fed,
+            ended,
+            tail,
+        } = self
+            .feeds_window(feeds, scanned, last, limit)
+            .map_err(storage_err)?;
+        let mut entries = Vec::with_capacity(fed.len());
+        for (seq, row) in fed {
+            match self.store.log_entry(seq).map_err(storage_err)? {
+                Some(e) if e.row == row && e.table == table => entries.push(e),
+                _ => warn!(seq, %row, "a feed entry names no such log entry"),
+            }
+        }
+        // Membership changes of this user in this table in the window, by seq.
+        let from = {
+            let mut k = mp.to_vec();
+            k.extend_from_slice(&(scanned + 1).to_be_bytes());
+            k
+        };
+        let scan_end = if ended { last } else { tail };
+        // At the end of the log, membership changes that have no log entry of their own
+        // (recorded at `last + 1`) are due too.
+        let membership_end = if scan_end >= last { last + 1 } else { scan_end };
+        let to = {
+            let mut k = mp.to_vec();
+            k.extend_from_slice(&(membership_end.saturating_add(1)).to_be_bytes());
+            k
+        };
+        let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
+        for (k, _) in self
+            .store
+            .aux_range(SPACE, &from, &to, usize::MAX)
+            .map_err(storage_err)?
+        {
+            let Some(rest) = k.get(mp.len()..) else {
+                continue;
+            };
+            let Some(seq) = rest
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            if let Some((t, row)) = rest.get(8..).and_then(super::parse_row_key) {
+                if t == table {
+                    moved.entry(seq).or_default().push(row);
+                }
+            }
+        }
+        // (seq, row, the change and its actor for a log entry of this table; None for a row
+        // whose membership changed at that seq).
+        let mut touch: Vec<Touch> = Vec::new();
+        let mut moved_iter = moved.into_iter().peekable();
+        for e in &entries {
+            while let Some((s, _)) = moved_iter.peek() {
+                if *s > e.seq {
+                    break;
+                }
+                if let Some((s, rows)) = moved_iter.next() {
+                    touch.extend(rows.into_iter().map(|r| (s, r, None)));
+                }
+            }
+            if e.table == table {
+                touch.push((e.seq, e.row, Some((e.change.clone(), e.actor.0))));
+            }
+        }
+        for (s, rows) in moved_iter {
+            touch.extend(rows.into_iter().map(|r| (s, r, None)));
+        }
+        Ok((touch, scan_end))
+    }
+
+    /// What the device gets for `row`, first touched in a pull from `after` — by a membership
+    /// change (`membership`), possibly one with no log entry of its own (`unlogged`: recorded
+    /// at `last + 1`) — and the row's holding history.
+    fn first_fate(
+        &self,
+        who: &Principal,
+        table: &str,
+        row: RowId,
+        after: Cursor,
+        membership: bool,
+        unlogged: bool,
+    ) -> Result<(Fate, Vec<(u64, bool)>), StorageError> {
+        let hk = history_key(who.device, table, row);
+        let hist = self.load_history(&hk)?;
+        let mut before = held_at(&hist, after.0);
+        // A rollback changed what the device holds after the feed last told it.
+        let ok = override_key(who.device, table, row);
+        if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
+            let o: Override = dec(&v, "a holding override")?;
+            let last_told = hist.iter().rev().find(|(c, _)| *c <= after.0);
+            if last_told.is_none_or(|(c, _)| *c < o.seq) {
+                before = o.held;
+            }
+        }
+        let now = self.in_set(who, table, row);
+        if unlogged || hist.iter().any(|(c, _)| *c > after.0) {
+            // Whether the device applied a batch sent after `after` is
+            // unknown: a membership change with no log entry of its own
+            // (recorded at `last + 1`, the cursor cannot pass `last`), or a
+            // batch lost or unacknowledged. Send the truth; importing a held
+            // row and evicting an absent one change nothing.
+            before = !now;
+        }
+        let f = match (before, now) {
+            // Held at the cursor and now, but its membership changed in
+            // between: it left and came back, and the feed holds none of the
+            // ops written while it was away. Send it whole.
+            (true, true) if membership => Fate::Entered,
+            (true, true) => Fate::Ops,
+            (false, true) => Fate::Entered,
+            (true, false) if self.forgets_eviction(table, row) => Fate::Skip,
+            (true, false) => Fate::Left,
+            (false, false) => Fate::Skip,
+        };
+        Ok((f, hist))
+    }
+
     fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
         let current = self.store.get(table, row).ok()??;
         let tab = self.store.schema().table(table).ok()?;
@@ -1319,14 +1462,6 @@ impl HubStorage for HubReplica {
             feed_prefix(&profile, who.user, table),
             shared_feed_prefix(&profile, table),
         ];
-        // Walk the feed.
-        #[derive(Clone, Copy, PartialEq)]
-        enum Fate {
-            Ops,
-            Entered,
-            Left,
-            Skip,
-        }
         let mut fates: BTreeMap<RowId, (Fate, Vec<(u64, bool)>)> = BTreeMap::new();
         let mut items = 0usize;
         let mut bytes = 0usize;
@@ -1337,77 +1472,14 @@ impl HubStorage for HubReplica {
         // unchanged) do not cost the device a round trip and a durable write per window.
         let mut scanned = after.0;
         for _ in 0..MAX_SCAN_WINDOWS {
-            let FeedWindow {
-                entries: fed,
-                ended,
-                tail,
-            } = self
-                .feeds_window(&feeds, scanned, last, max_items.saturating_mul(SCAN_FACTOR))
-                .map_err(storage_err)?;
-            let mut entries = Vec::with_capacity(fed.len());
-            for (seq, row) in fed {
-                match self.store.log_entry(seq).map_err(storage_err)? {
-                    Some(e) if e.row == row && e.table == table => entries.push(e),
-                    _ => warn!(seq, %row, "a feed entry names no such log entry"),
-                }
-            }
-            // Membership changes of this user in this table in the window, by seq.
-            let from = {
-                let mut k = mp.clone();
-                k.extend_from_slice(&(scanned + 1).to_be_bytes());
-                k
-            };
-            let scan_end = if ended { last } else { tail };
-            // At the end of the log, membership changes that have no log entry of their own
-            // (recorded at `last + 1`) are due too.
-            let membership_end = if scan_end >= last { last + 1 } else { scan_end };
-            let to = {
-                let mut k = mp.clone();
-                k.extend_from_slice(&(membership_end.saturating_add(1)).to_be_bytes());
-                k
-            };
-            let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
-            for (k, _) in self
-                .store
-                .aux_range(SPACE, &from, &to, usize::MAX)
-                .map_err(storage_err)?
-            {
-                let Some(rest) = k.get(mp.len()..) else {
-                    continue;
-                };
-                let Some(seq) = rest
-                    .get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                else {
-                    continue;
-                };
-                if let Some((t, row)) = rest.get(8..).and_then(super::parse_row_key) {
-                    if t == table {
-                        moved.entry(seq).or_default().push(row);
-                    }
-                }
-            }
-            // (seq, row, the change and its actor for a log entry of this table; None for a row
-            // whose membership changed at that seq).
-            let mut touch: Vec<Touch> = Vec::new();
-            let mut moved_iter = moved.into_iter().peekable();
-            for e in &entries {
-                while let Some((s, _)) = moved_iter.peek() {
-                    if *s > e.seq {
-                        break;
-                    }
-                    if let Some((s, rows)) = moved_iter.next() {
-                        touch.extend(rows.into_iter().map(|r| (s, r, None)));
-                    }
-                }
-                if e.table == table {
-                    touch.push((e.seq, e.row, Some((e.change.clone(), e.actor.0))));
-                }
-            }
-            for (s, rows) in moved_iter {
-                touch.extend(rows.into_iter().map(|r| (s, r, None)));
-            }
+            let (touch, scan_end) = self.touches(
+                &feeds,
+                &mp,
+                table,
+                scanned,
+                last,
+                max_items.saturating_mul(SCAN_FACTOR),
+            )?;
             let mut i = 0;
             while i < touch.len() {
                 let seq = touch[i].0;
@@ -1433,38 +1505,8 @@ impl HubStorage for HubReplica {
                     let fate = if known {
                         state
                     } else {
-                        let hk = history_key(who.device, table, *row);
-                        let hist = self.load_history(&hk)?;
-                        let mut before = held_at(&hist, after.0);
-                        // A rollback changed what the device holds after the feed last told it.
-                        let ok = override_key(who.device, table, *row);
-                        if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
-                            let o: Override = dec(&v, "a holding override")?;
-                            let last_told = hist.iter().rev().find(|(c, _)| *c <= after.0);
-                            if last_told.is_none_or(|(c, _)| *c < o.seq) {
-                                before = o.held;
-                            }
-                        }
-                        let now = self.in_set(who, table, *row);
-                        if seq > last || hist.iter().any(|(c, _)| *c > after.0) {
-                            // Whether the device applied a batch sent after `after` is
-                            // unknown: a membership change with no log entry of its own
-                            // (recorded at `last + 1`, the cursor cannot pass `last`), or a
-                            // batch lost or unacknowledged. Send the truth; importing a held
-                            // row and evicting an absent one change nothing.
-                            before = !now;
-                        }
-                        let f = match (before, now) {
-                            // Held at the cursor and now, but its membership changed in
-                            // between: it left and came back, and the feed holds none of the
-                            // ops written while it was away. Send it whole.
-                            (true, true) if change.is_none() => Fate::Entered,
-                            (true, true) => Fate::Ops,
-                            (false, true) => Fate::Entered,
-                            (true, false) if self.forgets_eviction(table, *row) => Fate::Skip,
-                            (true, false) => Fate::Left,
-                            (false, false) => Fate::Skip,
-                        };
+                        let (f, hist) =
+                            self.first_fate(who, table, *row, after, change.is_none(), seq > last)?;
                         fates.insert(*row, (f, hist));
                         fresh.push(*row);
                         if f == Fate::Entered || f == Fate::Left {
@@ -1553,7 +1595,7 @@ impl HubStorage for HubReplica {
                 break;
             }
             end = end.max(scan_end);
-            if ended || scan_end >= last || items >= max_items || bytes >= limits.max_bytes {
+            if scan_end >= last || items >= max_items || bytes >= limits.max_bytes {
                 break;
             }
             scanned = scan_end;
