@@ -8,6 +8,7 @@ use std::fs;
 use common::*;
 use fieldsync_store::{
     Durability, OpenError, RemoteOp, RowExport, SchemaError, Store, StoreError, Value, WriteError,
+    FORMAT_VERSION,
 };
 use uuid::Uuid;
 
@@ -303,7 +304,7 @@ fn garbage_under_our_keys_and_wrong_versions_are_clear_errors() {
         Store::open(&p, options(1)),
         Err(OpenError::VersionMismatch {
             found: 7,
-            expected: 1
+            expected: FORMAT_VERSION
         })
     ));
     {
@@ -317,7 +318,8 @@ fn garbage_under_our_keys_and_wrong_versions_are_clear_errors() {
     ));
     {
         let db = raw_sled(&p);
-        db.insert(b"0format", &1u32.to_be_bytes()[..]).unwrap();
+        db.insert(b"0format", &FORMAT_VERSION.to_be_bytes()[..])
+            .unwrap();
         db.insert(b"0schema", &b"{not json"[..]).unwrap();
         db.flush().unwrap();
     }
