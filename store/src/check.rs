@@ -151,7 +151,7 @@ impl Store {
                 batch.insert(key, &[][..]);
             }
             rows += 1;
-            if rows % REBUILD_CHUNK == 0 {
+            if rows.is_multiple_of(REBUILD_CHUNK) {
                 self.write(std::mem::take(&mut batch), Durability::Group)?;
             }
         }

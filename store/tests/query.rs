@@ -112,12 +112,11 @@ impl Cond {
     }
 
     fn add_to(&self, q: Query) -> Query {
-        let map = |b: &Bound<Value>| b.clone();
         match self {
             Cond::Owner(o) => q.eq("ownerid", owner(*o)),
             Cond::State(s) => q.eq("statecode", choice(*s)),
             Cond::Priority(p) => q.eq("msdyn_priority", choice(*p)),
-            Cond::OwnerRange(lo, hi) => q.range("ownerid", map(&lo.map(user)), map(&hi.map(user))),
+            Cond::OwnerRange(lo, hi) => q.range("ownerid", lo.map(user), hi.map(user)),
             Cond::PriorityRange(lo, hi) => q.range(
                 "msdyn_priority",
                 lo.map(Value::Choice),
@@ -178,7 +177,7 @@ fn models() -> Vec<Model> {
             },
             state: match i % 7 {
                 6 => None,
-                n => Some((n % 2) as i32),
+                n => Some(n % 2),
             },
             priority: Some(i % 3 + 1),
             deleted: i % 11 == 10,
