@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 
 use automerge::ReadDoc;
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 use crate::api::{CheckProblem, CheckReport, StoreStatus};
 use crate::codec::{from_scalar, keys};
 use crate::error::{corrupt, StoreError};
 use crate::options::Durability;
 use crate::row::{key_col, parse_change, row_change, CrdtState, MatRow, DELETED_COL};
-use crate::store::Store;
+use crate::store::{Store, FORMAT_VERSION};
 use crate::value::{RowId, Value};
 use crate::wal::WriteBatch;
 
@@ -97,21 +97,8 @@ impl Store {
         let _writer = self.writer();
         let histories = self.histories()?;
         // Drop the derived state.
-        for prefix in [keys::ROW, keys::INDEX] {
-            loop {
-                let mut batch = WriteBatch::default();
-                let mut n = 0;
-                for r in self.db().scan_prefix([prefix]).take(REBUILD_CHUNK * 8) {
-                    let (k, _) = r?;
-                    batch.remove(k);
-                    n += 1;
-                }
-                if n == 0 {
-                    break;
-                }
-                self.write(batch, Durability::Group)?;
-            }
-        }
+        self.remove_prefix(keys::ROW)?;
+        self.remove_prefix(keys::INDEX)?;
         let mut batch = WriteBatch::default();
         let mut n = 0;
         for ((t, id), h) in &histories {
@@ -128,6 +115,69 @@ impl Store {
             rows = histories.len(),
             "rebuilt materialized rows from the log"
         );
+        Ok(())
+    }
+
+    /// Remove every key under `prefix`, a bounded batch at a time.
+    fn remove_prefix(&self, prefix: u8) -> Result<(), StoreError> {
+        loop {
+            let mut batch = WriteBatch::default();
+            for r in self.db().scan_prefix([prefix]).take(REBUILD_CHUNK * 8) {
+                let (k, _) = r?;
+                batch.remove(k);
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.write(batch, Durability::Group)?;
+        }
+    }
+
+    /// Recompute every index entry from the stored rows (the rows and the log stay as they
+    /// are): what an index layout change needs.
+    fn rebuild_indexes(&self) -> Result<(), StoreError> {
+        let _span = info_span!("rebuild_indexes").entered();
+        let _writer = self.writer();
+        self.remove_prefix(keys::INDEX)?;
+        let mut batch = WriteBatch::default();
+        let mut rows = 0usize;
+        for r in self.db().scan_prefix([keys::ROW]) {
+            let (k, v) = r?;
+            let (t, id) =
+                keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
+            let table = self.table_by_id(t)?;
+            let mat = self.decode_mat(t, &v)?;
+            for key in self.index_keys(t, table, id, &mat) {
+                batch.insert(key, &[][..]);
+            }
+            rows += 1;
+            if rows.is_multiple_of(REBUILD_CHUNK) {
+                self.write(std::mem::take(&mut batch), Durability::Group)?;
+            }
+        }
+        self.write(batch, Durability::Group)?;
+        info!(rows, "rebuilt the indexes from the rows");
+        Ok(())
+    }
+
+    /// Bring a store written in an older format (`from`) to the current one: the indexes are
+    /// rebuilt (from the rows, or everything from the log if a row does not decode), then
+    /// the new format is recorded, durably. A crash before that leaves the old format
+    /// recorded, and the next open does it again.
+    pub(crate) fn upgrade_format(&self, from: u32) -> Result<(), StoreError> {
+        let _span = info_span!("upgrade_format", from, to = FORMAT_VERSION).entered();
+        match self.rebuild_indexes() {
+            Ok(()) => {}
+            Err(StoreError::Corrupt(reason)) => {
+                warn!(%reason, "a row does not decode; rebuilding everything from the log");
+                self.rebuild()?;
+            }
+            Err(e) => return Err(e),
+        }
+        let mut batch = WriteBatch::default();
+        batch.insert(keys::meta("format"), &FORMAT_VERSION.to_be_bytes()[..]);
+        self.write(batch, Durability::Immediate)?;
+        info!(from, to = FORMAT_VERSION, "upgraded the store format");
         Ok(())
     }
 

@@ -10,7 +10,10 @@ use crate::codec::{cmp_values, index_value, keys};
 use crate::error::{corrupt, StoreError};
 use crate::row::MatRow;
 use crate::schema::{SchemaError, Table};
-use crate::store::{Store, COMPOSITE_OWNER_STATE};
+use crate::store::{
+    on_every_core, owner_state_prefix, worker_threads, Store, COMPOSITE_OWNER_STATE, OWNER_COLUMN,
+    STATE_COLUMN,
+};
 use crate::value::{RowId, Value};
 
 /// Sort direction.
@@ -58,14 +61,17 @@ pub struct Query {
 /// How a query finds its candidate rows (see [`Store::plan`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryPlan {
-    /// A prefix scan of the (ownerid, statecode) index.
+    /// A prefix scan of the (ownerid, statecode) index for one owner and one statecode.
     OwnerStateIndex,
+    /// A prefix scan of the (ownerid, statecode) index for one owner, any statecode.
+    OwnerStateIndexOwnerOnly,
     /// A prefix scan of one column's index for an equality.
     IndexEq {
         /// The indexed column.
         column: String,
     },
-    /// A range scan of one column's index.
+    /// A range scan of one column's index (for `ownerid`, of the owner part of the
+    /// (ownerid, statecode) index).
     IndexRange {
         /// The indexed column.
         column: String,
@@ -154,10 +160,24 @@ fn matches(mat: &MatRow, filters: &[(u16, &Filter)]) -> bool {
 }
 
 enum Candidates {
+    /// The index keys that start with the prefix and end right after it with a row id.
     Prefix(Vec<u8>),
-    Range(Vec<u8>, Bound<Vec<u8>>, Bound<Vec<u8>>),
+    /// The composite (ownerid, statecode) keys of one owner (the prefix ends with the owner),
+    /// with or without a statecode after it: its rows are read in row id order.
+    OwnerPrefix(Vec<u8>),
+    /// The index keys under the prefix whose value, cut to `value_len` bytes if given,
+    /// lies within the bounds.
+    Range {
+        prefix: Vec<u8>,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
+        value_len: Option<usize>,
+    },
     Table,
 }
+
+/// The bytes of an owner in index keys (kind + UUID), the first part of a composite key.
+const OWNER_INDEX_BYTES: usize = 17;
 
 impl Store {
     fn choose(
@@ -168,6 +188,7 @@ impl Store {
     ) -> Result<(QueryPlan, Candidates), StoreError> {
         let mut owner = None;
         let mut state = None;
+        // The last equality on a column with an index of its own, or on the owner.
         let mut eq = None;
         let mut range = None;
         for f in &query.filters {
@@ -180,12 +201,12 @@ impl Store {
                     }
                     let Some(enc) = index_value(v) else { continue };
                     match name.as_str() {
-                        "ownerid" => owner = Some(enc.clone()),
-                        "statecode" => state = Some(enc.clone()),
-                        _ => {}
-                    }
-                    if eq.is_none() || name != "statecode" {
-                        eq = Some((name.clone(), c, enc));
+                        OWNER_COLUMN => {
+                            owner = Some(enc.clone());
+                            eq = Some((name.clone(), c, enc));
+                        }
+                        STATE_COLUMN => state = Some(enc),
+                        _ => eq = Some((name.clone(), c, enc)),
                     }
                 }
                 Filter::Range(name, lo, hi) => {
@@ -195,7 +216,7 @@ impl Store {
                             table.check_value(name, v)?;
                         }
                     }
-                    if range.is_none() && indexed(table, c) {
+                    if range.is_none() && indexed(table, c) && name != STATE_COLUMN {
                         let enc = |b: &Bound<Value>| -> Option<Bound<Vec<u8>>> {
                             Some(match b {
                                 Bound::Included(v) => Bound::Included(index_value(v)?),
@@ -210,24 +231,65 @@ impl Store {
                 }
             }
         }
-        if let (Some(mut o), Some(s)) = (owner, state) {
-            o.extend_from_slice(&s);
-            let mut p = keys::index_prefix(t, COMPOSITE_OWNER_STATE);
-            p.extend_from_slice(&o);
-            return Ok((QueryPlan::OwnerStateIndex, Candidates::Prefix(p)));
+        if let (Some(o), Some(s)) = (&owner, &state) {
+            return Ok((
+                QueryPlan::OwnerStateIndex,
+                Candidates::Prefix(owner_state_prefix(t, o, Some(s))),
+            ));
         }
         if let Some((name, c, enc)) = eq {
+            if name == OWNER_COLUMN {
+                return Ok((
+                    QueryPlan::OwnerStateIndexOwnerOnly,
+                    Candidates::OwnerPrefix(owner_state_prefix(t, &enc, None)),
+                ));
+            }
             let mut p = keys::index_prefix(t, c);
             p.extend_from_slice(&enc);
             return Ok((QueryPlan::IndexEq { column: name }, Candidates::Prefix(p)));
         }
         if let Some((name, c, lo, hi)) = range {
+            // The owner's range is the composite index's, on its owner part.
+            let (index_column, value_len) = if name == OWNER_COLUMN {
+                (COMPOSITE_OWNER_STATE, Some(OWNER_INDEX_BYTES))
+            } else {
+                (c, None)
+            };
             return Ok((
                 QueryPlan::IndexRange { column: name },
-                Candidates::Range(keys::index_prefix(t, c), lo, hi),
+                Candidates::Range {
+                    prefix: keys::index_prefix(t, index_column),
+                    lo,
+                    hi,
+                    value_len,
+                },
             ));
         }
         Ok((QueryPlan::TableScan, Candidates::Table))
+    }
+
+    /// The row of an index entry (a missing one is corruption: they are written together).
+    fn indexed_row(&self, t: u16, id: RowId) -> Result<MatRow, StoreError> {
+        self.load_mat(t, id)?
+            .ok_or_else(|| corrupt(format!("index entry for missing row {id}")))
+    }
+
+    /// The row ids of the index keys under `prefix`: exactly a row id after it, or, with
+    /// `any_rest`, a row id at the end of whatever follows it.
+    fn index_ids(&self, prefix: &[u8], any_rest: bool) -> Result<Vec<RowId>, StoreError> {
+        let mut ids = Vec::new();
+        for r in self.db().scan_prefix(prefix) {
+            let (k, _) = r?;
+            let fits = if any_rest {
+                k.len() >= prefix.len() + 16
+            } else {
+                k.len() == prefix.len() + 16
+            };
+            if fits {
+                ids.push(keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?);
+            }
+        }
+        Ok(ids)
     }
 
     /// Read the rows named by an index, in order; in parallel when there are many.
@@ -235,32 +297,14 @@ impl Store {
         const PARALLEL_MIN: usize = 512;
         let fetch = |part: &[RowId]| -> Result<Vec<(RowId, MatRow)>, StoreError> {
             part.iter()
-                .map(|id| match self.load_mat(t, *id)? {
-                    Some(m) => Ok((*id, m)),
-                    None => Err(corrupt(format!("index entry for missing row {id}"))),
-                })
+                .map(|id| Ok((*id, self.indexed_row(t, *id)?)))
                 .collect()
         };
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 4);
-        if ids.len() < PARALLEL_MIN || threads == 1 {
-            return fetch(ids);
+        let mut out = Vec::with_capacity(ids.len());
+        for part in on_every_core(ids, PARALLEL_MIN, fetch)? {
+            out.extend(part?);
         }
-        let per = ids.len().div_ceil(threads);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = ids
-                .chunks(per)
-                .map(|part| s.spawn(move || fetch(part)))
-                .collect();
-            let mut out = Vec::with_capacity(ids.len());
-            for h in handles {
-                let part = h.join().map_err(|_| corrupt("a query worker panicked"))??;
-                out.extend(part);
-            }
-            Ok(out)
-        })
+        Ok(out)
     }
 
     /// How `query` would find its rows (an index scan or a table scan).
@@ -293,7 +337,8 @@ impl Store {
             }
             early.is_none_or(|n| out.len() < n)
         };
-        match candidates {
+        // Candidates read from the index first (ids only), then as rows below.
+        let indexed_ids = match candidates {
             Candidates::Table => {
                 for r in self.db().scan_prefix(keys::table_prefix(keys::ROW, t)) {
                     let (k, v) = r?;
@@ -303,48 +348,40 @@ impl Store {
                         break;
                     }
                 }
+                None
             }
-            Candidates::Prefix(p) if early.is_none() => {
-                // Every candidate is needed: read the ids, then the rows on every core.
-                let mut ids = Vec::new();
-                for r in self.db().scan_prefix(&p) {
-                    let (k, _) = r?;
-                    if k.len() == p.len() + 16 {
-                        ids.push(
-                            keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?,
-                        );
-                    }
-                }
-                for (id, mat) in self.fetch_rows(t, &ids)? {
-                    take(id, mat);
-                }
-            }
-            Candidates::Prefix(p) => {
+            Candidates::Prefix(p) if early.is_some() => {
+                // A limit without a sort: read rows only until it is reached.
                 for r in self.db().scan_prefix(&p) {
                     let (k, _) = r?;
                     if k.len() != p.len() + 16 {
                         continue;
                     }
                     let id = keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?;
-                    let Some(mat) = self.load_mat(t, id)? else {
-                        return Err(corrupt(format!("index entry for missing row {id}")));
-                    };
-                    if !take(id, mat) {
+                    if !take(id, self.indexed_row(t, id)?) {
                         break;
                     }
                 }
+                None
             }
-            Candidates::Range(p, lo, hi) => {
-                let with = |v: &[u8]| {
-                    let mut k = p.clone();
-                    k.extend_from_slice(v);
-                    k
-                };
+            Candidates::Prefix(p) => Some(self.index_ids(&p, false)?),
+            Candidates::OwnerPrefix(p) => {
+                // The owner's rows are ordered by statecode first: put them in id order, the
+                // order every other plan without a sort returns.
+                let mut ids = self.index_ids(&p, true)?;
+                ids.sort_unstable();
+                Some(ids)
+            }
+            Candidates::Range {
+                prefix: p,
+                lo,
+                hi,
+                value_len,
+            } => {
                 let start = match &lo {
-                    Bound::Included(v) => with(v),
-                    Bound::Excluded(v) => {
-                        let mut k = with(v);
-                        k.extend_from_slice(&[0xff; 16]);
+                    Bound::Included(v) | Bound::Excluded(v) => {
+                        let mut k = p.clone();
+                        k.extend_from_slice(v);
                         k
                     }
                     Bound::Unbounded => p.clone(),
@@ -355,6 +392,13 @@ impl Store {
                         break;
                     }
                     let val = &k[p.len()..k.len().saturating_sub(16)];
+                    let val = match value_len {
+                        Some(n) => val.get(..n).unwrap_or(val),
+                        None => val,
+                    };
+                    if matches!(&lo, Bound::Excluded(l) if val == l.as_slice()) {
+                        continue;
+                    }
                     let past = match &hi {
                         Bound::Included(h) => val > h.as_slice(),
                         Bound::Excluded(h) => val >= h.as_slice(),
@@ -364,10 +408,22 @@ impl Store {
                         break;
                     }
                     let id = keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?;
-                    let Some(mat) = self.load_mat(t, id)? else {
-                        return Err(corrupt(format!("index entry for missing row {id}")));
-                    };
-                    if !take(id, mat) {
+                    if !take(id, self.indexed_row(t, id)?) {
+                        break;
+                    }
+                }
+                None
+            }
+        };
+        if let Some(ids) = indexed_ids {
+            if early.is_none() {
+                // Every candidate is needed: read the rows on every core.
+                for (id, mat) in self.fetch_rows(t, &ids)? {
+                    take(id, mat);
+                }
+            } else {
+                for id in ids {
+                    if !take(id, self.indexed_row(t, id)?) {
                         break;
                     }
                 }
@@ -386,10 +442,7 @@ impl Store {
         // Building the rows (a map of column names per row) costs as much as reading them:
         // spread it over the cores too when there are many.
         const PARALLEL_MIN: usize = 512;
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 4);
+        let threads = worker_threads();
         if out.len() < PARALLEL_MIN || threads == 1 {
             return Ok(out
                 .into_iter()

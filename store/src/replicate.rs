@@ -12,12 +12,15 @@ use crate::error::{corrupt, StoreError};
 use crate::log::StoredEntry;
 use crate::options::Durability;
 use crate::row::{parse_change, row_change, CrdtState, MatRow, RowChange};
-use crate::store::Store;
+use crate::store::{on_every_core, Store};
 use crate::value::RowId;
 use crate::wal::WriteBatch;
 
 /// Log entries folded per compaction batch.
 const COMPACT_CHUNK: usize = 2048;
+
+/// Remote ops from this many on are parsed on every core.
+const PARALLEL_PARSE_MIN: usize = 64;
 
 /// A log entry's seq and change bytes.
 type SeqChange = (u64, Vec<u8>);
@@ -86,17 +89,26 @@ impl Store {
         durability: Durability,
     ) -> Result<ApplyOutcome, StoreError> {
         let _span = info_span!("apply_remote", ops = ops.len()).entered();
+        // Parsing and checking the ops is independent per op (and, with the sled writes, the
+        // cost of an initial sync): many are parsed on every core. Each part stops at its
+        // first bad op, so the first error in op order is the one reported, as one by one.
+        let parse = |part: &[RemoteOp]| -> Result<Vec<(u16, RowChange)>, StoreError> {
+            part.iter()
+                .map(|op| {
+                    let (t, tab) = self.table(&op.table)?;
+                    let invalid = |reason: String| StoreError::InvalidChange {
+                        table: op.table.clone(),
+                        row: op.row,
+                        reason,
+                    };
+                    let (expanded, hash) = parse_change(&op.change).map_err(invalid)?;
+                    Ok((t, row_change(tab, &expanded, hash).map_err(invalid)?))
+                })
+                .collect()
+        };
         let mut parsed = Vec::with_capacity(ops.len());
-        for op in ops {
-            let (t, tab) = self.table(&op.table)?;
-            let invalid = |reason: String| StoreError::InvalidChange {
-                table: op.table.clone(),
-                row: op.row,
-                reason,
-            };
-            let (expanded, hash) = parse_change(&op.change).map_err(invalid)?;
-            let change = row_change(tab, &expanded, hash).map_err(invalid)?;
-            parsed.push((t, op.row, change, &op.change));
+        for part in on_every_core(ops, PARALLEL_PARSE_MIN, parse)? {
+            parsed.extend(part?);
         }
         let mut outcome = ApplyOutcome::default();
         let mut writer = self.writer();
@@ -105,7 +117,8 @@ impl Store {
         let mut rows: HashMap<(u16, RowId), Working> = HashMap::new();
         let mut order: Vec<(u16, RowId)> = Vec::new();
         let mut batch_held: Vec<[u8; 32]> = Vec::new();
-        for (t, id, change, bytes) in parsed {
+        for ((t, change), op) in parsed.into_iter().zip(ops) {
+            let (id, bytes) = (op.row, &op.change);
             if let std::collections::hash_map::Entry::Vacant(slot) = rows.entry((t, id)) {
                 let state = self.load_state(t, id)?;
                 let old = match &state {

@@ -20,10 +20,31 @@ use crate::value::{RowId, Value};
 use crate::wal::{Wal, WriteBatch};
 
 /// The on-disk format version, in the `0format` meta key.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2: `ownerid` and `statecode` are indexed only together, in the composite index.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format `open` upgrades in place (format 1 had separate `ownerid` and
+/// `statecode` indexes: only the indexes differ, and they are rebuilt from the rows).
+const OLDEST_UPGRADABLE_FORMAT: u32 = 1;
 
 /// Column number of the composite (ownerid, statecode) index.
 pub(crate) const COMPOSITE_OWNER_STATE: u16 = u16::MAX - 1;
+
+/// The columns of the composite index. Neither has an index of its own: the composite orders
+/// by owner first, so it serves owner-only queries too, and `statecode` alone (two values)
+/// is better served by a scan.
+pub(crate) const OWNER_COLUMN: &str = "ownerid";
+pub(crate) const STATE_COLUMN: &str = "statecode";
+
+/// The start of the composite index keys of one owner (and one statecode, if given).
+/// A row without a statecode has the owner part only, directly followed by its id.
+pub(crate) fn owner_state_prefix(t: u16, owner: &[u8], state: Option<&[u8]>) -> Vec<u8> {
+    let mut p = keys::index_prefix(t, COMPOSITE_OWNER_STATE);
+    p.extend_from_slice(owner);
+    p.extend_from_slice(state.unwrap_or_default());
+    p
+}
 
 /// The directory inside the data directory that holds the sled database.
 const DB_DIR: &str = "db";
@@ -225,6 +246,43 @@ fn sled_open_error(dir: &Path, e: SledOpenError) -> OpenError {
     }
 }
 
+/// The most threads work is spread over (the devices have 2–4 cores).
+const MAX_WORKERS: usize = 4;
+
+/// How many threads to spread work over: one per core, at most [`MAX_WORKERS`].
+pub(crate) fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_WORKERS)
+}
+
+/// `work` applied to consecutive parts of `items`, one part per worker thread, the results in
+/// the parts' order; one call on the calling thread when there are fewer than `parallel_min`
+/// items or one core.
+pub(crate) fn on_every_core<T: Sync, R: Send>(
+    items: &[T],
+    parallel_min: usize,
+    work: impl Fn(&[T]) -> R + Sync,
+) -> Result<Vec<R>, StoreError> {
+    let threads = worker_threads();
+    if items.len() < parallel_min || threads == 1 {
+        return Ok(vec![work(items)]);
+    }
+    let per = items.len().div_ceil(threads);
+    let work = &work;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || work(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| corrupt("a worker thread panicked")))
+            .collect()
+    })
+}
+
 impl Store {
     /// Create a new store in `dir` (created if missing) with `schema`.
     ///
@@ -330,7 +388,7 @@ impl Store {
         let format = <[u8; 4]>::try_from(format.as_ref())
             .map(u32::from_be_bytes)
             .map_err(|_| bad("the format version is not 4 bytes".into()))?;
-        if format != FORMAT_VERSION {
+        if !(OLDEST_UPGRADABLE_FORMAT..=FORMAT_VERSION).contains(&format) {
             return Err(OpenError::VersionMismatch {
                 found: format,
                 expected: FORMAT_VERSION,
@@ -418,6 +476,9 @@ impl Store {
                 "materialized rows disagree with the log tail; rebuilding"
             );
             store.rebuild().map_err(OpenError::Store)?;
+        }
+        if format < FORMAT_VERSION {
+            store.upgrade_format(format).map_err(OpenError::Store)?;
         }
         debug!(%actor, last_seq = last, clean, "store open");
         Ok(store)
@@ -565,7 +626,8 @@ impl Store {
         }
     }
 
-    /// The index keys of a materialized row (none for a deleted row).
+    /// The index keys of a materialized row (none for a deleted row): one per indexed column
+    /// with its own index, plus the composite (ownerid, statecode) key if it has an owner.
     pub(crate) fn index_keys(
         &self,
         t: u16,
@@ -586,18 +648,17 @@ impl Store {
             if !col.ty.is_indexed() {
                 continue;
             }
-            if let Some(enc) = index_value(v) {
-                if col.name == "ownerid" {
-                    owner = Some(enc.clone());
-                } else if col.name == "statecode" {
-                    state = Some(enc.clone());
-                }
-                out.push(keys::index(t, *c, &enc, id));
+            let Some(enc) = index_value(v) else { continue };
+            match col.name.as_str() {
+                OWNER_COLUMN => owner = Some(enc),
+                STATE_COLUMN => state = Some(enc),
+                _ => out.push(keys::index(t, *c, &enc, id)),
             }
         }
-        if let (Some(mut o), Some(s)) = (owner, state) {
-            o.extend_from_slice(&s);
-            out.push(keys::index(t, COMPOSITE_OWNER_STATE, &o, id));
+        if let Some(o) = owner {
+            let mut k = owner_state_prefix(t, &o, state.as_deref());
+            k.extend_from_slice(id.as_bytes());
+            out.push(k);
         }
         out
     }

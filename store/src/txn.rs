@@ -11,7 +11,7 @@ use crate::log::StoredEntry;
 use crate::options::Durability;
 use crate::row::{CrdtState, MatRow, DELETED_COL};
 use crate::schema::Table;
-use crate::store::Store;
+use crate::store::{on_every_core, Store};
 use crate::value::{RowId, Value};
 use crate::wal::WriteBatch;
 
@@ -254,26 +254,10 @@ impl Store {
                     })
                     .collect::<Vec<_>>()
             };
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .clamp(1, 4);
-            let per = chunk.len().div_ceil(threads).max(1);
-            let built: Vec<_> = std::thread::scope(|s| {
-                let handles: Vec<_> = chunk
-                    .chunks(per)
-                    .map(|part| s.spawn(move || build(part)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
-            });
-            if built.len() != chunk.len() {
-                return Err(WriteError::Store(StoreError::Corrupt(
-                    "a bulk insert worker failed".into(),
-                )));
-            }
+            let built: Vec<_> = on_every_core(chunk, 1, build)?
+                .into_iter()
+                .flatten()
+                .collect();
             let mut writer = self.writer();
             let mut seq = writer.next_seq;
             let mut batch = WriteBatch::default();

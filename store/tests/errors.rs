@@ -8,6 +8,7 @@ use std::fs;
 use common::*;
 use fieldsync_store::{
     Durability, OpenError, RemoteOp, RowExport, SchemaError, Store, StoreError, Value, WriteError,
+    FORMAT_VERSION,
 };
 use uuid::Uuid;
 
@@ -197,6 +198,80 @@ fn garbage_remote_changes_are_refused_whole() {
 }
 
 #[test]
+fn a_big_remote_batch_with_bad_ops_writes_nothing_and_names_the_first() {
+    // Big enough to be parsed on every core.
+    let a = temp_store(1);
+    let mut tx = a.begin();
+    for i in 0..300 {
+        tx.insert("account", &[("name", text(&format!("a{i}")))])
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let ops: Vec<RemoteOp> = a
+        .ops_since(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.to_remote())
+        .collect();
+    assert_eq!(ops.len(), 300);
+    let spoil = |ops: &mut [RemoteOp], at: usize| {
+        let c = &mut ops[at].change;
+        let n = c.len();
+        c[n - 3] ^= 0xff;
+    };
+    let b = temp_store(2);
+    // One bad op in the middle; then two, in either half: the first in op order is named.
+    for bad in [vec![150], vec![40, 260], vec![200, 280]] {
+        let mut batch = ops.clone();
+        for at in &bad {
+            spoil(&mut batch, *at);
+        }
+        match b.apply_remote(&batch, Durability::Group) {
+            Err(StoreError::InvalidChange { table, row, .. }) => {
+                assert_eq!(table, "account");
+                assert_eq!(row, ops[bad[0]].row, "{bad:?}");
+            }
+            other => panic!("{bad:?}: {other:?}"),
+        }
+        assert_eq!(b.last_seq(), 0, "nothing of the batch was written");
+        assert_eq!(b.scan("account").unwrap().count(), 0);
+        // The same through import_rows: the bad export is named.
+        let exports: Vec<RowExport> = batch
+            .iter()
+            .map(|op| RowExport {
+                table: op.table.clone(),
+                id: op.row,
+                doc: op.change.clone(),
+            })
+            .collect();
+        match b.import_rows(&exports, Durability::Group) {
+            Err(StoreError::InvalidExport { row, .. }) => assert_eq!(row, ops[bad[0]].row),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+        assert_eq!(b.last_seq(), 0, "nothing of the import was written");
+    }
+    // An unknown table in the second half is reported as before (not as a bad change).
+    let mut batch = ops.clone();
+    batch[250].table = "nope".into();
+    assert!(matches!(
+        b.apply_remote(&batch, Durability::Group),
+        Err(StoreError::Schema(_))
+    ));
+    // The good batch applies whole, in order.
+    let outcome = b.apply_remote(&ops, Durability::Group).unwrap();
+    assert_eq!(outcome.applied, 300);
+    assert_eq!(
+        b.ops_since(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.row)
+            .collect::<Vec<_>>(),
+        ops.iter().map(|op| op.row).collect::<Vec<_>>()
+    );
+    assert!(b.check().unwrap().is_ok());
+}
+
+#[test]
 fn open_and_create_report_missing_and_existing_stores() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("data");
@@ -303,7 +378,7 @@ fn garbage_under_our_keys_and_wrong_versions_are_clear_errors() {
         Store::open(&p, options(1)),
         Err(OpenError::VersionMismatch {
             found: 7,
-            expected: 1
+            expected: FORMAT_VERSION
         })
     ));
     {
@@ -317,7 +392,8 @@ fn garbage_under_our_keys_and_wrong_versions_are_clear_errors() {
     ));
     {
         let db = raw_sled(&p);
-        db.insert(b"0format", &1u32.to_be_bytes()[..]).unwrap();
+        db.insert(b"0format", &FORMAT_VERSION.to_be_bytes()[..])
+            .unwrap();
         db.insert(b"0schema", &b"{not json"[..]).unwrap();
         db.flush().unwrap();
     }
