@@ -46,35 +46,30 @@ impl Store {
         for r in self.db().range(start.to_vec()..end.to_vec()).take(limit) {
             let (k, v) = r?;
             let seq = keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?;
-            let e = StoredEntry::decode(&v)
-                .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
-            out.push(LogEntry {
-                seq,
-                table: self.table_name(e.table),
-                row: e.row,
-                actor: e.actor,
-                hash: e.hash,
-                change: e.change,
-            });
+            out.push(self.decode_log_entry(seq, &v)?);
         }
         Ok(out)
     }
 
     /// The log entry at `seq`, if the log holds it (not compacted away, not past the end).
     pub fn log_entry(&self, seq: u64) -> Result<Option<LogEntry>, StoreError> {
-        let Some(v) = self.db().get(keys::log(seq))? else {
-            return Ok(None);
-        };
-        let e = StoredEntry::decode(&v)
+        match self.db().get(keys::log(seq))? {
+            Some(v) => Ok(Some(self.decode_log_entry(seq, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn decode_log_entry(&self, seq: u64, stored: &[u8]) -> Result<LogEntry, StoreError> {
+        let e = StoredEntry::decode(stored)
             .ok_or_else(|| corrupt(format!("log entry {seq} is too short")))?;
-        Ok(Some(LogEntry {
+        Ok(LogEntry {
             seq,
             table: self.table_name(e.table),
             row: e.row,
             actor: e.actor,
             hash: e.hash,
             change: e.change,
-        }))
+        })
     }
 
     /// Apply changes made elsewhere.
