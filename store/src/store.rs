@@ -251,10 +251,15 @@ const MAX_WORKERS: usize = 4;
 
 /// How many threads to spread work over: one per core, at most [`MAX_WORKERS`].
 pub(crate) fn worker_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, MAX_WORKERS)
+    // Asked once: `available_parallelism` reads the cgroup files on every call (tens of µs,
+    // more than a small `apply_remote` costs).
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_WORKERS)
+    })
 }
 
 /// `work` applied to consecutive parts of `items`, one part per worker thread, the results in
@@ -265,8 +270,11 @@ pub(crate) fn on_every_core<T: Sync, R: Send>(
     parallel_min: usize,
     work: impl Fn(&[T]) -> R + Sync,
 ) -> Result<Vec<R>, StoreError> {
+    if items.len() < parallel_min {
+        return Ok(vec![work(items)]);
+    }
     let threads = worker_threads();
-    if items.len() < parallel_min || threads == 1 {
+    if threads == 1 {
         return Ok(vec![work(items)]);
     }
     let per = items.len().div_ceil(threads);
