@@ -207,12 +207,7 @@ fn a_big_remote_batch_with_bad_ops_writes_nothing_and_names_the_first() {
             .unwrap();
     }
     tx.commit().unwrap();
-    let ops: Vec<RemoteOp> = a
-        .ops_since(0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|e| e.to_remote())
-        .collect();
+    let ops = all_ops(&a);
     assert_eq!(ops.len(), 300);
     let spoil = |ops: &mut [RemoteOp], at: usize| {
         let c = &mut ops[at].change;

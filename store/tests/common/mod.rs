@@ -62,15 +62,19 @@ pub fn text(s: &str) -> Value {
     Value::Text(s.to_string())
 }
 
-/// Send every log entry of `from` to `to`.
-pub fn sync_all(from: &Store, to: &Store) {
-    let ops: Vec<_> = from
+/// Every log entry of `store`, as ops for another store.
+pub fn all_ops(store: &Store) -> Vec<fieldsync_store::RemoteOp> {
+    store
         .ops_since(0, usize::MAX)
         .unwrap()
         .iter()
         .map(|e| e.to_remote())
-        .collect();
-    to.apply_remote(&ops, fieldsync_store::Durability::Group)
+        .collect()
+}
+
+/// Send every log entry of `from` to `to`.
+pub fn sync_all(from: &Store, to: &Store) {
+    to.apply_remote(&all_ops(from), fieldsync_store::Durability::Group)
         .unwrap();
 }
 
