@@ -188,9 +188,7 @@ impl FeedChanges {
     /// `user`'s feed of `table` moved (the table was written too).
     pub fn record_feed(&mut self, user: UserId, table: &str) {
         self.record_table(table);
-        if !self.feeds.contains(&(user, table.to_string())) {
-            self.feeds.insert((user, table.to_string()));
-        }
+        self.feeds.insert((user, table.to_string()));
     }
 
     /// Adds `other`'s changes to these.
@@ -276,11 +274,10 @@ fn feed_prefix(profile: &str, user: UserId, table: &str) -> Vec<u8> {
     k
 }
 
-/// Feed entries `(seq, row)` in seq order, each once; whether every feed read ended (else the
-/// window stops at `tail`, a whole seq); the last seq covered.
+/// Feed entries `(seq, row)` in seq order, each once, and the last seq the window covers (the
+/// log's last when every feed was read to its end; a whole seq otherwise).
 struct FeedWindow {
     entries: Vec<(u64, RowId)>,
-    ended: bool,
     tail: u64,
 }
 
@@ -888,7 +885,6 @@ impl HubReplica {
         all.dedup();
         Ok(FeedWindow {
             entries: all,
-            ended: cut.is_none(),
             tail: cut.unwrap_or(last),
         })
     }
@@ -907,33 +903,28 @@ impl HubReplica {
     ) -> Result<(Vec<Touch>, u64), StorageError> {
         let FeedWindow {
             entries: fed,
-            ended,
-            tail,
+            tail: scan_end,
         } = self
             .feeds_window(feeds, scanned, last, limit)
             .map_err(storage_err)?;
         let mut entries = Vec::with_capacity(fed.len());
         for (seq, row) in fed {
+            // The hub's log is never compacted: an entry the feed names is always there.
             match self.store.log_entry(seq).map_err(storage_err)? {
                 Some(e) if e.row == row && e.table == table => entries.push(e),
-                _ => warn!(seq, %row, "a feed entry names no such log entry"),
+                _ => {
+                    return Err(StorageError::Corrupt(format!(
+                        "the feed of `{table}` names log entry {seq} for row {row}, which the log \
+                         does not hold"
+                    )))
+                }
             }
         }
-        // Membership changes of this user in this table in the window, by seq.
-        let from = {
-            let mut k = mp.to_vec();
-            k.extend_from_slice(&(scanned + 1).to_be_bytes());
-            k
-        };
-        let scan_end = if ended { last } else { tail };
-        // At the end of the log, membership changes that have no log entry of their own
-        // (recorded at `last + 1`) are due too.
+        // Membership changes of this user in this table in the window, by seq. At the end of
+        // the log, those with no log entry of their own (recorded at `last + 1`) are due too.
         let membership_end = if scan_end >= last { last + 1 } else { scan_end };
-        let to = {
-            let mut k = mp.to_vec();
-            k.extend_from_slice(&(membership_end.saturating_add(1)).to_be_bytes());
-            k
-        };
+        let from = seq_key(mp, scanned + 1);
+        let to = seq_key(mp, membership_end.saturating_add(1));
         let mut moved: BTreeMap<u64, Vec<RowId>> = BTreeMap::new();
         for (k, _) in self
             .store
@@ -960,18 +951,11 @@ impl HubReplica {
         // whose membership changed at that seq).
         let mut touch: Vec<Touch> = Vec::new();
         let mut moved_iter = moved.into_iter().peekable();
-        for e in &entries {
-            while let Some((s, _)) = moved_iter.peek() {
-                if *s > e.seq {
-                    break;
-                }
-                if let Some((s, rows)) = moved_iter.next() {
-                    touch.extend(rows.into_iter().map(|r| (s, r, None)));
-                }
+        for e in entries {
+            while let Some((s, rows)) = moved_iter.next_if(|(s, _)| *s <= e.seq) {
+                touch.extend(rows.into_iter().map(|r| (s, r, None)));
             }
-            if e.table == table {
-                touch.push((e.seq, e.row, Some((e.change.clone(), e.actor.0))));
-            }
+            touch.push((e.seq, e.row, Some((e.change, e.actor.0))));
         }
         for (s, rows) in moved_iter {
             touch.extend(rows.into_iter().map(|r| (s, r, None)));
