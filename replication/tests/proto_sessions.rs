@@ -1977,8 +1977,8 @@ fn keepalive_follows_the_hubs_idle_timeout() {
     assert!(matches!(dev.poll_transmit(now), Some(Message::Ping(_))));
 }
 
-#[test]
-fn the_hub_keeps_two_batches_in_flight_per_table() {
+/// A hub with 20 tasks pulled 4 per batch, and device 0's session past Hello/Welcome at t = 0.
+fn twenty_tasks_handshaken() -> (RefHub, HubSession, DeviceSession, RefDevice) {
     let mut hub = RefHub::default();
     for r in 0..20u128 {
         hub.server_edit("task", Uuid::from_u128(r), "owner", 1);
@@ -1989,9 +1989,16 @@ fn the_hub_keeps_two_batches_in_flight_per_table() {
     let mut s = HubSession::new(cfg, Millis(0));
     let mut dev = DeviceSession::new(device_config(0, false, 0));
     let mut store = RefDevice::new(1);
-    dev.handle_connected(Millis(0));
-    s.handle_message(Millis(0), dev.poll_transmit(Millis(0)).unwrap(), &mut hub);
-    dev.handle_message(Millis(0), s.poll_transmit(Millis(0)).unwrap(), &mut store);
+    let t = Millis(0);
+    dev.handle_connected(t);
+    s.handle_message(t, dev.poll_transmit(t).unwrap(), &mut hub);
+    dev.handle_message(t, s.poll_transmit(t).unwrap(), &mut store);
+    (hub, s, dev, store)
+}
+
+#[test]
+fn the_hub_keeps_two_batches_in_flight_per_table() {
+    let (mut hub, mut s, mut dev, _) = twenty_tasks_handshaken();
     while let Some(m) = dev.poll_transmit(Millis(0)) {
         s.handle_message(Millis(0), m, &mut hub);
     }
@@ -2244,20 +2251,8 @@ fn a_three_second_window_makes_progress() {
 
 #[test]
 fn a_stale_batch_is_acked_with_the_devices_cursor_and_acks_free_the_window() {
-    let mut hub = RefHub::default();
-    for r in 0..20u128 {
-        hub.server_edit("task", Uuid::from_u128(r), "owner", 1);
-    }
-    let mut cfg = HubConfig::new(Uuid::nil());
-    cfg.pull_limits.max_items = 4;
-    hub.devices.insert(device_id(0), (vec![0; 8], 1));
-    let mut s = HubSession::new(cfg, Millis(0));
-    let mut dev = DeviceSession::new(device_config(0, false, 0));
-    let mut store = RefDevice::new(1);
+    let (mut hub, mut s, mut dev, mut store) = twenty_tasks_handshaken();
     let t = Millis(0);
-    dev.handle_connected(t);
-    s.handle_message(t, dev.poll_transmit(t).unwrap(), &mut hub);
-    dev.handle_message(t, s.poll_transmit(t).unwrap(), &mut store);
     while let Some(m) = dev.poll_transmit(t) {
         s.handle_message(t, m, &mut hub);
     }
