@@ -62,6 +62,20 @@ impl Hub {
         hub
     }
     /// An operator's write on the hub (hub stopped); returns the row id.
+    /// An active work order (`statecode=0`) with this name, owner and system status, plus
+    /// `extra` `COL=VALUE`s; returns its id.
+    fn work_order(&self, name: &str, owner: &str, status: u32, extra: &[&str]) -> String {
+        let mut values = vec![
+            format!("msdyn_name={name}"),
+            format!("ownerid={owner}"),
+            "statecode=0".to_string(),
+            format!("msdyn_systemstatus={status}"),
+        ];
+        values.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        self.put(WO, None, &refs)
+    }
+
     fn put(&self, table: &str, id: Option<&str>, values: &[&str]) -> String {
         let data = self.data();
         let mut args = vec![
@@ -157,57 +171,16 @@ fn field(dev: &Path, table: &str, id: &str, col: &str) -> Option<String> {
 fn three_devices_converge_conflict_rejection_and_owner_change() {
     let _serial = serial();
     let hub = Hub::init();
-    let wo_ana = hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-101",
-            "ownerid=user:ana@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-        ],
+    let wo_ana = hub.work_order("WO-101", "user:ana@contoso.com", 690970000, &[]);
+    let wo_move = hub.work_order("WO-102", "user:ana@contoso.com", 690970001, &[]);
+    let wo_team = hub.work_order(
+        "WO-103",
+        "team:Emergency Crew",
+        690970000,
+        &["msdyn_workordersummary=flooded"],
     );
-    let wo_move = hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-102",
-            "ownerid=user:ana@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970001",
-        ],
-    );
-    let wo_team = hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-103",
-            "ownerid=team:Emergency Crew",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-            "msdyn_workordersummary=flooded",
-        ],
-    );
-    hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-201",
-            "ownerid=user:ines@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-        ],
-    );
-    hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-301",
-            "ownerid=user:lena@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970002",
-        ],
-    );
+    hub.work_order("WO-201", "user:ines@contoso.com", 690970000, &[]);
+    hub.work_order("WO-301", "user:lena@contoso.com", 690970002, &[]);
     let ana = hub.device("ana@contoso.com", "ana");
     let ines = hub.device("ines@contoso.com", "ines");
     let lena = hub.device("lena@contoso.com", "lena");
@@ -378,16 +351,7 @@ fn sigkill_device_and_hub_lose_nothing() {
 fn second_app_revocation_and_wifi_only() {
     let _serial = serial();
     let hub = Hub::init();
-    hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-1",
-            "ownerid=user:ana@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-        ],
-    );
+    hub.work_order("WO-1", "user:ana@contoso.com", 690970000, &[]);
     let ana = hub.device("ana@contoso.com", "ana");
     let bad = hub.device("ines@contoso.com", "ines");
     let out = fieldsync_ok([
@@ -522,16 +486,7 @@ fn watch_sees_another_devices_edit_within_seconds() {
     use std::io::BufRead;
     let _serial = serial();
     let hub = Hub::init();
-    let wo = hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=WO-1",
-            "ownerid=team:Emergency Crew",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-        ],
-    );
+    let wo = hub.work_order("WO-1", "team:Emergency Crew", 690970000, &[]);
     let ana = hub.device("ana@contoso.com", "ana");
     let ines = hub.device("ines@contoso.com", "ines");
     let _proc = hub.serve();
@@ -594,26 +549,8 @@ fn hostile_client_gets_nothing_outside_its_set() {
     use fieldsync_replication::wire;
 
     let hub = Hub::init();
-    let secret = hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=SECRET",
-            "ownerid=user:ines@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-        ],
-    );
-    let mine = hub.put(
-        WO,
-        None,
-        &[
-            "msdyn_name=MINE",
-            "ownerid=user:ana@contoso.com",
-            "statecode=0",
-            "msdyn_systemstatus=690970000",
-        ],
-    );
+    let secret = hub.work_order("SECRET", "user:ines@contoso.com", 690970000, &[]);
+    let mine = hub.work_order("MINE", "user:ana@contoso.com", 690970000, &[]);
     let _mal = hub.device("ana@contoso.com", "mallory");
     let ines = hub.device("ines@contoso.com", "ines");
     let _proc = hub.serve();
