@@ -54,6 +54,29 @@ fn id_of(row: &serde_json::Value, key: &str) -> Uuid {
 }
 
 /// Log entries of the Dataverse actor in the hub store.
+/// An office user replaces the row's `contract` file in Dataverse.
+async fn office_puts_file(
+    http: &reqwest::Client,
+    emu: &Emulator,
+    id: Uuid,
+    name: &str,
+    bytes: &[u8],
+) {
+    let put = http
+        .patch(format!(
+            "{}/api/data/v9.2/accounts({id})/contract",
+            emu.url()
+        ))
+        .header("Authorization", "Bearer admin-token")
+        .header("Content-Type", "application/octet-stream")
+        .header("x-ms-file-name", name)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+}
+
 fn dataverse_entries(
     replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
 ) -> usize {
@@ -504,19 +527,7 @@ async fn files_go_up_and_come_down_in_chunks() {
 
     // The office replaces the file: the hub downloads it in ranges and writes it.
     let office: Vec<u8> = (0..150_000u32).map(|i| (i % 13) as u8).collect();
-    let put = http
-        .patch(format!(
-            "{}/api/data/v9.2/accounts({id})/contract",
-            emu.url()
-        ))
-        .header("Authorization", "Bearer admin-token")
-        .header("Content-Type", "application/octet-stream")
-        .header("x-ms-file-name", "v2.pdf")
-        .body(office.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 204);
+    office_puts_file(&http, &emu, id, "v2.pdf", &office).await;
     b.pull_table("account").await.unwrap();
     let row = hub_get(&replica, "account", id).unwrap();
     let Value::File(here) = row.get("contract").clone() else {
@@ -536,19 +547,7 @@ async fn files_go_up_and_come_down_in_chunks() {
     // The office replaces the file again while the hub renames the row: the 412 re-read brings
     // the new file to the hub, and the hub's write does not put the old file back.
     let third: Vec<u8> = vec![7u8; 1000];
-    let put = http
-        .patch(format!(
-            "{}/api/data/v9.2/accounts({id})/contract",
-            emu.url()
-        ))
-        .header("Authorization", "Bearer admin-token")
-        .header("Content-Type", "application/octet-stream")
-        .header("x-ms-file-name", "v3.pdf")
-        .body(third.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 204);
+    office_puts_file(&http, &emu, id, "v3.pdf", &third).await;
     hub_write(
         &replica,
         "account",
