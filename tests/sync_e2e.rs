@@ -635,3 +635,62 @@ fn hostile_client_gets_nothing_outside_its_set() {
     assert_eq!(names(&ines), ["SECRET"]);
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+/// A report and a signature attached offline on one of ana's devices go up with its next
+/// sync and come down, unasked, to her other device; `device file` writes them out.
+#[test]
+fn attachments_go_up_from_one_device_and_down_to_another() {
+    let _serial = serial();
+    let hub = Hub::init();
+    let wo = hub.work_order("WO-501", "user:ana@contoso.com", 690970000, &[]);
+    let phone = hub.device("ana@contoso.com", "ana-phone");
+    let laptop = hub.device("ana@contoso.com", "ana-laptop");
+    let _proc = hub.serve();
+    init_device(&phone, &hub.path("ana-phone.cred"));
+    init_device(&laptop, &hub.path("ana-laptop.cred"));
+    sync(&phone);
+    sync(&laptop);
+
+    // 300 KB: several protocol chunks and two store chunks.
+    let report: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let signature = b"\x89PNG\r\n\x1a\n a signature".to_vec();
+    let report_path = hub.path("report.pdf");
+    let signature_path = hub.path("signature.png");
+    std::fs::write(&report_path, &report).unwrap();
+    std::fs::write(&signature_path, &signature).unwrap();
+    fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &s(&phone),
+        WO,
+        "--id",
+        &wo,
+        &format!("msdyn_report=@{}", s(&report_path)),
+        &format!("msdyn_signature=@{}", s(&signature_path)),
+    ]);
+    let up = sync(&phone);
+    assert!(up.contains("2 files up, 0 down"), "{up}");
+    let down = sync(&laptop);
+    assert!(down.contains("0 files up, 2 down"), "{down}");
+    for (col, want) in [("msdyn_report", &report), ("msdyn_signature", &signature)] {
+        let out = hub.path(&format!("{col}.out"));
+        fieldsync_ok([
+            "device",
+            "file",
+            "--data",
+            &s(&laptop),
+            WO,
+            &wo,
+            col,
+            "--out",
+            &s(&out),
+        ]);
+        assert_eq!(&std::fs::read(&out).unwrap(), want, "{col}");
+    }
+    // Nothing left to move: the next syncs carry no file.
+    let again = sync(&phone);
+    assert!(again.contains("0 files up, 0 down"), "{again}");
+    let again = sync(&laptop);
+    assert!(again.contains("0 files up, 0 down"), "{again}");
+}

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use fieldsync_store::{Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value};
+use fieldsync_store::{
+    ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
+};
 use uuid::Uuid;
 
 /// Rows per transaction in `device import`: big enough to amortize a commit, small enough for
@@ -73,9 +75,21 @@ pub enum DeviceCommand {
         /// Row id: updates that row if it exists, creates it with this id otherwise.
         #[arg(long)]
         id: Option<String>,
-        /// Column values as COL=VALUE (`null` clears a column).
+        /// Column values as COL=VALUE (`null` clears a column; a file or image column takes
+        /// `@PATH`, the file to attach, uploaded with the next sync).
         #[arg(value_name = "COL=VALUE")]
         values: Vec<String>,
+    },
+    /// Write the content of a row's file or image column to a file.
+    File {
+        #[arg(long)]
+        data: PathBuf,
+        table: String,
+        id: String,
+        column: String,
+        /// Where to write the content.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Print one row.
     Get {
@@ -178,6 +192,13 @@ pub fn run(cmd: DeviceCommand) -> Result<()> {
             json,
         } => query(&data, &table, &filters, json),
         DeviceCommand::Delete { data, table, id } => delete(&data, &table, &id),
+        DeviceCommand::File {
+            data,
+            table,
+            id,
+            column,
+            out,
+        } => file(&data, &table, &id, &column, &out),
         DeviceCommand::Import { data, table, file } => import(&data, &table, &file),
         DeviceCommand::Log { data, since, json } => log(&data, since, json),
         DeviceCommand::Conflicts { data, table, id } => conflicts(&data, &table, &id),
@@ -235,10 +256,81 @@ fn as_refs(values: &[(String, Value)]) -> Vec<(&str, Value)> {
         .collect()
 }
 
+/// Whether `column` of `table` holds a file or an image.
+fn is_blob_column(table: &Table, column: &str) -> bool {
+    table
+        .column(column)
+        .is_some_and(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+}
+
+/// `COL=@PATH` for a file or image column: the column and the file to attach.
+fn attachment<'a>(table: &Table, arg: &'a str) -> Option<(&'a str, &'a Path)> {
+    let (col, path) = arg.split_once("=@")?;
+    is_blob_column(table, col).then(|| (col, Path::new(path)))
+}
+
+/// Stores the file at `path` on the device; the value to put in `column`.
+fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Result<Value> {
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open {} for column `{column}`", path.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let blob = store
+        .put_blob(&name, &mut f)
+        .with_context(|| format!("cannot store {}", path.display()))?;
+    Ok(match table.column(column).map(|c| c.ty) {
+        Some(ColumnType::Image) => Value::Image(blob),
+        _ => Value::File(blob),
+    })
+}
+
+/// `device file`: a row's file or image content, as stored on this device.
+fn file(data: &Path, table_name: &str, id: &str, column: &str, out: &Path) -> Result<()> {
+    let store = open_store(data)?;
+    let table = store.schema().table(table_name)?;
+    if !is_blob_column(table, column) {
+        bail!("`{column}` is not a file or image column of `{table_name}`");
+    }
+    let id = parse_id(id)?;
+    let row = store
+        .get(table_name, id)?
+        .ok_or_else(|| anyhow!("no row {id} in table `{table_name}`"))?;
+    let (Value::File(blob) | Value::Image(blob)) = row.get(column) else {
+        bail!("row {id} has nothing in `{column}`");
+    };
+    if !store.has_blob(blob)? {
+        bail!(
+            "the content of `{column}` ({}, {} bytes) is not on this device yet: run `device sync`",
+            blob.name,
+            blob.size
+        );
+    }
+    let content = store.read_blob(blob)?;
+    std::fs::write(out, &content).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "{} bytes ({}) written to {}",
+        content.len(),
+        blob.name,
+        out.display()
+    );
+    Ok(())
+}
+
 fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Result<()> {
     let store = open_store(data)?;
     let table = store.schema().table(table_name)?.clone();
-    let values = parse_assignments(&table, args)?;
+    // Every other argument is checked before a file is read or stored.
+    let (files, rest): (Vec<&String>, Vec<&String>) =
+        args.iter().partition(|a| attachment(&table, a).is_some());
+    let rest: Vec<String> = rest.into_iter().cloned().collect();
+    let mut values = parse_assignments(&table, &rest)?;
+    for arg in files {
+        if let Some((col, path)) = attachment(&table, arg) {
+            values.push((col.to_string(), attach_file(&store, &table, col, path)?));
+        }
+    }
     let id = id.map(parse_id).transpose()?;
     let mut tx = store.begin();
     let row_id = match id {

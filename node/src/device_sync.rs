@@ -172,11 +172,7 @@ pub fn session_for(data: &Path, store: &Store, live: bool) -> Result<(DeviceSess
     let cred_path = sync_dir(data).join(&e.credential);
     let credential = Credential::load(&cred_path)
         .with_context(|| format!("cannot read credential {}", cred_path.display()))?;
-    let profile_path = sync_dir(data).join("profile.toml");
-    let profile_text = std::fs::read_to_string(&profile_path)
-        .with_context(|| format!("cannot read {}", profile_path.display()))?;
-    let profile =
-        Profile::from_toml(&profile_text, store.schema()).context("the device's profile")?;
+    let profile = device_profile(data, store)?;
     let token = credential.token.token();
     let mut config = DeviceConfig::new(
         DeviceId(token.device_id),
@@ -189,6 +185,14 @@ pub fn session_for(data: &Path, store: &Store, live: bool) -> Result<(DeviceSess
         u64::from_le_bytes(token.device_id.as_bytes()[..8].try_into().unwrap_or([7; 8]))
             ^ crate::sync::unix_ms();
     Ok((DeviceSession::new(config), credential))
+}
+
+/// The offline profile the hub sent at enrollment.
+fn device_profile(data: &Path, store: &Store) -> Result<Profile> {
+    let profile_path = sync_dir(data).join("profile.toml");
+    let profile_text = std::fs::read_to_string(&profile_path)
+        .with_context(|| format!("cannot read {}", profile_path.display()))?;
+    Profile::from_toml(&profile_text, store.schema()).context("the device's profile")
 }
 
 /// `device sync`.
@@ -207,6 +211,9 @@ pub fn sync(data: &Path, watch: bool) -> Result<()> {
     for r in &summary.0.rejected {
         println!("rejected: {r}");
     }
+    for f in &summary.0.files_refused {
+        println!("attachment refused: {f}");
+    }
     println!("{}", summary.1);
     Ok(())
 }
@@ -223,7 +230,8 @@ pub async fn sync_device(
     }
     let store = crate::device_cmd::open_store(data)?;
     let (mut session, credential) = session_for(data, &store, watch)?;
-    let mut replica = DeviceReplica::new(store.clone());
+    let mut replica =
+        DeviceReplica::new(store.clone()).with_profile(&device_profile(data, &store)?);
     let mode = SyncMode {
         once: !watch,
         max_attempts: 3,
@@ -240,13 +248,15 @@ pub async fn sync_device(
     store.sync().context("cannot flush the device store")?;
     let pending = replica.pending_op_count().unwrap_or(0);
     let line = format!(
-        "synced with {}: pushed through seq {}, {} rejected; pulled {} changes, {} rows in, {} rows out; {} pending",
+        "synced with {}: pushed through seq {}, {} rejected; pulled {} changes, {} rows in, {} rows out; {} files up, {} down; {} pending",
         credential.hub_address,
         report.pushed_up_to,
         report.rejected.len(),
         report.ops_in,
         report.entering,
         report.leaving,
+        report.files_up,
+        report.files_down,
         pending
     );
     Ok((report, line))

@@ -469,6 +469,79 @@ async fn upstream_outage_keeps_the_queue_and_catches_up_once() {
     assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), 5);
 }
 
+/// A device's attachment reaches the hub's row before its bytes (the upload follows the op):
+/// the row goes up without it, and the file follows once the upload completes.
+#[tokio::test]
+async fn a_file_still_uploading_from_a_device_follows_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let data: Vec<u8> = (0..90_000u32).map(|i| (i % 241) as u8).collect();
+    // The device's store made the reference; the hub has no bytes yet.
+    let schema = replica.lock().unwrap().store().schema().clone();
+    let device = fieldsync_store::Store::temporary(schema, Default::default()).unwrap();
+    let blob = device.put_blob("site.pdf", &mut data.as_slice()).unwrap();
+    let id = Uuid::new_v4();
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[
+            ("name", text("Site survey")),
+            ("contract", Value::File(blob.clone())),
+        ],
+    );
+    b.push().await.unwrap();
+    let http = reqwest::Client::new();
+    let api = format!("{}/api/data/v9.2/accounts({id})", emu.url());
+    let row: serde_json::Value = http
+        .get(&api)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(row["name"], "Site survey");
+    let value = format!("{api}/contract/$value");
+    let none = http
+        .get(&value)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none.status(), 404, "no file before the upload completes");
+
+    // A round with the upload still under way sends nothing more.
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    assert_eq!(b.client().stats.requests.load(Ordering::Relaxed), before);
+
+    // The upload completes on the hub: the next round sends the file.
+    let stored = replica
+        .lock()
+        .unwrap()
+        .store()
+        .put_blob("site.pdf", &mut data.as_slice())
+        .unwrap();
+    assert_eq!(stored, blob);
+    b.push().await.unwrap();
+    let got = http
+        .get(&value)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.headers()["x-ms-file-name"], "site.pdf");
+    assert_eq!(got.bytes().await.unwrap().to_vec(), data);
+    // Sent once.
+    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    b.push().await.unwrap();
+    assert_eq!(b.client().stats.requests.load(Ordering::Relaxed), before);
+}
+
 #[tokio::test]
 async fn files_go_up_and_come_down_in_chunks() {
     let dir = tempfile::tempdir().unwrap();

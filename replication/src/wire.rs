@@ -69,6 +69,10 @@ pub enum FrameKind {
     Pong = 13,
     /// [`Message::Close`].
     Close = 14,
+    /// [`Message::BlobPut`].
+    BlobPut = 15,
+    /// [`Message::BlobPutAck`].
+    BlobPutAck = 16,
 }
 
 impl FrameKind {
@@ -89,6 +93,8 @@ impl FrameKind {
             12 => FrameKind::Ping,
             13 => FrameKind::Pong,
             14 => FrameKind::Close,
+            15 => FrameKind::BlobPut,
+            16 => FrameKind::BlobPutAck,
             _ => return None,
         })
     }
@@ -110,6 +116,8 @@ impl FrameKind {
             Message::Ping(_) => FrameKind::Ping,
             Message::Pong(_) => FrameKind::Pong,
             Message::Close(_) => FrameKind::Close,
+            Message::BlobPut(_) => FrameKind::BlobPut,
+            Message::BlobPutAck(_) => FrameKind::BlobPutAck,
         }
     }
 }
@@ -295,6 +303,8 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
         Message::Ping(m) => encode_body(m, out),
         Message::Pong(m) => encode_body(m, out),
         Message::Close(m) => encode_body(m, out),
+        Message::BlobPut(m) => encode_body(m, out),
+        Message::BlobPutAck(m) => encode_body(m, out),
     };
     let len = out.len() - body;
     if let Err(e) = encoded {
@@ -353,6 +363,8 @@ pub fn decode_payload(header: &FrameHeader, payload: &[u8]) -> Result<Message, W
         FrameKind::Ping => Message::Ping(decode_body(kind, payload)?),
         FrameKind::Pong => Message::Pong(decode_body(kind, payload)?),
         FrameKind::Close => Message::Close(decode_body(kind, payload)?),
+        FrameKind::BlobPut => Message::BlobPut(decode_body(kind, payload)?),
+        FrameKind::BlobPutAck => Message::BlobPutAck(decode_body(kind, payload)?),
     };
     msg.validate()?;
     Ok(msg)

@@ -7,9 +7,10 @@
 use std::path::PathBuf;
 
 use fieldsync_replication::proto::messages::{
-    BlobChunk, BlobRequest, Close, CloseCode, Cursor, DeviceId, Hello, Message, Operation, Ping,
-    Pong, Pull, PullAck, PullBatch, Push, PushAck, PushOp, Refused, Rejection, RejectionKind,
-    RowChange, RowDoc, Subscribe, TableCursor, Welcome, MAX_CHANGE_LEN, PUSH_BATCH_OPS_MAX,
+    BlobChunk, BlobPut, BlobPutAck, BlobPutStatus, BlobRequest, Close, CloseCode, Cursor, DeviceId,
+    Hello, Message, Operation, Ping, Pong, Pull, PullAck, PullBatch, Push, PushAck, PushOp,
+    Refused, Rejection, RejectionKind, RowChange, RowDoc, Subscribe, TableCursor, Welcome,
+    MAX_CHANGE_LEN, PUSH_BATCH_OPS_MAX,
 };
 use fieldsync_replication::wire::{
     self, FrameDecoder, FrameHeader, FrameKind, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN,
@@ -178,6 +179,22 @@ fn samples() -> Vec<(&'static str, Message)> {
                 offset: 65_536,
                 total: 65_540,
                 data: vec![1, 2, 3, 4],
+            }),
+        ),
+        (
+            "blob_put",
+            Message::BlobPut(BlobPut {
+                sha256: [0xcd; 32],
+                offset: 65_536,
+                total: 65_540,
+                data: vec![5, 6, 7, 8],
+            }),
+        ),
+        (
+            "blob_put_ack",
+            Message::BlobPutAck(BlobPutAck {
+                sha256: [0xcd; 32],
+                status: BlobPutStatus::Continue { progress: 65_536 },
             }),
         ),
         ("ping", Message::Ping(Ping { nonce: 7 })),

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use driver::{Faults, Net};
 use fieldsync_replication::credential::HubSigningKey;
 use fieldsync_replication::proto::{
-    BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceId, DeviceStorage,
-    HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind, SyncSchedule,
+    BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceEvent, DeviceId,
+    DeviceStorage, HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind,
+    SyncSchedule, UploadOutcome,
 };
 use fieldsync_replication::replica::{DeviceReplica, HubReplica, SHARED_FEED_HOLDERS};
 use fieldsync_replication::{App, Environment, Profile};
@@ -154,7 +155,7 @@ fn world(seed: u64, policies: ConflictPolicies) -> World {
         hub_store,
         env.clone(),
         vec![app],
-        vec![profile],
+        vec![profile.clone()],
         key.verifier(),
         1_790_000_000_000,
     )
@@ -174,7 +175,7 @@ fn world(seed: u64, policies: ConflictPolicies) -> World {
         c.rng_seed = seed ^ i as u64;
         c.push_limits.max_items = 3;
         let store = Store::temporary(schema.clone(), opts()).unwrap();
-        devs.push((c, DeviceReplica::new(store)));
+        devs.push((c, DeviceReplica::new(store).with_profile(&profile)));
     }
     let mut hub_config = HubConfig::new(Uuid::from_u128(0xabc));
     hub_config.pull_limits.max_items = 4;
@@ -673,6 +674,168 @@ fn images_the_profile_selects_download_in_chunks_to_devices_that_hold_the_row() 
         None
     );
     w.check_converged();
+}
+
+/// 200,000 bytes: four protocol chunks.
+fn photo_bytes(salt: u8) -> Vec<u8> {
+    (0..200_000u32).map(|i| (i % 251) as u8 ^ salt).collect()
+}
+
+#[test]
+fn an_image_attached_offline_goes_up_and_down_to_the_devices_that_hold_the_row() {
+    let mut w = world(11, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    w.net.set_online(0, false);
+    let content = photo_bytes(1);
+    let blob = w
+        .dev(0)
+        .put_blob("meter.jpg", &mut content.as_slice())
+        .unwrap();
+    w.write(
+        0,
+        "task",
+        s.team_task,
+        &[("photo", Value::Image(blob.clone()))],
+    );
+    w.net.run_for(Millis::from_minutes(1));
+    assert!(
+        !w.hub().has_blob(&blob).unwrap(),
+        "offline: nothing went up"
+    );
+    w.net.heal(3);
+    assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
+    assert!(w.net.devs[0].events.contains(&DeviceEvent::BlobUploaded {
+        sha256: blob.sha256
+    }));
+    // ben holds the team's task: the image came down with it, unasked.
+    assert_eq!(w.dev(1).read_blob(&blob).unwrap(), content);
+    // cat does not hold the row: no image, and the hub would not give it.
+    assert!(!w.dev(2).has_blob(&blob).unwrap());
+    let cat = w.principal(2);
+    assert_eq!(
+        w.net.hub.blob_chunk(&cat, &blob.sha256, 0, 1024).unwrap(),
+        None
+    );
+    w.check_converged();
+}
+
+#[test]
+fn an_interrupted_upload_resumes_where_the_hub_stopped() {
+    let mut w = world(12, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let content = photo_bytes(2);
+    let blob = w
+        .dev(0)
+        .put_blob("pump.jpg", &mut content.as_slice())
+        .unwrap();
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("photo", Value::Image(blob.clone()))],
+    );
+    // Cut the link as soon as the hub holds part of the content.
+    let mut guard = 0;
+    while w.net.hub.upload_progress(&blob.sha256).unwrap() == 0 {
+        w.net.pump();
+        w.net.now = w.net.now + Millis(1);
+        guard += 1;
+        assert!(guard < 10_000, "the upload never started");
+    }
+    w.net.set_online(0, false);
+    let held = w.net.hub.upload_progress(&blob.sha256).unwrap();
+    assert!(held > 0 && held < content.len() as u64, "{held}");
+    assert!(!w.hub().has_blob(&blob).unwrap());
+    w.net.heal(3);
+    assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
+    assert_eq!(w.net.hub.upload_progress(&blob.sha256).unwrap(), 0);
+    w.check_converged();
+}
+
+#[test]
+fn the_hub_takes_only_uploads_a_row_of_the_devices_set_refers_to() {
+    let mut w = world(13, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let (ana, cat) = (w.principal(0), w.principal(2));
+    let content = photo_bytes(3);
+    let blob = w.dev(0).put_blob("a.jpg", &mut content.as_slice()).unwrap();
+    let first = &content[..65_536];
+    let refused = |o: UploadOutcome| matches!(o, UploadOutcome::Refused(_));
+    // No row refers to it yet.
+    let total = content.len() as u64;
+    assert!(refused(
+        w.net
+            .hub
+            .put_blob_chunk(&ana, &blob.sha256, 0, total, first)
+            .unwrap()
+    ));
+    w.net.set_online(0, false); // the op and the pieces go over by hand below
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("photo", Value::Image(blob.clone()))],
+    );
+    let hub = &mut w.net.hub;
+    // ana's row refers to it only once the hub has her op: bring it over.
+    let ops: Vec<PushOp> = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
+    for op in &ops {
+        let out = hub
+            .apply_push(Millis(0), &ana, ConflictPolicy::MergePerColumn, op)
+            .unwrap();
+        assert_eq!(out, PushOutcome::Accepted);
+    }
+    // cat's set does not hold ana's task.
+    assert!(refused(
+        hub.put_blob_chunk(&cat, &blob.sha256, 0, total, first)
+            .unwrap()
+    ));
+    // The size must be the row's.
+    assert!(refused(
+        hub.put_blob_chunk(&ana, &blob.sha256, 0, total + 1, first)
+            .unwrap()
+    ));
+    // A piece that is not the next one is not stored; the answer says where to go on from.
+    assert_eq!(
+        hub.put_blob_chunk(&ana, &blob.sha256, 65_536, total, first)
+            .unwrap(),
+        UploadOutcome::Continue(0)
+    );
+    assert_eq!(
+        hub.put_blob_chunk(&ana, &blob.sha256, 0, total, first)
+            .unwrap(),
+        UploadOutcome::Continue(65_536)
+    );
+    assert_eq!(
+        hub.put_blob_chunk(&ana, &blob.sha256, 0, total, first)
+            .unwrap(),
+        UploadOutcome::Continue(65_536),
+        "a repeated piece changes nothing"
+    );
+    // Bytes that do not hash to the content are dropped whole.
+    let mut forged = content[65_536..].to_vec();
+    forged[10] ^= 0xff;
+    assert!(refused(
+        hub.put_blob_chunk(&ana, &blob.sha256, 65_536, total, &forged)
+            .unwrap()
+    ));
+    assert!(!hub.store().has_blob(&blob).unwrap());
+    assert_eq!(hub.upload_progress(&blob.sha256).unwrap(), 0);
+    // The real bytes, in two pieces.
+    assert_eq!(
+        hub.put_blob_chunk(&ana, &blob.sha256, 0, total, first)
+            .unwrap(),
+        UploadOutcome::Continue(65_536)
+    );
+    assert_eq!(
+        hub.put_blob_chunk(&ana, &blob.sha256, 65_536, total, &content[65_536..])
+            .unwrap(),
+        UploadOutcome::Complete
+    );
+    assert_eq!(hub.store().read_blob(&blob).unwrap(), content);
 }
 
 #[test]

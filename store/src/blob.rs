@@ -94,7 +94,45 @@ impl Store {
 
     /// Whether the blob's content is in the store.
     pub fn has_blob(&self, blob: &BlobRef) -> Result<bool, StoreError> {
-        Ok(self.blob_header(blob)?.is_some())
+        Ok(self.blob_size(&blob.sha256)?.is_some())
+    }
+
+    /// The size of the blob with this hash, if its content is in the store.
+    pub fn blob_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        match self.db().get(blob_key(sha256))? {
+            Some(b) => Ok(Some(decode::<BlobHeader>(&b, "a blob header")?.size)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `max_len` bytes of the blob with this hash from `offset` — fewer where a stored
+    /// chunk ends, none at or past the end — and the blob's size; `None` if its content is
+    /// not here. For sending a blob in pieces that resume anywhere.
+    pub fn read_blob_range(
+        &self,
+        sha256: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let Some(header) = self.db().get(blob_key(sha256))? else {
+            return Ok(None);
+        };
+        let header: BlobHeader = decode(&header, "a blob header")?;
+        let index = usize::try_from(offset / BLOB_CHUNK_BYTES as u64).unwrap_or(usize::MAX);
+        let Some(chunk_sha) = header.chunks.get(index) else {
+            return Ok(Some((header.size, Vec::new())));
+        };
+        let data = self
+            .db()
+            .get(chunk_key(chunk_sha))?
+            .ok_or_else(|| StoreError::BlobCorrupt(hex::encode(sha256)))?;
+        let got: [u8; 32] = Sha256::digest(&data).into();
+        if got != *chunk_sha {
+            return Err(StoreError::BlobCorrupt(hex::encode(sha256)));
+        }
+        let start = ((offset % BLOB_CHUNK_BYTES as u64) as usize).min(data.len());
+        let stop = start.saturating_add(max_len).min(data.len());
+        Ok(Some((header.size, data[start..stop].to_vec())))
     }
 
     /// Chunk `index` of a blob (`None` past the end). Errors if the blob is not here.

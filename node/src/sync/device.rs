@@ -34,6 +34,12 @@ pub struct SyncReport {
     pub leaving: usize,
     /// Tables that reached the end of their feed.
     pub tables_synced: usize,
+    /// Attachments uploaded to the hub.
+    pub files_up: usize,
+    /// Files and images downloaded.
+    pub files_down: usize,
+    /// Attachments the hub refused (each with its message).
+    pub files_refused: Vec<String>,
     /// The hub refused the device (fatal).
     pub refused: Option<String>,
     /// The session ended with an error code.
@@ -132,6 +138,11 @@ fn record_event(report: &mut SyncReport, ev: DeviceEvent) {
             report.leaving += leaving;
         }
         DeviceEvent::TableSynced { .. } => report.tables_synced += 1,
+        DeviceEvent::BlobUploaded { .. } => report.files_up += 1,
+        DeviceEvent::BlobComplete { .. } => report.files_down += 1,
+        DeviceEvent::BlobUploadRefused { sha256, message } => report
+            .files_refused
+            .push(format!("{}: {message}", hex::encode(sha256))),
         DeviceEvent::Closed {
             code,
             reason,

@@ -118,6 +118,11 @@ impl HubAdapter {
                     let changes = lock(&self.replica).take_changes();
                     self.bus.publish(&changes);
                 }
+                HubEvent::BlobStored { .. } => {
+                    // The upstream bridge may now send the file on to Dataverse.
+                    let changes = lock(&self.replica).take_changes();
+                    self.bus.publish(&changes);
+                }
                 HubEvent::BatchSent { items, .. } => {
                     self.metrics
                         .ops_out

@@ -117,6 +117,41 @@ impl Bridge {
         Ok(hub.store().put_blob(&name, &mut bytes.as_slice())?)
     }
 
+    /// Sends the files that waited for their content to reach the hub (a device's upload):
+    /// the rows whose every file is here now, or that are gone.
+    pub(crate) async fn push_waiting_files(&self) -> Result<(), UpstreamError> {
+        let ready: Vec<(String, RowId)> = {
+            let hub = lock(&self.replica);
+            let store = hub.store();
+            let mut ready = Vec::new();
+            for (table, id) in state::file_waits(store)? {
+                let row = store.get(&table, id)?;
+                let mut here = true;
+                for v in row.iter().flat_map(|r| r.values.values()) {
+                    if let Some(b) = blob_of(v) {
+                        here &= store.has_blob(b)?;
+                    }
+                }
+                if here {
+                    ready.push((table, id));
+                }
+            }
+            ready
+        };
+        for (table, id) in ready {
+            if self.tables.contains(&table) {
+                self.push_files(&table, id)
+                    .instrument(info_span!("upstream_waiting_file", %table, %id))
+                    .await?;
+            }
+            // Cleared once sent: a failed round leaves it to the next.
+            let mut w = StateWrites::default();
+            w.set_file_wait(&table, id, false);
+            w.commit(lock(&self.replica).store())?;
+        }
+        Ok(())
+    }
+
     /// After a row was written: uploads (or removes) its file columns where the hub's content
     /// differs from what Dataverse has, then records the row as Dataverse now has it.
     pub(crate) async fn push_files(&self, table: &str, id: RowId) -> Result<(), UpstreamError> {
@@ -129,6 +164,7 @@ impl Bridge {
             };
             let base = state::base(store, table, id)?;
             let mut changes = Vec::new();
+            let mut waiting = false;
             for c in map::file_columns(tab) {
                 let here = blob_of(row.get(&c.name));
                 let there = base.as_ref().and_then(|b| b.files.get(&c.name));
@@ -137,10 +173,22 @@ impl Bridge {
                     (None, None) => false,
                     _ => true,
                 };
-                if differs {
-                    let content = here.map(|b| store.read_blob(b).map(|d| (b.clone(), d)));
-                    changes.push((c.name.clone(), content.transpose()?));
+                match here {
+                    _ if !differs => {}
+                    // A device attached it and its upload has not finished: this column goes
+                    // once the content is here (`push_waiting_files`).
+                    Some(b) if !store.has_blob(b)? => waiting = true,
+                    Some(b) => {
+                        changes.push((c.name.clone(), Some((b.clone(), store.read_blob(b)?))))
+                    }
+                    None => changes.push((c.name.clone(), None)),
                 }
+            }
+            if waiting {
+                debug!(table, %id, "a file waits for its upload to the hub");
+                let mut w = StateWrites::default();
+                w.set_file_wait(table, id, true);
+                w.commit(store)?;
             }
             (tab.entity_set.clone(), changes)
         };

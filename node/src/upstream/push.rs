@@ -44,6 +44,7 @@ impl Bridge {
     /// Writes what devices (and hub operators) changed since the cursor; moves the cursor only
     /// after Dataverse acknowledged all of it.
     pub async fn push(&self) -> Result<(), UpstreamError> {
+        self.push_waiting_files().await?;
         loop {
             let (items, last) = self.pending()?;
             let Some(last) = last else {

@@ -17,6 +17,9 @@ const SPACE: &str = "upstream";
 const K_CURSOR: &[u8] = b"cur";
 const P_DELTA: &[u8] = b"dl/";
 const P_BASE: &[u8] = b"bs/";
+/// Rows with a file column whose content has not reached the hub yet (a device's upload
+/// under way): `fw/` + table + 0 + row id.
+const P_FILE_WAIT: &[u8] = b"fw/";
 
 /// The row as Dataverse last had it, as far as the hub knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +120,37 @@ pub fn known_ids(store: &Store, table: &str) -> Result<Vec<RowId>, UpstreamError
         .collect()
 }
 
+fn file_wait_key(table: &str, id: RowId) -> Vec<u8> {
+    let mut k = P_FILE_WAIT.to_vec();
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Rows whose files wait for their content to reach the hub.
+pub fn file_waits(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    store
+        .aux_scan(SPACE, P_FILE_WAIT)?
+        .into_iter()
+        .map(|(key, _)| {
+            let rest = key
+                .get(P_FILE_WAIT.len()..)
+                .ok_or_else(|| corrupt("file wait key"))?;
+            let split = rest
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or_else(|| corrupt("file wait key"))?;
+            let table =
+                std::str::from_utf8(&rest[..split]).map_err(|_| corrupt("file wait key"))?;
+            let id: [u8; 16] = rest[split + 1..]
+                .try_into()
+                .map_err(|_| corrupt("file wait key"))?;
+            Ok((table.to_string(), RowId::from_bytes(id)))
+        })
+        .collect()
+}
+
 /// A batch of state changes, written in one atomic step.
 #[derive(Debug, Default)]
 pub struct StateWrites(Vec<AuxWrite>);
@@ -127,6 +161,16 @@ impl StateWrites {
             .map_err(|e| UpstreamError::State(format!("a row base does not serialize: {e}")))?;
         self.0.push(AuxWrite::Put(base_key(table, id), bytes));
         Ok(())
+    }
+
+    /// Marks (or clears) a row whose file content the hub does not have yet.
+    pub fn set_file_wait(&mut self, table: &str, id: RowId, waiting: bool) {
+        let k = file_wait_key(table, id);
+        self.0.push(if waiting {
+            AuxWrite::Put(k, Vec::new())
+        } else {
+            AuxWrite::Remove(k)
+        });
     }
 
     pub fn remove_base(&mut self, table: &str, id: RowId) {

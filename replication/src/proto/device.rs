@@ -6,16 +6,19 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::messages::{
-    BlobRequest, Close, CloseCode, DeviceId, Hello, Message, Ping, Pong, Pull, PullAck, PullBatch,
-    Push, PushAck, Rejection, Subscribe, TableCursor, BLOB_CHUNK_MAX, MAX_CHANGE_LEN,
-    MAX_TABLES_PER_REQUEST, MAX_TEXT_LEN, PUSH_BATCH_BYTES_MAX, PUSH_BATCH_OPS_MAX,
-    SUPPORTED_VERSIONS,
+    BlobPut, BlobPutAck, BlobPutStatus, BlobRequest, Close, CloseCode, DeviceId, Hello, Message,
+    Ping, Pong, Pull, PullAck, PullBatch, Push, PushAck, Rejection, Subscribe, TableCursor,
+    BLOB_CHUNK_MAX, MAX_CHANGE_LEN, MAX_TABLES_PER_REQUEST, MAX_TEXT_LEN, PUSH_BATCH_BYTES_MAX,
+    PUSH_BATCH_OPS_MAX, SUPPORTED_VERSIONS,
 };
 use super::schedule::SyncSchedule;
 use super::storage::{BatchLimits, DeviceStorage, StorageError};
 use super::time::{Backoff, Millis, SplitMix64};
 use crate::proto::messages::{truncate_text, BlobChunk, Cursor, Welcome};
 use crate::wire::WireError;
+
+/// Blob downloads a session keeps in flight at once (each is one chunk request at a time).
+const CONCURRENT_DOWNLOADS: usize = 4;
 
 /// How a device syncs: identity, schedule, timers, limits.
 #[derive(Debug, Clone)]
@@ -142,10 +145,23 @@ pub enum DeviceEvent {
         /// Its hash.
         sha256: [u8; 32],
     },
-    /// The hub has no such blob for this device.
+    /// The hub has no such blob for this device (yet: an attachment whose upload has not
+    /// finished is asked for again at the next connection).
     BlobNotFound {
         /// Its hash.
         sha256: [u8; 32],
+    },
+    /// A blob the device attached is on the hub.
+    BlobUploaded {
+        /// Its hash.
+        sha256: [u8; 32],
+    },
+    /// The hub refused a blob the device attached; it is not offered again.
+    BlobUploadRefused {
+        /// Its hash.
+        sha256: [u8; 32],
+        /// The hub's message.
+        message: String,
     },
     /// The session ended.
     Closed {
@@ -180,6 +196,15 @@ impl From<StorageError> for Fail {
     }
 }
 
+/// The blob being uploaded: the chunk in flight.
+#[derive(Debug, Clone, Copy)]
+struct Upload {
+    sha256: [u8; 32],
+    offset: u64,
+    total: u64,
+    since: Millis,
+}
+
 /// State of one transport connection.
 #[derive(Debug, Default)]
 struct Conn {
@@ -195,6 +220,11 @@ struct Conn {
     pulls: BTreeMap<String, Millis>,
     /// Blob requests outstanding, and when they were sent.
     blob_requests: BTreeMap<[u8; 32], Millis>,
+    /// Blobs storage wanted that were asked for on this connection (one that was not found
+    /// is asked for again on the next one, not in a loop on this one).
+    fetches_asked: BTreeSet<[u8; 32]>,
+    /// The upload under way.
+    upload: Option<Upload>,
     closed_code: Option<CloseCode>,
     retry_after: Option<Millis>,
     /// The keep-alive interval in force: the config's, shortened to a third of the hub's idle
@@ -260,11 +290,12 @@ impl DeviceSession {
         self.conn.in_flight.is_empty()
             && self.conn.pulls.is_empty()
             && self.conn.blob_requests.is_empty()
+            && self.conn.upload.is_none()
             && self.on_demand.is_empty()
     }
 
-    /// When the device should open a connection, while idle: now if it has pending ops, an
-    /// on-demand sync, a wanted blob or is in live mode; else when the next table is due —
+    /// When the device should open a connection, while idle: now if it has pending ops or
+    /// uploads, an on-demand sync, a wanted blob or is in live mode; else when the next table is due —
     /// never before the reconnect backoff allows. `None` while connected or halted.
     pub fn wants_connection_at(&self, storage: &dyn DeviceStorage) -> Option<Millis> {
         if self.state != DeviceState::Idle {
@@ -273,7 +304,7 @@ impl DeviceSession {
         let pending = match (storage.last_local_seq(), storage.acked_seq()) {
             (Ok(last), Ok(acked)) => last > acked,
             _ => true,
-        };
+        } || storage.blobs_to_upload().map_or(true, |b| !b.is_empty());
         let need = if pending
             || self.config.live
             || !self.on_demand.is_empty()
@@ -402,7 +433,7 @@ impl DeviceSession {
         let _g = self.span.clone().entered();
         self.blobs_wanted.insert(sha256);
         if self.state == DeviceState::Ready {
-            let r = self.request_blob(now, storage, sha256);
+            let r = self.pump_downloads(now, storage);
             self.settle(now, r);
         }
     }
@@ -454,6 +485,9 @@ impl DeviceSession {
                 }
                 for since in c.pulls.values().chain(c.blob_requests.values()) {
                     t = t.min(*since + cfg.request_timeout);
+                }
+                if let Some(u) = &c.upload {
+                    t = t.min(u.since + cfg.request_timeout);
                 }
                 if let Some(due) = c.next_due {
                     t = t.min(due);
@@ -533,6 +567,12 @@ impl DeviceSession {
                 for b in stalled_blobs {
                     self.request_blob(now, storage, b)?;
                 }
+                if let Some(u) = self.conn.upload {
+                    if now >= u.since + timeout {
+                        debug!(offset = u.offset, "upload stalled; sending its chunk again");
+                        self.send_upload_chunk(now, storage, u.sha256, u.offset)?;
+                    }
+                }
                 self.pump_push(now, storage)?;
                 self.start_pulls(now, storage)
             }
@@ -587,6 +627,7 @@ impl DeviceSession {
             (DeviceState::Ready, Message::PushAck(a)) => self.on_push_ack(now, a, storage),
             (DeviceState::Ready, Message::PullBatch(b)) => self.on_pull_batch(now, b, storage),
             (DeviceState::Ready, Message::BlobChunk(c)) => self.on_blob_chunk(now, c, storage),
+            (DeviceState::Ready, Message::BlobPutAck(a)) => self.on_blob_put_ack(now, a, storage),
             (_, other) => Err(Fail::Violation(format!(
                 "unexpected {} from the hub",
                 other.name()
@@ -636,11 +677,8 @@ impl DeviceSession {
         }
         self.pump_push(now, storage)?;
         self.start_pulls(now, storage)?;
-        let blobs: Vec<[u8; 32]> = self.blobs_wanted.iter().copied().collect();
-        for b in blobs {
-            self.request_blob(now, storage, b)?;
-        }
-        Ok(())
+        self.want_stored_fetches(now, storage)?;
+        self.pump_upload(now, storage)
     }
 
     fn pump_push(&mut self, now: Millis, storage: &mut dyn DeviceStorage) -> Result<(), Fail> {
@@ -739,7 +777,9 @@ impl DeviceSession {
             up_to_seq: ack.up_to_seq,
             rejected: ack.rejected,
         });
-        self.pump_push(now, storage)
+        self.pump_push(now, storage)?;
+        // Attachments of the ops just accepted may now go up.
+        self.pump_upload(now, storage)
     }
 
     fn due_tables(&self, now: Millis, storage: &dyn DeviceStorage) -> Result<Vec<String>, Fail> {
@@ -847,6 +887,9 @@ impl DeviceSession {
             entering: b.entering.len(),
             leaving: b.leaving.len(),
         });
+        if !b.ops.is_empty() || !b.entering.is_empty() {
+            self.want_stored_fetches(now, storage)?;
+        }
         if b.more {
             self.conn.pulls.insert(b.table, now);
         } else {
@@ -892,7 +935,7 @@ impl DeviceSession {
             self.conn.blob_requests.remove(&c.sha256);
             self.events
                 .push_back(DeviceEvent::BlobNotFound { sha256: c.sha256 });
-            return Ok(());
+            return self.pump_downloads(now, storage);
         }
         let progress = storage.blob_progress(&c.sha256)?;
         if c.offset != progress {
@@ -909,9 +952,141 @@ impl DeviceSession {
             self.conn.blob_requests.remove(&c.sha256);
             self.events
                 .push_back(DeviceEvent::BlobComplete { sha256: c.sha256 });
-            Ok(())
+            self.pump_downloads(now, storage)
         } else {
             self.request_blob(now, storage, c.sha256)
+        }
+    }
+
+    /// Adds the blobs storage wants (attachments of rows it holds) to the downloads, once per
+    /// connection each.
+    fn want_stored_fetches(
+        &mut self,
+        now: Millis,
+        storage: &mut dyn DeviceStorage,
+    ) -> Result<(), Fail> {
+        for sha in storage.blobs_to_fetch()? {
+            if self.conn.fetches_asked.insert(sha) {
+                self.blobs_wanted.insert(sha);
+            }
+        }
+        self.pump_downloads(now, storage)
+    }
+
+    /// Starts wanted downloads, up to [`CONCURRENT_DOWNLOADS`] at once.
+    fn pump_downloads(&mut self, now: Millis, storage: &mut dyn DeviceStorage) -> Result<(), Fail> {
+        if self.state != DeviceState::Ready {
+            return Ok(());
+        }
+        let room = CONCURRENT_DOWNLOADS.saturating_sub(self.conn.blob_requests.len());
+        let next: Vec<[u8; 32]> = self
+            .blobs_wanted
+            .iter()
+            .filter(|b| !self.conn.blob_requests.contains_key(*b))
+            .take(room)
+            .copied()
+            .collect();
+        for b in next {
+            self.request_blob(now, storage, b)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the next upload if none is under way: its first chunk goes at offset 0 (a hub
+    /// holding a prefix answers with where to go on from).
+    fn pump_upload(&mut self, now: Millis, storage: &mut dyn DeviceStorage) -> Result<(), Fail> {
+        if self.state != DeviceState::Ready || self.conn.upload.is_some() {
+            return Ok(());
+        }
+        for sha in storage.blobs_to_upload()? {
+            if self.send_upload_chunk(now, storage, sha, 0)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the chunk of an upload at `offset`; `false` if the device no longer has the
+    /// content (the blob then leaves the upload queue).
+    fn send_upload_chunk(
+        &mut self,
+        now: Millis,
+        storage: &mut dyn DeviceStorage,
+        sha256: [u8; 32],
+        offset: u64,
+    ) -> Result<bool, Fail> {
+        let Some(slice) = storage.read_blob_range(&sha256, offset, BLOB_CHUNK_MAX)? else {
+            warn!(sha256 = ?&sha256[..8], "an attachment to upload is not stored; dropped");
+            storage.record_upload(&sha256, false)?;
+            self.conn.upload = None;
+            return Ok(false);
+        };
+        let mut data = slice.data;
+        data.truncate(BLOB_CHUNK_MAX);
+        if offset.saturating_add(data.len() as u64) > slice.total
+            || (data.is_empty() && offset < slice.total)
+        {
+            return Err(Fail::Storage(StorageError::Corrupt(format!(
+                "a stored blob gave {} bytes at {offset} of {}",
+                data.len(),
+                slice.total
+            ))));
+        }
+        self.transmit.push_back(Message::BlobPut(BlobPut {
+            sha256,
+            offset,
+            total: slice.total,
+            data,
+        }));
+        self.conn.upload = Some(Upload {
+            sha256,
+            offset,
+            total: slice.total,
+            since: now,
+        });
+        Ok(true)
+    }
+
+    fn on_blob_put_ack(
+        &mut self,
+        now: Millis,
+        a: BlobPutAck,
+        storage: &mut dyn DeviceStorage,
+    ) -> Result<(), Fail> {
+        let Some(u) = self.conn.upload.filter(|u| u.sha256 == a.sha256) else {
+            debug!("stale BlobPutAck ignored");
+            return Ok(());
+        };
+        match a.status {
+            BlobPutStatus::Continue { progress } => {
+                if progress > u.total {
+                    return Err(Fail::Violation(format!(
+                        "upload progress {progress} past the blob's {} bytes",
+                        u.total
+                    )));
+                }
+                if !self.send_upload_chunk(now, storage, u.sha256, progress)? {
+                    self.pump_upload(now, storage)?;
+                }
+                Ok(())
+            }
+            BlobPutStatus::Complete => {
+                storage.record_upload(&u.sha256, true)?;
+                self.conn.upload = None;
+                self.events
+                    .push_back(DeviceEvent::BlobUploaded { sha256: u.sha256 });
+                self.pump_upload(now, storage)
+            }
+            BlobPutStatus::Refused { message } => {
+                warn!(%message, "the hub refused an attachment");
+                storage.record_upload(&u.sha256, false)?;
+                self.conn.upload = None;
+                self.events.push_back(DeviceEvent::BlobUploadRefused {
+                    sha256: u.sha256,
+                    message,
+                });
+                self.pump_upload(now, storage)
+            }
         }
     }
 }

@@ -6,11 +6,14 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::messages::{
-    BlobChunk, BlobRequest, Close, CloseCode, Cursor, Hello, Message, Pong, PullBatch, Push,
-    PushAck, Refused, Rejection, RowDoc, TableCursor, Welcome, BLOB_CHUNK_MAX, MAX_TEXT_LEN,
-    PULL_BATCH_BYTES_MAX, PULL_BATCH_ITEMS_MAX, SUPPORTED_VERSIONS,
+    BlobChunk, BlobPut, BlobPutAck, BlobPutStatus, BlobRequest, Close, CloseCode, Cursor, Hello,
+    Message, Pong, PullBatch, Push, PushAck, Refused, Rejection, RowDoc, TableCursor, Welcome,
+    BLOB_CHUNK_MAX, BLOB_UPLOAD_MAX, MAX_TEXT_LEN, PULL_BATCH_BYTES_MAX, PULL_BATCH_ITEMS_MAX,
+    SUPPORTED_VERSIONS,
 };
-use super::storage::{BatchLimits, HubStorage, Principal, PushOutcome, StorageError};
+use super::storage::{
+    BatchLimits, HubStorage, Principal, PushOutcome, StorageError, UploadOutcome,
+};
 use super::time::Millis;
 use crate::proto::messages::truncate_text;
 use crate::wire::WireError;
@@ -131,6 +134,11 @@ pub enum HubEvent {
         cursor: Cursor,
         /// Ops plus rows entering and leaving.
         items: usize,
+    },
+    /// An uploaded blob is complete on the hub (the upstream bridge may now send it on).
+    BlobStored {
+        /// Its hash.
+        sha256: [u8; 32],
     },
     /// The session ended.
     Closed {
@@ -376,6 +384,7 @@ impl HubSession {
                 self.pump(now, storage)
             }
             (HubState::Ready, Message::BlobRequest(r)) => self.on_blob_request(r, storage),
+            (HubState::Ready, Message::BlobPut(p)) => self.on_blob_put(p, storage),
             (_, other) => Err(Fail::Violation(format!(
                 "unexpected {} from the device",
                 other.name()
@@ -624,6 +633,38 @@ impl HubSession {
             },
         };
         self.transmit.push_back(Message::BlobChunk(reply));
+        Ok(())
+    }
+
+    fn on_blob_put(&mut self, p: BlobPut, storage: &mut dyn HubStorage) -> Result<(), Fail> {
+        let Some(who) = &self.principal else {
+            return Err(Fail::Violation("blob upload before authentication".into()));
+        };
+        let status = if p.total > BLOB_UPLOAD_MAX {
+            BlobPutStatus::Refused {
+                message: format!(
+                    "{} bytes is over the {BLOB_UPLOAD_MAX}-byte upload limit",
+                    p.total
+                ),
+            }
+        } else {
+            match storage.put_blob_chunk(who, &p.sha256, p.offset, p.total, &p.data)? {
+                UploadOutcome::Continue(progress) => BlobPutStatus::Continue { progress },
+                UploadOutcome::Complete => {
+                    self.events
+                        .push_back(HubEvent::BlobStored { sha256: p.sha256 });
+                    BlobPutStatus::Complete
+                }
+                UploadOutcome::Refused(message) => BlobPutStatus::Refused {
+                    message: truncate_text(&message, MAX_TEXT_LEN),
+                },
+            }
+        };
+        debug!(offset = p.offset, total = p.total, ?status, "blob upload");
+        self.transmit.push_back(Message::BlobPutAck(BlobPutAck {
+            sha256: p.sha256,
+            status,
+        }));
         Ok(())
     }
 }

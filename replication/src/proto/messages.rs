@@ -40,6 +40,9 @@ pub const MAX_TABLES_PER_REQUEST: usize = 256;
 pub const MAX_CHANGE_LEN: usize = 1024 * 1024;
 /// Largest blob chunk, in bytes (files and images travel in chunks of at most this).
 pub const BLOB_CHUNK_MAX: usize = 64 * 1024;
+/// Largest file or image a device may upload, in bytes (the hub holds one whole in memory to
+/// check its hash when the last chunk arrives).
+pub const BLOB_UPLOAD_MAX: u64 = 128 * 1024 * 1024;
 
 /// The id of an enrolled device (a UUID made at enrollment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -356,6 +359,49 @@ pub struct Close {
     pub reason: String,
 }
 
+/// A piece of a file or image the device attached, for the hub (device → hub). A device sends
+/// its chunks one at a time, each after the hub acknowledged the one before, starting at
+/// offset 0: a hub that already holds a prefix answers with where to go on from, so an
+/// interrupted upload resumes from the last chunk the hub stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobPut {
+    /// SHA-256 of the content.
+    pub sha256: [u8; 32],
+    /// Offset of `data` in the content.
+    pub offset: u64,
+    /// Size of the whole content.
+    pub total: u64,
+    /// The bytes (at most [`BLOB_CHUNK_MAX`]).
+    pub data: Vec<u8>,
+}
+
+/// What the hub did with a [`BlobPut`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobPutStatus {
+    /// The hub holds this many leading bytes: send the chunk that starts there.
+    Continue {
+        /// Bytes the hub holds.
+        progress: u64,
+    },
+    /// The hub holds the whole content and checked its hash.
+    Complete,
+    /// The hub will not take this blob (no row of the device's set refers to it, it is larger
+    /// than the row says or than [`BLOB_UPLOAD_MAX`], or its bytes do not match the hash).
+    Refused {
+        /// For people.
+        message: String,
+    },
+}
+
+/// The hub's answer to a [`BlobPut`] (hub → device).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobPutAck {
+    /// SHA-256 of the content.
+    pub sha256: [u8; 32],
+    /// What the hub did.
+    pub status: BlobPutStatus,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -382,6 +428,10 @@ pub enum Message {
     BlobRequest(BlobRequest),
     /// Hub → device: a piece of a blob.
     BlobChunk(BlobChunk),
+    /// Device → hub: a piece of a blob the device attached.
+    BlobPut(BlobPut),
+    /// Hub → device: what the hub did with it.
+    BlobPutAck(BlobPutAck),
     /// Either way: keep-alive probe.
     Ping(Ping),
     /// Either way: keep-alive answer.
@@ -405,6 +455,8 @@ impl Message {
             Message::Subscribe(_) => "Subscribe",
             Message::BlobRequest(_) => "BlobRequest",
             Message::BlobChunk(_) => "BlobChunk",
+            Message::BlobPut(_) => "BlobPut",
+            Message::BlobPutAck(_) => "BlobPutAck",
             Message::Ping(_) => "Ping",
             Message::Pong(_) => "Pong",
             Message::Close(_) => "Close",
@@ -472,6 +524,13 @@ impl Message {
                 limit("blob_request.max_len", r.max_len as usize, BLOB_CHUNK_MAX)
             }
             Message::BlobChunk(c) => limit("blob_chunk.data", c.data.len(), BLOB_CHUNK_MAX),
+            Message::BlobPut(p) => limit("blob_put.data", p.data.len(), BLOB_CHUNK_MAX),
+            Message::BlobPutAck(a) => match &a.status {
+                BlobPutStatus::Refused { message } => {
+                    limit("blob_put_ack.message", message.len(), MAX_TEXT_LEN)
+                }
+                BlobPutStatus::Continue { .. } | BlobPutStatus::Complete => Ok(()),
+            },
             Message::Close(c) => limit("close.reason", c.reason.len(), MAX_TEXT_LEN),
         }
     }

@@ -58,13 +58,13 @@ mod time;
 pub use device::{DeviceConfig, DeviceEvent, DeviceSession, DeviceState};
 pub use hub::{ConflictPolicies, ConflictPolicy, HubConfig, HubEvent, HubSession, HubState};
 pub use messages::{
-    BlobChunk, BlobRequest, Close, CloseCode, Cursor, DeviceId, Hello, Message, Operation, Ping,
-    Pong, Pull, PullAck, PullBatch, Push, PushAck, PushOp, Refused, Rejection, RejectionKind,
-    RowChange, RowDoc, Subscribe, TableCursor, Welcome,
+    BlobChunk, BlobPut, BlobPutAck, BlobPutStatus, BlobRequest, Close, CloseCode, Cursor, DeviceId,
+    Hello, Message, Operation, Ping, Pong, Pull, PullAck, PullBatch, Push, PushAck, PushOp,
+    Refused, Rejection, RejectionKind, RowChange, RowDoc, Subscribe, TableCursor, Welcome,
 };
 pub use schedule::SyncSchedule;
 pub use storage::{
     BatchLimits, BlobSlice, DeviceStorage, HubStorage, Principal, PullChunk, PushOutcome, Refusal,
-    StorageError, SyncErrorRecord,
+    StorageError, SyncErrorRecord, UploadOutcome,
 };
 pub use time::{Backoff, Millis};

@@ -142,6 +142,48 @@ pub trait DeviceStorage {
         data: &[u8],
         total: u64,
     ) -> Result<(), StorageError>;
+
+    /// Blobs referenced by rows the device holds, in columns its profile downloads, that it
+    /// does not have yet (a download is started for each on connecting and after each pulled
+    /// batch). A storage that keeps no blobs wants none.
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    /// Blobs the device attached to rows the hub has accepted, that the hub does not hold yet
+    /// (uploaded in that order). A storage that keeps no blobs has none.
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    /// Up to `max_len` bytes of a stored blob from `offset`, if the device has it whole.
+    fn read_blob_range(
+        &self,
+        sha256: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        let _ = (sha256, offset, max_len);
+        Ok(None)
+    }
+
+    /// The hub holds the blob (`true`) or refused it for good (`false`): it leaves the upload
+    /// queue either way.
+    fn record_upload(&mut self, sha256: &[u8; 32], stored: bool) -> Result<(), StorageError> {
+        let _ = (sha256, stored);
+        Ok(())
+    }
+}
+
+/// What a hub did with a piece of an uploaded blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// The hub holds this many leading bytes.
+    Continue(u64),
+    /// The hub holds the whole content, hash checked.
+    Complete,
+    /// Not taken; for people.
+    Refused(String),
 }
 
 /// Who a hub session acts for, once the device's token checked out.
@@ -268,4 +310,20 @@ pub trait HubStorage {
         offset: u64,
         max_len: usize,
     ) -> Result<Option<BlobSlice>, StorageError>;
+
+    /// Takes a piece of a blob the principal's device attached: stored durably if it starts
+    /// where the hub's copy ends, a row of the principal's set refers to the blob and `total`
+    /// is the size that row gives. The last piece completes the blob, kept only if its bytes
+    /// match the hash. A hub that keeps no blobs refuses every upload.
+    fn put_blob_chunk(
+        &mut self,
+        who: &Principal,
+        sha256: &[u8; 32],
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<UploadOutcome, StorageError> {
+        let _ = (who, sha256, offset, total, data);
+        Ok(UploadOutcome::Refused("this hub takes no uploads".into()))
+    }
 }

@@ -1,18 +1,19 @@
 //! [`DeviceReplica`]: the device's side of sync over its [`Store`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use fieldsync_store::{
-    AuxWrite, ColumnConflict, Durability, LogEntry, RemoteOp, RowExport, RowId, Store, StoreError,
-    Value, DELETED_KEY,
+    AuxWrite, BlobRef, ColumnConflict, ColumnType, Durability, LogEntry, RemoteOp, RowExport,
+    RowId, Store, StoreError, Value, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info_span, warn};
 
-use super::{dec, enc, parse_row_key, row_key, storage_err, ReplicaError};
+use super::{dec, enc, parse_row_key, row_key, sha_key, storage_err, ReplicaError};
+use crate::profile::Profile;
 use crate::proto::{
-    BatchLimits, Cursor, DeviceStorage, Millis, Operation, PushOp, Rejection, RejectionKind,
-    RowChange, RowDoc, StorageError, SyncErrorRecord,
+    BatchLimits, BlobSlice, Cursor, DeviceStorage, Millis, Operation, PushOp, Rejection,
+    RejectionKind, RowChange, RowDoc, StorageError, SyncErrorRecord,
 };
 
 /// The aux space of a device's replication metadata.
@@ -25,6 +26,10 @@ const P_ROLLBACK: &[u8] = b"rb/";
 const P_BLOB_PROGRESS: &[u8] = b"bp/";
 const P_BLOB_CHUNK: &[u8] = b"bc/";
 const P_BLOB_DONE: &[u8] = b"bd/";
+/// A blob to download: `bw/` + sha256 → the row key (table, row) that refers to it.
+const P_BLOB_WANTED: &[u8] = b"bw/";
+/// A blob to upload: `bu/` + sha256 → the row key of a row the hub accepted it in.
+const P_BLOB_UPLOAD: &[u8] = b"bu/";
 /// Log entries read per step when looking for the device's own ops.
 const SCAN_STEP: usize = 1024;
 
@@ -93,17 +98,14 @@ pub struct TableSyncStatus {
 #[derive(Debug, Clone)]
 pub struct DeviceReplica {
     store: Store,
+    /// Per table, the file and image columns the offline profile downloads (none without a
+    /// profile: see [`DeviceReplica::with_profile`]).
+    fetched_columns: BTreeMap<String, Vec<String>>,
 }
 
 fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn sha_key(prefix: &[u8], sha: &[u8; 32]) -> Vec<u8> {
-    let mut k = prefix.to_vec();
-    k.extend_from_slice(sha);
     k
 }
 
@@ -116,7 +118,125 @@ fn u64_of(bytes: &[u8]) -> Result<u64, StorageError> {
 impl DeviceReplica {
     /// The device's replica over `store` (its metadata, if any, is in the store already).
     pub fn new(store: Store) -> DeviceReplica {
-        DeviceReplica { store }
+        DeviceReplica {
+            store,
+            fetched_columns: BTreeMap::new(),
+        }
+    }
+
+    /// Downloads the files and images `profile` selects, for rows the device holds, as they
+    /// arrive (without a profile the device fetches blobs only when asked).
+    pub fn with_profile(mut self, profile: &Profile) -> DeviceReplica {
+        let schema = self.store.schema();
+        self.fetched_columns = profile
+            .items
+            .iter()
+            .filter_map(|(name, item)| {
+                let tab = schema.table(name).ok()?;
+                let cols: Vec<String> = tab
+                    .columns
+                    .iter()
+                    .filter(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+                    .filter(|c| item.downloads_column(tab, &c.name))
+                    .map(|c| c.name.clone())
+                    .collect();
+                (!cols.is_empty()).then(|| (name.clone(), cols))
+            })
+            .collect();
+        self
+    }
+
+    /// The file and image values of a stored row, by column.
+    fn blobs_of(&self, table: &str, row: RowId) -> Result<Vec<(String, BlobRef)>, StorageError> {
+        let Some(r) = self.store.get(table, row).map_err(storage_err)? else {
+            return Ok(Vec::new());
+        };
+        Ok(r.values
+            .into_iter()
+            .filter_map(|(col, v)| match v {
+                Value::File(b) | Value::Image(b) => Some((col, b)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Records the blobs these rows refer to in downloaded columns that are not stored yet.
+    fn want_blobs_of(&self, table: &str, rows: &BTreeSet<RowId>) -> Result<(), StorageError> {
+        let Some(cols) = self.fetched_columns.get(table) else {
+            return Ok(());
+        };
+        let mut writes = Vec::new();
+        for row in rows {
+            for (col, b) in self.blobs_of(table, *row)? {
+                if cols.contains(&col) && !self.has_blob(&b.sha256)? {
+                    writes.push(AuxWrite::Put(
+                        sha_key(P_BLOB_WANTED, &b.sha256),
+                        row_key(&[], table, *row),
+                    ));
+                }
+            }
+        }
+        // Made durable with the pulled batch's cursor, as the rows are.
+        self.store
+            .aux_apply(SPACE, &writes, Durability::Group)
+            .map_err(storage_err)
+    }
+
+    /// The upload-queue entries for the attachments of own ops in `(acked, up_to]` the hub
+    /// accepted: blobs the rows refer to that this device stored (not downloaded ones).
+    fn uploads_for_acked(
+        &self,
+        acked: u64,
+        up_to: u64,
+        rejected: &[Rejection],
+    ) -> Result<Vec<AuxWrite>, StorageError> {
+        let schema = self.store.schema();
+        let has_blobs = |t: &str| {
+            schema.table(t).is_ok_and(|tab| {
+                tab.columns
+                    .iter()
+                    .any(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+            })
+        };
+        if !schema.tables().any(|t| has_blobs(&t.name)) {
+            return Ok(Vec::new());
+        }
+        let rows: BTreeSet<(String, RowId)> = self
+            .own_entries(acked, usize::MAX)?
+            .into_iter()
+            .take_while(|e| e.seq <= up_to)
+            .filter(|e| !rejected.iter().any(|r| r.seq == e.seq) && has_blobs(&e.table))
+            .map(|e| (e.table, e.row))
+            .collect();
+        let mut writes = Vec::new();
+        for (table, row) in rows {
+            for (_, b) in self.blobs_of(&table, row)? {
+                if self.has_blob(&b.sha256)?
+                    && self.get(&sha_key(P_BLOB_DONE, &b.sha256))?.is_none()
+                {
+                    writes.push(AuxWrite::Put(
+                        sha_key(P_BLOB_UPLOAD, &b.sha256),
+                        row_key(&[], &table, row),
+                    ));
+                }
+            }
+        }
+        Ok(writes)
+    }
+
+    fn has_blob(&self, sha256: &[u8; 32]) -> Result<bool, StorageError> {
+        Ok(self.store.blob_size(sha256).map_err(storage_err)?.is_some())
+    }
+
+    /// Whether `row` of `table` still refers to blob `sha256`.
+    fn row_refers_to(&self, key: &[u8], sha256: &[u8; 32]) -> Result<bool, StorageError> {
+        let Some((table, row)) = parse_row_key(key) else {
+            return Ok(false);
+        };
+        Ok(self
+            .blobs_of(&table, row)?
+            .iter()
+            .any(|(_, b)| b.sha256 == *sha256))
     }
 
     /// The store underneath.
@@ -437,7 +557,7 @@ impl DeviceStorage for DeviceReplica {
         if up_to_seq <= acked {
             return Ok(());
         }
-        let mut writes = Vec::new();
+        let mut writes = self.uploads_for_acked(acked, up_to_seq, rejected)?;
         for r in rejected {
             let op_data = self.entry_at(r.seq)?.map(|e| e.change).unwrap_or_default();
             let stored = StoredError {
@@ -512,6 +632,7 @@ impl DeviceStorage for DeviceReplica {
         self.store
             .apply_remote(&remote, Durability::Group)
             .map_err(storage_err)?;
+        self.want_blobs_of(table, &ops.iter().map(|c| c.row).collect())?;
         self.advance_store_ack()
     }
 
@@ -554,6 +675,7 @@ impl DeviceStorage for DeviceReplica {
         self.store
             .aux_apply(SPACE, &writes, Durability::Group)
             .map_err(storage_err)?;
+        self.want_blobs_of(table, &rows.iter().map(|d| d.row).collect())?;
         self.advance_store_ack()?;
         self.run_deferred()
     }
@@ -674,6 +796,64 @@ impl DeviceStorage for DeviceReplica {
             sha_key(P_BLOB_DONE, sha256),
             total.to_be_bytes().to_vec(),
         ));
+        cleanup.push(AuxWrite::Remove(sha_key(P_BLOB_WANTED, sha256)));
         self.apply(&cleanup)
+    }
+
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for (k, v) in self
+            .store
+            .aux_scan(SPACE, P_BLOB_WANTED)
+            .map_err(storage_err)?
+        {
+            let Some(sha) = k
+                .get(P_BLOB_WANTED.len()..)
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            else {
+                stale.push(AuxWrite::Remove(k));
+                continue;
+            };
+            // Stored meanwhile (attached here, or another row's download), or no longer
+            // referred to: not wanted.
+            if self.has_blob(&sha)? || !self.row_refers_to(&v, &sha)? {
+                stale.push(AuxWrite::Remove(k));
+            } else {
+                out.push(sha);
+            }
+        }
+        if !stale.is_empty() {
+            self.apply(&stale)?;
+        }
+        Ok(out)
+    }
+
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(self
+            .store
+            .aux_scan(SPACE, P_BLOB_UPLOAD)
+            .map_err(storage_err)?
+            .into_iter()
+            .filter_map(|(k, _)| <[u8; 32]>::try_from(k.get(P_BLOB_UPLOAD.len()..)?).ok())
+            .collect())
+    }
+
+    fn read_blob_range(
+        &self,
+        sha256: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        Ok(self
+            .store
+            .read_blob_range(sha256, offset, max_len)
+            .map_err(storage_err)?
+            .map(|(total, data)| BlobSlice { total, data }))
+    }
+
+    fn record_upload(&mut self, sha256: &[u8; 32], stored: bool) -> Result<(), StorageError> {
+        debug!(stored, "upload finished");
+        self.apply(&[AuxWrite::Remove(sha_key(P_BLOB_UPLOAD, sha256))])
     }
 }

@@ -19,14 +19,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fieldsync_store::{
-    AuxWrite, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store, StoreError, Table, Value,
-    BLOB_CHUNK_BYTES, DELETED_KEY,
+    AuxWrite, BlobRef, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store, StoreError, Table,
+    Value, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
-use super::{dec, enc, row_key, storage_err};
+use super::{dec, enc, row_key, sha_key, storage_err};
 use crate::app::App;
 use crate::credential::{
     HubSigningKey, SignedToken, Token, TokenError, TokenRegistry, TokenStatus, TokenVerifier,
@@ -35,7 +35,7 @@ use crate::profile::Profile;
 use crate::proto::{
     BatchLimits, BlobSlice, CloseCode, ConflictPolicy, Cursor, DeviceId, HubStorage, Millis,
     Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
-    RowDoc, StorageError,
+    RowDoc, StorageError, UploadOutcome,
 };
 use crate::routing::{Router, RoutingError, RowRef, UserDelta};
 use crate::security::{Depth, Environment, Privilege, UserId};
@@ -48,6 +48,10 @@ const P_ACTOR: &[u8] = b"act/";
 const P_HISTORY: &[u8] = b"hh/";
 const P_MEMBERSHIP: &[u8] = b"m/";
 const P_BLOB: &[u8] = b"bl/";
+/// An upload's progress: `up/` + sha256 → bytes held.
+const P_UPLOAD: &[u8] = b"up/";
+/// An upload's pieces: `uc/` + sha256 + offset → bytes.
+const P_UPLOAD_CHUNK: &[u8] = b"uc/";
 const P_OVERRIDE: &[u8] = b"ho/";
 /// Log entries per profile, user and table: `f/` profile 0 user table 0 seq row.
 const P_FEED: &[u8] = b"f/";
@@ -315,8 +319,7 @@ fn index_blobs(
     let mut writes = Vec::new();
     for v in values.values() {
         if let Value::File(b) | Value::Image(b) = v {
-            let mut p = P_BLOB.to_vec();
-            p.extend_from_slice(&b.sha256);
+            let p = sha_key(P_BLOB, &b.sha256);
             writes.push(AuxWrite::Put(row_key(&p, table, row), Vec::new()));
         }
     }
@@ -1623,15 +1626,130 @@ impl HubStorage for HubReplica {
         offset: u64,
         max_len: usize,
     ) -> Result<Option<BlobSlice>, StorageError> {
+        if self.blob_in_set(who, sha256, true)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self
+            .store
+            .read_blob_range(sha256, offset, max_len)
+            .map_err(storage_err)?
+            .map(|(total, data)| BlobSlice { total, data }))
+    }
+
+    fn put_blob_chunk(
+        &mut self,
+        who: &Principal,
+        sha256: &[u8; 32],
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<UploadOutcome, StorageError> {
+        let _span = info_span!("put_blob_chunk", offset, total, n = data.len()).entered();
+        let Some((table, blob)) = self.blob_in_set(who, sha256, false)? else {
+            return Ok(UploadOutcome::Refused(
+                "no row of this device's set refers to this content".into(),
+            ));
+        };
+        if self.store.has_blob(&blob).map_err(storage_err)? {
+            return Ok(UploadOutcome::Complete);
+        }
+        if total != blob.size {
+            return Ok(UploadOutcome::Refused(format!(
+                "the row gives {} bytes for this content, not {total}",
+                blob.size
+            )));
+        }
+        let progress_key = sha_key(P_UPLOAD, sha256);
+        let progress = self.upload_progress(sha256)?;
+        let end = offset.saturating_add(data.len() as u64);
+        if offset != progress || end > total {
+            // Not the next piece (a resumed or repeated upload): say where to go on from.
+            return Ok(UploadOutcome::Continue(progress));
+        }
+        if !data.is_empty() {
+            let mut chunk_key = sha_key(P_UPLOAD_CHUNK, sha256);
+            chunk_key.extend_from_slice(&offset.to_be_bytes());
+            self.store
+                .aux_apply(
+                    SPACE,
+                    &[
+                        AuxWrite::Put(chunk_key, data.to_vec()),
+                        AuxWrite::Put(progress_key.clone(), end.to_be_bytes().to_vec()),
+                    ],
+                    Durability::Immediate,
+                )
+                .map_err(storage_err)?;
+        }
+        if end < total {
+            return Ok(UploadOutcome::Continue(end));
+        }
+        let chunks = self
+            .store
+            .aux_scan(SPACE, &sha_key(P_UPLOAD_CHUNK, sha256))
+            .map_err(storage_err)?;
+        let mut content = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        let mut cleanup = vec![AuxWrite::Remove(progress_key)];
+        for (k, v) in chunks {
+            content.extend_from_slice(&v);
+            cleanup.push(AuxWrite::Remove(k));
+        }
+        let stored = if content.len() as u64 == total {
+            Some(
+                self.store
+                    .put_blob(&blob.name, &mut content.as_slice())
+                    .map_err(storage_err)?,
+            )
+        } else {
+            None
+        };
+        // The pieces go either way: kept content is a blob now, bad content is dropped.
+        self.store
+            .aux_apply(SPACE, &cleanup, Durability::Immediate)
+            .map_err(storage_err)?;
+        match stored {
+            Some(b) if b.sha256 == *sha256 => {
+                info!(%table, bytes = total, "attachment uploaded");
+                // The bridge sends files on to Dataverse: wake it.
+                self.changed.record_table(&table);
+                Ok(UploadOutcome::Complete)
+            }
+            _ => Ok(UploadOutcome::Refused(
+                "the uploaded bytes do not match the content's hash".into(),
+            )),
+        }
+    }
+}
+
+impl HubReplica {
+    /// Bytes of an unfinished upload of blob `sha256` the hub holds (0: none under way).
+    pub fn upload_progress(&self, sha256: &[u8; 32]) -> Result<u64, StorageError> {
+        match self
+            .store
+            .aux_get(SPACE, &sha_key(P_UPLOAD, sha256))
+            .map_err(storage_err)?
+        {
+            Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StorageError::Corrupt("an upload's progress is not 8 bytes".into())),
+            None => Ok(0),
+        }
+    }
+
+    /// A row of `who`'s set that refers to the blob `sha256` (in a column the profile
+    /// downloads, if `downloaded_only`): its table and the reference.
+    fn blob_in_set(
+        &self,
+        who: &Principal,
+        sha256: &[u8; 32],
+        downloaded_only: bool,
+    ) -> Result<Option<(String, BlobRef)>, StorageError> {
         let Some((_, router)) = self.router_for(who) else {
             return Ok(None);
         };
-        let profile = router.profile().clone();
+        let profile = router.profile();
         let schema = self.store.schema();
-        let mut p = P_BLOB.to_vec();
-        p.extend_from_slice(sha256);
+        let p = sha_key(P_BLOB, sha256);
         let referrers = self.store.aux_scan(SPACE, &p).map_err(storage_err)?;
-        let mut found = None;
         for (k, _) in referrers {
             let Some((table, row)) = k.get(p.len()..).and_then(super::parse_row_key) else {
                 continue;
@@ -1645,34 +1763,19 @@ impl HubStorage for HubReplica {
             let Some(r) = self.store.get(&table, row).map_err(storage_err)? else {
                 continue;
             };
-            let refers = r.values.iter().any(|(col, v)| {
-                matches!(v, Value::File(b) | Value::Image(b)
-                    if b.sha256 == *sha256 && item.downloads_column(tab, col))
+            let found = r.values.iter().find_map(|(col, v)| match v {
+                Value::File(b) | Value::Image(b)
+                    if b.sha256 == *sha256
+                        && (!downloaded_only || item.downloads_column(tab, col)) =>
+                {
+                    Some(b.clone())
+                }
+                _ => None,
             });
-            if refers {
-                found = r.values.values().find_map(|v| match v {
-                    Value::File(b) | Value::Image(b) if b.sha256 == *sha256 => Some(b.clone()),
-                    _ => None,
-                });
-                break;
+            if let Some(b) = found {
+                return Ok(Some((table, b)));
             }
         }
-        let Some(blob) = found else { return Ok(None) };
-        if !self.store.has_blob(&blob).map_err(storage_err)? {
-            return Ok(None);
-        }
-        let index = (offset / BLOB_CHUNK_BYTES as u64) as u32;
-        let within = (offset % BLOB_CHUNK_BYTES as u64) as usize;
-        let data = self
-            .store
-            .read_blob_chunk(&blob, index)
-            .map_err(storage_err)?
-            .unwrap_or_default();
-        let start = within.min(data.len());
-        let stop = start.saturating_add(max_len).min(data.len());
-        Ok(Some(BlobSlice {
-            total: blob.size,
-            data: data.get(start..stop).unwrap_or_default().to_vec(),
-        }))
+        Ok(None)
     }
 }

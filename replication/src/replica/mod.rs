@@ -91,6 +91,14 @@ pub(crate) fn dec<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, St
         .map_err(|e| StorageError::Corrupt(format!("{what} does not decode: {e}")))
 }
 
+/// `prefix` · SHA-256 (32 bytes), for per-blob keys.
+pub(crate) fn sha_key(prefix: &[u8], sha: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 32);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(sha);
+    k
+}
+
 /// `prefix` · table · 0 · row id (16 bytes).
 pub(crate) fn row_key(prefix: &[u8], table: &str, row: uuid::Uuid) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + table.len() + 17);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use fieldsync_replication::credential::{HubSigningKey, TokenVerifier};
 use fieldsync_replication::proto::{
     BatchLimits, BlobSlice, ConflictPolicy, Cursor, DeviceId, HubStorage, Millis, Principal,
-    PullChunk, PushOp, PushOutcome, Refusal, StorageError,
+    PullChunk, PushOp, PushOutcome, Refusal, StorageError, UploadOutcome,
 };
 use fieldsync_replication::replica::{FeedChanges, HubReplica};
 use fieldsync_store::{ActorId, RemoteOp, Store, Value};
@@ -372,6 +372,18 @@ impl HubStorage for ReplicaHub {
         max_len: usize,
     ) -> Result<Option<BlobSlice>, StorageError> {
         self.live_mut()?.blob_chunk(who, sha256, offset, max_len)
+    }
+
+    fn put_blob_chunk(
+        &mut self,
+        who: &Principal,
+        sha256: &[u8; 32],
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<UploadOutcome, StorageError> {
+        self.live_mut()?
+            .put_blob_chunk(who, sha256, offset, total, data)
     }
 }
 
