@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
+use fieldsync_replication::proto::messages::BLOB_UPLOAD_MAX;
 use fieldsync_store::{
     ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
 };
@@ -273,6 +274,16 @@ fn attachment<'a>(table: &Table, arg: &'a str) -> Option<(&'a str, &'a Path)> {
 fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Result<Value> {
     let mut f = std::fs::File::open(path)
         .with_context(|| format!("cannot open {} for column `{column}`", path.display()))?;
+    let size = f
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if size > BLOB_UPLOAD_MAX {
+        bail!(
+            "{} is {size} bytes; a file or image column takes at most {BLOB_UPLOAD_MAX}",
+            path.display()
+        );
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

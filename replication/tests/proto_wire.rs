@@ -194,6 +194,7 @@ fn samples() -> Vec<(&'static str, Message)> {
             "blob_put_ack",
             Message::BlobPutAck(BlobPutAck {
                 sha256: [0xcd; 32],
+                offset: 0,
                 status: BlobPutStatus::Continue { progress: 65_536 },
             }),
         ),

@@ -20,6 +20,7 @@ use fieldsync_replication::replica::{DeviceReplica, HubReplica, SHARED_FEED_HOLD
 use fieldsync_replication::{App, Environment, Profile};
 use fieldsync_store::{OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value};
 use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 const SCHEMA: &str = r#"
@@ -737,21 +738,61 @@ fn an_interrupted_upload_resumes_where_the_hub_stopped() {
         &[("photo", Value::Image(blob.clone()))],
     );
     // Cut the link as soon as the hub holds part of the content.
+    let ana = device_id(0);
     let mut guard = 0;
-    while w.net.hub.upload_progress(&blob.sha256).unwrap() == 0 {
+    while w.net.hub.upload_progress(ana, &blob.sha256).unwrap() == 0 {
         w.net.pump();
         w.net.now = w.net.now + Millis(1);
         guard += 1;
         assert!(guard < 10_000, "the upload never started");
     }
     w.net.set_online(0, false);
-    let held = w.net.hub.upload_progress(&blob.sha256).unwrap();
+    let held = w.net.hub.upload_progress(ana, &blob.sha256).unwrap();
     assert!(held > 0 && held < content.len() as u64, "{held}");
     assert!(!w.hub().has_blob(&blob).unwrap());
+    let before = w.net.stats.blob_put_bytes;
     w.net.heal(3);
     assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
-    assert_eq!(w.net.hub.upload_progress(&blob.sha256).unwrap(), 0);
+    assert_eq!(w.net.hub.upload_progress(ana, &blob.sha256).unwrap(), 0);
+    // Resumed, not restarted: after the reconnect the device sent the first piece once more
+    // (the hub answers it with where its copy ends) and then only what the hub lacked.
+    let resent = w.net.stats.blob_put_bytes - before;
+    assert_eq!(resent, 65_536 + content.len() as u64 - held, "{resent}");
     w.check_converged();
+}
+
+#[test]
+fn duplicated_and_late_upload_acks_do_not_multiply_the_pieces() {
+    let mut w = world(14, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let content = photo_bytes(4);
+    let blob = w
+        .dev(0)
+        .put_blob("dup.jpg", &mut content.as_slice())
+        .unwrap();
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("photo", Value::Image(blob.clone()))],
+    );
+    w.net.faults = Faults {
+        loss_pct: 0,
+        dup_pct: 60,
+        reorder_pct: 0,
+    };
+    w.net.run_for(Millis::from_minutes(3));
+    w.net.heal(2);
+    assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
+    // Four pieces; each answer the device no longer waits for is ignored, so duplicates
+    // cannot start parallel streams of pieces.
+    assert!(w.net.stats.duplicated > 0);
+    assert!(
+        w.net.stats.blob_puts <= 6,
+        "{} BlobPuts",
+        w.net.stats.blob_puts
+    );
 }
 
 #[test]
@@ -759,83 +800,110 @@ fn the_hub_takes_only_uploads_a_row_of_the_devices_set_refers_to() {
     let mut w = world(13, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(2);
-    let (ana, cat) = (w.principal(0), w.principal(2));
+    let (ana, ben, cat) = (w.principal(0), w.principal(1), w.principal(2));
     let content = photo_bytes(3);
     let blob = w.dev(0).put_blob("a.jpg", &mut content.as_slice()).unwrap();
     let first = &content[..65_536];
+    let rest = &content[65_536..];
+    let now = Millis(0);
     let refused = |o: UploadOutcome| matches!(o, UploadOutcome::Refused(_));
-    // No row refers to it yet.
     let total = content.len() as u64;
+    // No row refers to it yet.
     assert!(refused(
         w.net
             .hub
-            .put_blob_chunk(&ana, &blob.sha256, 0, total, first)
+            .put_blob_chunk(now, &ana, &blob.sha256, 0, total, first)
             .unwrap()
     ));
     w.net.set_online(0, false); // the op and the pieces go over by hand below
     w.write(
         0,
         "task",
-        s.ana_task,
+        s.team_task,
         &[("photo", Value::Image(blob.clone()))],
     );
     let hub = &mut w.net.hub;
-    // ana's row refers to it only once the hub has her op: bring it over.
     let ops: Vec<PushOp> = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
     for op in &ops {
         let out = hub
-            .apply_push(Millis(0), &ana, ConflictPolicy::MergePerColumn, op)
+            .apply_push(now, &ana, ConflictPolicy::MergePerColumn, op)
             .unwrap();
         assert_eq!(out, PushOutcome::Accepted);
     }
-    // cat's set does not hold ana's task.
+    // cat's set does not hold the team's task.
     assert!(refused(
-        hub.put_blob_chunk(&cat, &blob.sha256, 0, total, first)
+        hub.put_blob_chunk(now, &cat, &blob.sha256, 0, total, first)
             .unwrap()
     ));
     // The size must be the row's.
     assert!(refused(
-        hub.put_blob_chunk(&ana, &blob.sha256, 0, total + 1, first)
+        hub.put_blob_chunk(now, &ana, &blob.sha256, 0, total + 1, first)
             .unwrap()
     ));
     // A piece that is not the next one is not stored; the answer says where to go on from.
+    let put = |hub: &mut HubReplica, who: &Principal, offset: u64, data: &[u8]| {
+        hub.put_blob_chunk(now, who, &blob.sha256, offset, total, data)
+            .unwrap()
+    };
+    assert_eq!(put(hub, &ana, 65_536, first), UploadOutcome::Continue(0));
+    assert_eq!(put(hub, &ana, 0, first), UploadOutcome::Continue(65_536));
     assert_eq!(
-        hub.put_blob_chunk(&ana, &blob.sha256, 65_536, total, first)
-            .unwrap(),
-        UploadOutcome::Continue(0)
-    );
-    assert_eq!(
-        hub.put_blob_chunk(&ana, &blob.sha256, 0, total, first)
-            .unwrap(),
-        UploadOutcome::Continue(65_536)
-    );
-    assert_eq!(
-        hub.put_blob_chunk(&ana, &blob.sha256, 0, total, first)
-            .unwrap(),
+        put(hub, &ana, 0, first),
         UploadOutcome::Continue(65_536),
         "a repeated piece changes nothing"
     );
-    // Bytes that do not hash to the content are dropped whole.
-    let mut forged = content[65_536..].to_vec();
-    forged[10] ^= 0xff;
-    assert!(refused(
-        hub.put_blob_chunk(&ana, &blob.sha256, 65_536, total, &forged)
-            .unwrap()
-    ));
-    assert!(!hub.store().has_blob(&blob).unwrap());
-    assert_eq!(hub.upload_progress(&blob.sha256).unwrap(), 0);
-    // The real bytes, in two pieces.
+    // ben holds the team's task too: his junk is his own upload and spoils nothing of ana's.
+    let junk = vec![0u8; rest.len()];
+    assert_eq!(put(hub, &ben, 65_536, &junk), UploadOutcome::Continue(0));
     assert_eq!(
-        hub.put_blob_chunk(&ana, &blob.sha256, 0, total, first)
-            .unwrap(),
+        put(hub, &ben, 0, &junk[..65_536]),
         UploadOutcome::Continue(65_536)
     );
-    assert_eq!(
-        hub.put_blob_chunk(&ana, &blob.sha256, 65_536, total, &content[65_536..])
-            .unwrap(),
-        UploadOutcome::Complete
-    );
+    assert!(refused(put(hub, &ben, 65_536, &junk)));
+    // Bytes that do not hash to the content are dropped whole, and stored as nothing.
+    let mut forged = content.clone();
+    forged[70_000] ^= 0xff;
+    let forged_sha: [u8; 32] = Sha256::digest(&forged).into();
+    let mut w2 = put(hub, &ana, 65_536, &forged[65_536..]);
+    assert!(refused(w2.clone()), "{w2:?}");
+    assert!(!hub.store().has_blob(&blob).unwrap());
+    assert_eq!(hub.store().blob_size(&forged_sha).unwrap(), None);
+    assert_eq!(hub.upload_progress(ana.device, &blob.sha256).unwrap(), 0);
+    // The real bytes, in two pieces.
+    assert_eq!(put(hub, &ana, 0, first), UploadOutcome::Continue(65_536));
+    w2 = put(hub, &ana, 65_536, rest);
+    assert_eq!(w2, UploadOutcome::Complete);
     assert_eq!(hub.store().read_blob(&blob).unwrap(), content);
+    // Once the hub has it, any device that may upload it is told so at once.
+    assert_eq!(put(hub, &ben, 0, first), UploadOutcome::Complete);
+}
+
+#[test]
+fn the_device_that_attached_a_file_may_upload_it_after_the_row_left_its_set() {
+    let mut w = world(15, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let content = photo_bytes(5);
+    let blob = w
+        .dev(0)
+        .put_blob("handover.jpg", &mut content.as_slice())
+        .unwrap();
+    // ana attaches a photo and hands the task to cat in the same offline session.
+    w.net.set_online(0, false);
+    let cat = user(&w.env, "cat");
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("photo", Value::Image(blob.clone()))],
+    );
+    w.write(0, "task", s.ana_task, &[("ownerid", owner_user(cat))]);
+    w.net.heal(3);
+    assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
+    // cat now holds the task, and its photo came down with it.
+    assert_eq!(w.dev(2).read_blob(&blob).unwrap(), content);
+    assert!(!w.held(0).contains(&("task".to_string(), s.ana_task)));
+    w.check_converged();
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use fieldsync_store::{BlobRef, ColumnType, RowId, Value};
 use reqwest::Method;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::ApiRequest;
 use super::map::{self, WireRow};
@@ -140,9 +140,16 @@ impl Bridge {
         };
         for (table, id) in ready {
             if self.tables.contains(&table) {
-                self.push_files(&table, id)
+                // One file Dataverse refuses must not hold up the round (nor the others): it
+                // stays waiting and is tried again next round.
+                if let Err(e) = self
+                    .push_files(&table, id)
                     .instrument(info_span!("upstream_waiting_file", %table, %id))
-                    .await?;
+                    .await
+                {
+                    warn!(%table, %id, error = %e, "a waiting file did not go up");
+                    continue;
+                }
             }
             // Cleared once sent: a failed round leaves it to the next.
             let mut w = StateWrites::default();

@@ -19,6 +19,9 @@ use crate::wire::WireError;
 
 /// Blob downloads a session keeps in flight at once (each is one chunk request at a time).
 const CONCURRENT_DOWNLOADS: usize = 4;
+/// A blob the hub did not have (an attachment still uploading from another device) is asked
+/// for again after this long, on the same connection (a live one may last for days).
+const BLOB_RETRY: Millis = Millis::from_secs(60);
 
 /// How a device syncs: identity, schedule, timers, limits.
 #[derive(Debug, Clone)]
@@ -220,9 +223,10 @@ struct Conn {
     pulls: BTreeMap<String, Millis>,
     /// Blob requests outstanding, and when they were sent.
     blob_requests: BTreeMap<[u8; 32], Millis>,
-    /// Blobs storage wanted that were asked for on this connection (one that was not found
-    /// is asked for again on the next one, not in a loop on this one).
+    /// Blobs storage wanted that were asked for on this connection.
     fetches_asked: BTreeSet<[u8; 32]>,
+    /// Those the hub did not have, and when it said so (asked again after [`BLOB_RETRY`]).
+    not_found: BTreeMap<[u8; 32], Millis>,
     /// The upload under way.
     upload: Option<Upload>,
     closed_code: Option<CloseCode>,
@@ -489,6 +493,9 @@ impl DeviceSession {
                 if let Some(u) = &c.upload {
                     t = t.min(u.since + cfg.request_timeout);
                 }
+                if let Some(at) = c.not_found.values().min() {
+                    t = t.min(*at + BLOB_RETRY);
+                }
                 if let Some(due) = c.next_due {
                     t = t.min(due);
                 }
@@ -566,6 +573,20 @@ impl DeviceSession {
                     .collect();
                 for b in stalled_blobs {
                     self.request_blob(now, storage, b)?;
+                }
+                let retry: Vec<[u8; 32]> = self
+                    .conn
+                    .not_found
+                    .iter()
+                    .filter(|(_, at)| now >= **at + BLOB_RETRY)
+                    .map(|(b, _)| *b)
+                    .collect();
+                if !retry.is_empty() {
+                    for b in &retry {
+                        self.conn.not_found.remove(b);
+                        self.conn.fetches_asked.remove(b);
+                    }
+                    self.want_stored_fetches(now, storage)?;
                 }
                 if let Some(u) = self.conn.upload {
                     if now >= u.since + timeout {
@@ -887,9 +908,7 @@ impl DeviceSession {
             entering: b.entering.len(),
             leaving: b.leaving.len(),
         });
-        if !b.ops.is_empty() || !b.entering.is_empty() {
-            self.want_stored_fetches(now, storage)?;
-        }
+
         if b.more {
             self.conn.pulls.insert(b.table, now);
         } else {
@@ -897,6 +916,8 @@ impl DeviceSession {
             self.on_demand.remove(&b.table);
             self.events
                 .push_back(DeviceEvent::TableSynced { table: b.table });
+            // The rows that came in may name files and images to fetch.
+            self.want_stored_fetches(now, storage)?;
             self.conn.next_due = next_due(&self.config.schedule, storage, &self.conn.pulls)?;
         }
         Ok(())
@@ -933,6 +954,9 @@ impl DeviceSession {
         if !c.found {
             self.blobs_wanted.remove(&c.sha256);
             self.conn.blob_requests.remove(&c.sha256);
+            if self.conn.fetches_asked.contains(&c.sha256) {
+                self.conn.not_found.insert(c.sha256, now);
+            }
             self.events
                 .push_back(DeviceEvent::BlobNotFound { sha256: c.sha256 });
             return self.pump_downloads(now, storage);
@@ -1053,8 +1077,12 @@ impl DeviceSession {
         a: BlobPutAck,
         storage: &mut dyn DeviceStorage,
     ) -> Result<(), Fail> {
-        let Some(u) = self.conn.upload.filter(|u| u.sha256 == a.sha256) else {
-            debug!("stale BlobPutAck ignored");
+        let Some(u) = self
+            .conn
+            .upload
+            .filter(|u| u.sha256 == a.sha256 && u.offset == a.offset)
+        else {
+            debug!(offset = a.offset, "stale BlobPutAck ignored");
             return Ok(());
         };
         match a.status {

@@ -384,7 +384,7 @@ impl HubSession {
                 self.pump(now, storage)
             }
             (HubState::Ready, Message::BlobRequest(r)) => self.on_blob_request(r, storage),
-            (HubState::Ready, Message::BlobPut(p)) => self.on_blob_put(p, storage),
+            (HubState::Ready, Message::BlobPut(p)) => self.on_blob_put(now, p, storage),
             (_, other) => Err(Fail::Violation(format!(
                 "unexpected {} from the device",
                 other.name()
@@ -636,7 +636,12 @@ impl HubSession {
         Ok(())
     }
 
-    fn on_blob_put(&mut self, p: BlobPut, storage: &mut dyn HubStorage) -> Result<(), Fail> {
+    fn on_blob_put(
+        &mut self,
+        now: Millis,
+        p: BlobPut,
+        storage: &mut dyn HubStorage,
+    ) -> Result<(), Fail> {
         let Some(who) = &self.principal else {
             return Err(Fail::Violation("blob upload before authentication".into()));
         };
@@ -648,7 +653,7 @@ impl HubSession {
                 ),
             }
         } else {
-            match storage.put_blob_chunk(who, &p.sha256, p.offset, p.total, &p.data)? {
+            match storage.put_blob_chunk(now, who, &p.sha256, p.offset, p.total, &p.data)? {
                 UploadOutcome::Continue(progress) => BlobPutStatus::Continue { progress },
                 UploadOutcome::Complete => {
                     self.events
@@ -663,6 +668,7 @@ impl HubSession {
         debug!(offset = p.offset, total = p.total, ?status, "blob upload");
         self.transmit.push_back(Message::BlobPutAck(BlobPutAck {
             sha256: p.sha256,
+            offset: p.offset,
             status,
         }));
         Ok(())

@@ -40,9 +40,10 @@ pub const MAX_TABLES_PER_REQUEST: usize = 256;
 pub const MAX_CHANGE_LEN: usize = 1024 * 1024;
 /// Largest blob chunk, in bytes (files and images travel in chunks of at most this).
 pub const BLOB_CHUNK_MAX: usize = 64 * 1024;
-/// Largest file or image a device may upload, in bytes (the hub holds one whole in memory to
-/// check its hash when the last chunk arrives).
-pub const BLOB_UPLOAD_MAX: u64 = 128 * 1024 * 1024;
+/// Largest file or image a device may upload, in bytes: Dataverse's default file column
+/// limit (32 MB). The hub holds one whole in memory to check its hash when the last chunk
+/// arrives.
+pub const BLOB_UPLOAD_MAX: u64 = 32 * 1024 * 1024;
 
 /// The id of an enrolled device (a UUID made at enrollment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -398,6 +399,9 @@ pub enum BlobPutStatus {
 pub struct BlobPutAck {
     /// SHA-256 of the content.
     pub sha256: [u8; 32],
+    /// The offset of the `BlobPut` this answers (a device ignores answers to pieces it no
+    /// longer waits for: a duplicated or late answer must not start a second stream).
+    pub offset: u64,
     /// What the hub did.
     pub status: BlobPutStatus,
 }

@@ -317,13 +317,14 @@ pub trait HubStorage {
     /// match the hash. A hub that keeps no blobs refuses every upload.
     fn put_blob_chunk(
         &mut self,
+        now: Millis,
         who: &Principal,
         sha256: &[u8; 32],
         offset: u64,
         total: u64,
         data: &[u8],
     ) -> Result<UploadOutcome, StorageError> {
-        let _ = (who, sha256, offset, total, data);
+        let _ = (now, who, sha256, offset, total, data);
         Ok(UploadOutcome::Refused("this hub takes no uploads".into()))
     }
 }

@@ -183,7 +183,8 @@ impl DeviceReplica {
     }
 
     /// The upload-queue entries for the attachments of own ops in `(acked, up_to]` the hub
-    /// accepted: blobs the rows refer to that this device stored (not downloaded ones).
+    /// accepted: the files and images each op set (not the row's current values: a later op
+    /// may replace one and be rejected) that this device stored rather than downloaded.
     fn uploads_for_acked(
         &self,
         acked: u64,
@@ -201,24 +202,41 @@ impl DeviceReplica {
         if !schema.tables().any(|t| has_blobs(&t.name)) {
             return Ok(Vec::new());
         }
-        let rows: BTreeSet<(String, RowId)> = self
-            .own_entries(acked, usize::MAX)?
-            .into_iter()
-            .take_while(|e| e.seq <= up_to)
-            .filter(|e| !rejected.iter().any(|r| r.seq == e.seq) && has_blobs(&e.table))
-            .map(|e| (e.table, e.row))
-            .collect();
+        let me = self.store.actor();
         let mut writes = Vec::new();
-        for (table, row) in rows {
-            for (_, b) in self.blobs_of(&table, row)? {
-                if self.has_blob(&b.sha256)?
-                    && self.get(&sha_key(P_BLOB_DONE, &b.sha256))?.is_none()
-                {
-                    writes.push(AuxWrite::Put(
-                        sha_key(P_BLOB_UPLOAD, &b.sha256),
-                        row_key(&[], &table, row),
-                    ));
+        let mut from = acked.max(self.store.acked_seq().map_err(storage_err)?);
+        'scan: loop {
+            let batch = self.store.ops_since(from, SCAN_STEP).map_err(storage_err)?;
+            let Some(last) = batch.last() else { break };
+            from = last.seq;
+            let done = batch.len() < SCAN_STEP;
+            for e in batch {
+                if e.seq > up_to {
+                    break 'scan;
                 }
+                if e.actor != me || !has_blobs(&e.table) || rejected.iter().any(|r| r.seq == e.seq)
+                {
+                    continue;
+                }
+                let set = self
+                    .store
+                    .inspect_change(&e.table, e.row, &e.change)
+                    .map_err(storage_err)?;
+                for v in set.columns.values() {
+                    if let Value::File(b) | Value::Image(b) = v {
+                        if self.has_blob(&b.sha256)?
+                            && self.get(&sha_key(P_BLOB_DONE, &b.sha256))?.is_none()
+                        {
+                            writes.push(AuxWrite::Put(
+                                sha_key(P_BLOB_UPLOAD, &b.sha256),
+                                row_key(&[], &e.table, e.row),
+                            ));
+                        }
+                    }
+                }
+            }
+            if done {
+                break;
             }
         }
         Ok(writes)

@@ -23,6 +23,7 @@ use fieldsync_store::{
     Value, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
@@ -48,10 +49,17 @@ const P_ACTOR: &[u8] = b"act/";
 const P_HISTORY: &[u8] = b"hh/";
 const P_MEMBERSHIP: &[u8] = b"m/";
 const P_BLOB: &[u8] = b"bl/";
-/// An upload's progress: `up/` + sha256 → bytes held.
+/// A device's unfinished upload: `up/` + device + sha256 → [`PendingUpload`].
 const P_UPLOAD: &[u8] = b"up/";
-/// An upload's pieces: `uc/` + sha256 + offset → bytes.
+/// Its pieces: `uc/` + device + sha256 + offset → bytes.
 const P_UPLOAD_CHUNK: &[u8] = b"uc/";
+/// Content a device attached in an op the hub accepted: `ba/` + sha256 + device → the table
+/// and the [`BlobRef`] (the device may upload it even once the row has left its set).
+const P_ATTACHED: &[u8] = b"ba/";
+/// Unfinished uploads one device may have; starting one more drops its oldest.
+pub const PENDING_UPLOADS_PER_DEVICE: usize = 4;
+/// An unfinished upload untouched for this long is dropped when the hub opens.
+pub const UPLOAD_MAX_AGE_MS: u64 = 7 * 24 * 3_600_000;
 const P_OVERRIDE: &[u8] = b"ho/";
 /// Log entries per profile, user and table: `f/` profile 0 user table 0 seq row.
 const P_FEED: &[u8] = b"f/";
@@ -329,6 +337,23 @@ fn index_blobs(
     Ok(())
 }
 
+/// A device's unfinished upload, as stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct PendingUpload {
+    /// Bytes held (the pieces under `uc/`).
+    progress: u64,
+    /// When a piece last arrived.
+    touched_ms: u64,
+}
+
+/// `prefix` · device (16 bytes) · sha256: one device's upload of one blob.
+fn upload_key(prefix: &[u8], device: DeviceId, sha256: &[u8; 32]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(device.0.as_bytes());
+    k.extend_from_slice(sha256);
+    k
+}
+
 /// Whether the device held a row at feed position `at`, from its transitions.
 fn held_at(history: &[(u64, bool)], at: u64) -> bool {
     history
@@ -452,6 +477,8 @@ impl HubReplica {
         };
         // Entries written before a crash (or by an older hub) that never reached the index.
         hub.feed_log(None)?;
+        hub.drop_stale_uploads(u64::try_from(now_ms).unwrap_or(0))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(hub)
     }
 
@@ -1252,8 +1279,16 @@ impl HubReplica {
         let mut k = P_ACTOR.to_vec();
         k.extend_from_slice(who.device.0.as_bytes());
         k.extend_from_slice(&insp.actor.0);
+        let mut writes = vec![AuxWrite::Put(k, Vec::new())];
+        for v in insp.columns.values() {
+            if let Value::File(b) | Value::Image(b) = v {
+                let mut k = sha_key(P_ATTACHED, &b.sha256);
+                k.extend_from_slice(who.device.0.as_bytes());
+                writes.push(AuxWrite::Put(k, enc(&(&op.table, b))));
+            }
+        }
         self.store
-            .aux_put(SPACE, &k, &[], Durability::Group)
+            .aux_apply(SPACE, &writes, Durability::Group)
             .map_err(storage_err)?;
         if policy == ConflictPolicy::ClientWins && !insp.concurrent.is_empty() {
             self.resolve_client_wins(op, insp)?;
@@ -1638,6 +1673,7 @@ impl HubStorage for HubReplica {
 
     fn put_blob_chunk(
         &mut self,
+        now: Millis,
         who: &Principal,
         sha256: &[u8; 32],
         offset: u64,
@@ -1645,9 +1681,9 @@ impl HubStorage for HubReplica {
         data: &[u8],
     ) -> Result<UploadOutcome, StorageError> {
         let _span = info_span!("put_blob_chunk", offset, total, n = data.len()).entered();
-        let Some((table, blob)) = self.blob_in_set(who, sha256, false)? else {
+        let Some((table, blob)) = self.uploadable(who, sha256)? else {
             return Ok(UploadOutcome::Refused(
-                "no row of this device's set refers to this content".into(),
+                "this device attached no such content, and no row of its set refers to it".into(),
             ));
         };
         if self.store.has_blob(&blob).map_err(storage_err)? {
@@ -1659,79 +1695,158 @@ impl HubStorage for HubReplica {
                 blob.size
             )));
         }
-        let progress_key = sha_key(P_UPLOAD, sha256);
-        let progress = self.upload_progress(sha256)?;
+        let key = upload_key(P_UPLOAD, who.device, sha256);
+        let pending = self.pending_upload(&key)?;
+        let progress = pending.map_or(0, |p| p.progress);
         let end = offset.saturating_add(data.len() as u64);
         if offset != progress || end > total {
             // Not the next piece (a resumed or repeated upload): say where to go on from.
             return Ok(UploadOutcome::Continue(progress));
         }
-        if !data.is_empty() {
-            let mut chunk_key = sha_key(P_UPLOAD_CHUNK, sha256);
-            chunk_key.extend_from_slice(&offset.to_be_bytes());
-            self.store
-                .aux_apply(
-                    SPACE,
-                    &[
-                        AuxWrite::Put(chunk_key, data.to_vec()),
-                        AuxWrite::Put(progress_key.clone(), end.to_be_bytes().to_vec()),
-                    ],
-                    Durability::Immediate,
-                )
-                .map_err(storage_err)?;
+        let mut writes = Vec::new();
+        if pending.is_none() {
+            writes.extend(self.make_room_for_upload(who.device)?);
         }
+        if !data.is_empty() {
+            let mut piece = upload_key(P_UPLOAD_CHUNK, who.device, sha256);
+            piece.extend_from_slice(&offset.to_be_bytes());
+            writes.push(AuxWrite::Put(piece, data.to_vec()));
+        }
+        let record = PendingUpload {
+            progress: end,
+            touched_ms: now.0,
+        };
+        writes.push(AuxWrite::Put(key.clone(), enc(&record)));
+        // Not flushed: an acknowledged piece lost in a crash is only sent again (the hub
+        // answers the next piece with where its copy ends).
+        self.store
+            .aux_apply(SPACE, &writes, Durability::Group)
+            .map_err(storage_err)?;
         if end < total {
             return Ok(UploadOutcome::Continue(end));
         }
-        let chunks = self
+        let pieces = self
             .store
-            .aux_scan(SPACE, &sha_key(P_UPLOAD_CHUNK, sha256))
+            .aux_scan(SPACE, &upload_key(P_UPLOAD_CHUNK, who.device, sha256))
             .map_err(storage_err)?;
+        let mut cleanup = vec![AuxWrite::Remove(key)];
         let mut content = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        let mut cleanup = vec![AuxWrite::Remove(progress_key)];
-        for (k, v) in chunks {
+        for (k, v) in pieces {
             content.extend_from_slice(&v);
             cleanup.push(AuxWrite::Remove(k));
         }
-        let stored = if content.len() as u64 == total {
-            Some(
-                self.store
-                    .put_blob(&blob.name, &mut content.as_slice())
-                    .map_err(storage_err)?,
-            )
-        } else {
-            None
-        };
-        // The pieces go either way: kept content is a blob now, bad content is dropped.
+        // Checked before anything is stored as a blob: forged bytes leave nothing behind.
+        let matches =
+            content.len() as u64 == total && <[u8; 32]>::from(Sha256::digest(&content)) == *sha256;
+        if matches {
+            self.store
+                .put_blob(&blob.name, &mut content.as_slice())
+                .map_err(storage_err)?;
+        }
+        // Flushes the blob with the pieces' removal: `Complete` is a promise.
         self.store
             .aux_apply(SPACE, &cleanup, Durability::Immediate)
             .map_err(storage_err)?;
-        match stored {
-            Some(b) if b.sha256 == *sha256 => {
-                info!(%table, bytes = total, "attachment uploaded");
-                // The bridge sends files on to Dataverse: wake it.
-                self.changed.record_table(&table);
-                Ok(UploadOutcome::Complete)
-            }
-            _ => Ok(UploadOutcome::Refused(
+        if !matches {
+            return Ok(UploadOutcome::Refused(
                 "the uploaded bytes do not match the content's hash".into(),
-            )),
+            ));
         }
+        info!(%table, bytes = total, "attachment uploaded");
+        // The bridge sends files on to Dataverse: wake it.
+        self.changed.record_table(&table);
+        Ok(UploadOutcome::Complete)
     }
 }
 
 impl HubReplica {
-    /// Bytes of an unfinished upload of blob `sha256` the hub holds (0: none under way).
-    pub fn upload_progress(&self, sha256: &[u8; 32]) -> Result<u64, StorageError> {
-        match self
-            .store
-            .aux_get(SPACE, &sha_key(P_UPLOAD, sha256))
+    /// Bytes of `device`'s unfinished upload of blob `sha256` the hub holds (0: none).
+    pub fn upload_progress(
+        &self,
+        device: DeviceId,
+        sha256: &[u8; 32],
+    ) -> Result<u64, StorageError> {
+        Ok(self
+            .pending_upload(&upload_key(P_UPLOAD, device, sha256))?
+            .map_or(0, |p| p.progress))
+    }
+
+    fn pending_upload(&self, key: &[u8]) -> Result<Option<PendingUpload>, StorageError> {
+        self.store
+            .aux_get(SPACE, key)
             .map_err(storage_err)?
-        {
-            Some(v) => <[u8; 8]>::try_from(v.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StorageError::Corrupt("an upload's progress is not 8 bytes".into())),
-            None => Ok(0),
+            .map(|v| dec(&v, "an upload's progress"))
+            .transpose()
+    }
+
+    /// The writes that drop `device`'s oldest unfinished upload if it has
+    /// [`PENDING_UPLOADS_PER_DEVICE`] already (a device uploads one at a time: more are
+    /// abandoned, or hostile).
+    fn make_room_for_upload(&self, device: DeviceId) -> Result<Vec<AuxWrite>, StorageError> {
+        let mut prefix = P_UPLOAD.to_vec();
+        prefix.extend_from_slice(device.0.as_bytes());
+        let pending = self.store.aux_scan(SPACE, &prefix).map_err(storage_err)?;
+        if pending.len() < PENDING_UPLOADS_PER_DEVICE {
+            return Ok(Vec::new());
+        }
+        let mut oldest: Option<(u64, Vec<u8>)> = None;
+        for (k, v) in pending {
+            let p: PendingUpload = dec(&v, "an upload's progress")?;
+            if oldest.as_ref().is_none_or(|(t, _)| p.touched_ms < *t) {
+                oldest = Some((p.touched_ms, k));
+            }
+        }
+        match oldest {
+            Some((_, key)) => self.drop_upload_writes(&key),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The writes that remove an unfinished upload (its `up/` key) and its pieces.
+    fn drop_upload_writes(&self, key: &[u8]) -> Result<Vec<AuxWrite>, StorageError> {
+        let mut pieces = P_UPLOAD_CHUNK.to_vec();
+        pieces.extend_from_slice(key.get(P_UPLOAD.len()..).unwrap_or_default());
+        let mut writes = vec![AuxWrite::Remove(key.to_vec())];
+        for (k, _) in self.store.aux_scan(SPACE, &pieces).map_err(storage_err)? {
+            writes.push(AuxWrite::Remove(k));
+        }
+        Ok(writes)
+    }
+
+    /// Drops unfinished uploads untouched for [`UPLOAD_MAX_AGE_MS`] (run at open).
+    fn drop_stale_uploads(&self, now_ms: u64) -> Result<(), StorageError> {
+        let mut writes = Vec::new();
+        for (k, v) in self.store.aux_scan(SPACE, P_UPLOAD).map_err(storage_err)? {
+            let p: PendingUpload = dec(&v, "an upload's progress")?;
+            if now_ms.saturating_sub(p.touched_ms) > UPLOAD_MAX_AGE_MS {
+                writes.extend(self.drop_upload_writes(&k)?);
+            }
+        }
+        if !writes.is_empty() {
+            info!(keys = writes.len(), "dropped stale unfinished uploads");
+            self.store
+                .aux_apply(SPACE, &writes, Durability::Immediate)
+                .map_err(storage_err)?;
+        }
+        Ok(())
+    }
+
+    /// What `who`'s device may upload for `sha256`: content it attached in an accepted op,
+    /// or content a row of its set refers to. The table (for the bridge's wake-up) and the
+    /// reference, whose size the upload must have.
+    fn uploadable(
+        &self,
+        who: &Principal,
+        sha256: &[u8; 32],
+    ) -> Result<Option<(String, BlobRef)>, StorageError> {
+        if let Some(found) = self.blob_in_set(who, sha256, false)? {
+            return Ok(Some(found));
+        }
+        let mut k = sha_key(P_ATTACHED, sha256);
+        k.extend_from_slice(who.device.0.as_bytes());
+        match self.store.aux_get(SPACE, &k).map_err(storage_err)? {
+            Some(v) => Ok(Some(dec(&v, "an attachment record")?)),
+            None => Ok(None),
         }
     }
 

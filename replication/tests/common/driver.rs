@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use fieldsync_replication::proto::{
     CloseCode, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, DeviceStorage, HubConfig,
-    HubEvent, HubSession, HubStorage, Millis,
+    HubEvent, HubSession, HubStorage, Message, Millis,
 };
 use fieldsync_replication::wire::{self, FrameDecoder};
 use rand::{Rng, SeedableRng};
@@ -25,6 +25,9 @@ pub struct Stats {
     pub leaving: u64,
     pub rejected: u64,
     pub reconnects: u64,
+    /// `BlobPut`s the device sessions sent, and the bytes they carried.
+    pub blob_puts: u64,
+    pub blob_put_bytes: u64,
 }
 
 /// Fault rates in percent.
@@ -182,6 +185,10 @@ impl<H: HubStorage, D: DeviceStorage> Net<H, D> {
                     link.hub.handle_timeout(now);
                 }
                 while let Some(m) = d.session.poll_transmit(now) {
+                    if let Message::BlobPut(p) = &m {
+                        self.stats.blob_puts += 1;
+                        self.stats.blob_put_bytes += p.data.len() as u64;
+                    }
                     link.to_hub.push_back((wire::encode(&m).unwrap(), false));
                 }
                 while let Some(m) = link.hub.poll_transmit(now) {
@@ -223,6 +230,10 @@ impl<H: HubStorage, D: DeviceStorage> Net<H, D> {
                     }
                 }
                 while let Some(m) = d.session.poll_transmit(now) {
+                    if let Message::BlobPut(p) = &m {
+                        self.stats.blob_puts += 1;
+                        self.stats.blob_put_bytes += p.data.len() as u64;
+                    }
                     link.to_hub.push_back((wire::encode(&m).unwrap(), false));
                 }
             }

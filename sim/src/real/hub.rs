@@ -376,6 +376,7 @@ impl HubStorage for ReplicaHub {
 
     fn put_blob_chunk(
         &mut self,
+        now: Millis,
         who: &Principal,
         sha256: &[u8; 32],
         offset: u64,
@@ -383,7 +384,7 @@ impl HubStorage for ReplicaHub {
         data: &[u8],
     ) -> Result<UploadOutcome, StorageError> {
         self.live_mut()?
-            .put_blob_chunk(who, sha256, offset, total, data)
+            .put_blob_chunk(now, who, sha256, offset, total, data)
     }
 }
 
