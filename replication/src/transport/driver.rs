@@ -46,16 +46,26 @@
 //!
 //! Backpressure: while step 1 writes, nothing is read; QUIC flow control then slows the peer.
 //! A session must therefore not produce unbounded output in reply to input (bounded batches).
-//! Blob streams run in their own tasks ([`open_blob_stream`](super::open_blob_stream)) and never
-//! block this loop.
+//!
+//! File and image bytes travel on streams of their own: with the wire format
+//! ([`FrameFormat::WIRE_V1`]), a `BlobChunk` or `BlobPut` frame the session sends goes on a new
+//! unidirectional stream, written by a task of its own, so a chunk never waits behind — or
+//! holds up — the control stream. The driver accepts the peer's unidirectional streams and
+//! hands their frames to the session like any other (the protocol answers each chunk, so
+//! their order does not matter).
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use quinn::{Connection, VarInt};
+use quinn::{Connection, RecvStream, VarInt};
 
 use super::codes;
-use super::framed::{FrameError, FrameReader, FrameWriter};
+use super::framed::{FrameError, FrameFormat, FrameReader, FrameWriter};
+use crate::wire::FrameKind;
+
+/// Frames from the peer's blob streams waiting for the loop.
+const SIDE_FRAMES_QUEUED: usize = 16;
 
 /// Why a session ends a connection: an application close code and a short reason for the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,10 +191,27 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
     clock: &SessionClock,
     wake: &Notify,
 ) -> Result<DriveOutcome, DriveError> {
+    let format = writer.format();
+    // Tasks sending blob frames and reading the peer's blob streams; dropped (aborted) with
+    // the driver.
+    let mut side_tasks = JoinSet::new();
+    let (side_tx, mut side_rx) = mpsc::channel(SIDE_FRAMES_QUEUED);
+    let mut accepting = true;
     loop {
         while let Some(frame) = session.poll_frame() {
-            write_or_close(conn, writer, &frame).await?;
+            if travels_alone(format, &frame) {
+                side_tasks.spawn(send_alone(
+                    conn.clone(),
+                    frame,
+                    format,
+                    writer.max_frame_bytes(),
+                ));
+            } else {
+                write_or_close(conn, writer, &frame).await?;
+            }
         }
+        // Finished side tasks need no more bookkeeping.
+        while side_tasks.try_join_next().is_some() {}
         if session.is_closed() {
             let _ = writer.finish();
             // Give the peer our last frames before the close, then close the connection.
@@ -223,8 +250,81 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
                 }
                 Err(e) => return Err(DriveError::Stream(e)),
             },
+            stream = conn.accept_uni(), if accepting => match stream {
+                Ok(recv) => {
+                    side_tasks.spawn(read_alone(recv, reader.max_frame_bytes(), reader.format(), side_tx.clone()));
+                }
+                // The connection is gone; the control stream's read says how.
+                Err(_) => accepting = false,
+            },
+            Some(side) = side_rx.recv() => match side {
+                Ok(bytes) => {
+                    if let Err(reason) = session.handle_frame(clock.now_ms(), &bytes) {
+                        tracing::info!(code = reason.code, reason = %reason.reason, "session refused a frame");
+                        conn.close(VarInt::from_u32(reason.code), reason.reason.as_bytes());
+                        return Err(DriveError::Session(reason));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing connection: invalid frame on a blob stream");
+                    conn.close(VarInt::from_u32(codes::FRAME_ERROR), e.to_string().as_bytes());
+                    return Err(DriveError::PeerFrame(e));
+                }
+            },
             () = sleep_until(deadline) => session.handle_timeout(clock.now_ms()),
             () = wake.notified() => session.handle_wake(clock.now_ms()),
+        }
+    }
+}
+
+/// Whether `frame` carries file or image bytes, which travel on a stream of their own.
+fn travels_alone(format: FrameFormat, frame: &[u8]) -> bool {
+    format == FrameFormat::WIRE_V1
+        && frame
+            .get(6)
+            .and_then(|k| FrameKind::from_u8(*k))
+            .is_some_and(|k| matches!(k, FrameKind::BlobChunk | FrameKind::BlobPut))
+}
+
+/// Sends one frame on a new unidirectional stream. A failure loses only this frame, which the
+/// protocol asks for again.
+async fn send_alone(conn: Connection, frame: Vec<u8>, format: FrameFormat, max: usize) {
+    let sent = async {
+        let send = conn.open_uni().await?;
+        let mut writer = FrameWriter::new(send, max).with_format(format);
+        writer.write_frame(&frame).await?;
+        writer.finish()
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "a blob frame was not sent");
+    }
+}
+
+/// Reads the frames of one of the peer's blob streams into the loop. A stream the peer reset
+/// is dropped quietly; an invalid frame goes to the loop, which closes the connection.
+async fn read_alone(
+    recv: RecvStream,
+    max: usize,
+    format: FrameFormat,
+    to_loop: mpsc::Sender<Result<Vec<u8>, FrameError>>,
+) {
+    let mut reader = FrameReader::new(recv, max).with_format(format);
+    loop {
+        match reader.read_frame().await {
+            Ok(Some(frame)) => {
+                if to_loop.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) if e.is_peer_violation() => {
+                let _ = to_loop.send(Err(e)).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a blob stream ended early");
+                return;
+            }
         }
     }
 }

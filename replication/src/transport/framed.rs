@@ -189,6 +189,16 @@ impl FrameWriter {
         self
     }
 
+    /// The frame format in use.
+    pub fn format(&self) -> FrameFormat {
+        self.format
+    }
+
+    /// The largest frame body this writer sends.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
     /// Writes raw bytes with no frame header (for a transport that frames differently, or tests).
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         self.send.write_all(bytes).await?;
@@ -282,6 +292,11 @@ impl FrameReader {
     pub fn with_format(mut self, format: FrameFormat) -> Self {
         self.format = format;
         self
+    }
+
+    /// The frame format in use.
+    pub fn format(&self) -> FrameFormat {
+        self.format
     }
 
     /// The largest frame this reader accepts.

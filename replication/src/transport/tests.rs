@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::credential::{HubSigningKey, MemoryTokenRegistry, SignedToken, Token, TokenError};
+use crate::wire::FrameKind;
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -791,4 +792,80 @@ async fn a_credential_file_is_all_a_device_needs() {
         connect_with_credential(&bad, ConnectionLimits::device()).await,
         Err(LinkError::Resolve { .. })
     ));
+}
+
+#[tokio::test]
+async fn blob_frames_of_the_wire_format_travel_on_streams_of_their_own() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (dw, dr) = open_bi_framed(&pair.device_conn, 1024).await.unwrap();
+    let (mut dw, mut dr) = (
+        dw.with_format(FrameFormat::WIRE_V1),
+        dr.with_format(FrameFormat::WIRE_V1),
+    );
+    let blob_put = wire_frame(FrameKind::BlobPut as u8, &[1; 100]);
+    let blob_chunk = wire_frame(FrameKind::BlobChunk as u8, &[2; 100]);
+    let ping = wire_frame(FrameKind::Ping as u8, &[7]);
+    // The first frame opens the stream for the hub to accept.
+    dw.write_frame(&ping).await.unwrap();
+    let (hw, hr) = accept_bi_framed(&pair.hub_conn, 1024).await.unwrap();
+    let (mut hw, mut hr) = (
+        hw.with_format(FrameFormat::WIRE_V1),
+        hr.with_format(FrameFormat::WIRE_V1),
+    );
+    let conn = pair.hub_conn.clone();
+    let driver = tokio::spawn(async move {
+        let mut session = EchoSession::default();
+        let clock = SessionClock::new(0);
+        drive_session(&mut session, &conn, &mut hw, &mut hr, &clock).await
+    });
+    let next_uni = |conn: quinn::Connection| async move {
+        let recv = conn.accept_uni().await.unwrap();
+        let mut r = FrameReader::new(recv, 1024).with_format(FrameFormat::WIRE_V1);
+        r.read_frame().await.unwrap().unwrap()
+    };
+    // A blob frame sent on the control stream is echoed on a stream of its own; the ping
+    // behind it comes back on the control stream.
+    dw.write_frame(&blob_put).await.unwrap();
+    dw.write_frame(&ping).await.unwrap();
+    let echoed = tokio::time::timeout(STEP, next_uni(pair.device_conn.clone()))
+        .await
+        .unwrap();
+    assert_eq!(echoed, blob_put);
+    for _ in 0..2 {
+        let f = tokio::time::timeout(STEP, dr.read_frame())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            f.as_deref(),
+            Some(&ping[..]),
+            "only pings on the control stream"
+        );
+    }
+    // A blob frame arriving on a stream of its own reaches the session.
+    let send = pair.device_conn.open_uni().await.unwrap();
+    let mut side = FrameWriter::new(send, 1024).with_format(FrameFormat::WIRE_V1);
+    side.write_frame(&blob_chunk).await.unwrap();
+    side.finish().unwrap();
+    let echoed = tokio::time::timeout(STEP, next_uni(pair.device_conn.clone()))
+        .await
+        .unwrap();
+    assert_eq!(echoed, blob_chunk);
+    // An oversize frame on such a stream closes the connection as on the control stream.
+    let send = pair.device_conn.open_uni().await.unwrap();
+    let mut bad = FrameWriter::new(send, 1 << 20).with_format(FrameFormat::WIRE_V1);
+    bad.write_frame(&wire_frame(FrameKind::BlobPut as u8, &[0; 2000]))
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(STEP, driver).await.unwrap().unwrap();
+    assert!(
+        matches!(outcome, Err(DriveError::PeerFrame(_))),
+        "{outcome:?}"
+    );
+    let closed = tokio::time::timeout(STEP, pair.device_conn.closed())
+        .await
+        .unwrap();
+    assert_eq!(app_code(&closed), Some(u64::from(codes::FRAME_ERROR)));
 }
