@@ -952,6 +952,11 @@ impl DeviceSession {
             return Ok(());
         }
         if !c.found {
+            // An answer to an older request (chunks travel on their own streams, so answers
+            // may overtake each other) must not cancel a download that has moved on.
+            if storage.blob_progress(&c.sha256)? != c.offset {
+                return Ok(());
+            }
             self.blobs_wanted.remove(&c.sha256);
             self.conn.blob_requests.remove(&c.sha256);
             if self.conn.fetches_asked.contains(&c.sha256) {

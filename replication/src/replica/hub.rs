@@ -346,6 +346,13 @@ struct PendingUpload {
     touched_ms: u64,
 }
 
+/// The record that `device` attached content `sha256` in an op the hub accepted.
+fn attached_key(device: DeviceId, sha256: &[u8; 32]) -> Vec<u8> {
+    let mut k = sha_key(P_ATTACHED, sha256);
+    k.extend_from_slice(device.0.as_bytes());
+    k
+}
+
 /// `prefix` · device (16 bytes) · sha256: one device's upload of one blob.
 fn upload_key(prefix: &[u8], device: DeviceId, sha256: &[u8; 32]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -1282,9 +1289,10 @@ impl HubReplica {
         let mut writes = vec![AuxWrite::Put(k, Vec::new())];
         for v in insp.columns.values() {
             if let Value::File(b) | Value::Image(b) = v {
-                let mut k = sha_key(P_ATTACHED, &b.sha256);
-                k.extend_from_slice(who.device.0.as_bytes());
-                writes.push(AuxWrite::Put(k, enc(&(&op.table, b))));
+                writes.push(AuxWrite::Put(
+                    attached_key(who.device, &b.sha256),
+                    enc(&(&op.table, b)),
+                ));
             }
         }
         self.store
@@ -1687,6 +1695,13 @@ impl HubStorage for HubReplica {
             ));
         };
         if self.store.has_blob(&blob).map_err(storage_err)? {
+            self.store
+                .aux_apply(
+                    SPACE,
+                    &[AuxWrite::Remove(attached_key(who.device, sha256))],
+                    Durability::Group,
+                )
+                .map_err(storage_err)?;
             return Ok(UploadOutcome::Complete);
         }
         if total != blob.size {
@@ -1705,6 +1720,8 @@ impl HubStorage for HubReplica {
         }
         let mut writes = Vec::new();
         if pending.is_none() {
+            // A new upload: a good moment to forget abandoned ones (a hub may run for months).
+            self.drop_stale_uploads(now.0)?;
             writes.extend(self.make_room_for_upload(who.device)?);
         }
         if !data.is_empty() {
@@ -1729,7 +1746,10 @@ impl HubStorage for HubReplica {
             .store
             .aux_scan(SPACE, &upload_key(P_UPLOAD_CHUNK, who.device, sha256))
             .map_err(storage_err)?;
-        let mut cleanup = vec![AuxWrite::Remove(key)];
+        let mut cleanup = vec![
+            AuxWrite::Remove(key),
+            AuxWrite::Remove(attached_key(who.device, sha256)),
+        ];
         let mut content = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
         for (k, v) in pieces {
             content.extend_from_slice(&v);
@@ -1813,7 +1833,8 @@ impl HubReplica {
         Ok(writes)
     }
 
-    /// Drops unfinished uploads untouched for [`UPLOAD_MAX_AGE_MS`] (run at open).
+    /// Drops unfinished uploads untouched for [`UPLOAD_MAX_AGE_MS`] (at open, and when an
+    /// upload starts).
     fn drop_stale_uploads(&self, now_ms: u64) -> Result<(), StorageError> {
         let mut writes = Vec::new();
         for (k, v) in self.store.aux_scan(SPACE, P_UPLOAD).map_err(storage_err)? {
@@ -1839,15 +1860,16 @@ impl HubReplica {
         who: &Principal,
         sha256: &[u8; 32],
     ) -> Result<Option<(String, BlobRef)>, StorageError> {
-        if let Some(found) = self.blob_in_set(who, sha256, false)? {
-            return Ok(Some(found));
+        // The device's own op first: another row naming the same hash (with a wrong size,
+        // say) must not stand in the way of the device that attached it.
+        if let Some(v) = self
+            .store
+            .aux_get(SPACE, &attached_key(who.device, sha256))
+            .map_err(storage_err)?
+        {
+            return Ok(Some(dec(&v, "an attachment record")?));
         }
-        let mut k = sha_key(P_ATTACHED, sha256);
-        k.extend_from_slice(who.device.0.as_bytes());
-        match self.store.aux_get(SPACE, &k).map_err(storage_err)? {
-            Some(v) => Ok(Some(dec(&v, "an attachment record")?)),
-            None => Ok(None),
-        }
+        self.blob_in_set(who, sha256, false)
     }
 
     /// A row of `who`'s set that refers to the blob `sha256` (in a column the profile

@@ -50,11 +50,15 @@
 //! File and image bytes travel on streams of their own: with the wire format
 //! ([`FrameFormat::WIRE_V1`]), a `BlobChunk` or `BlobPut` frame the session sends goes on a new
 //! unidirectional stream, written by a task of its own, so a chunk never waits behind — or
-//! holds up — the control stream. The driver accepts the peer's unidirectional streams and
-//! hands their frames to the session like any other (the protocol answers each chunk, so
-//! their order does not matter).
+//! holds up — the control stream. At most [`BLOB_SENDS_IN_FLIGHT`] are in flight: step 1 waits
+//! for one to finish before starting another, the same backpressure as a write. The driver
+//! accepts the peer's unidirectional streams and hands their frames to the session like any
+//! other (the protocol answers each chunk, so their order does not matter); a frame there must
+//! be a blob frame of at most [`BLOB_FRAME_MAX`] bytes, or the connection is closed.
 
-use tokio::sync::{mpsc, Notify};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -62,10 +66,15 @@ use quinn::{Connection, RecvStream, VarInt};
 
 use super::codes;
 use super::framed::{FrameError, FrameFormat, FrameReader, FrameWriter};
+use crate::proto::messages::BLOB_CHUNK_MAX;
 use crate::wire::FrameKind;
 
 /// Frames from the peer's blob streams waiting for the loop.
-const SIDE_FRAMES_QUEUED: usize = 16;
+const SIDE_FRAMES_QUEUED: usize = 4;
+/// Blob frames being sent at once on streams of their own.
+pub const BLOB_SENDS_IN_FLIGHT: usize = 8;
+/// Largest frame body on a blob stream: a chunk of [`BLOB_CHUNK_MAX`] bytes and its fields.
+pub const BLOB_FRAME_MAX: usize = BLOB_CHUNK_MAX + 1024;
 
 /// Why a session ends a connection: an application close code and a short reason for the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,16 +205,20 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
     // the driver.
     let mut side_tasks = JoinSet::new();
     let (side_tx, mut side_rx) = mpsc::channel(SIDE_FRAMES_QUEUED);
+    let sends = Arc::new(Semaphore::new(BLOB_SENDS_IN_FLIGHT));
     let mut accepting = true;
     loop {
         while let Some(frame) = session.poll_frame() {
             if travels_alone(format, &frame) {
-                side_tasks.spawn(send_alone(
-                    conn.clone(),
-                    frame,
-                    format,
-                    writer.max_frame_bytes(),
-                ));
+                // Never closed, so never an error; waiting here is the backpressure.
+                let Ok(permit) = sends.clone().acquire_owned().await else {
+                    continue;
+                };
+                let (conn, max) = (conn.clone(), writer.max_frame_bytes());
+                side_tasks.spawn(async move {
+                    send_alone(conn, frame, format, max).await;
+                    drop(permit);
+                });
             } else {
                 write_or_close(conn, writer, &frame).await?;
             }
@@ -252,7 +265,8 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
             },
             stream = conn.accept_uni(), if accepting => match stream {
                 Ok(recv) => {
-                    side_tasks.spawn(read_alone(recv, reader.max_frame_bytes(), reader.format(), side_tx.clone()));
+                    let max = reader.max_frame_bytes().min(BLOB_FRAME_MAX);
+                    side_tasks.spawn(read_alone(recv, max, reader.format(), side_tx.clone()));
                 }
                 // The connection is gone; the control stream's read says how.
                 Err(_) => accepting = false,
@@ -311,6 +325,11 @@ async fn read_alone(
     let mut reader = FrameReader::new(recv, max).with_format(format);
     loop {
         match reader.read_frame().await {
+            Ok(Some(frame)) if !travels_alone(format, &frame) => {
+                let kind = frame.get(6).copied().unwrap_or(0);
+                let _ = to_loop.send(Err(FrameError::NotABlobFrame { kind })).await;
+                return;
+            }
             Ok(Some(frame)) => {
                 if to_loop.send(Ok(frame)).await.is_err() {
                     return;

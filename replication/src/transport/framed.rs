@@ -101,6 +101,12 @@ pub enum FrameError {
     /// The stream was already finished or reset locally.
     #[error("stream already closed")]
     ClosedStream,
+    /// A frame on a blob stream that does not carry blob bytes.
+    #[error("a frame of kind {kind} on a blob stream")]
+    NotABlobFrame {
+        /// The frame's kind byte.
+        kind: u8,
+    },
 }
 
 impl FrameError {
@@ -123,7 +129,9 @@ impl FrameError {
     pub fn is_peer_violation(&self) -> bool {
         matches!(
             self,
-            FrameError::Oversize { .. } | FrameError::Truncated { .. }
+            FrameError::Oversize { .. }
+                | FrameError::Truncated { .. }
+                | FrameError::NotABlobFrame { .. }
         )
     }
 }

@@ -794,21 +794,24 @@ async fn a_credential_file_is_all_a_device_needs() {
     ));
 }
 
-#[tokio::test]
-async fn blob_frames_of_the_wire_format_travel_on_streams_of_their_own() {
-    let pair = baseline::loopback_pair(ConnectionLimits::hub())
-        .await
-        .unwrap();
+/// An [`EchoSession`] driven on the hub side of `pair` in the wire format, with the device's
+/// control stream (opened by one ping, which is echoed).
+async fn wire_echo_driver(
+    pair: &baseline::LoopbackPair,
+) -> (
+    FrameWriter,
+    FrameReader,
+    tokio::task::JoinHandle<Result<DriveOutcome, DriveError>>,
+) {
     let (dw, dr) = open_bi_framed(&pair.device_conn, 1024).await.unwrap();
-    let (mut dw, mut dr) = (
+    let (mut dw, dr) = (
         dw.with_format(FrameFormat::WIRE_V1),
         dr.with_format(FrameFormat::WIRE_V1),
     );
-    let blob_put = wire_frame(FrameKind::BlobPut as u8, &[1; 100]);
-    let blob_chunk = wire_frame(FrameKind::BlobChunk as u8, &[2; 100]);
-    let ping = wire_frame(FrameKind::Ping as u8, &[7]);
     // The first frame opens the stream for the hub to accept.
-    dw.write_frame(&ping).await.unwrap();
+    dw.write_frame(&wire_frame(FrameKind::Ping as u8, &[7]))
+        .await
+        .unwrap();
     let (hw, hr) = accept_bi_framed(&pair.hub_conn, 1024).await.unwrap();
     let (mut hw, mut hr) = (
         hw.with_format(FrameFormat::WIRE_V1),
@@ -820,6 +823,26 @@ async fn blob_frames_of_the_wire_format_travel_on_streams_of_their_own() {
         let clock = SessionClock::new(0);
         drive_session(&mut session, &conn, &mut hw, &mut hr, &clock).await
     });
+    (dw, dr, driver)
+}
+
+/// Sends `frame` alone on a new unidirectional stream of `conn`, in the wire format.
+async fn send_on_uni(conn: &quinn::Connection, frame: &[u8]) {
+    let send = conn.open_uni().await.unwrap();
+    let mut w = FrameWriter::new(send, 1 << 20).with_format(FrameFormat::WIRE_V1);
+    w.write_frame(frame).await.unwrap();
+    w.finish().unwrap();
+}
+
+#[tokio::test]
+async fn blob_frames_of_the_wire_format_travel_on_streams_of_their_own() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (mut dw, mut dr, driver) = wire_echo_driver(&pair).await;
+    let blob_put = wire_frame(FrameKind::BlobPut as u8, &[1; 100]);
+    let blob_chunk = wire_frame(FrameKind::BlobChunk as u8, &[2; 100]);
+    let ping = wire_frame(FrameKind::Ping as u8, &[7]);
     let next_uni = |conn: quinn::Connection| async move {
         let recv = conn.accept_uni().await.unwrap();
         let mut r = FrameReader::new(recv, 1024).with_format(FrameFormat::WIRE_V1);
@@ -845,23 +868,46 @@ async fn blob_frames_of_the_wire_format_travel_on_streams_of_their_own() {
         );
     }
     // A blob frame arriving on a stream of its own reaches the session.
-    let send = pair.device_conn.open_uni().await.unwrap();
-    let mut side = FrameWriter::new(send, 1024).with_format(FrameFormat::WIRE_V1);
-    side.write_frame(&blob_chunk).await.unwrap();
-    side.finish().unwrap();
+    send_on_uni(&pair.device_conn, &blob_chunk).await;
     let echoed = tokio::time::timeout(STEP, next_uni(pair.device_conn.clone()))
         .await
         .unwrap();
     assert_eq!(echoed, blob_chunk);
     // An oversize frame on such a stream closes the connection as on the control stream.
-    let send = pair.device_conn.open_uni().await.unwrap();
-    let mut bad = FrameWriter::new(send, 1 << 20).with_format(FrameFormat::WIRE_V1);
-    bad.write_frame(&wire_frame(FrameKind::BlobPut as u8, &[0; 2000]))
-        .await
-        .unwrap();
+    send_on_uni(
+        &pair.device_conn,
+        &wire_frame(FrameKind::BlobPut as u8, &[0; 2000]),
+    )
+    .await;
     let outcome = tokio::time::timeout(STEP, driver).await.unwrap().unwrap();
     assert!(
         matches!(outcome, Err(DriveError::PeerFrame(_))),
+        "{outcome:?}"
+    );
+    let closed = tokio::time::timeout(STEP, pair.device_conn.closed())
+        .await
+        .unwrap();
+    assert_eq!(app_code(&closed), Some(u64::from(codes::FRAME_ERROR)));
+}
+
+#[tokio::test]
+async fn only_blob_frames_may_come_on_a_blob_stream() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (_dw, _dr, driver) = wire_echo_driver(&pair).await;
+    // A push sent outside the control stream would skip its order and its backpressure.
+    send_on_uni(
+        &pair.device_conn,
+        &wire_frame(FrameKind::Push as u8, &[0; 10]),
+    )
+    .await;
+    let outcome = tokio::time::timeout(STEP, driver).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Err(DriveError::PeerFrame(FrameError::NotABlobFrame { kind: 4 }))
+        ),
         "{outcome:?}"
     );
     let closed = tokio::time::timeout(STEP, pair.device_conn.closed())
