@@ -65,7 +65,7 @@ use fieldsync_replication::proto::{
     BatchLimits, BlobSlice, ConflictPolicy, Cursor, DeviceConfig, DeviceEvent, DeviceId,
     DeviceSession, DeviceState, DeviceStorage, HubConfig, HubEvent, HubSession, HubStorage, Millis,
     Principal, PullChunk, PushOp, PushOutcome, Refusal, Rejection, RowChange, RowDoc, StorageError,
-    SyncSchedule,
+    SyncSchedule, UploadOutcome,
 };
 use fieldsync_replication::replica::{DeviceReplica, HubReplica};
 use fieldsync_replication::transport::baseline::{loopback_pair, percentile, round_trip_latencies};
@@ -508,6 +508,23 @@ impl<S: DeviceStorage> DeviceStorage for Timed<S> {
     ) -> Result<(), StorageError> {
         self.inner.write_blob_chunk(sha, offset, data, total)
     }
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        self.inner.blobs_to_fetch()
+    }
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        self.inner.blobs_to_upload()
+    }
+    fn read_blob_range(
+        &self,
+        sha: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        self.inner.read_blob_range(sha, offset, max_len)
+    }
+    fn record_upload(&mut self, sha: &[u8; 32], stored: bool) -> Result<(), StorageError> {
+        self.inner.record_upload(sha, stored)
+    }
 }
 
 /// The hub's replica as one session sees it, timing `pull` (the initial sync's breakdown).
@@ -554,6 +571,18 @@ impl HubStorage for TimedHub<'_> {
         max_len: usize,
     ) -> Result<Option<BlobSlice>, StorageError> {
         self.inner.blob_chunk(who, sha, offset, max_len)
+    }
+    fn put_blob_chunk(
+        &mut self,
+        now: Millis,
+        who: &Principal,
+        sha: &[u8; 32],
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<UploadOutcome, StorageError> {
+        self.inner
+            .put_blob_chunk(now, who, sha, offset, total, data)
     }
 }
 
@@ -752,7 +781,9 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
     let apply_ns = Arc::new(AtomicU64::new(0));
     let cursor_ns = Arc::new(AtomicU64::new(0));
     let storage_a = Timed {
-        inner: DeviceReplica::new(store_a.clone()),
+        // As `fieldsync device sync` builds it: with the profile, so files and images the
+        // profile selects are looked for in every row that arrives.
+        inner: DeviceReplica::new(store_a.clone()).with_profile(&profile),
         apply_ns: apply_ns.clone(),
         cursor_ns: cursor_ns.clone(),
     };
@@ -801,7 +832,7 @@ async fn sync_and_latency(target_rows: usize, edits: usize) -> LatencyFigures {
         addr,
         &tokens[1],
         schedule,
-        DeviceReplica::new(store_b.clone()),
+        DeviceReplica::new(store_b.clone()).with_profile(&profile),
     )
     .await;
     b.wait(Signal::Done, Duration::from_secs(3_600)).await;
@@ -972,6 +1003,24 @@ impl DeviceStorage for LightDevice {
         _: &[u8],
         _: u64,
     ) -> Result<(), StorageError> {
+        Ok(())
+    }
+    // The light device attaches and fetches no files.
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(Vec::new())
+    }
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(Vec::new())
+    }
+    fn read_blob_range(
+        &self,
+        _: &[u8; 32],
+        _: u64,
+        _: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        Ok(None)
+    }
+    fn record_upload(&mut self, _: &[u8; 32], _: bool) -> Result<(), StorageError> {
         Ok(())
     }
 }

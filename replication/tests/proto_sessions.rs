@@ -17,7 +17,7 @@ use fieldsync_replication::proto::{
     BatchLimits, BlobSlice, ConflictPolicies, ConflictPolicy, DeviceConfig, DeviceEvent,
     DeviceSession, DeviceState, DeviceStorage, HubConfig, HubEvent, HubSession, HubState,
     HubStorage, Millis, Principal, PullChunk, PushOutcome, Refusal, StorageError, SyncErrorRecord,
-    SyncSchedule,
+    SyncSchedule, UploadOutcome,
 };
 use fieldsync_replication::wire::{self, FrameDecoder};
 use proptest::prelude::*;
@@ -254,6 +254,18 @@ impl HubStorage for RefHub {
                 data: b[start..end].to_vec(),
             }
         }))
+    }
+    // Uploads are the real replica's (tests/replica_sync.rs); the reference hub takes none.
+    fn put_blob_chunk(
+        &mut self,
+        _: Millis,
+        _: &Principal,
+        _: &[u8; 32],
+        _: u64,
+        _: u64,
+        _: &[u8],
+    ) -> Result<UploadOutcome, StorageError> {
+        Ok(UploadOutcome::Refused("the reference hub takes no uploads".into()))
     }
 }
 
@@ -667,6 +679,24 @@ impl DeviceStorage for RefDevice {
         let b = self.blobs.entry(*sha).or_default();
         assert_eq!(b.len() as u64, offset);
         b.extend_from_slice(data);
+        Ok(())
+    }
+    // The reference device attaches no files and fetches only what the test asks for.
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(Vec::new())
+    }
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        Ok(Vec::new())
+    }
+    fn read_blob_range(
+        &self,
+        _: &[u8; 32],
+        _: u64,
+        _: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        Ok(None)
+    }
+    fn record_upload(&mut self, _: &[u8; 32], _: bool) -> Result<(), StorageError> {
         Ok(())
     }
 }

@@ -144,17 +144,13 @@ pub trait DeviceStorage {
     ) -> Result<(), StorageError>;
 
     /// Blobs referenced by rows the device holds, in columns its profile downloads, that it
-    /// does not have yet (a download is started for each on connecting and after each pulled
-    /// batch). A storage that keeps no blobs wants none.
-    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
-        Ok(Vec::new())
-    }
+    /// does not have yet (a download is started for each on connecting and at the end of each
+    /// table's pull).
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError>;
 
-    /// Blobs the device attached to rows the hub has accepted, that the hub does not hold yet
-    /// (uploaded in that order). A storage that keeps no blobs has none.
-    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
-        Ok(Vec::new())
-    }
+    /// Blobs the device attached in ops the hub has accepted, that the hub does not hold yet
+    /// (uploaded in that order).
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError>;
 
     /// Up to `max_len` bytes of a stored blob from `offset`, if the device has it whole.
     fn read_blob_range(
@@ -162,17 +158,11 @@ pub trait DeviceStorage {
         sha256: &[u8; 32],
         offset: u64,
         max_len: usize,
-    ) -> Result<Option<BlobSlice>, StorageError> {
-        let _ = (sha256, offset, max_len);
-        Ok(None)
-    }
+    ) -> Result<Option<BlobSlice>, StorageError>;
 
     /// The hub holds the blob (`true`) or refused it for good (`false`): it leaves the upload
     /// queue either way.
-    fn record_upload(&mut self, sha256: &[u8; 32], stored: bool) -> Result<(), StorageError> {
-        let _ = (sha256, stored);
-        Ok(())
-    }
+    fn record_upload(&mut self, sha256: &[u8; 32], stored: bool) -> Result<(), StorageError>;
 }
 
 /// What a hub did with a piece of an uploaded blob.
@@ -311,10 +301,11 @@ pub trait HubStorage {
         max_len: usize,
     ) -> Result<Option<BlobSlice>, StorageError>;
 
-    /// Takes a piece of a blob the principal's device attached: stored durably if it starts
-    /// where the hub's copy ends, a row of the principal's set refers to the blob and `total`
-    /// is the size that row gives. The last piece completes the blob, kept only if its bytes
-    /// match the hash. A hub that keeps no blobs refuses every upload.
+    /// Takes a piece of a blob the principal's device attached (in an op the hub accepted, or
+    /// named by a row of its set), if it starts where this device's upload ends and `total`
+    /// is the size the op or row gives. `Continue` need not be durable (a lost piece is sent
+    /// again); the last piece completes the blob, kept only if its bytes match the hash, and
+    /// `Complete` is durable.
     fn put_blob_chunk(
         &mut self,
         now: Millis,
@@ -323,8 +314,5 @@ pub trait HubStorage {
         offset: u64,
         total: u64,
         data: &[u8],
-    ) -> Result<UploadOutcome, StorageError> {
-        let _ = (now, who, sha256, offset, total, data);
-        Ok(UploadOutcome::Refused("this hub takes no uploads".into()))
-    }
+    ) -> Result<UploadOutcome, StorageError>;
 }

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use fieldsync_replication::proto::{
-    BatchLimits, Cursor, DeviceStorage, Millis, PushOp, Rejection, RowChange, RowDoc, StorageError,
+    BatchLimits, BlobSlice, Cursor, DeviceStorage, Millis, PushOp, Rejection, RowChange, RowDoc,
+    StorageError,
 };
 use fieldsync_store::{
     ActorId, Clock, Durability, RemoteOp, RowExport, Store, StoreError, StoreOptions,
@@ -546,6 +547,40 @@ impl DeviceStorage for StoreDevice {
         Err(StorageError::Unavailable(
             "the simulator's workload has no blobs".into(),
         ))
+    }
+
+    // The simulator's workload attaches no files; a replica device still answers as one.
+    fn blobs_to_fetch(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        if self.replica {
+            return self.replica()?.blobs_to_fetch();
+        }
+        Ok(Vec::new())
+    }
+
+    fn blobs_to_upload(&self) -> Result<Vec<[u8; 32]>, StorageError> {
+        if self.replica {
+            return self.replica()?.blobs_to_upload();
+        }
+        Ok(Vec::new())
+    }
+
+    fn read_blob_range(
+        &self,
+        sha256: &[u8; 32],
+        offset: u64,
+        max_len: usize,
+    ) -> Result<Option<BlobSlice>, StorageError> {
+        if self.replica {
+            return self.replica()?.read_blob_range(sha256, offset, max_len);
+        }
+        Ok(None)
+    }
+
+    fn record_upload(&mut self, sha256: &[u8; 32], stored: bool) -> Result<(), StorageError> {
+        if self.replica {
+            return self.replica()?.record_upload(sha256, stored);
+        }
+        Ok(())
     }
 }
 
