@@ -112,6 +112,9 @@ impl Store {
         let mut rows: HashMap<(u16, RowId), Working> = HashMap::new();
         let mut order: Vec<(u16, RowId)> = Vec::new();
         let mut batch_held: Vec<[u8; 32]> = Vec::new();
+        // Held changes are rare: a table with none on disk needs no scan per row (an initial
+        // sync brings thousands of new rows).
+        let mut holds_any: HashMap<u16, bool> = HashMap::new();
         for ((t, change), op) in parsed.into_iter().zip(ops) {
             let (id, bytes) = (op.row, &op.change);
             if let std::collections::hash_map::Entry::Vacant(slot) = rows.entry((t, id)) {
@@ -134,7 +137,20 @@ impl Store {
                 continue;
             };
             if !w.held_loaded {
-                self.load_held(t, id, w)?;
+                let any = match holds_any.get(&t) {
+                    Some(any) => *any,
+                    None => {
+                        let prefix = keys::table_prefix(keys::HELD, t);
+                        let any = self.db().scan_prefix(prefix.to_vec()).next().is_some();
+                        holds_any.insert(t, any);
+                        any
+                    }
+                };
+                if any {
+                    self.load_held(t, id, w)?;
+                } else {
+                    w.held_loaded = true;
+                }
             }
             if w.state.has_change(&change.hash) || w.held.contains_key(&change.hash) {
                 outcome.duplicates += 1;
