@@ -265,7 +265,9 @@ impl HubStorage for RefHub {
         _: u64,
         _: &[u8],
     ) -> Result<UploadOutcome, StorageError> {
-        Ok(UploadOutcome::Refused("the reference hub takes no uploads".into()))
+        Ok(UploadOutcome::Refused(
+            "the reference hub takes no uploads".into(),
+        ))
     }
 }
 

@@ -141,7 +141,7 @@ impl Store {
                     Some(any) => *any,
                     None => {
                         let prefix = keys::table_prefix(keys::HELD, t);
-                        let any = self.db().scan_prefix(prefix.to_vec()).next().is_some();
+                        let any = self.db().scan_prefix(prefix).next().is_some();
                         holds_any.insert(t, any);
                         any
                     }
