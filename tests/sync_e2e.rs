@@ -693,4 +693,11 @@ fn attachments_go_up_from_one_device_and_down_to_another() {
     assert!(again.contains("0 files up, 0 down"), "{again}");
     let again = sync(&laptop);
     assert!(again.contains("0 files up, 0 down"), "{again}");
+    for d in [&phone, &laptop] {
+        let status = fieldsync_ok(["device", "status", "--data", &s(d)]);
+        assert!(
+            status.contains("files         0 to upload, 0 to download"),
+            "{status}"
+        );
+    }
 }

@@ -337,6 +337,8 @@ pub fn status_lines(data: &Path, store: &Store) -> Result<()> {
         "  pending ops   {}",
         replica.pending_op_count().map_err(|e| anyhow!(e))?
     );
+    let (up, down) = replica.pending_files().map_err(|e| anyhow!(e))?;
+    println!("  files         {up} to upload, {down} to download");
     for t in replica.table_sync_status().map_err(|e| anyhow!(e))? {
         let last = t
             .last_sync

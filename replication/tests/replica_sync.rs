@@ -750,10 +750,12 @@ fn an_interrupted_upload_resumes_where_the_hub_stopped() {
     let held = w.net.hub.upload_progress(ana, &blob.sha256).unwrap();
     assert!(held > 0 && held < content.len() as u64, "{held}");
     assert!(!w.hub().has_blob(&blob).unwrap());
+    assert_eq!(w.net.devs[0].storage.pending_files().unwrap(), (1, 0));
     let before = w.net.stats.blob_put_bytes;
     w.net.heal(3);
     assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
     assert_eq!(w.net.hub.upload_progress(ana, &blob.sha256).unwrap(), 0);
+    assert_eq!(w.net.devs[0].storage.pending_files().unwrap(), (0, 0));
     // Resumed, not restarted: after the reconnect the device sent the first piece once more
     // (the hub answers it with where its copy ends) and then only what the hub lacked.
     let resent = w.net.stats.blob_put_bytes - before;

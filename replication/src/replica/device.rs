@@ -491,6 +491,15 @@ impl DeviceReplica {
         Ok(self.own_entries(acked, usize::MAX)?.len() as u64)
     }
 
+    /// Files and images waiting to go up (attached in ops the hub accepted) and to come down
+    /// (for rows held, as of the last pull), for `fieldsync device status`.
+    pub fn pending_files(&self) -> Result<(usize, usize), ReplicaError> {
+        Ok((
+            self.store.aux_scan(SPACE, P_BLOB_UPLOAD)?.len(),
+            self.store.aux_scan(SPACE, P_BLOB_WANTED)?.len(),
+        ))
+    }
+
     /// Rows holding concurrent values, with every value (the winner and those that lost).
     pub fn rows_with_conflicts(
         &self,
