@@ -49,6 +49,20 @@ fn blob_ref_of(
     }
 }
 
+/// A GET to the emulator as its administrator.
+async fn admin_get(http: &reqwest::Client, url: &str) -> reqwest::Response {
+    http.get(url)
+        .header("Authorization", "Bearer admin-token")
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The HTTP requests the bridge has made so far.
+fn requests(b: &fieldsync_node::upstream::Bridge) -> u64 {
+    b.client().stats.requests.load(Ordering::Relaxed)
+}
+
 fn id_of(row: &serde_json::Value, key: &str) -> Uuid {
     Uuid::parse_str(row[key].as_str().unwrap()).unwrap()
 }
@@ -110,9 +124,9 @@ async fn pull_follows_pages_then_deltas_with_deletes() {
     cfg.page_size = 3;
     let b = bridge(cfg, &replica);
 
-    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    let before = requests(&b);
     b.pull_table("account").await.unwrap();
-    let gets = b.client().stats.requests.load(Ordering::Relaxed) - before;
+    let gets = requests(&b) - before;
     assert_eq!(
         gets as usize,
         upstream.len().div_ceil(3),
@@ -385,13 +399,9 @@ async fn failing_change_set_is_retried_row_by_row() {
     for id in &ids {
         hub_write(&replica, "account", *id, &[("name", text("Batch"))]);
     }
-    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    let before = requests(&b);
     b.push().await.unwrap();
-    assert_eq!(
-        b.client().stats.requests.load(Ordering::Relaxed) - before,
-        1,
-        "three creates in one $batch"
-    );
+    assert_eq!(requests(&b) - before, 1, "three creates in one $batch");
     // The office edits the middle row: the hub's next change set fails on it as a whole.
     emu.call(
         Method::PATCH,
@@ -495,29 +505,16 @@ async fn a_file_still_uploading_from_a_device_follows_its_row() {
     b.push().await.unwrap();
     let http = reqwest::Client::new();
     let api = format!("{}/api/data/v9.2/accounts({id})", emu.url());
-    let row: serde_json::Value = http
-        .get(&api)
-        .header("Authorization", "Bearer admin-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let row: serde_json::Value = admin_get(&http, &api).await.json().await.unwrap();
     assert_eq!(row["name"], "Site survey");
     let value = format!("{api}/contract/$value");
-    let none = http
-        .get(&value)
-        .header("Authorization", "Bearer admin-token")
-        .send()
-        .await
-        .unwrap();
+    let none = admin_get(&http, &value).await;
     assert_eq!(none.status(), 404, "no file before the upload completes");
 
     // A round with the upload still under way sends nothing more.
-    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    let before = requests(&b);
     b.push().await.unwrap();
-    assert_eq!(b.client().stats.requests.load(Ordering::Relaxed), before);
+    assert_eq!(requests(&b), before);
 
     // The upload completes on the hub: the next round sends the file.
     let stored = replica
@@ -528,18 +525,13 @@ async fn a_file_still_uploading_from_a_device_follows_its_row() {
         .unwrap();
     assert_eq!(stored, blob);
     b.push().await.unwrap();
-    let got = http
-        .get(&value)
-        .header("Authorization", "Bearer admin-token")
-        .send()
-        .await
-        .unwrap();
+    let got = admin_get(&http, &value).await;
     assert_eq!(got.headers()["x-ms-file-name"], "site.pdf");
     assert_eq!(got.bytes().await.unwrap().to_vec(), data);
     // Sent once.
-    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    let before = requests(&b);
     b.push().await.unwrap();
-    assert_eq!(b.client().stats.requests.load(Ordering::Relaxed), before);
+    assert_eq!(requests(&b), before);
 }
 
 #[tokio::test]
@@ -567,31 +559,20 @@ async fn files_go_up_and_come_down_in_chunks() {
             ("contract", Value::File(blob)),
         ],
     );
-    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    let before = requests(&b);
     b.push().await.unwrap();
     // The row, the chunked upload's start and its 4 chunks, then a read of the new file id.
-    assert_eq!(
-        b.client().stats.requests.load(Ordering::Relaxed) - before,
-        7
-    );
+    assert_eq!(requests(&b) - before, 7);
     let http = reqwest::Client::new();
     let value = format!("{}/api/data/v9.2/accounts({id})/contract/$value", emu.url());
-    let got = http
-        .get(&value)
-        .header("Authorization", "Bearer admin-token")
-        .send()
-        .await
-        .unwrap();
+    let got = admin_get(&http, &value).await;
     assert_eq!(got.headers()["x-ms-file-name"], "contract.pdf");
     assert_eq!(got.bytes().await.unwrap().to_vec(), data);
 
     // Pulling right after: the file is known, nothing is downloaded or written.
-    let before = b.client().stats.requests.load(Ordering::Relaxed);
+    let before = requests(&b);
     b.pull_table("account").await.unwrap();
-    assert_eq!(
-        b.client().stats.requests.load(Ordering::Relaxed) - before,
-        1
-    );
+    assert_eq!(requests(&b) - before, 1);
     assert_eq!(
         hub_get(&replica, "account", id).unwrap().get("contract"),
         &Value::File(blob_ref_of(&replica, id))
@@ -630,12 +611,7 @@ async fn files_go_up_and_come_down_in_chunks() {
     b.push().await.unwrap();
     let here = blob_ref_of(&replica, id);
     assert_eq!(here.name, "v3.pdf");
-    let got = http
-        .get(&value)
-        .header("Authorization", "Bearer admin-token")
-        .send()
-        .await
-        .unwrap();
+    let got = admin_get(&http, &value).await;
     assert_eq!(got.bytes().await.unwrap().to_vec(), third);
     assert_eq!(
         emu.row("accounts", id).await.unwrap()["name"],
