@@ -346,6 +346,71 @@ struct PendingUpload {
     touched_ms: u64,
 }
 
+/// The pieces of one finished upload in order, read one at a time (as a [`std::io::Read`] for
+/// the blob store).
+struct UploadPieces<'a> {
+    store: &'a Store,
+    prefix: Vec<u8>,
+    total: u64,
+    offset: u64,
+    /// The keys read so far.
+    keys: Vec<Vec<u8>>,
+    piece: Vec<u8>,
+    at: usize,
+}
+
+impl<'a> UploadPieces<'a> {
+    fn new(store: &'a Store, prefix: Vec<u8>, total: u64) -> Self {
+        UploadPieces {
+            store,
+            prefix,
+            total,
+            offset: 0,
+            keys: Vec::new(),
+            piece: Vec::new(),
+            at: 0,
+        }
+    }
+
+    /// The next piece (`None` after the last byte of `total`).
+    fn next_piece(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
+        if self.offset >= self.total {
+            return Ok(None);
+        }
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(&self.offset.to_be_bytes());
+        let piece = self
+            .store
+            .aux_get(SPACE, &k)
+            .map_err(storage_err)?
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| {
+                StorageError::Corrupt(format!("an upload's piece at {} is missing", self.offset))
+            })?;
+        self.offset += piece.len() as u64;
+        self.keys.push(k);
+        Ok(Some(piece))
+    }
+}
+
+impl std::io::Read for UploadPieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.piece.len() {
+            match self.next_piece().map_err(std::io::Error::other)? {
+                Some(p) => {
+                    self.piece = p;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// The record that `device` attached content `sha256` in an op the hub accepted.
 fn attached_key(device: DeviceId, sha256: &[u8; 32]) -> Vec<u8> {
     let mut k = sha_key(P_ATTACHED, sha256);
@@ -1742,25 +1807,25 @@ impl HubStorage for HubReplica {
         if end < total {
             return Ok(UploadOutcome::Continue(end));
         }
-        let pieces = self
-            .store
-            .aux_scan(SPACE, &upload_key(P_UPLOAD_CHUNK, who.device, sha256))
-            .map_err(storage_err)?;
+        // The pieces are read twice, one at a time, never the whole file at once: to check
+        // the hash before anything is stored as a blob (forged bytes leave nothing behind),
+        // then into the blob store.
+        let prefix = upload_key(P_UPLOAD_CHUNK, who.device, sha256);
         let mut cleanup = vec![
             AuxWrite::Remove(key),
             AuxWrite::Remove(attached_key(who.device, sha256)),
         ];
-        let mut content = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        for (k, v) in pieces {
-            content.extend_from_slice(&v);
-            cleanup.push(AuxWrite::Remove(k));
+        let mut hash = Sha256::new();
+        let mut pieces = UploadPieces::new(&self.store, prefix.clone(), total);
+        while let Some(piece) = pieces.next_piece()? {
+            hash.update(&piece);
         }
-        // Checked before anything is stored as a blob: forged bytes leave nothing behind.
-        let matches =
-            content.len() as u64 == total && <[u8; 32]>::from(Sha256::digest(&content)) == *sha256;
+        cleanup.extend(pieces.keys.into_iter().map(AuxWrite::Remove));
+        let matches = <[u8; 32]>::from(hash.finalize()) == *sha256;
         if matches {
+            let mut pieces = UploadPieces::new(&self.store, prefix, total);
             self.store
-                .put_blob(&blob.name, &mut content.as_slice())
+                .put_blob(&blob.name, &mut pieces)
                 .map_err(storage_err)?;
         }
         // Flushes the blob with the pieces' removal: `Complete` is a promise.
