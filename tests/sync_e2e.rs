@@ -121,6 +121,19 @@ impl Hub {
     }
 }
 
+/// The body of `GET PATH` from a local HTTP server (the hub's metrics port).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or(reply)
+}
+
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -645,7 +658,7 @@ fn attachments_go_up_from_one_device_and_down_to_another() {
     let wo = hub.work_order("WO-501", "user:ana@contoso.com", 690970000, &[]);
     let phone = hub.device("ana@contoso.com", "ana-phone");
     let laptop = hub.device("ana@contoso.com", "ana-laptop");
-    let _proc = hub.serve();
+    let proc = HubProcess::spawn(&hub.data(), &hub.addr(), Some("127.0.0.1:0"));
     init_device(&phone, &hub.path("ana-phone.cred"));
     init_device(&laptop, &hub.path("ana-laptop.cred"));
     sync(&phone);
@@ -671,6 +684,11 @@ fn attachments_go_up_from_one_device_and_down_to_another() {
     ]);
     let up = sync(&phone);
     assert!(up.contains("2 files up, 0 down"), "{up}");
+    let metrics = http_get(proc.metrics.as_deref().unwrap(), "/metrics");
+    assert!(
+        metrics.contains("fieldsync_hub_files_uploaded_total 2"),
+        "{metrics}"
+    );
     let down = sync(&laptop);
     assert!(down.contains("0 files up, 2 down"), "{down}");
     for (col, want) in [("msdyn_report", &report), ("msdyn_signature", &signature)] {

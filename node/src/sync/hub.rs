@@ -49,6 +49,8 @@ pub struct Metrics {
     pub refused_sessions: AtomicU64,
     /// Frames that could not be decoded.
     pub bad_frames: AtomicU64,
+    /// Files and images devices finished uploading.
+    pub files_in: AtomicU64,
 }
 
 /// A [`HubSession`] over the shared replica, as the transport driver sees it.
@@ -119,6 +121,7 @@ impl HubAdapter {
                     self.bus.publish(&changes);
                 }
                 HubEvent::BlobStored { .. } => {
+                    self.metrics.files_in.fetch_add(1, Ordering::Relaxed);
                     // The upstream bridge may now send the file on to Dataverse.
                     let changes = lock(&self.replica).take_changes();
                     self.bus.publish(&changes);
@@ -463,6 +466,12 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
         "Sessions refused (bad, unknown or revoked tokens).",
         "counter",
         m.refused_sessions.load(Ordering::Relaxed),
+    );
+    counter(
+        "fieldsync_hub_files_uploaded_total",
+        "Files and images devices finished uploading (hash checked, stored).",
+        "counter",
+        m.files_in.load(Ordering::Relaxed),
     );
     counter(
         "fieldsync_hub_bad_frames_total",
