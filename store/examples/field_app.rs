@@ -1,5 +1,6 @@
 //! A field app's use of the store: open, load the schema, work offline (create, edit,
-//! delete), run a view, read a conflict. Run: `cargo run -p fieldsync-store --example field_app`.
+//! delete, attach a signature), run a view, read a conflict. Run:
+//! `cargo run -p fieldsync-store --example field_app`.
 
 use fieldsync_store::{Durability, OwnerKind, OwnerRef, Query, Schema, Store, StoreOptions, Value};
 
@@ -43,6 +44,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tx.delete("msdyn_workorder", old)?;
     tx.commit()?;
+
+    // Attach a file or an image: store its bytes (content-addressed, in chunks), then put the
+    // reference in the column. An enrolled device uploads the bytes after the edit's op.
+    let signature = store.put_blob("signature.png", &mut &b"\x89PNG signed by the customer"[..])?;
+    let mut tx = store.begin();
+    tx.update(
+        "msdyn_workorder",
+        wo,
+        &[("msdyn_signature", Value::Image(signature.clone()))],
+    )?;
+    tx.commit()?;
+    assert_eq!(store.read_blob(&signature)?.len() as u64, signature.size);
 
     // 3. A view: my active work orders, newest first (served from an index).
     let view = Query::table("msdyn_workorder")
