@@ -259,9 +259,7 @@ fn as_refs(values: &[(String, Value)]) -> Vec<(&str, Value)> {
 
 /// Whether `column` of `table` holds a file or an image.
 fn is_blob_column(table: &Table, column: &str) -> bool {
-    table
-        .column(column)
-        .is_some_and(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+    table.blob_columns().any(|c| c.name == column)
 }
 
 /// `COL=@PATH` for a file or image column: the column and the file to attach.

@@ -85,11 +85,28 @@ impl Store {
         })
     }
 
-    fn blob_header(&self, blob: &BlobRef) -> Result<Option<BlobHeader>, StoreError> {
-        match self.db().get(blob_key(&blob.sha256))? {
+    fn blob_header(&self, sha256: &[u8; 32]) -> Result<Option<BlobHeader>, StoreError> {
+        match self.db().get(blob_key(sha256))? {
             Some(b) => Ok(Some(decode(&b, "a blob header")?)),
             None => Ok(None),
         }
+    }
+
+    /// A stored chunk of the blob `blob_sha`, checked against its own hash.
+    fn checked_chunk(
+        &self,
+        blob_sha: &[u8; 32],
+        chunk_sha: &[u8; 32],
+    ) -> Result<Vec<u8>, StoreError> {
+        let data = self
+            .db()
+            .get(chunk_key(chunk_sha))?
+            .ok_or_else(|| StoreError::BlobCorrupt(hex::encode(blob_sha)))?;
+        let got: [u8; 32] = Sha256::digest(&data).into();
+        if got != *chunk_sha {
+            return Err(StoreError::BlobCorrupt(hex::encode(blob_sha)));
+        }
+        Ok(data.to_vec())
     }
 
     /// Whether the blob's content is in the store.
@@ -99,10 +116,7 @@ impl Store {
 
     /// The size of the blob with this hash, if its content is in the store.
     pub fn blob_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
-        match self.db().get(blob_key(sha256))? {
-            Some(b) => Ok(Some(decode::<BlobHeader>(&b, "a blob header")?.size)),
-            None => Ok(None),
-        }
+        Ok(self.blob_header(sha256)?.map(|h| h.size))
     }
 
     /// Up to `max_len` bytes of the blob with this hash from `offset` — fewer where a stored
@@ -114,22 +128,14 @@ impl Store {
         offset: u64,
         max_len: usize,
     ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let Some(header) = self.db().get(blob_key(sha256))? else {
+        let Some(header) = self.blob_header(sha256)? else {
             return Ok(None);
         };
-        let header: BlobHeader = decode(&header, "a blob header")?;
         let index = usize::try_from(offset / BLOB_CHUNK_BYTES as u64).unwrap_or(usize::MAX);
         let Some(chunk_sha) = header.chunks.get(index) else {
             return Ok(Some((header.size, Vec::new())));
         };
-        let data = self
-            .db()
-            .get(chunk_key(chunk_sha))?
-            .ok_or_else(|| StoreError::BlobCorrupt(hex::encode(sha256)))?;
-        let got: [u8; 32] = Sha256::digest(&data).into();
-        if got != *chunk_sha {
-            return Err(StoreError::BlobCorrupt(hex::encode(sha256)));
-        }
+        let data = self.checked_chunk(sha256, chunk_sha)?;
         let start = ((offset % BLOB_CHUNK_BYTES as u64) as usize).min(data.len());
         let stop = start.saturating_add(max_len).min(data.len());
         Ok(Some((header.size, data[start..stop].to_vec())))
@@ -142,33 +148,24 @@ impl Store {
         index: u32,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let header = self
-            .blob_header(blob)?
+            .blob_header(&blob.sha256)?
             .ok_or_else(|| StoreError::BlobNotFound(blob.hash_hex()))?;
-        let Some(sha) = header.chunks.get(index as usize) else {
-            return Ok(None);
-        };
-        let data = self
-            .db()
-            .get(chunk_key(sha))?
-            .ok_or_else(|| StoreError::BlobCorrupt(blob.hash_hex()))?;
-        let got: [u8; 32] = Sha256::digest(&data).into();
-        if got != *sha {
-            return Err(StoreError::BlobCorrupt(blob.hash_hex()));
-        }
-        Ok(Some(data.to_vec()))
+        header
+            .chunks
+            .get(index as usize)
+            .map(|sha| self.checked_chunk(&blob.sha256, sha))
+            .transpose()
     }
 
     /// The whole content of a blob, checked against its hash.
     pub fn read_blob(&self, blob: &BlobRef) -> Result<Vec<u8>, StoreError> {
         let header = self
-            .blob_header(blob)?
+            .blob_header(&blob.sha256)?
             .ok_or_else(|| StoreError::BlobNotFound(blob.hash_hex()))?;
         let mut out = Vec::with_capacity(usize::try_from(header.size).unwrap_or(0));
         let mut whole = Sha256::new();
-        for i in 0..header.chunks.len() {
-            let chunk = self
-                .read_blob_chunk(blob, i as u32)?
-                .ok_or_else(|| StoreError::BlobCorrupt(blob.hash_hex()))?;
+        for chunk_sha in &header.chunks {
+            let chunk = self.checked_chunk(&blob.sha256, chunk_sha)?;
             whole.update(&chunk);
             out.extend_from_slice(&chunk);
         }

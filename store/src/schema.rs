@@ -174,6 +174,13 @@ impl Table {
         self.columns.iter().position(|c| c.name == name)
     }
 
+    /// The file and image columns: their values are references to blobs.
+    pub fn blob_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns
+            .iter()
+            .filter(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+    }
+
     /// The name of the primary id column, `<table>id` as in Dataverse.
     pub fn primary_id_column(&self) -> String {
         format!("{}id", self.name)

@@ -11,7 +11,7 @@ use reqwest::Method;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::ApiRequest;
-use super::map::{self, WireRow};
+use super::map::WireRow;
 use super::state::{self, Base, FileState, StateWrites};
 use super::{lock, Bridge, UpstreamError};
 
@@ -33,9 +33,8 @@ impl Bridge {
         let (set, columns) = {
             let hub = lock(&self.replica);
             let tab = hub.store().schema().table(table)?;
-            let cols: Vec<(String, ColumnType)> = map::file_columns(tab)
-                .map(|c| (c.name.clone(), c.ty))
-                .collect();
+            let cols: Vec<(String, ColumnType)> =
+                tab.blob_columns().map(|c| (c.name.clone(), c.ty)).collect();
             (tab.entity_set.clone(), cols)
         };
         if columns.is_empty() {
@@ -172,7 +171,7 @@ impl Bridge {
             let base = state::base(store, table, id)?;
             let mut changes = Vec::new();
             let mut waiting = false;
-            for c in map::file_columns(tab) {
+            for c in tab.blob_columns() {
                 let here = blob_of(row.get(&c.name));
                 let there = base.as_ref().and_then(|b| b.files.get(&c.name));
                 let differs = match (here, there) {

@@ -27,17 +27,9 @@ fn computed(name: &str) -> bool {
     matches!(name, "createdon" | "modifiedon" | "owningbusinessunit")
 }
 
-/// File and image columns (relayed with their own requests, `file-column-data.md`).
-pub fn file_columns(table: &Table) -> impl Iterator<Item = &fieldsync_store::Column> {
-    table
-        .columns
-        .iter()
-        .filter(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
-}
-
 /// The `$select` list for a table.
 pub fn select(table: &Table) -> String {
-    let mut out: Vec<String> = file_columns(table).map(|c| c.name.clone()).collect();
+    let mut out: Vec<String> = table.blob_columns().map(|c| c.name.clone()).collect();
     for c in synced(table) {
         match c.ty {
             ColumnType::Owner => {
@@ -110,7 +102,8 @@ pub fn from_wire(table: &Table, m: &Map<String, J>) -> Result<WireRow, UpstreamE
             values.insert(c.name.clone(), v);
         }
     }
-    let files = file_columns(table)
+    let files = table
+        .blob_columns()
         .filter_map(|c| {
             let id = m.get(&c.name)?.as_str()?;
             Some((c.name.clone(), id.to_string()))

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use fieldsync_store::{
-    AuxWrite, BlobRef, ColumnConflict, ColumnType, Durability, LogEntry, RemoteOp, RowExport,
-    RowId, Store, StoreError, Value, DELETED_KEY,
+    AuxWrite, BlobRef, ColumnConflict, Durability, LogEntry, RemoteOp, RowExport, RowId, Store,
+    StoreError, Value, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info_span, warn};
@@ -134,9 +134,7 @@ impl DeviceReplica {
             .filter_map(|(name, item)| {
                 let tab = schema.table(name).ok()?;
                 let cols: Vec<String> = tab
-                    .columns
-                    .iter()
-                    .filter(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
+                    .blob_columns()
                     .filter(|c| item.downloads_column(tab, &c.name))
                     .map(|c| c.name.clone())
                     .collect();
@@ -193,50 +191,33 @@ impl DeviceReplica {
     ) -> Result<Vec<AuxWrite>, StorageError> {
         let schema = self.store.schema();
         let has_blobs = |t: &str| {
-            schema.table(t).is_ok_and(|tab| {
-                tab.columns
-                    .iter()
-                    .any(|c| matches!(c.ty, ColumnType::File | ColumnType::Image))
-            })
+            schema
+                .table(t)
+                .is_ok_and(|tab| tab.blob_columns().next().is_some())
         };
         if !schema.tables().any(|t| has_blobs(&t.name)) {
             return Ok(Vec::new());
         }
-        let me = self.store.actor();
         let mut writes = Vec::new();
-        let mut from = acked.max(self.store.acked_seq().map_err(storage_err)?);
-        'scan: loop {
-            let batch = self.store.ops_since(from, SCAN_STEP).map_err(storage_err)?;
-            let Some(last) = batch.last() else { break };
-            from = last.seq;
-            let done = batch.len() < SCAN_STEP;
-            for e in batch {
-                if e.seq > up_to {
-                    break 'scan;
-                }
-                if e.actor != me || !has_blobs(&e.table) || rejected.iter().any(|r| r.seq == e.seq)
-                {
-                    continue;
-                }
-                let set = self
-                    .store
-                    .inspect_change(&e.table, e.row, &e.change)
-                    .map_err(storage_err)?;
-                for v in set.columns.values() {
-                    if let Value::File(b) | Value::Image(b) = v {
-                        if self.has_blob(&b.sha256)?
-                            && self.get(&sha_key(P_BLOB_DONE, &b.sha256))?.is_none()
-                        {
-                            writes.push(AuxWrite::Put(
-                                sha_key(P_BLOB_UPLOAD, &b.sha256),
-                                row_key(&[], &e.table, e.row),
-                            ));
-                        }
+        for e in self.own_entries_through(acked, up_to, usize::MAX)? {
+            if !has_blobs(&e.table) || rejected.iter().any(|r| r.seq == e.seq) {
+                continue;
+            }
+            let set = self
+                .store
+                .inspect_change(&e.table, e.row, &e.change)
+                .map_err(storage_err)?;
+            for v in set.columns.values() {
+                if let Value::File(b) | Value::Image(b) = v {
+                    if self.has_blob(&b.sha256)?
+                        && self.get(&sha_key(P_BLOB_DONE, &b.sha256))?.is_none()
+                    {
+                        writes.push(AuxWrite::Put(
+                            sha_key(P_BLOB_UPLOAD, &b.sha256),
+                            row_key(&[], &e.table, e.row),
+                        ));
                     }
                 }
-            }
-            if done {
-                break;
             }
         }
         Ok(writes)
@@ -288,6 +269,16 @@ impl DeviceReplica {
 
     /// The device's own log entries after `after`, oldest first, at most `limit`.
     fn own_entries(&self, after: u64, limit: usize) -> Result<Vec<LogEntry>, StorageError> {
+        self.own_entries_through(after, u64::MAX, limit)
+    }
+
+    /// [`Self::own_entries`] with sequence numbers in `(after, up_to]`.
+    fn own_entries_through(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StorageError> {
         let me = self.store.actor();
         let mut out = Vec::new();
         // The store's acknowledged prefix ends just before the first unacknowledged own op
@@ -300,6 +291,9 @@ impl DeviceReplica {
             from = last.seq;
             let done = batch.len() < SCAN_STEP;
             for e in batch {
+                if e.seq > up_to {
+                    return Ok(out);
+                }
                 if e.actor == me {
                     out.push(e);
                     if out.len() >= limit {
