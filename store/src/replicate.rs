@@ -84,9 +84,15 @@ impl Store {
         durability: Durability,
     ) -> Result<ApplyOutcome, StoreError> {
         let _span = info_span!("apply_remote", ops = ops.len()).entered();
-        // Parsing and checking the ops is independent per op (and, with the sled writes, the
-        // cost of an initial sync): many are parsed on every core. Each part stops at its
-        // first bad op, so the first error in op order is the one reported, as one by one.
+        let parsed = self.parse_remote(ops)?;
+        self.apply_parsed(ops, parsed, durability)
+    }
+
+    /// Each op's table and its change checked against the table, in order. Parsing is
+    /// independent per op (and, with the sled writes, the cost of an initial sync): many are
+    /// parsed on every core. Each part stops at its first bad op, so the first error in op
+    /// order is the one reported, as one by one.
+    fn parse_remote(&self, ops: &[RemoteOp]) -> Result<Vec<(u16, RowChange)>, StoreError> {
         let parse = |part: &[RemoteOp]| -> Result<Vec<(u16, RowChange)>, StoreError> {
             part.iter()
                 .map(|op| {
@@ -105,6 +111,16 @@ impl Store {
         for part in on_every_core(ops, PARALLEL_PARSE_MIN, parse)? {
             parsed.extend(part?);
         }
+        Ok(parsed)
+    }
+
+    /// `apply_remote` of ops already parsed (`parsed[i]` is `ops[i]`'s).
+    fn apply_parsed(
+        &self,
+        ops: &[RemoteOp],
+        parsed: Vec<(u16, RowChange)>,
+        durability: Durability,
+    ) -> Result<ApplyOutcome, StoreError> {
         let mut outcome = ApplyOutcome::default();
         let mut writer = self.writer();
         let mut seq = writer.next_seq;
@@ -112,8 +128,6 @@ impl Store {
         let mut rows: HashMap<(u16, RowId), Working> = HashMap::new();
         let mut order: Vec<(u16, RowId)> = Vec::new();
         let mut batch_held: Vec<[u8; 32]> = Vec::new();
-        // Held changes are rare: a table with none on disk needs no scan per row (an initial
-        // sync brings thousands of new rows).
         let mut holds_any: HashMap<u16, bool> = HashMap::new();
         for ((t, change), op) in parsed.into_iter().zip(ops) {
             let (id, bytes) = (op.row, &op.change);
@@ -137,16 +151,7 @@ impl Store {
                 continue;
             };
             if !w.held_loaded {
-                let any = match holds_any.get(&t) {
-                    Some(any) => *any,
-                    None => {
-                        let prefix = keys::table_prefix(keys::HELD, t);
-                        let any = self.db().scan_prefix(prefix).next().is_some();
-                        holds_any.insert(t, any);
-                        any
-                    }
-                };
-                if any {
+                if self.table_holds_changes(t, &mut holds_any) {
                     self.load_held(t, id, w)?;
                 } else {
                     w.held_loaded = true;
@@ -218,6 +223,15 @@ impl Store {
         self.make_durable(durability)?;
         debug!(?outcome, "applied remote changes");
         Ok(outcome)
+    }
+
+    /// Whether table `t` has held changes on disk, asked once per table (`known`): they are
+    /// rare, and a table with none needs no scan per row (an initial sync brings thousands).
+    fn table_holds_changes(&self, t: u16, known: &mut HashMap<u16, bool>) -> bool {
+        *known.entry(t).or_insert_with(|| {
+            let prefix = keys::table_prefix(keys::HELD, t);
+            self.db().scan_prefix(prefix).next().is_some()
+        })
     }
 
     fn load_held(&self, t: u16, id: RowId, w: &mut Working) -> Result<(), StoreError> {
@@ -332,17 +346,33 @@ impl Store {
         self.import_rows(std::slice::from_ref(row), durability)
     }
 
-    /// Merge many exported rows in one write (idempotent, like `apply_remote` of their
-    /// changes). A row sent as change chunks (what `export_row` gives for a row with no
-    /// compacted base) is applied without building its automerge document; a saved document
-    /// is loaded to read its changes. A row that does not decode refuses the whole call.
+    /// Merge many exported rows (idempotent, like `apply_remote` of their changes).
+    ///
+    /// A row this store does not hold yet is stored as its export: the export becomes the
+    /// row's compacted document, as if it had arrived and been compacted, with no log entry —
+    /// an initial sync leaves no log behind to compact. A row sent as change chunks (what
+    /// `export_row` gives for a row with no compacted base) is read without building its
+    /// automerge document; a saved document is loaded to read its changes. A row the store
+    /// holds (or holds changes of, waiting for their dependencies) is merged through
+    /// `apply_remote`. Every change of every row is checked first: a row that does not decode
+    /// refuses the whole call and nothing is written. Each row is imported atomically; a crash
+    /// within the call may leave some rows imported, and importing them again changes nothing.
     pub fn import_rows(
         &self,
         rows: &[RowExport],
         durability: Durability,
     ) -> Result<(), StoreError> {
         let _span = info_span!("import_rows", rows = rows.len()).entered();
+        let as_export_error = |e: StoreError| match e {
+            // A bad change inside an export is a bad export.
+            StoreError::InvalidChange { table, row, reason } => {
+                StoreError::InvalidExport { table, row, reason }
+            }
+            other => other,
+        };
+        // Every row's changes, the rows one after the other.
         let mut ops = Vec::new();
+        let mut per_row = Vec::with_capacity(rows.len());
         for row in rows {
             self.table(&row.table)?;
             let invalid = |reason: String| StoreError::InvalidExport {
@@ -355,28 +385,71 @@ impl Store {
                 row: row.id,
                 change,
             };
+            let before = ops.len();
             if let Some(chunks) = change_chunks(&row.doc).map_err(invalid)? {
                 ops.extend(chunks.into_iter().map(|c| op(c.to_vec())));
-                continue;
+            } else {
+                let doc = match std::panic::catch_unwind(|| automerge::Automerge::load(&row.doc)) {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => return Err(invalid(e.to_string())),
+                    Err(_) => return Err(invalid("the document could not be decoded".into())),
+                };
+                ops.extend(
+                    doc.get_changes(&[])
+                        .into_iter()
+                        .map(|c| op(c.raw_bytes().to_vec())),
+                );
             }
-            let doc = match std::panic::catch_unwind(|| automerge::Automerge::load(&row.doc)) {
-                Ok(Ok(d)) => d,
-                Ok(Err(e)) => return Err(invalid(e.to_string())),
-                Err(_) => return Err(invalid("the document could not be decoded".into())),
-            };
-            ops.extend(
-                doc.get_changes(&[])
-                    .into_iter()
-                    .map(|c| op(c.raw_bytes().to_vec())),
-            );
+            per_row.push(ops.len() - before);
         }
-        self.apply_remote(&ops, durability).map_err(|e| match e {
-            // A bad change inside an export is a bad export.
-            StoreError::InvalidChange { table, row, reason } => {
-                StoreError::InvalidExport { table, row, reason }
+        let parsed = self.parse_remote(&ops).map_err(as_export_error)?;
+
+        let mut merged_ops = Vec::new();
+        let mut merged_parsed = Vec::new();
+        let writer = self.writer();
+        let mut batch = WriteBatch::default();
+        let mut holds_any = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut changes = ops.into_iter().zip(parsed);
+        for (row, n) in rows.iter().zip(per_row) {
+            let row_changes: Vec<(RemoteOp, (u16, RowChange))> = changes.by_ref().take(n).collect();
+            let Some((_, (t, _))) = row_changes.first() else {
+                continue;
+            };
+            let t = *t;
+            let fresh = seen.insert((t, row.id))
+                && self.load_state(t, row.id)?.is_none()
+                && !(self.table_holds_changes(t, &mut holds_any)
+                    && self
+                        .db()
+                        .scan_prefix(keys::row_key(keys::HELD, t, row.id))
+                        .next()
+                        .is_some());
+            let base = if fresh {
+                base_state(row_changes.iter().map(|(_, (_, c))| c))
+            } else {
+                None
+            };
+            match base {
+                Some(state) => {
+                    let tab = self.table_by_id(t)?;
+                    batch.insert(&keys::row_key(keys::DOC, t, row.id)[..], row.doc.as_slice());
+                    self.stage_row(&mut batch, t, tab, row.id, None, &state);
+                }
+                None => {
+                    for (op, p) in row_changes {
+                        merged_ops.push(op);
+                        merged_parsed.push(p);
+                    }
+                }
             }
-            other => other,
-        })?;
+        }
+        self.write(batch, Durability::Group)?;
+        drop(writer);
+        if merged_ops.is_empty() {
+            return self.make_durable(durability);
+        }
+        self.apply_parsed(&merged_ops, merged_parsed, durability)?;
         Ok(())
     }
 
@@ -536,6 +609,20 @@ impl Store {
         debug!(?report, "compacted");
         Ok(report)
     }
+}
+
+/// The state of a row made of `changes` alone, stored as its compacted document; `None` if
+/// they are not in causal order or repeat one (then they are applied one by one instead).
+fn base_state<'a>(changes: impl Iterator<Item = &'a RowChange>) -> Option<CrdtState> {
+    let mut state = CrdtState::default();
+    for c in changes {
+        if state.has_change(&c.hash) || !state.ready(c) {
+            return None;
+        }
+        state.apply(c);
+    }
+    state.has_base = true;
+    Some(state)
 }
 
 /// The chunks of `bytes` if it starts with an automerge change chunk (plain or compressed):

@@ -517,6 +517,87 @@ fn rows_travel_as_change_chunks_without_documents() {
 }
 
 #[test]
+fn an_imported_row_is_stored_as_its_compacted_document() {
+    // A row the store does not hold arrives whole: it becomes the row's compacted document,
+    // with no log entry to compact later; what is built from it equals what applying its
+    // changes builds, it merges later changes and survives a rebuild and a compaction.
+    let a = temp_store(1);
+    let mut tx = a.begin();
+    let id = tx.insert("account", &[("name", text("v1"))]).unwrap();
+    tx.commit().unwrap();
+    let mut tx = a.begin();
+    tx.update("account", id, &[("revenue", Value::Decimal(5.into()))])
+        .unwrap();
+    tx.commit().unwrap();
+    let export = a.export_row("account", id).unwrap().unwrap();
+
+    let fresh = temp_store(2);
+    fresh.import_row(&export, Durability::Group).unwrap();
+    assert_eq!(fresh.last_seq(), 0, "no log entry for a row imported whole");
+    assert_eq!(fresh.status().unwrap().log_entries, 0);
+    let applied = temp_store(3);
+    applied
+        .apply_remote(
+            &a.ops_since(0, 100)
+                .unwrap()
+                .into_iter()
+                .map(|e| RemoteOp {
+                    table: e.table,
+                    row: e.row,
+                    change: e.change,
+                })
+                .collect::<Vec<_>>(),
+            Durability::Group,
+        )
+        .unwrap();
+    assert_eq!(
+        fresh.get("account", id).unwrap(),
+        applied.get("account", id).unwrap()
+    );
+    assert!(fresh.check().unwrap().is_ok());
+    fresh.import_row(&export, Durability::Group).unwrap();
+    assert_eq!(fresh.last_seq(), 0, "importing it again changes nothing");
+
+    // A later change from elsewhere merges into it through the log.
+    let mut tx = a.begin();
+    tx.update("account", id, &[("name", text("v2"))]).unwrap();
+    tx.commit().unwrap();
+    let later = a.export_row("account", id).unwrap().unwrap();
+    fresh.import_row(&later, Durability::Group).unwrap();
+    assert_eq!(fresh.last_seq(), 1, "only the new change is logged");
+    assert_eq!(
+        fresh.get("account", id).unwrap(),
+        a.get("account", id).unwrap()
+    );
+    // Its export carries every change, and another store takes it.
+    let again = temp_store(4);
+    again
+        .import_row(
+            &fresh.export_row("account", id).unwrap().unwrap(),
+            Durability::Group,
+        )
+        .unwrap();
+    assert_eq!(
+        again.get("account", id).unwrap(),
+        a.get("account", id).unwrap()
+    );
+
+    fresh.rebuild().unwrap();
+    assert_eq!(
+        fresh.get("account", id).unwrap(),
+        a.get("account", id).unwrap()
+    );
+    fresh.acknowledge(fresh.last_seq()).unwrap();
+    let report = fresh.compact().unwrap();
+    assert_eq!(report.entries_removed, 1);
+    assert_eq!(
+        fresh.get("account", id).unwrap(),
+        a.get("account", id).unwrap()
+    );
+    assert!(fresh.check().unwrap().is_ok());
+}
+
+#[test]
 fn a_temporary_store_reopens_with_every_commit() {
     let s = temp_store(1);
     let mut tx = s.begin();
