@@ -16,9 +16,11 @@ use fieldsync_replication::proto::{
     DeviceStorage, HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind,
     SyncSchedule, UploadOutcome,
 };
-use fieldsync_replication::replica::{DeviceReplica, HubReplica, SHARED_FEED_HOLDERS};
+use fieldsync_replication::replica::{
+    DeviceReplica, HubReplica, ACTORS_PER_DEVICE, SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
+};
 use fieldsync_replication::{App, Environment, Profile};
-use fieldsync_store::{OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value};
+use fieldsync_store::{ActorId, OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -516,6 +518,157 @@ fn an_unauthorized_write_is_rejected_rolled_back_and_listed() {
     assert!(w.net.devs[1].storage.discard_error(errors[0].0).unwrap());
     assert!(w.net.devs[1].storage.sync_errors().unwrap().is_empty());
     w.check_converged();
+}
+
+#[test]
+fn a_device_may_not_set_the_owning_business_unit() {
+    // Dataverse derives it from the owner; a device that set it would move a row into another
+    // unit's scopes.
+    let mut w = world(21, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let ana = user(&w.env, "ana");
+    let south = Value::Lookup(w.env.business_unit_by_name("South").unwrap().id);
+    let created = w.insert(
+        0,
+        "task",
+        &[
+            ("title", Value::Text("moved south".into())),
+            ("ownerid", owner_user(ana)),
+            ("owningbusinessunit", south.clone()),
+        ],
+    );
+    w.write(0, "task", s.ana_task, &[("owningbusinessunit", south)]);
+    w.net.heal(3);
+    let errors = w.net.devs[0].storage.sync_errors().unwrap();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors
+        .iter()
+        .all(|(_, e)| e.kind == RejectionKind::Permission
+            && e.message.contains("owningbusinessunit")));
+    assert!(w.hub().get("task", created).unwrap().is_none());
+    let hubs = w.hub().get("task", s.ana_task).unwrap().unwrap();
+    assert!(!hubs.values.contains_key("owningbusinessunit"));
+    w.check_converged();
+}
+
+/// A change made elsewhere with `actor`: a task owned by `owner`.
+fn change_by(w: &World, actor: ActorId, owner: Uuid) -> PushOp {
+    let other = Store::temporary(w.hub().schema().clone(), opts().with_actor(actor)).unwrap();
+    let mut tx = other.begin();
+    let row = tx
+        .insert(
+            "task",
+            &[
+                ("title", Value::Text("forged?".into())),
+                ("ownerid", owner_user(owner)),
+            ],
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    let e = other.ops_since(0, 1).unwrap().remove(0);
+    PushOp {
+        seq: 1,
+        table: e.table,
+        row,
+        change: e.change,
+    }
+}
+
+#[test]
+fn a_rejected_write_gets_back_no_row_outside_the_devices_set() {
+    // ben's role reads every account of his business unit, but his set holds only those his
+    // tasks point at: a write to another one is refused with nothing of the row.
+    let mut w = world(23, ConflictPolicies::default());
+    seed(&mut w);
+    w.net.heal(3);
+    let ana = user(&w.env, "ana");
+    let other = w.hub_insert(
+        "account",
+        &[
+            ("name", Value::Text("Fabrikam".into())),
+            ("ownerid", owner_user(ana)),
+        ],
+    );
+    w.net.heal(3);
+    assert!(!w.held(1).contains(&("account".into(), other)));
+    let forged = Store::temporary(w.hub().schema().clone(), opts()).unwrap();
+    let mut tx = forged.begin();
+    tx.insert_with_id("account", other, &[("name", Value::Text("mine".into()))])
+        .unwrap();
+    tx.commit().unwrap();
+    let e = forged.ops_since(0, 1).unwrap().remove(0);
+    let op = PushOp {
+        seq: 1,
+        table: e.table,
+        row: other,
+        change: e.change,
+    };
+    let out = w
+        .net
+        .hub
+        .apply_push(
+            Millis(0),
+            &w.principal(1),
+            ConflictPolicy::MergePerColumn,
+            &op,
+        )
+        .unwrap();
+    match out {
+        PushOutcome::Rejected {
+            kind,
+            authoritative,
+            ..
+        } => {
+            assert_eq!(kind, RejectionKind::Permission);
+            assert!(
+                authoritative.is_none(),
+                "the row went to a device outside its set"
+            );
+        }
+        PushOutcome::Accepted => panic!("accepted"),
+    }
+}
+
+#[test]
+fn changes_claiming_another_writers_actor_are_refused() {
+    let mut w = world(22, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    // ana's device pushes: its actor is hers from now on.
+    w.write(0, "task", s.ana_task, &[("n", Value::Integer(2))]);
+    w.net.heal(3);
+    let (ben, ben_id) = (w.principal(1), user(&w.env, "ben"));
+    let now = Millis(0);
+    let merge = ConflictPolicy::MergePerColumn;
+    let refused = |o: PushOutcome| match o {
+        PushOutcome::Rejected { kind, message, .. } => {
+            assert_eq!(kind, RejectionKind::Permission, "{message}");
+            true
+        }
+        PushOutcome::Accepted => false,
+    };
+    let ana_actor = w.dev(0).actor();
+    let hub_actor = w.hub().actor();
+    for actor in [ana_actor, UPSTREAM_ACTOR, hub_actor] {
+        let op = change_by(&w, actor, ben_id);
+        assert!(
+            refused(w.net.hub.apply_push(now, &ben, merge, &op).unwrap()),
+            "a change by {actor:?} from ben's device"
+        );
+        assert!(w.hub().get("task", op.row).unwrap().is_none());
+    }
+    // Fresh actors are ben's, up to the limit (his device's own included).
+    let mut accepted = 0;
+    loop {
+        let op = change_by(&w, ActorId::random(), ben_id);
+        if refused(w.net.hub.apply_push(now, &ben, merge, &op).unwrap()) {
+            break;
+        }
+        accepted += 1;
+        assert!(accepted <= ACTORS_PER_DEVICE, "no limit on actors");
+    }
+    assert!(accepted >= ACTORS_PER_DEVICE - 1, "{accepted}");
 }
 
 #[test]

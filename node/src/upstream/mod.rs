@@ -42,8 +42,8 @@ use tracing::{info, warn};
 pub use client::DataverseClient;
 pub use config::{AuthConfig, SecretSource, UpstreamConfig};
 
-/// The actor of every change that came from Dataverse ("Dataverse" in ASCII, zero padded).
-pub const DATAVERSE_ACTOR: ActorId = ActorId(*b"Dataverse\0\0\0\0\0\0\0");
+/// The actor of every change that came from Dataverse: the hub refuses it from devices.
+pub const DATAVERSE_ACTOR: ActorId = fieldsync_replication::replica::UPSTREAM_ACTOR;
 
 /// What can go wrong talking to Dataverse or applying what it says.
 #[derive(Debug, thiserror::Error)]

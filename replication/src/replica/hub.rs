@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fieldsync_store::{
-    AuxWrite, BlobRef, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store, StoreError, Table,
-    Value, DELETED_KEY,
+    ActorId, AuxWrite, BlobRef, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store,
+    StoreError, Table, Value, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -38,14 +38,25 @@ use crate::proto::{
     Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
     RowDoc, StorageError, UploadOutcome,
 };
-use crate::routing::{Router, RoutingError, RowRef, UserDelta};
+use crate::routing::{Router, RoutingError, UserDelta};
 use crate::security::{Depth, Environment, Privilege, UserId};
 
+/// The actor of every change that came from Dataverse ("Dataverse" in ASCII, zero padded): the
+/// upstream bridge writes with it, and no device may.
+pub const UPSTREAM_ACTOR: ActorId = ActorId(*b"Dataverse\0\0\0\0\0\0\0");
+/// The system column Dataverse derives from the owner; devices never set it.
+const OWNING_BUSINESS_UNIT: &str = "owningbusinessunit";
 /// The aux space of the hub's replication metadata.
 const SPACE: &str = "hub";
 const P_DECISION: &[u8] = b"dec/";
 const P_TOKEN: &[u8] = b"tok/";
 const P_ACTOR: &[u8] = b"act/";
+/// Which device an automerge actor belongs to: `aa/` + actor → device id. The first device to
+/// push with an actor owns it; another device's change claiming it is refused.
+const P_ACTOR_OWNER: &[u8] = b"aa/";
+/// Automerge actors one device may push with (a store has one; a device set up again from its
+/// credential gets another). More are refused: each is looked at by every pull.
+pub const ACTORS_PER_DEVICE: usize = 16;
 const P_HISTORY: &[u8] = b"hh/";
 const P_MEMBERSHIP: &[u8] = b"m/";
 const P_BLOB: &[u8] = b"bl/";
@@ -1112,12 +1123,10 @@ impl HubReplica {
         Ok((f, hist))
     }
 
+    /// The hub's copy of a row a rejected op touched, for the device to roll back to — only
+    /// a row of its set: a device is never sent any other (it drops its own copy instead).
     fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
-        let current = self.store.get(table, row).ok()??;
-        let tab = self.store.schema().table(table).ok()?;
-        let readable =
-            self.in_set(who, table, row) || self.env.can_read(who.user, tab, &current.values);
-        if !readable {
+        if !self.in_set(who, table, row) {
             return None;
         }
         self.store.export_row(table, row).ok()?.map(|e| e.doc)
@@ -1137,23 +1146,6 @@ impl HubReplica {
                 message,
             } => {
                 let authoritative = self.authoritative(who, &op.table, op.row);
-                if authoritative.is_some() && !self.in_set(who, &op.table, op.row) {
-                    // Readable but outside the set: the device gets the hub's row back now
-                    // and hears that it left with its next pull.
-                    if let Some(profile) = self.profile_of(&who.app).map(str::to_string) {
-                        let leave = UserDelta {
-                            user: who.user,
-                            enter: Vec::new(),
-                            leave: vec![RowRef {
-                                table: op.table.as_str().into(),
-                                id: op.row,
-                            }],
-                        };
-                        let next = self.store.last_seq() + 1;
-                        self.record_deltas(&profile, &[leave], next)
-                            .map_err(storage_err)?;
-                    }
-                }
                 // The device rolls back: it holds the hub's row if one is sent, else nothing,
                 // whatever the feed told it before. Pulls go on from there.
                 let o = Override {
@@ -1230,6 +1222,18 @@ impl HubReplica {
                 "the row is deleted",
             ));
         }
+        // The owning business unit follows the owner, as Dataverse sets it: a device that set
+        // it could move a row into another unit's read and write scopes.
+        if sets(OWNING_BUSINESS_UNIT) {
+            return Ok(rejected(
+                operation,
+                RejectionKind::Permission,
+                "owningbusinessunit is set by the server from the owner",
+            ));
+        }
+        if let Some(reason) = self.foreign_actor(who, insp.actor)? {
+            return Ok(rejected(operation, RejectionKind::Permission, reason));
+        }
         let current = self.store.get(&op.table, op.row).map_err(storage_err)?;
         let before: BTreeMap<String, Value> = current.map(|r| r.values).unwrap_or_default();
         let mut after = before.clone();
@@ -1271,10 +1275,12 @@ impl HubReplica {
             if sets("ownerid") {
                 needed.push((Privilege::Assign, "no assign privilege on the row"));
             }
-            if lookups.iter().any(|(c, _)| sets(c)) {
+            let relinks = lookups.iter().any(|(c, _)| sets(c));
+            if relinks {
                 needed.push((Privilege::Append, "no append privilege on the row"));
             }
-            if plain {
+            // Setting a lookup is an update of the row too, as in Dataverse.
+            if plain || relinks {
                 needed.push((Privilege::Write, "no write privilege on the row"));
             }
             for (p, msg) in needed {
@@ -1305,7 +1311,8 @@ impl HubReplica {
                     "no append-to privilege on the row the lookup points at",
                 ));
             }
-            if insp.row_exists && !privileged(&self.env, user, tab, Privilege::Append, &after) {
+            // Creating a row that points at another needs Append on it as well.
+            if !privileged(&self.env, user, tab, Privilege::Append, &after) {
                 return Ok(rejected(
                     operation,
                     RejectionKind::Permission,
@@ -1351,7 +1358,12 @@ impl HubReplica {
         let mut k = P_ACTOR.to_vec();
         k.extend_from_slice(who.device.0.as_bytes());
         k.extend_from_slice(&insp.actor.0);
-        let mut writes = vec![AuxWrite::Put(k, Vec::new())];
+        let mut owner = P_ACTOR_OWNER.to_vec();
+        owner.extend_from_slice(&insp.actor.0);
+        let mut writes = vec![
+            AuxWrite::Put(k, Vec::new()),
+            AuxWrite::Put(owner, who.device.0.as_bytes().to_vec()),
+        ];
         for v in insp.columns.values() {
             if let Value::File(b) | Value::Image(b) = v {
                 writes.push(AuxWrite::Put(
@@ -1399,6 +1411,30 @@ impl HubReplica {
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
         debug!(table = %op.table, row = %op.row, "client wins: resolution written");
         Ok(())
+    }
+
+    /// Why a change by `actor` may not come from `who`'s device, if it may not: the actor is
+    /// the hub's or the upstream bridge's, another device's, or one more than a device may
+    /// have. A forged actor would pass for another writer (the bridge skips Dataverse's own
+    /// changes; pulls send a device the rows it wrote).
+    fn foreign_actor(
+        &self,
+        who: &Principal,
+        actor: ActorId,
+    ) -> Result<Option<&'static str>, StorageError> {
+        if actor == self.store.actor() || actor == UPSTREAM_ACTOR {
+            return Ok(Some("the change claims the hub's own actor"));
+        }
+        let mut owner = P_ACTOR_OWNER.to_vec();
+        owner.extend_from_slice(&actor.0);
+        match self.store.aux_get(SPACE, &owner).map_err(storage_err)? {
+            Some(device) if device.as_slice() == who.device.0.as_bytes() => Ok(None),
+            Some(_) => Ok(Some("the change claims another device's actor")),
+            None if self.device_actors(who.device)?.len() >= ACTORS_PER_DEVICE => {
+                Ok(Some("this device has pushed with too many actors"))
+            }
+            None => Ok(None),
+        }
     }
 
     fn device_actors(&self, device: DeviceId) -> Result<Vec<[u8; 16]>, StorageError> {

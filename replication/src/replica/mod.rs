@@ -32,6 +32,7 @@
 //! | `tok/` token id | `[1]` issued, `[0]` revoked |
 //! | `dec/` row hash | the decision on a pushed change (bincode) |
 //! | `act/` device actor | the automerge actors a device pushed with |
+//! | `aa/` actor | the device that owns the actor (the first to push with it) |
 //! | `hh/` device row | the device's holding history: (feed position, held) transitions |
 //! | `ho/` device row | what a rollback left on the device, from a feed position on |
 //! | `m/` profile · 0 · user seq row | the row entered or left the user's set at `seq` |
@@ -52,7 +53,10 @@ pub use device::{DeviceReplica, TableSyncStatus};
 #[cfg(all(feature = "credential", feature = "planted-bugs"))]
 pub use hub::PlantedHubBug;
 #[cfg(feature = "credential")]
-pub use hub::{DeviceLag, FeedChanges, HubReplica, HubReplicaError, SHARED_FEED_HOLDERS};
+pub use hub::{
+    DeviceLag, FeedChanges, HubReplica, HubReplicaError, ACTORS_PER_DEVICE, SHARED_FEED_HOLDERS,
+    UPSTREAM_ACTOR,
+};
 
 /// Why a replica operation the CLI calls directly failed.
 #[derive(Debug, thiserror::Error)]
