@@ -263,7 +263,36 @@ pub struct RunningHub {
     /// Shared state.
     pub runtime: Arc<HubRuntime>,
     accept: tokio::task::JoinHandle<()>,
+    clock: tokio::task::JoinHandle<()>,
     tasks: Arc<Mutex<tokio::task::JoinSet<()>>>,
+}
+
+/// How often a running hub re-evaluates time-dependent row filters (`last-x-days` and the
+/// like): rows cross their boundaries as time passes, with no write to route.
+pub const TIME_FILTER_TICK: Duration = Duration::from_secs(300);
+
+/// Moves the replica's time every [`TIME_FILTER_TICK`] and wakes the sessions whose sets moved.
+fn start_clock(runtime: Arc<HubRuntime>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(TIME_FILTER_TICK);
+        // The first tick is immediate: the replica was opened with the current time.
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let replica = runtime.replica.clone();
+            let moved = tokio::task::spawn_blocking(move || {
+                let mut r = lock(&replica);
+                let now = i64::try_from(super::unix_ms()).unwrap_or(i64::MAX);
+                r.handle_time(now).map(|()| r.take_changes())
+            })
+            .await;
+            match moved {
+                Ok(Ok(changes)) => runtime.bus.publish(&changes),
+                Ok(Err(e)) => warn!(error = %e, "re-evaluating time filters failed"),
+                Err(e) => warn!(error = %e, "re-evaluating time filters stopped"),
+            }
+        }
+    })
 }
 
 /// Binds `listen` and starts accepting devices.
@@ -312,11 +341,13 @@ pub fn start_hub(
             }
         })
     };
+    let clock = start_clock(runtime.clone());
     Ok(RunningHub {
         endpoint,
         addr,
         runtime,
         accept,
+        clock,
         tasks,
     })
 }
@@ -327,6 +358,7 @@ impl RunningHub {
     pub async fn shut_down(self) -> Result<()> {
         info!("draining connections");
         self.accept.abort();
+        self.clock.abort();
         self.runtime.bus.shut_down();
         let mut set = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let drained = tokio::time::timeout(Duration::from_secs(5), async {
