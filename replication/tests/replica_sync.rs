@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use driver::{Faults, Net};
 use fieldsync_replication::credential::HubSigningKey;
+use fieldsync_replication::proto::messages::{MAX_CHANGE_LEN, PULL_BATCH_ITEMS_MAX};
 use fieldsync_replication::proto::{
     BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceEvent, DeviceId,
     DeviceStorage, HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind,
@@ -1290,6 +1291,61 @@ fn hub_and_device_state_survive_a_reopen() {
     assert_eq!(errors[0].1.at, Millis(9));
     assert_eq!(d.store().get("task", op.row).unwrap(), None, "rolled back");
     assert_eq!(d.pending_op_count().unwrap(), 0);
+}
+
+#[test]
+fn a_role_change_moving_more_rows_than_a_batch_holds_syncs() {
+    // Rows that leave or enter a set at once share one feed position, which a cursor cannot
+    // split: the hub sends them as several batches, the device's cursor moving at the last.
+    let mut w = world(24, ConflictPolicies::default());
+    seed(&mut w);
+    let ana = user(&w.env, "ana");
+    let many = PULL_BATCH_ITEMS_MAX + 150;
+    let rows: BTreeSet<(String, RowId)> = (0..many)
+        .map(|k| {
+            let id = w.hub_insert(
+                "task",
+                &[
+                    ("title", Value::Text(format!("job {k}"))),
+                    ("ownerid", owner_user(ana)),
+                ],
+            );
+            ("task".to_string(), id)
+        })
+        .collect();
+    w.net.heal(3);
+    assert!(w.held(0).is_superset(&rows));
+    let tech = w.revoke_tech(0);
+    w.net.heal(3);
+    assert!(w.held(0).is_disjoint(&rows), "the rows left at once");
+    w.check_converged();
+    w.env.assign_role(ana, tech).unwrap();
+    w.net.hub.handle_environment(w.env.clone()).unwrap();
+    w.net.heal(3);
+    assert!(w.held(0).is_superset(&rows), "the rows came back at once");
+    w.check_converged();
+}
+
+#[test]
+fn a_row_whose_history_outgrows_a_batch_arrives_in_its_saved_form() {
+    let mut w = world(25, ConflictPolicies::default());
+    seed(&mut w);
+    let ana = user(&w.env, "ana");
+    // Three writes of 400 KB: 1.2 MB of change chunks, a few KB saved (automerge compresses).
+    let big = |c: char| Value::Text(std::iter::repeat_n(c, 400_000).collect());
+    let row = w.hub_insert("task", &[("title", big('a')), ("ownerid", owner_user(ana))]);
+    for c in ['b', 'c'] {
+        w.net
+            .hub
+            .local_write("task", row, &[("title", big(c))])
+            .unwrap();
+    }
+    let export = w.hub().export_row("task", row).unwrap().unwrap();
+    assert!(export.doc.len() > MAX_CHANGE_LEN, "{}", export.doc.len());
+    w.net.heal(3);
+    let held = w.dev(0).get("task", row).unwrap().expect("the row arrived");
+    assert_eq!(held.get("title"), &big('c'));
+    w.check_converged();
 }
 
 #[test]

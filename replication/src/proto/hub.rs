@@ -12,7 +12,7 @@ use super::messages::{
     SUPPORTED_VERSIONS,
 };
 use super::storage::{
-    BatchLimits, HubStorage, Principal, PushOutcome, StorageError, UploadOutcome,
+    BatchLimits, HubStorage, Principal, PullChunk, PushOutcome, StorageError, UploadOutcome,
 };
 use super::time::Millis;
 use crate::proto::messages::truncate_text;
@@ -562,9 +562,9 @@ impl HubSession {
                 let read_from = feed.scanned.max(feed.cursor);
                 let chunk = storage.pull(who, table, read_from, self.config.pull_limits)?;
                 let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
-                if chunk.cursor < read_from || items > PULL_BATCH_ITEMS_MAX {
+                if chunk.cursor < read_from {
                     return Err(Fail::Storage(StorageError::Corrupt(format!(
-                        "feed of `{table}` broke its contract: cursor {} -> {}, {items} items",
+                        "feed of `{table}` broke its contract: cursor {} -> {}",
                         read_from.0, chunk.cursor.0
                     ))));
                 }
@@ -577,26 +577,39 @@ impl HubSession {
                     feed.scanned = chunk.cursor;
                     break;
                 }
-                self.transmit.push_back(Message::PullBatch(PullBatch {
-                    table: table.clone(),
-                    from: feed.cursor,
-                    cursor: chunk.cursor,
-                    ops: chunk.ops,
-                    entering: chunk.entering,
-                    leaving: chunk.leaving,
-                    more: chunk.more,
-                }));
+                let (cursor, more) = (chunk.cursor, chunk.more);
+                let parts = split_chunk(chunk);
+                let last = parts.len().saturating_sub(1);
+                for (i, part) in parts.into_iter().enumerate() {
+                    // Every part but the last leaves the device's cursor where it is: a
+                    // device cut off between parts pulls the whole seq again (applying is
+                    // idempotent), as the cursor cannot stand inside a seq.
+                    let (part_cursor, part_more) = if i == last {
+                        (cursor, more)
+                    } else {
+                        (feed.cursor, true)
+                    };
+                    self.transmit.push_back(Message::PullBatch(PullBatch {
+                        table: table.clone(),
+                        from: feed.cursor,
+                        cursor: part_cursor,
+                        ops: part.ops,
+                        entering: part.entering,
+                        leaving: part.leaving,
+                        more: part_more,
+                    }));
+                    feed.outstanding.push_back(part_cursor);
+                }
                 self.events.push_back(HubEvent::BatchSent {
                     table: table.clone(),
-                    cursor: chunk.cursor,
+                    cursor,
                     items,
                 });
-                feed.outstanding.push_back(chunk.cursor);
-                feed.cursor = chunk.cursor;
-                feed.scanned = chunk.cursor;
-                feed.requested = chunk.more;
+                feed.cursor = cursor;
+                feed.scanned = cursor;
+                feed.requested = more;
                 // A live feed that just caught up stays quiet until the hub changes again.
-                if !chunk.more {
+                if !more {
                     break;
                 }
             }
@@ -673,4 +686,48 @@ impl HubSession {
         }));
         Ok(())
     }
+}
+
+/// `chunk` as batches the wire takes: at most [`PULL_BATCH_ITEMS_MAX`] items and, past the
+/// first item, [`PULL_BATCH_BYTES_MAX`] bytes each. Storage cuts batches between seqs only,
+/// so the items of one seq (a role change bringing thousands of rows into a set at once)
+/// can make one chunk more than a batch.
+fn split_chunk(chunk: PullChunk) -> Vec<PullChunk> {
+    let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
+    let bytes = |c: &PullChunk| -> usize {
+        c.ops.iter().map(|o| o.change.len()).sum::<usize>()
+            + c.entering.iter().map(|r| r.doc.len()).sum::<usize>()
+            + c.leaving.len() * 16
+    };
+    if items <= PULL_BATCH_ITEMS_MAX && bytes(&chunk) <= PULL_BATCH_BYTES_MAX {
+        return vec![chunk];
+    }
+    let mut parts = vec![PullChunk::default()];
+    let room = |parts: &mut Vec<PullChunk>, size: usize| {
+        let Some(part) = parts.last() else { return };
+        let n = part.ops.len() + part.entering.len() + part.leaving.len();
+        if n > 0 && (n >= PULL_BATCH_ITEMS_MAX || bytes(part) + size > PULL_BATCH_BYTES_MAX) {
+            parts.push(PullChunk::default());
+        }
+    };
+    // Ops first, then rows entering, then rows leaving: the order a device applies a batch in.
+    for op in chunk.ops {
+        room(&mut parts, op.change.len());
+        if let Some(p) = parts.last_mut() {
+            p.ops.push(op);
+        }
+    }
+    for row in chunk.entering {
+        room(&mut parts, row.doc.len());
+        if let Some(p) = parts.last_mut() {
+            p.entering.push(row);
+        }
+    }
+    for row in chunk.leaving {
+        room(&mut parts, 16);
+        if let Some(p) = parts.last_mut() {
+            p.leaving.push(row);
+        }
+    }
+    parts
 }

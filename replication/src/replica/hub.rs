@@ -33,6 +33,7 @@ use crate::credential::{
     HubSigningKey, SignedToken, Token, TokenError, TokenRegistry, TokenStatus, TokenVerifier,
 };
 use crate::profile::Profile;
+use crate::proto::messages::MAX_CHANGE_LEN;
 use crate::proto::{
     BatchLimits, BlobSlice, CloseCode, ConflictPolicy, Cursor, DeviceId, HubStorage, Millis,
     Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
@@ -1123,13 +1124,37 @@ impl HubReplica {
         Ok((f, hist))
     }
 
+    /// A row as a device receives it whole: its change chunks, or its saved document when
+    /// they would not fit in a batch (a long history). `None` (logged) if even that is too
+    /// large: one row must not stop a device's sync of its table for good.
+    fn whole_row(&self, table: &str, row: RowId) -> Result<Option<Vec<u8>>, StorageError> {
+        let Some(x) = self.store.export_row(table, row).map_err(storage_err)? else {
+            return Ok(None);
+        };
+        if x.doc.len() <= MAX_CHANGE_LEN {
+            return Ok(Some(x.doc));
+        }
+        let saved = self
+            .store
+            .export_row_saved(table, row)
+            .map_err(storage_err)?
+            .map(|x| x.doc);
+        match saved {
+            Some(doc) if doc.len() > MAX_CHANGE_LEN => {
+                warn!(%table, %row, bytes = doc.len(), max = MAX_CHANGE_LEN, "a row too large to send to devices is skipped");
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
     /// The hub's copy of a row a rejected op touched, for the device to roll back to — only
     /// a row of its set: a device is never sent any other (it drops its own copy instead).
     fn authoritative(&self, who: &Principal, table: &str, row: RowId) -> Option<Vec<u8>> {
         if !self.in_set(who, table, row) {
             return None;
         }
-        self.store.export_row(table, row).ok()?.map(|e| e.doc)
+        self.whole_row(table, row).ok()?
     }
 
     fn outcome(
@@ -1701,17 +1726,24 @@ impl HubStorage for HubReplica {
                 }
                 for (row, f, c) in planned {
                     match f {
-                        Fate::Ops => {
-                            if let Some(change) = c {
+                        // A change too large for a batch (one from Dataverse can be) goes as
+                        // the whole row, in its saved form.
+                        Fate::Ops => match c {
+                            Some(change) if change.len() <= MAX_CHANGE_LEN => {
                                 chunk.ops.push(RowChange { row, change });
                             }
-                        }
+                            Some(_) if !chunk.entering.iter().any(|r| r.row == row) => {
+                                if let Some(doc) = self.whole_row(table, row)? {
+                                    bytes += doc.len();
+                                    chunk.entering.push(RowDoc { row, doc });
+                                }
+                            }
+                            _ => {}
+                        },
                         Fate::Entered => {
-                            if let Some(x) =
-                                self.store.export_row(table, row).map_err(storage_err)?
-                            {
-                                bytes += x.doc.len();
-                                chunk.entering.push(RowDoc { row, doc: x.doc });
+                            if let Some(doc) = self.whole_row(table, row)? {
+                                bytes += doc.len();
+                                chunk.entering.push(RowDoc { row, doc });
                             }
                         }
                         Fate::Left => chunk.leaving.push(row),
