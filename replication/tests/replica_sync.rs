@@ -1203,6 +1203,85 @@ proptest! {
 }
 
 #[test]
+fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull() {
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let app = App {
+        id: Uuid::from_u128(0xa99),
+        name: APP.into(),
+        tables: BTreeSet::new(),
+        views: Vec::new(),
+        offline: true,
+        profile: Some("Mobile".into()),
+    };
+    let verifier = HubSigningKey::generate().unwrap().verifier();
+    let dir = tempfile::tempdir().unwrap();
+    let ana = user(&env, "ana");
+    let who = Principal {
+        device: device_id(0),
+        user: ana,
+        app: APP.into(),
+    };
+    let open = |env: &Environment, profile: &Profile| {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        HubReplica::open(
+            store,
+            env.clone(),
+            vec![app.clone()],
+            vec![profile.clone()],
+            verifier.clone(),
+            0,
+        )
+        .unwrap()
+    };
+    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let (task, cursor) = {
+        let mut hub = open(&env, &profile);
+        let task = Uuid::new_v4();
+        hub.local_write(
+            "task",
+            task,
+            &[
+                ("title", Value::Text("fix pump".into())),
+                ("ownerid", owner_user(ana)),
+            ],
+        )
+        .unwrap();
+        let chunk = hub.pull(&who, "task", Cursor(0), WIDE).unwrap();
+        assert!(chunk.entering.iter().any(|r| r.row == task));
+        (task, chunk.cursor)
+    };
+    // Reopened unchanged: nothing moves.
+    let chunk = open(&env, &profile)
+        .pull(&who, "task", cursor, WIDE)
+        .unwrap();
+    assert!(chunk.is_empty(), "{chunk:?}");
+    // The operator took the role away in the environment file and restarted the hub.
+    let mut less = env.clone();
+    let tech = less.role_by_name("Tech").unwrap().id;
+    less.remove_role(ana, tech).unwrap();
+    let chunk = open(&less, &profile)
+        .pull(&who, "task", cursor, WIDE)
+        .unwrap();
+    assert_eq!(chunk.leaving, vec![task], "{chunk:?}");
+    // Given back with a narrower filter: still out (the filter), then in (the old filter).
+    let narrow = Profile::from_toml(
+        &PROFILE.replace("ownerid eq-useroruserteams", "ownerid eq-userteams"),
+        &schema,
+    )
+    .unwrap();
+    let chunk = open(&env, &narrow)
+        .pull(&who, "task", chunk.cursor, WIDE)
+        .unwrap();
+    assert!(chunk.entering.is_empty(), "{chunk:?}");
+    let chunk = open(&env, &profile)
+        .pull(&who, "task", chunk.cursor, WIDE)
+        .unwrap();
+    assert!(chunk.entering.iter().any(|r| r.row == task), "{chunk:?}");
+}
+
+#[test]
 fn hub_and_device_state_survive_a_reopen() {
     let schema = Schema::from_toml(SCHEMA).unwrap();
     let env = Environment::from_toml(ENV).unwrap();

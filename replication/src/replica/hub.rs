@@ -83,6 +83,36 @@ const P_SHARED_FEED: &[u8] = b"fs/";
 /// write (a million-row hub with a thousand technicians ran out of memory building them).
 /// Pulls read both feeds, so changing it never loses an entry.
 pub const SHARED_FEED_HOLDERS: usize = 32;
+/// The environment the routers were last built with (JSON), and per profile `cfg/profile/`
+/// name → the profile (JSON): what devices' sets follow until the hub moves to new ones.
+const K_CONFIG_ENV: &[u8] = b"cfg/env";
+const P_CONFIG_PROFILE: &[u8] = b"cfg/profile/";
+
+fn profile_config_key(name: &str) -> Vec<u8> {
+    let mut k = P_CONFIG_PROFILE.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// A configuration the hub stored, `None` if none (a new hub) or if it no longer decodes (an
+/// older format: the hub then starts from the new configuration, as before it kept one).
+fn stored_config<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    Ok(store.aux_get(SPACE, key)?.and_then(|v| {
+        serde_json::from_slice(&v)
+            .inspect_err(|e| warn!(error = %e, "a stored hub configuration does not decode"))
+            .ok()
+    }))
+}
+
+fn store_config<T: Serialize>(store: &Store, key: &[u8], value: &T) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(value)
+        .map_err(|e| StoreError::Corrupt(format!("the hub configuration does not encode: {e}")))?;
+    store.aux_put(SPACE, key, &json, Durability::Group)
+}
+
 /// The last log seq whose entry is in the feed index.
 const K_FED: &[u8] = b"fed";
 /// Log entries indexed per aux batch when the feed index catches up.
@@ -521,9 +551,26 @@ impl HubReplica {
     ) -> Result<HubReplica, HubReplicaError> {
         let _span = info_span!("hub_replica_open").entered();
         let schema = store.schema().clone();
-        let mut routers = BTreeMap::new();
+        // The sets devices were last given follow the environment and profiles the hub last
+        // ran with: route with those, then move to the new ones as a running hub would, so
+        // that a role taken away or a filter narrowed while it was down evicts rows too.
+        let last_env = stored_config::<Environment>(&store, K_CONFIG_ENV)?;
+        let routed_env = last_env.clone().unwrap_or_else(|| env.clone());
+        let mut stored_profiles = Vec::new();
         for p in &profiles {
-            let mut r = Router::new(&schema, &env, p, now_ms)?;
+            stored_profiles.push(stored_config::<Profile>(
+                &store,
+                &profile_config_key(&p.name),
+            )?);
+        }
+        let last_profiles: Vec<Profile> = profiles
+            .iter()
+            .zip(&stored_profiles)
+            .map(|(p, last)| last.clone().unwrap_or_else(|| p.clone()))
+            .collect();
+        let mut routers = BTreeMap::new();
+        for p in &last_profiles {
+            let mut r = Router::new(&schema, &routed_env, p, now_ms)?;
             for t in schema.tables() {
                 for row in store.scan(&t.name)? {
                     let row = row?;
@@ -545,9 +592,12 @@ impl HubReplica {
         info!(profiles = routers.len(), tokens, fed, "hub replica open");
         let mut hub = HubReplica {
             store,
-            env,
+            env: routed_env,
             apps: apps.into_iter().map(|a| (a.name.clone(), a)).collect(),
-            profiles: profiles.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            profiles: last_profiles
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect(),
             routers,
             verifier,
             signing: None,
@@ -561,6 +611,18 @@ impl HubReplica {
         };
         // Entries written before a crash (or by an older hub) that never reached the index.
         hub.feed_log(None)?;
+        match last_env {
+            None => store_config(&hub.store, K_CONFIG_ENV, &env)?,
+            Some(last) if last != env => hub.handle_environment(env)?,
+            Some(_) => {}
+        }
+        for (p, last) in profiles.into_iter().zip(stored_profiles) {
+            match last {
+                None => store_config(&hub.store, &profile_config_key(&p.name), &p)?,
+                Some(last) if last != p => hub.handle_profile(p)?,
+                Some(_) => {}
+            }
+        }
         hub.drop_stale_uploads(u64::try_from(now_ms).unwrap_or(0))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(hub)
@@ -732,11 +794,12 @@ impl HubReplica {
         for (name, r) in self.routers.iter_mut() {
             all.push((name.clone(), r.handle_environment(&env)));
         }
-        self.env = env;
         let next = self.store.last_seq() + 1;
         for (profile, deltas) in all {
             self.record_deltas(&profile, &deltas, next)?;
         }
+        store_config(&self.store, K_CONFIG_ENV, &env)?;
+        self.env = env;
         self.store.sync()?;
         Ok(())
     }
@@ -766,9 +829,10 @@ impl HubReplica {
             }
         };
         let name = profile.name.clone();
-        self.profiles.insert(name.clone(), profile);
         let next = self.store.last_seq() + 1;
         self.record_deltas(&name, &deltas, next)?;
+        store_config(&self.store, &profile_config_key(&name), &profile)?;
+        self.profiles.insert(name, profile);
         self.store.sync()?;
         Ok(())
     }
@@ -1590,6 +1654,11 @@ impl HubStorage for HubReplica {
             cursor: after,
             ..PullChunk::default()
         };
+        // A table the schema does not have holds nothing: answered before any feed is read
+        // (a device may name hundreds per request).
+        if self.store.schema().table(table).is_err() {
+            return Ok(chunk);
+        }
         let Some((profile, _)) = self.router_for(who) else {
             return Ok(chunk);
         };
