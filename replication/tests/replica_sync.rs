@@ -141,18 +141,23 @@ fn device_id(i: usize) -> DeviceId {
     DeviceId(Uuid::from_u128(0xd000 + i as u128))
 }
 
-fn world(seed: u64, policies: ConflictPolicies) -> World {
-    let schema = Schema::from_toml(SCHEMA).unwrap();
-    let env = Environment::from_toml(ENV).unwrap();
-    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
-    let app = App {
+/// The app whose offline profile is `PROFILE`.
+fn mobile_app() -> App {
+    App {
         id: Uuid::from_u128(0xa99),
         name: APP.into(),
         tables: BTreeSet::new(),
         views: Vec::new(),
         offline: true,
         profile: Some("Mobile".into()),
-    };
+    }
+}
+
+fn world(seed: u64, policies: ConflictPolicies) -> World {
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let app = mobile_app();
     let key = HubSigningKey::generate().unwrap();
     let hub_store = Store::temporary(schema.clone(), opts()).unwrap();
     let mut hub = HubReplica::open(
@@ -1207,14 +1212,7 @@ fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull()
     let schema = Schema::from_toml(SCHEMA).unwrap();
     let env = Environment::from_toml(ENV).unwrap();
     let profile = Profile::from_toml(PROFILE, &schema).unwrap();
-    let app = App {
-        id: Uuid::from_u128(0xa99),
-        name: APP.into(),
-        tables: BTreeSet::new(),
-        views: Vec::new(),
-        offline: true,
-        profile: Some("Mobile".into()),
-    };
+    let app = mobile_app();
     let verifier = HubSigningKey::generate().unwrap().verifier();
     let dir = tempfile::tempdir().unwrap();
     let ana = user(&env, "ana");
@@ -1282,18 +1280,64 @@ fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull()
 }
 
 #[test]
+fn a_row_written_but_not_routed_before_a_crash_is_looked_at_again() {
+    // The hub writes a row, then routes it (records whose sets it entered or left). A crash
+    // in between left devices holding a row that had left their set: at open it is looked
+    // at again for every user.
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let verifier = HubSigningKey::generate().unwrap().verifier();
+    let dir = tempfile::tempdir().unwrap();
+    let (ana, cat) = (user(&env, "ana"), user(&env, "cat"));
+    let who = Principal {
+        device: device_id(0),
+        user: ana,
+        app: APP.into(),
+    };
+    let open = || {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        HubReplica::open(
+            store,
+            env.clone(),
+            vec![mobile_app()],
+            vec![profile.clone()],
+            verifier.clone(),
+            0,
+        )
+        .unwrap()
+    };
+    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let (task, cursor) = {
+        let mut hub = open();
+        let task = Uuid::new_v4();
+        hub.local_write("task", task, &[("ownerid", owner_user(ana))])
+            .unwrap();
+        let chunk = hub.pull(&who, "task", Cursor(0), WIDE).unwrap();
+        assert!(chunk.entering.iter().any(|r| r.row == task));
+        // The crash: the row given to cat is written, its routing never happens.
+        let store = hub.store().clone();
+        let mut marker = b"rr/task\0".to_vec();
+        marker.extend_from_slice(task.as_bytes());
+        store
+            .aux_put("hub", &marker, &[], fieldsync_store::Durability::Group)
+            .unwrap();
+        let mut tx = store.begin();
+        tx.update("task", task, &[("ownerid", owner_user(cat))])
+            .unwrap();
+        tx.commit().unwrap();
+        (task, chunk.cursor)
+    };
+    let chunk = open().pull(&who, "task", cursor, WIDE).unwrap();
+    assert_eq!(chunk.leaving, vec![task], "{chunk:?}");
+}
+
+#[test]
 fn hub_and_device_state_survive_a_reopen() {
     let schema = Schema::from_toml(SCHEMA).unwrap();
     let env = Environment::from_toml(ENV).unwrap();
     let profile = Profile::from_toml(PROFILE, &schema).unwrap();
-    let app = App {
-        id: Uuid::from_u128(0xa99),
-        name: APP.into(),
-        tables: BTreeSet::new(),
-        views: Vec::new(),
-        offline: true,
-        profile: Some("Mobile".into()),
-    };
+    let app = mobile_app();
     let key = HubSigningKey::generate().unwrap();
     let verifier = key.verifier();
     let hub_dir = tempfile::tempdir().unwrap();

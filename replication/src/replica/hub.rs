@@ -39,7 +39,7 @@ use crate::proto::{
     Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
     RowDoc, StorageError, UploadOutcome,
 };
-use crate::routing::{Router, RoutingError, UserDelta};
+use crate::routing::{Router, RoutingError, RowRef, UserDelta};
 use crate::security::{Depth, Environment, Privilege, UserId};
 
 /// The actor of every change that came from Dataverse ("Dataverse" in ASCII, zero padded): the
@@ -83,6 +83,11 @@ const P_SHARED_FEED: &[u8] = b"fs/";
 /// write (a million-row hub with a thousand technicians ran out of memory building them).
 /// Pulls read both feeds, so changing it never loses an entry.
 pub const SHARED_FEED_HOLDERS: usize = 32;
+/// Rows being written and not routed yet: `rr/` table 0 row. Put (unflushed: the write's own
+/// flush makes it durable) before a row is written, removed once it is routed. A crash in
+/// between leaves it: at open such a row is re-evaluated for every user (the routers, built
+/// from the rows as they are, cannot say whose set the write moved it out of).
+const P_UNROUTED: &[u8] = b"rr/";
 /// The environment the routers were last built with (JSON), and per profile `cfg/profile/`
 /// name → the profile (JSON): what devices' sets follow until the hub moves to new ones.
 const K_CONFIG_ENV: &[u8] = b"cfg/env";
@@ -611,6 +616,7 @@ impl HubReplica {
         };
         // Entries written before a crash (or by an older hub) that never reached the index.
         hub.feed_log(None)?;
+        hub.route_leftovers()?;
         match last_env {
             None => store_config(&hub.store, K_CONFIG_ENV, &env)?,
             Some(last) if last != env => hub.handle_environment(env)?,
@@ -755,6 +761,7 @@ impl HubReplica {
         row: RowId,
         values: &[(&str, Value)],
     ) -> Result<(), HubReplicaError> {
+        self.mark_unrouted(&[(table, row)])?;
         let mut tx = self.store.begin();
         if self.store.get(table, row)?.is_some() {
             tx.update(table, row, values)
@@ -766,6 +773,7 @@ impl HubReplica {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.route(table, row)?;
         self.feed_log(None)?;
+        self.routed(&[(table, row)])?;
         self.store.sync()?;
         Ok(())
     }
@@ -778,12 +786,15 @@ impl HubReplica {
         ops: &[RemoteOp],
     ) -> Result<fieldsync_store::ApplyOutcome, HubReplicaError> {
         let _span = info_span!("hub_apply_upstream", ops = ops.len()).entered();
-        let outcome = self.store.apply_remote(ops, Durability::Immediate)?;
         let rows: BTreeSet<(&str, RowId)> = ops.iter().map(|o| (o.table.as_str(), o.row)).collect();
-        for (table, row) in rows {
-            self.route(table, row)?;
+        let rows: Vec<(&str, RowId)> = rows.into_iter().collect();
+        self.mark_unrouted(&rows)?;
+        let outcome = self.store.apply_remote(ops, Durability::Immediate)?;
+        for (table, row) in &rows {
+            self.route(table, *row)?;
         }
         self.feed_log(None)?;
+        self.routed(&rows)?;
         self.store.sync()?;
         Ok(outcome)
     }
@@ -925,6 +936,60 @@ impl HubReplica {
             self.store.aux_apply(SPACE, &writes, Durability::Group)?;
         }
         Ok(())
+    }
+
+    fn mark_unrouted(&self, rows: &[(&str, RowId)]) -> Result<(), StoreError> {
+        let writes: Vec<AuxWrite> = rows
+            .iter()
+            .map(|(t, r)| AuxWrite::Put(row_key(P_UNROUTED, t, *r), Vec::new()))
+            .collect();
+        self.store.aux_apply(SPACE, &writes, Durability::Group)
+    }
+
+    fn routed(&self, rows: &[(&str, RowId)]) -> Result<(), StoreError> {
+        let writes: Vec<AuxWrite> = rows
+            .iter()
+            .map(|(t, r)| AuxWrite::Remove(row_key(P_UNROUTED, t, *r)))
+            .collect();
+        self.store.aux_apply(SPACE, &writes, Durability::Group)
+    }
+
+    /// Rows a crash left written and not routed: every user of every profile re-evaluates
+    /// them at its next pull (a membership change for a row whose membership did not change
+    /// only makes a pull look at it again).
+    fn route_leftovers(&mut self) -> Result<(), StoreError> {
+        let left = self.store.aux_scan(SPACE, P_UNROUTED)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<RowRef> = left
+            .iter()
+            .filter_map(|(k, _)| k.get(P_UNROUTED.len()..).and_then(super::parse_row_key))
+            .map(|(table, id)| RowRef {
+                table: table.as_str().into(),
+                id,
+            })
+            .collect();
+        warn!(
+            rows = rows.len(),
+            "rows written before a crash were not routed; every device looks at them again"
+        );
+        let deltas: Vec<UserDelta> = self
+            .env
+            .users()
+            .map(|u| UserDelta {
+                user: u.id,
+                enter: rows.clone(),
+                leave: Vec::new(),
+            })
+            .collect();
+        let next = self.store.last_seq() + 1;
+        let profiles: Vec<String> = self.routers.keys().cloned().collect();
+        for profile in profiles {
+            self.record_deltas(&profile, &deltas, next)?;
+        }
+        let clear: Vec<AuxWrite> = left.into_iter().map(|(k, _)| AuxWrite::Remove(k)).collect();
+        self.store.aux_apply(SPACE, &clear, Durability::Immediate)
     }
 
     /// Routes the current version of a row through every profile's router.
@@ -1431,6 +1496,8 @@ impl HubReplica {
             row: op.row,
             change: op.change.clone(),
         };
+        self.mark_unrouted(&[(&op.table, op.row)])
+            .map_err(storage_err)?;
         // Made durable by the decision record written after it (`apply_push`), before the
         // op is acknowledged: one flush per op, not two. A crash in between loses both, and
         // the device pushes the op again.
@@ -1440,6 +1507,7 @@ impl HubReplica {
                 warn!(?o, "a ready op was held");
             }
             Err(StoreError::InvalidChange { reason, .. }) => {
+                self.routed(&[(&op.table, op.row)]).map_err(storage_err)?;
                 return Ok(rejected(operation, RejectionKind::Validation, &reason));
             }
             Err(e) => return Err(storage_err(e)),
@@ -1469,6 +1537,7 @@ impl HubReplica {
         }
         self.route(&op.table, op.row).map_err(storage_err)?;
         self.feed_log(Some(who)).map_err(storage_err)?;
+        self.routed(&[(&op.table, op.row)]).map_err(storage_err)?;
         Ok(Decision::Accepted)
     }
 
