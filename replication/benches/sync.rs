@@ -551,6 +551,14 @@ impl HubStorage for TimedHub<'_> {
     ) -> Result<PushOutcome, StorageError> {
         self.inner.apply_push(now, who, policy, op)
     }
+    fn row_copy_withheld(
+        &mut self,
+        who: &Principal,
+        table: &str,
+        row: RowId,
+    ) -> Result<(), StorageError> {
+        self.inner.row_copy_withheld(who, table, row)
+    }
     fn pull(
         &mut self,
         who: &Principal,

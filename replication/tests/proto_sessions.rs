@@ -195,6 +195,12 @@ impl HubStorage for RefHub {
         }
     }
 
+    fn row_copy_withheld(&mut self, _: &Principal, _: &str, _: Uuid) -> Result<(), StorageError> {
+        // The reference hub keeps no record of the copies it sent (its rows are small enough
+        // never to be withheld here): nothing to forget.
+        Ok(())
+    }
+
     fn apply_push(
         &mut self,
         _now: Millis,

@@ -637,6 +637,46 @@ fn a_rejected_write_gets_back_no_row_outside_the_devices_set() {
 }
 
 #[test]
+fn rejected_ops_whose_row_copies_overflow_the_acknowledgement_still_converge() {
+    // ben may read his team's accounts but not write them: three rejections whose rows
+    // (900 KB each) do not all fit in one acknowledgement. The row whose copy stays behind
+    // leaves ben's device, and his next pull brings it back whole.
+    let mut w = world(26, ConflictPolicies::default());
+    seed(&mut w);
+    let ana = user(&w.env, "ana");
+    let team = w.env.team_by_name("North Team").unwrap().id;
+    let mut accounts = Vec::new();
+    for k in 0..3 {
+        let big: String = std::iter::repeat_n(char::from(b'a' + k), 900_000).collect();
+        let account = w.hub_insert(
+            "account",
+            &[("name", Value::Text(big)), ("ownerid", owner_user(ana))],
+        );
+        w.hub_insert(
+            "task",
+            &[
+                ("title", Value::Text(format!("visit {k}"))),
+                ("ownerid", owner_team(team)),
+                ("account", Value::Lookup(account)),
+            ],
+        );
+        accounts.push(account);
+    }
+    w.net.heal(3);
+    for a in &accounts {
+        assert!(w.held(1).contains(&("account".into(), *a)));
+    }
+    w.net.set_online(1, false);
+    for a in &accounts {
+        w.write(1, "account", *a, &[("n", Value::Integer(7))]);
+    }
+    w.net.heal(4);
+    let errors = w.net.devs[1].storage.sync_errors().unwrap();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    w.check_converged();
+}
+
+#[test]
 fn changes_claiming_another_writers_actor_are_refused() {
     let mut w = world(22, ConflictPolicies::default());
     let s = seed(&mut w);
@@ -1277,6 +1317,61 @@ fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull()
         .pull(&who, "task", chunk.cursor, WIDE)
         .unwrap();
     assert!(chunk.entering.iter().any(|r| r.row == task), "{chunk:?}");
+}
+
+#[test]
+fn a_row_that_aged_out_of_a_time_filter_while_the_hub_was_down_leaves() {
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(
+        &PROFILE.replace(
+            "ownerid eq-useroruserteams",
+            "ownerid eq-useroruserteams and createdon last-x-days 1",
+        ),
+        &schema,
+    )
+    .unwrap();
+    let verifier = HubSigningKey::generate().unwrap().verifier();
+    let dir = tempfile::tempdir().unwrap();
+    let ana = user(&env, "ana");
+    let who = Principal {
+        device: device_id(0),
+        user: ana,
+        app: APP.into(),
+    };
+    let open = |now_ms: i64| {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        HubReplica::open(
+            store,
+            env.clone(),
+            vec![mobile_app()],
+            vec![profile.clone()],
+            verifier.clone(),
+            now_ms,
+        )
+        .unwrap()
+    };
+    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let day = 86_400_000;
+    let t0 = 1_790_000_000_000;
+    let (task, cursor) = {
+        let mut hub = open(t0);
+        let task = Uuid::new_v4();
+        hub.local_write(
+            "task",
+            task,
+            &[
+                ("ownerid", owner_user(ana)),
+                ("createdon", Value::DateTime(t0 - day / 2)),
+            ],
+        )
+        .unwrap();
+        let chunk = hub.pull(&who, "task", Cursor(0), WIDE).unwrap();
+        assert!(chunk.entering.iter().any(|r| r.row == task));
+        (task, chunk.cursor)
+    };
+    let chunk = open(t0 + day).pull(&who, "task", cursor, WIDE).unwrap();
+    assert_eq!(chunk.leaving, vec![task], "{chunk:?}");
 }
 
 #[test]

@@ -288,13 +288,24 @@ impl Store {
         let Some(state) = self.load_state(t, id)? else {
             return Ok(None);
         };
-        let doc = if state.has_base {
-            self.row_document(t, id, &state)?.save()
+        // A base that is change chunks (a row imported whole) takes the row's pending
+        // changes after it as they are; a saved document is rebuilt with them.
+        let chunk_base = if state.has_base {
+            let base = self
+                .db()
+                .get(keys::row_key(keys::DOC, t, id))?
+                .ok_or_else(|| corrupt(format!("the compacted document of {id} is missing")))?;
+            match change_chunks(&base) {
+                Ok(Some(_)) => Some(base.to_vec()),
+                _ => None,
+            }
         } else {
-            // No compacted base: the row's history is its log entries, and their change chunks
-            // one after the other are bytes `Automerge::load` accepts. No document is built
-            // here, and `import_rows` applies them without building one either.
-            let mut doc = Vec::new();
+            Some(Vec::new())
+        };
+        let doc = if let Some(mut doc) = chunk_base {
+            // The row's history is change chunks one after the other, bytes
+            // `Automerge::load` accepts. No document is built here, and `import_rows` takes
+            // them without building one either.
             for seq in &state.pending {
                 let e = self
                     .load_entry(*seq)?
@@ -302,6 +313,8 @@ impl Store {
                 doc.extend_from_slice(&e.change);
             }
             doc
+        } else {
+            self.row_document(t, id, &state)?.save()
         };
         Ok(Some(RowExport {
             table: table.to_string(),

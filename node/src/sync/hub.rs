@@ -275,6 +275,8 @@ pub const TIME_FILTER_TICK: Duration = Duration::from_secs(300);
 fn start_clock(runtime: Arc<HubRuntime>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(TIME_FILTER_TICK);
+        // A tick that waited on a busy replica is not made up in a burst.
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // The first tick is immediate: the replica was opened with the current time.
         every.tick().await;
         loop {

@@ -472,9 +472,9 @@ impl HubSession {
             prev = op.seq;
         }
         let mut rejected = Vec::new();
+        let mut copies = Vec::new();
         let mut tables = BTreeSet::new();
         let mut accepted = 0usize;
-        let mut authoritative_budget = AUTHORITATIVE_BYTES_MAX;
         for op in &p.ops {
             let policy = self.config.conflicts.for_table(&op.table);
             match storage.apply_push(now, who, policy, op)? {
@@ -489,14 +489,6 @@ impl HubSession {
                     authoritative,
                 } => {
                     debug!(seq = op.seq, table = %op.table, ?kind, "op rejected");
-                    let authoritative = authoritative.and_then(|doc| {
-                        if doc.len() <= authoritative_budget {
-                            authoritative_budget -= doc.len();
-                            Some(RowDoc { row: op.row, doc })
-                        } else {
-                            None
-                        }
-                    });
                     rejected.push(Rejection {
                         seq: op.seq,
                         table: op.table.clone(),
@@ -504,9 +496,31 @@ impl HubSession {
                         operation,
                         kind,
                         message: truncate_text(&message, MAX_TEXT_LEN / 4),
-                        authoritative,
+                        authoritative: None,
                     });
+                    copies.push(authoritative);
                 }
+            }
+        }
+        // The device rolls a row back to the copy of its last rejection in the batch: only
+        // that one is sent. A copy past the budget is not, and the hub hears so.
+        let mut budget = AUTHORITATIVE_BYTES_MAX;
+        for i in 0..rejected.len() {
+            let Some(doc) = copies.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            let (table, row) = (rejected[i].table.clone(), rejected[i].row);
+            let last_of_row = !rejected[i + 1..]
+                .iter()
+                .any(|r| r.row == row && r.table == table);
+            if !last_of_row {
+                continue;
+            }
+            if doc.len() <= budget {
+                budget -= doc.len();
+                rejected[i].authoritative = Some(RowDoc { row, doc });
+            } else {
+                storage.row_copy_withheld(who, &table, row)?;
             }
         }
         debug!(

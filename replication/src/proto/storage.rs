@@ -279,6 +279,16 @@ pub trait HubStorage {
         op: &PushOp,
     ) -> Result<PushOutcome, StorageError>;
 
+    /// The hub's row that came with a rejection of an op on `row` was not sent after all (the
+    /// acknowledgement had no room left for it): the device drops its copy of the row, and
+    /// the hub must no longer count it as held there.
+    fn row_copy_withheld(
+        &mut self,
+        who: &Principal,
+        table: &str,
+        row: RowId,
+    ) -> Result<(), StorageError>;
+
     /// The changes to `table` in the principal's set after `after`, within `limits`.
     ///
     /// Any cursor a device sends must be handled, forged ones included: a table outside the

@@ -91,6 +91,8 @@ const P_UNROUTED: &[u8] = b"rr/";
 /// The environment the routers were last built with (JSON), and per profile `cfg/profile/`
 /// name → the profile (JSON): what devices' sets follow until the hub moves to new ones.
 const K_CONFIG_ENV: &[u8] = b"cfg/env";
+/// The time (ms) time-dependent filters were last evaluated at.
+const K_CONFIG_TIME: &[u8] = b"cfg/time";
 const P_CONFIG_PROFILE: &[u8] = b"cfg/profile/";
 
 fn profile_config_key(name: &str) -> Vec<u8> {
@@ -573,9 +575,12 @@ impl HubReplica {
             .zip(&stored_profiles)
             .map(|(p, last)| last.clone().unwrap_or_else(|| p.clone()))
             .collect();
+        // Time-dependent filters too: rows crossed their boundaries while it was down.
+        let last_time = stored_config::<i64>(&store, K_CONFIG_TIME)?;
+        let routed_time = last_time.unwrap_or(now_ms);
         let mut routers = BTreeMap::new();
         for p in &last_profiles {
-            let mut r = Router::new(&schema, &routed_env, p, now_ms)?;
+            let mut r = Router::new(&schema, &routed_env, p, routed_time)?;
             for t in schema.tables() {
                 for row in store.scan(&t.name)? {
                     let row = row?;
@@ -610,13 +615,19 @@ impl HubReplica {
             lag: HashMap::new(),
             fed,
             shared_feed_holders: SHARED_FEED_HOLDERS,
-            now_ms,
+            now_ms: routed_time,
             #[cfg(feature = "planted-bugs")]
             planted: None,
         };
         // Entries written before a crash (or by an older hub) that never reached the index.
         hub.feed_log(None)?;
         hub.route_leftovers()?;
+        hub.claim_known_actors()?;
+        match last_time {
+            None => store_config(&hub.store, K_CONFIG_TIME, &now_ms)?,
+            Some(t) if t != now_ms => hub.handle_time(now_ms)?,
+            Some(_) => {}
+        }
         match last_env {
             None => store_config(&hub.store, K_CONFIG_ENV, &env)?,
             Some(last) if last != env => hub.handle_environment(env)?,
@@ -761,7 +772,6 @@ impl HubReplica {
         row: RowId,
         values: &[(&str, Value)],
     ) -> Result<(), HubReplicaError> {
-        self.mark_unrouted(&[(table, row)])?;
         let mut tx = self.store.begin();
         if self.store.get(table, row)?.is_some() {
             tx.update(table, row, values)
@@ -769,6 +779,7 @@ impl HubReplica {
             tx.insert_with_id(table, row, values)
         }
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.mark_unrouted(&[(table, row)])?;
         tx.commit_with(Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.route(table, row)?;
@@ -878,8 +889,13 @@ impl HubReplica {
             all.push((name.clone(), r.handle_time(now_ms)));
         }
         let next = self.store.last_seq() + 1;
+        let moved = all.iter().any(|(_, d)| !d.is_empty());
         for (profile, deltas) in all {
             self.record_deltas(&profile, &deltas, next)?;
+        }
+        store_config(&self.store, K_CONFIG_TIME, &now_ms)?;
+        if moved {
+            self.store.sync()?;
         }
         Ok(())
     }
@@ -1571,6 +1587,31 @@ impl HubReplica {
         Ok(())
     }
 
+    /// Gives every actor a device pushed with before actors had owners (`act/` without `aa/`)
+    /// to that device, so another cannot claim it first.
+    fn claim_known_actors(&self) -> Result<(), StoreError> {
+        let mut claims: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for (k, _) in self.store.aux_scan(SPACE, P_ACTOR)? {
+            let Some((device, actor)) = k
+                .get(P_ACTOR.len()..)
+                .filter(|rest| rest.len() == 32)
+                .map(|rest| rest.split_at(16))
+            else {
+                continue;
+            };
+            let mut owner = P_ACTOR_OWNER.to_vec();
+            owner.extend_from_slice(actor);
+            if !claims.contains_key(&owner) && self.store.aux_get(SPACE, &owner)?.is_none() {
+                claims.insert(owner, device.to_vec());
+            }
+        }
+        let writes: Vec<AuxWrite> = claims
+            .into_iter()
+            .map(|(k, v)| AuxWrite::Put(k, v))
+            .collect();
+        self.store.aux_apply(SPACE, &writes, Durability::Group)
+    }
+
     /// Why a change by `actor` may not come from `who`'s device, if it may not: the actor is
     /// the hub's or the upstream bridge's, another device's, or one more than a device may
     /// have. A forged actor would pass for another writer (the bridge skips Dataverse's own
@@ -1871,19 +1912,34 @@ impl HubStorage for HubReplica {
                                 chunk.ops.push(RowChange { row, change });
                             }
                             Some(_) if !chunk.entering.iter().any(|r| r.row == row) => {
-                                if let Some(doc) = self.whole_row(table, row)? {
-                                    bytes += doc.len();
-                                    chunk.entering.push(RowDoc { row, doc });
+                                match self.whole_row(table, row)? {
+                                    Some(doc) => {
+                                        bytes += doc.len();
+                                        chunk.entering.push(RowDoc { row, doc });
+                                    }
+                                    // It cannot be kept current on the device: it leaves.
+                                    None => {
+                                        chunk.leaving.push(row);
+                                        if let Some(x) = fates.get_mut(&row) {
+                                            x.0 = Fate::Left;
+                                        }
+                                    }
                                 }
                             }
                             _ => {}
                         },
-                        Fate::Entered => {
-                            if let Some(doc) = self.whole_row(table, row)? {
+                        Fate::Entered => match self.whole_row(table, row)? {
+                            Some(doc) => {
                                 bytes += doc.len();
                                 chunk.entering.push(RowDoc { row, doc });
                             }
-                        }
+                            // Not sent, so not held: a later change tries again.
+                            None => {
+                                if let Some(x) = fates.get_mut(&row) {
+                                    x.0 = Fate::Skip;
+                                }
+                            }
+                        },
                         Fate::Left => chunk.leaving.push(row),
                         Fate::Skip => {}
                     }
@@ -1931,6 +1987,41 @@ impl HubStorage for HubReplica {
         chunk.cursor = Cursor(end.min(last).max(after.0));
         chunk.more = chunk.cursor.0 < last;
         Ok(chunk)
+    }
+
+    fn row_copy_withheld(
+        &mut self,
+        who: &Principal,
+        table: &str,
+        row: RowId,
+    ) -> Result<(), StorageError> {
+        let o = Override {
+            seq: self.store.last_seq(),
+            held: false,
+        };
+        self.store
+            .aux_put(
+                SPACE,
+                &override_key(who.device, table, row),
+                &enc(&o),
+                Durability::Group,
+            )
+            .map_err(storage_err)?;
+        // A row of the set the device no longer holds: its next pull sends it whole.
+        if let Some(profile) = self.profile_of(&who.app).map(str::to_string) {
+            let again = UserDelta {
+                user: who.user,
+                enter: vec![RowRef {
+                    table: table.into(),
+                    id: row,
+                }],
+                leave: Vec::new(),
+            };
+            let next = self.store.last_seq() + 1;
+            self.record_deltas(&profile, &[again], next)
+                .map_err(storage_err)?;
+        }
+        Ok(())
     }
 
     fn blob_chunk(

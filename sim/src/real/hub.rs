@@ -341,6 +341,15 @@ impl HubStorage for ReplicaHub {
         self.live_mut()?.authenticate(device, token, app)
     }
 
+    fn row_copy_withheld(
+        &mut self,
+        who: &Principal,
+        table: &str,
+        row: uuid::Uuid,
+    ) -> Result<(), StorageError> {
+        self.live_mut()?.row_copy_withheld(who, table, row)
+    }
+
     fn apply_push(
         &mut self,
         now: Millis,
