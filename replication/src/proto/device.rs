@@ -722,8 +722,8 @@ impl DeviceSession {
                 .count();
             ops.truncate(keep.max(1));
             if let Some(op) = ops.iter().find(|op| op.change.len() > MAX_CHANGE_LEN) {
-                // Never dropped, never sendable: say so and stop pushing (the store must refuse
-                // such a change at commit).
+                // Never dropped, never sendable: say so and stop pushing (the store refuses such
+                // a change at commit, so only a damaged log holds one).
                 return Err(Fail::Storage(StorageError::Corrupt(format!(
                     "pending op {} is {} bytes, over the {MAX_CHANGE_LEN}-byte limit",
                     op.seq,
