@@ -328,10 +328,13 @@ impl DeviceReplica {
     /// Moves the store's acknowledged prefix to just before the first unacknowledged own op.
     fn advance_store_ack(&self) -> Result<(), StorageError> {
         let acked = self.acked_seq()?;
-        let first = self.own_entries(acked, 1)?;
+        // The log's end is read before the scan: an own op committed (by another thread)
+        // while it runs lies after `end`, so it is neither found nor taken as acknowledged.
+        let end = self.store.last_seq();
+        let first = self.own_entries_through(acked, end, 1)?;
         let up_to = match first.first() {
             Some(e) => e.seq.saturating_sub(1),
-            None => self.store.last_seq(),
+            None => end,
         };
         self.store.acknowledge(up_to).map_err(storage_err)
     }
