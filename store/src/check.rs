@@ -277,7 +277,10 @@ impl Store {
         for r in self.db().scan_prefix([keys::INDEX]) {
             let (k, _) = r?;
             let ok = (|| -> Result<bool, StoreError> {
-                let t = u16::from_be_bytes([k[1], k[2]]);
+                let (Some(&hi), Some(&lo)) = (k.get(1), k.get(2)) else {
+                    return Err(corrupt("index key malformed"));
+                };
+                let t = u16::from_be_bytes([hi, lo]);
                 let id = keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?;
                 let Some(m) = self.load_mat(t, id)? else {
                     return Ok(false);

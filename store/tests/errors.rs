@@ -518,3 +518,45 @@ fn a_change_just_under_the_limit_is_accepted() {
         .unwrap();
     assert_eq!(s.get("note", ids[0]).unwrap().unwrap().get("body"), &body);
 }
+
+#[test]
+fn a_damaged_blob_header_or_index_key_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data");
+    let blob = {
+        let s = Store::create(&p, schema(), options(1)).unwrap();
+        let blob = s.put_blob("a.bin", &mut &[7u8; 1000][..]).unwrap();
+        let mut tx = s.begin();
+        tx.insert("account", &[("name", text("a"))]).unwrap();
+        tx.commit().unwrap();
+        blob
+    };
+    // Opened once more: the open checkpoints, so the write-ahead file no longer holds the
+    // header's batch and cannot repair the damage below.
+    drop(Store::open(&p, options(1)).unwrap());
+    {
+        let db = raw_sled(&p);
+        let header_key = db.scan_prefix(b"b").next().unwrap().unwrap().0;
+        // A header claiming u64::MAX bytes in no chunks (bincode varint: 0xfd + 8 bytes).
+        let mut header = vec![0xfd];
+        header.extend_from_slice(&u64::MAX.to_le_bytes());
+        header.push(0);
+        db.insert(header_key, header).unwrap();
+        // An index key too short to name its table.
+        db.insert(b"I", &b""[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let s = Store::open(&p, options(1)).unwrap();
+    let read = s.read_blob(&blob);
+    assert!(matches!(read, Err(StoreError::BlobCorrupt(_))), "{read:?}");
+    let report = s.check().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.what.contains("index entry")),
+        "{report:?}"
+    );
+    s.rebuild().unwrap();
+    assert!(s.check().unwrap().is_ok());
+}
