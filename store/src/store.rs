@@ -547,7 +547,10 @@ impl Store {
         let last = store.compute_last_seq().map_err(OpenError::Store)?;
         store.set_next_seq(&mut store.writer(), last + 1);
         let tail = if clean { 1 } else { 256 };
-        if !store.tail_consistent(tail).map_err(OpenError::Store)? {
+        if store.rebuild_interrupted().map_err(OpenError::Store)? {
+            warn!("a rebuild of the materialized rows was interrupted; rebuilding");
+            store.rebuild().map_err(OpenError::Store)?;
+        } else if !store.tail_consistent(tail).map_err(OpenError::Store)? {
             warn!(
                 clean,
                 "materialized rows disagree with the log tail; rebuilding"
