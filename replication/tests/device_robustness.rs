@@ -7,8 +7,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use fieldsync_replication::proto::{BatchLimits, DeviceStorage, Millis};
-use fieldsync_replication::replica::DeviceReplica;
+use fieldsync_replication::proto::{
+    BatchLimits, DeviceStorage, Millis, Operation, Rejection, RejectionKind,
+};
+use fieldsync_replication::replica::{DeviceReplica, ReplicaError};
 use fieldsync_store::{ActorId, Durability, Schema, Store, StoreOptions, Value};
 
 const SCHEMA: &str = "[tables.task]\noffline = true\n[tables.task.columns]\nname = \"text\"\n";
@@ -98,4 +100,44 @@ fn own_ops_committed_during_an_ack_advance_stay_pending() {
         "every own op after the hub's ack ({acked}) is pending"
     );
     assert!(store.acked_seq().unwrap() <= acked);
+}
+
+/// A delete the hub refused, on a row the device may not read: the rollback removes the row,
+/// and a retry is refused with a clear error rather than re-inserting a row holding nothing
+/// but `modifiedon`.
+#[test]
+fn retrying_a_rejected_delete_of_a_row_the_rollback_removed_is_refused() {
+    let mut replica = device();
+    let store = replica.store().clone();
+    let mut tx = store.begin();
+    let row = tx
+        .insert("task", &[("name", Value::Text("gone".into()))])
+        .unwrap();
+    tx.commit().unwrap();
+    replica.record_ack(Millis(1), 1, &[]).unwrap();
+    let mut tx = store.begin();
+    tx.delete("task", row).unwrap();
+    let delete_seq = tx.commit().unwrap().last_seq;
+    let rejection = Rejection {
+        seq: delete_seq,
+        table: "task".into(),
+        row,
+        operation: Operation::Delete,
+        kind: RejectionKind::Permission,
+        message: "no delete privilege".into(),
+        authoritative: None,
+    };
+    replica.record_ack(Millis(2), delete_seq, &[rejection]).unwrap();
+    assert!(store.get("task", row).unwrap().is_none(), "rolled back");
+    let before = store.last_seq();
+    match replica.retry_error(delete_seq) {
+        Err(ReplicaError::RowGone { table, row: gone }) => {
+            assert_eq!((table.as_str(), gone), ("task", row));
+        }
+        other => panic!("expected RowGone, got {other:?}"),
+    }
+    assert!(store.get("task", row).unwrap().is_none(), "no row re-created");
+    assert_eq!(store.last_seq(), before, "nothing written");
+    assert_eq!(replica.sync_errors().unwrap().len(), 1, "the error stays listed");
+    assert!(replica.discard_error(delete_seq).unwrap());
 }

@@ -449,13 +449,19 @@ impl DeviceReplica {
             } else {
                 tx.update(&e.table, e.row, &values)?;
             }
+        } else if delete {
+            // The rollback removed the row (the device may not read it): re-inserting the
+            // delete's other columns would create a row of nothing but `modifiedon`.
+            return Err(ReplicaError::RowGone {
+                table: e.table,
+                row: e.row,
+            });
         } else {
             let values: Vec<(&str, Value)> =
                 values.into_iter().filter(|(_, v)| !v.is_null()).collect();
             tx.insert_with_id(&e.table, e.row, &values)?;
         }
-        tx.commit_with(Durability::Immediate)?;
-        let seq = self.store.last_seq();
+        let seq = tx.commit_with(Durability::Immediate)?.last_seq;
         self.store.aux_remove(SPACE, &key, Durability::Immediate)?;
         Ok(seq)
     }
