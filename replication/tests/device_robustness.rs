@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fieldsync_replication::proto::{
-    BatchLimits, DeviceStorage, Millis, Operation, Rejection, RejectionKind,
+    BatchLimits, DeviceStorage, Millis, Operation, Rejection, RejectionKind, RowChange,
+    StorageError,
 };
 use fieldsync_replication::replica::{DeviceReplica, ReplicaError};
+use fieldsync_replication::Profile;
 use fieldsync_store::{ActorId, Durability, Schema, Store, StoreOptions, Value};
 
 const SCHEMA: &str = "[tables.task]\noffline = true\n[tables.task.columns]\nname = \"text\"\n";
@@ -140,4 +142,63 @@ fn retrying_a_rejected_delete_of_a_row_the_rollback_removed_is_refused() {
     assert_eq!(store.last_seq(), before, "nothing written");
     assert_eq!(replica.sync_errors().unwrap().len(), 1, "the error stays listed");
     assert!(replica.discard_error(delete_seq).unwrap());
+}
+
+/// A download whose content does not match its hash: the replica drops it (progress back to
+/// 0), keeps the blob wanted for a later connection, and says so with a typed error the
+/// session handles, rather than a `Corrupt` that would end every session.
+#[test]
+fn a_downloaded_blob_that_does_not_match_its_hash_is_dropped_and_still_wanted() {
+    let schema = Schema::from_toml(
+        "[tables.task]\noffline = true\n[tables.task.columns]\nname = \"text\"\ndoc = \"file\"\n",
+    )
+    .unwrap();
+    let profile = Profile::from_toml(
+        "name = \"P\"\n[tables.task]\nrows = \"all\"\nfiles = true\n",
+        &schema,
+    )
+    .unwrap();
+    let good: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    // The hub's row, referring to the good content.
+    let hub = Store::temporary(
+        schema.clone(),
+        StoreOptions::default().with_actor(ActorId([1; 16])),
+    )
+    .unwrap();
+    let blob = hub.put_blob("doc.bin", &mut good.as_slice()).unwrap();
+    let mut tx = hub.begin();
+    let row = tx
+        .insert("task", &[("doc", Value::File(blob.clone()))])
+        .unwrap();
+    tx.commit().unwrap();
+    let change = hub.ops_since(0, 1).unwrap().remove(0).change;
+    let store =
+        Store::temporary(schema, StoreOptions::default().with_actor(ActorId([2; 16]))).unwrap();
+    let mut replica = DeviceReplica::new(store.clone()).with_profile(&profile);
+    replica
+        .apply_ops("task", &[RowChange { row, change }])
+        .unwrap();
+    assert_eq!(replica.blobs_to_fetch().unwrap(), vec![blob.sha256]);
+
+    // A damaged copy, in two chunks.
+    let mut bad = good.clone();
+    bad[77_777] ^= 0xff;
+    let total = good.len() as u64;
+    replica
+        .write_blob_chunk(&blob.sha256, 0, &bad[..60_000], total)
+        .unwrap();
+    assert_eq!(
+        replica.write_blob_chunk(&blob.sha256, 60_000, &bad[60_000..], total),
+        Err(StorageError::BlobMismatch)
+    );
+    assert_eq!(replica.blob_progress(&blob.sha256).unwrap(), 0);
+    assert!(!store.has_blob(&blob).unwrap());
+    assert_eq!(replica.blobs_to_fetch().unwrap(), vec![blob.sha256], "still wanted");
+
+    // The next download (a good copy) completes.
+    replica
+        .write_blob_chunk(&blob.sha256, 0, &good, total)
+        .unwrap();
+    assert_eq!(store.read_blob(&blob).unwrap(), good);
+    assert!(replica.blobs_to_fetch().unwrap().is_empty());
 }

@@ -817,10 +817,11 @@ impl DeviceStorage for DeviceReplica {
             .put_blob("blob", &mut content.as_slice())
             .map_err(storage_err)?;
         if stored.sha256 != *sha256 {
+            // The download starts over at a later connection (the blob stays wanted: the hub
+            // may have a good copy by then). The content just stored under its own hash is
+            // referred to by nothing.
             self.apply(&cleanup)?;
-            return Err(StorageError::Corrupt(
-                "a downloaded blob does not match its hash".into(),
-            ));
+            return Err(StorageError::BlobMismatch);
         }
         cleanup.push(AuxWrite::Put(
             sha_key(P_BLOB_DONE, sha256),
