@@ -343,3 +343,45 @@ fn import_refuses_repeated_and_existing_ids_and_oversized_rows_whole() {
     let products = fieldsync_ok(["device", "query", "--data", &data, "product", "--json"]);
     assert_eq!(products.lines().count(), 0, "nothing of the file was written");
 }
+
+/// `device status` counts the device's own edits the hub has not acknowledged, not the
+/// changes pulled from the hub that share the log.
+#[test]
+fn status_counts_own_pending_edits_only() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    fieldsync_ok(["device", "put", "--data", &data, "account", "name=mine"]);
+    // Two changes from another actor, as a pull would apply them.
+    let schema_text = std::fs::read_to_string(field_service("schema.toml")).unwrap();
+    let schema = fieldsync_store::Schema::from_toml(&schema_text).unwrap();
+    let other = fieldsync_store::Store::temporary(
+        schema,
+        fieldsync_store::StoreOptions::default().with_actor(fieldsync_store::ActorId([9; 16])),
+    )
+    .unwrap();
+    let mut tx = other.begin();
+    tx.insert("account", &[("name", fieldsync_store::Value::Text("a".into()))])
+        .unwrap();
+    tx.insert("account", &[("name", fieldsync_store::Value::Text("b".into()))])
+        .unwrap();
+    tx.commit().unwrap();
+    let ops: Vec<_> = other
+        .ops_since(0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.to_remote())
+        .collect();
+    {
+        let device = fieldsync_store::Store::open(
+            &dir.path().join("device"),
+            fieldsync_store::StoreOptions::default(),
+        )
+        .unwrap();
+        device
+            .apply_remote(&ops, fieldsync_store::Durability::Immediate)
+            .unwrap();
+        assert_eq!(device.last_seq(), 3);
+    }
+    let status = fieldsync_ok(["device", "status", "--data", &data]);
+    assert!(status.contains("pending ops   1\n"), "{status}");
+}

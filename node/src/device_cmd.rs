@@ -592,10 +592,12 @@ fn status(data: &Path) -> Result<()> {
     println!("actor         {}", store.actor());
     println!("last seq      {}", status.last_seq);
     println!("acked seq     {}", status.acked_seq);
-    println!(
-        "pending ops   {}",
-        status.last_seq.saturating_sub(status.acked_seq)
-    );
+    // Own edits the hub has not acknowledged: the log also holds pulled changes, which are
+    // never pushed.
+    let pending = fieldsync_replication::replica::DeviceReplica::new(store.clone())
+        .pending_op_count()
+        .map_err(|e| anyhow!(e))?;
+    println!("pending ops   {pending}");
     println!("log entries   {}", status.log_entries);
     println!("disk bytes    {}", status.disk_bytes);
     println!("rows:");
