@@ -316,7 +316,10 @@ fn import_refuses_repeated_and_existing_ids_and_oversized_rows_whole() {
     let out = import_file(&data, "contact", &repeated);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains(":4:") && err.contains("already exists"), "{err}");
+    assert!(
+        err.contains(":4:") && err.contains("already exists"),
+        "{err}"
+    );
     assert_eq!(contact_count(&data), 1);
 
     // A row whose change would be over the 1 MiB limit of one change, after 5,000 good rows.
@@ -341,7 +344,11 @@ fn import_refuses_repeated_and_existing_ids_and_oversized_rows_whole() {
         "{err}"
     );
     let products = fieldsync_ok(["device", "query", "--data", &data, "product", "--json"]);
-    assert_eq!(products.lines().count(), 0, "nothing of the file was written");
+    assert_eq!(
+        products.lines().count(),
+        0,
+        "nothing of the file was written"
+    );
 }
 
 /// `device status` counts the device's own edits the hub has not acknowledged, not the
@@ -360,10 +367,16 @@ fn status_counts_own_pending_edits_only() {
     )
     .unwrap();
     let mut tx = other.begin();
-    tx.insert("account", &[("name", fieldsync_store::Value::Text("a".into()))])
-        .unwrap();
-    tx.insert("account", &[("name", fieldsync_store::Value::Text("b".into()))])
-        .unwrap();
+    tx.insert(
+        "account",
+        &[("name", fieldsync_store::Value::Text("a".into()))],
+    )
+    .unwrap();
+    tx.insert(
+        "account",
+        &[("name", fieldsync_store::Value::Text("b".into()))],
+    )
+    .unwrap();
     tx.commit().unwrap();
     let ops: Vec<_> = other
         .ops_since(0, 10)

@@ -10,7 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use fieldsync_replication::proto::messages::BLOB_UPLOAD_MAX;
 use fieldsync_store::{
-    ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value, WriteError,
+    BulkRow, ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
+    WriteError,
 };
 use uuid::Uuid;
 
@@ -514,9 +515,12 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
     );
     // One bulk insert: it checks every row (ids that repeat or exist, changes over the size
     // limit) before it writes anything.
-    let lines: Vec<(usize, Option<RowId>)> = rows.iter().map(|(line, id, _)| (*line, *id)).collect();
-    let rows: Vec<(Option<RowId>, Vec<(String, Value)>)> =
-        rows.into_iter().map(|(_, id, values)| (id, values)).collect();
+    let lines: Vec<(usize, Option<RowId>)> =
+        rows.iter().map(|(line, id, _)| (*line, *id)).collect();
+    let rows: Vec<BulkRow> = rows
+        .into_iter()
+        .map(|(_, id, values)| BulkRow { id, values })
+        .collect();
     store
         .bulk_insert(table_name, rows, &mut |done| bar.set_position(done as u64))
         .map_err(|e| import_error(file, &lines, e))?;

@@ -129,7 +129,9 @@ fn retrying_a_rejected_delete_of_a_row_the_rollback_removed_is_refused() {
         message: "no delete privilege".into(),
         authoritative: None,
     };
-    replica.record_ack(Millis(2), delete_seq, &[rejection]).unwrap();
+    replica
+        .record_ack(Millis(2), delete_seq, &[rejection])
+        .unwrap();
     assert!(store.get("task", row).unwrap().is_none(), "rolled back");
     let before = store.last_seq();
     match replica.retry_error(delete_seq) {
@@ -138,9 +140,16 @@ fn retrying_a_rejected_delete_of_a_row_the_rollback_removed_is_refused() {
         }
         other => panic!("expected RowGone, got {other:?}"),
     }
-    assert!(store.get("task", row).unwrap().is_none(), "no row re-created");
+    assert!(
+        store.get("task", row).unwrap().is_none(),
+        "no row re-created"
+    );
     assert_eq!(store.last_seq(), before, "nothing written");
-    assert_eq!(replica.sync_errors().unwrap().len(), 1, "the error stays listed");
+    assert_eq!(
+        replica.sync_errors().unwrap().len(),
+        1,
+        "the error stays listed"
+    );
     assert!(replica.discard_error(delete_seq).unwrap());
 }
 
@@ -193,7 +202,11 @@ fn a_downloaded_blob_that_does_not_match_its_hash_is_dropped_and_still_wanted() 
     );
     assert_eq!(replica.blob_progress(&blob.sha256).unwrap(), 0);
     assert!(!store.has_blob(&blob).unwrap());
-    assert_eq!(replica.blobs_to_fetch().unwrap(), vec![blob.sha256], "still wanted");
+    assert_eq!(
+        replica.blobs_to_fetch().unwrap(),
+        vec![blob.sha256],
+        "still wanted"
+    );
 
     // The next download (a good copy) completes.
     replica

@@ -1492,9 +1492,10 @@ fn a_download_that_does_not_match_its_hash_is_dropped_and_the_session_goes_on() 
     assert!(events.contains(&DeviceEvent::BlobMismatch { sha256: sha }));
     assert!(!events.contains(&DeviceEvent::BlobComplete { sha256: sha }));
     assert!(
-        !events
-            .iter()
-            .any(|e| matches!(e, DeviceEvent::StorageFailed { .. } | DeviceEvent::Closed { .. })),
+        !events.iter().any(|e| matches!(
+            e,
+            DeviceEvent::StorageFailed { .. } | DeviceEvent::Closed { .. }
+        )),
         "the session goes on: {events:?}"
     );
     assert_eq!(net.devs[0].storage.blob_progress(&sha).unwrap(), 0);

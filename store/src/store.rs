@@ -967,9 +967,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
         let schema = Schema::from_toml("[tables.note.columns]\nbody = \"file\"").unwrap();
-        let mut options = StoreOptions::default();
-        // Small enough that the blob below makes the store checkpoint several times.
-        options.wal_capacity_bytes = 256 << 10;
+        let options = StoreOptions {
+            // Small enough that the blob below makes the store checkpoint several times.
+            wal_capacity_bytes: 256 << 10,
+            ..StoreOptions::default()
+        };
         let content: Vec<u8> = (0..(1u32 << 20) + 12_345)
             .map(|i| (i % 251) as u8)
             .collect();

@@ -449,6 +449,7 @@ fn garbage_under_our_keys_and_wrong_versions_are_clear_errors() {
 }
 
 /// A schema with a memo column, for changes near the size limit.
+#[allow(clippy::unwrap_used)] // test setup: a panic is a failed test
 fn memo_store() -> Store {
     let schema = fieldsync_store::Schema::from_toml(
         "[tables.note]\noffline = true\n[tables.note.columns]\nbody = \"memo\"\ntitle = \"text\"",
@@ -487,7 +488,10 @@ fn a_change_over_the_limit_is_refused_at_commit_and_nothing_is_written() {
         Err(WriteError::ChangeTooLarge { row, .. }) if row == id
     ));
     assert_eq!(s.last_seq(), 1);
-    assert_eq!(s.get("note", id).unwrap().unwrap().get("body"), &Value::Null);
+    assert_eq!(
+        s.get("note", id).unwrap().unwrap().get("body"),
+        &Value::Null
+    );
 
     // In a bulk insert, a row over the limit anywhere refuses the whole insert, even after
     // many batches' worth of good rows.
@@ -514,7 +518,11 @@ fn a_change_just_under_the_limit_is_accepted() {
     let entries = s.ops_since(0, 10).unwrap();
     assert!(entries[0].change.len() <= MAX_CHANGE_BYTES);
     let ids = s
-        .bulk_insert("note", vec![vec![("body".to_string(), body.clone())]], &mut |_| {})
+        .bulk_insert(
+            "note",
+            vec![vec![("body".to_string(), body.clone())]],
+            &mut |_| {},
+        )
         .unwrap();
     assert_eq!(s.get("note", ids[0]).unwrap().unwrap().get("body"), &body);
 }
