@@ -139,9 +139,10 @@ pub(crate) struct SledFiles {
     db_file: std::fs::File,
     /// sled's directory (holding `blobs/`).
     dir: PathBuf,
-    /// Blob files synced at an earlier checkpoint: sled writes each once (`create_new`) and
-    /// later only deletes it, so each is synced once.
-    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    /// Blob files synced at an earlier checkpoint, with their length then: sled writes each
+    /// once (`create_new`) and later only deletes it, so each is synced once — again only if
+    /// it was still being written when synced (its length moved since).
+    synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
 }
 
 impl SledFiles {
@@ -149,7 +150,7 @@ impl SledFiles {
         Ok(SledFiles {
             db_file: std::fs::File::open(sled_dir.join("db"))?,
             dir: sled_dir.to_path_buf(),
-            synced_blobs: Mutex::new(Default::default()),
+            synced_blobs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -167,21 +168,27 @@ impl SledFiles {
             .synced_blobs
             .lock()
             .map_err(|_| corrupt("a checkpoint panicked while syncing blob files"))?;
-        let mut present = std::collections::HashSet::new();
+        let mut present = HashMap::new();
         let mut new_files = 0usize;
         for entry in listing {
             let entry = entry?;
             let name = entry.file_name();
-            if !synced.contains(&name) {
+            // Removed by sled's garbage collection meanwhile: nothing to keep.
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if synced.get(&name) != Some(&len) {
                 match std::fs::File::open(entry.path()) {
                     Ok(f) => f.sync_all()?,
-                    // Removed by sled's garbage collection meanwhile: nothing to keep.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) if gone(&e) => continue,
                     Err(e) => return Err(e.into()),
                 }
                 new_files += 1;
             }
-            present.insert(name);
+            present.insert(name, len);
         }
         if new_files > 0 {
             std::fs::File::open(&blobs)?.sync_all()?;
