@@ -264,3 +264,137 @@ fn a_damaged_store_is_a_clear_error() {
         );
     }
 }
+
+fn import_file(data: &str, table: &str, file: &std::path::Path) -> std::process::Output {
+    fieldsync_e2e::fieldsync([
+        "device".as_ref(),
+        "import".as_ref(),
+        "--data".as_ref(),
+        data.as_ref(),
+        table.as_ref(),
+        file.as_os_str(),
+    ])
+}
+
+fn contact_count(data: &str) -> usize {
+    fieldsync_ok(["device", "query", "--data", data, "contact", "--json"])
+        .lines()
+        .count()
+}
+
+#[test]
+fn import_refuses_repeated_and_existing_ids_and_oversized_rows_whole() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    let id = |i: usize| format!("7c000000-0000-4000-8000-{i:012}");
+    // An id on line 5,001 that repeats line 1: past the first 5,000 rows.
+    let repeated = dir.path().join("repeated.jsonl");
+    let mut f = std::fs::File::create(&repeated).unwrap();
+    for i in 0..5_000 {
+        writeln!(f, r#"{{"contactid":"{}","firstname":"c{i}"}}"#, id(i)).unwrap();
+    }
+    writeln!(f, r#"{{"contactid":"{}","firstname":"again"}}"#, id(0)).unwrap();
+    drop(f);
+    let out = import_file(&data, "contact", &repeated);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(":5001") && err.contains("line 1"), "{err}");
+    assert_eq!(contact_count(&data), 0, "nothing of the file was written");
+
+    // An id the store already holds.
+    let existing = fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &data,
+        "contact",
+        "--id",
+        &id(3),
+        "firstname=here",
+    ]);
+    assert_eq!(existing.trim(), id(3));
+    let out = import_file(&data, "contact", &repeated);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(":4:") && err.contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(contact_count(&data), 1);
+
+    // A row whose change would be over the 1 MiB limit of one change, after 5,000 good rows.
+    let big = dir.path().join("big.jsonl");
+    let mut f = std::fs::File::create(&big).unwrap();
+    for i in 0..5_000 {
+        writeln!(f, r#"{{"name":"p{i}"}}"#).unwrap();
+    }
+    writeln!(
+        f,
+        r#"{{"productid":"{}","description":"{}"}}"#,
+        id(9),
+        "x".repeat(1_100_000)
+    )
+    .unwrap();
+    drop(f);
+    let out = import_file(&data, "product", &big);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(":5001") && err.contains("over the 1048576-byte limit"),
+        "{err}"
+    );
+    let products = fieldsync_ok(["device", "query", "--data", &data, "product", "--json"]);
+    assert_eq!(
+        products.lines().count(),
+        0,
+        "nothing of the file was written"
+    );
+}
+
+/// `device status` counts the device's own edits the hub has not acknowledged, not the
+/// changes pulled from the hub that share the log.
+#[test]
+fn status_counts_own_pending_edits_only() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    fieldsync_ok(["device", "put", "--data", &data, "account", "name=mine"]);
+    // Two changes from another actor, as a pull would apply them.
+    let schema_text = std::fs::read_to_string(field_service("schema.toml")).unwrap();
+    let schema = fieldsync_store::Schema::from_toml(&schema_text).unwrap();
+    let other = fieldsync_store::Store::temporary(
+        schema,
+        fieldsync_store::StoreOptions::default().with_actor(fieldsync_store::ActorId([9; 16])),
+    )
+    .unwrap();
+    let mut tx = other.begin();
+    tx.insert(
+        "account",
+        &[("name", fieldsync_store::Value::Text("a".into()))],
+    )
+    .unwrap();
+    tx.insert(
+        "account",
+        &[("name", fieldsync_store::Value::Text("b".into()))],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let ops: Vec<_> = other
+        .ops_since(0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.to_remote())
+        .collect();
+    {
+        let device = fieldsync_store::Store::open(
+            &dir.path().join("device"),
+            fieldsync_store::StoreOptions::default(),
+        )
+        .unwrap();
+        device
+            .apply_remote(&ops, fieldsync_store::Durability::Immediate)
+            .unwrap();
+        assert_eq!(device.last_seq(), 3);
+    }
+    let status = fieldsync_ok(["device", "status", "--data", &data]);
+    assert!(status.contains("pending ops   1\n"), "{status}");
+}

@@ -10,13 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use fieldsync_replication::proto::messages::BLOB_UPLOAD_MAX;
 use fieldsync_store::{
-    ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
+    BulkRow, ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
+    WriteError,
 };
 use uuid::Uuid;
-
-/// Rows per transaction in `device import`: big enough to amortize a commit, small enough for
-/// a steady progress bar.
-const IMPORT_BATCH_ROWS: usize = 5_000;
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
@@ -426,11 +423,13 @@ fn delete(data: &Path, table: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// One line of an import file: the row's id if it names one, and its column values.
-type ImportRow = (Option<RowId>, Vec<(String, Value)>);
+/// One line of an import file: its line number, the row's id if it names one, and its column
+/// values.
+type ImportRow = (usize, Option<RowId>, Vec<(String, Value)>);
 
 /// Read and check the whole file before writing anything, so a bad line leaves the store as
-/// it was.
+/// it was (the ids and the size of each row's change are checked by `bulk_insert`, before it
+/// writes anything: see `import`).
 fn read_import_file(table: &Table, file: &Path) -> Result<Vec<ImportRow>> {
     let reader = BufReader::new(
         std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
@@ -474,9 +473,31 @@ fn read_import_file(table: &Table, file: &Path) -> Result<Vec<ImportRow>> {
                 .with_context(|| format!("{}:{line_no}", file.display()))?;
             values.push((col.clone(), value));
         }
-        rows.push((id, values));
+        rows.push((line_no, id, values));
     }
     Ok(rows)
+}
+
+/// Names the lines of an import file that a refused bulk insert points at.
+fn import_error(file: &Path, rows: &[(usize, Option<RowId>)], error: WriteError) -> anyhow::Error {
+    let row = match &error {
+        WriteError::RowExists { id, .. } | WriteError::RowDeleted { id, .. } => Some(*id),
+        WriteError::ChangeTooLarge { row, .. } => Some(*row),
+        _ => None,
+    };
+    let lines: Vec<usize> = rows
+        .iter()
+        .filter(|(_, id)| id.is_some() && *id == row)
+        .map(|(line, _)| *line)
+        .collect();
+    let file = file.display();
+    match (&error, lines.as_slice()) {
+        (WriteError::RowExists { id, .. }, [first, again, ..]) => {
+            anyhow!("{file}:{again}: row id {id} repeats line {first}; nothing was imported")
+        }
+        (_, [line, ..]) => anyhow!("{file}:{line}: {error}; nothing was imported"),
+        _ => anyhow!("{file}: {error}; nothing was imported"),
+    }
 }
 
 fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
@@ -492,34 +513,17 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut done = 0usize;
-    let mut iter = rows.into_iter().peekable();
-    while iter.peek().is_some() {
-        let batch: Vec<_> = iter.by_ref().take(IMPORT_BATCH_ROWS).collect();
-        let n = batch.len();
-        let context = || format!("importing rows {}..{}", done + 1, done + n);
-        if batch.iter().all(|(id, _)| id.is_none()) {
-            let rows = batch.into_iter().map(|(_, values)| values).collect();
-            store
-                .bulk_insert(table_name, rows, &mut |k| {
-                    bar.set_position((done + k) as u64)
-                })
-                .with_context(context)?;
-        } else {
-            // Rows that name their id keep it (a re-import of exported data).
-            let mut tx = store.begin();
-            for (id, values) in &batch {
-                match id {
-                    Some(id) => tx.insert_with_id(table_name, *id, &as_refs(values)),
-                    None => tx.insert(table_name, &as_refs(values)).map(|_| ()),
-                }
-                .with_context(context)?;
-            }
-            tx.commit_with(Durability::Group).with_context(context)?;
-        }
-        done += n;
-        bar.set_position(done as u64);
-    }
+    // One bulk insert: it checks every row (ids that repeat or exist, changes over the size
+    // limit) before it writes anything.
+    let lines: Vec<(usize, Option<RowId>)> =
+        rows.iter().map(|(line, id, _)| (*line, *id)).collect();
+    let rows: Vec<BulkRow> = rows
+        .into_iter()
+        .map(|(_, id, values)| BulkRow { id, values })
+        .collect();
+    store
+        .bulk_insert(table_name, rows, &mut |done| bar.set_position(done as u64))
+        .map_err(|e| import_error(file, &lines, e))?;
     store.sync().context("cannot make the import durable")?;
     bar.finish_and_clear();
     println!("imported {total} rows into {table_name}");
@@ -592,10 +596,12 @@ fn status(data: &Path) -> Result<()> {
     println!("actor         {}", store.actor());
     println!("last seq      {}", status.last_seq);
     println!("acked seq     {}", status.acked_seq);
-    println!(
-        "pending ops   {}",
-        status.last_seq.saturating_sub(status.acked_seq)
-    );
+    // Own edits the hub has not acknowledged: the log also holds pulled changes, which are
+    // never pushed.
+    let pending = fieldsync_replication::replica::DeviceReplica::new(store.clone())
+        .pending_op_count()
+        .map_err(|e| anyhow!(e))?;
+    println!("pending ops   {pending}");
     println!("log entries   {}", status.log_entries);
     println!("disk bytes    {}", status.disk_bytes);
     println!("rows:");

@@ -333,10 +333,6 @@ pub fn status_lines(data: &Path, store: &Store) -> Result<()> {
         println!("  app           {} (profile {})", e.app, e.profile);
     }
     println!("  wifi only     {}", file.wifi_only);
-    println!(
-        "  pending ops   {}",
-        replica.pending_op_count().map_err(|e| anyhow!(e))?
-    );
     let (up, down) = replica.pending_files().map_err(|e| anyhow!(e))?;
     println!("  files         {up} to upload, {down} to download");
     for t in replica.table_sync_status().map_err(|e| anyhow!(e))? {

@@ -471,6 +471,8 @@ struct RefDevice {
     changes: u64,
     deferred_evictions: u64,
     fail: bool,
+    /// Blobs whose next completed download does not match its hash (as a damaged copy would).
+    mismatch_downloads: BTreeSet<[u8; 32]>,
 }
 
 impl RefDevice {
@@ -682,11 +684,15 @@ impl DeviceStorage for RefDevice {
         sha: &[u8; 32],
         offset: u64,
         data: &[u8],
-        _total: u64,
+        total: u64,
     ) -> Result<(), StorageError> {
         let b = self.blobs.entry(*sha).or_default();
         assert_eq!(b.len() as u64, offset);
         b.extend_from_slice(data);
+        if b.len() as u64 == total && self.mismatch_downloads.remove(sha) {
+            self.blobs.remove(sha);
+            return Err(StorageError::BlobMismatch);
+        }
         Ok(())
     }
     // The reference device attaches no files and fetches only what the test asks for.
@@ -1476,6 +1482,43 @@ fn a_leaving_row_waits_for_its_pending_ops() {
         net.devs[1].storage.rows.contains_key(&key),
         "moved to user 2's device"
     );
+}
+
+#[test]
+fn a_download_that_does_not_match_its_hash_is_dropped_and_the_session_goes_on() {
+    let mut net = Net::new(1, 9);
+    let blob: Vec<u8> = (0..150_000u32).map(|i| (i % 13) as u8).collect();
+    let sha = [5u8; 32];
+    net.hub.blobs.insert(sha, blob.clone());
+    net.run_for(Millis::from_secs(2));
+    net.devs[0].storage.mismatch_downloads.insert(sha);
+    net.fetch_blob(0, sha);
+    net.run_for(Millis::from_secs(10));
+    let events = &net.devs[0].events;
+    assert!(events.contains(&DeviceEvent::BlobMismatch { sha256: sha }));
+    assert!(!events.contains(&DeviceEvent::BlobComplete { sha256: sha }));
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            DeviceEvent::StorageFailed { .. } | DeviceEvent::Closed { .. }
+        )),
+        "the session goes on: {events:?}"
+    );
+    assert_eq!(net.devs[0].storage.blob_progress(&sha).unwrap(), 0);
+    // Syncing still works in the same session, and a later download gets the good copy.
+    let row = net.devs[0].storage.create("task", 1, "a", 1);
+    net.local_ops(0);
+    net.run_for(Millis::from_secs(5));
+    assert!(net.hub.rows.contains_key(&("task".to_string(), row)));
+    let last = net.devs[0].storage.local.keys().next_back().copied();
+    assert_eq!(
+        Some(net.devs[0].storage.acked),
+        last,
+        "pushed and acknowledged after the bad download"
+    );
+    net.fetch_blob(0, sha);
+    net.run_for(Millis::from_secs(10));
+    assert_eq!(net.devs[0].storage.blobs[&sha], blob);
 }
 
 #[test]

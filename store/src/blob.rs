@@ -162,7 +162,9 @@ impl Store {
         let header = self
             .blob_header(&blob.sha256)?
             .ok_or_else(|| StoreError::BlobNotFound(blob.hash_hex()))?;
-        let mut out = Vec::with_capacity(usize::try_from(header.size).unwrap_or(0));
+        // The stored size may be damaged: reserve no more than the chunks can hold.
+        let most = (header.chunks.len() as u64).saturating_mul(BLOB_CHUNK_BYTES as u64);
+        let mut out = Vec::with_capacity(usize::try_from(header.size.min(most)).unwrap_or(0));
         let mut whole = Sha256::new();
         for chunk_sha in &header.chunks {
             let chunk = self.checked_chunk(&blob.sha256, chunk_sha)?;

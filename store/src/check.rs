@@ -18,6 +18,9 @@ use crate::wal::WriteBatch;
 /// Rows per batch when rebuilding.
 const REBUILD_CHUNK: usize = 1024;
 
+/// The meta key set while `rebuild` runs (see there).
+pub(crate) const REBUILDING: &str = "rebuilding";
+
 /// Where a row's history lives: a compacted document and log entries.
 #[derive(Debug, Default)]
 struct History {
@@ -90,12 +93,23 @@ impl Store {
         Ok(state)
     }
 
+    /// Whether a rebuild was interrupted (its marker is still set).
+    pub(crate) fn rebuild_interrupted(&self) -> Result<bool, StoreError> {
+        Ok(self.db().get(keys::meta(REBUILDING))?.is_some())
+    }
+
     /// Recompute every materialized row, its CRDT state and its indexes from the log and the
     /// compacted documents, replacing what is stored.
     pub fn rebuild(&self) -> Result<(), StoreError> {
         let _span = info_span!("rebuild").entered();
         let _writer = self.writer();
         let histories = self.histories()?;
+        // The deletes and rewrites below take many batches: a crash between them would leave
+        // rows missing that the open-time tail check takes for evicted. The durable marker
+        // makes every open until the last batch (which removes it) rebuild again.
+        let mut marker = WriteBatch::default();
+        marker.insert(keys::meta(REBUILDING), [1u8]);
+        self.write(marker, Durability::Immediate)?;
         // Drop the derived state.
         self.remove_prefix(keys::ROW)?;
         self.remove_prefix(keys::INDEX)?;
@@ -110,6 +124,7 @@ impl Store {
                 self.write(std::mem::take(&mut batch), Durability::Group)?;
             }
         }
+        batch.remove(keys::meta(REBUILDING));
         self.write(batch, Durability::Immediate)?;
         info!(
             rows = histories.len(),
@@ -277,7 +292,10 @@ impl Store {
         for r in self.db().scan_prefix([keys::INDEX]) {
             let (k, _) = r?;
             let ok = (|| -> Result<bool, StoreError> {
-                let t = u16::from_be_bytes([k[1], k[2]]);
+                let (Some(&hi), Some(&lo)) = (k.get(1), k.get(2)) else {
+                    return Err(corrupt("index key malformed"));
+                };
+                let t = u16::from_be_bytes([hi, lo]);
                 let id = keys::index_row(&k).ok_or_else(|| corrupt("index key malformed"))?;
                 let Some(m) = self.load_mat(t, id)? else {
                     return Ok(false);

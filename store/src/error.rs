@@ -151,6 +151,19 @@ pub enum WriteError {
         /// Why.
         reason: String,
     },
+    /// The write's automerge change is over [`crate::MAX_CHANGE_BYTES`]: it could never be
+    /// sent to the hub. Split the value or attach it as a file instead.
+    #[error("the change to {table}/{row} is {bytes} bytes, over the {max}-byte limit of one change (store large content as a file column)")]
+    ChangeTooLarge {
+        /// The table.
+        table: String,
+        /// The row.
+        row: RowId,
+        /// The change's size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The storage below failed.
     #[error(transparent)]
     Store(#[from] StoreError),

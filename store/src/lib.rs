@@ -48,7 +48,7 @@ pub use schema::{
     STATE_INACTIVE, SYSTEM_COLUMNS,
 };
 pub use store::{Store, FORMAT_VERSION};
-pub use txn::{BulkRow, Transaction};
+pub use txn::{BulkRow, Transaction, MAX_CHANGE_BYTES};
 pub use value::{
     format_datetime, parse_datetime, BlobRef, OwnerKind, OwnerRef, RowId, Value, ValueParseError,
 };

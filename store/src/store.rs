@@ -70,8 +70,8 @@ impl std::fmt::Debug for Store {
 pub(crate) struct Inner {
     pub db: Engine,
     pub dir: Option<PathBuf>,
-    /// The sled data file, opened separately to `fdatasync` it.
-    pub db_file: Option<std::fs::File>,
+    /// sled's files, to make them durable at a checkpoint (`None` for a temporary store).
+    pub sled_files: Option<SledFiles>,
     pub schema: Schema,
     pub tables: Vec<String>,
     pub table_ids: HashMap<String, u16>,
@@ -130,12 +130,88 @@ fn u64_meta(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(format!("meta key {what} is not 8 bytes")))
 }
 
+/// sled's files, opened by the store to make them durable before a checkpoint: sled 0.34
+/// never makes its data file durable against power loss, nor the files it writes each log
+/// item over ~128 KiB to (`blobs/<lsn>`, which blob chunks of 256 KiB always are), nor the
+/// directory that lists them.
+pub(crate) struct SledFiles {
+    /// The data file, opened separately to `fdatasync` it.
+    db_file: std::fs::File,
+    /// sled's directory (holding `blobs/`).
+    dir: PathBuf,
+    /// Blob files synced at an earlier checkpoint, with their length then: sled writes each
+    /// once (`create_new`) and later only deletes it, so each is synced once — again only if
+    /// it was still being written when synced (its length moved since).
+    synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
+}
+
+impl SledFiles {
+    fn open(sled_dir: &Path) -> std::io::Result<SledFiles> {
+        Ok(SledFiles {
+            db_file: std::fs::File::open(sled_dir.join("db"))?,
+            dir: sled_dir.to_path_buf(),
+            synced_blobs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `fdatasync` the data file, then every blob file not synced yet and (if there were
+    /// any) the directories listing them. Call after sled's own flush.
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db_file.sync_data()?;
+        let blobs = self.dir.join("blobs");
+        let listing = match std::fs::read_dir(&blobs) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .map_err(|_| corrupt("a checkpoint panicked while syncing blob files"))?;
+        let mut present = HashMap::new();
+        let mut new_files = 0usize;
+        for entry in listing {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Removed by sled's garbage collection meanwhile: nothing to keep.
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if synced.get(&name) != Some(&len) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                new_files += 1;
+            }
+            present.insert(name, len);
+        }
+        if new_files > 0 {
+            std::fs::File::open(&blobs)?.sync_all()?;
+            std::fs::File::open(&self.dir)?.sync_all()?;
+            debug!(new_files, "synced sled's blob files");
+        }
+        // Forget the files sled deleted.
+        *synced = present;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn synced_blob_count(&self) -> usize {
+        self.synced_blobs.lock().map_or(0, |s| s.len())
+    }
+}
+
 /// Open the write-ahead file of the store in `dir`, replay what sled may not hold yet, and
 /// checkpoint, so the file starts empty in a new generation.
 fn recover_wal(
     dir: &Path,
     db: &Engine,
-    db_file: Option<&std::fs::File>,
+    sled_files: Option<&SledFiles>,
     options: &StoreOptions,
 ) -> Result<Wal, OpenError> {
     let generation = match db.get(keys::meta("walgen")).map_err(StoreError::from)? {
@@ -165,7 +241,7 @@ fn recover_wal(
     for b in batches {
         db.apply_batch(&b).map_err(StoreError::from)?;
     }
-    checkpoint(db, db_file, options, &mut wal)?;
+    checkpoint(db, sled_files, options, &mut wal)?;
     Ok(wal)
 }
 
@@ -173,15 +249,15 @@ fn recover_wal(
 /// the next generation (recorded durably in sled before any record of it is written).
 fn checkpoint(
     db: &Engine,
-    db_file: Option<&std::fs::File>,
+    sled_files: Option<&SledFiles>,
     options: &StoreOptions,
     wal: &mut Wal,
 ) -> Result<(), StoreError> {
     let _span = tracing::debug_span!("checkpoint", generation = wal.generation).entered();
     let sync_db = || -> Result<(), StoreError> {
         db.flush()?;
-        if let (true, Some(f)) = (options.fsync, db_file) {
-            f.sync_data()?;
+        if let (true, Some(files)) = (options.fsync, sled_files) {
+            files.sync()?;
         }
         Ok(())
     };
@@ -444,13 +520,13 @@ impl Store {
             .enumerate()
             .map(|(i, n)| (n.clone(), i as u16))
             .collect();
-        let db_file = match &dir {
-            Some(d) => Some(std::fs::File::open(d.join(DB_DIR).join("db"))?),
+        let sled_files = match &dir {
+            Some(d) => Some(SledFiles::open(&d.join(DB_DIR))?),
             None => None,
         };
         let (wal, wal_sync) = match &dir {
             Some(d) => {
-                let wal = recover_wal(d, &db, db_file.as_ref(), &options)?;
+                let wal = recover_wal(d, &db, sled_files.as_ref(), &options)?;
                 let sync = wal.sync_handle()?;
                 (Some(Mutex::new(wal)), Some(sync))
             }
@@ -459,7 +535,7 @@ impl Store {
         let inner = Inner {
             db,
             dir,
-            db_file,
+            sled_files,
             schema,
             tables,
             table_ids,
@@ -478,7 +554,10 @@ impl Store {
         let last = store.compute_last_seq().map_err(OpenError::Store)?;
         store.set_next_seq(&mut store.writer(), last + 1);
         let tail = if clean { 1 } else { 256 };
-        if !store.tail_consistent(tail).map_err(OpenError::Store)? {
+        if store.rebuild_interrupted().map_err(OpenError::Store)? {
+            warn!("a rebuild of the materialized rows was interrupted; rebuilding");
+            store.rebuild().map_err(OpenError::Store)?;
+        } else if !store.tail_consistent(tail).map_err(OpenError::Store)? {
             warn!(
                 clean,
                 "materialized rows disagree with the log tail; rebuilding"
@@ -725,7 +804,7 @@ impl Store {
             if wal.needs_checkpoint(&batch) {
                 checkpoint(
                     self.db(),
-                    self.inner.db_file.as_ref(),
+                    self.inner.sled_files.as_ref(),
                     &self.inner.options,
                     &mut wal,
                 )?;
@@ -880,5 +959,48 @@ impl Store {
             .ok()
             .and_then(|p| mat.values.get(p))
             .map_or(&NULL, |(_, v)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blob chunks are over sled's inline limit, so sled writes each to a file of its own
+    /// under `db/blobs/`: a checkpoint must sync every one of them, and the store must read
+    /// them back after a reopen.
+    #[test]
+    fn checkpoints_sync_sleds_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let schema = Schema::from_toml("[tables.note.columns]\nbody = \"file\"").unwrap();
+        let options = StoreOptions {
+            // Small enough that the blob below makes the store checkpoint several times.
+            wal_capacity_bytes: 256 << 10,
+            ..StoreOptions::default()
+        };
+        let content: Vec<u8> = (0..(1u32 << 20) + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let blob = {
+            let store = Store::create(&path, schema.clone(), options.clone()).unwrap();
+            let blob = store.put_blob("big.bin", &mut content.as_slice()).unwrap();
+            let files = store.inner.sled_files.as_ref().unwrap();
+            let on_disk = std::fs::read_dir(path.join(DB_DIR).join("blobs"))
+                .unwrap()
+                .count();
+            assert!(on_disk > 0, "sled wrote no blob file");
+            // One more checkpoint: every blob file sled holds now has been synced.
+            let mut wal = store.inner.wal.as_ref().unwrap().lock().unwrap();
+            checkpoint(store.db(), Some(files), &options, &mut wal).unwrap();
+            drop(wal);
+            let on_disk = std::fs::read_dir(path.join(DB_DIR).join("blobs"))
+                .unwrap()
+                .count();
+            assert_eq!(files.synced_blob_count(), on_disk);
+            blob
+        };
+        let store = Store::open(&path, options).unwrap();
+        assert_eq!(store.read_blob(&blob).unwrap(), content);
     }
 }

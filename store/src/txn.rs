@@ -18,6 +18,42 @@ use crate::wal::WriteBatch;
 /// Rows per `apply_batch` in `bulk_insert`.
 const BULK_CHUNK_ROWS: usize = 256;
 
+/// Largest automerge change a local write may make, in bytes. Replication sends each change
+/// whole, in one frame, so a larger change could never leave the device: the store refuses it
+/// at commit ([`WriteError::ChangeTooLarge`]).
+pub const MAX_CHANGE_BYTES: usize = 1024 * 1024;
+
+/// Refuses a local change over [`MAX_CHANGE_BYTES`].
+fn check_change_len(table: &Table, row: RowId, change: &[u8]) -> Result<(), WriteError> {
+    if change.len() > MAX_CHANGE_BYTES {
+        return Err(WriteError::ChangeTooLarge {
+            table: table.name.clone(),
+            row,
+            bytes: change.len(),
+            max: MAX_CHANGE_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Whether a new row with these values might encode to a change over [`MAX_CHANGE_BYTES`]:
+/// a generous over-estimate (names, text and a margin per column for encoding), so that only
+/// rows near the limit pay for building their change twice in `bulk_insert`.
+fn may_exceed_change_limit(values: &[(String, Value)]) -> bool {
+    let estimate: usize = values
+        .iter()
+        .map(|(name, value)| {
+            let payload = match value {
+                Value::Text(s) | Value::Memo(s) => s.len(),
+                Value::File(b) | Value::Image(b) => b.name.len() + 48,
+                _ => 16,
+            };
+            name.len() + payload + 64
+        })
+        .sum();
+    estimate + 1024 > MAX_CHANGE_BYTES / 2
+}
+
 /// One row for [`Store::bulk_insert`]: an optional id and the column values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BulkRow {
@@ -156,6 +192,23 @@ fn insert_defaults(table: &Table, puts: &mut Vec<(u16, Value)>, now: i64) {
     puts.retain(|(_, v)| !v.is_null());
 }
 
+/// The column writes of a new row from values already checked against `table`.
+fn new_row_puts(table: &Table, values: Vec<(String, Value)>, now: i64) -> Vec<(u16, Value)> {
+    let mut puts: Vec<(u16, Value)> = Vec::with_capacity(values.len() + 3);
+    for (name, value) in values {
+        let Some(c) = col_of(table, &name) else {
+            continue;
+        };
+        if let Some(p) = puts.iter_mut().find(|(pc, _)| *pc == c) {
+            p.1 = value;
+        } else {
+            puts.push((c, value));
+        }
+    }
+    insert_defaults(table, &mut puts, now);
+    puts
+}
+
 impl Store {
     /// Start a transaction.
     pub fn begin(&self) -> Transaction<'_> {
@@ -189,13 +242,14 @@ impl Store {
         let now = self.inner.options.clock.now_ms();
         // First pass: check every row, fix every id; nothing is copied.
         let rows: Vec<BulkRow> = rows.into_iter().map(Into::into).collect();
+        let me = self.actor();
         let mut ids = Vec::with_capacity(rows.len());
         let mut given = std::collections::HashSet::new();
         for row in &rows {
             for (name, value) in &row.values {
                 check_one(tab, name, value)?;
             }
-            ids.push(match row.id {
+            let id = match row.id {
                 Some(id) => {
                     if !given.insert(id)
                         || self
@@ -211,10 +265,17 @@ impl Store {
                     id
                 }
                 None => self.new_row_id(),
-            });
+            };
+            if may_exceed_change_limit(&row.values) {
+                // Built here too, so that a change too large is refused before any batch
+                // is written.
+                let puts = new_row_puts(tab, row.values.clone(), now);
+                let (bytes, _) = CrdtState::default().local_change(tab, me, now, &puts);
+                check_change_len(tab, id, &bytes)?;
+            }
+            ids.push(id);
         }
         drop(given);
-        let me = self.actor();
         let mut done = 0;
         let total = rows.len();
         let mut input = rows.into_iter().zip(ids.iter().copied());
@@ -223,22 +284,7 @@ impl Store {
             let chunk: Vec<(RowId, Vec<(u16, Value)>)> = input
                 .by_ref()
                 .take(BULK_CHUNK_ROWS)
-                .map(|(row, id)| {
-                    let mut puts: Vec<(u16, Value)> = Vec::with_capacity(row.values.len() + 3);
-                    for (name, value) in row.values {
-                        // Checked in the first pass.
-                        let Some(c) = col_of(tab, &name) else {
-                            continue;
-                        };
-                        if let Some(p) = puts.iter_mut().find(|(pc, _)| *pc == c) {
-                            p.1 = value;
-                        } else {
-                            puts.push((c, value));
-                        }
-                    }
-                    insert_defaults(tab, &mut puts, now);
-                    (id, puts)
-                })
+                .map(|(row, id)| (id, new_row_puts(tab, row.values, now)))
                 .collect();
             if chunk.is_empty() {
                 break;
@@ -493,6 +539,7 @@ impl Transaction<'_> {
                 &row.puts
             };
             let (bytes, change) = state.local_change(tab, me, now, puts);
+            check_change_len(tab, row.id, &bytes)?;
             state.apply(&change);
             state.pending.push(seq);
             let entry = StoredEntry {

@@ -8,7 +8,7 @@ use std::fs;
 use common::*;
 use fieldsync_store::{
     Durability, OpenError, RemoteOp, RowExport, SchemaError, Store, StoreError, Value, WriteError,
-    FORMAT_VERSION,
+    FORMAT_VERSION, MAX_CHANGE_BYTES,
 };
 use uuid::Uuid;
 
@@ -446,4 +446,125 @@ fn garbage_under_our_keys_and_wrong_versions_are_clear_errors() {
             assert!(matches!(s.rebuild(), Err(StoreError::Corrupt(_))));
         }
     }
+}
+
+/// A schema with a memo column, for changes near the size limit.
+#[allow(clippy::unwrap_used)] // test setup: a panic is a failed test
+fn memo_store() -> Store {
+    let schema = fieldsync_store::Schema::from_toml(
+        "[tables.note]\noffline = true\n[tables.note.columns]\nbody = \"memo\"\ntitle = \"text\"",
+    )
+    .unwrap();
+    Store::temporary(schema, options(1)).unwrap()
+}
+
+#[test]
+fn a_change_over_the_limit_is_refused_at_commit_and_nothing_is_written() {
+    let s = memo_store();
+    let big = Value::Memo("x".repeat(MAX_CHANGE_BYTES + MAX_CHANGE_BYTES / 10));
+    let mut tx = s.begin();
+    tx.insert("note", &[("body", big.clone())]).unwrap();
+    match tx.commit() {
+        Err(WriteError::ChangeTooLarge {
+            table, bytes, max, ..
+        }) => {
+            assert_eq!(table, "note");
+            assert!(bytes > max);
+            assert_eq!(max, MAX_CHANGE_BYTES);
+        }
+        other => panic!("expected ChangeTooLarge, got {other:?}"),
+    }
+    assert_eq!(s.last_seq(), 0, "nothing was written");
+    assert_eq!(s.scan("note").unwrap().count(), 0);
+
+    // An update over the limit is refused too, and leaves the row as it was.
+    let mut tx = s.begin();
+    let id = tx.insert("note", &[("title", text("small"))]).unwrap();
+    tx.commit().unwrap();
+    let mut tx = s.begin();
+    tx.update("note", id, &[("body", big.clone())]).unwrap();
+    assert!(matches!(
+        tx.commit(),
+        Err(WriteError::ChangeTooLarge { row, .. }) if row == id
+    ));
+    assert_eq!(s.last_seq(), 1);
+    assert_eq!(
+        s.get("note", id).unwrap().unwrap().get("body"),
+        &Value::Null
+    );
+
+    // In a bulk insert, a row over the limit anywhere refuses the whole insert, even after
+    // many batches' worth of good rows.
+    let mut rows: Vec<Vec<(String, Value)>> = (0..1000)
+        .map(|i| vec![("title".to_string(), text(&format!("row {i}")))])
+        .collect();
+    rows.push(vec![("body".to_string(), big)]);
+    assert!(matches!(
+        s.bulk_insert("note", rows, &mut |_| {}),
+        Err(WriteError::ChangeTooLarge { .. })
+    ));
+    assert_eq!(s.last_seq(), 1, "nothing of the bulk insert was written");
+    assert!(s.check().unwrap().is_ok());
+}
+
+#[test]
+fn a_change_just_under_the_limit_is_accepted() {
+    let s = memo_store();
+    let body = Value::Memo("y".repeat(MAX_CHANGE_BYTES - 4096));
+    let mut tx = s.begin();
+    let id = tx.insert("note", &[("body", body.clone())]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(s.get("note", id).unwrap().unwrap().get("body"), &body);
+    let entries = s.ops_since(0, 10).unwrap();
+    assert!(entries[0].change.len() <= MAX_CHANGE_BYTES);
+    let ids = s
+        .bulk_insert(
+            "note",
+            vec![vec![("body".to_string(), body.clone())]],
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(s.get("note", ids[0]).unwrap().unwrap().get("body"), &body);
+}
+
+#[test]
+fn a_damaged_blob_header_or_index_key_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data");
+    let blob = {
+        let s = Store::create(&p, schema(), options(1)).unwrap();
+        let blob = s.put_blob("a.bin", &mut &[7u8; 1000][..]).unwrap();
+        let mut tx = s.begin();
+        tx.insert("account", &[("name", text("a"))]).unwrap();
+        tx.commit().unwrap();
+        blob
+    };
+    // Opened once more: the open checkpoints, so the write-ahead file no longer holds the
+    // header's batch and cannot repair the damage below.
+    drop(Store::open(&p, options(1)).unwrap());
+    {
+        let db = raw_sled(&p);
+        let header_key = db.scan_prefix(b"b").next().unwrap().unwrap().0;
+        // A header claiming u64::MAX bytes in no chunks (bincode varint: 0xfd + 8 bytes).
+        let mut header = vec![0xfd];
+        header.extend_from_slice(&u64::MAX.to_le_bytes());
+        header.push(0);
+        db.insert(header_key, header).unwrap();
+        // An index key too short to name its table.
+        db.insert(b"I", &b""[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let s = Store::open(&p, options(1)).unwrap();
+    let read = s.read_blob(&blob);
+    assert!(matches!(read, Err(StoreError::BlobCorrupt(_))), "{read:?}");
+    let report = s.check().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.what.contains("index entry")),
+        "{report:?}"
+    );
+    s.rebuild().unwrap();
+    assert!(s.check().unwrap().is_ok());
 }

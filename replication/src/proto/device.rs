@@ -148,6 +148,12 @@ pub enum DeviceEvent {
         /// Its hash.
         sha256: [u8; 32],
     },
+    /// A downloaded blob did not match its hash: dropped, and asked for again at the next
+    /// connection.
+    BlobMismatch {
+        /// Its hash.
+        sha256: [u8; 32],
+    },
     /// The hub has no such blob for this device (yet: an attachment whose upload has not
     /// finished is asked for again at the next connection).
     BlobNotFound {
@@ -722,8 +728,8 @@ impl DeviceSession {
                 .count();
             ops.truncate(keep.max(1));
             if let Some(op) = ops.iter().find(|op| op.change.len() > MAX_CHANGE_LEN) {
-                // Never dropped, never sendable: say so and stop pushing (the store must refuse
-                // such a change at commit).
+                // Never dropped, never sendable: say so and stop pushing (the store refuses such
+                // a change at commit, so only a damaged log holds one).
                 return Err(Fail::Storage(StorageError::Corrupt(format!(
                     "pending op {} is {} bytes, over the {MAX_CHANGE_LEN}-byte limit",
                     op.seq,
@@ -975,7 +981,19 @@ impl DeviceSession {
         if end > c.total || (c.data.is_empty() && end < c.total) {
             return Err(Fail::Violation("blob chunk outside the blob".into()));
         }
-        storage.write_blob_chunk(&c.sha256, c.offset, &c.data, c.total)?;
+        match storage.write_blob_chunk(&c.sha256, c.offset, &c.data, c.total) {
+            Err(StorageError::BlobMismatch) => {
+                // Not this session's to repair: the blob is dropped and asked for again at
+                // the next connection; everything else goes on.
+                warn!("a downloaded blob does not match its hash; dropped, to fetch again later");
+                self.blobs_wanted.remove(&c.sha256);
+                self.conn.blob_requests.remove(&c.sha256);
+                self.events
+                    .push_back(DeviceEvent::BlobMismatch { sha256: c.sha256 });
+                return self.pump_downloads(now, storage);
+            }
+            other => other?,
+        }
         if end >= c.total {
             self.blobs_wanted.remove(&c.sha256);
             self.conn.blob_requests.remove(&c.sha256);

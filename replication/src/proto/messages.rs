@@ -36,8 +36,8 @@ pub const PULL_BATCH_ITEMS_MAX: usize = 512;
 pub const PULL_BATCH_BYTES_MAX: usize = 256 * 1024;
 /// Most tables named by one `Pull` or `Subscribe`.
 pub const MAX_TABLES_PER_REQUEST: usize = 256;
-/// Longest single change or row document, in bytes.
-pub const MAX_CHANGE_LEN: usize = 1024 * 1024;
+/// Longest single change or row document, in bytes: the store's limit on one local change.
+pub const MAX_CHANGE_LEN: usize = fieldsync_store::MAX_CHANGE_BYTES;
 /// Largest blob chunk, in bytes (files and images travel in chunks of at most this).
 pub const BLOB_CHUNK_MAX: usize = 64 * 1024;
 /// Largest file or image a device may upload, in bytes: Dataverse's default file column

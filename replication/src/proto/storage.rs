@@ -15,7 +15,8 @@ use super::messages::{
 };
 use super::time::Millis;
 
-/// Storage failed; the session closes with [`CloseCode::STORAGE_FAILURE`] and is retried later.
+/// Storage failed; the session closes with [`CloseCode::STORAGE_FAILURE`] and is retried later
+/// (except [`StorageError::BlobMismatch`], which the session handles and goes on).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {
@@ -25,6 +26,10 @@ pub enum StorageError {
     /// The stored data is damaged; retrying will not help until it is repaired.
     #[error("storage corrupt: {0}")]
     Corrupt(String),
+    /// A downloaded blob, once complete, does not match its hash: storage dropped what was
+    /// downloaded and still wants the blob (a later connection downloads it again).
+    #[error("a downloaded blob does not match its hash")]
+    BlobMismatch,
 }
 
 /// Upper bounds for one batch read from storage.
@@ -135,6 +140,9 @@ pub trait DeviceStorage {
     fn blob_progress(&self, sha256: &[u8; 32]) -> Result<u64, StorageError>;
 
     /// Stores the bytes of a blob at `offset` (the current progress); `total` is its size.
+    /// When the last chunk completes content that does not match `sha256`, drops everything
+    /// downloaded of it (progress back to 0), keeps it among the blobs to fetch, and returns
+    /// [`StorageError::BlobMismatch`].
     fn write_blob_chunk(
         &mut self,
         sha256: &[u8; 32],

@@ -328,10 +328,13 @@ impl DeviceReplica {
     /// Moves the store's acknowledged prefix to just before the first unacknowledged own op.
     fn advance_store_ack(&self) -> Result<(), StorageError> {
         let acked = self.acked_seq()?;
-        let first = self.own_entries(acked, 1)?;
+        // The log's end is read before the scan: an own op committed (by another thread)
+        // while it runs lies after `end`, so it is neither found nor taken as acknowledged.
+        let end = self.store.last_seq();
+        let first = self.own_entries_through(acked, end, 1)?;
         let up_to = match first.first() {
             Some(e) => e.seq.saturating_sub(1),
-            None => self.store.last_seq(),
+            None => end,
         };
         self.store.acknowledge(up_to).map_err(storage_err)
     }
@@ -446,13 +449,19 @@ impl DeviceReplica {
             } else {
                 tx.update(&e.table, e.row, &values)?;
             }
+        } else if delete {
+            // The rollback removed the row (the device may not read it): re-inserting the
+            // delete's other columns would create a row of nothing but `modifiedon`.
+            return Err(ReplicaError::RowGone {
+                table: e.table,
+                row: e.row,
+            });
         } else {
             let values: Vec<(&str, Value)> =
                 values.into_iter().filter(|(_, v)| !v.is_null()).collect();
             tx.insert_with_id(&e.table, e.row, &values)?;
         }
-        tx.commit_with(Durability::Immediate)?;
-        let seq = self.store.last_seq();
+        let seq = tx.commit_with(Durability::Immediate)?.last_seq;
         self.store.aux_remove(SPACE, &key, Durability::Immediate)?;
         Ok(seq)
     }
@@ -808,10 +817,11 @@ impl DeviceStorage for DeviceReplica {
             .put_blob("blob", &mut content.as_slice())
             .map_err(storage_err)?;
         if stored.sha256 != *sha256 {
+            // The download starts over at a later connection (the blob stays wanted: the hub
+            // may have a good copy by then). The content just stored under its own hash is
+            // referred to by nothing.
             self.apply(&cleanup)?;
-            return Err(StorageError::Corrupt(
-                "a downloaded blob does not match its hash".into(),
-            ));
+            return Err(StorageError::BlobMismatch);
         }
         cleanup.push(AuxWrite::Put(
             sha_key(P_BLOB_DONE, sha256),

@@ -41,7 +41,7 @@
 //!
 //! The feed cursor of every table is the hub's log seq; the hub never compacts its log.
 
-use fieldsync_store::{StoreError, WriteError};
+use fieldsync_store::{RowId, StoreError, WriteError};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::proto::StorageError;
@@ -75,6 +75,15 @@ pub enum ReplicaError {
     /// No sync error with this id.
     #[error("no sync error with id {0}")]
     NoSuchError(u64),
+    /// A rejected delete cannot be retried: the rollback removed the row from this device
+    /// (its user may not read it), so there is nothing here to delete. Discard the error.
+    #[error("cannot retry the delete of {table}/{row}: the row is no longer on this device (discard the error instead)")]
+    RowGone {
+        /// The table.
+        table: String,
+        /// The row.
+        row: RowId,
+    },
 }
 
 /// A store failure as the protocol sees it.
