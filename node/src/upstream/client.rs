@@ -238,11 +238,7 @@ impl DataverseClient {
                     .to_vec();
                 if status == StatusCode::TOO_MANY_REQUESTS {
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    let wait = headers
-                        .get("retry-after")
-                        .and_then(|v| v.trim().parse::<f64>().ok())
-                        .map(Duration::from_secs_f64)
-                        .unwrap_or(Duration::from_secs(1));
+                    let wait = retry_after(headers.get("retry-after").map(String::as_str));
                     if wait > self.retry_after_max {
                         return Err(UpstreamError::Throttled { retry_after: wait });
                     }
@@ -351,8 +347,35 @@ fn header_map(head: &str) -> BTreeMap<String, String> {
     header_lines(head).collect()
 }
 
+/// How long a `429`'s `Retry-After` asks to wait: seconds (Dataverse's form, fractions
+/// accepted), else one second — a negative, huge or unreadable value (an HTTP date included)
+/// must not stop the bridge.
+fn retry_after(header: Option<&str>) -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(1);
+    header
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .unwrap_or(DEFAULT)
+}
+
+/// `$batch` responses nest a change set's responses once; deeper nesting is refused.
+const MULTIPART_DEPTH_MAX: usize = 2;
+
 /// Flattens a multipart response (with nested change-set responses) into its HTTP responses.
 fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<ApiResponse>, UpstreamError> {
+    parse_multipart_at(body, boundary, 1)
+}
+
+fn parse_multipart_at(
+    body: &[u8],
+    boundary: &str,
+    depth: usize,
+) -> Result<Vec<ApiResponse>, UpstreamError> {
+    if depth > MULTIPART_DEPTH_MAX {
+        return Err(UpstreamError::BadReply(
+            "a $batch reply nests multipart bodies too deep".into(),
+        ));
+    }
     let text = String::from_utf8_lossy(body);
     let delim = format!("--{boundary}");
     let mut out = Vec::new();
@@ -367,7 +390,7 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<ApiResponse>, Upst
             .get("content-type")
             .and_then(|c| multipart::boundary(c))
         {
-            out.extend(parse_multipart(content.as_bytes(), &inner)?);
+            out.extend(parse_multipart_at(content.as_bytes(), &inner, depth + 1)?);
             continue;
         }
         let content = content.trim_start_matches(['\r', '\n']);
@@ -391,4 +414,44 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<ApiResponse>, Upst
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_never_panics() {
+        assert_eq!(retry_after(Some("2.5")), Duration::from_millis(2_500));
+        for bad in [
+            "-1",
+            "NaN",
+            "1e30",
+            "inf",
+            "Wed, 21 Oct 2026 07:28:00 GMT",
+            "",
+        ] {
+            assert_eq!(retry_after(Some(bad)), Duration::from_secs(1), "{bad}");
+        }
+        assert_eq!(retry_after(None), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn nested_multipart_replies_are_refused_past_a_change_set() {
+        // A reply that nests a boundary in every part, a thousand times over.
+        let mut body = String::new();
+        for i in 0..1000 {
+            body.push_str(&format!(
+                "--b{i}\r\nContent-Type: multipart/mixed; boundary=b{}\r\n\r\n",
+                i + 1
+            ));
+        }
+        let r = parse_multipart(body.as_bytes(), "b0");
+        assert!(matches!(r, Err(UpstreamError::BadReply(_))), "{r:?}");
+        // A change set inside a batch is fine.
+        let ok = "--batch\r\nContent-Type: multipart/mixed; boundary=cs\r\n\r\n--cs\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\r\n--cs--\r\n--batch--\r\n";
+        let parts = parse_multipart(ok.as_bytes(), "batch").unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].status, 204);
+    }
 }
