@@ -11,7 +11,7 @@ use fieldsync_node::upstream::DATAVERSE_ACTOR;
 use fieldsync_store::Value;
 use reqwest::Method;
 use serde_json::json;
-use upstream_support::{bridge, config, hub_replica, Emulator};
+use upstream_support::{bridge, config, example, hub_replica, hub_replica_with_schema, Emulator};
 use uuid::Uuid;
 
 fn text(s: &str) -> Value {
@@ -617,4 +617,139 @@ async fn files_go_up_and_come_down_in_chunks() {
         emu.row("accounts", id).await.unwrap()["name"],
         "Renamed with file"
     );
+}
+
+/// A lookup to a row Dataverse does not have gets 404: the write is refused (logged, counted),
+/// never taken for a delete, and the bridge goes on with later rows in both directions. Rows
+/// a lookup names go first, so a row created after the one pointing at it still works.
+#[tokio::test]
+async fn a_lookup_dataverse_refuses_skips_the_write_and_never_deletes_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    b.pull().await.unwrap();
+
+    // A contact first, then the account it comes to point at, in one round.
+    let contact = Uuid::new_v4();
+    hub_write(&replica, "contact", contact, &[("lastname", text("Early"))]);
+    let account = Uuid::new_v4();
+    hub_write(&replica, "account", account, &[("name", text("Late"))]);
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[("parentcustomerid", Value::Lookup(account))],
+    );
+    b.sync_once().await.unwrap();
+    let c = emu
+        .row("contacts", contact)
+        .await
+        .expect("created upstream");
+    assert_eq!(c["_parentcustomerid_value"], account.to_string());
+
+    // A create pointing at a row nobody has: refused, kept on the hub.
+    let orphan = Uuid::new_v4();
+    hub_write(
+        &replica,
+        "contact",
+        orphan,
+        &[
+            ("lastname", text("Orphan")),
+            ("parentcustomerid", Value::Lookup(Uuid::new_v4())),
+        ],
+    );
+    // An update pointing at a row nobody has: refused too, the row stays on both sides.
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[("parentcustomerid", Value::Lookup(Uuid::new_v4()))],
+    );
+    let refused = b.stats.refused.load(Ordering::Relaxed);
+    b.sync_once().await.unwrap();
+    assert_eq!(b.stats.refused.load(Ordering::Relaxed), refused + 2);
+    assert!(
+        hub_get(&replica, "contact", orphan).is_some(),
+        "deleted on the hub"
+    );
+    assert!(
+        hub_get(&replica, "contact", contact).is_some(),
+        "deleted on the hub"
+    );
+    assert!(emu.row("contacts", contact).await.is_some());
+    assert!(emu.row("contacts", orphan).await.is_none());
+
+    // Later writes still go up, and office changes still come down.
+    hub_write(&replica, "account", account, &[("name", text("Renamed"))]);
+    emu.call(
+        Method::PATCH,
+        &format!("contacts({contact})"),
+        Some(json!({"firstname": "Office"})),
+    )
+    .await;
+    b.sync_once().await.unwrap();
+    assert_eq!(
+        emu.row("accounts", account).await.unwrap()["name"],
+        "Renamed"
+    );
+    assert_eq!(
+        hub_get(&replica, "contact", contact)
+            .unwrap()
+            .get("firstname"),
+        &text("Office")
+    );
+}
+
+/// A row whose value the hub's schema refuses (an option added in Dataverse since) is skipped
+/// and counted; the table's pull goes on.
+#[tokio::test]
+async fn a_row_with_a_value_the_hub_refuses_does_not_stop_its_tables_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let drifted = example("schema.toml").replace(
+        "industrycode = { choice = [1, 2, 3, 4, 5, 6] }",
+        "industrycode = { choice = [1, 2, 3] }",
+    );
+    let replica = hub_replica_with_schema(&dir.path().join("hub"), &drifted);
+    let b = bridge(config(&emu, dir.path()), &replica);
+    for (name, code) in [("Odd", 6), ("Fine", 2)] {
+        let (s, _) = emu
+            .call(
+                Method::POST,
+                "accounts",
+                Some(json!({"name": name, "industrycode": code})),
+            )
+            .await;
+        assert_eq!(s, 204);
+    }
+    b.pull().await.unwrap();
+    assert_eq!(b.stats.rows_skipped.load(Ordering::Relaxed), 1);
+    let names = |replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>| {
+        let r = replica.lock().unwrap();
+        r.store()
+            .scan("account")
+            .unwrap()
+            .map(|row| row.unwrap().get("name").clone())
+            .collect::<Vec<_>>()
+    };
+    let held = names(&replica);
+    assert!(
+        held.contains(&text("Fine")) && !held.contains(&text("Odd")),
+        "{held:?}"
+    );
+    let fine = emu
+        .rows("accounts")
+        .await
+        .into_iter()
+        .find(|r| r["name"] == "Fine")
+        .unwrap();
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({})", id_of(&fine, "accountid")),
+        Some(json!({"name": "Fine Again"})),
+    )
+    .await;
+    b.pull().await.unwrap();
+    assert!(names(&replica).contains(&text("Fine Again")));
 }

@@ -105,6 +105,9 @@ pub struct BridgeStats {
     pub failed_change_sets: AtomicU64,
     /// Rows Dataverse refused for good (logged; the queue moves on).
     pub refused: AtomicU64,
+    /// Rows from Dataverse the hub could not take (a value its schema refuses, a malformed
+    /// entry): logged and skipped, so one row does not stop its table's pull.
+    pub rows_skipped: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
     /// Rounds that failed (upstream down, throttled past the limit).
@@ -170,10 +173,13 @@ impl Bridge {
         &self.client
     }
 
-    /// One round: push what the hub owes Dataverse, then pull what changed there.
+    /// One round: push what the hub owes Dataverse, then pull what changed there — also when
+    /// the push failed (what Dataverse changed still reaches devices; the push's error is the
+    /// round's).
     pub async fn sync_once(&self) -> Result<(), UpstreamError> {
-        self.push().await?;
-        self.pull().await
+        let pushed = self.push().await;
+        let pulled = self.pull().await;
+        pushed.and(pulled)
     }
 
     pub(crate) fn changed(&self, changes: &FeedChanges) {

@@ -19,12 +19,14 @@ enum Entry {
     Deleted(RowId),
 }
 
-fn entries(table: &fieldsync_store::Table, page: &J) -> Result<Vec<Entry>, UpstreamError> {
+/// A page's rows and deletions, and how many entries could not be read (skipped).
+fn entries(table: &fieldsync_store::Table, page: &J) -> Result<(Vec<Entry>, u64), UpstreamError> {
     let value = page
         .get("value")
         .and_then(J::as_array)
         .ok_or_else(|| UpstreamError::BadReply("a page without `value`".into()))?;
-    value
+    let mut skipped = 0;
+    let list = value
         .iter()
         .map(|item| {
             let m = item
@@ -46,7 +48,16 @@ fn entries(table: &fieldsync_store::Table, page: &J) -> Result<Vec<Entry>, Upstr
                 Ok(Entry::Row(map::from_wire(table, m)?))
             }
         })
-        .collect()
+        .filter_map(|e: Result<Entry, UpstreamError>| match e {
+            Ok(e) => Some(e),
+            Err(error) => {
+                warn!(table = %table.name, %error, "a row from Dataverse cannot be read; skipped");
+                skipped += 1;
+                None
+            }
+        })
+        .collect();
+    Ok((list, skipped))
 }
 
 impl Bridge {
@@ -130,7 +141,10 @@ impl Bridge {
             let (mut rows, deletions) = {
                 let hub = lock(&self.replica);
                 let tab = hub.store().schema().table(table)?.clone();
-                let list = entries(&tab, &page)?;
+                let (list, skipped) = entries(&tab, &page)?;
+                self.stats
+                    .rows_skipped
+                    .fetch_add(skipped, Ordering::Relaxed);
                 if full {
                     seen.extend(list.iter().map(|e| match e {
                         Entry::Row(r) => r.id,
@@ -237,9 +251,32 @@ impl Bridge {
                 &row.values,
                 base.as_ref().map(|b| &b.values),
                 &row.file_writes,
-            )? {
-                Merged::Written => pulled += 1,
-                Merged::Unchanged | Merged::DeletedHere => {}
+            ) {
+                Ok(Merged::Written) => pulled += 1,
+                Ok(Merged::Unchanged | Merged::DeletedHere) => {}
+                // A value the hub's schema refuses (an option added in Dataverse since):
+                // this version is skipped, so one row does not stop the table's pull. The
+                // hub keeps what it knew of the row, at the version Dataverse has now, so a
+                // write from a device is not refused as a conflict forever.
+                Err(UpstreamError::Write(error))
+                    if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
+                {
+                    warn!(table, row = %row.id, %error, "a row from Dataverse has a value the hub refuses; skipped");
+                    self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);
+                    if let Some(b) = &base {
+                        writes.put_base(
+                            table,
+                            row.id,
+                            &Base {
+                                etag: row.etag.clone(),
+                                values: b.values.clone(),
+                                files: b.files.clone(),
+                            },
+                        )?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             // Files not downloaded this time keep their known state while their id is the same.
             let mut files = row.file_states.clone();

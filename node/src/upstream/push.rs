@@ -81,7 +81,7 @@ impl Bridge {
                 items.push(item);
             }
         }
-        Ok((items, last))
+        Ok((lookup_targets_first(items), last))
     }
 
     async fn push_group(&self, group: &[Item]) -> Result<(), UpstreamError> {
@@ -111,9 +111,7 @@ impl Bridge {
                         .rows_pushed
                         .fetch_add(group.len() as u64, Ordering::Relaxed);
                     for item in group {
-                        if !matches!(item.write, Write::Delete) {
-                            self.push_files(&item.table, item.id).await?;
-                        }
+                        self.push_files_of(item).await?;
                     }
                     return Ok(());
                 }
@@ -155,26 +153,34 @@ impl Bridge {
                 };
                 self.changed(&tables);
                 self.stats.rows_pushed.fetch_add(1, Ordering::Relaxed);
-                if !matches!(item.write, Write::Delete) {
-                    self.push_files(&item.table, item.id).await?;
-                }
+                self.push_files_of(&item).await?;
                 return Ok(());
             }
             let err = resp.error();
             match resp.status {
+                // A create that finds nothing is not a delete: a lookup names a row Dataverse
+                // does not have (refused, or not written yet).
+                404 if matches!(item.write, Write::Create { .. }) => {
+                    self.refused(&item, &err);
+                    return Ok(());
+                }
                 412 | 404 => {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    let sent = etag_of(&item);
                     match self.refresh(&item.table, item.id).await? {
+                        // 404 for a row Dataverse still has, unchanged: a lookup to a row
+                        // it does not have. Writing again would get the same answer.
+                        Some(next) if resp.status == 404 && etag_of(&next) == sent => {
+                            self.refused(&next, &err);
+                            return Ok(());
+                        }
                         Some(next) => item = next,
                         None => return Ok(()), // nothing left to write
                     }
                 }
                 _ if err.is_transient() => return Err(err),
                 _ => {
-                    // Refused for good (a bad value, a missing privilege): keeping it would
-                    // block every later write, so it is logged and skipped.
-                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(table = %item.table, row = %item.id, error = %err, "Dataverse refused a write; skipped");
+                    self.refused(&item, &err);
                     return Ok(());
                 }
             }
@@ -183,6 +189,29 @@ impl Bridge {
             "{} {} kept changing upstream ({CONFLICT_RETRIES} conflicts in a row)",
             item.table, item.id
         )))
+    }
+
+    /// A write Dataverse refused for good (a bad value, a missing privilege, a lookup to a row
+    /// it does not have): keeping it would block every later write, so it is logged, counted
+    /// and skipped. The row is written again with its next change.
+    fn refused(&self, item: &Item, err: &UpstreamError) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(table = %item.table, row = %item.id, error = %err, "Dataverse refused a write; skipped");
+    }
+
+    /// Sends a written row's files; one Dataverse refuses for good is logged and skipped (a
+    /// later round must not stop on it), a failure that may pass ends the round.
+    async fn push_files_of(&self, item: &Item) -> Result<(), UpstreamError> {
+        if matches!(item.write, Write::Delete) {
+            return Ok(());
+        }
+        match self.push_files(&item.table, item.id).await {
+            Err(e) if !e.is_transient() => {
+                self.refused(item, &e);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Reads one row (one `GET`) and merges it into the hub as a Dataverse op, or deletes it if
@@ -213,6 +242,60 @@ impl Bridge {
         self.changed(&tables);
         Ok(next)
     }
+}
+
+fn etag_of(item: &Item) -> Option<&str> {
+    match &item.write {
+        Write::Update { etag, .. } => Some(etag),
+        _ => None,
+    }
+}
+
+/// `items` with every row a lookup of another names (and that is written in this round)
+/// before it: Dataverse refuses a lookup to a row it does not have yet. Otherwise in log
+/// order; a cycle keeps log order.
+fn lookup_targets_first(items: Vec<Item>) -> Vec<Item> {
+    let position: BTreeMap<RowId, usize> =
+        items.iter().enumerate().map(|(i, it)| (it.id, i)).collect();
+    let targets = |it: &Item| -> Vec<usize> {
+        match &it.write {
+            Write::Create { values } | Write::Update { values, .. } => values
+                .values()
+                .filter_map(|v| match v {
+                    Value::Lookup(id) => position.get(id).copied(),
+                    _ => None,
+                })
+                .collect(),
+            Write::Delete => Vec::new(),
+        }
+    };
+    let mut order = Vec::with_capacity(items.len());
+    let mut state = vec![0u8; items.len()]; // 0 new, 1 visiting, 2 placed
+    for start in 0..items.len() {
+        let mut stack = vec![(start, false)];
+        while let Some((i, expanded)) = stack.pop() {
+            if expanded {
+                state[i] = 2;
+                order.push(i);
+                continue;
+            }
+            if state[i] != 0 {
+                continue;
+            }
+            state[i] = 1;
+            stack.push((i, true));
+            for t in targets(&items[i]).into_iter().rev() {
+                if t != i && state[t] == 0 {
+                    stack.push((t, false));
+                }
+            }
+        }
+    }
+    let mut slots: Vec<Option<Item>> = items.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+        .collect()
 }
 
 fn item_of(
@@ -289,14 +372,24 @@ fn record(
                     None => sent.remove(stamp),
                 };
             }
-            merger.upsert(
+            match merger.upsert(
                 hub.store(),
                 &item.table,
                 item.id,
                 &row.values,
                 Some(&sent),
                 &[],
-            )?;
+            ) {
+                Ok(_) => {}
+                // What Dataverse set itself has a value the hub refuses: the write stands,
+                // the hub keeps its own values.
+                Err(UpstreamError::Write(error))
+                    if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
+                {
+                    warn!(table = %item.table, row = %item.id, %error, "Dataverse returned a value the hub refuses; kept the hub's");
+                }
+                Err(e) => return Err(e),
+            }
             Base {
                 etag: row.etag,
                 values: row.values,

@@ -17,7 +17,7 @@ use serde_json::Value as J;
 
 pub const ADMIN_TOKEN: &str = "admin-token";
 
-fn example(name: &str) -> String {
+pub fn example(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/field-service")
         .join(name);
@@ -128,7 +128,12 @@ impl Drop for Emulator {
 
 /// A hub replica on disk with the field-service schema, environment, apps and profile.
 pub fn hub_replica(dir: &Path) -> Arc<Mutex<HubReplica>> {
-    let schema = Schema::from_toml(&example("schema.toml")).unwrap();
+    hub_replica_with_schema(dir, &example("schema.toml"))
+}
+
+/// [`hub_replica`] with another schema (one Dataverse's has drifted from, say).
+pub fn hub_replica_with_schema(dir: &Path, schema_toml: &str) -> Arc<Mutex<HubReplica>> {
+    let schema = Schema::from_toml(schema_toml).unwrap();
     let store = Store::create(&dir.join("store"), schema.clone(), StoreOptions::default()).unwrap();
     let env = Environment::from_toml(&example("environment.toml")).unwrap();
     let apps = apps_from_toml(&example("apps.toml"), &schema).unwrap();
