@@ -619,9 +619,10 @@ async fn files_go_up_and_come_down_in_chunks() {
     );
 }
 
-/// A lookup to a row Dataverse does not have gets 404: the write is refused (logged, counted),
-/// never taken for a delete, and the bridge goes on with later rows in both directions. Rows
-/// a lookup names go first, so a row created after the one pointing at it still works.
+/// A lookup to a row Dataverse does not have gets 404: never taken for a delete. A new row goes
+/// up without such lookups and gets them once their rows exist (rows a lookup names go first,
+/// cycles are linked after); an update that still points nowhere is refused (logged,
+/// counted), and the bridge goes on with later rows in both directions.
 #[tokio::test]
 async fn a_lookup_dataverse_refuses_skips_the_write_and_never_deletes_the_row() {
     let dir = tempfile::tempdir().unwrap();
@@ -678,7 +679,34 @@ async fn a_lookup_dataverse_refuses_skips_the_write_and_never_deletes_the_row() 
         "deleted on the hub"
     );
     assert!(emu.row("contacts", contact).await.is_some());
-    assert!(emu.row("contacts", orphan).await.is_none());
+    // The orphan went up without its dangling lookup.
+    let up = emu.row("contacts", orphan).await.expect("created upstream");
+    assert!(up["_parentcustomerid_value"].is_null(), "{up}");
+
+    // An account and its primary contact created together point at each other: created
+    // first without those lookups, then linked.
+    let (acct, prim) = (Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", acct, &[("name", text("Cycle"))]);
+    hub_write(
+        &replica,
+        "contact",
+        prim,
+        &[
+            ("lastname", text("Primary")),
+            ("parentcustomerid", Value::Lookup(acct)),
+        ],
+    );
+    hub_write(
+        &replica,
+        "account",
+        acct,
+        &[("primarycontactid", Value::Lookup(prim))],
+    );
+    b.sync_once().await.unwrap();
+    let a = emu.row("accounts", acct).await.expect("created upstream");
+    assert_eq!(a["_primarycontactid_value"], prim.to_string());
+    let c = emu.row("contacts", prim).await.expect("created upstream");
+    assert_eq!(c["_parentcustomerid_value"], acct.to_string());
 
     // Later writes still go up, and office changes still come down.
     hub_write(&replica, "account", account, &[("name", text("Renamed"))]);
@@ -701,10 +729,10 @@ async fn a_lookup_dataverse_refuses_skips_the_write_and_never_deletes_the_row() 
     );
 }
 
-/// A row whose value the hub's schema refuses (an option added in Dataverse since) is skipped
-/// and counted; the table's pull goes on.
+/// A value the hub's schema refuses (an option added in Dataverse since) is left as it was;
+/// the row's other columns come in and the table's pull goes on.
 #[tokio::test]
-async fn a_row_with_a_value_the_hub_refuses_does_not_stop_its_tables_pull() {
+async fn a_value_the_hub_refuses_does_not_stop_its_rows_or_its_tables_pull() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Emulator::start(&dir.path().join("emu"), &[]);
     let drifted = example("schema.toml").replace(
@@ -725,31 +753,31 @@ async fn a_row_with_a_value_the_hub_refuses_does_not_stop_its_tables_pull() {
     }
     b.pull().await.unwrap();
     assert_eq!(b.stats.rows_skipped.load(Ordering::Relaxed), 1);
-    let names = |replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>| {
+    let by_name = |name: &str| {
         let r = replica.lock().unwrap();
-        r.store()
+        let found = r
+            .store()
             .scan("account")
             .unwrap()
-            .map(|row| row.unwrap().get("name").clone())
-            .collect::<Vec<_>>()
+            .map(|row| row.unwrap())
+            .find(|row| row.get("name") == &text(name));
+        found
     };
-    let held = names(&replica);
-    assert!(
-        held.contains(&text("Fine")) && !held.contains(&text("Odd")),
-        "{held:?}"
+    let odd = by_name("Odd").expect("the row came in");
+    assert_eq!(odd.get("industrycode"), &Value::Null);
+    assert_eq!(
+        by_name("Fine").unwrap().get("industrycode"),
+        &Value::Choice(2)
     );
-    let fine = emu
-        .rows("accounts")
-        .await
-        .into_iter()
-        .find(|r| r["name"] == "Fine")
-        .unwrap();
+    // One version changes a refused value and another column: the other column comes in.
     emu.call(
         Method::PATCH,
-        &format!("accounts({})", id_of(&fine, "accountid")),
-        Some(json!({"name": "Fine Again"})),
+        &format!("accounts({})", odd.id),
+        Some(json!({"industrycode": 5, "telephone1": "555-0142"})),
     )
     .await;
     b.pull().await.unwrap();
-    assert!(names(&replica).contains(&text("Fine Again")));
+    let odd = by_name("Odd").unwrap();
+    assert_eq!(odd.get("telephone1"), &text("555-0142"));
+    assert_eq!(odd.get("industrycode"), &Value::Null);
 }

@@ -565,6 +565,11 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
                 &up.refused,
             ),
             (
+                "rows_skipped_total",
+                "Rows from Dataverse with values the hub's schema refuses (left as they were).",
+                &up.rows_skipped,
+            ),
+            (
                 "full_reads_total",
                 "Full re-reads after an expired change-tracking token.",
                 &up.full_reads,

@@ -196,6 +196,7 @@ impl DataverseClient {
         let span = info_span!("dataverse_request", %method, %url);
         async {
             let mut reauthorized = false;
+            let mut throttled = 0;
             loop {
                 let mut rb = self
                     .http
@@ -238,8 +239,10 @@ impl DataverseClient {
                     .to_vec();
                 if status == StatusCode::TOO_MANY_REQUESTS {
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    let wait = retry_after(headers.get("retry-after").map(String::as_str));
-                    if wait > self.retry_after_max {
+                    let wait = retry_after(headers.get("retry-after").map(String::as_str))
+                        .max(THROTTLE_WAIT_MIN);
+                    throttled += 1;
+                    if wait > self.retry_after_max || throttled > THROTTLED_RETRIES {
                         return Err(UpstreamError::Throttled { retry_after: wait });
                     }
                     warn!(
@@ -357,6 +360,11 @@ fn retry_after(header: Option<&str>) -> Duration {
         .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
         .unwrap_or(DEFAULT)
 }
+
+/// The shortest wait after a `429` (`Retry-After: 0` must not make a busy loop).
+const THROTTLE_WAIT_MIN: Duration = Duration::from_millis(100);
+/// `429`s one request waits out before the round gives up (and backs off).
+const THROTTLED_RETRIES: usize = 8;
 
 /// `$batch` responses nest a change set's responses once; deeper nesting is refused.
 const MULTIPART_DEPTH_MAX: usize = 2;

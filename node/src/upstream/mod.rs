@@ -79,6 +79,14 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether Dataverse refused this request for good (a 4xx other than 401, 408 and 429):
+    /// sending it again gets the same answer. Anything else — the network, the token
+    /// endpoint, a reply that did not parse, the hub's own store — may pass.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, UpstreamError::Api { status, .. }
+            if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
+    }
+
     /// Whether a later retry may succeed (the round is retried with backoff) rather than the
     /// request being refused for good.
     pub fn is_transient(&self) -> bool {
@@ -179,7 +187,11 @@ impl Bridge {
     pub async fn sync_once(&self) -> Result<(), UpstreamError> {
         let pushed = self.push().await;
         let pulled = self.pull().await;
-        pushed.and(pulled)
+        match (pushed, pulled) {
+            // Throttling says how long to wait: it wins over the push's error.
+            (Err(_), Err(t @ UpstreamError::Throttled { .. })) => Err(t),
+            (pushed, pulled) => pushed.and(pulled),
+        }
     }
 
     pub(crate) fn changed(&self, changes: &FeedChanges) {
@@ -205,8 +217,12 @@ impl Bridge {
                 }
                 Err(e) => {
                     self.stats.failed_rounds.fetch_add(1, Ordering::Relaxed);
+                    // Dataverse's wait, within the backoff's bounds: a huge Retry-After must
+                    // not park the bridge for years.
                     let wait = match &e {
-                        UpstreamError::Throttled { retry_after } => (*retry_after).max(backoff),
+                        UpstreamError::Throttled { retry_after } => {
+                            (*retry_after).max(backoff).min(max)
+                        }
                         _ => backoff,
                     };
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "upstream round failed; the queue is kept");

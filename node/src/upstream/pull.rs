@@ -236,6 +236,7 @@ impl Bridge {
         delta_link: Option<&str>,
     ) -> Result<FeedChanges, UpstreamError> {
         let mut merger = Merger::new(hub.store().schema())?;
+        let tab = hub.store().schema().table(table)?.clone();
         let mut writes = StateWrites::default();
         let mut pulled = 0u64;
         let mut deleted = 0u64;
@@ -244,6 +245,29 @@ impl Bridge {
             if base.as_ref().is_some_and(|b| b.etag == row.etag) {
                 continue; // this version is known (pulled before, or written by the hub)
             }
+            // A value the hub's schema refuses (a choice option added in Dataverse since) is
+            // taken as unchanged: the row's other columns still come in.
+            let mut values = row.values.clone();
+            let refused: Vec<String> = row
+                .values
+                .iter()
+                .filter(|(c, v)| tab.check_value(c, v).is_err())
+                .map(|(c, _)| c.clone())
+                .collect();
+            for c in &refused {
+                match base.as_ref().and_then(|b| b.values.get(c)) {
+                    Some(was) => values.insert(c.clone(), was.clone()),
+                    None => values.remove(c),
+                };
+            }
+            if !refused.is_empty() {
+                warn!(table, row = %row.id, columns = ?refused, "values from Dataverse the hub's schema refuses are left as they were");
+                self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            let row = &map::WireRow {
+                values,
+                ..row.clone()
+            };
             match merger.upsert(
                 hub.store(),
                 table,
@@ -254,10 +278,10 @@ impl Bridge {
             ) {
                 Ok(Merged::Written) => pulled += 1,
                 Ok(Merged::Unchanged | Merged::DeletedHere) => {}
-                // A value the hub's schema refuses (an option added in Dataverse since):
-                // this version is skipped, so one row does not stop the table's pull. The
-                // hub keeps what it knew of the row, at the version Dataverse has now, so a
-                // write from a device is not refused as a conflict forever.
+                // Any other write the hub refuses (a change too large for it): this version
+                // is skipped, so one row does not stop the table's pull. The hub keeps what it
+                // knew of the row, at the version Dataverse has now, so a write from a device
+                // is not refused as a conflict forever.
                 Err(UpstreamError::Write(error))
                     if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
                 {

@@ -51,10 +51,19 @@ impl Bridge {
                 return Ok(());
             };
             let chunk = self.config.batch_size.clamp(1, BATCH_REQUESTS_MAX);
+            let mut relink = Vec::new();
             for group in items.chunks(chunk) {
-                self.push_group(group)
+                self.push_group(group, &mut relink)
                     .instrument(info_span!("upstream_push", rows = group.len()))
                     .await?;
+            }
+            // Rows created without their lookups to rows Dataverse did not have yet (one
+            // pointing at the other: an account and its primary contact) get them now.
+            for (table, id) in relink {
+                let item = item_of(&lock(&self.replica), &table, id)?;
+                if let Some(item) = item {
+                    self.push_one(item, &mut Vec::new()).await?;
+                }
             }
             state::set_cursor(lock(&self.replica).store(), last)?;
             debug!(cursor = last, rows = items.len(), "push acknowledged");
@@ -84,7 +93,11 @@ impl Bridge {
         Ok((lookup_targets_first(items), last))
     }
 
-    async fn push_group(&self, group: &[Item]) -> Result<(), UpstreamError> {
+    async fn push_group(
+        &self,
+        group: &[Item],
+        relink: &mut Vec<(String, RowId)>,
+    ) -> Result<(), UpstreamError> {
         if group.len() > 1 {
             let requests = {
                 let hub = lock(&self.replica);
@@ -131,13 +144,17 @@ impl Bridge {
             }
         }
         for item in group {
-            self.push_one(item.clone()).await?;
+            self.push_one(item.clone(), relink).await?;
         }
         Ok(())
     }
 
     /// Writes one row; on `412` re-reads it, merges it as a Dataverse op and writes again.
-    async fn push_one(&self, mut item: Item) -> Result<(), UpstreamError> {
+    async fn push_one(
+        &self,
+        mut item: Item,
+        relink: &mut Vec<(String, RowId)>,
+    ) -> Result<(), UpstreamError> {
         for _ in 0..CONFLICT_RETRIES {
             let req = request_of(&lock(&self.replica), &item)?;
             let resp = self.client.send(&req).await?;
@@ -161,16 +178,37 @@ impl Bridge {
                 // A create that finds nothing is not a delete: a lookup names a row Dataverse
                 // does not have (refused, or not written yet).
                 404 if matches!(item.write, Write::Create { .. }) => {
-                    self.refused(&item, &err);
-                    return Ok(());
+                    // Created first without its lookups to rows Dataverse does not have yet
+                    // (written later this round, or in a cycle); they follow in an update.
+                    let without = without_lookups_to_new_rows(&lock(&self.replica), &item)?;
+                    match without {
+                        Some(values) if !relink.contains(&(item.table.clone(), item.id)) => {
+                            relink.push((item.table.clone(), item.id));
+                            item.write = Write::Create { values };
+                        }
+                        _ => {
+                            self.refused(&item, &err);
+                            return Ok(());
+                        }
+                    }
                 }
                 412 | 404 => {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    let sent = etag_of(&item);
-                    match self.refresh(&item.table, item.id).await? {
+                    let sent = etag_of(&item).map(str::to_string);
+                    let refreshed = match self.refresh(&item.table, item.id).await {
+                        Ok(r) => r,
+                        // The row as Dataverse has it cannot be read (refused, malformed):
+                        // this row waits for its next change, the others go on.
+                        Err(e) if e.is_refusal() || matches!(e, UpstreamError::BadReply(_)) => {
+                            self.refused(&item, &e);
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    match refreshed {
                         // 404 for a row Dataverse still has, unchanged: a lookup to a row
                         // it does not have. Writing again would get the same answer.
-                        Some(next) if resp.status == 404 && etag_of(&next) == sent => {
+                        Some(next) if resp.status == 404 && etag_of(&next) == sent.as_deref() => {
                             self.refused(&next, &err);
                             return Ok(());
                         }
@@ -206,7 +244,7 @@ impl Bridge {
             return Ok(());
         }
         match self.push_files(&item.table, item.id).await {
-            Err(e) if !e.is_transient() => {
+            Err(e) if e.is_refusal() => {
                 self.refused(item, &e);
                 Ok(())
             }
@@ -244,6 +282,29 @@ impl Bridge {
     }
 }
 
+/// A create's values without its lookups to rows Dataverse does not have (no base: not
+/// written there yet); `None` if it has no such lookup.
+fn without_lookups_to_new_rows(
+    hub: &fieldsync_replication::replica::HubReplica,
+    item: &Item,
+) -> Result<Option<BTreeMap<String, Value>>, UpstreamError> {
+    let Write::Create { values } = &item.write else {
+        return Ok(None);
+    };
+    let store = hub.store();
+    let tab = store.schema().table(&item.table)?;
+    let mut kept = values.clone();
+    for c in &tab.columns {
+        let (Some(target), Some(Value::Lookup(to))) = (&c.target, values.get(&c.name)) else {
+            continue;
+        };
+        if state::base(store, target, *to)?.is_none() {
+            kept.remove(&c.name);
+        }
+    }
+    Ok((kept.len() < values.len()).then_some(kept))
+}
+
 fn etag_of(item: &Item) -> Option<&str> {
     match &item.write {
         Write::Update { etag, .. } => Some(etag),
@@ -251,12 +312,17 @@ fn etag_of(item: &Item) -> Option<&str> {
     }
 }
 
-/// `items` with every row a lookup of another names (and that is written in this round)
+/// `items` with every row a lookup of another names (and that is created in this round)
 /// before it: Dataverse refuses a lookup to a row it does not have yet. Otherwise in log
 /// order; a cycle keeps log order.
 fn lookup_targets_first(items: Vec<Item>) -> Vec<Item> {
-    let position: BTreeMap<RowId, usize> =
-        items.iter().enumerate().map(|(i, it)| (it.id, i)).collect();
+    // Only rows being created: a row being deleted is no lookup's target.
+    let position: BTreeMap<RowId, usize> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| matches!(it.write, Write::Create { .. }))
+        .map(|(i, it)| (it.id, i))
+        .collect();
     let targets = |it: &Item| -> Vec<usize> {
         match &it.write {
             Write::Create { values } | Write::Update { values, .. } => values

@@ -1590,7 +1590,9 @@ impl HubReplica {
     /// Gives every actor a device pushed with before actors had owners (`act/` without `aa/`)
     /// to that device, so another cannot claim it first.
     fn claim_known_actors(&self) -> Result<(), StoreError> {
-        let mut claims: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        // An actor two devices pushed with (a cloned install, a forgery) is nobody's: each
+        // is refused, and the operator hears of it.
+        let mut claims: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for (k, _) in self.store.aux_scan(SPACE, P_ACTOR)? {
             let Some((device, actor)) = k
                 .get(P_ACTOR.len()..)
@@ -1601,13 +1603,23 @@ impl HubReplica {
             };
             let mut owner = P_ACTOR_OWNER.to_vec();
             owner.extend_from_slice(actor);
-            if !claims.contains_key(&owner) && self.store.aux_get(SPACE, &owner)?.is_none() {
-                claims.insert(owner, device.to_vec());
+            if let Some(claim) = claims.get_mut(&owner) {
+                if claim.as_deref() != Some(device) {
+                    *claim = None;
+                }
+            } else if self.store.aux_get(SPACE, &owner)?.is_none() {
+                claims.insert(owner, Some(device.to_vec()));
             }
         }
         let writes: Vec<AuxWrite> = claims
             .into_iter()
-            .map(|(k, v)| AuxWrite::Put(k, v))
+            .map(|(k, v)| match v {
+                Some(device) => AuxWrite::Put(k, device),
+                None => {
+                    warn!(actor = %hex::encode(k.get(P_ACTOR_OWNER.len()..).unwrap_or_default()), "two devices pushed with one actor; it is nobody's now");
+                    AuxWrite::Put(k, Vec::new())
+                }
+            })
             .collect();
         self.store.aux_apply(SPACE, &writes, Durability::Group)
     }
