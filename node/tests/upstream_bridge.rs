@@ -780,4 +780,17 @@ async fn a_value_the_hub_refuses_does_not_stop_its_rows_or_its_tables_pull() {
     let odd = by_name("Odd").unwrap();
     assert_eq!(odd.get("telephone1"), &text("555-0142"));
     assert_eq!(odd.get("industrycode"), &Value::Null);
+    // A device edits the row: only what the hub changed goes up, so Dataverse keeps the value
+    // the hub could not take.
+    hub_write(
+        &replica,
+        "account",
+        odd.id,
+        &[("name", text("Odd Renamed"))],
+    );
+    b.sync_once().await.unwrap();
+    let up = emu.row("accounts", odd.id).await.unwrap();
+    assert_eq!(up["name"], "Odd Renamed");
+    assert_eq!(up["industrycode"], 5, "{up}");
+    assert_eq!(up["telephone1"], "555-0142");
 }

@@ -136,9 +136,53 @@ pub fn to_wire(
     table: &Table,
     values: &BTreeMap<String, Value>,
 ) -> Result<J, UpstreamError> {
+    to_wire_where(schema, table, values, |_| true)
+}
+
+/// An update body of the columns whose value differs from `base` (what Dataverse had when the
+/// hub last saw the row): a column the hub did not change is not written over Dataverse's.
+pub fn changes_to_wire(
+    schema: &Schema,
+    table: &Table,
+    values: &BTreeMap<String, Value>,
+    base: &BTreeMap<String, Value>,
+) -> Result<J, UpstreamError> {
+    to_wire_where(schema, table, values, |c| {
+        values.get(c).unwrap_or(&Value::Null) != base.get(c).unwrap_or(&Value::Null)
+    })
+}
+
+/// Upstream `values` with each value the hub's schema refuses (a choice option added in
+/// Dataverse since) replaced by `keep`'s, or dropped if `keep` has none; and those columns.
+pub fn within_schema(
+    table: &Table,
+    values: &BTreeMap<String, Value>,
+    keep: &BTreeMap<String, Value>,
+) -> (BTreeMap<String, Value>, Vec<String>) {
+    let mut out = values.clone();
+    let refused: Vec<String> = values
+        .iter()
+        .filter(|(c, v)| table.check_value(c, v).is_err())
+        .map(|(c, _)| c.clone())
+        .collect();
+    for c in &refused {
+        match keep.get(c) {
+            Some(v) => out.insert(c.clone(), v.clone()),
+            None => out.remove(c),
+        };
+    }
+    (out, refused)
+}
+
+fn to_wire_where(
+    schema: &Schema,
+    table: &Table,
+    values: &BTreeMap<String, Value>,
+    keep: impl Fn(&str) -> bool,
+) -> Result<J, UpstreamError> {
     let mut m = Map::new();
     for c in synced(table) {
-        if computed(&c.name) {
+        if computed(&c.name) || !keep(&c.name) {
             continue;
         }
         let v = values.get(&c.name).unwrap_or(&Value::Null);

@@ -188,8 +188,11 @@ impl Bridge {
         let pushed = self.push().await;
         let pulled = self.pull().await;
         match (pushed, pulled) {
-            // Throttling says how long to wait: it wins over the push's error.
-            (Err(_), Err(t @ UpstreamError::Throttled { .. })) => Err(t),
+            // Throttling says how long to wait: it wins over the push's error (logged here).
+            (Err(e), Err(t @ UpstreamError::Throttled { .. })) => {
+                warn!(error = %e, "upstream push failed");
+                Err(t)
+            }
             (pushed, pulled) => pushed.and(pulled),
         }
     }

@@ -246,20 +246,17 @@ impl Bridge {
                 continue; // this version is known (pulled before, or written by the hub)
             }
             // A value the hub's schema refuses (a choice option added in Dataverse since) is
-            // taken as unchanged: the row's other columns still come in.
-            let mut values = row.values.clone();
-            let refused: Vec<String> = row
-                .values
-                .iter()
-                .filter(|(c, v)| tab.check_value(c, v).is_err())
-                .map(|(c, _)| c.clone())
-                .collect();
-            for c in &refused {
-                match base.as_ref().and_then(|b| b.values.get(c)) {
-                    Some(was) => values.insert(c.clone(), was.clone()),
-                    None => values.remove(c),
-                };
-            }
+            // taken as unchanged — the last known one, else the hub's — in the base too, so
+            // the hub never writes it back: the row's other columns still come in.
+            let keep = match &base {
+                Some(b) => b.values.clone(),
+                None => hub
+                    .store()
+                    .get(table, row.id)?
+                    .map(|r| r.values)
+                    .unwrap_or_default(),
+            };
+            let (values, refused) = map::within_schema(&tab, &row.values, &keep);
             if !refused.is_empty() {
                 warn!(table, row = %row.id, columns = ?refused, "values from Dataverse the hub's schema refuses are left as they were");
                 self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);

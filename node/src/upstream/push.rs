@@ -28,6 +28,8 @@ enum Write {
     Update {
         etag: String,
         values: BTreeMap<String, Value>,
+        /// What Dataverse had at `etag`, as the hub last saw it: only what differs is sent.
+        base: BTreeMap<String, Value>,
     },
     /// Delete.
     Delete,
@@ -216,11 +218,11 @@ impl Bridge {
                         None => return Ok(()), // nothing left to write
                     }
                 }
-                _ if err.is_transient() => return Err(err),
-                _ => {
+                _ if err.is_refusal() => {
                     self.refused(&item, &err);
                     return Ok(());
                 }
+                _ => return Err(err),
             }
         }
         Err(UpstreamError::BadReply(format!(
@@ -375,6 +377,7 @@ fn item_of(
         (Some(row), Some(b)) => Write::Update {
             etag: b.etag,
             values: row.values,
+            base: b.values,
         },
         (Some(row), None) => Write::Create { values: row.values },
         (None, Some(_)) => Write::Delete,
@@ -399,10 +402,10 @@ fn request_of(
             .header("If-None-Match", "*")
             .header("Prefer", "return=representation")
             .json(map::to_wire(schema, tab, values)?),
-        Write::Update { etag, values } => ApiRequest::new(Method::PATCH, path)
+        Write::Update { etag, values, base } => ApiRequest::new(Method::PATCH, path)
             .header("If-Match", etag.clone())
             .header("Prefer", "return=representation")
-            .json(map::to_wire(schema, tab, values)?),
+            .json(map::changes_to_wire(schema, tab, values, base)?),
         Write::Delete => ApiRequest::new(Method::DELETE, path),
     })
 }
@@ -438,27 +441,23 @@ fn record(
                     None => sent.remove(stamp),
                 };
             }
-            match merger.upsert(
+            // A value Dataverse holds that the hub's schema refuses stays the hub's, in the
+            // base too, so the hub never writes it back.
+            let (upstream, refused) = map::within_schema(tab, &row.values, values);
+            if !refused.is_empty() {
+                warn!(table = %item.table, row = %item.id, columns = ?refused, "Dataverse holds values the hub's schema refuses; kept the hub's");
+            }
+            merger.upsert(
                 hub.store(),
                 &item.table,
                 item.id,
-                &row.values,
+                &upstream,
                 Some(&sent),
                 &[],
-            ) {
-                Ok(_) => {}
-                // What Dataverse set itself has a value the hub refuses: the write stands,
-                // the hub keeps its own values.
-                Err(UpstreamError::Write(error))
-                    if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
-                {
-                    warn!(table = %item.table, row = %item.id, %error, "Dataverse returned a value the hub refuses; kept the hub's");
-                }
-                Err(e) => return Err(e),
-            }
+            )?;
             Base {
                 etag: row.etag,
-                values: row.values,
+                values: upstream,
                 files: kept_files(hub, item, &row.files)?,
             }
         }

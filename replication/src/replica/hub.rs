@@ -1640,6 +1640,9 @@ impl HubReplica {
         owner.extend_from_slice(&actor.0);
         match self.store.aux_get(SPACE, &owner).map_err(storage_err)? {
             Some(device) if device.as_slice() == who.device.0.as_bytes() => Ok(None),
+            Some(device) if device.is_empty() => Ok(Some(
+                "this actor was used by more than one device; set the device up again",
+            )),
             Some(_) => Ok(Some("the change claims another device's actor")),
             None if self.device_actors(who.device)?.len() >= ACTORS_PER_DEVICE => {
                 Ok(Some("this device has pushed with too many actors"))
