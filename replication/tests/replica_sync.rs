@@ -1375,6 +1375,84 @@ fn a_row_that_aged_out_of_a_time_filter_while_the_hub_was_down_leaves() {
 }
 
 #[test]
+fn actors_that_pushed_before_owners_were_kept_are_claimed_at_open() {
+    // A hub from before actors had owners holds `act/` records only: at open each actor goes
+    // to the device that pushed with it, so another device cannot take it first.
+    let schema = Schema::from_toml(SCHEMA).unwrap();
+    let env = Environment::from_toml(ENV).unwrap();
+    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
+    let verifier = HubSigningKey::generate().unwrap().verifier();
+    let dir = tempfile::tempdir().unwrap();
+    let (ana, ben) = (user(&env, "ana"), user(&env, "ben"));
+    let principal = |i: usize, user: Uuid| Principal {
+        device: device_id(i),
+        user,
+        app: APP.into(),
+    };
+    let open = || {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        HubReplica::open(
+            store,
+            env.clone(),
+            vec![mobile_app()],
+            vec![profile.clone()],
+            verifier.clone(),
+            0,
+        )
+        .unwrap()
+    };
+    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let actor = ActorId::random();
+    let by = |owner: Uuid| {
+        let other = Store::temporary(schema.clone(), opts().with_actor(actor)).unwrap();
+        let mut tx = other.begin();
+        let row = tx
+            .insert("task", &[("ownerid", owner_user(owner))])
+            .unwrap();
+        tx.commit().unwrap();
+        let e = other.ops_since(0, 1).unwrap().remove(0);
+        PushOp {
+            seq: 1,
+            table: e.table,
+            row,
+            change: e.change,
+        }
+    };
+    let merge = ConflictPolicy::MergePerColumn;
+    {
+        let mut hub = open();
+        let out = hub
+            .apply_push(Millis(0), &principal(0, ana), merge, &by(ana))
+            .unwrap();
+        assert_eq!(out, PushOutcome::Accepted);
+        // What an older hub would have kept: no owner record.
+        let mut owner = b"aa/".to_vec();
+        owner.extend_from_slice(&actor.0);
+        hub.store()
+            .aux_apply(
+                "hub",
+                &[fieldsync_store::AuxWrite::Remove(owner)],
+                fieldsync_store::Durability::Immediate,
+            )
+            .unwrap();
+    }
+    let mut hub = open();
+    let out = hub
+        .apply_push(Millis(0), &principal(1, ben), merge, &by(ben))
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            PushOutcome::Rejected {
+                kind: RejectionKind::Permission,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn a_row_written_but_not_routed_before_a_crash_is_looked_at_again() {
     // The hub writes a row, then routes it (records whose sets it entered or left). A crash
     // in between left devices holding a row that had left their set: at open it is looked
