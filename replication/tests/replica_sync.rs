@@ -1406,8 +1406,8 @@ fn actors_that_pushed_before_owners_were_kept_are_claimed_at_open() {
     let by = |owner: Uuid| {
         let other = Store::temporary(schema.clone(), opts().with_actor(actor)).unwrap();
         let mut tx = other.begin();
-        let row = tx
-            .insert("task", &[("ownerid", owner_user(owner))])
+        let row = Uuid::new_v4();
+        tx.insert_with_id("task", row, &[("ownerid", owner_user(owner))])
             .unwrap();
         tx.commit().unwrap();
         let e = other.ops_since(0, 1).unwrap().remove(0);
