@@ -794,3 +794,30 @@ async fn a_value_the_hub_refuses_does_not_stop_its_rows_or_its_tables_pull() {
     assert_eq!(up["industrycode"], 5, "{up}");
     assert_eq!(up["telephone1"], "555-0142");
 }
+
+/// A change that leaves the row's body as Dataverse has it (a value written again) sends no
+/// request: no empty `PATCH` to fire plugins and audit for nothing.
+#[tokio::test]
+async fn an_update_that_changes_nothing_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    b.pull().await.unwrap();
+    let account = Uuid::new_v4();
+    hub_write(&replica, "account", account, &[("name", text("Same"))]);
+    b.push().await.unwrap();
+    let pushed = b.stats.rows_pushed.load(Ordering::Relaxed);
+    hub_write(&replica, "account", account, &[("name", text("Same"))]);
+    let before = requests(&b);
+    b.push().await.unwrap();
+    assert_eq!(requests(&b), before, "a request for nothing");
+    assert_eq!(b.stats.rows_pushed.load(Ordering::Relaxed), pushed);
+    // A real change still goes.
+    hub_write(&replica, "account", account, &[("name", text("Changed"))]);
+    b.push().await.unwrap();
+    assert_eq!(
+        emu.row("accounts", account).await.unwrap()["name"],
+        "Changed"
+    );
+}

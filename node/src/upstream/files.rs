@@ -12,7 +12,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::ApiRequest;
 use super::map::WireRow;
-use super::state::{self, Base, FileState, StateWrites};
+use super::state::{self, FileState, StateWrites};
 use super::{lock, Bridge, UpstreamError};
 
 fn blob_of(v: &Value) -> Option<&BlobRef> {
@@ -226,7 +226,7 @@ impl Bridge {
         let Some(row) = self.read_row(table, id).await? else {
             return Ok(()); // deleted meanwhile: the next pull says so
         };
-        let hub = lock(&self.replica);
+        let mut hub = lock(&self.replica);
         let old = state::base(hub.store(), table, id)?;
         let files = row
             .files
@@ -246,17 +246,16 @@ impl Bridge {
                 ))
             })
             .collect();
-        let mut writes = StateWrites::default();
-        writes.put_base(
-            table,
-            id,
-            &Base {
-                etag: row.etag,
-                values: row.values,
-                files,
-            },
-        )?;
-        writes.commit(hub.store())
+        // Merged like any row read from Dataverse (what changed there since the hub's write
+        // comes in; values the hub refuses stay its own), and recorded as the new base.
+        let row = WireRow {
+            file_states: files,
+            ..row
+        };
+        let tables = self.apply_page(&mut hub, table, &[row], &[], None)?;
+        drop(hub);
+        self.changed(&tables);
+        Ok(())
     }
 
     async fn upload(&self, path: &str, name: &str, data: Vec<u8>) -> Result<(), UpstreamError> {

@@ -100,6 +100,16 @@ impl Bridge {
         group: &[Item],
         relink: &mut Vec<(String, RowId)>,
     ) -> Result<(), UpstreamError> {
+        // Rows whose body would change nothing send only their files.
+        let mut writing = Vec::with_capacity(group.len());
+        for item in group {
+            if has_changes(&lock(&self.replica), item)? {
+                writing.push(item.clone());
+            } else {
+                self.push_files_of(item).await?;
+            }
+        }
+        let group = writing.as_slice();
         if group.len() > 1 {
             let requests = {
                 let hub = lock(&self.replica);
@@ -158,6 +168,11 @@ impl Bridge {
         relink: &mut Vec<(String, RowId)>,
     ) -> Result<(), UpstreamError> {
         for _ in 0..CONFLICT_RETRIES {
+            if !has_changes(&lock(&self.replica), &item)? {
+                // Nothing the row's body would change (a file-only edit, a value written
+                // again, a merge Dataverse won): no request, only its files.
+                return self.push_files_of(&item).await;
+            }
             let req = request_of(&lock(&self.replica), &item)?;
             let resp = self.client.send(&req).await?;
             if resp.is_success() || (resp.status == 404 && matches!(item.write, Write::Delete)) {
@@ -307,6 +322,20 @@ fn without_lookups_to_new_rows(
     Ok((kept.len() < values.len()).then_some(kept))
 }
 
+/// Whether writing `item` would change anything in Dataverse (an update whose body has no
+/// column would not).
+fn has_changes(
+    hub: &fieldsync_replication::replica::HubReplica,
+    item: &Item,
+) -> Result<bool, UpstreamError> {
+    let Write::Update { values, base, .. } = &item.write else {
+        return Ok(true);
+    };
+    let schema = hub.store().schema();
+    let body = map::changes_to_wire(schema, schema.table(&item.table)?, values, base)?;
+    Ok(body.as_object().is_none_or(|m| !m.is_empty()))
+}
+
 fn etag_of(item: &Item) -> Option<&str> {
     match &item.write {
         Write::Update { etag, .. } => Some(etag),
@@ -447,14 +476,24 @@ fn record(
             if !refused.is_empty() {
                 warn!(table = %item.table, row = %item.id, columns = ?refused, "Dataverse holds values the hub's schema refuses; kept the hub's");
             }
-            merger.upsert(
+            match merger.upsert(
                 hub.store(),
                 &item.table,
                 item.id,
                 &upstream,
                 Some(&sent),
                 &[],
-            )?;
+            ) {
+                Ok(_) => {}
+                // What Dataverse set itself cannot be written to the hub (a change too large
+                // for it): the write stands, the hub keeps its own values.
+                Err(UpstreamError::Write(error))
+                    if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
+                {
+                    warn!(table = %item.table, row = %item.id, %error, "Dataverse returned values the hub cannot take; kept the hub's");
+                }
+                Err(e) => return Err(e),
+            }
             Base {
                 etag: row.etag,
                 values: upstream,
