@@ -10,7 +10,7 @@ mod driver;
 use std::collections::{BTreeMap, BTreeSet};
 
 use driver::{Faults, Net};
-use fieldsync_replication::credential::HubSigningKey;
+use fieldsync_replication::credential::{HubSigningKey, TokenVerifier};
 use fieldsync_replication::proto::messages::{MAX_CHANGE_LEN, PULL_BATCH_ITEMS_MAX};
 use fieldsync_replication::proto::{
     BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceEvent, DeviceId,
@@ -558,19 +558,21 @@ fn a_device_may_not_set_the_owning_business_unit() {
     w.check_converged();
 }
 
-/// A change made elsewhere with `actor`: a task owned by `owner`.
-fn change_by(w: &World, actor: ActorId, owner: Uuid) -> PushOp {
-    let other = Store::temporary(w.hub().schema().clone(), opts().with_actor(actor)).unwrap();
+/// A change made elsewhere with `actor`: a new task owned by `owner` (a fresh id: a store's
+/// ids follow its actor).
+fn change_by(schema: &Schema, actor: ActorId, owner: Uuid) -> PushOp {
+    let other = Store::temporary(schema.clone(), opts().with_actor(actor)).unwrap();
     let mut tx = other.begin();
-    let row = tx
-        .insert(
-            "task",
-            &[
-                ("title", Value::Text("forged?".into())),
-                ("ownerid", owner_user(owner)),
-            ],
-        )
-        .unwrap();
+    let row = Uuid::new_v4();
+    tx.insert_with_id(
+        "task",
+        row,
+        &[
+            ("title", Value::Text("forged?".into())),
+            ("ownerid", owner_user(owner)),
+        ],
+    )
+    .unwrap();
     tx.commit().unwrap();
     let e = other.ops_since(0, 1).unwrap().remove(0);
     PushOp {
@@ -697,7 +699,7 @@ fn changes_claiming_another_writers_actor_are_refused() {
     let ana_actor = w.dev(0).actor();
     let hub_actor = w.hub().actor();
     for actor in [ana_actor, UPSTREAM_ACTOR, hub_actor] {
-        let op = change_by(&w, actor, ben_id);
+        let op = change_by(w.hub().schema(), actor, ben_id);
         assert!(
             refused(w.net.hub.apply_push(now, &ben, merge, &op).unwrap()),
             "a change by {actor:?} from ben's device"
@@ -707,7 +709,7 @@ fn changes_claiming_another_writers_actor_are_refused() {
     // Fresh actors are ben's, up to the limit (his device's own included).
     let mut accepted = 0;
     loop {
-        let op = change_by(&w, ActorId::random(), ben_id);
+        let op = change_by(w.hub().schema(), ActorId::random(), ben_id);
         if refused(w.net.hub.apply_push(now, &ben, merge, &op).unwrap()) {
             break;
         }
@@ -1247,42 +1249,68 @@ proptest! {
     }
 }
 
-#[test]
-fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull() {
-    let schema = Schema::from_toml(SCHEMA).unwrap();
-    let env = Environment::from_toml(ENV).unwrap();
-    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
-    let app = mobile_app();
-    let verifier = HubSigningKey::generate().unwrap().verifier();
-    let dir = tempfile::tempdir().unwrap();
-    let ana = user(&env, "ana");
-    let who = Principal {
-        device: device_id(0),
-        user: ana,
-        app: APP.into(),
-    };
-    let open = |env: &Environment, profile: &Profile| {
-        let store = Store::open(dir.path(), opts()).unwrap();
+/// A hub on disk with the test schema, closed and opened again by the tests (a restart).
+struct DiskHub {
+    dir: tempfile::TempDir,
+    schema: Schema,
+    env: Environment,
+    verifier: TokenVerifier,
+}
+
+impl DiskHub {
+    fn new() -> DiskHub {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+        DiskHub {
+            dir,
+            schema,
+            env: Environment::from_toml(ENV).unwrap(),
+            verifier: HubSigningKey::generate().unwrap().verifier(),
+        }
+    }
+
+    fn profile(&self, toml: &str) -> Profile {
+        Profile::from_toml(toml, &self.schema).unwrap()
+    }
+
+    fn open(&self, env: &Environment, profile: &Profile, now_ms: i64) -> HubReplica {
+        let store = Store::open(self.dir.path(), opts()).unwrap();
         HubReplica::open(
             store,
             env.clone(),
-            vec![app.clone()],
+            vec![mobile_app()],
             vec![profile.clone()],
-            verifier.clone(),
-            0,
+            self.verifier.clone(),
+            now_ms,
         )
         .unwrap()
-    };
-    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    }
+
+    /// Device `i` of the user named `name`.
+    fn principal(&self, i: usize, name: &str) -> Principal {
+        Principal {
+            device: device_id(i),
+            user: user(&self.env, name),
+            app: APP.into(),
+        }
+    }
+}
+
+#[test]
+fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull() {
+    let h = DiskHub::new();
+    let profile = h.profile(PROFILE);
+    let who = h.principal(0, "ana");
     let (task, cursor) = {
-        let mut hub = open(&env, &profile);
+        let mut hub = h.open(&h.env, &profile, 0);
         let task = Uuid::new_v4();
         hub.local_write(
             "task",
             task,
             &[
                 ("title", Value::Text("fix pump".into())),
-                ("ownerid", owner_user(ana)),
+                ("ownerid", owner_user(who.user)),
             ],
         )
         .unwrap();
@@ -1291,29 +1319,29 @@ fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull()
         (task, chunk.cursor)
     };
     // Reopened unchanged: nothing moves.
-    let chunk = open(&env, &profile)
+    let chunk = h
+        .open(&h.env, &profile, 0)
         .pull(&who, "task", cursor, WIDE)
         .unwrap();
     assert!(chunk.is_empty(), "{chunk:?}");
     // The operator took the role away in the environment file and restarted the hub.
-    let mut less = env.clone();
+    let mut less = h.env.clone();
     let tech = less.role_by_name("Tech").unwrap().id;
-    less.remove_role(ana, tech).unwrap();
-    let chunk = open(&less, &profile)
+    less.remove_role(who.user, tech).unwrap();
+    let chunk = h
+        .open(&less, &profile, 0)
         .pull(&who, "task", cursor, WIDE)
         .unwrap();
     assert_eq!(chunk.leaving, vec![task], "{chunk:?}");
     // Given back with a narrower filter: still out (the filter), then in (the old filter).
-    let narrow = Profile::from_toml(
-        &PROFILE.replace("ownerid eq-useroruserteams", "ownerid eq-userteams"),
-        &schema,
-    )
-    .unwrap();
-    let chunk = open(&env, &narrow)
+    let narrow = h.profile(&PROFILE.replace("ownerid eq-useroruserteams", "ownerid eq-userteams"));
+    let chunk = h
+        .open(&h.env, &narrow, 0)
         .pull(&who, "task", chunk.cursor, WIDE)
         .unwrap();
     assert!(chunk.entering.is_empty(), "{chunk:?}");
-    let chunk = open(&env, &profile)
+    let chunk = h
+        .open(&h.env, &profile, 0)
         .pull(&who, "task", chunk.cursor, WIDE)
         .unwrap();
     assert!(chunk.entering.iter().any(|r| r.row == task), "{chunk:?}");
@@ -1321,47 +1349,22 @@ fn a_role_or_filter_changed_while_the_hub_was_down_moves_rows_on_the_next_pull()
 
 #[test]
 fn a_row_that_aged_out_of_a_time_filter_while_the_hub_was_down_leaves() {
-    let schema = Schema::from_toml(SCHEMA).unwrap();
-    let env = Environment::from_toml(ENV).unwrap();
-    let profile = Profile::from_toml(
-        &PROFILE.replace(
-            "ownerid eq-useroruserteams",
-            "ownerid eq-useroruserteams and createdon last-x-days 1",
-        ),
-        &schema,
-    )
-    .unwrap();
-    let verifier = HubSigningKey::generate().unwrap().verifier();
-    let dir = tempfile::tempdir().unwrap();
-    let ana = user(&env, "ana");
-    let who = Principal {
-        device: device_id(0),
-        user: ana,
-        app: APP.into(),
-    };
-    let open = |now_ms: i64| {
-        let store = Store::open(dir.path(), opts()).unwrap();
-        HubReplica::open(
-            store,
-            env.clone(),
-            vec![mobile_app()],
-            vec![profile.clone()],
-            verifier.clone(),
-            now_ms,
-        )
-        .unwrap()
-    };
-    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let h = DiskHub::new();
+    let profile = h.profile(&PROFILE.replace(
+        "ownerid eq-useroruserteams",
+        "ownerid eq-useroruserteams and createdon last-x-days 1",
+    ));
+    let who = h.principal(0, "ana");
     let day = 86_400_000;
     let t0 = 1_790_000_000_000;
     let (task, cursor) = {
-        let mut hub = open(t0);
+        let mut hub = h.open(&h.env, &profile, t0);
         let task = Uuid::new_v4();
         hub.local_write(
             "task",
             task,
             &[
-                ("ownerid", owner_user(ana)),
+                ("ownerid", owner_user(who.user)),
                 ("createdon", Value::DateTime(t0 - day / 2)),
             ],
         )
@@ -1370,7 +1373,10 @@ fn a_row_that_aged_out_of_a_time_filter_while_the_hub_was_down_leaves() {
         assert!(chunk.entering.iter().any(|r| r.row == task));
         (task, chunk.cursor)
     };
-    let chunk = open(t0 + day).pull(&who, "task", cursor, WIDE).unwrap();
+    let chunk = h
+        .open(&h.env, &profile, t0 + day)
+        .pull(&who, "task", cursor, WIDE)
+        .unwrap();
     assert_eq!(chunk.leaving, vec![task], "{chunk:?}");
 }
 
@@ -1378,51 +1384,16 @@ fn a_row_that_aged_out_of_a_time_filter_while_the_hub_was_down_leaves() {
 fn actors_that_pushed_before_owners_were_kept_are_claimed_at_open() {
     // A hub from before actors had owners holds `act/` records only: at open each actor goes
     // to the device that pushed with it, so another device cannot take it first.
-    let schema = Schema::from_toml(SCHEMA).unwrap();
-    let env = Environment::from_toml(ENV).unwrap();
-    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
-    let verifier = HubSigningKey::generate().unwrap().verifier();
-    let dir = tempfile::tempdir().unwrap();
-    let (ana, ben) = (user(&env, "ana"), user(&env, "ben"));
-    let principal = |i: usize, user: Uuid| Principal {
-        device: device_id(i),
-        user,
-        app: APP.into(),
-    };
-    let open = || {
-        let store = Store::open(dir.path(), opts()).unwrap();
-        HubReplica::open(
-            store,
-            env.clone(),
-            vec![mobile_app()],
-            vec![profile.clone()],
-            verifier.clone(),
-            0,
-        )
-        .unwrap()
-    };
-    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let h = DiskHub::new();
+    let profile = h.profile(PROFILE);
+    let (ana, ben) = (h.principal(0, "ana"), h.principal(1, "ben"));
     let actor = ActorId::random();
-    let by = |owner: Uuid| {
-        let other = Store::temporary(schema.clone(), opts().with_actor(actor)).unwrap();
-        let mut tx = other.begin();
-        let row = Uuid::new_v4();
-        tx.insert_with_id("task", row, &[("ownerid", owner_user(owner))])
-            .unwrap();
-        tx.commit().unwrap();
-        let e = other.ops_since(0, 1).unwrap().remove(0);
-        PushOp {
-            seq: 1,
-            table: e.table,
-            row,
-            change: e.change,
-        }
-    };
+    let by = |owner: Uuid| change_by(&h.schema, actor, owner);
     let merge = ConflictPolicy::MergePerColumn;
     {
-        let mut hub = open();
+        let mut hub = h.open(&h.env, &profile, 0);
         let out = hub
-            .apply_push(Millis(0), &principal(0, ana), merge, &by(ana))
+            .apply_push(Millis(0), &ana, merge, &by(ana.user))
             .unwrap();
         assert_eq!(out, PushOutcome::Accepted);
         // What an older hub would have kept: no owner record.
@@ -1436,9 +1407,9 @@ fn actors_that_pushed_before_owners_were_kept_are_claimed_at_open() {
             )
             .unwrap();
     }
-    let mut hub = open();
+    let mut hub = h.open(&h.env, &profile, 0);
     let out = hub
-        .apply_push(Millis(0), &principal(1, ben), merge, &by(ben))
+        .apply_push(Millis(0), &ben, merge, &by(ben.user))
         .unwrap();
     assert!(
         matches!(
@@ -1457,34 +1428,14 @@ fn a_row_written_but_not_routed_before_a_crash_is_looked_at_again() {
     // The hub writes a row, then routes it (records whose sets it entered or left). A crash
     // in between left devices holding a row that had left their set: at open it is looked
     // at again for every user.
-    let schema = Schema::from_toml(SCHEMA).unwrap();
-    let env = Environment::from_toml(ENV).unwrap();
-    let profile = Profile::from_toml(PROFILE, &schema).unwrap();
-    let verifier = HubSigningKey::generate().unwrap().verifier();
-    let dir = tempfile::tempdir().unwrap();
-    let (ana, cat) = (user(&env, "ana"), user(&env, "cat"));
-    let who = Principal {
-        device: device_id(0),
-        user: ana,
-        app: APP.into(),
-    };
-    let open = || {
-        let store = Store::open(dir.path(), opts()).unwrap();
-        HubReplica::open(
-            store,
-            env.clone(),
-            vec![mobile_app()],
-            vec![profile.clone()],
-            verifier.clone(),
-            0,
-        )
-        .unwrap()
-    };
-    drop(Store::create(dir.path(), schema.clone(), opts()).unwrap());
+    let h = DiskHub::new();
+    let profile = h.profile(PROFILE);
+    let who = h.principal(0, "ana");
+    let cat = user(&h.env, "cat");
     let (task, cursor) = {
-        let mut hub = open();
+        let mut hub = h.open(&h.env, &profile, 0);
         let task = Uuid::new_v4();
-        hub.local_write("task", task, &[("ownerid", owner_user(ana))])
+        hub.local_write("task", task, &[("ownerid", owner_user(who.user))])
             .unwrap();
         let chunk = hub.pull(&who, "task", Cursor(0), WIDE).unwrap();
         assert!(chunk.entering.iter().any(|r| r.row == task));
@@ -1501,7 +1452,10 @@ fn a_row_written_but_not_routed_before_a_crash_is_looked_at_again() {
         tx.commit().unwrap();
         (task, chunk.cursor)
     };
-    let chunk = open().pull(&who, "task", cursor, WIDE).unwrap();
+    let chunk = h
+        .open(&h.env, &profile, 0)
+        .pull(&who, "task", cursor, WIDE)
+        .unwrap();
     assert_eq!(chunk.leaving, vec![task], "{chunk:?}");
 }
 
