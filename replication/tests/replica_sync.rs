@@ -558,6 +558,31 @@ fn a_device_may_not_set_the_owning_business_unit() {
     w.check_converged();
 }
 
+#[test]
+fn an_owner_change_takes_the_rows_owning_business_unit_with_it() {
+    // A row from Dataverse carries its unit explicitly; ana gives hers to cat (South).
+    let mut w = world(27, ConflictPolicies::default());
+    seed(&mut w);
+    let (ana, cat) = (user(&w.env, "ana"), user(&w.env, "cat"));
+    let north = w.env.business_unit_by_name("North").unwrap().id;
+    let south = w.env.business_unit_by_name("South").unwrap().id;
+    let task = w.hub_insert(
+        "task",
+        &[
+            ("title", Value::Text("handed over".into())),
+            ("ownerid", owner_user(ana)),
+            ("owningbusinessunit", Value::Lookup(north)),
+        ],
+    );
+    w.net.heal(3);
+    w.write(0, "task", task, &[("ownerid", owner_user(cat))]);
+    w.net.heal(3);
+    let row = w.hub().get("task", task).unwrap().unwrap();
+    assert_eq!(row.get("owningbusinessunit"), &Value::Lookup(south));
+    assert!(w.held(2).contains(&("task".into(), task)));
+    w.check_converged();
+}
+
 /// A change made elsewhere with `actor`: a new task owned by `owner` (a fresh id: a store's
 /// ids follow its actor).
 fn change_by(schema: &Schema, actor: ActorId, owner: Uuid) -> PushOp {

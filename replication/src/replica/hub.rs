@@ -1551,6 +1551,9 @@ impl HubReplica {
         if policy == ConflictPolicy::ClientWins && !insp.concurrent.is_empty() {
             self.resolve_client_wins(op, insp)?;
         }
+        if insp.columns.contains_key("ownerid") {
+            self.follow_owner_business_unit(op)?;
+        }
         self.route(&op.table, op.row).map_err(storage_err)?;
         self.feed_log(Some(who)).map_err(storage_err)?;
         self.routed(&[(&op.table, op.row)]).map_err(storage_err)?;
@@ -1584,6 +1587,38 @@ impl HubReplica {
         tx.commit_with(Durability::Immediate)
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
         debug!(table = %op.table, row = %op.row, "client wins: resolution written");
+        Ok(())
+    }
+
+    /// An owner change takes the row's explicit owning business unit (one Dataverse set) with
+    /// it, as Dataverse does: the row would stay in the old unit's scopes otherwise (with no
+    /// bridge to bring Dataverse's back, for good).
+    fn follow_owner_business_unit(&mut self, op: &PushOp) -> Result<(), StorageError> {
+        let Some(row) = self.store.get(&op.table, op.row).map_err(storage_err)? else {
+            return Ok(());
+        };
+        let (Some(Value::Lookup(explicit)), Some(Value::Owner(owner))) = (
+            row.values.get(OWNING_BUSINESS_UNIT),
+            row.values.get("ownerid"),
+        ) else {
+            return Ok(());
+        };
+        let Some(unit) = self.env.owner_business_unit(*owner) else {
+            return Ok(());
+        };
+        if *explicit == unit {
+            return Ok(());
+        }
+        let mut tx = self.store.begin();
+        tx.update(
+            &op.table,
+            op.row,
+            &[(OWNING_BUSINESS_UNIT, Value::Lookup(unit))],
+        )
+        .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        tx.commit_with(Durability::Immediate)
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        debug!(table = %op.table, row = %op.row, "owning business unit follows the new owner");
         Ok(())
     }
 
