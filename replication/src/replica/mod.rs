@@ -33,7 +33,8 @@
 //! | `dec/` row hash | the decision on a pushed change (bincode) |
 //! | `act/` device actor | the automerge actors a device pushed with |
 //! | `aa/` actor | the device that owns the actor (the first to push with it) |
-//! | `cfg/env`, `cfg/profile/` name | the environment and profiles devices' sets last followed (JSON) |
+//! | `cfg/env`, `cfg/profile/` name, `cfg/time` | the environment, profiles and time devices' sets last followed (JSON) |
+//! | `rr/` row | a row being written and not routed yet (looked at again at open) |
 //! | `hh/` device row | the device's holding history: (feed position, held) transitions |
 //! | `ho/` device row | what a rollback left on the device, from a feed position on |
 //! | `m/` profile · 0 · user seq row | the row entered or left the user's set at `seq` |
