@@ -583,6 +583,55 @@ fn an_owner_change_takes_the_rows_owning_business_unit_with_it() {
     w.check_converged();
 }
 
+#[test]
+fn junk_pushed_on_tables_outside_the_profile_leaves_no_record() {
+    // A device with a valid credential pushing changes to a table its profile does not have
+    // gets a rejection each time, and the hub keeps nothing of them (nor flushes for them).
+    let mut w = world(28, ConflictPolicies::default());
+    seed(&mut w);
+    let ana = w.principal(0);
+    let records = |w: &World| {
+        ["dec/", "ho/"]
+            .iter()
+            .map(|p| w.hub().aux_scan("hub", p.as_bytes()).unwrap().len())
+            .sum::<usize>()
+    };
+    let before = records(&w);
+    let junk = Store::temporary(w.hub().schema().clone(), opts()).unwrap();
+    for k in 0..50 {
+        let mut tx = junk.begin();
+        tx.insert("note", &[("text", Value::Text(format!("junk {k}")))])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    for e in junk.ops_since(0, 100).unwrap() {
+        let op = PushOp {
+            seq: e.seq,
+            table: e.table,
+            row: e.row,
+            change: e.change,
+        };
+        for _ in 0..2 {
+            let out = w
+                .net
+                .hub
+                .apply_push(Millis(0), &ana, ConflictPolicy::MergePerColumn, &op)
+                .unwrap();
+            assert!(
+                matches!(
+                    out,
+                    PushOutcome::Rejected {
+                        kind: RejectionKind::Permission,
+                        ..
+                    }
+                ),
+                "{out:?}"
+            );
+        }
+    }
+    assert_eq!(records(&w), before, "junk left records on the hub");
+}
+
 /// A change made elsewhere with `actor`: a new task owned by `owner` (a fresh id: a store's
 /// ids follow its actor).
 fn change_by(schema: &Schema, actor: ActorId, owner: Uuid) -> PushOp {

@@ -1269,6 +1269,12 @@ impl HubReplica {
         Ok((f, hist))
     }
 
+    /// Whether `table` is in the offline profile of `who`'s app.
+    fn table_in_profile(&self, who: &Principal, table: &str) -> bool {
+        self.router_for(who)
+            .is_some_and(|(_, r)| r.profile().items.contains_key(table))
+    }
+
     /// A row as a device receives it whole: its change chunks, or its saved document when
     /// they would not fit in a batch (a long history). `None` (logged) if even that is too
     /// large: one row must not stop a device's sync of its table for good.
@@ -1316,6 +1322,16 @@ impl HubReplica {
                 message,
             } => {
                 let authoritative = self.authoritative(who, &op.table, op.row);
+                // A device holds no row of a table outside its profile: nothing to roll back
+                // to, nothing to record (junk pushes leave no record).
+                if !self.table_in_profile(who, &op.table) {
+                    return Ok(PushOutcome::Rejected {
+                        operation,
+                        kind,
+                        message,
+                        authoritative,
+                    });
+                }
                 // The device rolls back: it holds the hub's row if one is sent, else nothing,
                 // whatever the feed told it before. Pulls go on from there.
                 let o = Override {
@@ -1375,10 +1391,7 @@ impl HubReplica {
         } else {
             Operation::Write
         };
-        let in_profile = self
-            .router_for(who)
-            .is_some_and(|(_, r)| r.profile().items.contains_key(&op.table));
-        if !in_profile {
+        if !self.table_in_profile(who, &op.table) {
             return Ok(rejected(
                 operation,
                 RejectionKind::Permission,
@@ -1792,10 +1805,14 @@ impl HubStorage for HubReplica {
             return Ok(PushOutcome::Accepted);
         }
         let d = self.judge(who, policy, op, &insp)?;
-        // Durable with everything `judge` wrote before it (the applied op included).
-        self.store
-            .aux_put(SPACE, &dk, &enc(&d), Durability::Immediate)
-            .map_err(storage_err)?;
+        // Durable with everything `judge` wrote before it (the applied op included). An op on
+        // a table outside the device's profile wrote nothing and gets the same answer again:
+        // junk pushes leave no record (and cost no flush).
+        if self.table_in_profile(who, &op.table) {
+            self.store
+                .aux_put(SPACE, &dk, &enc(&d), Durability::Immediate)
+                .map_err(storage_err)?;
+        }
         if let Decision::Rejected { kind, message, .. } = &d {
             debug!(?kind, %message, "op rejected");
         }
