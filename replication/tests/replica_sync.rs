@@ -21,7 +21,9 @@ use fieldsync_replication::replica::{
     DeviceReplica, HubReplica, ACTORS_PER_DEVICE, SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
 };
 use fieldsync_replication::{App, Environment, Profile};
-use fieldsync_store::{ActorId, OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value};
+use fieldsync_store::{
+    ActorId, BlobRef, OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value,
+};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -242,6 +244,17 @@ impl World {
         tx.commit().unwrap();
         self.net.local_ops(i);
         id
+    }
+
+    /// Device `i` attaches an image ([`photo_bytes`] of `salt`) to `task`; its content and ref.
+    fn attach_photo(&mut self, i: usize, task: RowId, salt: u8) -> (Vec<u8>, BlobRef) {
+        let content = photo_bytes(salt);
+        let blob = self
+            .dev(i)
+            .put_blob(&format!("photo-{salt}.jpg"), &mut content.as_slice())
+            .unwrap();
+        self.write(i, "task", task, &[("photo", Value::Image(blob.clone()))]);
+        (content, blob)
     }
 
     fn hub_insert(&mut self, table: &str, values: &[(&str, Value)]) -> RowId {
@@ -928,7 +941,7 @@ fn server_wins_rejects_a_concurrent_write_and_client_wins_resolves_it() {
 fn images_the_profile_selects_download_in_chunks_to_devices_that_hold_the_row() {
     let mut w = world(9, ConflictPolicies::default());
     let s = seed(&mut w);
-    let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let content = photo_bytes(0);
     let blob = w
         .net
         .hub
@@ -963,17 +976,7 @@ fn an_image_attached_offline_goes_up_and_down_to_the_devices_that_hold_the_row()
     let s = seed(&mut w);
     w.net.heal(2);
     w.net.set_online(0, false);
-    let content = photo_bytes(1);
-    let blob = w
-        .dev(0)
-        .put_blob("meter.jpg", &mut content.as_slice())
-        .unwrap();
-    w.write(
-        0,
-        "task",
-        s.team_task,
-        &[("photo", Value::Image(blob.clone()))],
-    );
+    let (content, blob) = w.attach_photo(0, s.team_task, 1);
     w.net.run_for(Millis::from_minutes(1));
     assert!(
         !w.hub().has_blob(&blob).unwrap(),
@@ -1001,17 +1004,7 @@ fn an_interrupted_upload_resumes_where_the_hub_stopped() {
     let mut w = world(12, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(2);
-    let content = photo_bytes(2);
-    let blob = w
-        .dev(0)
-        .put_blob("pump.jpg", &mut content.as_slice())
-        .unwrap();
-    w.write(
-        0,
-        "task",
-        s.ana_task,
-        &[("photo", Value::Image(blob.clone()))],
-    );
+    let (content, blob) = w.attach_photo(0, s.ana_task, 2);
     // Cut the link as soon as the hub holds part of the content.
     let ana = device_id(0);
     let mut guard = 0;
@@ -1043,17 +1036,7 @@ fn duplicated_and_late_upload_acks_do_not_multiply_the_pieces() {
     let mut w = world(14, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(2);
-    let content = photo_bytes(4);
-    let blob = w
-        .dev(0)
-        .put_blob("dup.jpg", &mut content.as_slice())
-        .unwrap();
-    w.write(
-        0,
-        "task",
-        s.ana_task,
-        &[("photo", Value::Image(blob.clone()))],
-    );
+    let (content, blob) = w.attach_photo(0, s.ana_task, 4);
     w.net.faults = Faults {
         loss_pct: 0,
         dup_pct: 60,
@@ -1160,20 +1143,10 @@ fn the_device_that_attached_a_file_may_upload_it_after_the_row_left_its_set() {
     let mut w = world(15, ConflictPolicies::default());
     let s = seed(&mut w);
     w.net.heal(2);
-    let content = photo_bytes(5);
-    let blob = w
-        .dev(0)
-        .put_blob("handover.jpg", &mut content.as_slice())
-        .unwrap();
     // ana attaches a photo and hands the task to cat in the same offline session.
     w.net.set_online(0, false);
     let cat = user(&w.env, "cat");
-    w.write(
-        0,
-        "task",
-        s.ana_task,
-        &[("photo", Value::Image(blob.clone()))],
-    );
+    let (content, blob) = w.attach_photo(0, s.ana_task, 5);
     w.write(0, "task", s.ana_task, &[("ownerid", owner_user(cat))]);
     w.net.heal(3);
     assert_eq!(w.hub().read_blob(&blob).unwrap(), content);
