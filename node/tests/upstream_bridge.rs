@@ -821,3 +821,46 @@ async fn an_update_that_changes_nothing_sends_nothing() {
         "Changed"
     );
 }
+
+/// A full re-read that cannot read one entry (a value of another type than the hub's schema
+/// says) cannot tell which rows Dataverse deleted: it deletes none.
+#[tokio::test]
+async fn a_full_reread_with_an_unreadable_entry_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(
+        &dir.path().join("emu"),
+        &["--change-tracking-retention-secs", "1"],
+    );
+    let drifted =
+        example("schema.toml").replacen("telephone1 = \"text\"", "telephone1 = \"integer\"", 1);
+    let replica = hub_replica_with_schema(&dir.path().join("hub"), &drifted);
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let (s, _) = emu
+        .call(Method::POST, "accounts", Some(json!({"name": "Keep"})))
+        .await;
+    assert_eq!(s, 204);
+    b.pull_table("account").await.unwrap();
+    let keep = emu
+        .rows("accounts")
+        .await
+        .into_iter()
+        .find(|r| r["name"] == "Keep")
+        .unwrap();
+    let keep = id_of(&keep, "accountid");
+    assert!(hub_get(&replica, "account", keep).is_some());
+    // Dataverse's value no longer reads as the hub's type; the change token expires.
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({keep})"),
+        Some(json!({"telephone1": "555-0100"})),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    b.pull_table("account").await.unwrap();
+    assert!(b.stats.full_reads.load(Ordering::Relaxed) >= 1);
+    assert!(b.stats.rows_skipped.load(Ordering::Relaxed) >= 1);
+    assert!(
+        hub_get(&replica, "account", keep).is_some(),
+        "a row Dataverse still has was deleted on the hub"
+    );
+}

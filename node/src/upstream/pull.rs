@@ -123,6 +123,8 @@ impl Bridge {
     async fn read_pages(&self, table: &str, first: &str, full: bool) -> Result<(), UpstreamError> {
         let mut url = first.to_string();
         let mut seen: BTreeSet<RowId> = BTreeSet::new();
+        // A full read that could not read every entry cannot say which rows are gone.
+        let mut unread = 0u64;
         loop {
             let req = ApiRequest::new(Method::GET, url.clone()).header("Prefer", self.prefer());
             let resp = self.client.send(&req).await?;
@@ -145,6 +147,7 @@ impl Bridge {
                 self.stats
                     .rows_skipped
                     .fetch_add(skipped, Ordering::Relaxed);
+                unread += skipped;
                 if full {
                     seen.extend(list.iter().map(|e| match e {
                         Entry::Row(r) => r.id,
@@ -159,7 +162,13 @@ impl Bridge {
                         Entry::Deleted(id) => deletions.push(id),
                     }
                 }
-                if next.is_none() && full {
+                if next.is_none() && full && unread > 0 {
+                    warn!(
+                        table,
+                        unread,
+                        "entries of a full read could not be read: no row is taken for deleted"
+                    );
+                } else if next.is_none() && full {
                     // The last page of a full read: whatever is known upstream and was not
                     // seen was deleted while the hub was not looking.
                     for id in state::known_ids(hub.store(), table)? {
