@@ -332,12 +332,12 @@ fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Resu
         args.iter().partition(|a| attachment(&table, a).is_some());
     let rest: Vec<String> = rest.into_iter().cloned().collect();
     let mut values = parse_assignments(&table, &rest)?;
+    let id = id.map(parse_id).transpose()?;
     for arg in files {
         if let Some((col, path)) = attachment(&table, arg) {
             values.push((col.to_string(), attach_file(&store, &table, col, path)?));
         }
     }
-    let id = id.map(parse_id).transpose()?;
     let mut tx = store.begin();
     let row_id = match id {
         Some(id) if store.get(table_name, id)?.is_some() => {

@@ -11,7 +11,9 @@ use fieldsync_node::upstream::DATAVERSE_ACTOR;
 use fieldsync_store::Value;
 use reqwest::Method;
 use serde_json::json;
-use upstream_support::{bridge, config, example, hub_replica, hub_replica_with_schema, Emulator};
+use upstream_support::{
+    bridge, config, example, hub_replica, hub_replica_with_schema, Emulator, ADMIN_TOKEN,
+};
 use uuid::Uuid;
 
 fn text(s: &str) -> Value {
@@ -52,7 +54,7 @@ fn blob_ref_of(
 /// A GET to the emulator as its administrator.
 async fn admin_get(http: &reqwest::Client, url: &str) -> reqwest::Response {
     http.get(url)
-        .header("Authorization", "Bearer admin-token")
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
         .send()
         .await
         .unwrap()
@@ -81,7 +83,7 @@ async fn office_puts_file(
             "{}/api/data/v9.2/accounts({id})/contract",
             emu.url()
         ))
-        .header("Authorization", "Bearer admin-token")
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
         .header("Content-Type", "application/octet-stream")
         .header("x-ms-file-name", name)
         .body(bytes.to_vec())
@@ -505,7 +507,7 @@ async fn a_file_still_uploading_from_a_device_follows_its_row() {
     b.push().await.unwrap();
     let http = reqwest::Client::new();
     let api = format!("{}/api/data/v9.2/accounts({id})", emu.url());
-    let row: serde_json::Value = admin_get(&http, &api).await.json().await.unwrap();
+    let row = emu.row("accounts", id).await.unwrap();
     assert_eq!(row["name"], "Site survey");
     let value = format!("{api}/contract/$value");
     let none = admin_get(&http, &value).await;

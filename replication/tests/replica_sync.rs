@@ -1443,13 +1443,16 @@ fn actors_that_pushed_before_owners_were_kept_are_claimed_at_open() {
             .apply_push(Millis(0), &ana, merge, &by(ana.user))
             .unwrap();
         assert_eq!(out, PushOutcome::Accepted);
-        // What an older hub would have kept: no owner record.
+        // What an older hub would have kept: no owner record, and no claim made yet.
         let mut owner = b"aa/".to_vec();
         owner.extend_from_slice(&actor.0);
         hub.store()
             .aux_apply(
                 "hub",
-                &[fieldsync_store::AuxWrite::Remove(owner)],
+                &[
+                    fieldsync_store::AuxWrite::Remove(owner),
+                    fieldsync_store::AuxWrite::Remove(b"cfg/actors-claimed".to_vec()),
+                ],
                 fieldsync_store::Durability::Immediate,
             )
             .unwrap();

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use fieldsync_store::{BlobRef, ColumnType, RowId, Value};
 use reqwest::Method;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use super::client::ApiRequest;
 use super::map::WireRow;
@@ -139,15 +139,17 @@ impl Bridge {
         };
         for (table, id) in ready {
             if self.tables.contains(&table) {
-                // One file Dataverse refuses must not hold up the round (nor the others): it
-                // stays waiting and is tried again next round.
-                if let Err(e) = self
+                match self
                     .push_files(&table, id)
                     .instrument(info_span!("upstream_waiting_file", %table, %id))
                     .await
                 {
-                    warn!(%table, %id, error = %e, "a waiting file did not go up");
-                    continue;
+                    Ok(()) => {}
+                    // Dataverse refuses it for good: sending it again every round would not
+                    // change that (nor hold up the others). A failure that may pass ends the
+                    // round, and the file stays waiting.
+                    Err(e) if e.is_refusal() => self.refused(&table, id, &e),
+                    Err(e) => return Err(e),
                 }
             }
             // Cleared once sent: a failed round leaves it to the next.

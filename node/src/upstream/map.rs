@@ -154,24 +154,28 @@ pub fn changes_to_wire(
 
 /// Upstream `values` with each value the hub's schema refuses (a choice option added in
 /// Dataverse since) replaced by `keep`'s, or dropped if `keep` has none; and those columns.
-pub fn within_schema(
+/// `keep` is asked for only when a value is refused.
+pub fn within_schema<E>(
     table: &Table,
-    values: &BTreeMap<String, Value>,
-    keep: &BTreeMap<String, Value>,
-) -> (BTreeMap<String, Value>, Vec<String>) {
-    let mut out = values.clone();
+    mut values: BTreeMap<String, Value>,
+    keep: impl FnOnce() -> Result<BTreeMap<String, Value>, E>,
+) -> Result<(BTreeMap<String, Value>, Vec<String>), E> {
     let refused: Vec<String> = values
         .iter()
         .filter(|(c, v)| table.check_value(c, v).is_err())
         .map(|(c, _)| c.clone())
         .collect();
+    if refused.is_empty() {
+        return Ok((values, refused));
+    }
+    let keep = keep()?;
     for c in &refused {
         match keep.get(c) {
-            Some(v) => out.insert(c.clone(), v.clone()),
-            None => out.remove(c),
+            Some(v) => values.insert(c.clone(), v.clone()),
+            None => values.remove(c),
         };
     }
-    (out, refused)
+    Ok((values, refused))
 }
 
 fn to_wire_where(

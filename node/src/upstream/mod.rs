@@ -87,14 +87,10 @@ impl UpstreamError {
             if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
     }
 
-    /// Whether a later retry may succeed (the round is retried with backoff) rather than the
-    /// request being refused for good.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            UpstreamError::Unreachable(_) | UpstreamError::Throttled { .. } => true,
-            UpstreamError::Api { status, .. } => *status >= 500 || *status == 401,
-            _ => false,
-        }
+    /// Whether the hub's store refused what Dataverse holds (a value or a change too large for
+    /// it) rather than failing: that row is skipped, not the round.
+    pub fn is_hub_refusal(&self) -> bool {
+        matches!(self, UpstreamError::Write(e) if !matches!(e, WriteError::Store(_)))
     }
 }
 

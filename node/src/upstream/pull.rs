@@ -257,28 +257,25 @@ impl Bridge {
             // A value the hub's schema refuses (a choice option added in Dataverse since) is
             // taken as unchanged — the last known one, else the hub's — in the base too, so
             // the hub never writes it back: the row's other columns still come in.
-            let keep = match &base {
-                Some(b) => b.values.clone(),
-                None => hub
-                    .store()
-                    .get(table, row.id)?
-                    .map(|r| r.values)
-                    .unwrap_or_default(),
-            };
-            let (values, refused) = map::within_schema(&tab, &row.values, &keep);
+            let (values, refused) = map::within_schema(&tab, row.values.clone(), || {
+                Ok::<_, UpstreamError>(match &base {
+                    Some(b) => b.values.clone(),
+                    None => hub
+                        .store()
+                        .get(table, row.id)?
+                        .map(|r| r.values)
+                        .unwrap_or_default(),
+                })
+            })?;
             if !refused.is_empty() {
                 warn!(table, row = %row.id, columns = ?refused, "values from Dataverse the hub's schema refuses are left as they were");
                 self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);
             }
-            let row = &map::WireRow {
-                values,
-                ..row.clone()
-            };
             match merger.upsert(
                 hub.store(),
                 table,
                 row.id,
-                &row.values,
+                &values,
                 base.as_ref().map(|b| &b.values),
                 &row.file_writes,
             ) {
@@ -288,9 +285,7 @@ impl Bridge {
                 // is skipped, so one row does not stop the table's pull. The hub keeps what it
                 // knew of the row, at the version Dataverse has now, so a write from a device
                 // is not refused as a conflict forever.
-                Err(UpstreamError::Write(error))
-                    if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
-                {
+                Err(error) if error.is_hub_refusal() => {
                     warn!(table, row = %row.id, %error, "a row from Dataverse has a value the hub refuses; skipped");
                     self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);
                     if let Some(b) = &base {
@@ -320,7 +315,7 @@ impl Bridge {
                 row.id,
                 &Base {
                     etag: row.etag.clone(),
-                    values: row.values.clone(),
+                    values,
                     files,
                 },
             )?;

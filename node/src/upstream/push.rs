@@ -102,22 +102,25 @@ impl Bridge {
     ) -> Result<(), UpstreamError> {
         // Rows whose body would change nothing send only their files.
         let mut writing = Vec::with_capacity(group.len());
-        for item in group {
-            if has_changes(&lock(&self.replica), item)? {
-                writing.push(item.clone());
-            } else {
-                self.push_files_of(item).await?;
+        let mut requests = Vec::with_capacity(group.len());
+        let mut files_only = Vec::new();
+        {
+            let hub = lock(&self.replica);
+            for item in group {
+                match request_of(&hub, item)? {
+                    Some(req) => {
+                        writing.push(item.clone());
+                        requests.push(req);
+                    }
+                    None => files_only.push(item),
+                }
             }
+        }
+        for item in files_only {
+            self.push_files_of(item).await?;
         }
         let group = writing.as_slice();
         if group.len() > 1 {
-            let requests = {
-                let hub = lock(&self.replica);
-                group
-                    .iter()
-                    .map(|i| request_of(&hub, i))
-                    .collect::<Result<Vec<_>, _>>()?
-            };
             match self.client.change_set(&requests).await? {
                 BatchOutcome::Applied(responses) => {
                     let tables = {
@@ -168,12 +171,11 @@ impl Bridge {
         relink: &mut Vec<(String, RowId)>,
     ) -> Result<(), UpstreamError> {
         for _ in 0..CONFLICT_RETRIES {
-            if !has_changes(&lock(&self.replica), &item)? {
+            let Some(req) = request_of(&lock(&self.replica), &item)? else {
                 // Nothing the row's body would change (a file-only edit, a value written
                 // again, a merge Dataverse won): no request, only its files.
                 return self.push_files_of(&item).await;
-            }
-            let req = request_of(&lock(&self.replica), &item)?;
+            };
             let resp = self.client.send(&req).await?;
             if resp.is_success() || (resp.status == 404 && matches!(item.write, Write::Delete)) {
                 let tables = {
@@ -204,7 +206,7 @@ impl Bridge {
                             item.write = Write::Create { values };
                         }
                         _ => {
-                            self.refused(&item, &err);
+                            self.refused(&item.table, item.id, &err);
                             return Ok(());
                         }
                     }
@@ -217,7 +219,7 @@ impl Bridge {
                         // The row as Dataverse has it cannot be read (refused, malformed):
                         // this row waits for its next change, the others go on.
                         Err(e) if e.is_refusal() || matches!(e, UpstreamError::BadReply(_)) => {
-                            self.refused(&item, &e);
+                            self.refused(&item.table, item.id, &e);
                             return Ok(());
                         }
                         Err(e) => return Err(e),
@@ -226,7 +228,7 @@ impl Bridge {
                         // 404 for a row Dataverse still has, unchanged: a lookup to a row
                         // it does not have. Writing again would get the same answer.
                         Some(next) if resp.status == 404 && etag_of(&next) == sent.as_deref() => {
-                            self.refused(&next, &err);
+                            self.refused(&next.table, next.id, &err);
                             return Ok(());
                         }
                         Some(next) => item = next,
@@ -234,7 +236,7 @@ impl Bridge {
                     }
                 }
                 _ if err.is_refusal() => {
-                    self.refused(&item, &err);
+                    self.refused(&item.table, item.id, &err);
                     return Ok(());
                 }
                 _ => return Err(err),
@@ -249,9 +251,9 @@ impl Bridge {
     /// A write Dataverse refused for good (a bad value, a missing privilege, a lookup to a row
     /// it does not have): keeping it would block every later write, so it is logged, counted
     /// and skipped. The row is written again with its next change.
-    fn refused(&self, item: &Item, err: &UpstreamError) {
+    pub(crate) fn refused(&self, table: &str, row: RowId, err: &UpstreamError) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        warn!(table = %item.table, row = %item.id, error = %err, "Dataverse refused a write; skipped");
+        warn!(%table, %row, error = %err, "Dataverse refused a write; skipped");
     }
 
     /// Sends a written row's files; one Dataverse refuses for good is logged and skipped (a
@@ -262,7 +264,7 @@ impl Bridge {
         }
         match self.push_files(&item.table, item.id).await {
             Err(e) if e.is_refusal() => {
-                self.refused(item, &e);
+                self.refused(&item.table, item.id, &e);
                 Ok(())
             }
             other => other,
@@ -320,20 +322,6 @@ fn without_lookups_to_new_rows(
         }
     }
     Ok((kept.len() < values.len()).then_some(kept))
-}
-
-/// Whether writing `item` would change anything in Dataverse (an update whose body has no
-/// column would not).
-fn has_changes(
-    hub: &fieldsync_replication::replica::HubReplica,
-    item: &Item,
-) -> Result<bool, UpstreamError> {
-    let Write::Update { values, base, .. } = &item.write else {
-        return Ok(true);
-    };
-    let schema = hub.store().schema();
-    let body = map::changes_to_wire(schema, schema.table(&item.table)?, values, base)?;
-    Ok(body.as_object().is_none_or(|m| !m.is_empty()))
 }
 
 fn etag_of(item: &Item) -> Option<&str> {
@@ -419,24 +407,31 @@ fn item_of(
     }))
 }
 
+/// The request that writes `item`; `None` for an update whose body would have no column.
 fn request_of(
     hub: &fieldsync_replication::replica::HubReplica,
     item: &Item,
-) -> Result<ApiRequest, UpstreamError> {
+) -> Result<Option<ApiRequest>, UpstreamError> {
     let schema = hub.store().schema();
     let tab = schema.table(&item.table)?;
     let path = format!("{}({})", tab.entity_set, item.id);
-    Ok(match &item.write {
+    Ok(Some(match &item.write {
         Write::Create { values } => ApiRequest::new(Method::PATCH, path)
             .header("If-None-Match", "*")
             .header("Prefer", "return=representation")
             .json(map::to_wire(schema, tab, values)?),
-        Write::Update { etag, values, base } => ApiRequest::new(Method::PATCH, path)
-            .header("If-Match", etag.clone())
-            .header("Prefer", "return=representation")
-            .json(map::changes_to_wire(schema, tab, values, base)?),
+        Write::Update { etag, values, base } => {
+            let body = map::changes_to_wire(schema, tab, values, base)?;
+            if body.as_object().is_some_and(|m| m.is_empty()) {
+                return Ok(None);
+            }
+            ApiRequest::new(Method::PATCH, path)
+                .header("If-Match", etag.clone())
+                .header("Prefer", "return=representation")
+                .json(body)
+        }
         Write::Delete => ApiRequest::new(Method::DELETE, path),
-    })
+    }))
 }
 
 /// Records what Dataverse now has for a written row: the returned row, or (without a body)
@@ -472,7 +467,8 @@ fn record(
             }
             // A value Dataverse holds that the hub's schema refuses stays the hub's, in the
             // base too, so the hub never writes it back.
-            let (upstream, refused) = map::within_schema(tab, &row.values, values);
+            let (upstream, refused) =
+                map::within_schema(tab, row.values, || Ok::<_, UpstreamError>(values.clone()))?;
             if !refused.is_empty() {
                 warn!(table = %item.table, row = %item.id, columns = ?refused, "Dataverse holds values the hub's schema refuses; kept the hub's");
             }
@@ -487,9 +483,7 @@ fn record(
                 Ok(_) => {}
                 // What Dataverse set itself cannot be written to the hub (a change too large
                 // for it): the write stands, the hub keeps its own values.
-                Err(UpstreamError::Write(error))
-                    if !matches!(error, fieldsync_store::WriteError::Store(_)) =>
-                {
+                Err(error) if error.is_hub_refusal() => {
                     warn!(table = %item.table, row = %item.id, %error, "Dataverse returned values the hub cannot take; kept the hub's");
                 }
                 Err(e) => return Err(e),

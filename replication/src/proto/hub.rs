@@ -708,40 +708,51 @@ impl HubSession {
 /// can make one chunk more than a batch.
 fn split_chunk(chunk: PullChunk) -> Vec<PullChunk> {
     let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
-    let bytes = |c: &PullChunk| -> usize {
-        c.ops.iter().map(|o| o.change.len()).sum::<usize>()
-            + c.entering.iter().map(|r| r.doc.len()).sum::<usize>()
-            + c.leaving.len() * 16
-    };
-    if items <= PULL_BATCH_ITEMS_MAX && bytes(&chunk) <= PULL_BATCH_BYTES_MAX {
+    let bytes = chunk.ops.iter().map(|o| o.change.len()).sum::<usize>()
+        + chunk.entering.iter().map(|r| r.doc.len()).sum::<usize>()
+        + chunk.leaving.len() * LEAVING_BYTES;
+    if items <= PULL_BATCH_ITEMS_MAX && bytes <= PULL_BATCH_BYTES_MAX {
         return vec![chunk];
     }
-    let mut parts = vec![PullChunk::default()];
-    let room = |parts: &mut Vec<PullChunk>, size: usize| {
-        let Some(part) = parts.last() else { return };
-        let n = part.ops.len() + part.entering.len() + part.leaving.len();
-        if n > 0 && (n >= PULL_BATCH_ITEMS_MAX || bytes(part) + size > PULL_BATCH_BYTES_MAX) {
-            parts.push(PullChunk::default());
-        }
-    };
+    let mut parts = Parts::default();
     // Ops first, then rows entering, then rows leaving: the order a device applies a batch in.
     for op in chunk.ops {
-        room(&mut parts, op.change.len());
-        if let Some(p) = parts.last_mut() {
-            p.ops.push(op);
-        }
+        parts.room(op.change.len()).ops.push(op);
     }
     for row in chunk.entering {
-        room(&mut parts, row.doc.len());
-        if let Some(p) = parts.last_mut() {
-            p.entering.push(row);
-        }
+        parts.room(row.doc.len()).entering.push(row);
     }
     for row in chunk.leaving {
-        room(&mut parts, 16);
-        if let Some(p) = parts.last_mut() {
-            p.leaving.push(row);
-        }
+        parts.room(LEAVING_BYTES).leaving.push(row);
     }
-    parts
+    parts.done.push(parts.part);
+    parts.done
+}
+
+/// What a row leaving a batch weighs (its id).
+const LEAVING_BYTES: usize = 16;
+
+/// The batches [`split_chunk`] has made, and the one it fills with its items and bytes.
+#[derive(Default)]
+struct Parts {
+    done: Vec<PullChunk>,
+    part: PullChunk,
+    items: usize,
+    bytes: usize,
+}
+
+impl Parts {
+    /// The batch an item of `size` bytes goes in: a new one past either limit.
+    fn room(&mut self, size: usize) -> &mut PullChunk {
+        if self.items > 0
+            && (self.items >= PULL_BATCH_ITEMS_MAX || self.bytes + size > PULL_BATCH_BYTES_MAX)
+        {
+            self.done.push(std::mem::take(&mut self.part));
+            self.items = 0;
+            self.bytes = 0;
+        }
+        self.items += 1;
+        self.bytes += size;
+        &mut self.part
+    }
 }

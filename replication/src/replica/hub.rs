@@ -55,6 +55,11 @@ const P_ACTOR: &[u8] = b"act/";
 /// Which device an automerge actor belongs to: `aa/` + actor → device id. The first device to
 /// push with an actor owns it; another device's change claiming it is refused.
 const P_ACTOR_OWNER: &[u8] = b"aa/";
+fn actor_owner_key(actor: &[u8]) -> Vec<u8> {
+    let mut k = P_ACTOR_OWNER.to_vec();
+    k.extend_from_slice(actor);
+    k
+}
 /// Automerge actors one device may push with (a store has one; a device set up again from its
 /// credential gets another). More are refused: each is looked at by every pull.
 pub const ACTORS_PER_DEVICE: usize = 16;
@@ -91,6 +96,8 @@ const P_UNROUTED: &[u8] = b"rr/";
 /// The environment the routers were last built with (JSON), and per profile `cfg/profile/`
 /// name → the profile (JSON): what devices' sets follow until the hub moves to new ones.
 const K_CONFIG_ENV: &[u8] = b"cfg/env";
+/// Set once the actors of an older hub (`act/` without `aa/`) were given owners.
+const K_ACTORS_CLAIMED: &[u8] = b"cfg/actors-claimed";
 /// The time (ms) time-dependent filters were last evaluated at.
 const K_CONFIG_TIME: &[u8] = b"cfg/time";
 const P_CONFIG_PROFILE: &[u8] = b"cfg/profile/";
@@ -1544,8 +1551,7 @@ impl HubReplica {
         let mut k = P_ACTOR.to_vec();
         k.extend_from_slice(who.device.0.as_bytes());
         k.extend_from_slice(&insp.actor.0);
-        let mut owner = P_ACTOR_OWNER.to_vec();
-        owner.extend_from_slice(&insp.actor.0);
+        let owner = actor_owner_key(&insp.actor.0);
         let mut writes = vec![
             AuxWrite::Put(k, Vec::new()),
             AuxWrite::Put(owner, who.device.0.as_bytes().to_vec()),
@@ -1629,7 +1635,8 @@ impl HubReplica {
             &[(OWNING_BUSINESS_UNIT, Value::Lookup(unit))],
         )
         .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        tx.commit_with(Durability::Immediate)
+        // Made durable with the op's decision record, as the op itself.
+        tx.commit_with(Durability::Group)
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
         debug!(table = %op.table, row = %op.row, "owning business unit follows the new owner");
         Ok(())
@@ -1638,6 +1645,10 @@ impl HubReplica {
     /// Gives every actor a device pushed with before actors had owners (`act/` without `aa/`)
     /// to that device, so another cannot claim it first.
     fn claim_known_actors(&self) -> Result<(), StoreError> {
+        // Once is enough: from then on every actor gets its owner when first pushed with.
+        if stored_config::<bool>(&self.store, K_ACTORS_CLAIMED)? == Some(true) {
+            return Ok(());
+        }
         // An actor two devices pushed with (a cloned install, a forgery) is nobody's: each
         // is refused, and the operator hears of it.
         let mut claims: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
@@ -1649,8 +1660,7 @@ impl HubReplica {
             else {
                 continue;
             };
-            let mut owner = P_ACTOR_OWNER.to_vec();
-            owner.extend_from_slice(actor);
+            let owner = actor_owner_key(actor);
             if let Some(claim) = claims.get_mut(&owner) {
                 if claim.as_deref() != Some(device) {
                     *claim = None;
@@ -1669,7 +1679,8 @@ impl HubReplica {
                 }
             })
             .collect();
-        self.store.aux_apply(SPACE, &writes, Durability::Group)
+        self.store.aux_apply(SPACE, &writes, Durability::Group)?;
+        store_config(&self.store, K_ACTORS_CLAIMED, &true)
     }
 
     /// Why a change by `actor` may not come from `who`'s device, if it may not: the actor is
@@ -1684,8 +1695,7 @@ impl HubReplica {
         if actor == self.store.actor() || actor == UPSTREAM_ACTOR {
             return Ok(Some("the change claims the hub's own actor"));
         }
-        let mut owner = P_ACTOR_OWNER.to_vec();
-        owner.extend_from_slice(&actor.0);
+        let owner = actor_owner_key(&actor.0);
         match self.store.aux_get(SPACE, &owner).map_err(storage_err)? {
             Some(device) if device.as_slice() == who.device.0.as_bytes() => Ok(None),
             Some(device) if device.is_empty() => Ok(Some(
@@ -2267,8 +2277,12 @@ impl HubReplica {
     fn drop_stale_uploads(&self, now_ms: u64) -> Result<(), StorageError> {
         let mut writes = Vec::new();
         for (k, v) in self.store.aux_scan(SPACE, P_UPLOAD).map_err(storage_err)? {
-            let p: PendingUpload = dec(&v, "an upload's progress")?;
-            if now_ms.saturating_sub(p.touched_ms) > UPLOAD_MAX_AGE_MS {
+            // A record that does not decode is an upload nobody can finish: dropped too,
+            // rather than stopping the hub from opening.
+            let stale = dec::<PendingUpload>(&v, "an upload's progress").map_or(true, |p| {
+                now_ms.saturating_sub(p.touched_ms) > UPLOAD_MAX_AGE_MS
+            });
+            if stale {
                 writes.extend(self.drop_upload_writes(&k)?);
             }
         }
