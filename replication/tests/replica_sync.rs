@@ -18,7 +18,8 @@ use fieldsync_replication::proto::{
     SyncSchedule, UploadOutcome,
 };
 use fieldsync_replication::replica::{
-    DeviceReplica, HubReplica, ACTORS_PER_DEVICE, SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
+    DeviceReplica, HubReplica, ACTORS_PER_DEVICE, DEFAULT_COMPACT_BACKLOG, SHARED_FEED_HOLDERS,
+    UPSTREAM_ACTOR,
 };
 use fieldsync_replication::{App, Environment, Profile};
 use fieldsync_store::{
@@ -186,7 +187,18 @@ fn world(seed: u64, policies: ConflictPolicies) -> World {
         c.rng_seed = seed ^ i as u64;
         c.push_limits.max_items = 3;
         let store = Store::temporary(schema.clone(), opts()).unwrap();
-        devs.push((c, DeviceReplica::new(store).with_profile(&profile)));
+        // Seeds divisible by 3 compact the device's log after every acknowledgement.
+        let backlog = if seed.is_multiple_of(3) {
+            1
+        } else {
+            DEFAULT_COMPACT_BACKLOG
+        };
+        devs.push((
+            c,
+            DeviceReplica::new(store)
+                .with_profile(&profile)
+                .with_compact_backlog(backlog),
+        ));
     }
     let mut hub_config = HubConfig::new(Uuid::from_u128(0xabc));
     hub_config.pull_limits.max_items = 4;
@@ -477,6 +489,58 @@ fn an_owner_change_moves_a_row_after_its_pending_ops_are_pushed() {
         &Value::Integer(7),
         "ana's edit reached cat"
     );
+}
+
+#[test]
+fn a_device_compacts_its_acknowledged_log_and_keeps_what_is_pending() {
+    // Seed 3: devices compact after every acknowledgement.
+    let mut w = world(3, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(3);
+    let own = |w: &World| -> Vec<u64> {
+        let d = w.dev(0);
+        d.ops_since(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.actor == d.actor())
+            .map(|e| e.seq)
+            .collect()
+    };
+    // Edits that reach the hub leave the device's log; the rows keep their values.
+    for n in 0..5 {
+        w.write(0, "task", s.ana_task, &[("n", Value::Integer(n))]);
+    }
+    w.net.heal(3);
+    w.check_converged();
+    assert_eq!(
+        own(&w),
+        Vec::<u64>::new(),
+        "acknowledged edits are compacted"
+    );
+    assert_eq!(w.dev(0).compaction_backlog().unwrap(), 0);
+    // Offline edits stay in the log through pulls and compactions until the hub has them.
+    w.net.set_online(0, false);
+    w.write(0, "task", s.ana_task, &[("n", Value::Integer(40))]);
+    w.write(0, "task", s.team_task, &[("n", Value::Integer(41))]);
+    let pending = own(&w);
+    assert_eq!(pending.len(), 2);
+    w.net
+        .hub
+        .local_write("task", s.team_task, &[("title", Value::Text("hub".into()))])
+        .unwrap();
+    w.net.heal(3);
+    w.check_converged();
+    assert_eq!(own(&w), Vec::<u64>::new());
+    let team = w.dev(0).get("task", s.team_task).unwrap().unwrap();
+    assert_eq!(team.get("n"), &Value::Integer(41));
+    assert_eq!(team.get("title"), &Value::Text("hub".into()));
+    assert!(w.dev(0).check().unwrap().is_ok());
+    // The compacted rows still leave the device when they leave its set.
+    let cat = user(&w.env, "cat");
+    w.write(0, "task", s.ana_task, &[("ownerid", owner_user(cat))]);
+    w.net.heal(4);
+    w.check_converged();
+    assert_eq!(w.dev(0).get("task", s.ana_task).unwrap(), None);
 }
 
 #[test]

@@ -552,6 +552,28 @@ impl Store {
         Ok(())
     }
 
+    /// At most how many log entries [`Store::compact`] would fold away now: the span from the
+    /// first entry still in the log to the acknowledged seq (an upper bound: evictions leave
+    /// gaps). Cheap (one key read), so a caller can ask after every acknowledgement.
+    pub fn compaction_backlog(&self) -> Result<u64, StoreError> {
+        let acked = self.meta_u64("acked")?;
+        if acked == 0 {
+            return Ok(0);
+        }
+        let first = match self
+            .db()
+            .range(keys::log(1).to_vec()..=keys::log(acked).to_vec())
+            .next()
+        {
+            Some(r) => {
+                let (k, _) = r?;
+                keys::log_seq(&k).ok_or_else(|| corrupt("a log key is malformed"))?
+            }
+            None => return Ok(0),
+        };
+        Ok(acked + 1 - first)
+    }
+
     /// Fold the acknowledged log prefix into the rows' compacted automerge documents and
     /// remove it from the log. Unacknowledged entries are never touched.
     pub fn compact(&self) -> Result<CompactReport, StoreError> {

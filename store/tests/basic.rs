@@ -223,13 +223,20 @@ fn export_import_evict_ack_and_compact() {
         a.evict_row("account", id),
         Err(StoreError::UnacknowledgedChanges { .. })
     ));
+    assert_eq!(a.compaction_backlog().unwrap(), 0);
     a.acknowledge(1).unwrap();
     assert!(matches!(
         a.acknowledge(99),
         Err(StoreError::AckBeyondLog { .. })
     ));
+    assert_eq!(a.compaction_backlog().unwrap(), 1);
     let report = a.compact().unwrap();
     assert_eq!(report.entries_removed, 1);
+    assert_eq!(
+        a.compaction_backlog().unwrap(),
+        0,
+        "nothing acknowledged is left"
+    );
     let left = a.ops_since(0, 100).unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].seq, 2);

@@ -32,6 +32,10 @@ const P_BLOB_WANTED: &[u8] = b"bw/";
 const P_BLOB_UPLOAD: &[u8] = b"bu/";
 /// Log entries read per step when looking for the device's own ops.
 const SCAN_STEP: usize = 1024;
+/// Acknowledged log entries a device lets pile up before it compacts them into the rows'
+/// documents: a device used for months must not keep every change it ever made or pulled,
+/// and one compaction per few thousand entries keeps its cost off most syncs.
+pub const DEFAULT_COMPACT_BACKLOG: u64 = 4096;
 
 /// A sync error as stored (a serde mirror of [`SyncErrorRecord`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +105,8 @@ pub struct DeviceReplica {
     /// Per table, the file and image columns the offline profile downloads (none without a
     /// profile: see [`DeviceReplica::with_profile`]).
     fetched_columns: BTreeMap<String, Vec<String>>,
+    /// Compact the store's log once this many acknowledged entries are in it.
+    compact_backlog: u64,
 }
 
 fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
@@ -121,7 +127,15 @@ impl DeviceReplica {
         DeviceReplica {
             store,
             fetched_columns: BTreeMap::new(),
+            compact_backlog: DEFAULT_COMPACT_BACKLOG,
         }
+    }
+
+    /// Compacts the store's log once `entries` acknowledged entries are in it (default
+    /// [`DEFAULT_COMPACT_BACKLOG`]; at least 1).
+    pub fn with_compact_backlog(mut self, entries: u64) -> DeviceReplica {
+        self.compact_backlog = entries.max(1);
+        self
     }
 
     /// Downloads the files and images `profile` selects, for rows the device holds, as they
@@ -336,7 +350,12 @@ impl DeviceReplica {
             Some(e) => e.seq.saturating_sub(1),
             None => end,
         };
-        self.store.acknowledge(up_to).map_err(storage_err)
+        self.store.acknowledge(up_to).map_err(storage_err)?;
+        if self.store.compaction_backlog().map_err(storage_err)? >= self.compact_backlog {
+            let report = self.store.compact().map_err(storage_err)?;
+            debug!(?report, "device log compacted");
+        }
+        Ok(())
     }
 
     /// Evicts a row now if nothing blocks it; returns whether it is gone.

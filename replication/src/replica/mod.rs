@@ -51,7 +51,7 @@ mod device;
 #[cfg(feature = "credential")]
 mod hub;
 
-pub use device::{DeviceReplica, TableSyncStatus};
+pub use device::{DeviceReplica, TableSyncStatus, DEFAULT_COMPACT_BACKLOG};
 #[cfg(all(feature = "credential", feature = "planted-bugs"))]
 pub use hub::PlantedHubBug;
 #[cfg(feature = "credential")]
