@@ -442,6 +442,66 @@ fn second_app_revocation_and_wifi_only() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A device whose token is revoked after it was set up stops with a clear error, even in
+    // watch mode (which retries lost connections for good). (Enrolling and revoking open the
+    // hub's store: the hub is stopped for them.)
+    drop(_proc);
+    let out = fieldsync_ok([
+        "hub",
+        "enroll",
+        "--data",
+        &s(&hub.data()),
+        "--user",
+        "ana@contoso.com",
+        "--app",
+        APP,
+        "--out",
+        &s(&hub.path("dora.cred")),
+        "--address",
+        &hub.addr(),
+    ]);
+    let dora_token = out
+        .split("token ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    let dora = hub.path("dora");
+    let proc = hub.serve();
+    init_device(&dora, &hub.path("dora.cred"));
+    drop(proc);
+    fieldsync_ok([
+        "hub",
+        "revoke",
+        "--data",
+        &s(&hub.data()),
+        "--token",
+        &dora_token,
+    ]);
+    let _proc = hub.serve();
+    let mut watch = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
+        .args(["device", "sync", "--data", &s(&dora), "--watch"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = watch.kill();
+            panic!("device sync --watch kept retrying a revoked credential");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("refuses this device's credential"), "{err}");
 }
 
 /// A device enrolled for a second app whose offline profile is the same keeps its one store
@@ -557,7 +617,7 @@ fn hostile_client_gets_nothing_outside_its_set() {
     use fieldsync_replication::credential::Credential;
     use fieldsync_replication::proto::{Cursor, DeviceId, Hello, Message, Pull, TableCursor};
     use fieldsync_replication::transport::{
-        connect_with_credential, ConnectionLimits, FrameFormat,
+        codes, connect_with_credential, ConnectionLimits, FrameFormat,
     };
     use fieldsync_replication::wire;
 
@@ -633,6 +693,26 @@ fn hostile_client_gets_nothing_outside_its_set() {
             closed.is_ok(),
             "the hub closes a connection that announces an oversize frame"
         );
+        // 3: one credential holds one session: a second connection replaces the first...
+        let first = connect_with_credential(&cred, ConnectionLimits::device())
+            .await
+            .unwrap();
+        let second = connect_with_credential(&cred, ConnectionLimits::device())
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), first.conn.closed())
+            .await
+            .expect("the replaced connection is closed");
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code.into_inner() == u64::from(codes::SUPERSEDED)),
+            "{closed:?}"
+        );
+        // ...and a session the client ends takes its connection with it.
+        let mut w = second.writer;
+        w.finish().unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), second.conn.closed()).await;
+        assert!(closed.is_ok(), "a connection outlived its session");
         seen
     });
     let secret_bytes = uuid::Uuid::parse_str(&secret).unwrap();

@@ -537,8 +537,10 @@ pub fn runtime_of(hub: OpenHub) -> (Arc<HubRuntime>, HubIdentity, HubFile) {
     if let Some(n) = hub.file.limits.max_pending_handshakes {
         limits.max_pending_handshakes = n;
     }
+    let store = hub.replica.store().clone();
     let runtime = Arc::new(HubRuntime {
         replica: Arc::new(Mutex::new(hub.replica)),
+        store,
         config,
         verifier: hub.verifier,
         bootstraps: hub.bootstraps,
@@ -546,6 +548,7 @@ pub fn runtime_of(hub: OpenHub) -> (Arc<HubRuntime>, HubIdentity, HubFile) {
         metrics: Arc::new(Metrics::default()),
         limits,
         upstream: std::sync::OnceLock::new(),
+        sessions: Default::default(),
     });
     (runtime, hub.identity, hub.file)
 }

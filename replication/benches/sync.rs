@@ -227,20 +227,14 @@ impl FrameSession for HubAdapter {
 async fn serve(endpoint: Arc<HubEndpoint>, hub: Arc<Hub>) {
     while let Some(pending) = endpoint.accept().await {
         let hub = hub.clone();
-        let max_frame = endpoint.limits().max_frame_bytes;
+        // 1,000 devices connect at once: give each more time to show its token.
+        let mut limits = endpoint.limits().clone();
+        limits.auth_timeout_ms = 30_000;
         tokio::spawn(async move {
             let Ok(conn) = pending.complete().await else {
                 return;
             };
-            let Ok(auth) = accept_device(
-                &conn,
-                &hub.verifier,
-                &hub.registry,
-                Duration::from_secs(30),
-                max_frame,
-            )
-            .await
-            else {
+            let Ok(auth) = accept_device(&conn, &hub.verifier, &hub.registry, &limits).await else {
                 return;
             };
             let mut writer = auth.writer.with_format(FrameFormat::WIRE_V1);

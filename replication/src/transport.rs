@@ -37,10 +37,12 @@ pub use auth::{
     LinkError,
 };
 pub use bus::ChangeBus;
-pub use config::{client_config, server_config, ConfigError, ConnectionLimits};
+pub use config::{
+    client_config, server_config, ConfigError, ConnectionLimits, PRE_AUTH_RECEIVE_WINDOW,
+};
 pub use driver::{
-    drive_session, drive_session_with_wake, CloseReason, DriveError, DriveOutcome, FrameSession,
-    SessionClock,
+    drive_session, drive_session_with_stall, drive_session_with_wake, stall_limit, CloseReason,
+    DriveError, DriveOutcome, FrameSession, SessionClock, SLOWEST_PEER_BYTES_PER_SEC, STALL_SLACK,
 };
 pub use endpoint::{ConnectError, DeviceEndpoint, EndpointError, HubEndpoint, PendingConnection};
 pub use framed::{
@@ -69,6 +71,10 @@ pub mod codes {
     pub const SHUTDOWN: u32 = 0x02;
     /// This side failed (e.g. its session produced a frame over the maximum size).
     pub const LOCAL_ERROR: u32 = 0x03;
+    /// The peer stopped reading: a frame did not leave within `driver::stall_limit`.
+    pub const STALLED: u32 = 0x04;
+    /// A newer connection of the same device took over this one's session.
+    pub const SUPERSEDED: u32 = 0x05;
     /// The device did not present its token in time.
     pub const AUTH_TIMEOUT: u32 = 0x10;
     /// The token is not a token (garbage, truncated or too large).

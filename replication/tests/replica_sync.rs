@@ -15,7 +15,7 @@ use fieldsync_replication::proto::messages::{MAX_CHANGE_LEN, PULL_BATCH_ITEMS_MA
 use fieldsync_replication::proto::{
     BatchLimits, ConflictPolicies, ConflictPolicy, Cursor, DeviceConfig, DeviceEvent, DeviceId,
     DeviceStorage, HubConfig, HubStorage, Millis, Principal, PushOp, PushOutcome, RejectionKind,
-    SyncSchedule, UploadOutcome,
+    StorageError, SyncSchedule, UploadOutcome,
 };
 use fieldsync_replication::replica::{
     DeviceReplica, HubReplica, ACTORS_PER_DEVICE, DEFAULT_COMPACT_BACKLOG, SHARED_FEED_HOLDERS,
@@ -1027,6 +1027,40 @@ fn images_the_profile_selects_download_in_chunks_to_devices_that_hold_the_row() 
         None
     );
     w.check_converged();
+}
+
+#[test]
+fn a_hub_that_lies_about_a_files_size_cannot_fill_the_device() {
+    let mut w = world(9, ConflictPolicies::default());
+    let s = seed(&mut w);
+    // A photo whose content the hub does not have (yet): the device holds the row and
+    // wants the file.
+    let content = photo_bytes(0);
+    let elsewhere = Store::temporary(w.hub().schema().clone(), opts()).unwrap();
+    let blob = elsewhere
+        .put_blob("pump.jpg", &mut content.as_slice())
+        .unwrap();
+    w.net
+        .hub
+        .local_write("task", s.ana_task, &[("photo", Value::Image(blob.clone()))])
+        .unwrap();
+    w.net.heal(2);
+    assert!(w.dev(0).get("task", s.ana_task).unwrap().is_some());
+    assert!(w.net.devs[0]
+        .storage
+        .blobs_to_fetch()
+        .unwrap()
+        .contains(&blob.sha256));
+    // The row says 200,000 bytes; a chunk claiming a terabyte is refused and nothing kept.
+    let dev = &mut w.net.devs[0].storage;
+    let lie = dev.write_blob_chunk(&blob.sha256, 0, &content[..65_536], 1 << 40);
+    assert!(matches!(lie, Err(StorageError::BlobMismatch)), "{lie:?}");
+    assert_eq!(dev.blob_progress(&blob.sha256).unwrap(), 0);
+    assert!(dev.blobs_to_fetch().unwrap().contains(&blob.sha256));
+    // The honest size is taken.
+    dev.write_blob_chunk(&blob.sha256, 0, &content, content.len() as u64)
+        .unwrap();
+    assert_eq!(w.dev(0).read_blob(&blob).unwrap(), content);
 }
 
 /// 200,000 bytes: four protocol chunks.

@@ -13,7 +13,7 @@ use fieldsync_replication::proto::{CloseCode, HubConfig, HubEvent, HubSession, M
 use fieldsync_replication::replica::HubReplica;
 pub use fieldsync_replication::transport::ChangeBus;
 use fieldsync_replication::transport::{
-    accept_device, drive_session_with_wake, CloseReason, ConnectionLimits, FrameFormat,
+    accept_device, codes, drive_session_with_wake, CloseReason, ConnectionLimits, FrameFormat,
     FrameReader, FrameSession, FrameWriter, HubEndpoint, HubIdentity, SessionClock,
 };
 use fieldsync_replication::wire;
@@ -30,6 +30,18 @@ fn lock(r: &SharedReplica) -> MutexGuard<'_, HubReplica> {
     // A panic in another session must not take the hub down with it: the replica's state is
     // durable per call, so the data behind a poisoned lock is still consistent.
     r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` on the locked replica. On a multi-threaded runtime the wait for the lock and the
+/// storage work (fsyncs included) happen in `block_in_place`, so the worker's other tasks
+/// (quinn's endpoint driver, handshakes, the metrics port) move to another thread instead of
+/// stalling behind one device's push.
+pub fn with_replica<R>(r: &SharedReplica, f: impl FnOnce(&mut HubReplica) -> R) -> R {
+    let run = || f(&mut lock(r));
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+        _ => run(),
+    }
 }
 
 /// Counters for `/metrics`.
@@ -117,13 +129,13 @@ impl HubAdapter {
                     self.metrics
                         .rejections
                         .fetch_add(rejected as u64, Ordering::Relaxed);
-                    let changes = lock(&self.replica).take_changes();
+                    let changes = with_replica(&self.replica, HubReplica::take_changes);
                     self.bus.publish(&changes);
                 }
                 HubEvent::BlobStored { .. } => {
                     self.metrics.files_in.fetch_add(1, Ordering::Relaxed);
                     // The upstream bridge may now send the file on to Dataverse.
-                    let changes = lock(&self.replica).take_changes();
+                    let changes = with_replica(&self.replica, HubReplica::take_changes);
                     self.bus.publish(&changes);
                 }
                 HubEvent::BatchSent { items, .. } => {
@@ -157,9 +169,8 @@ impl FrameSession for HubAdapter {
         let now = Millis(now_ms);
         match wire::decode(bytes) {
             Ok((msg, _)) => {
-                let replica = self.replica.clone();
-                let mut guard = lock(&replica);
-                self.session.handle_message(now, msg, &mut *guard);
+                let (replica, session) = (self.replica.clone(), &mut self.session);
+                with_replica(&replica, |r| session.handle_message(now, msg, r));
             }
             Err(e) => {
                 self.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -195,9 +206,8 @@ impl FrameSession for HubAdapter {
         } else {
             let tables = self.bus.take(self.id);
             if !tables.is_empty() {
-                let replica = self.replica.clone();
-                let mut guard = lock(&replica);
-                self.session.handle_changes(now, &tables, &mut *guard);
+                let (replica, session) = (self.replica.clone(), &mut self.session);
+                with_replica(&replica, |r| session.handle_changes(now, &tables, r));
             }
         }
         self.settle(now);
@@ -237,6 +247,8 @@ impl TokenRegistry for StoreTokenRegistry {
 pub struct HubRuntime {
     /// The replica.
     pub replica: SharedReplica,
+    /// The replica's store, for reads that need no lock (token records, the bridge's cursor).
+    pub store: Store,
     /// Session config (timers, limits, conflict policies).
     pub config: HubConfig,
     /// Verifies tokens.
@@ -251,6 +263,45 @@ pub struct HubRuntime {
     pub limits: ConnectionLimits,
     /// The upstream bridge's counters, once it runs.
     pub upstream: std::sync::OnceLock<Arc<fieldsync_node::upstream::BridgeStats>>,
+    /// The live session of each device.
+    pub sessions: LiveSessions,
+}
+
+/// One live session per device: a device that connects again (a new network, a process
+/// restarted after a kill) takes over from its old connection, which is closed. One
+/// credential can so hold one session's streams and windows, not thousands.
+#[derive(Debug, Default)]
+pub struct LiveSessions {
+    by_device: Mutex<HashMap<Uuid, (u64, quinn::Connection)>>,
+    next: AtomicU64,
+}
+
+impl LiveSessions {
+    /// Records `conn` as `device`'s session, closing the one it replaces; returns its ticket.
+    pub fn admit(&self, device: Uuid, conn: &quinn::Connection) -> u64 {
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        let old = self
+            .by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device, (ticket, conn.clone()));
+        if let Some((_, old)) = old {
+            info!(%device, "a new connection of the device replaces its old one");
+            old.close(
+                quinn::VarInt::from_u32(codes::SUPERSEDED),
+                b"replaced by a newer connection of this device",
+            );
+        }
+        ticket
+    }
+
+    /// Forgets `device`'s session `ticket` (not a newer one that replaced it).
+    pub fn release(&self, device: Uuid, ticket: u64) {
+        let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&device).is_some_and(|(t, _)| *t == ticket) {
+            map.remove(&device);
+        }
+    }
 }
 
 /// A running hub: its endpoint and the tasks serving it.
@@ -376,9 +427,7 @@ impl RunningHub {
             "hub shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        lock(&self.runtime.replica)
-            .store()
-            .sync()
+        with_replica(&self.runtime.replica, |r| r.store().sync())
             .context("cannot flush the hub store")?;
         info!("hub stopped");
         Ok(())
@@ -386,17 +435,11 @@ impl RunningHub {
 }
 
 async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
-    let registry = StoreTokenRegistry::new(lock(&runtime.replica).store().clone());
+    // The store handle, not the replica's lock: a connection that has not shown a token must
+    // not wait behind (or hold up) the sessions' storage work.
+    let registry = StoreTokenRegistry::new(runtime.store.clone());
     let limits = &runtime.limits;
-    let auth = match accept_device(
-        &conn,
-        &runtime.verifier,
-        &registry,
-        Duration::from_millis(limits.auth_timeout_ms),
-        limits.max_frame_bytes,
-    )
-    .await
-    {
+    let auth = match accept_device(&conn, &runtime.verifier, &registry, limits).await {
         Ok(a) => a,
         Err(e) => {
             info!(error = %e, "device not admitted");
@@ -409,6 +452,7 @@ async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
     };
     let token = auth.token;
     info!(device = %token.device_id, user = %token.user_id, app = %token.app, "token accepted");
+    let ticket = runtime.sessions.admit(token.device_id, &conn);
     // Bootstrap streams: one JSON bundle per request, only the token's app.
     if let Some(bundle) = runtime.bootstraps.get(&token.app) {
         let conn = conn.clone();
@@ -455,6 +499,11 @@ async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
         Ok(outcome) => info!(?outcome, "connection ended"),
         Err(e) => info!(error = %e, "connection ended"),
     }
+    runtime.sessions.release(token.device_id, ticket);
+    // However the session ended (the peer finished or broke its stream too), the connection
+    // goes with it: the bootstrap responder's handle and keep-alives would hold it open,
+    // sessionless, against `max_connections`.
+    conn.close(quinn::VarInt::from_u32(codes::DONE), b"session ended");
 }
 
 /// The Prometheus text of the hub's metrics.
@@ -587,11 +636,10 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
                 v.load(Ordering::Relaxed),
             );
         }
-        let r = lock(&runtime.replica);
-        let behind = fieldsync_node::upstream::state::cursor(r.store())
-            .map(|c| r.store().last_seq().saturating_sub(c))
+        let store = &runtime.store;
+        let behind = fieldsync_node::upstream::state::cursor(store)
+            .map(|c| store.last_seq().saturating_sub(c))
             .unwrap_or_default();
-        drop(r);
         counter(
             "fieldsync_upstream_queue_entries",
             "Hub log entries not yet acknowledged by Dataverse (the outbound queue).",
@@ -599,7 +647,7 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
             behind,
         );
     }
-    let lags = lock(&runtime.replica).device_lags();
+    let lags = with_replica(&runtime.replica, |r| r.device_lags());
     let _ = writeln!(
         s,
         "# HELP fieldsync_hub_device_lag_entries Hub log entries after the cursor a device last pulled from.\n# TYPE fieldsync_hub_device_lag_entries gauge"

@@ -172,6 +172,35 @@ impl DeviceReplica {
             .collect())
     }
 
+    /// The size the row that wants blob `sha256` gives it (`None` for a blob no held row
+    /// wants, such as one fetched on request).
+    fn wanted_blob_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StorageError> {
+        let Some(key) = self.get(&sha_key(P_BLOB_WANTED, sha256))? else {
+            return Ok(None);
+        };
+        let Some((table, row)) = parse_row_key(&key) else {
+            return Ok(None);
+        };
+        Ok(self
+            .blobs_of(&table, row)?
+            .into_iter()
+            .find(|(_, b)| b.sha256 == *sha256)
+            .map(|(_, b)| b.size))
+    }
+
+    /// Forgets what was downloaded of blob `sha256` (its chunks and progress); it stays wanted.
+    fn drop_blob_download(&self, sha256: &[u8; 32]) -> Result<(), StorageError> {
+        let mut writes: Vec<AuxWrite> = self
+            .store
+            .aux_scan(SPACE, &sha_key(P_BLOB_CHUNK, sha256))
+            .map_err(storage_err)?
+            .into_iter()
+            .map(|(k, _)| AuxWrite::Remove(k))
+            .collect();
+        writes.push(AuxWrite::Remove(sha_key(P_BLOB_PROGRESS, sha256)));
+        self.apply(&writes)
+    }
+
     /// Records the blobs these rows refer to in downloaded columns that are not stored yet.
     fn want_blobs_of(&self, table: &str, rows: &BTreeSet<RowId>) -> Result<(), StorageError> {
         let Some(cols) = self.fetched_columns.get(table) else {
@@ -804,6 +833,18 @@ impl DeviceStorage for DeviceReplica {
         let progress = self.blob_progress(sha256)?;
         if offset < progress {
             return Ok(());
+        }
+        // The hub's `total` is checked against the size the row gives, so a hub that lies
+        // about it cannot make the device store (and ask for) bytes without end.
+        if let Some(size) = self.wanted_blob_size(sha256)? {
+            if total != size {
+                warn!(
+                    total,
+                    size, "a blob chunk's total is not the row's file size"
+                );
+                self.drop_blob_download(sha256)?;
+                return Err(StorageError::BlobMismatch);
+            }
         }
         if offset > progress {
             return Err(StorageError::Corrupt(format!(

@@ -76,18 +76,20 @@ fn close_code(err: &TokenError) -> u32 {
     }
 }
 
-/// (Hub) waits for the device's token on its first bidirectional stream and checks it.
+/// (Hub) waits for the device's token on its first bidirectional stream and checks it, for at
+/// most `limits.auth_timeout_ms`.
 ///
-/// On success replies and returns the stream for the session. On failure closes the connection
+/// On success grants the connection `limits` ([`ConnectionLimits::grant`]), replies and returns the stream for the session. On failure closes the connection
 /// with the matching `codes::AUTH_*` code and returns the reason; nothing else is read.
 #[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
 pub async fn accept_device<R: TokenRegistry + ?Sized>(
     conn: &Connection,
     verifier: &TokenVerifier,
     registry: &R,
-    timeout: Duration,
-    max_frame_bytes: usize,
+    limits: &ConnectionLimits,
 ) -> Result<AuthenticatedDevice, AuthError> {
+    let timeout = Duration::from_millis(limits.auth_timeout_ms);
+    let max_frame_bytes = limits.max_frame_bytes;
     let first = tokio::time::timeout(timeout, async {
         // The token frame is small: cap it, whatever the session's frame limit.
         let (send, recv) = conn.accept_bi().await?;
@@ -120,6 +122,9 @@ pub async fn accept_device<R: TokenRegistry + ?Sized>(
     };
     match verifier.verify(&bytes, registry) {
         Ok(token) => {
+            // Only now the streams and window a session needs (the server config starts every
+            // connection with just the token's stream: `pre_auth_transport_config`).
+            limits.grant(conn);
             writer.write_frame(AUTH_OK).await?;
             tracing::info!(device = %token.device_id, user = %token.user_id, app = %token.app, "device authenticated");
             Ok(AuthenticatedDevice {

@@ -92,8 +92,11 @@ pub async fn loopback_pair(limits: ConnectionLimits) -> Result<LoopbackPair, Bas
             None => Err(BaselineError::HubClosed),
         }
     });
+    let hub_conn = hub_conn?;
+    // No token on this pair: grant what the hub grants an authenticated device.
+    hub.limits().grant(&hub_conn);
     Ok(LoopbackPair {
-        hub_conn: hub_conn?,
+        hub_conn,
         device_conn: device_conn?,
         hub,
         device,

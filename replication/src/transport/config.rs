@@ -68,6 +68,10 @@ pub struct ConnectionLimits {
     pub handshake_timeout_ms: u64,
 }
 
+/// The connection window a hub grants before authentication: room for the token frame
+/// ([`crate::credential::MAX_TOKEN_BYTES`] plus framing), little more.
+pub const PRE_AUTH_RECEIVE_WINDOW: u32 = 16 << 10;
+
 impl ConnectionLimits {
     /// Limits for a hub facing the internet: a few streams per device, windows sized so 1,000
     /// devices fit in memory, a cap on handshakes and connections, keep-alives fit for mobile.
@@ -118,6 +122,25 @@ impl ConnectionLimits {
         }
     }
 
+    /// What a hub grants a connection before its device has shown a valid token: the one
+    /// bidirectional stream the token travels on, no unidirectional streams, and a connection
+    /// window of [`PRE_AUTH_RECEIVE_WINDOW`] bytes, so a client with no credential cannot make
+    /// the hub buffer megabytes per connection. [`ConnectionLimits::grant`] opens the rest.
+    pub fn pre_auth_transport_config(&self) -> TransportConfig {
+        let mut t = self.transport_config();
+        t.max_concurrent_bidi_streams(VarInt::from_u32(1))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .receive_window(VarInt::from_u32(PRE_AUTH_RECEIVE_WINDOW));
+        t
+    }
+
+    /// Grants an authenticated connection the streams and window of these limits.
+    pub fn grant(&self, conn: &quinn::Connection) {
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.max_bidi_streams));
+        conn.set_max_concurrent_uni_streams(VarInt::from_u32(self.max_uni_streams));
+        conn.set_receive_window(VarInt::from_u32(self.receive_window_bytes));
+    }
+
     /// The quinn transport configuration for these limits.
     pub fn transport_config(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
@@ -164,7 +187,7 @@ pub fn server_config(
     let quic = QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config
-        .transport_config(Arc::new(limits.transport_config()))
+        .transport_config(Arc::new(limits.pre_auth_transport_config()))
         .max_incoming(limits.max_incoming)
         .incoming_buffer_size(limits.incoming_buffer_bytes)
         .incoming_buffer_size_total(limits.incoming_buffer_total_bytes)

@@ -170,6 +170,32 @@ pub enum DriveError {
     /// The stream or connection failed (peer closed, lost, reset).
     #[error("stream failed: {0}")]
     Stream(FrameError),
+    /// The peer stopped taking our frames (see [`stall_limit`]); the connection was closed with
+    /// `codes::STALLED`.
+    #[error("the peer took no frame of {bytes} bytes in {limit:?}")]
+    Stalled {
+        /// The frame's size.
+        bytes: usize,
+        /// How long it was given.
+        limit: std::time::Duration,
+    },
+}
+
+/// The slowest link a frame is allowed to drain over before its peer counts as stalled:
+/// 128 kbit/s, well below a weak cellular signal.
+pub const SLOWEST_PEER_BYTES_PER_SEC: u64 = 16 * 1024;
+
+/// The slack [`stall_limit`] gives every frame: a round trip through a dead zone.
+pub const STALL_SLACK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a frame of `len` bytes may take to leave: `slack` ([`STALL_SLACK`] unless a test
+/// drives the session with another) plus its length at [`SLOWEST_PEER_BYTES_PER_SEC`]. A peer
+/// that keeps its connection alive but never reads (QUIC still acknowledges packets,
+/// keep-alives keep it from going idle) would otherwise hold the session, its queued frames
+/// and, on the hub, the drain at shutdown, for good.
+pub fn stall_limit(slack: std::time::Duration, len: usize) -> std::time::Duration {
+    let len = u64::try_from(len).unwrap_or(u64::MAX);
+    slack + std::time::Duration::from_millis(len.saturating_mul(1000) / SLOWEST_PEER_BYTES_PER_SEC)
 }
 
 /// Runs `session` over the framed stream `writer`/`reader` of `conn` until it ends.
@@ -191,7 +217,6 @@ pub async fn drive_session<S: FrameSession + ?Sized>(
 ///
 /// Use `wake.notify_one()` from the producer (e.g. the hub's change feed): a notification sent
 /// while the driver is busy writing is kept and delivered at the next wait, never lost.
-#[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
 pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
     session: &mut S,
     conn: &Connection,
@@ -199,6 +224,20 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
     reader: &mut FrameReader,
     clock: &SessionClock,
     wake: &Notify,
+) -> Result<DriveOutcome, DriveError> {
+    drive_session_with_stall(session, conn, writer, reader, clock, wake, STALL_SLACK).await
+}
+
+/// [`drive_session_with_wake`] with the slack of [`stall_limit`] given (tests use a short one).
+#[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
+pub async fn drive_session_with_stall<S: FrameSession + ?Sized>(
+    session: &mut S,
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    clock: &SessionClock,
+    wake: &Notify,
+    stall_slack: std::time::Duration,
 ) -> Result<DriveOutcome, DriveError> {
     let format = writer.format();
     // Tasks sending blob frames and reading the peer's blob streams; dropped (aborted) with
@@ -216,11 +255,11 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
                 };
                 let (conn, max) = (conn.clone(), writer.max_frame_bytes());
                 side_tasks.spawn(async move {
-                    send_alone(conn, frame, format, max).await;
+                    send_alone(conn, frame, format, max, stall_slack).await;
                     drop(permit);
                 });
             } else {
-                write_or_close(conn, writer, &frame).await?;
+                write_or_close(conn, writer, &frame, stall_slack).await?;
             }
         }
         // Finished side tasks need no more bookkeeping.
@@ -250,7 +289,7 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
                 Ok(None) => {
                     // Drain what the session still has to say, then report the peer's end.
                     while let Some(frame) = session.poll_frame() {
-                        write_or_close(conn, writer, &frame).await?;
+                        write_or_close(conn, writer, &frame, stall_slack).await?;
                     }
                     let _ = writer.finish();
                     return Ok(DriveOutcome::PeerFinished);
@@ -302,15 +341,25 @@ fn travels_alone(format: FrameFormat, frame: &[u8]) -> bool {
 
 /// Sends one frame on a new unidirectional stream. A failure loses only this frame, which the
 /// protocol asks for again.
-async fn send_alone(conn: Connection, frame: Vec<u8>, format: FrameFormat, max: usize) {
+async fn send_alone(
+    conn: Connection,
+    frame: Vec<u8>,
+    format: FrameFormat,
+    max: usize,
+    stall_slack: std::time::Duration,
+) {
     let sent = async {
         let send = conn.open_uni().await?;
         let mut writer = FrameWriter::new(send, max).with_format(format);
         writer.write_frame(&frame).await?;
         writer.finish()
     };
-    if let Err(e) = sent.await {
-        tracing::debug!(error = %e, "a blob frame was not sent");
+    // A send that never drains would hold its slot (`BLOB_SENDS_IN_FLIGHT`) and so, in the
+    // end, the whole session.
+    match tokio::time::timeout(stall_limit(stall_slack, frame.len()), sent).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "a blob frame was not sent"),
+        Err(_) => tracing::debug!(bytes = frame.len(), "a blob frame was not taken in time"),
     }
 }
 
@@ -349,13 +398,28 @@ async fn read_alone(
 }
 
 /// Writes one frame; a frame our own session made too large closes the connection
-/// ([`codes::LOCAL_ERROR`]) rather than leaving the peer waiting.
+/// ([`codes::LOCAL_ERROR`]) rather than leaving the peer waiting, and so does a peer that does
+/// not take the frame within [`stall_limit`] ([`codes::STALLED`]).
 async fn write_or_close(
     conn: &Connection,
     writer: &mut FrameWriter,
     frame: &[u8],
+    stall_slack: std::time::Duration,
 ) -> Result<(), DriveError> {
-    match writer.write_frame(frame).await {
+    let limit = stall_limit(stall_slack, frame.len());
+    let Ok(written) = tokio::time::timeout(limit, writer.write_frame(frame)).await else {
+        tracing::warn!(
+            bytes = frame.len(),
+            ?limit,
+            "closing connection: the peer stopped reading"
+        );
+        conn.close(VarInt::from_u32(codes::STALLED), b"peer stopped reading");
+        return Err(DriveError::Stalled {
+            bytes: frame.len(),
+            limit,
+        });
+    };
+    match written {
         Ok(()) => Ok(()),
         Err(e) => {
             if matches!(e, FrameError::Oversize { .. }) {

@@ -91,10 +91,7 @@ impl TestHub {
                     let Ok(conn) = pending.complete().await else {
                         return;
                     };
-                    let timeout = Duration::from_millis(limits.auth_timeout_ms);
-                    let auth =
-                        accept_device(&conn, &verifier, &*reg, timeout, limits.max_frame_bytes)
-                            .await;
+                    let auth = accept_device(&conn, &verifier, &*reg, &limits).await;
                     let mut device = match auth {
                         Ok(d) => d,
                         Err(e) => {
@@ -914,4 +911,101 @@ async fn only_blob_frames_may_come_on_a_blob_stream() {
         .await
         .unwrap();
     assert_eq!(app_code(&closed), Some(u64::from(codes::FRAME_ERROR)));
+}
+
+#[tokio::test]
+async fn a_connection_without_a_token_gets_one_stream_and_a_small_window() {
+    let mut hub = TestHub::start(ConnectionLimits::hub());
+    let limits = ConnectionLimits::device();
+    let stranger = DeviceEndpoint::for_hub(hub.addr, hub.identity.pin(), limits.clone()).unwrap();
+    let conn = stranger.connect(hub.addr).await.unwrap();
+    let short = Duration::from_millis(500);
+    assert!(
+        tokio::time::timeout(short, conn.open_uni()).await.is_err(),
+        "no unidirectional stream before a token"
+    );
+    // The one bidirectional stream takes the token window's worth and no more: QUIC flow
+    // control lets a write go only as far as the hub's credit.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    assert!(tokio::time::timeout(short, conn.open_bi()).await.is_err());
+    let junk = vec![0xffu8; 4 * PRE_AUTH_RECEIVE_WINDOW as usize];
+    let taken = tokio::time::timeout(STEP, send.write(&junk))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        taken <= PRE_AUTH_RECEIVE_WINDOW as usize,
+        "a stranger made the hub take {taken} bytes"
+    );
+    // (The junk is no token: the hub refuses it.)
+    let (_, ev) = hub.event().await;
+    assert!(matches!(ev, HubEvent::Auth(Err(_))), "{ev:?}");
+
+    // A device with a token gets its streams and window.
+    let token = hub.enroll(9);
+    let dev = TestDevice::connect(&hub, &token).await.unwrap();
+    let (_, ev) = hub.event().await;
+    assert!(matches!(ev, HubEvent::Auth(Ok(_))));
+    let mut uni = tokio::time::timeout(STEP, dev.conn.open_uni())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(STEP, uni.write_all(&junk))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Queues `frames` frames of `size` bytes at once (a session with a lot to say).
+#[derive(Debug)]
+struct FloodSession {
+    left: usize,
+    size: usize,
+}
+
+impl FrameSession for FloodSession {
+    fn handle_frame(&mut self, _now_ms: u64, _bytes: &[u8]) -> Result<(), CloseReason> {
+        Ok(())
+    }
+    fn poll_frame(&mut self) -> Option<Vec<u8>> {
+        self.left = self.left.checked_sub(1)?;
+        Some(vec![1; self.size])
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        None
+    }
+    fn handle_timeout(&mut self, _now_ms: u64) {}
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_closed_not_waited_for() {
+    let pair = baseline::loopback_pair(ConnectionLimits::hub())
+        .await
+        .unwrap();
+    let (mut dw, _dr) = open_bi_framed(&pair.device_conn, 1 << 20).await.unwrap();
+    dw.write_frame(b"hello").await.unwrap();
+    let (mut hw, mut hr) = accept_bi_framed(&pair.hub_conn, 1 << 20).await.unwrap();
+    let conn = pair.hub_conn.clone();
+    // Far more than the device's windows hold; the device never reads a byte of it.
+    let size = 16 << 10;
+    let slack = Duration::from_millis(300);
+    let driver = tokio::spawn(async move {
+        let mut session = FloodSession { left: 4096, size };
+        let clock = SessionClock::new(0);
+        let wake = tokio::sync::Notify::new();
+        drive_session_with_stall(&mut session, &conn, &mut hw, &mut hr, &clock, &wake, slack).await
+    });
+    let limit = stall_limit(slack, size);
+    let outcome = tokio::time::timeout(STEP, driver).await.unwrap().unwrap();
+    assert!(
+        matches!(outcome, Err(DriveError::Stalled { limit: l, .. }) if l == limit),
+        "{outcome:?}"
+    );
+    let closed = tokio::time::timeout(STEP, pair.device_conn.closed())
+        .await
+        .unwrap();
+    assert_eq!(app_code(&closed), Some(u64::from(codes::STALLED)));
 }
