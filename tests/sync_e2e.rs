@@ -769,6 +769,33 @@ fn attachments_go_up_from_one_device_and_down_to_another() {
         metrics.contains("fieldsync_hub_files_uploaded_total 2"),
         "{metrics}"
     );
+    // A client trickling its request a byte at a time is cut off after the request's 5 s.
+    let started = Instant::now();
+    let mut slow = std::net::TcpStream::connect(proc.metrics.as_deref().unwrap()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let cut_off = loop {
+        use std::io::{Read, Write};
+        if started.elapsed() > Duration::from_secs(15) {
+            break false;
+        }
+        if slow.write_all(b"G").is_err() {
+            break true;
+        }
+        match slow.read(&mut [0u8; 64]) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break true,
+        }
+        std::thread::sleep(Duration::from_millis(800));
+    };
+    assert!(cut_off, "a trickling client held the metrics port");
+    assert!(
+        http_get(proc.metrics.as_deref().unwrap(), "/healthz").contains("ok"),
+        "the port still answers"
+    );
     let down = sync(&laptop);
     assert!(down.contains("0 files up, 2 down"), "{down}");
     for (col, want) in [("msdyn_report", &report), ("msdyn_signature", &signature)] {

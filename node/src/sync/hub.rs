@@ -662,44 +662,67 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
     s
 }
 
+/// Connections the metrics port serves at once; more are dropped at accept.
+const METRICS_CONNECTIONS: usize = 64;
+/// The whole of one metrics request, from accept to the last byte written.
+const METRICS_REQUEST_TIME: Duration = Duration::from_secs(5);
+
 /// Serves `/healthz` and `/metrics` on `addr` (plain HTTP/1.1, one request per connection).
+/// A request gets [`METRICS_REQUEST_TIME`] in all, and at most [`METRICS_CONNECTIONS`] are
+/// served at once, so a slow or idle client cannot hold the port's tasks and descriptors.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<RunningHubView>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin on the error.
+                warn!(error = %e, "metrics port cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropping the socket closes it
         };
         let hub = hub.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut n = 0;
-            // Read the request head (bounded).
-            while n < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => {
-                        n += k;
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, ctype, body) = match path {
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", (hub.render)()),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            let _ =
+                tokio::time::timeout(METRICS_REQUEST_TIME, answer_metrics(&mut sock, &hub)).await;
+            drop(slot);
         });
     }
+}
+
+/// Reads one request head (bounded) and answers it.
+async fn answer_metrics(sock: &mut tokio::net::TcpStream, hub: &RunningHubView) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 2048];
+    let mut n = 0;
+    while n < buf.len() {
+        match sock.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                n += k;
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = match path {
+        "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", (hub.render)()),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
 }
 
 /// What the metrics server reads from.
