@@ -21,8 +21,9 @@ use fieldsync_replication::credential::Credential;
 use fieldsync_replication::proto::{DeviceConfig, DeviceId, DeviceSession, SyncSchedule};
 use fieldsync_replication::replica::DeviceReplica;
 use fieldsync_replication::Profile;
-use fieldsync_store::{Schema, Store, StoreOptions};
+use fieldsync_store::{OpenError, Schema, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
 use crate::sync::device::{fetch_bootstrap, run_sync, wifi_allows, SyncMode, SyncReport};
 use crate::sync::Bootstrap;
@@ -123,9 +124,17 @@ pub fn finish_init(data: &Path, credential: &Credential, bundle: &Bootstrap) -> 
             );
         }
     } else {
-        let store = Store::create(data, schema, StoreOptions::default())
-            .with_context(|| format!("cannot create a device store in {}", data.display()))?;
-        drop(store);
+        match Store::create(data, schema.clone(), StoreOptions::default()) {
+            Ok(store) => drop(store),
+            // An init stopped (killed, or failed to write its files) after creating the
+            // store: take that store up again if it is still the empty one it made.
+            Err(OpenError::AlreadyExists(_)) => resume_interrupted_init(data, &schema)?,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create a device store in {}", data.display())
+                })
+            }
+        }
     }
     let dir = sync_dir(data);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -163,6 +172,28 @@ pub fn finish_init(data: &Path, credential: &Credential, bundle: &Bootstrap) -> 
             data.display()
         )
     })
+}
+
+/// Accepts the store an interrupted `device init` left in `data` (no enrollment recorded):
+/// only if it has the hub's schema and nothing was ever written to it.
+fn resume_interrupted_init(data: &Path, schema: &Schema) -> Result<()> {
+    let store = Store::open(data, StoreOptions::default())
+        .with_context(|| format!("cannot open the device store in {}", data.display()))?;
+    let untouched = store.last_seq() == 0
+        && schema.tables().all(|t| {
+            store
+                .scan(&t.name)
+                .map(|mut rows| rows.next().is_none())
+                .unwrap_or(false)
+        });
+    if store.schema() != schema || !untouched {
+        bail!(
+            "{} holds a device store that is not enrolled with this hub (use another --data directory)",
+            data.display()
+        );
+    }
+    info!(data = %data.display(), "taking up the store of an interrupted device init");
+    Ok(())
 }
 
 /// The device's session config from its first enrollment.
