@@ -130,9 +130,8 @@ pub fn finish_init(data: &Path, credential: &Credential, bundle: &Bootstrap) -> 
             // store: take that store up again if it is still the empty one it made.
             Err(OpenError::AlreadyExists(_)) => resume_interrupted_init(data, &schema)?,
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot create a device store in {}", data.display())
-                })
+                return Err(e)
+                    .with_context(|| format!("cannot create a device store in {}", data.display()))
             }
         }
     }

@@ -75,6 +75,8 @@ pub mod codes {
     pub const STALLED: u32 = 0x04;
     /// A newer connection of the same device took over this one's session.
     pub const SUPERSEDED: u32 = 0x05;
+    /// A session that ended on an error closes with this plus its own close code.
+    pub const SESSION_BASE: u32 = 0x100;
     /// The device did not present its token in time.
     pub const AUTH_TIMEOUT: u32 = 0x10;
     /// The token is not a token (garbage, truncated or too large).

@@ -75,6 +75,8 @@ pub struct HubAdapter {
     id: u64,
     out: VecDeque<Vec<u8>>,
     authenticated: bool,
+    /// The code this side closed the session with, if it did.
+    closed_with: Option<CloseCode>,
 }
 
 impl HubAdapter {
@@ -95,6 +97,7 @@ impl HubAdapter {
             id,
             out: VecDeque::new(),
             authenticated: false,
+            closed_with: None,
         }
     }
 
@@ -147,7 +150,12 @@ impl HubAdapter {
                     code,
                     reason,
                     by_peer,
-                } => info!(%code, %reason, by_peer, "session closed"),
+                } => {
+                    info!(%code, %reason, by_peer, "session closed");
+                    if !by_peer {
+                        self.closed_with = Some(code);
+                    }
+                }
                 HubEvent::StorageFailed { error } => warn!(%error, "hub storage failed"),
                 other => tracing::debug!(?other, "hub event"),
             }
@@ -196,6 +204,13 @@ impl FrameSession for HubAdapter {
 
     fn is_closed(&self) -> bool {
         self.session.is_closed() && self.out.is_empty()
+    }
+
+    fn close_code(&self) -> u32 {
+        match self.closed_with {
+            Some(code) if code != CloseCode::NORMAL => codes::SESSION_BASE + u32::from(code.0),
+            _ => codes::DONE,
+        }
     }
 
     fn handle_wake(&mut self, now_ms: u64) {

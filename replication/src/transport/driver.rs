@@ -111,6 +111,12 @@ pub trait FrameSession {
     fn handle_timeout(&mut self, now_ms: u64);
     /// Whether the session is done; the driver then finishes the stream and closes.
     fn is_closed(&self) -> bool;
+    /// The application code the driver closes the connection with once the session is done:
+    /// [`codes::DONE`] unless the session ended on an error (then `codes::SESSION_BASE` plus
+    /// the session's own code, so the transport's close says what the session's said).
+    fn close_code(&self) -> u32 {
+        codes::DONE
+    }
     /// Something outside this connection changed (e.g. another device's edit that a live
     /// subscriber should get now, not at its next poll). Called by
     /// [`drive_session_with_wake`] when its [`Notify`] fires. Does nothing by default.
@@ -272,7 +278,7 @@ pub async fn drive_session_with_stall<S: FrameSession + ?Sized>(
                 writer.stream_mut().stopped(),
             )
             .await;
-            conn.close(VarInt::from_u32(codes::DONE), b"session closed");
+            conn.close(VarInt::from_u32(session.close_code()), b"session closed");
             tracing::debug!("session closed");
             return Ok(DriveOutcome::SessionClosed);
         }
