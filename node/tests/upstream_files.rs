@@ -141,6 +141,16 @@ struct Stub {
 }
 
 impl Stub {
+    /// A stub serving one account whose file is `content`, answered per `reply`.
+    fn file(content: Vec<u8>, reply: FileReply) -> Stub {
+        Stub {
+            account: Uuid::new_v4(),
+            content,
+            reply,
+            page_bytes: None,
+        }
+    }
+
     async fn start(self) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -258,7 +268,8 @@ impl Stub {
 /// Pulls the stub's account into a fresh hub; returns the error and checks nothing was stored
 /// (no row, no blob of the content or of any prefix the bridge may have held, no file left in
 /// the hub's directory).
-async fn pull_fails_and_stores_nothing(stub: Stub, chunk: u64) -> UpstreamError {
+/// Ranges of 64 KiB.
+async fn pull_fails_and_stores_nothing(stub: Stub) -> UpstreamError {
     let dir = tempfile::tempdir().unwrap();
     let hub_dir = dir.path().join("hub");
     let replica = hub_replica(&hub_dir);
@@ -266,7 +277,7 @@ async fn pull_fails_and_stores_nothing(stub: Stub, chunk: u64) -> UpstreamError 
     let content = stub.content.clone();
     let url = stub.start().await;
     let mut cfg = UpstreamConfig::new(url);
-    cfg.file_chunk_bytes = chunk;
+    cfg.file_chunk_bytes = 64 * 1024;
     let b = bridge(cfg, &replica);
     let listing = |d: &std::path::Path| {
         let mut v: Vec<String> = walk(d);
@@ -320,30 +331,20 @@ fn walk(d: &std::path::Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_file_shorter_than_its_declared_size_is_refused() {
-    let err = pull_fails_and_stores_nothing(
-        Stub {
-            account: Uuid::new_v4(),
-            content: pattern(250_000, 7),
-            reply: FileReply::Ranges { declared: 300_000 },
-            page_bytes: None,
-        },
-        64 * 1024,
-    )
+    let err = pull_fails_and_stores_nothing(Stub::file(
+        pattern(250_000, 7),
+        FileReply::Ranges { declared: 300_000 },
+    ))
     .await;
     assert!(matches!(err, UpstreamError::FileLength { .. }), "{err:?}");
 }
 
 #[tokio::test]
 async fn a_file_longer_than_its_declared_size_is_refused_without_reading_it_all() {
-    let err = pull_fails_and_stores_nothing(
-        Stub {
-            account: Uuid::new_v4(),
-            content: pattern(1_000_000, 11),
-            reply: FileReply::Whole { declared: 10_000 },
-            page_bytes: None,
-        },
-        64 * 1024,
-    )
+    let err = pull_fails_and_stores_nothing(Stub::file(
+        pattern(1_000_000, 11),
+        FileReply::Whole { declared: 10_000 },
+    ))
     .await;
     assert!(
         matches!(
@@ -359,16 +360,8 @@ async fn a_file_longer_than_its_declared_size_is_refused_without_reading_it_all(
 
 #[tokio::test]
 async fn a_range_longer_than_asked_is_refused() {
-    let err = pull_fails_and_stores_nothing(
-        Stub {
-            account: Uuid::new_v4(),
-            content: pattern(200_000, 5),
-            reply: FileReply::RangeToEnd,
-            page_bytes: None,
-        },
-        64 * 1024,
-    )
-    .await;
+    let err =
+        pull_fails_and_stores_nothing(Stub::file(pattern(200_000, 5), FileReply::RangeToEnd)).await;
     assert!(
         matches!(
             err,
@@ -386,16 +379,10 @@ async fn a_range_longer_than_asked_is_refused() {
 async fn a_server_that_ignores_ranges_but_sends_the_declared_file_is_fine() {
     let dir = tempfile::tempdir().unwrap();
     let replica = hub_replica(&dir.path().join("hub"));
-    let account = Uuid::new_v4();
     let content = pattern(150_000, 3);
-    let url = Stub {
-        account,
-        content: content.clone(),
-        reply: FileReply::Whole { declared: 150_000 },
-        page_bytes: None,
-    }
-    .start()
-    .await;
+    let stub = Stub::file(content.clone(), FileReply::Whole { declared: 150_000 });
+    let account = stub.account;
+    let url = stub.start().await;
     let mut cfg = UpstreamConfig::new(url);
     cfg.file_chunk_bytes = 64 * 1024;
     let b = bridge(cfg, &replica);

@@ -72,15 +72,22 @@ pub struct ApiResponse {
     pub body: Vec<u8>,
 }
 
+fn is_success_status(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
+/// A header by name, in a map whose names are lower case.
+fn header_in<'a>(headers: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+}
+
 impl ApiResponse {
     pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
+        is_success_status(self.status)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
+        header_in(&self.headers, name)
     }
 
     pub fn json(&self) -> Result<J, UpstreamError> {
@@ -122,13 +129,11 @@ pub struct StreamingResponse {
 
 impl StreamingResponse {
     pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
+        is_success_status(self.status)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
+        header_in(&self.headers, name)
     }
 
     /// The next piece of the body (`None` at its end).

@@ -1,8 +1,9 @@
 //! File and image columns (`file-column-data.md`, `image-column-data.md`): uploaded with
 //! `PATCH .../<column>` (chunked past `file_chunk_bytes`, `x-ms-transfer-mode: chunked`),
-//! downloaded from `.../<column>/$value` (`?size=full` for images) in ranges. Which file a column
-//! holds upstream is tracked per row (Dataverse's file id and the content's SHA-256), so a file
-//! crosses the wire once per change.
+//! downloaded from `.../<column>/$value` (`?size=full` for images) in ranges, through a
+//! temporary file and checked against `x-ms-file-size` before they become a blob; uploads read
+//! one chunk at a time from the store. Which file a column holds upstream is tracked per row
+//! (Dataverse's file id and the content's SHA-256), so a file crosses the wire once per change.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Seek, SeekFrom};

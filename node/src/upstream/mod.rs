@@ -67,7 +67,8 @@ pub enum UpstreamError {
     #[error("a response from Dataverse is longer than {limit} bytes (the limit is `response_bytes_max` in hub.toml's [upstream])")]
     ResponseTooLarge { limit: u64 },
     /// A file download whose bytes do not match the length Dataverse declared for it (its
-    /// `x-ms-file-size`, or the range asked for): nothing is stored.
+    /// `x-ms-file-size`, or the range asked for): nothing is stored. `received` is what came
+    /// from `at`; a server that sent more is cut at `expected + 1`.
     #[error("a file from Dataverse is not the length it declares: {expected} bytes expected from offset {at}, {received} received")]
     FileLength {
         at: u64,
