@@ -246,7 +246,7 @@ fn set_upstream(data: &Path, config: &UpstreamConfig) -> Result<()> {
     let section = toml::to_string(&Section { upstream: config })
         .context("cannot write the upstream section")?;
     let out = format!(
-        "{}\n# The Dataverse environment this hub relays to (README, \"Relaying to Dataverse\").\n# Secrets are named here (env = \"VAR\" or file = \"PATH\"), never stored.\n{section}",
+        "{}\n# The Dataverse environment this hub relays to (README, \"Relaying to Dataverse\").\n# Secrets are named here (env = \"VAR\" or file = \"PATH\"), never stored.\n# Memory per request is bounded: file_chunk_bytes per file range or upload chunk (ranges go to a\n# temporary file), response_bytes_max for a page of page_size rows or a $batch reply.\n{section}",
         text.trim_end()
     );
     std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;

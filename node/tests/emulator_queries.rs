@@ -507,6 +507,31 @@ async fn entity_definitions_have_the_documented_shape() {
     assert_eq!(rel["ReferencingAttribute"], "primarycontactid");
     assert_eq!(rel["ReferencedEntity"], "contact");
     assert_eq!(rel["ReferencingEntity"], "account");
+    assert_eq!(
+        rel["ReferencingEntityNavigationPropertyName"],
+        "primarycontactid"
+    );
+    // A Customer lookup's navigation property is typed by its target.
+    let c = emu
+        .get(
+            "EntityDefinitions(LogicalName='contact')?$expand=ManyToOneRelationships",
+            ADMIN,
+            &[],
+        )
+        .await
+        .json();
+    let rel = c["ManyToOneRelationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["SchemaName"] == "contact_customer_accounts")
+        .unwrap()
+        .clone();
+    assert_eq!(rel["ReferencingAttribute"], "parentcustomerid");
+    assert_eq!(
+        rel["ReferencingEntityNavigationPropertyName"],
+        "parentcustomerid_account"
+    );
 
     let r = emu
         .get("EntityDefinitions(LogicalName='product')/Attributes?$select=LogicalName,AttributeType&$filter=AttributeType%20eq%20'Virtual'", ADMIN, &[])

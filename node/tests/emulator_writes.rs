@@ -85,7 +85,7 @@ async fn create_answers_204_or_201_with_representation() {
             ADMIN,
             json!({
                 "firstname": "Ida",
-                "parentcustomerid@odata.bind": format!("/accounts({account})"),
+                "parentcustomerid_account@odata.bind": format!("/accounts({account})"),
                 "ownerid@odata.bind": format!("/teams({team})")
             }),
         )
@@ -106,10 +106,60 @@ async fn create_answers_204_or_201_with_representation() {
             "contacts",
             ADMIN,
             &[],
-            json!({"parentcustomerid@odata.bind": format!("/accounts({})", uuid_nil())}),
+            json!({"parentcustomerid_account@odata.bind": format!("/accounts({})", uuid_nil())}),
         )
         .await;
     assert_eq!(r.status, 404);
+    // Only declared navigation properties bind, by their exact (case-sensitive) name: a
+    // Customer lookup's column name is none, nor is a typed name on a plain lookup.
+    for nav in [
+        "parentcustomerid",
+        "ParentCustomerId_Account",
+        "parentcustomerid_contact",
+        "nosuchlookup",
+    ] {
+        let r = emu
+            .json(
+                Method::PATCH,
+                &format!("contacts({contact})"),
+                ADMIN,
+                &[],
+                json!({format!("{nav}@odata.bind"): format!("/accounts({account})")}),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{nav}");
+        assert!(
+            r.text().contains("undeclared property"),
+            "{nav}: {}",
+            r.text()
+        );
+    }
+    let r = emu
+        .json(
+            Method::PATCH,
+            &format!("accounts({account})"),
+            ADMIN,
+            &[],
+            json!({"primarycontactid_contact@odata.bind": format!("/contacts({contact})")}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Cleared through the navigation property too (associate-disassociate-entities-using-web-api.md).
+    let r = emu
+        .json(
+            Method::PATCH,
+            &format!("contacts({contact})"),
+            ADMIN,
+            &[],
+            json!({"parentcustomerid_account@odata.bind": null}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let c = emu
+        .get(&format!("contacts({contact})"), ADMIN, &[])
+        .await
+        .json();
+    assert!(c["_parentcustomerid_value"].is_null(), "{c}");
 }
 
 fn uuid_nil() -> &'static str {
@@ -360,7 +410,7 @@ async fn batches_with_change_sets_roll_back_and_continue_on_error() {
                 http_part(
                     Some(2),
                     "POST /api/data/v9.2/contacts",
-                    "{\"firstname\":\"first name\",\"parentcustomerid@odata.bind\":\"$1\"}",
+                    "{\"firstname\":\"first name\",\"parentcustomerid_account@odata.bind\":\"$1\"}",
                 ),
                 http_part(
                     Some(3),
@@ -473,7 +523,7 @@ async fn batches_with_change_sets_roll_back_and_continue_on_error() {
                 &[http_part(
                     Some(2),
                     "POST /api/data/v9.2/contacts",
-                    "{\"parentcustomerid@odata.bind\":\"$1\"}",
+                    "{\"parentcustomerid_account@odata.bind\":\"$1\"}",
                 )],
             )],
         ),

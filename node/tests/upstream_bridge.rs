@@ -866,3 +866,82 @@ async fn a_full_reread_with_an_unreadable_entry_deletes_nothing() {
         "a row Dataverse still has was deleted on the hub"
     );
 }
+
+/// Customer lookups are written through their typed navigation property
+/// (`parentcustomerid_account@odata.bind`, `customerid_account@odata.bind`), set and cleared,
+/// and read back as `_<column>_value`.
+#[tokio::test]
+async fn customer_lookups_are_written_through_their_navigation_property() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let (account, other, contact, case) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    hub_write(&replica, "account", account, &[("name", text("Customer"))]);
+    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+    b.sync_once().await.unwrap();
+    // A create and an update, each with a customer lookup.
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[
+            ("lastname", text("Buyer")),
+            ("parentcustomerid", Value::Lookup(account)),
+        ],
+    );
+    hub_write(&replica, "incident", case, &[("title", text("Broken"))]);
+    b.sync_once().await.unwrap();
+    hub_write(
+        &replica,
+        "incident",
+        case,
+        &[("customerid", Value::Lookup(account))],
+    );
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[("parentcustomerid", Value::Lookup(other))],
+    );
+    let refused = b.stats.refused.load(Ordering::Relaxed);
+    b.sync_once().await.unwrap();
+    assert_eq!(b.stats.refused.load(Ordering::Relaxed), refused);
+    let c = emu
+        .row("contacts", contact)
+        .await
+        .expect("created upstream");
+    assert_eq!(c["_parentcustomerid_value"], other.to_string(), "{c}");
+    let i = emu.row("incidents", case).await.expect("created upstream");
+    assert_eq!(i["_customerid_value"], account.to_string(), "{i}");
+
+    // Cleared through the same property.
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[("parentcustomerid", Value::Null)],
+    );
+    b.sync_once().await.unwrap();
+    assert_eq!(b.stats.refused.load(Ordering::Relaxed), refused);
+    let c = emu.row("contacts", contact).await.unwrap();
+    assert!(c["_parentcustomerid_value"].is_null(), "{c}");
+    // And the round trip leaves the hub as it was: nothing pulled back over it.
+    assert_eq!(
+        hub_get(&replica, "contact", contact)
+            .unwrap()
+            .get("parentcustomerid"),
+        &Value::Null
+    );
+    assert_eq!(
+        hub_get(&replica, "incident", case)
+            .unwrap()
+            .get("customerid"),
+        &Value::Lookup(account)
+    );
+}

@@ -129,10 +129,23 @@ pub struct Column {
     pub target: Option<String>,
     /// For lookups: the name of the N:1 relationship, e.g. `account_primary_contact`.
     pub relationship: Option<String>,
+    /// For lookups: the Web API's single-valued navigation property, when it is not the
+    /// column's name — `parentcustomerid_account` for a Customer lookup, the SchemaName
+    /// (`new_ParentSite`) for most custom lookups. See [`Column::navigation_property`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub navigation: Option<String>,
     /// For choices: the allowed option values (empty: any value).
     pub options: Vec<i32>,
     /// Whether this is one of the [`SYSTEM_COLUMNS`].
     pub system: bool,
+}
+
+impl Column {
+    /// The navigation property a write names to set this lookup
+    /// (`<navigation>@odata.bind`): the declared `navigation`, else the column's name.
+    pub fn navigation_property(&self) -> &str {
+        self.navigation.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A named N:1 relationship: `table.column` refers to a row of `target`.
@@ -281,6 +294,16 @@ pub enum SchemaError {
     /// A name that is not a valid logical name, or a user column that shadows a system one.
     #[error("invalid name `{0}`: logical names are lower-case ASCII letters, digits and `_`, and may not redefine a system column")]
     InvalidName(String),
+    /// A lookup's `navigation` that is not a navigation property name.
+    #[error("lookup `{table}.{column}`: `{navigation}` is not a navigation property name (ASCII letters, digits and `_`, starting with a letter)")]
+    InvalidNavigation {
+        /// The table.
+        table: String,
+        /// The lookup column.
+        column: String,
+        /// The refused name.
+        navigation: String,
+    },
     /// Two relationships with the same name.
     #[error("relationship name `{0}` is used twice")]
     DuplicateRelationship(String),
@@ -320,13 +343,26 @@ struct TableFile {
 #[serde(untagged)]
 enum ColumnFile {
     Plain(String),
-    Lookup {
-        lookup: String,
-        relationship: Option<String>,
-    },
-    Choice {
-        choice: Vec<i32>,
-    },
+    Lookup(LookupFile),
+    Choice { choice: Vec<i32> },
+}
+
+/// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupFile {
+    lookup: String,
+    relationship: Option<String>,
+    navigation: Option<String>,
+}
+
+/// A navigation property name: ASCII letters (either case: custom ones are SchemaNames),
+/// digits and `_`, starting with a letter.
+fn valid_navigation(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphabetic()
 }
 
 fn valid_name(name: &str) -> bool {
@@ -339,7 +375,9 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Schema {
-    /// Parse a schema from TOML text (see `examples/field-service/schema.toml`).
+    /// Parse a schema from TOML text (see `examples/field-service/schema.toml`, whose header
+    /// describes each column form: a type name, `{ choice = [..] }`, or
+    /// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`).
     pub fn from_toml(text: &str) -> Result<Schema, SchemaError> {
         let file: SchemaFile =
             toml::from_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
@@ -364,6 +402,7 @@ impl Schema {
                     ty: *ty,
                     target: None,
                     relationship: None,
+                    navigation: None,
                     options: if *n == "statecode" {
                         vec![STATE_ACTIVE, STATE_INACTIVE]
                     } else {
@@ -388,22 +427,34 @@ impl Schema {
                             ty,
                             target: None,
                             relationship: None,
+                            navigation: None,
                             options: Vec::new(),
                             system: false,
                         }
                     }
-                    ColumnFile::Lookup {
+                    ColumnFile::Lookup(LookupFile {
                         lookup,
                         relationship,
-                    } => {
+                        navigation,
+                    }) => {
                         let rel = relationship
                             .clone()
                             .unwrap_or_else(|| format!("{lookup}_{name}_{cname}"));
+                        if let Some(nav) = navigation {
+                            if !valid_navigation(nav) {
+                                return Err(SchemaError::InvalidNavigation {
+                                    table: name.clone(),
+                                    column: cname.clone(),
+                                    navigation: nav.clone(),
+                                });
+                            }
+                        }
                         Column {
                             name: cname.clone(),
                             ty: ColumnType::Lookup,
                             target: Some(lookup.clone()),
                             relationship: Some(rel),
+                            navigation: navigation.clone(),
                             options: Vec::new(),
                             system: false,
                         }
@@ -413,6 +464,7 @@ impl Schema {
                         ty: ColumnType::Choice,
                         target: None,
                         relationship: None,
+                        navigation: None,
                         options: choice.clone(),
                         system: false,
                     },
@@ -551,6 +603,65 @@ parentcustomerid = { lookup = "account", relationship = "contact_customer_accoun
         ));
         assert!(matches!(
             Schema::from_toml("[tables.a]\nbogus = 1"),
+            Err(SchemaError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn a_lookup_names_its_navigation_property_or_defaults_to_its_column() {
+        let text = SAMPLE.replace(
+            "parentcustomerid = { lookup = \"account\", relationship = \"contact_customer_accounts\" }",
+            "parentcustomerid = { lookup = \"account\", relationship = \"contact_customer_accounts\", navigation = \"parentcustomerid_account\" }",
+        );
+        let s = Schema::from_toml(&text).unwrap();
+        let customer = s
+            .table("contact")
+            .unwrap()
+            .column("parentcustomerid")
+            .unwrap();
+        assert_eq!(
+            customer.navigation.as_deref(),
+            Some("parentcustomerid_account")
+        );
+        assert_eq!(customer.navigation_property(), "parentcustomerid_account");
+        let plain = s
+            .table("account")
+            .unwrap()
+            .column("primarycontactid")
+            .unwrap();
+        assert_eq!(plain.navigation, None);
+        assert_eq!(plain.navigation_property(), "primarycontactid");
+        // A custom lookup's SchemaName keeps its case.
+        let custom = Schema::from_toml(
+            "[tables.site.columns]\nnew_parentsite = { lookup = \"site\", navigation = \"new_ParentSite\" }",
+        )
+        .unwrap();
+        assert_eq!(
+            custom
+                .table("site")
+                .unwrap()
+                .column("new_parentsite")
+                .unwrap()
+                .navigation_property(),
+            "new_ParentSite"
+        );
+        // It survives the store's JSON copy of the schema; a schema without it reads as before.
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Schema>(&json).unwrap(), s);
+        let plain_json = serde_json::to_string(&Schema::from_toml(SAMPLE).unwrap()).unwrap();
+        assert!(!plain_json.contains("navigation"), "{plain_json}");
+        // Not a property name, or a misspelt key: refused.
+        for bad in ["", "1st", "parent customer", "x/y", "a@odata.bind"] {
+            let r = Schema::from_toml(&format!(
+                "[tables.a.columns]\nx = {{ lookup = \"a\", navigation = {bad:?} }}"
+            ));
+            assert!(
+                matches!(r, Err(SchemaError::InvalidNavigation { .. })),
+                "{bad}: {r:?}"
+            );
+        }
+        assert!(matches!(
+            Schema::from_toml("[tables.a.columns]\nx = { lookup = \"a\", navigaton = \"x_a\" }"),
             Err(SchemaError::Parse(_))
         ));
     }

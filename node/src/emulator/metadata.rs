@@ -3,7 +3,7 @@
 //! `OneToManyRelationshipMetadata` (`webapi/query-metadata-web-api.md`). Only the properties a
 //! hub reads are present; `MetadataId`s are derived from names, so they are stable.
 
-use fieldsync_store::{ColumnType, Ownership, Schema, Table};
+use fieldsync_store::{ColumnType, Ownership, Relationship, Schema, Table};
 use serde_json::{json, Map, Value as J};
 
 use super::security::derived_id;
@@ -144,6 +144,26 @@ pub fn attributes(table: &Table) -> Vec<J> {
 }
 
 fn relationship(schema_name: &str, referencing: &str, column: &str, referenced: &str) -> J {
+    relationship_via(schema_name, referencing, column, column, referenced)
+}
+
+/// A lookup's relationship, with the navigation property a write names.
+fn lookup_relationship(schema: &Schema, r: &Relationship) -> J {
+    let navigation = schema
+        .table(&r.table)
+        .ok()
+        .and_then(|t| t.column(&r.column))
+        .map_or(r.column.as_str(), |c| c.navigation_property());
+    relationship_via(&r.name, &r.table, &r.column, navigation, &r.target)
+}
+
+fn relationship_via(
+    schema_name: &str,
+    referencing: &str,
+    column: &str,
+    navigation: &str,
+    referenced: &str,
+) -> J {
     json!({
         "MetadataId": derived_id("relationship", schema_name).to_string(),
         "SchemaName": schema_name,
@@ -152,7 +172,7 @@ fn relationship(schema_name: &str, referencing: &str, column: &str, referenced: 
         "ReferencedAttribute": format!("{referenced}id"),
         "ReferencingEntity": referencing,
         "ReferencingAttribute": column,
-        "ReferencingEntityNavigationPropertyName": column,
+        "ReferencingEntityNavigationPropertyName": navigation,
         "ReferencedEntityNavigationPropertyName": schema_name,
         "IsValidForAdvancedFind": true,
     })
@@ -164,7 +184,7 @@ pub fn many_to_one(schema: &Schema, table: &Table) -> Vec<J> {
         .relationships()
         .iter()
         .filter(|r| r.table == table.name)
-        .map(|r| relationship(&r.name, &r.table, &r.column, &r.target))
+        .map(|r| lookup_relationship(schema, r))
         .collect();
     if table.ownership == Ownership::UserOrTeam {
         out.push(relationship(
@@ -195,6 +215,6 @@ pub fn one_to_many(schema: &Schema, table: &Table) -> Vec<J> {
         .relationships()
         .iter()
         .filter(|r| r.target == table.name)
-        .map(|r| relationship(&r.name, &r.table, &r.column, &r.target))
+        .map(|r| lookup_relationship(schema, r))
         .collect()
 }

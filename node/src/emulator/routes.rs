@@ -1529,17 +1529,14 @@ fn bind(
         }
         return Ok(());
     }
-    // `primarycontactid`, or a typed navigation property `customerid_account`.
+    // The lookup's navigation property exactly (case-sensitive, as in Dataverse):
+    // `primarycontactid`, a Customer lookup's typed `parentcustomerid_account`, a custom
+    // lookup's SchemaName. The column's own name is no navigation property when it differs.
     let col = table
         .columns
         .iter()
         .filter(|c| c.ty == ColumnType::Lookup && c.target.is_some())
-        .find(|c| {
-            nav == c.name
-                || c.target
-                    .as_ref()
-                    .is_some_and(|t| nav == format!("{}_{t}", c.name))
-        })
+        .find(|c| nav == c.navigation_property())
         .ok_or_else(|| {
             ApiError::payload(format!(
                 "An undeclared property '{nav}' which only has property annotations in the payload but no property value was found in the payload. In OData, only declared navigation properties and declared named streams can be represented as properties without values."

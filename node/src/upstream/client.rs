@@ -72,15 +72,22 @@ pub struct ApiResponse {
     pub body: Vec<u8>,
 }
 
+fn is_success_status(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
+/// A header by name, in a map whose names are lower case.
+fn header_in<'a>(headers: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+}
+
 impl ApiResponse {
     pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
+        is_success_status(self.status)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
+        header_in(&self.headers, name)
     }
 
     pub fn json(&self) -> Result<J, UpstreamError> {
@@ -108,6 +115,86 @@ impl ApiResponse {
     }
 }
 
+/// A response whose headers are here and whose body is still on the wire: read with a cap,
+/// into memory ([`StreamingResponse::read_to_end`]) or to a writer
+/// ([`StreamingResponse::copy_to`]), a piece at a time, so a server that sends more than it
+/// should costs no more memory than the cap.
+#[derive(Debug)]
+pub struct StreamingResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
+    inner: reqwest::Response,
+}
+
+impl StreamingResponse {
+    pub fn is_success(&self) -> bool {
+        is_success_status(self.status)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_in(&self.headers, name)
+    }
+
+    /// The next piece of the body (`None` at its end).
+    async fn next_piece(
+        &mut self,
+    ) -> Result<Option<impl std::ops::Deref<Target = [u8]>>, UpstreamError> {
+        self.inner
+            .chunk()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))
+    }
+
+    /// Refuses a body whose declared length is already past `limit`, before reading it.
+    fn check_declared_length(&self, limit: u64) -> Result<(), UpstreamError> {
+        match self.inner.content_length() {
+            Some(n) if n > limit => Err(UpstreamError::ResponseTooLarge { limit }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The whole body, refused with [`UpstreamError::ResponseTooLarge`] as soon as it passes
+    /// `limit` bytes.
+    pub async fn read_to_end(mut self, limit: u64) -> Result<ApiResponse, UpstreamError> {
+        self.check_declared_length(limit)?;
+        let mut body = Vec::new();
+        while let Some(piece) = self.next_piece().await? {
+            if (body.len() as u64).saturating_add(piece.len() as u64) > limit {
+                return Err(UpstreamError::ResponseTooLarge { limit });
+            }
+            body.extend_from_slice(&piece);
+        }
+        debug!(status = self.status, bytes = body.len(), "response body");
+        Ok(ApiResponse {
+            status: self.status,
+            headers: self.headers,
+            body,
+        })
+    }
+
+    /// Writes the body to `sink` and returns its length; refused with
+    /// [`UpstreamError::ResponseTooLarge`] as soon as it passes `limit` bytes (what was written
+    /// by then stays in `sink`).
+    pub async fn copy_to(
+        mut self,
+        sink: &mut (dyn std::io::Write + Send),
+        limit: u64,
+    ) -> Result<u64, UpstreamError> {
+        self.check_declared_length(limit)?;
+        let mut written = 0u64;
+        while let Some(piece) = self.next_piece().await? {
+            written = written.saturating_add(piece.len() as u64);
+            if written > limit {
+                return Err(UpstreamError::ResponseTooLarge { limit });
+            }
+            sink.write_all(&piece)
+                .map_err(|e| UpstreamError::Io(format!("cannot write a download: {e}")))?;
+        }
+        Ok(written)
+    }
+}
+
 /// A Web API client for one environment.
 #[derive(Debug, Clone)]
 pub struct DataverseClient {
@@ -115,6 +202,7 @@ pub struct DataverseClient {
     base: String,
     tokens: Arc<TokenSource>,
     retry_after_max: Duration,
+    response_bytes_max: u64,
     pub stats: Arc<ClientStats>,
 }
 
@@ -141,6 +229,7 @@ impl DataverseClient {
             base: config.api_base(),
             tokens: Arc::new(TokenSource::new(config.auth.clone(), &config.url)),
             retry_after_max: Duration::from_secs(config.retry_after_max_secs),
+            response_bytes_max: config.response_bytes_max,
             stats: Arc::new(ClientStats::default()),
         })
     }
@@ -192,6 +281,38 @@ impl DataverseClient {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<ApiResponse, UpstreamError> {
+        let resp = self
+            .send_streaming(method, path, headers, content_type, body)
+            .await?;
+        resp.read_to_end(self.response_bytes_max).await
+    }
+
+    /// Sends a `GET` whose body the caller reads in pieces ([`StreamingResponse`]): a file's
+    /// range goes to disk, never whole into memory.
+    pub async fn get_streaming(
+        &self,
+        path: &str,
+        headers: &[(String, String)],
+    ) -> Result<StreamingResponse, UpstreamError> {
+        self.send_streaming(&Method::GET, path, headers, None, Vec::new())
+            .await
+    }
+
+    /// The longest response body read into memory (`response_bytes_max`).
+    pub fn response_bytes_max(&self) -> u64 {
+        self.response_bytes_max
+    }
+
+    /// Sends a request up to its response's headers: waits out `429`s and retries a `401`
+    /// with a fresh token (their bodies are dropped unread).
+    async fn send_streaming(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &[(String, String)],
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<StreamingResponse, UpstreamError> {
         let url = self.url(path);
         let span = info_span!("dataverse_request", %method, %url);
         async {
@@ -232,11 +353,6 @@ impl DataverseClient {
                         ))
                     })
                     .collect();
-                let bytes = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| UpstreamError::Unreachable(e.to_string()))?
-                    .to_vec();
                 if status == StatusCode::TOO_MANY_REQUESTS {
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                     let wait = retry_after(headers.get("retry-after").map(String::as_str))
@@ -257,11 +373,11 @@ impl DataverseClient {
                     self.tokens.invalidate().await;
                     continue;
                 }
-                debug!(status = status.as_u16(), bytes = bytes.len(), "response");
-                return Ok(ApiResponse {
+                debug!(status = status.as_u16(), "response");
+                return Ok(StreamingResponse {
                     status: status.as_u16(),
                     headers,
-                    body: bytes,
+                    inner: resp,
                 });
             }
         }

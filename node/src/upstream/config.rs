@@ -36,6 +36,16 @@ pub struct UpstreamConfig {
     /// Dataverse's chunk size is 4 MiB.
     #[serde(default = "default_file_chunk_bytes")]
     pub file_chunk_bytes: u64,
+    /// The longest response body the bridge reads into memory: a page of `page_size` rows or a
+    /// `$batch` reply (a file range is bounded by `file_chunk_bytes` and goes to disk). A
+    /// longer one fails the request with a clear error instead of exhausting memory.
+    #[serde(default = "default_response_bytes_max")]
+    pub response_bytes_max: u64,
+}
+
+/// 64 MiB: a page of 1000 rows of 64 KiB each, with room.
+fn default_response_bytes_max() -> u64 {
+    64 * 1024 * 1024
 }
 
 fn default_file_chunk_bytes() -> u64 {
@@ -74,6 +84,7 @@ impl UpstreamConfig {
             backoff_max_ms: default_backoff_max_ms(),
             retry_after_max_secs: default_retry_after_max_secs(),
             file_chunk_bytes: default_file_chunk_bytes(),
+            response_bytes_max: default_response_bytes_max(),
         }
     }
 

@@ -1,12 +1,15 @@
 //! File and image columns (`file-column-data.md`, `image-column-data.md`): uploaded with
 //! `PATCH .../<column>` (chunked past `file_chunk_bytes`, `x-ms-transfer-mode: chunked`),
-//! downloaded from `.../<column>/$value` (`?size=full` for images) in ranges. Which file a column
-//! holds upstream is tracked per row (Dataverse's file id and the content's SHA-256), so a file
-//! crosses the wire once per change.
+//! downloaded from `.../<column>/$value` (`?size=full` for images) in ranges, through a
+//! temporary file and checked against `x-ms-file-size` before they become a blob; uploads read
+//! one chunk at a time from the store. Which file a column holds upstream is tracked per row
+//! (Dataverse's file id and the content's SHA-256), so a file crosses the wire once per change.
 
 use std::collections::BTreeMap;
+use std::io::{BufReader, Seek, SeekFrom};
+use std::path::Path;
 
-use fieldsync_store::{BlobRef, ColumnType, RowId, Value};
+use fieldsync_store::{BlobRef, ColumnType, RowId, StoreError, Value};
 use reqwest::Method;
 use tracing::{debug, info_span, Instrument};
 
@@ -73,6 +76,10 @@ impl Bridge {
         Ok(())
     }
 
+    /// Downloads a file in ranges of `file_chunk_bytes` into an anonymous temporary file in
+    /// the hub's data directory (memory holds one network read, not the file), checks every
+    /// range and the total against the `x-ms-file-size` Dataverse declares, and only then
+    /// stores it as a blob: a download that does not add up stores nothing.
     async fn download(
         &self,
         set: &str,
@@ -87,33 +94,114 @@ impl Bridge {
         };
         let path = format!("{set}({id})/{column}/$value{size}");
         let chunk = self.config.file_chunk_bytes.max(1);
-        let mut bytes: Vec<u8> = Vec::new();
+        let dir = lock(&self.replica).store().dir().map(Path::to_path_buf);
+        let mut file = match dir {
+            Some(d) => tempfile::tempfile_in(d),
+            None => tempfile::tempfile(),
+        }
+        .map_err(|e| {
+            UpstreamError::Io(format!("cannot create a download's temporary file: {e}"))
+        })?;
+        let mut received = 0u64;
+        let mut declared: Option<u64> = None;
         let mut name = String::from("file");
         loop {
-            let from = bytes.len() as u64;
-            let req = ApiRequest::new(Method::GET, path.clone())
-                .header("Range", format!("bytes={from}-{}", from + chunk - 1));
-            let resp = self.client.send(&req).await?;
+            let asked = declared.map_or(chunk, |d| chunk.min(d.saturating_sub(received)).max(1));
+            let range = format!("bytes={received}-{}", received.saturating_add(asked - 1));
+            let resp = self
+                .client
+                .get_streaming(&path, &[("Range".to_string(), range)])
+                .await?;
             if !resp.is_success() {
-                return Err(resp.error());
+                return Err(resp
+                    .read_to_end(self.client.response_bytes_max())
+                    .await?
+                    .error());
             }
             if let Some(n) = resp.header("x-ms-file-name") {
                 name = n.to_string();
             }
-            let total = resp
+            let size = resp
                 .header("x-ms-file-size")
-                .and_then(|v| v.parse::<u64>().ok());
-            let whole = resp.status == 200; // the server sent everything at once
-            bytes.extend_from_slice(&resp.body);
-            let done =
-                whole || resp.body.is_empty() || total.is_none_or(|t| bytes.len() as u64 >= t);
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        UpstreamError::BadReply(format!("x-ms-file-size is not a size: {v:?}"))
+                    })
+                })
+                .transpose()?;
+            // Every range of one download is of one file: a size that changes midway means the
+            // file was replaced (or the server is confused).
+            if let (Some(was), Some(now)) = (declared, size) {
+                if was != now {
+                    return Err(UpstreamError::BadReply(format!(
+                        "x-ms-file-size changed from {was} to {now} during a download"
+                    )));
+                }
+            }
+            declared = declared.or(size);
+            let whole = resp.status == 200; // the server ignored the range: everything at once
+            if let Some(start) = resp.header("content-range").and_then(range_start) {
+                if !whole && start != received {
+                    return Err(UpstreamError::BadReply(format!(
+                        "asked for bytes from {received}, the reply starts at {start}"
+                    )));
+                }
+            }
+            if whole {
+                // From the start, whatever came before.
+                file.set_len(0)
+                    .and_then(|()| file.seek(SeekFrom::Start(0)).map(|_| ()))
+                    .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))?;
+                received = 0;
+            }
+            let expected = match (whole, declared) {
+                (true, Some(d)) => d,
+                (true, None) => self.client.response_bytes_max(),
+                (false, Some(d)) => chunk.min(d.saturating_sub(received)),
+                (false, None) => asked,
+            };
+            let at = received;
+            let got = match resp.copy_to(&mut file, expected).await {
+                Err(UpstreamError::ResponseTooLarge { .. }) => {
+                    return Err(UpstreamError::FileLength {
+                        at,
+                        expected,
+                        received: expected + 1,
+                    })
+                }
+                other => other?,
+            };
+            received += got;
+            // A range shorter than the file still holds is a lie (or a cut connection): with a
+            // declared size every range but the last is whole, and the last ends the file.
+            if declared.is_some() && got != expected {
+                return Err(UpstreamError::FileLength {
+                    at,
+                    expected,
+                    received: got,
+                });
+            }
+            let done = whole || got == 0 || declared.map_or(got < asked, |d| received >= d);
             if done {
                 break;
             }
         }
-        debug!(column, bytes = bytes.len(), "file downloaded");
+        if let Some(d) = declared {
+            if received != d {
+                return Err(UpstreamError::FileLength {
+                    at: 0,
+                    expected: d,
+                    received,
+                });
+            }
+        }
+        debug!(column, bytes = received, "file downloaded");
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))?;
         let hub = lock(&self.replica);
-        Ok(hub.store().put_blob(&name, &mut bytes.as_slice())?)
+        Ok(hub
+            .store()
+            .put_blob(&name, &mut BufReader::new(&mut file))?)
     }
 
     /// Sends the files that waited for their content to reach the hub (a device's upload):
@@ -186,9 +274,7 @@ impl Bridge {
                     // A device attached it and its upload has not finished: this column goes
                     // once the content is here (`push_waiting_files`).
                     Some(b) if !store.has_blob(b)? => waiting = true,
-                    Some(b) => {
-                        changes.push((c.name.clone(), Some((b.clone(), store.read_blob(b)?))))
-                    }
+                    Some(b) => changes.push((c.name.clone(), Some(b.clone()))),
                     None => changes.push((c.name.clone(), None)),
                 }
             }
@@ -216,8 +302,8 @@ impl Bridge {
                         return Err(resp.error());
                     }
                 }
-                Some((blob, data)) => {
-                    self.upload(&path, &blob.name, data)
+                Some(blob) => {
+                    self.upload(&path, &blob)
                         .instrument(info_span!("upstream_file_upload", %table, column = %col))
                         .await?;
                     shas.insert(col, blob.hash_hex());
@@ -260,11 +346,15 @@ impl Bridge {
         Ok(())
     }
 
-    async fn upload(&self, path: &str, name: &str, data: Vec<u8>) -> Result<(), UpstreamError> {
-        let chunk = self.config.file_chunk_bytes.max(1) as usize;
+    /// Uploads a blob: in one request up to `file_chunk_bytes`, else chunked, each chunk read
+    /// from the store as it is sent (memory holds one chunk, not the file).
+    async fn upload(&self, path: &str, blob: &BlobRef) -> Result<(), UpstreamError> {
+        let chunk = self.config.file_chunk_bytes.max(1);
         let octets = "application/octet-stream";
+        let name = blob.name.as_str();
         let file_name = vec![("x-ms-file-name".to_string(), name.to_string())];
-        if data.len() <= chunk {
+        if blob.size <= chunk {
+            let data = lock(&self.replica).store().read_blob(blob)?;
             let resp = self
                 .client
                 .send_bytes(Method::PATCH, path, &file_name, octets, data)
@@ -294,13 +384,14 @@ impl Bridge {
             .to_string();
         let size = start
             .header("x-ms-chunk-size")
-            .and_then(|v| v.parse::<usize>().ok())
+            .and_then(|v| v.parse::<u64>().ok())
             .map_or(chunk, |s| s.min(chunk))
             .max(1);
-        let total = data.len();
-        for (i, part) in data.chunks(size).enumerate() {
-            let from = i * size;
-            let range = format!("bytes {from}-{}/{total}", from + part.len() - 1);
+        let total = blob.size;
+        let mut from = 0u64;
+        while from < total {
+            let part = self.read_blob_span(blob, from, size.min(total - from))?;
+            let range = format!("bytes {from}-{}/{total}", from + part.len() as u64 - 1);
             let resp = self
                 .client
                 .send_bytes(
@@ -311,15 +402,46 @@ impl Bridge {
                         ("x-ms-file-name".to_string(), name.to_string()),
                     ],
                     octets,
-                    part.to_vec(),
+                    part,
                 )
                 .await?;
             if !resp.is_success() {
                 return Err(resp.error());
             }
+            from += size;
         }
         Ok(())
     }
+
+    /// `len` bytes of a blob from `from`, gathered from the store's chunks (each checked
+    /// against its hash).
+    fn read_blob_span(
+        &self,
+        blob: &BlobRef,
+        from: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let hub = lock(&self.replica);
+        let store = hub.store();
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        while (out.len() as u64) < len {
+            let at = from + out.len() as u64;
+            let want = usize::try_from(len - out.len() as u64).unwrap_or(usize::MAX);
+            let piece = match store.read_blob_range(&blob.sha256, at, want)? {
+                Some((_, piece)) if !piece.is_empty() => piece,
+                Some(_) => return Err(StoreError::BlobCorrupt(blob.hash_hex()).into()),
+                None => return Err(StoreError::BlobNotFound(blob.hash_hex()).into()),
+            };
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
+    }
+}
+
+/// The first byte of a `Content-Range: bytes <start>-<end>/<size>`.
+fn range_start(v: &str) -> Option<u64> {
+    let (start, _) = v.trim().strip_prefix("bytes ")?.split_once('-')?;
+    start.trim().parse().ok()
 }
 
 /// Percent-encodes a file name for a query string.

@@ -1,7 +1,8 @@
 //! Rows between the hub's typed values and the Web API's JSON: what to `$select`, how a read
 //! row becomes values (`_<col>_value` lookups, the owner from `_owninguser_value` /
-//! `_owningteam_value`), and how values become a write body (`<col>@odata.bind`,
-//! `ownerid@odata.bind`).
+//! `_owningteam_value`), and how values become a write body (`<navigation>@odata.bind`, the
+//! lookup's navigation property from the schema — `parentcustomerid_account` for a Customer
+//! lookup — and `ownerid@odata.bind`).
 
 use std::collections::BTreeMap;
 
@@ -211,12 +212,14 @@ fn to_wire_where(
                     .map_err(|e| UpstreamError::BadRequest(e.to_string()))?
                     .entity_set;
                 m.insert(
-                    format!("{}@odata.bind", c.name),
+                    format!("{}@odata.bind", c.navigation_property()),
                     json!(format!("/{set}({id})")),
                 );
             }
+            // A null bind through the same property disassociates
+            // (`associate-disassociate-entities-using-web-api.md`).
             (ColumnType::Lookup, _) => {
-                m.insert(format!("{}@odata.bind", c.name), J::Null);
+                m.insert(format!("{}@odata.bind", c.navigation_property()), J::Null);
             }
             (ColumnType::Decimal, Value::Decimal(d)) => {
                 // Never `null` for a value that fails to convert: that would clear the column.
@@ -231,4 +234,53 @@ fn to_wire_where(
         }
     }
     Ok(J::Object(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &str = r#"
+[tables.account.columns]
+name = "text"
+[tables.contact.columns]
+parentcustomerid = { lookup = "account", navigation = "parentcustomerid_account" }
+[tables.site.columns]
+new_parentsite = { lookup = "site", navigation = "new_ParentSite" }
+new_account = { lookup = "account" }
+"#;
+
+    #[test]
+    fn lookups_bind_through_their_navigation_property() {
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        let id = Uuid::new_v4();
+        let contact = schema.table("contact").unwrap();
+        let set = BTreeMap::from([("parentcustomerid".to_string(), Value::Lookup(id))]);
+        let body = to_wire(&schema, contact, &set).unwrap();
+        assert_eq!(
+            body["parentcustomerid_account@odata.bind"],
+            json!(format!("/accounts({id})"))
+        );
+        assert!(body.get("parentcustomerid@odata.bind").is_none(), "{body}");
+        // Cleared with a null bind through the same property.
+        let body = to_wire(&schema, contact, &BTreeMap::new()).unwrap();
+        assert_eq!(body["parentcustomerid_account@odata.bind"], J::Null);
+        // A custom lookup's SchemaName keeps its case; an undeclared one is the column's name.
+        let site = schema.table("site").unwrap();
+        let values = BTreeMap::from([
+            ("new_parentsite".to_string(), Value::Lookup(id)),
+            ("new_account".to_string(), Value::Lookup(id)),
+        ]);
+        let body = to_wire(&schema, site, &values).unwrap();
+        assert_eq!(
+            body["new_ParentSite@odata.bind"],
+            json!(format!("/sites({id})"))
+        );
+        assert_eq!(
+            body["new_account@odata.bind"],
+            json!(format!("/accounts({id})"))
+        );
+        // Reads still use the column: `_parentcustomerid_value`.
+        assert!(select(contact).contains("_parentcustomerid_value"));
+    }
 }

@@ -62,6 +62,21 @@ pub enum UpstreamError {
     Throttled { retry_after: Duration },
     #[error("unexpected reply from Dataverse: {0}")]
     BadReply(String),
+    /// A response body longer than the bridge reads (`response_bytes_max`, or what a file
+    /// range asked for): reading stopped there.
+    #[error("a response from Dataverse is longer than {limit} bytes (the limit is `response_bytes_max` in hub.toml's [upstream])")]
+    ResponseTooLarge { limit: u64 },
+    /// A file download whose bytes do not match the length Dataverse declared for it (its
+    /// `x-ms-file-size`, or the range asked for): nothing is stored. `received` is what came
+    /// from `at`; a server that sent more is cut at `expected + 1`.
+    #[error("a file from Dataverse is not the length it declares: {expected} bytes expected from offset {at}, {received} received")]
+    FileLength {
+        at: u64,
+        expected: u64,
+        received: u64,
+    },
+    #[error("local I/O: {0}")]
+    Io(String),
     #[error("cannot build the request: {0}")]
     BadRequest(String),
     #[error("bridge state: {0}")]

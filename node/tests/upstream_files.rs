@@ -1,0 +1,442 @@
+//! The bridge's file transfers and response sizes: large files in ranges and chunks against the
+//! emulator, and against a stub server that misbehaves on purpose (a file that is not the size
+//! it declares, a range longer than asked, a body longer than the bridge reads).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod upstream_support;
+
+use std::sync::Arc;
+
+use fieldsync_node::upstream::{UpstreamConfig, UpstreamError};
+use fieldsync_store::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use upstream_support::{bridge, config, hub_replica, Emulator, ADMIN_TOKEN};
+use uuid::Uuid;
+
+fn pattern(len: usize, modulo: u32) -> Vec<u8> {
+    (0..len as u32).map(|i| (i % modulo) as u8).collect()
+}
+
+/// The hub's `contract` file of an account, with its content.
+fn hub_contract(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> Option<(fieldsync_store::BlobRef, Vec<u8>)> {
+    let r = replica.lock().unwrap();
+    let row = r.store().get("account", id).unwrap()?;
+    match row.get("contract") {
+        Value::File(b) => Some((b.clone(), r.store().read_blob(b).unwrap())),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_file_of_many_chunks_goes_up_and_comes_down_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let mut cfg = config(&emu, dir.path());
+    // Not a multiple of the store's 256 KiB blob chunks: each upload chunk spans two of them.
+    cfg.file_chunk_bytes = 300_000;
+    let b = bridge(cfg, &replica);
+    let data = pattern(1_000_003, 251);
+    let blob = replica
+        .lock()
+        .unwrap()
+        .store()
+        .put_blob("big.pdf", &mut data.as_slice())
+        .unwrap();
+    let id = Uuid::new_v4();
+    replica
+        .lock()
+        .unwrap()
+        .local_write(
+            "account",
+            id,
+            &[
+                ("name", Value::Text("Big file".into())),
+                ("contract", Value::File(blob)),
+            ],
+        )
+        .unwrap();
+    let before = b
+        .client()
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    b.push().await.unwrap();
+    let sent = b
+        .client()
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    // The row, the chunked upload's start, 4 chunks, the read of the new file id.
+    assert_eq!(sent, 7);
+    let http = reqwest::Client::new();
+    let value = format!("{}/api/data/v9.2/accounts({id})/contract/$value", emu.url());
+    let got = http
+        .get(&value)
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.headers()["x-ms-file-size"], data.len().to_string());
+    assert_eq!(got.bytes().await.unwrap().to_vec(), data);
+
+    // The office replaces it with another large file: the hub downloads it in 3 ranges.
+    let office = pattern(700_001, 13);
+    let put = http
+        .patch(format!(
+            "{}/api/data/v9.2/accounts({id})/contract",
+            emu.url()
+        ))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("Content-Type", "application/octet-stream")
+        .header("x-ms-file-name", "office.pdf")
+        .body(office.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    let before = b
+        .client()
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    b.pull_table("account").await.unwrap();
+    let sent = b
+        .client()
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert_eq!(sent, 1 + 3, "a page, then three ranges");
+    let (here, content) = hub_contract(&replica, id).expect("downloaded");
+    assert_eq!(here.name, "office.pdf");
+    assert_eq!(here.size, office.len() as u64);
+    assert_eq!(content, office);
+}
+
+/// How the stub answers a file download.
+#[derive(Debug, Clone, Copy)]
+enum FileReply {
+    /// Honours ranges, but declares a size other than the content's.
+    Ranges { declared: usize },
+    /// Ignores `Range`: 200 with the whole content, declaring `declared`.
+    Whole { declared: usize },
+    /// 206 from the range's start to the content's end, whatever the range's end.
+    RangeToEnd,
+}
+
+/// A stub Web API on loopback: one account whose `contract` file it serves per `reply`; or,
+/// with `page_bytes`, an account page padded to that many bytes, streamed with no length.
+struct Stub {
+    account: Uuid,
+    content: Vec<u8>,
+    reply: FileReply,
+    page_bytes: Option<usize>,
+}
+
+impl Stub {
+    /// A stub serving one account whose file is `content`, answered per `reply`.
+    fn file(content: Vec<u8>, reply: FileReply) -> Stub {
+        Stub {
+            account: Uuid::new_v4(),
+            content,
+            reply,
+            page_bytes: None,
+        }
+    }
+
+    async fn start(self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stub = Arc::new(self);
+        let base = url.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let stub = stub.clone();
+                let base = base.clone();
+                tokio::spawn(async move { stub.serve(socket, &base).await });
+            }
+        });
+        url
+    }
+
+    async fn serve(&self, mut socket: TcpStream, base: &str) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let path = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let range = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("range")
+                .then(|| v.trim().to_string())
+        });
+        if path.contains("/contract/$value") {
+            self.serve_file(socket, range).await;
+            return;
+        }
+        let row = serde_json::json!({
+            "@odata.etag": "W/\"1\"",
+            "accountid": self.account.to_string(),
+            "name": "Stub",
+            "contract": "file-1",
+        });
+        let page = serde_json::json!({
+            "value": [row],
+            "@odata.deltaLink": format!("{base}/api/data/v9.2/accounts?$deltatoken=1"),
+        })
+        .to_string();
+        match self.page_bytes {
+            None => {
+                let _ = socket
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                            page.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+            Some(total) => {
+                // No length: the body runs until the connection closes, far past any cap.
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"value\":[")
+                    .await;
+                let piece = vec![b' '; 64 * 1024];
+                let mut sent = 0;
+                while sent < total {
+                    if socket.write_all(&piece).await.is_err() {
+                        return; // the client stopped reading
+                    }
+                    sent += piece.len();
+                }
+                let _ = socket.write_all(b"]}").await;
+            }
+        }
+    }
+
+    async fn serve_file(&self, mut socket: TcpStream, range: Option<String>) {
+        let content = &self.content;
+        let bounds = range.as_deref().and_then(|r| {
+            let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+            Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+        });
+        let (status, declared, body): (&str, usize, &[u8]) = match (self.reply, bounds) {
+            (FileReply::Ranges { declared }, Some((a, b))) => {
+                let a = a.min(content.len());
+                let b = (b + 1).min(content.len());
+                ("206 Partial Content", declared, &content[a..b])
+            }
+            (FileReply::Whole { declared }, _) | (FileReply::Ranges { declared }, None) => {
+                ("200 OK", declared, &content[..])
+            }
+            (FileReply::RangeToEnd, Some((a, _))) => (
+                "206 Partial Content",
+                content.len(),
+                &content[a.min(content.len())..],
+            ),
+            (FileReply::RangeToEnd, None) => ("200 OK", content.len(), &content[..]),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nx-ms-file-size: {declared}\r\nx-ms-file-name: stub.pdf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = socket.write_all(head.as_bytes()).await;
+        let _ = socket.write_all(body).await;
+    }
+}
+
+/// Pulls the stub's account into a fresh hub; returns the error and checks nothing was stored
+/// (no row, no blob of the content or of any prefix the bridge may have held, no file left in
+/// the hub's directory).
+/// Ranges of 64 KiB.
+async fn pull_fails_and_stores_nothing(stub: Stub) -> UpstreamError {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_dir = dir.path().join("hub");
+    let replica = hub_replica(&hub_dir);
+    let account = stub.account;
+    let content = stub.content.clone();
+    let url = stub.start().await;
+    let mut cfg = UpstreamConfig::new(url);
+    cfg.file_chunk_bytes = 64 * 1024;
+    let b = bridge(cfg, &replica);
+    let listing = |d: &std::path::Path| {
+        let mut v: Vec<String> = walk(d);
+        v.sort();
+        v
+    };
+    let before = listing(&hub_dir);
+    let err = b.pull_table("account").await.unwrap_err();
+    assert!(
+        replica
+            .lock()
+            .unwrap()
+            .store()
+            .get("account", account)
+            .unwrap()
+            .is_none(),
+        "the row was applied"
+    );
+    let store = replica.lock().unwrap();
+    for len in [content.len(), 10_000, 65_536, 100_000, 250_000] {
+        let prefix = &content[..len.min(content.len())];
+        let sha: [u8; 32] = Sha256::digest(prefix).into();
+        assert_eq!(
+            store.store().blob_size(&sha).unwrap(),
+            None,
+            "{len} bytes were stored"
+        );
+    }
+    drop(store);
+    let after = listing(&hub_dir);
+    let new: Vec<&String> = after.iter().filter(|p| !before.contains(p)).collect();
+    assert!(
+        new.iter().all(|p| !p.contains("tmp")),
+        "a temporary file was left: {new:?}"
+    );
+    err
+}
+
+fn walk(d: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_file_shorter_than_its_declared_size_is_refused() {
+    let err = pull_fails_and_stores_nothing(Stub::file(
+        pattern(250_000, 7),
+        FileReply::Ranges { declared: 300_000 },
+    ))
+    .await;
+    assert!(matches!(err, UpstreamError::FileLength { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_file_longer_than_its_declared_size_is_refused_without_reading_it_all() {
+    let err = pull_fails_and_stores_nothing(Stub::file(
+        pattern(1_000_000, 11),
+        FileReply::Whole { declared: 10_000 },
+    ))
+    .await;
+    assert!(
+        matches!(
+            err,
+            UpstreamError::FileLength {
+                expected: 10_000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_range_longer_than_asked_is_refused() {
+    let err =
+        pull_fails_and_stores_nothing(Stub::file(pattern(200_000, 5), FileReply::RangeToEnd)).await;
+    assert!(
+        matches!(
+            err,
+            UpstreamError::FileLength {
+                at: 0,
+                expected: 65_536,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_ranges_but_sends_the_declared_file_is_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let content = pattern(150_000, 3);
+    let stub = Stub::file(content.clone(), FileReply::Whole { declared: 150_000 });
+    let account = stub.account;
+    let url = stub.start().await;
+    let mut cfg = UpstreamConfig::new(url);
+    cfg.file_chunk_bytes = 64 * 1024;
+    let b = bridge(cfg, &replica);
+    b.pull_table("account").await.unwrap();
+    let (blob, got) = hub_contract(&replica, account).expect("downloaded");
+    assert_eq!(blob.name, "stub.pdf");
+    assert_eq!(got, content);
+}
+
+#[tokio::test]
+async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let url = Stub {
+        account: Uuid::new_v4(),
+        content: Vec::new(),
+        reply: FileReply::RangeToEnd,
+        page_bytes: Some(256 * 1024 * 1024),
+    }
+    .start()
+    .await;
+    let mut cfg = UpstreamConfig::new(url);
+    cfg.response_bytes_max = 1024 * 1024;
+    let b = bridge(cfg, &replica);
+    let started = std::time::Instant::now();
+    let err = b.pull_table("account").await.unwrap_err();
+    assert!(
+        matches!(err, UpstreamError::ResponseTooLarge { limit: 1_048_576 }),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn a_page_longer_than_the_limit_is_refused_by_its_length() {
+    // Against the emulator, whose pages declare their length: refused before reading, and the
+    // same pull goes through with the default limit.
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let mut cfg = config(&emu, dir.path());
+    cfg.response_bytes_max = 512;
+    let err = bridge(cfg, &replica)
+        .pull_table("account")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, UpstreamError::ResponseTooLarge { limit: 512 }),
+        "{err:?}"
+    );
+    bridge(config(&emu, dir.path()), &replica)
+        .pull_table("account")
+        .await
+        .unwrap();
+    let r = replica.lock().unwrap();
+    assert!(r.store().scan("account").unwrap().next().is_some());
+}
