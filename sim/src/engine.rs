@@ -1211,10 +1211,6 @@ impl<N: FieldNode> Sim<N> {
         h.timer_at = None;
         self.checker.on_crash(n, &self.hosts[i].node);
         if n.is_hub() {
-            let findings = self.checker.check_acked_on_hub(&self.hosts[0].node, 5);
-            for f in findings {
-                self.report(f);
-            }
             let ds: Vec<NodeId> = self.device_ids().collect();
             for d in ds {
                 self.reconcile(d);
@@ -1234,7 +1230,13 @@ impl<N: FieldNode> Sim<N> {
         self.hosts[i].alive = true;
         let now = self.local_time(n);
         self.hosts[i].node.restart(now);
+        self.checker.on_restart(n, &self.hosts[i].node);
         if n.is_hub() {
+            // What the hub acknowledged must be in what it reopened.
+            let findings = self.checker.check_acked_on_hub(&self.hosts[0].node, 5);
+            for f in findings {
+                self.report(f);
+            }
             let admin = std::mem::take(&mut self.pending_admin);
             for ev in admin {
                 self.hosts[0].node.handle_admin(now, &ev);

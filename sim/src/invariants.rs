@@ -95,6 +95,14 @@ impl Checker {
         }
     }
 
+    /// A node restarted: ops it reported applied and no longer holds are forgotten (a
+    /// re-delivery applies them again).
+    pub fn on_restart(&mut self, node: NodeId, obs: &dyn Observe) {
+        if let Some(set) = self.applied.get_mut(node.index()) {
+            set.retain(|op| obs.has_op(*op));
+        }
+    }
+
     /// Every acknowledged op must be on the hub.
     pub fn check_acked_on_hub(&self, hub: &dyn Observe, limit: usize) -> Vec<Finding> {
         self.acked

@@ -12,7 +12,8 @@ pub enum Invariant {
     /// After the final heal, every replica of every row equals the hub's, and every op a device
     /// committed reached the hub (or was rejected).
     Convergence,
-    /// Every op the hub acknowledged is still on the hub (also right after a hub crash).
+    /// Every op the hub acknowledged is still on the hub (checked when it restarts after a
+    /// crash, on what it reopened, and at the end).
     NoAckedOpLost,
     /// No node reports the same op applied twice.
     NoOpAppliedTwice,
