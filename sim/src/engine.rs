@@ -896,7 +896,9 @@ impl<N: FieldNode> Sim<N> {
                 self.m.ops_acked += 1;
                 self.checker.acked.insert(op);
             }
-            NodeEvent::Rejected { op, .. } => {
+            NodeEvent::Rejected { op, row } => {
+                // Rolled back to the hub's copy: what it holds of the row arrives anew.
+                self.checker.on_row_gone(id, row);
                 self.m.ops_rejected += 1;
                 self.checker.rejected.insert(op);
                 if let Some(d) = self.dev.get_mut(di) {
@@ -904,7 +906,8 @@ impl<N: FieldNode> Sim<N> {
                 }
             }
             NodeEvent::Conflict { .. } => self.m.conflicts += 1,
-            NodeEvent::Evicted { .. } => {
+            NodeEvent::Evicted { row } => {
+                self.checker.on_row_gone(id, row);
                 self.m.evictions += 1;
                 if let Some(d) = self.dev.get_mut(di) {
                     d.evictions += 1;
