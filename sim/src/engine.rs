@@ -136,6 +136,8 @@ enum Ev<M> {
         from: NodeId,
         to: NodeId,
         epoch: u64,
+        /// When the sender sent it (virtual time).
+        sent: u64,
         msg: M,
     },
     Timer {
@@ -225,7 +227,8 @@ struct Link<M> {
     connected: bool,
     epoch: u64,
     held: bool,
-    held_msgs: Vec<(NodeId, NodeId, u64, M)>,
+    /// Held messages: from, to, epoch, sent, message.
+    held_msgs: Vec<(NodeId, NodeId, u64, u64, M)>,
     params: LinkParams,
     busy: [u64; 2],
     last_arrival: [u64; 2],
@@ -334,6 +337,8 @@ pub struct Sim<N: FieldNode> {
     series: Series,
     bytes_up_acc: u64,
     bytes_down_acc: u64,
+    /// While a message is handed to its receiver: when it was sent.
+    delivering_sent: Option<u64>,
 }
 
 impl<N: FieldNode> std::fmt::Debug for Sim<N> {
@@ -507,6 +512,7 @@ impl<N: FieldNode> Sim<N> {
             },
             bytes_up_acc: 0,
             bytes_down_acc: 0,
+            delivering_sent: None,
         };
         sim.digest.write_u64(seed);
         sim.schedule_initial(&mut setup_rng);
@@ -913,19 +919,31 @@ impl<N: FieldNode> Sim<N> {
                     d.evictions += 1;
                 }
             }
-            NodeEvent::SyncCompleted { started_local_ms } => {
+            NodeEvent::SyncCompleted {
+                table,
+                started_local_ms,
+            } => {
                 self.m.syncs_completed += 1;
                 if let Some(d) = self.dev.get_mut(di) {
                     d.syncs_completed += 1;
                 }
-                let started = self.sim_time(id, started_local_ms);
-                self.check_leaks(id, started);
+                // The sync saw the hub's state as of when the pull was sent, or at the latest
+                // when the hub sent the message that completed it.
+                let asked = started_local_ms.map(|s| self.sim_time(id, s));
+                let started = match (asked, self.delivering_sent) {
+                    (Some(a), Some(s)) => Some(a.min(s)),
+                    (a, s) => a.or(s),
+                };
+                if let Some(started) = started {
+                    self.check_leaks(id, started, table);
+                }
             }
         }
     }
 
-    /// No leak: after a sync that started after a revocation, the row must be gone.
-    fn check_leaks(&mut self, d: NodeId, started: u64) {
+    /// No leak: after a sync of `table` (`None`: every table) that started after a
+    /// revocation, the row must be gone.
+    fn check_leaks(&mut self, d: NodeId, started: u64, table: Option<u32>) {
         if d.is_hub() {
             return;
         }
@@ -935,7 +953,10 @@ impl<N: FieldNode> Sim<N> {
             let oracle = &self.oracle;
             let checker = &self.checker;
             node.for_each_row_key(&mut |row| {
-                if oracle.entitled(d, row) || node.has_pending_on(row) {
+                if table.is_some_and(|t| t != row.table)
+                    || oracle.entitled(d, row)
+                    || node.has_pending_on(row)
+                {
                     return;
                 }
                 // Never entitled (None) or revoked before this sync started: a leak.
@@ -1037,6 +1058,7 @@ impl<N: FieldNode> Sim<N> {
                     from,
                     to,
                     epoch,
+                    sent: now,
                     msg,
                 },
             );
@@ -1062,7 +1084,7 @@ impl<N: FieldNode> Sim<N> {
         self.record(from, Some(to), StepKind::Dropped(kind, why), d);
     }
 
-    fn deliver(&mut self, from: NodeId, to: NodeId, epoch: u64, msg: N::Msg) {
+    fn deliver(&mut self, from: NodeId, to: NodeId, epoch: u64, sent: u64, msg: N::Msg) {
         let device = if from.is_hub() { to } else { from };
         let kind = msg.kind();
         let (connected, cur_epoch, held) = {
@@ -1080,7 +1102,7 @@ impl<N: FieldNode> Sim<N> {
         if held {
             self.links[device.index() - 1]
                 .held_msgs
-                .push((from, to, epoch, msg));
+                .push((from, to, epoch, sent, msg));
             return;
         }
         self.m.messages_delivered += 1;
@@ -1089,7 +1111,9 @@ impl<N: FieldNode> Sim<N> {
         self.record(to, Some(from), StepKind::Delivered(kind, size), d);
         let now = self.local_time(to);
         self.hosts[to.index()].node.handle_message(now, from, msg);
+        self.delivering_sent = Some(sent);
         self.after_input(to, false);
+        self.delivering_sent = None;
         self.reconcile(device);
     }
 
@@ -1187,13 +1211,14 @@ impl<N: FieldNode> Sim<N> {
         l.held = false;
         let msgs = std::mem::take(&mut l.held_msgs);
         let now = self.now;
-        for (from, to, epoch, msg) in msgs {
+        for (from, to, epoch, sent, msg) in msgs {
             self.push(
                 now,
                 Ev::Deliver {
                     from,
                     to,
                     epoch,
+                    sent,
                     msg,
                 },
             );
@@ -1744,10 +1769,11 @@ impl<N: FieldNode> Sim<N> {
                 from,
                 to,
                 epoch,
+                sent,
                 msg,
             } => {
                 self.dirty_since_check = true;
-                self.deliver(from, to, epoch, msg);
+                self.deliver(from, to, epoch, sent, msg);
             }
             Ev::Timer { node, gen } => {
                 let h = &mut self.hosts[node.index()];

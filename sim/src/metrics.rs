@@ -99,7 +99,8 @@ pub struct DeviceMetrics {
     pub ops_rejected: u64,
     /// Rows evicted here.
     pub evictions: u64,
-    /// Completed syncs.
+    /// Completed syncs (real engine: pulls that reached the end of a table's feed, the
+    /// batches of a live connection included).
     pub syncs_completed: u64,
     /// Most pending ops at a sample.
     pub pending_ops_max: u64,

@@ -511,7 +511,8 @@ impl Device {
         self.phase = Phase::Idle;
         if let Some(started) = self.sync_started.take() {
             self.events.push_back(NodeEvent::SyncCompleted {
-                started_local_ms: started,
+                table: None,
+                started_local_ms: Some(started),
             });
         }
         self.next_sync = now + self.cfg.interval_ms;

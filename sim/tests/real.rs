@@ -188,6 +188,53 @@ fn real_engine_finds_names_and_shrinks_the_planted_eviction_bug() {
     );
 }
 
+/// Devices that stay connected all day (live mode).
+fn always_on(extra: &str) -> Scenario {
+    Scenario::from_toml_str(
+        &format!(
+            "name='on'\nduration='1h'\nsettle='30m'\n[sync]\ninterval='5m'\n\
+             [[groups]]\nname='a'\ndevices=2\n[[groups]]\nname='b'\ndevices=2\n\
+             [workload]\noffice_edits_per_hour=30\n\
+             [[workload.tables]]\nname='wo'\nrows_per_device=4\nedits_per_device_hour=6\n{extra}"
+        ),
+        Path::new("."),
+    )
+    .unwrap()
+}
+
+#[test]
+fn real_engine_counts_every_sync_of_a_connected_device() {
+    let r = run_scenario(&always_on(""), 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+    // Each device connects once and then syncs whenever its feed moves.
+    assert!(r.metrics.connections_opened <= 8, "{:#?}", r.metrics);
+    assert!(r.metrics.syncs_completed >= 10, "{:#?}", r.metrics);
+    assert!(
+        r.metrics.per_device.iter().all(|d| d.syncs_completed >= 3),
+        "{:#?}",
+        r.metrics.per_device
+    );
+}
+
+#[test]
+fn real_engine_no_leak_catches_an_eviction_forgotten_on_a_live_connection() {
+    let s =
+        always_on("[[events]]\nat='10m'\nkind='reassign'\nrows=3\nfrom_group='a'\nto_group='b'\n");
+    assert!(!run_scenario(&s, 1, &real()).unwrap().failed());
+    let opts = RunOptions {
+        planted_bug: Some(PlantedBug::HubForgetsEviction),
+        ..real()
+    };
+    let r = run_scenario(&s, 1, &opts).unwrap();
+    let leak = r
+        .violations
+        .iter()
+        .find(|v| v.invariant == Invariant::NoLeak)
+        .unwrap_or_else(|| panic!("{:#?}", r.violations));
+    // Found during the day, on the first sync after the reassignment.
+    assert!(leak.time_ms < 3_600_000, "{leak:#?}");
+}
+
 #[test]
 fn real_engine_with_the_minimal_device_adapter_passes_too() {
     let opts = RunOptions {

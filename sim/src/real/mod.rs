@@ -29,12 +29,12 @@ mod environment;
 mod hub;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use fieldsync_replication::proto::{
     DeviceConfig, DeviceEvent, DeviceId, DeviceSession, DeviceState, HubConfig, HubEvent,
-    HubSession, Message, Millis, SyncSchedule,
+    HubSession, Message, Millis, Pull, Subscribe, SyncSchedule,
 };
 use fieldsync_replication::wire;
 use fieldsync_store::{ActorId, CommitInfo, Row, RowId, Schema, Store, Value, WriteError};
@@ -237,13 +237,14 @@ pub struct RealDevice<S> {
     config: DeviceConfig,
     session: DeviceSession,
     storage: S,
-    tables: usize,
+    tables: Vec<String>,
     now: u64,
     alive: bool,
     outbox: VecDeque<Frame>,
     events: VecDeque<NodeEvent>,
-    sync_started: Option<u64>,
-    synced: BTreeSet<String>,
+    /// Per table, when the pull (or subscription) now waiting for the end of its feed was
+    /// sent.
+    pull_started: BTreeMap<String, u64>,
 }
 
 /// The hub: one session per connected device, and its storage.
@@ -271,6 +272,12 @@ impl<S: SimDeviceStorage> RealDevice<S> {
     fn drain(&mut self) {
         let now = Millis(self.now);
         while let Some(msg) = self.session.poll_transmit(now) {
+            if let Message::Pull(Pull { tables }) | Message::Subscribe(Subscribe { tables }) = &msg
+            {
+                for t in tables {
+                    self.pull_started.entry(t.table.clone()).or_insert(self.now);
+                }
+            }
             if let Some(f) = Frame::encode(&msg) {
                 self.outbox.push_back(f);
             }
@@ -278,20 +285,12 @@ impl<S: SimDeviceStorage> RealDevice<S> {
         let mut evs = Vec::new();
         while let Some(ev) = self.session.poll_event() {
             match ev {
-                DeviceEvent::Connected { .. } => {
-                    self.sync_started = Some(self.now);
-                    self.synced.clear();
-                }
                 DeviceEvent::TableSynced { table } => {
-                    if let Some(start) = self.sync_started {
-                        self.synced.insert(table);
-                        if self.synced.len() >= self.tables {
-                            self.sync_started = None;
-                            evs.push(NodeEvent::SyncCompleted {
-                                started_local_ms: start,
-                            });
-                        }
-                    }
+                    let index = self.tables.iter().position(|t| *t == table);
+                    evs.push(NodeEvent::SyncCompleted {
+                        table: index.and_then(|i| u32::try_from(i).ok()),
+                        started_local_ms: self.pull_started.remove(&table),
+                    });
                 }
                 DeviceEvent::StorageFailed { error } => {
                     tracing::warn!(%error, "device storage failed");
@@ -416,7 +415,7 @@ impl<S: SimDeviceStorage, H: SimHubStorage> SimNode for RealNode<S, H> {
             RealNode::Device(d) => {
                 d.now = now;
                 d.outbox.clear();
-                d.sync_started = None;
+                d.pull_started.clear();
                 d.session.handle_disconnected(Millis(now));
                 d.drain();
             }
@@ -538,7 +537,7 @@ impl<S: SimDeviceStorage, H: SimHubStorage> SimNode for RealNode<S, H> {
                 d.alive = false;
                 d.outbox.clear();
                 d.events.clear();
-                d.sync_started = None;
+                d.pull_started.clear();
                 d.storage.crash();
                 d.session = DeviceSession::new(d.config.clone());
             }
@@ -814,13 +813,12 @@ impl NodeFactory for RealFactory {
             session: DeviceSession::new(config.clone()),
             config,
             storage,
-            tables: ctx.tables.len(),
+            tables: ctx.tables.to_vec(),
             now: 0,
             alive: true,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-            sync_started: None,
-            synced: BTreeSet::new(),
+            pull_started: BTreeMap::new(),
         }))
     }
 }
