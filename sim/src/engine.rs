@@ -406,10 +406,12 @@ impl<N: FieldNode> Sim<N> {
             .enumerate()
             .flat_map(|(i, g)| std::iter::repeat_n(i, g.devices as usize))
             .collect();
+        let columns: Vec<u32> = scenario.workload.tables.iter().map(|t| t.columns).collect();
         let ctx = NodeContext {
             world: &world,
             sync: &scenario.sync,
             tables: &tables,
+            columns: &columns,
             groups: &groups,
             device_groups: &device_groups,
         };

@@ -316,6 +316,8 @@ pub struct NodeContext<'a> {
     pub sync: &'a crate::scenario::SyncConfig,
     /// Table names, by index.
     pub tables: &'a [String],
+    /// Each table's column count (`c0..cN`), by index.
+    pub columns: &'a [u32],
     /// Group names, by index.
     pub groups: &'a [String],
     /// Each device's group index: `device_groups[d - 1]` for device `d`.

@@ -253,3 +253,78 @@ fn real_engine_with_the_minimal_device_adapter_passes_too() {
         }
     }
 }
+
+#[test]
+fn real_engine_runs_the_scenarios_sync_batch() {
+    // An offline day: devices reconnect with many pending ops, pushed `batch` at a time.
+    let with_batch = |batch: u32| {
+        Scenario::from_toml_str(
+            &format!(
+                "name='batch'\nduration='1h'\n[sync]\nbatch={batch}\n\
+                 [[groups]]\nname='a'\ndevices=2\n\
+                 connectivity={{model='scheduled',outages=[{{start='0s',end='40m'}}]}}\n\
+                 [[workload.tables]]\nname='wo'\nrows_per_device=4\nedits_per_device_hour=30\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap()
+    };
+    let small = run_scenario(&with_batch(2), 1, &real()).unwrap();
+    let large = run_scenario(&with_batch(64), 1, &real()).unwrap();
+    assert!(
+        !small.failed() && !large.failed(),
+        "{:#?}",
+        small.violations
+    );
+    assert_ne!(small.trace_digest, large.trace_digest);
+    assert!(
+        small.metrics.messages_sent > large.metrics.messages_sent,
+        "{} vs {}",
+        small.metrics.messages_sent,
+        large.metrics.messages_sent
+    );
+}
+
+#[test]
+fn real_engine_refuses_what_it_cannot_run() {
+    let with_sync = |sync: &str| {
+        Scenario::from_toml_str(
+            &format!("name='x'\nduration='10m'\n[sync]\n{sync}\n[[groups]]\nname='a'\ndevices=1\n"),
+            Path::new("."),
+        )
+        .unwrap()
+    };
+    for (sync, field) in [
+        ("interval='2m'", "sync.interval"),
+        ("interval='7m30s'", "sync.interval"),
+        ("batch=1000", "sync.batch"),
+    ] {
+        let s = with_sync(sync);
+        // The reference engine runs them.
+        assert!(
+            run_scenario(&s, 1, &RunOptions::default()).is_ok(),
+            "{sync}"
+        );
+        match run_scenario(&s, 1, &real()) {
+            Err(fieldsync_sim::ScenarioError::Invalid { field: f, .. }) => {
+                assert_eq!(f, field, "{sync}")
+            }
+            other => panic!("{sync}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn real_engine_writes_every_column_the_scenario_has() {
+    let s = Scenario::from_toml_str(
+        "name='wide'\nduration='30m'\n[[groups]]\nname='a'\ndevices=2\n\
+         [workload]\noffice_edits_per_hour=60\n\
+         [[workload.tables]]\nname='wo'\ncolumns=128\nrows_per_device=4\nedits_per_device_hour=60\n",
+        Path::new("."),
+    )
+    .unwrap();
+    let r = run_scenario(&s, 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+    assert!(r.metrics.ops_committed > 20, "{:#?}", r.metrics);
+    assert_eq!(r.metrics.edits_refused, 0, "{:#?}", r.metrics);
+}

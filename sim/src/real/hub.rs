@@ -112,7 +112,7 @@ impl ReplicaHub {
         // In memory, like the devices' stores (see `StoreDevice::create`).
         let store = Store::temporary(schema.clone(), options).map_err(store_err)?;
         let tables = ctx.tables.to_vec();
-        let interval = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
+        let interval = super::interval_minutes(ctx.sync)?;
         let world = SimEnvironment::new(
             &schema,
             ctx.tables,
@@ -572,6 +572,7 @@ mod tests {
             world,
             sync,
             tables: &tables,
+            columns: &[8],
             groups: &groups,
             device_groups: &[0],
         };

@@ -48,6 +48,7 @@ use crate::node::{
     AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory, NodeId,
     Observe, OpId, RowKey, SimMessage, SimNode, Transmit, HUB,
 };
+use crate::scenario::{Scenario, ScenarioError, SyncConfig};
 use crate::simple::PlantedBug;
 
 /// Why the real engine could not set up or drive a node.
@@ -182,6 +183,50 @@ fn commit_edit(
     tx.commit()
         .map(Some)
         .map_err(|e| RealError::Store(e.to_string()))
+}
+
+/// What the real engine can run beyond what [`Scenario::validate`] checks: a sync interval a
+/// profile can hold (whole minutes, 5 to 1440) and a batch the protocol carries (at most
+/// [`push_ops_max`] ops in a push).
+pub fn check_scenario(scenario: &Scenario) -> Result<(), ScenarioError> {
+    interval_minutes(&scenario.sync).map_err(|reason| ScenarioError::Invalid {
+        field: "sync.interval".into(),
+        reason: reason.to_string(),
+    })?;
+    let max = push_ops_max();
+    if scenario.sync.batch as usize > max {
+        return Err(ScenarioError::Invalid {
+            field: "sync.batch".into(),
+            reason: format!("the real engine's protocol carries at most {max} ops in a push"),
+        });
+    }
+    Ok(())
+}
+
+/// The pull interval in a profile's whole minutes (5..=1440).
+fn interval_minutes(sync: &SyncConfig) -> Result<u32, RealError> {
+    let ms = sync.interval.0;
+    let minutes = ms / 60_000;
+    if ms % 60_000 != 0 || !(5..=1440).contains(&minutes) {
+        return Err(RealError::Schema(format!(
+            "a sync interval of {ms} ms: the real engine runs whole minutes from 5m to 24h \
+             (a profile's sync_interval_minutes)"
+        )));
+    }
+    Ok(minutes as u32)
+}
+
+/// The most ops the protocol carries in one push (its default push limit).
+pub fn push_ops_max() -> usize {
+    let schedule = SyncSchedule::new(std::iter::empty::<(String, Option<u32>)>(), &[]);
+    DeviceConfig::new(DeviceId(uuid::Uuid::nil()), Vec::new(), "", schedule)
+        .push_limits
+        .max_items
+}
+
+/// Ops or rows per message: the scenario's `sync.batch`.
+fn batch_items(sync: &SyncConfig) -> usize {
+    (sync.batch as usize).clamp(1, push_ops_max())
 }
 
 /// The schema of a scenario: each table has integer columns `c0..cN`.
@@ -703,14 +748,21 @@ impl RealFactory {
         if let Some(s) = &self.schema {
             return Ok(s.clone());
         }
-        let tables: Vec<(String, u32)> = ctx.tables.iter().map(|t| (t.clone(), 64)).collect();
+        let tables: Vec<(String, u32)> = ctx
+            .tables
+            .iter()
+            .zip(ctx.columns.iter().copied().chain(std::iter::repeat(1)))
+            .map(|(t, c)| (t.clone(), c))
+            .collect();
         let s = scenario_schema(&tables)?;
         self.schema = Some(s.clone());
         Ok(s)
     }
 
-    fn hub_config() -> HubConfig {
-        HubConfig::new(uuid::Uuid::from_u64_pair(0x4855_4200_0000_0000, 0))
+    fn hub_config(sync: &SyncConfig) -> HubConfig {
+        let mut config = HubConfig::new(uuid::Uuid::from_u64_pair(0x4855_4200_0000_0000, 0));
+        config.pull_limits.max_items = batch_items(sync).min(config.pull_limits.max_items);
+        config
     }
 
     fn build_hub(&mut self, ctx: &NodeContext<'_>) -> Result<ReplicaHub, RealError> {
@@ -759,7 +811,7 @@ impl NodeFactory for RealFactory {
             Err(e) => panic!("the real engine cannot create the hub: {e}"),
         };
         RealNode::Hub(Box::new(RealHub {
-            config: Self::hub_config(),
+            config: Self::hub_config(ctx.sync),
             sessions: BTreeMap::new(),
             storage,
             now: crate::node::SIM_EPOCH_MS,
@@ -802,11 +854,15 @@ impl NodeFactory for RealFactory {
             .as_ref()
             .and_then(|p| p.enrolled.get(&id).cloned())
             .unwrap_or_else(|| (Vec::new(), String::new()));
-        let minutes = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
+        let minutes = match interval_minutes(ctx.sync) {
+            Ok(m) => m,
+            Err(e) => panic!("the real engine cannot run this scenario: {e}"),
+        };
         let schedule =
             SyncSchedule::new(ctx.tables.iter().map(|t| (t.clone(), Some(minutes))), &[]);
         let mut config = DeviceConfig::new(did, token, &app, schedule);
         config.live = ctx.sync.live;
+        config.push_limits.max_items = batch_items(ctx.sync);
         config.request_timeout = Millis(ctx.sync.request_timeout.0.max(1_000));
         config.rng_seed = self.seed ^ u64::from(id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         RealNode::Device(Box::new(RealDevice {
