@@ -126,7 +126,7 @@ impl<'a> SimBuilder<'a> {
     /// Validate the scenario and build the hosts.
     pub fn build<F: NodeFactory>(self, factory: F) -> Result<Sim<F::Node>, ScenarioError> {
         self.scenario.validate()?;
-        Ok(Sim::new(self.scenario, self.seed, self.options, factory))
+        Sim::new(self.scenario, self.seed, self.options, factory)
     }
 }
 
@@ -363,7 +363,7 @@ impl<N: FieldNode> Sim<N> {
         seed: u64,
         opts: RunOptions,
         mut factory: F,
-    ) -> Sim<N> {
+    ) -> Result<Sim<N>, ScenarioError> {
         let _span = tracing::info_span!("sim_build", scenario = %scenario.name, seed).entered();
         let devices = scenario.device_count();
         let tables: Vec<String> = scenario
@@ -418,7 +418,7 @@ impl<N: FieldNode> Sim<N> {
         let mut setup_rng = sub_rng(seed, "setup", 0);
         let mut hosts = Vec::with_capacity(devices as usize + 1);
         hosts.push(Host {
-            node: factory.hub(&ctx),
+            node: factory.hub(&ctx)?,
             alive: true,
             skew: 0,
             timer_at: None,
@@ -437,7 +437,7 @@ impl<N: FieldNode> Sim<N> {
                     0
                 };
                 hosts.push(Host {
-                    node: factory.device(NodeId(id), &ctx),
+                    node: factory.device(NodeId(id), &ctx)?,
                     alive: true,
                     skew,
                     timer_at: None,
@@ -518,7 +518,7 @@ impl<N: FieldNode> Sim<N> {
         };
         sim.digest.write_u64(seed);
         sim.schedule_initial(&mut setup_rng);
-        sim
+        Ok(sim)
     }
 
     fn push(&mut self, at: u64, ev: Ev<N::Msg>) {

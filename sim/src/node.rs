@@ -329,7 +329,11 @@ pub trait NodeFactory {
     /// The node type (typically an enum of hub and device).
     type Node: FieldNode;
     /// Build the hub.
-    fn hub(&mut self, ctx: &NodeContext<'_>) -> Self::Node;
+    fn hub(&mut self, ctx: &NodeContext<'_>) -> Result<Self::Node, crate::ScenarioError>;
     /// Build one device, already holding its initial row set.
-    fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> Self::Node;
+    fn device(
+        &mut self,
+        id: NodeId,
+        ctx: &NodeContext<'_>,
+    ) -> Result<Self::Node, crate::ScenarioError>;
 }

@@ -328,3 +328,43 @@ fn real_engine_writes_every_column_the_scenario_has() {
     assert!(r.metrics.ops_committed > 20, "{:#?}", r.metrics);
     assert_eq!(r.metrics.edits_refused, 0, "{:#?}", r.metrics);
 }
+
+#[test]
+fn names_the_real_engine_cannot_hold_are_refused_not_a_panic() {
+    let with = |group: &str, table: &str| {
+        let mut s = Scenario::from_toml_str(
+            "name='x'\nduration='10m'\n[[groups]]\nname='a'\ndevices=1\n",
+            Path::new("."),
+        )
+        .unwrap();
+        s.groups[0].name = group.into();
+        s.workload.tables[0].name = table.into();
+        s
+    };
+    for (group, table, field) in [
+        ("a", "WorkOrder", "workload.tables[0].name"),
+        ("a", "work order", "workload.tables[0].name"),
+        ("a", "wo\"]\nx", "workload.tables[0].name"),
+        ("crew \"north\"", "wo", "groups[0].name"),
+        ("crew\\north", "wo", "groups[0].name"),
+        ("crew\nnorth", "wo", "groups[0].name"),
+    ] {
+        let s = with(group, table);
+        for opts in [real(), RunOptions::default()] {
+            match run_scenario(&s, 1, &opts) {
+                Err(fieldsync_sim::ScenarioError::Invalid { field: f, .. }) => {
+                    assert_eq!(f, field, "{group:?} {table:?}")
+                }
+                other => panic!("{group:?} {table:?}: {other:?}"),
+            }
+        }
+        // Written out and read back, the file is refused the same way.
+        match Scenario::from_toml_str(&s.to_toml().unwrap(), Path::new(".")) {
+            Err(fieldsync_sim::ScenarioError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{group:?} {table:?}: {other:?}"),
+        }
+    }
+    // A group name with spaces and punctuation is fine.
+    let r = run_scenario(&with("north crew #2", "msdyn_workorder"), 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+}

@@ -803,14 +803,11 @@ pub type RealStoreNode = RealNode<StoreDevice, ReplicaHub>;
 impl NodeFactory for RealFactory {
     type Node = RealStoreNode;
 
-    fn hub(&mut self, ctx: &NodeContext<'_>) -> RealStoreNode {
-        // Building a node has no error path in the trait: a store that cannot be created
-        // is a broken host, and the run cannot go on.
-        let storage = match self.build_hub(ctx) {
-            Ok(s) => s,
-            Err(e) => panic!("the real engine cannot create the hub: {e}"),
-        };
-        RealNode::Hub(Box::new(RealHub {
+    fn hub(&mut self, ctx: &NodeContext<'_>) -> Result<RealStoreNode, ScenarioError> {
+        let storage = self
+            .build_hub(ctx)
+            .map_err(|e| ScenarioError::Engine(format!("the hub: {e}")))?;
+        Ok(RealNode::Hub(Box::new(RealHub {
             config: Self::hub_config(ctx.sync),
             sessions: BTreeMap::new(),
             storage,
@@ -818,10 +815,14 @@ impl NodeFactory for RealFactory {
             alive: true,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-        }))
+        })))
     }
 
-    fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> RealStoreNode {
+    fn device(
+        &mut self,
+        id: NodeId,
+        ctx: &NodeContext<'_>,
+    ) -> Result<RealStoreNode, ScenarioError> {
         let built = self.schema(ctx).and_then(|schema| {
             let mut s = StoreDevice::create(
                 schema,
@@ -844,20 +845,15 @@ impl NodeFactory for RealFactory {
             }
             Ok(s)
         });
-        let storage = match built {
-            Ok(s) => s,
-            Err(e) => panic!("the real engine cannot create a device's store: {e}"),
-        };
+        let storage = built.map_err(|e| ScenarioError::Engine(format!("{id}: {e}")))?;
         let did = device_id(id);
         let (token, app) = self
             .initial
             .as_ref()
             .and_then(|p| p.enrolled.get(&id).cloned())
             .unwrap_or_else(|| (Vec::new(), String::new()));
-        let minutes = match interval_minutes(ctx.sync) {
-            Ok(m) => m,
-            Err(e) => panic!("the real engine cannot run this scenario: {e}"),
-        };
+        let minutes =
+            interval_minutes(ctx.sync).map_err(|e| ScenarioError::Engine(e.to_string()))?;
         let schedule =
             SyncSchedule::new(ctx.tables.iter().map(|t| (t.clone(), Some(minutes))), &[]);
         let mut config = DeviceConfig::new(did, token, &app, schedule);
@@ -865,7 +861,7 @@ impl NodeFactory for RealFactory {
         config.push_limits.max_items = batch_items(ctx.sync);
         config.request_timeout = Millis(ctx.sync.request_timeout.0.max(1_000));
         config.rng_seed = self.seed ^ u64::from(id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        RealNode::Device(Box::new(RealDevice {
+        Ok(RealNode::Device(Box::new(RealDevice {
             session: DeviceSession::new(config.clone()),
             config,
             storage,
@@ -875,6 +871,6 @@ impl NodeFactory for RealFactory {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             pull_started: BTreeMap::new(),
-        }))
+        })))
     }
 }
