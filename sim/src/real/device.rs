@@ -709,9 +709,14 @@ impl SimDeviceStorage for StoreDevice {
         self.pending_rows.contains_key(&row)
     }
 
+    /// While the device is down, its durable cursors (what a restart reopens): the
+    /// `cursors-forward` baseline across a crash.
     fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64)) {
         if self.replica {
-            let Ok(rep) = self.replica() else { return };
+            let Some(store) = self.store.as_ref().or(self.crashed.as_ref()) else {
+                return;
+            };
+            let rep = DeviceReplica::new(store.clone());
             for (i, t) in self.tables.iter().enumerate() {
                 if let (Ok(c), Ok(i)) = (rep.cursor(t), u32::try_from(i)) {
                     f(i, c.0);
@@ -719,7 +724,12 @@ impl SimDeviceStorage for StoreDevice {
             }
             return;
         }
-        for (t, c) in &self.side.cursors {
+        let side = if self.store.is_some() {
+            &self.side
+        } else {
+            &self.durable_side
+        };
+        for (t, c) in &side.cursors {
             if let Some(i) = self.table_index(t) {
                 f(i, *c);
             }
@@ -828,6 +838,40 @@ mod tests {
                 vec![NodeEvent::Evicted { row }, applied],
                 "replica {replica}"
             );
+        }
+    }
+
+    fn cursors(d: &StoreDevice) -> Vec<(u32, u64)> {
+        let mut v = Vec::new();
+        d.for_each_cursor(&mut |t, c| v.push((t, c)));
+        v.sort_unstable();
+        v
+    }
+
+    /// The checker takes a crashed device's cursors as the baseline its restart must not go
+    /// below: while down, the device shows its durable cursors.
+    #[test]
+    fn a_crashed_device_shows_its_durable_cursors() {
+        for replica in [true, false] {
+            let schema = scenario_schema(&[("wo".into(), 8), ("b".into(), 8)]).unwrap();
+            let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
+            let mut d = StoreDevice::create(
+                schema,
+                actor_of(1, NodeId(1)),
+                vec!["wo".into(), "b".into()],
+                fieldsync_store::Value::Null,
+                registry,
+            )
+            .unwrap();
+            d.use_replica(replica);
+            d.seed(&[], 5).unwrap();
+            d.set_cursor("b", Cursor(9), None).unwrap();
+            let up = cursors(&d);
+            assert_eq!(up, vec![(0, 5), (1, 9)], "replica {replica}");
+            d.crash();
+            assert_eq!(cursors(&d), up, "replica {replica}");
+            d.restart().unwrap();
+            assert_eq!(cursors(&d), up, "replica {replica}");
         }
     }
 }
