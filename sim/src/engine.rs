@@ -339,6 +339,8 @@ pub struct Sim<N: FieldNode> {
     bytes_down_acc: u64,
     /// While a message is handed to its receiver: when it was sent.
     delivering_sent: Option<u64>,
+    /// While a message is handed to its receiver: its sender.
+    delivering_from: Option<NodeId>,
 }
 
 impl<N: FieldNode> std::fmt::Debug for Sim<N> {
@@ -515,6 +517,7 @@ impl<N: FieldNode> Sim<N> {
             bytes_up_acc: 0,
             bytes_down_acc: 0,
             delivering_sent: None,
+            delivering_from: None,
         };
         sim.digest.write_u64(seed);
         sim.schedule_initial(&mut setup_rng);
@@ -913,7 +916,18 @@ impl<N: FieldNode> Sim<N> {
                     d.ops_rejected += 1;
                 }
             }
-            NodeEvent::Conflict { .. } => self.m.conflicts += 1,
+            NodeEvent::Conflict { .. } => {
+                self.m.conflicts += 1;
+                // Detected where it happens; counted for the device whose message caused it.
+                let device = if id.is_hub() {
+                    self.delivering_from
+                } else {
+                    Some(id)
+                };
+                if let Some(d) = device.and_then(|d| self.dev.get_mut(d.index().wrapping_sub(1))) {
+                    d.conflicts += 1;
+                }
+            }
             NodeEvent::Evicted { row } => {
                 self.checker.on_row_gone(id, row);
                 self.m.evictions += 1;
@@ -1114,8 +1128,10 @@ impl<N: FieldNode> Sim<N> {
         let now = self.local_time(to);
         self.hosts[to.index()].node.handle_message(now, from, msg);
         self.delivering_sent = Some(sent);
+        self.delivering_from = Some(from);
         self.after_input(to, false);
         self.delivering_sent = None;
+        self.delivering_from = None;
         self.reconcile(device);
     }
 

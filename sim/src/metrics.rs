@@ -99,6 +99,8 @@ pub struct DeviceMetrics {
     pub ops_rejected: u64,
     /// Rows evicted here.
     pub evictions: u64,
+    /// Conflicts this device's edits met (detected at the hub while applying its push).
+    pub conflicts: u64,
     /// Completed syncs (real engine: pulls that reached the end of a table's feed, the
     /// batches of a live connection included).
     pub syncs_completed: u64,

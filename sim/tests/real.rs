@@ -368,3 +368,20 @@ fn names_the_real_engine_cannot_hold_are_refused_not_a_panic() {
     let r = run_scenario(&with("north crew #2", "msdyn_workorder"), 1, &real()).unwrap();
     assert!(!r.failed(), "{:#?}", r.violations);
 }
+
+#[test]
+fn real_engine_counts_the_conflicts_of_a_hot_row_storm() {
+    let (_, s) = shipped()
+        .into_iter()
+        .find(|(n, _)| n == "hot-row-storm.toml")
+        .unwrap();
+    let r = run_scenario(&ci_size(&s), 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+    assert!(r.metrics.conflicts > 0, "{:#?}", r.metrics);
+    let per_device: u64 = r.metrics.per_device.iter().map(|d| d.conflicts).sum();
+    assert_eq!(per_device, r.metrics.conflicts);
+    eprintln!(
+        "{} conflicts over {} ops acknowledged",
+        r.metrics.conflicts, r.metrics.ops_acked
+    );
+}

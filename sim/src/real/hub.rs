@@ -337,6 +337,13 @@ impl ReplicaHub {
         Ok(Some(entries))
     }
 
+    /// How many columns of the row hold concurrent values (0 for a row the hub lacks).
+    fn conflicted_columns(&self, table: &str, id: uuid::Uuid) -> usize {
+        self.store()
+            .and_then(|s| s.conflicts(table, id).ok())
+            .map_or(0, |c| c.len())
+    }
+
     /// Tables whose feeds changed, and the workload ops now in the log; the feeds that moved
     /// are kept for [`SimHubStorage::take_feed_changes`].
     fn changed(&mut self) -> Vec<String> {
@@ -378,7 +385,14 @@ impl HubStorage for ReplicaHub {
         policy: ConflictPolicy,
         op: &PushOp,
     ) -> Result<PushOutcome, StorageError> {
+        let conflicts_before = self.conflicted_columns(&op.table, op.row);
         let out = self.live_mut()?.apply_push(now, who, policy, op);
+        // A concurrent write: the row now holds more columns with concurrent values.
+        if self.conflicted_columns(&op.table, op.row) > conflicts_before {
+            if let Some(row) = row_key(op.row) {
+                self.events.push(NodeEvent::Conflict { row });
+            }
+        }
         // The session's `OpsApplied` tells the other sessions which tables changed.
         self.changed();
         out
