@@ -881,7 +881,7 @@ impl<N: FieldNode> Sim<N> {
     }
 
     fn on_node_event(&mut self, id: NodeId, ev: NodeEvent) {
-        self.record(id, None, StepKind::Node(ev), 0);
+        self.record(id, None, StepKind::Node(ev), event_digest(&ev));
         let di = id.index().wrapping_sub(1);
         match ev {
             NodeEvent::Applied { op, row } => {
@@ -1009,6 +1009,11 @@ impl<N: FieldNode> Sim<N> {
             return;
         }
         let dir = usize::from(from.is_hub()); // 0 up, 1 down
+        if !self.links[device.index() - 1].connected {
+            // Never sent: no connection to send it on.
+            self.drop_msg(from, to, &tx.msg, kind, "no connection");
+            return;
+        }
         if dir == 0 {
             self.m.bytes_up += size as u64;
             self.bytes_up_acc += size as u64;
@@ -1020,10 +1025,6 @@ impl<N: FieldNode> Sim<N> {
         }
         let now = self.now;
         let link = &mut self.links[device.index() - 1];
-        if !link.connected {
-            self.drop_msg(from, to, &tx.msg, kind, "no connection");
-            return;
-        }
         if link.params.loss > 0.0 && link.rng.gen::<f64>() < link.params.loss {
             self.drop_msg(from, to, &tx.msg, kind, "lost");
             return;
@@ -1935,10 +1936,75 @@ impl<N: FieldNode> Sim<N> {
     }
 }
 
+/// A canonical digest of a node event (what the trace digest hashes for it).
+fn event_digest(ev: &NodeEvent) -> u64 {
+    let mut h = Fnv64::new();
+    let row = |h: &mut Fnv64, r: &RowKey| {
+        h.write_u32(r.table);
+        h.write_u64(r.id);
+    };
+    match ev {
+        NodeEvent::Applied { op, row: r } => {
+            h.write_u8(1);
+            h.write_u64(op.0);
+            row(&mut h, r);
+        }
+        NodeEvent::Acked { op } => {
+            h.write_u8(2);
+            h.write_u64(op.0);
+        }
+        NodeEvent::Rejected { op, row: r } => {
+            h.write_u8(3);
+            h.write_u64(op.0);
+            row(&mut h, r);
+        }
+        NodeEvent::Conflict { row: r } => {
+            h.write_u8(4);
+            row(&mut h, r);
+        }
+        NodeEvent::Evicted { row: r } => {
+            h.write_u8(5);
+            row(&mut h, r);
+        }
+        NodeEvent::SyncCompleted {
+            table,
+            started_local_ms,
+        } => {
+            h.write_u8(6);
+            h.write_u32(table.unwrap_or(u32::MAX));
+            h.write_u64(started_local_ms.unwrap_or(u64::MAX));
+        }
+    }
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::simple::SimpleFactory;
+
+    /// A message with no connection to go on is dropped, and its bytes were never sent.
+    #[test]
+    fn a_message_without_a_connection_costs_no_bytes() {
+        let scenario = Scenario::from_toml_str(
+            "name='off'\nduration='10m'\n[[groups]]\nname='a'\ndevices=1\n",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let mut sim = SimBuilder::new(&scenario)
+            .build(SimpleFactory::default())
+            .unwrap();
+        sim.partition(NodeId(1));
+        let (up, down, dropped) = (sim.m.bytes_up, sim.m.bytes_down, sim.m.messages_dropped);
+        let msg = crate::simple::SimpleMsg::Ack {
+            acked: vec![OpId(1)],
+            rejected: Vec::new(),
+        };
+        sim.route(HUB, Transmit { to: NodeId(1), msg });
+        assert_eq!(sim.m.messages_dropped, dropped + 1);
+        assert_eq!((sim.m.bytes_up, sim.m.bytes_down), (up, down));
+        assert_eq!(sim.dev[0].bytes_down, down);
+    }
 
     /// A reconnection does not wait behind the bytes the closed connection was still sending.
     #[test]
