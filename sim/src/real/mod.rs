@@ -207,7 +207,7 @@ pub fn check_scenario(scenario: &Scenario) -> Result<(), ScenarioError> {
 fn interval_minutes(sync: &SyncConfig) -> Result<u32, RealError> {
     let ms = sync.interval.0;
     let minutes = ms / 60_000;
-    if ms % 60_000 != 0 || !(5..=1440).contains(&minutes) {
+    if !ms.is_multiple_of(60_000) || !(5..=1440).contains(&minutes) {
         return Err(RealError::Schema(format!(
             "a sync interval of {ms} ms: the real engine runs whole minutes from 5m to 24h \
              (a profile's sync_interval_minutes)"
