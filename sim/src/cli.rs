@@ -5,7 +5,7 @@
 //! exits with [`std::process::ExitCode::FAILURE`] when an invariant is violated.
 
 use crate::metrics::Invariant;
-use crate::scenario::{Scenario, ScenarioError};
+use crate::scenario::{Connectivity, Scenario, ScenarioError};
 use crate::simple::PlantedBug;
 use crate::sweep::SweepParam;
 use crate::{report, run_scenario_progress, shrink, sweep, Engine, RunOptions};
@@ -142,6 +142,33 @@ fn reproduce(a: &RunArgs, seed: u64) -> String {
     s
 }
 
+/// The reduced scenario as a file that reproduces wherever it is saved: it names the engine
+/// it failed on, and its trace files by absolute path (they were relative to the original
+/// scenario's directory).
+fn reproducible(reduced: &Scenario, engine: Engine, original: &Path) -> Scenario {
+    let mut s = reduced.clone();
+    s.engine = Some(engine);
+    let base = original.parent().unwrap_or_else(|| Path::new("."));
+    for g in &mut s.groups {
+        if let Connectivity::Trace { file, .. } = &mut g.connectivity {
+            if file.is_relative() {
+                let joined = base.join(&*file);
+                *file = std::path::absolute(&joined).unwrap_or(joined);
+            }
+        }
+    }
+    s
+}
+
+/// The command that runs a reduced scenario saved as `file`.
+fn reproduce_reduced(a: &RunArgs, file: &str, seed: u64) -> String {
+    let mut s = format!("fieldsync sim run {file} --seed {seed}");
+    if let Some(b) = a.plant_bug {
+        s.push_str(&format!(" --plant-bug {b}"));
+    }
+    s
+}
+
 fn run(a: RunArgs) -> Result<ExitCode, SimCliError> {
     let scenario = Scenario::from_file(&a.scenario)?;
     let opts = RunOptions {
@@ -227,9 +254,11 @@ fn run(a: RunArgs) -> Result<ExitCode, SimCliError> {
                 }
             }
         }
+        let reduced = reproducible(&out.scenario, opts.engine, &a.scenario);
         println!(
-            "# reduced scenario (seed {seed}):\n{}",
-            out.scenario.to_toml_minimal()?
+            "# reduced scenario: save it as reduced.toml and run `{}`\n{}",
+            reproduce_reduced(&a, "reduced.toml", seed),
+            reduced.to_toml_minimal()?
         );
     }
     Ok(ExitCode::FAILURE)
@@ -339,6 +368,50 @@ mod tests {
         };
         assert_eq!(a.param.values, vec!["10", "100", "1000"]);
         assert!(Top::try_parse_from(["sim", "sweep", "s.toml", "--param", "nope=1"]).is_err());
+    }
+
+    /// The scenario `--shrink` prints runs as it failed from any directory: same engine,
+    /// same trace files.
+    #[test]
+    fn the_reduced_scenario_reproduces_from_anywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("traces")).unwrap();
+        std::fs::write(dir.path().join("traces/van.csv"), "0,up,50,1000,0\n").unwrap();
+        let path = dir.path().join("s.toml");
+        let text = "name='t'\nduration='10m'\n[[groups]]\nname='a'\ndevices=2\n\
+                    connectivity={model='trace',file='traces/van.csv'}\n";
+        let original = Scenario::from_toml_str(text, dir.path()).unwrap();
+        let args = RunArgs {
+            scenario: path.clone(),
+            seed: 4,
+            seeds: 1,
+            json: None,
+            report: None,
+            shrink: true,
+            shrink_runs: 10,
+            plant_bug: Some(PlantedBug::HubForgetsEviction),
+            quiet: true,
+            engine: Some(Engine::Reference),
+        };
+        let reduced = reproducible(&original, Engine::Reference, &path);
+        let elsewhere = tempfile::tempdir().unwrap();
+        let back =
+            Scenario::from_toml_str(&reduced.to_toml_minimal().unwrap(), elsewhere.path()).unwrap();
+        assert_eq!(back.engine, Some(Engine::Reference));
+        let opts = RunOptions {
+            engine: Engine::Reference,
+            ..RunOptions::default()
+        };
+        assert_eq!(
+            crate::run_scenario(&back, 4, &opts).unwrap().trace_digest,
+            crate::run_scenario(&original, 4, &opts)
+                .unwrap()
+                .trace_digest
+        );
+        assert_eq!(
+            reproduce_reduced(&args, "reduced.toml", 4),
+            "fieldsync sim run reduced.toml --seed 4 --plant-bug hub-forgets-eviction"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl<'a> SimBuilder<'a> {
     /// Validate the scenario and build the hosts.
     pub fn build<F: NodeFactory>(self, factory: F) -> Result<Sim<F::Node>, ScenarioError> {
         self.scenario.validate()?;
-        Ok(Sim::new(self.scenario, self.seed, self.options, factory))
+        Sim::new(self.scenario, self.seed, self.options, factory)
     }
 }
 
@@ -136,6 +136,8 @@ enum Ev<M> {
         from: NodeId,
         to: NodeId,
         epoch: u64,
+        /// When the sender sent it (virtual time).
+        sent: u64,
         msg: M,
     },
     Timer {
@@ -225,7 +227,8 @@ struct Link<M> {
     connected: bool,
     epoch: u64,
     held: bool,
-    held_msgs: Vec<(NodeId, NodeId, u64, M)>,
+    /// Held messages: from, to, epoch, sent, message.
+    held_msgs: Vec<(NodeId, NodeId, u64, u64, M)>,
     params: LinkParams,
     busy: [u64; 2],
     last_arrival: [u64; 2],
@@ -334,6 +337,10 @@ pub struct Sim<N: FieldNode> {
     series: Series,
     bytes_up_acc: u64,
     bytes_down_acc: u64,
+    /// While a message is handed to its receiver: when it was sent.
+    delivering_sent: Option<u64>,
+    /// While a message is handed to its receiver: its sender.
+    delivering_from: Option<NodeId>,
 }
 
 impl<N: FieldNode> std::fmt::Debug for Sim<N> {
@@ -358,7 +365,7 @@ impl<N: FieldNode> Sim<N> {
         seed: u64,
         opts: RunOptions,
         mut factory: F,
-    ) -> Sim<N> {
+    ) -> Result<Sim<N>, ScenarioError> {
         let _span = tracing::info_span!("sim_build", scenario = %scenario.name, seed).entered();
         let devices = scenario.device_count();
         let tables: Vec<String> = scenario
@@ -401,17 +408,19 @@ impl<N: FieldNode> Sim<N> {
             .enumerate()
             .flat_map(|(i, g)| std::iter::repeat_n(i, g.devices as usize))
             .collect();
+        let columns: Vec<u32> = scenario.workload.tables.iter().map(|t| t.columns).collect();
         let ctx = NodeContext {
             world: &world,
             sync: &scenario.sync,
             tables: &tables,
+            columns: &columns,
             groups: &groups,
             device_groups: &device_groups,
         };
         let mut setup_rng = sub_rng(seed, "setup", 0);
         let mut hosts = Vec::with_capacity(devices as usize + 1);
         hosts.push(Host {
-            node: factory.hub(&ctx),
+            node: factory.hub(&ctx)?,
             alive: true,
             skew: 0,
             timer_at: None,
@@ -430,7 +439,7 @@ impl<N: FieldNode> Sim<N> {
                     0
                 };
                 hosts.push(Host {
-                    node: factory.device(NodeId(id), &ctx),
+                    node: factory.device(NodeId(id), &ctx)?,
                     alive: true,
                     skew,
                     timer_at: None,
@@ -507,10 +516,12 @@ impl<N: FieldNode> Sim<N> {
             },
             bytes_up_acc: 0,
             bytes_down_acc: 0,
+            delivering_sent: None,
+            delivering_from: None,
         };
         sim.digest.write_u64(seed);
         sim.schedule_initial(&mut setup_rng);
-        sim
+        Ok(sim)
     }
 
     fn push(&mut self, at: u64, ev: Ev<N::Msg>) {
@@ -870,7 +881,7 @@ impl<N: FieldNode> Sim<N> {
     }
 
     fn on_node_event(&mut self, id: NodeId, ev: NodeEvent) {
-        self.record(id, None, StepKind::Node(ev), 0);
+        self.record(id, None, StepKind::Node(ev), event_digest(&ev));
         let di = id.index().wrapping_sub(1);
         match ev {
             NodeEvent::Applied { op, row } => {
@@ -896,33 +907,59 @@ impl<N: FieldNode> Sim<N> {
                 self.m.ops_acked += 1;
                 self.checker.acked.insert(op);
             }
-            NodeEvent::Rejected { op, .. } => {
+            NodeEvent::Rejected { op, row } => {
+                // Rolled back to the hub's copy: what it holds of the row arrives anew.
+                self.checker.on_row_gone(id, row);
                 self.m.ops_rejected += 1;
                 self.checker.rejected.insert(op);
                 if let Some(d) = self.dev.get_mut(di) {
                     d.ops_rejected += 1;
                 }
             }
-            NodeEvent::Conflict { .. } => self.m.conflicts += 1,
-            NodeEvent::Evicted { .. } => {
+            NodeEvent::Conflict { .. } => {
+                self.m.conflicts += 1;
+                // Detected where it happens; counted for the device whose message caused it.
+                let device = if id.is_hub() {
+                    self.delivering_from
+                } else {
+                    Some(id)
+                };
+                if let Some(d) = device.and_then(|d| self.dev.get_mut(d.index().wrapping_sub(1))) {
+                    d.conflicts += 1;
+                }
+            }
+            NodeEvent::Evicted { row } => {
+                self.checker.on_row_gone(id, row);
                 self.m.evictions += 1;
                 if let Some(d) = self.dev.get_mut(di) {
                     d.evictions += 1;
                 }
             }
-            NodeEvent::SyncCompleted { started_local_ms } => {
+            NodeEvent::SyncCompleted {
+                table,
+                started_local_ms,
+            } => {
                 self.m.syncs_completed += 1;
                 if let Some(d) = self.dev.get_mut(di) {
                     d.syncs_completed += 1;
                 }
-                let started = self.sim_time(id, started_local_ms);
-                self.check_leaks(id, started);
+                // The sync saw the hub's state as of when the pull was sent, or at the latest
+                // when the hub sent the message that completed it.
+                let asked = started_local_ms.map(|s| self.sim_time(id, s));
+                let started = match (asked, self.delivering_sent) {
+                    (Some(a), Some(s)) => Some(a.min(s)),
+                    (a, s) => a.or(s),
+                };
+                if let Some(started) = started {
+                    self.check_leaks(id, started, table);
+                }
             }
         }
     }
 
-    /// No leak: after a sync that started after a revocation, the row must be gone.
-    fn check_leaks(&mut self, d: NodeId, started: u64) {
+    /// No leak: after a sync of `table` (`None`: every table) that started after a
+    /// revocation, the row must be gone.
+    fn check_leaks(&mut self, d: NodeId, started: u64, table: Option<u32>) {
         if d.is_hub() {
             return;
         }
@@ -932,7 +969,10 @@ impl<N: FieldNode> Sim<N> {
             let oracle = &self.oracle;
             let checker = &self.checker;
             node.for_each_row_key(&mut |row| {
-                if oracle.entitled(d, row) || node.has_pending_on(row) {
+                if table.is_some_and(|t| t != row.table)
+                    || oracle.entitled(d, row)
+                    || node.has_pending_on(row)
+                {
                     return;
                 }
                 // Never entitled (None) or revoked before this sync started: a leak.
@@ -969,6 +1009,11 @@ impl<N: FieldNode> Sim<N> {
             return;
         }
         let dir = usize::from(from.is_hub()); // 0 up, 1 down
+        if !self.links[device.index() - 1].connected {
+            // Never sent: no connection to send it on.
+            self.drop_msg(from, to, &tx.msg, kind, "no connection");
+            return;
+        }
         if dir == 0 {
             self.m.bytes_up += size as u64;
             self.bytes_up_acc += size as u64;
@@ -980,10 +1025,6 @@ impl<N: FieldNode> Sim<N> {
         }
         let now = self.now;
         let link = &mut self.links[device.index() - 1];
-        if !link.connected {
-            self.drop_msg(from, to, &tx.msg, kind, "no connection");
-            return;
-        }
         if link.params.loss > 0.0 && link.rng.gen::<f64>() < link.params.loss {
             self.drop_msg(from, to, &tx.msg, kind, "lost");
             return;
@@ -1034,6 +1075,7 @@ impl<N: FieldNode> Sim<N> {
                     from,
                     to,
                     epoch,
+                    sent: now,
                     msg,
                 },
             );
@@ -1059,7 +1101,7 @@ impl<N: FieldNode> Sim<N> {
         self.record(from, Some(to), StepKind::Dropped(kind, why), d);
     }
 
-    fn deliver(&mut self, from: NodeId, to: NodeId, epoch: u64, msg: N::Msg) {
+    fn deliver(&mut self, from: NodeId, to: NodeId, epoch: u64, sent: u64, msg: N::Msg) {
         let device = if from.is_hub() { to } else { from };
         let kind = msg.kind();
         let (connected, cur_epoch, held) = {
@@ -1077,7 +1119,7 @@ impl<N: FieldNode> Sim<N> {
         if held {
             self.links[device.index() - 1]
                 .held_msgs
-                .push((from, to, epoch, msg));
+                .push((from, to, epoch, sent, msg));
             return;
         }
         self.m.messages_delivered += 1;
@@ -1086,7 +1128,11 @@ impl<N: FieldNode> Sim<N> {
         self.record(to, Some(from), StepKind::Delivered(kind, size), d);
         let now = self.local_time(to);
         self.hosts[to.index()].node.handle_message(now, from, msg);
+        self.delivering_sent = Some(sent);
+        self.delivering_from = Some(from);
         self.after_input(to, false);
+        self.delivering_sent = None;
+        self.delivering_from = None;
         self.reconcile(device);
     }
 
@@ -1115,6 +1161,10 @@ impl<N: FieldNode> Sim<N> {
                 self.hosts[0].node.handle_connected(lh, d);
             } else {
                 link.held_msgs.clear();
+                // A new connection starts with an empty queue: what the old one was still
+                // sending is lost with it, and nothing orders the new one behind it.
+                link.busy = [0; 2];
+                link.last_arrival = [0; 2];
                 self.record(d, Some(HUB), StepKind::Disconnected, 0);
                 let (ld, lh) = (self.local_time(d), self.local_time(HUB));
                 if self.hosts[i].alive {
@@ -1184,13 +1234,14 @@ impl<N: FieldNode> Sim<N> {
         l.held = false;
         let msgs = std::mem::take(&mut l.held_msgs);
         let now = self.now;
-        for (from, to, epoch, msg) in msgs {
+        for (from, to, epoch, sent, msg) in msgs {
             self.push(
                 now,
                 Ev::Deliver {
                     from,
                     to,
                     epoch,
+                    sent,
                     msg,
                 },
             );
@@ -1211,10 +1262,6 @@ impl<N: FieldNode> Sim<N> {
         h.timer_at = None;
         self.checker.on_crash(n, &self.hosts[i].node);
         if n.is_hub() {
-            let findings = self.checker.check_acked_on_hub(&self.hosts[0].node, 5);
-            for f in findings {
-                self.report(f);
-            }
             let ds: Vec<NodeId> = self.device_ids().collect();
             for d in ds {
                 self.reconcile(d);
@@ -1234,7 +1281,13 @@ impl<N: FieldNode> Sim<N> {
         self.hosts[i].alive = true;
         let now = self.local_time(n);
         self.hosts[i].node.restart(now);
+        self.checker.on_restart(n, &self.hosts[i].node);
         if n.is_hub() {
+            // What the hub acknowledged must be in what it reopened.
+            let findings = self.checker.check_acked_on_hub(&self.hosts[0].node, 5);
+            for f in findings {
+                self.report(f);
+            }
             let admin = std::mem::take(&mut self.pending_admin);
             for ev in admin {
                 self.hosts[0].node.handle_admin(now, &ev);
@@ -1739,10 +1792,11 @@ impl<N: FieldNode> Sim<N> {
                 from,
                 to,
                 epoch,
+                sent,
                 msg,
             } => {
                 self.dirty_since_check = true;
-                self.deliver(from, to, epoch, msg);
+                self.deliver(from, to, epoch, sent, msg);
             }
             Ev::Timer { node, gen } => {
                 let h = &mut self.hosts[node.index()];
@@ -1879,5 +1933,117 @@ impl<N: FieldNode> Sim<N> {
             series: std::mem::take(&mut self.series),
             staleness_histogram: std::mem::take(&mut self.stale_all),
         }
+    }
+}
+
+/// A canonical digest of a node event (what the trace digest hashes for it).
+fn event_digest(ev: &NodeEvent) -> u64 {
+    let mut h = Fnv64::new();
+    let row = |h: &mut Fnv64, r: &RowKey| {
+        h.write_u32(r.table);
+        h.write_u64(r.id);
+    };
+    match ev {
+        NodeEvent::Applied { op, row: r } => {
+            h.write_u8(1);
+            h.write_u64(op.0);
+            row(&mut h, r);
+        }
+        NodeEvent::Acked { op } => {
+            h.write_u8(2);
+            h.write_u64(op.0);
+        }
+        NodeEvent::Rejected { op, row: r } => {
+            h.write_u8(3);
+            h.write_u64(op.0);
+            row(&mut h, r);
+        }
+        NodeEvent::Conflict { row: r } => {
+            h.write_u8(4);
+            row(&mut h, r);
+        }
+        NodeEvent::Evicted { row: r } => {
+            h.write_u8(5);
+            row(&mut h, r);
+        }
+        NodeEvent::SyncCompleted {
+            table,
+            started_local_ms,
+        } => {
+            h.write_u8(6);
+            h.write_u32(table.unwrap_or(u32::MAX));
+            h.write_u64(started_local_ms.unwrap_or(u64::MAX));
+        }
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simple::SimpleFactory;
+
+    /// A message with no connection to go on is dropped, and its bytes were never sent.
+    #[test]
+    fn a_message_without_a_connection_costs_no_bytes() {
+        let scenario = Scenario::from_toml_str(
+            "name='off'\nduration='10m'\n[[groups]]\nname='a'\ndevices=1\n",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let mut sim = SimBuilder::new(&scenario)
+            .build(SimpleFactory::default())
+            .unwrap();
+        sim.partition(NodeId(1));
+        let (up, down, dropped) = (sim.m.bytes_up, sim.m.bytes_down, sim.m.messages_dropped);
+        let msg = crate::simple::SimpleMsg::Ack {
+            acked: vec![OpId(1)],
+            rejected: Vec::new(),
+        };
+        sim.route(HUB, Transmit { to: NodeId(1), msg });
+        assert_eq!(sim.m.messages_dropped, dropped + 1);
+        assert_eq!((sim.m.bytes_up, sim.m.bytes_down), (up, down));
+        assert_eq!(sim.dev[0].bytes_down, down);
+    }
+
+    /// A reconnection does not wait behind the bytes the closed connection was still sending.
+    #[test]
+    fn a_new_connection_does_not_queue_behind_the_old_one() {
+        let scenario = Scenario::from_toml_str(
+            "name='slow'\nduration='1h'\n[sync]\nbatch=10000\n\
+             [[groups]]\nname='a'\ndevices=1\nlink={latency='10ms',jitter='0ms',bandwidth_kbps=8}\n\
+             [[workload.tables]]\nname='wo'\nrows_per_device=4\nedits_per_device_hour=600\n",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let mut sim = SimBuilder::new(&scenario)
+            .rng_seed(3)
+            .build(SimpleFactory::default())
+            .unwrap();
+        let d = NodeId(1);
+        sim.partition(d);
+        sim.run_until(1_800_000);
+        // Reconnect with ~300 pending ops: one push of many kB, tens of seconds at 8 kbit/s.
+        sim.repair(d);
+        sim.run_until(1_801_000);
+        sim.partition(d);
+        sim.run_until(1_802_000);
+        sim.repair(d);
+        sim.run_until(1_900_000);
+        // The first message the new connection delivers takes its own serialization time
+        // (1 ms per byte at 8 kbit/s) and the latency, not the old connection's backlog too.
+        let (at, bytes) = sim
+            .recent
+            .iter()
+            .find_map(|s| match s.kind {
+                StepKind::Delivered(_, bytes) if s.t >= 1_802_000 => Some((s.t, bytes as u64)),
+                _ => None,
+            })
+            .unwrap();
+        assert!(bytes > 5_000, "a backlog of many kB: {bytes}");
+        assert!(
+            at <= 1_802_000 + bytes + 1_000,
+            "delivered at {at} ms, {bytes} B sent from 1802000 ms"
+        );
     }
 }

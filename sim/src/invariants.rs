@@ -20,7 +20,8 @@ pub(crate) struct Finding {
 /// What the checker remembers during a run.
 #[derive(Debug, Default)]
 pub(crate) struct Checker {
-    applied: Vec<BTreeSet<OpId>>,
+    /// Per node, the ops it reported applied, by row.
+    applied: Vec<BTreeMap<RowKey, BTreeSet<OpId>>>,
     cursors: Vec<BTreeMap<u32, u64>>,
     /// Device ops the hub acknowledged.
     pub acked: BTreeSet<OpId>,
@@ -40,7 +41,7 @@ pub(crate) struct Checker {
 impl Checker {
     pub fn new(nodes: usize) -> Checker {
         Checker {
-            applied: vec![BTreeSet::new(); nodes],
+            applied: vec![BTreeMap::new(); nodes],
             cursors: vec![BTreeMap::new(); nodes],
             ..Checker::default()
         }
@@ -48,8 +49,8 @@ impl Checker {
 
     /// A node reports an op applied: it must be the first time.
     pub fn on_applied(&mut self, node: NodeId, op: OpId, row: RowKey) -> Option<Finding> {
-        let set = self.applied.get_mut(node.index())?;
-        if set.insert(op) {
+        let rows = self.applied.get_mut(node.index())?;
+        if rows.entry(row).or_default().insert(op) {
             return None;
         }
         Some(Finding {
@@ -59,6 +60,24 @@ impl Checker {
             op: Some(op),
             detail: format!("{node} reported {op} on {row} applied a second time"),
         })
+    }
+
+    /// The row left the node (evicted, or rolled back to the hub's copy): its ops may be
+    /// applied there again.
+    pub fn on_row_gone(&mut self, node: NodeId, row: RowKey) {
+        if let Some(rows) = self.applied.get_mut(node.index()) {
+            rows.remove(&row);
+        }
+    }
+
+    /// Forget the ops a node no longer holds (after a crash, and again after its restart).
+    fn retain_held(&mut self, node: NodeId, obs: &dyn Observe) {
+        if let Some(rows) = self.applied.get_mut(node.index()) {
+            for ops in rows.values_mut() {
+                ops.retain(|op| obs.has_op(*op));
+            }
+            rows.retain(|_, ops| !ops.is_empty());
+        }
     }
 
     /// After every step of a node: its cursors must not move back.
@@ -84,15 +103,19 @@ impl Checker {
 
     /// A node crashed: forget what it lost (its durable state is the new baseline).
     pub fn on_crash(&mut self, node: NodeId, obs: &dyn Observe) {
-        if let Some(set) = self.applied.get_mut(node.index()) {
-            set.retain(|op| obs.has_op(*op));
-        }
+        self.retain_held(node, obs);
         if let Some(c) = self.cursors.get_mut(node.index()) {
             c.clear();
             obs.for_each_cursor(&mut |key, pos| {
                 c.insert(key, pos);
             });
         }
+    }
+
+    /// A node restarted: ops it reported applied and no longer holds are forgotten (a
+    /// re-delivery applies them again).
+    pub fn on_restart(&mut self, node: NodeId, obs: &dyn Observe) {
+        self.retain_held(node, obs);
     }
 
     /// Every acknowledged op must be on the hub.

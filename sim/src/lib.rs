@@ -87,13 +87,17 @@ pub fn run_scenario_progress(
             },
             progress,
         ),
-        Engine::Real => run_scenario_with(
-            scenario,
-            seed,
-            opts,
-            real::RealFactory::new(seed, opts.planted_bug).with_device_replica(opts.device_replica),
-            progress,
-        ),
+        Engine::Real => {
+            real::check_scenario(scenario)?;
+            run_scenario_with(
+                scenario,
+                seed,
+                opts,
+                real::RealFactory::new(seed, opts.planted_bug)
+                    .with_device_replica(opts.device_replica),
+                progress,
+            )
+        }
     }
 }
 

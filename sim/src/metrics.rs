@@ -12,7 +12,8 @@ pub enum Invariant {
     /// After the final heal, every replica of every row equals the hub's, and every op a device
     /// committed reached the hub (or was rejected).
     Convergence,
-    /// Every op the hub acknowledged is still on the hub (also right after a hub crash).
+    /// Every op the hub acknowledged is still on the hub (checked when it restarts after a
+    /// crash, on what it reopened, and at the end).
     NoAckedOpLost,
     /// No node reports the same op applied twice.
     NoOpAppliedTwice,
@@ -98,7 +99,10 @@ pub struct DeviceMetrics {
     pub ops_rejected: u64,
     /// Rows evicted here.
     pub evictions: u64,
-    /// Completed syncs.
+    /// Conflicts this device's edits met (detected at the hub while applying its push).
+    pub conflicts: u64,
+    /// Completed syncs (real engine: pulls that reached the end of a table's feed, the
+    /// batches of a live connection included).
     pub syncs_completed: u64,
     /// Most pending ops at a sample.
     pub pending_ops_max: u64,

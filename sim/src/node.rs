@@ -173,10 +173,15 @@ pub enum NodeEvent {
         /// The row.
         row: RowKey,
     },
-    /// Device: a full sync (push everything, pull everything) completed.
+    /// Device: a sync completed: the device pulled to the end of one table's feed (`table`), or
+    /// of every table's (`None`).
     SyncCompleted {
-        /// Local time at which that sync started.
-        started_local_ms: u64,
+        /// The table's index, or `None` for all of them.
+        table: Option<u32>,
+        /// Local time at which that sync started (the pull was sent); `None` when the hub sent
+        /// the batch on its own (live mode): the simulator then takes the time the message
+        /// that completed the sync was sent.
+        started_local_ms: Option<u64>,
     },
 }
 
@@ -188,8 +193,18 @@ impl fmt::Display for NodeEvent {
             NodeEvent::Rejected { op, row } => write!(f, "got {op} on {row} rejected"),
             NodeEvent::Conflict { row } => write!(f, "saw a conflict on {row}"),
             NodeEvent::Evicted { row } => write!(f, "evicted {row}"),
-            NodeEvent::SyncCompleted { started_local_ms } => {
-                write!(f, "completed a sync started at local {started_local_ms}")
+            NodeEvent::SyncCompleted {
+                table,
+                started_local_ms,
+            } => {
+                match table {
+                    Some(t) => write!(f, "completed a sync of t{t}")?,
+                    None => write!(f, "completed a sync")?,
+                }
+                match started_local_ms {
+                    Some(s) => write!(f, " started at local {s}"),
+                    None => write!(f, " the hub started"),
+                }
             }
         }
     }
@@ -301,6 +316,8 @@ pub struct NodeContext<'a> {
     pub sync: &'a crate::scenario::SyncConfig,
     /// Table names, by index.
     pub tables: &'a [String],
+    /// Each table's column count (`c0..cN`), by index.
+    pub columns: &'a [u32],
     /// Group names, by index.
     pub groups: &'a [String],
     /// Each device's group index: `device_groups[d - 1]` for device `d`.
@@ -312,7 +329,11 @@ pub trait NodeFactory {
     /// The node type (typically an enum of hub and device).
     type Node: FieldNode;
     /// Build the hub.
-    fn hub(&mut self, ctx: &NodeContext<'_>) -> Self::Node;
+    fn hub(&mut self, ctx: &NodeContext<'_>) -> Result<Self::Node, crate::ScenarioError>;
     /// Build one device, already holding its initial row set.
-    fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> Self::Node;
+    fn device(
+        &mut self,
+        id: NodeId,
+        ctx: &NodeContext<'_>,
+    ) -> Result<Self::Node, crate::ScenarioError>;
 }

@@ -119,6 +119,10 @@ pub enum ScenarioError {
     /// A sweep parameter is malformed or unknown.
     #[error("sweep parameter: {0}")]
     Param(String),
+    /// The engine could not build a node for this scenario (for example, a store that
+    /// cannot be created).
+    #[error("the engine cannot build the run: {0}")]
+    Engine(String),
     /// A scenario could not be written back as TOML.
     #[error("cannot write the scenario as TOML: {0}")]
     Serialize(#[from] toml::ser::Error),
@@ -818,6 +822,18 @@ impl Scenario {
         }
         for (i, g) in self.groups.iter().enumerate() {
             let f = |x: &str| format!("groups[{i}].{x}");
+            // Group names become app and profile names (quoted in the real engine's TOML).
+            if g.name.is_empty()
+                || g.name.len() > 64
+                || g.name
+                    .chars()
+                    .any(|c| c == '"' || c == '\\' || c.is_control())
+            {
+                return Err(invalid(
+                    f("name"),
+                    "1 to 64 characters, no quote, backslash or control character",
+                ));
+            }
             if self.groups.iter().filter(|o| o.name == g.name).count() > 1 {
                 return Err(invalid(f("name"), format!("duplicate group `{}`", g.name)));
             }
@@ -886,6 +902,16 @@ impl Scenario {
         let mut total_rows: u64 = 0;
         for (i, t) in tables.iter().enumerate() {
             let f = |x: &str| format!("workload.tables[{i}].{x}");
+            if !fieldsync_store::Schema::is_valid_name(&t.name) {
+                return Err(invalid(
+                    f("name"),
+                    format!(
+                        "`{}` is not a table name: 1 to 64 lower-case ASCII letters, digits \
+                         and `_`, starting with a letter",
+                        t.name
+                    ),
+                ));
+            }
             if tables.iter().filter(|o| o.name == t.name).count() > 1 {
                 return Err(invalid(f("name"), format!("duplicate table `{}`", t.name)));
             }

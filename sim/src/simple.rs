@@ -90,13 +90,13 @@ impl SimpleFactory {
 impl NodeFactory for SimpleFactory {
     type Node = SimpleNode;
 
-    fn hub(&mut self, ctx: &NodeContext<'_>) -> SimpleNode {
+    fn hub(&mut self, ctx: &NodeContext<'_>) -> Result<SimpleNode, crate::ScenarioError> {
         let rows: BTreeMap<RowKey, RowState> = ctx
             .world
             .all_rows()
             .map(|(r, _)| (r, RowState::default()))
             .collect();
-        SimpleNode::Hub(Box::new(Hub {
+        Ok(SimpleNode::Hub(Box::new(Hub {
             cfg: self.config(ctx),
             world: ctx.world.clone(),
             initial: rows.clone(),
@@ -110,17 +110,21 @@ impl NodeFactory for SimpleFactory {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             flush_at: None,
-        }))
+        })))
     }
 
-    fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> SimpleNode {
+    fn device(
+        &mut self,
+        id: NodeId,
+        ctx: &NodeContext<'_>,
+    ) -> Result<SimpleNode, crate::ScenarioError> {
         let rows = ctx
             .world
             .entitled_rows(id)
             .into_iter()
             .map(|r| (r, RowState::default()))
             .collect();
-        SimpleNode::Device(Box::new(Device {
+        Ok(SimpleNode::Device(Box::new(Device {
             id,
             cfg: self.config(ctx),
             rows,
@@ -136,7 +140,7 @@ impl NodeFactory for SimpleFactory {
             want: false,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-        }))
+        })))
     }
 }
 
@@ -511,7 +515,8 @@ impl Device {
         self.phase = Phase::Idle;
         if let Some(started) = self.sync_started.take() {
             self.events.push_back(NodeEvent::SyncCompleted {
-                started_local_ms: started,
+                table: None,
+                started_local_ms: Some(started),
             });
         }
         self.next_sync = now + self.cfg.interval_ms;

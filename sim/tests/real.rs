@@ -188,6 +188,53 @@ fn real_engine_finds_names_and_shrinks_the_planted_eviction_bug() {
     );
 }
 
+/// Devices that stay connected all day (live mode).
+fn always_on(extra: &str) -> Scenario {
+    Scenario::from_toml_str(
+        &format!(
+            "name='on'\nduration='1h'\nsettle='30m'\n[sync]\ninterval='5m'\n\
+             [[groups]]\nname='a'\ndevices=2\n[[groups]]\nname='b'\ndevices=2\n\
+             [workload]\noffice_edits_per_hour=30\n\
+             [[workload.tables]]\nname='wo'\nrows_per_device=4\nedits_per_device_hour=6\n{extra}"
+        ),
+        Path::new("."),
+    )
+    .unwrap()
+}
+
+#[test]
+fn real_engine_counts_every_sync_of_a_connected_device() {
+    let r = run_scenario(&always_on(""), 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+    // Each device connects once and then syncs whenever its feed moves.
+    assert!(r.metrics.connections_opened <= 8, "{:#?}", r.metrics);
+    assert!(r.metrics.syncs_completed >= 10, "{:#?}", r.metrics);
+    assert!(
+        r.metrics.per_device.iter().all(|d| d.syncs_completed >= 3),
+        "{:#?}",
+        r.metrics.per_device
+    );
+}
+
+#[test]
+fn real_engine_no_leak_catches_an_eviction_forgotten_on_a_live_connection() {
+    let s =
+        always_on("[[events]]\nat='10m'\nkind='reassign'\nrows=3\nfrom_group='a'\nto_group='b'\n");
+    assert!(!run_scenario(&s, 1, &real()).unwrap().failed());
+    let opts = RunOptions {
+        planted_bug: Some(PlantedBug::HubForgetsEviction),
+        ..real()
+    };
+    let r = run_scenario(&s, 1, &opts).unwrap();
+    let leak = r
+        .violations
+        .iter()
+        .find(|v| v.invariant == Invariant::NoLeak)
+        .unwrap_or_else(|| panic!("{:#?}", r.violations));
+    // Found during the day, on the first sync after the reassignment.
+    assert!(leak.time_ms < 3_600_000, "{leak:#?}");
+}
+
 #[test]
 fn real_engine_with_the_minimal_device_adapter_passes_too() {
     let opts = RunOptions {
@@ -205,4 +252,136 @@ fn real_engine_with_the_minimal_device_adapter_passes_too() {
             }
         }
     }
+}
+
+#[test]
+fn real_engine_runs_the_scenarios_sync_batch() {
+    // An offline day: devices reconnect with many pending ops, pushed `batch` at a time.
+    let with_batch = |batch: u32| {
+        Scenario::from_toml_str(
+            &format!(
+                "name='batch'\nduration='1h'\n[sync]\nbatch={batch}\n\
+                 [[groups]]\nname='a'\ndevices=2\n\
+                 connectivity={{model='scheduled',outages=[{{start='0s',end='40m'}}]}}\n\
+                 [[workload.tables]]\nname='wo'\nrows_per_device=4\nedits_per_device_hour=30\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap()
+    };
+    let small = run_scenario(&with_batch(2), 1, &real()).unwrap();
+    let large = run_scenario(&with_batch(64), 1, &real()).unwrap();
+    assert!(
+        !small.failed() && !large.failed(),
+        "{:#?}",
+        small.violations
+    );
+    assert_ne!(small.trace_digest, large.trace_digest);
+    assert!(
+        small.metrics.messages_sent > large.metrics.messages_sent,
+        "{} vs {}",
+        small.metrics.messages_sent,
+        large.metrics.messages_sent
+    );
+}
+
+#[test]
+fn real_engine_refuses_what_it_cannot_run() {
+    let with_sync = |sync: &str| {
+        Scenario::from_toml_str(
+            &format!("name='x'\nduration='10m'\n[sync]\n{sync}\n[[groups]]\nname='a'\ndevices=1\n"),
+            Path::new("."),
+        )
+        .unwrap()
+    };
+    for (sync, field) in [
+        ("interval='2m'", "sync.interval"),
+        ("interval='7m30s'", "sync.interval"),
+        ("batch=1000", "sync.batch"),
+    ] {
+        let s = with_sync(sync);
+        // The reference engine runs them.
+        assert!(
+            run_scenario(&s, 1, &RunOptions::default()).is_ok(),
+            "{sync}"
+        );
+        match run_scenario(&s, 1, &real()) {
+            Err(fieldsync_sim::ScenarioError::Invalid { field: f, .. }) => {
+                assert_eq!(f, field, "{sync}")
+            }
+            other => panic!("{sync}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn real_engine_writes_every_column_the_scenario_has() {
+    let s = Scenario::from_toml_str(
+        "name='wide'\nduration='30m'\n[[groups]]\nname='a'\ndevices=2\n\
+         [workload]\noffice_edits_per_hour=60\n\
+         [[workload.tables]]\nname='wo'\ncolumns=128\nrows_per_device=4\nedits_per_device_hour=60\n",
+        Path::new("."),
+    )
+    .unwrap();
+    let r = run_scenario(&s, 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+    assert!(r.metrics.ops_committed > 20, "{:#?}", r.metrics);
+    assert_eq!(r.metrics.edits_refused, 0, "{:#?}", r.metrics);
+}
+
+#[test]
+fn names_the_real_engine_cannot_hold_are_refused_not_a_panic() {
+    let with = |group: &str, table: &str| {
+        let mut s = Scenario::from_toml_str(
+            "name='x'\nduration='10m'\n[[groups]]\nname='a'\ndevices=1\n",
+            Path::new("."),
+        )
+        .unwrap();
+        s.groups[0].name = group.into();
+        s.workload.tables[0].name = table.into();
+        s
+    };
+    for (group, table, field) in [
+        ("a", "WorkOrder", "workload.tables[0].name"),
+        ("a", "work order", "workload.tables[0].name"),
+        ("a", "wo\"]\nx", "workload.tables[0].name"),
+        ("crew \"north\"", "wo", "groups[0].name"),
+        ("crew\\north", "wo", "groups[0].name"),
+        ("crew\nnorth", "wo", "groups[0].name"),
+    ] {
+        let s = with(group, table);
+        for opts in [real(), RunOptions::default()] {
+            match run_scenario(&s, 1, &opts) {
+                Err(fieldsync_sim::ScenarioError::Invalid { field: f, .. }) => {
+                    assert_eq!(f, field, "{group:?} {table:?}")
+                }
+                other => panic!("{group:?} {table:?}: {other:?}"),
+            }
+        }
+        // Written out and read back, the file is refused the same way.
+        match Scenario::from_toml_str(&s.to_toml().unwrap(), Path::new(".")) {
+            Err(fieldsync_sim::ScenarioError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{group:?} {table:?}: {other:?}"),
+        }
+    }
+    // A group name with spaces and punctuation is fine.
+    let r = run_scenario(&with("north crew #2", "msdyn_workorder"), 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+}
+
+#[test]
+fn real_engine_counts_the_conflicts_of_a_hot_row_storm() {
+    let (_, s) = shipped()
+        .into_iter()
+        .find(|(n, _)| n == "hot-row-storm.toml")
+        .unwrap();
+    let r = run_scenario(&ci_size(&s), 1, &real()).unwrap();
+    assert!(!r.failed(), "{:#?}", r.violations);
+    assert!(r.metrics.conflicts > 0, "{:#?}", r.metrics);
+    let per_device: u64 = r.metrics.per_device.iter().map(|d| d.conflicts).sum();
+    assert_eq!(per_device, r.metrics.conflicts);
+    eprintln!(
+        "{} conflicts over {} ops acknowledged",
+        r.metrics.conflicts, r.metrics.ops_acked
+    );
 }

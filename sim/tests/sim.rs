@@ -439,7 +439,7 @@ fn golden_trace_digest() {
     assert_eq!(r.trace_digest, GOLDEN, "steps {}", r.steps);
 }
 
-const GOLDEN: &str = "4a2475f89e0876f4";
+const GOLDEN: &str = "cb05f6875e4dddb2";
 
 #[test]
 fn fault_controls_drive_a_sim_by_hand() {

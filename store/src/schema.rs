@@ -375,6 +375,12 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Schema {
+    /// Whether a table or column name is one a schema accepts: 1 to 64 lower-case ASCII
+    /// letters, digits and `_`, starting with a letter.
+    pub fn is_valid_name(name: &str) -> bool {
+        valid_name(name)
+    }
+
     /// Parse a schema from TOML text (see `examples/field-service/schema.toml`, whose header
     /// describes each column form: a type name, `{ choice = [..] }`, or
     /// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`).

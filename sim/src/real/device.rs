@@ -135,10 +135,9 @@ impl StoreDevice {
 
     /// Whether the store holds the row (deleted or not).
     fn holds(&self, table: &str, id: uuid::Uuid) -> bool {
-        self.store
-            .as_ref()
-            .and_then(|s| s.export_row(table, id).ok().flatten())
-            .is_some()
+        self.store.as_ref().is_some_and(|s| {
+            s.get(table, id).ok().flatten().is_some() || s.is_deleted(table, id).unwrap_or(false)
+        })
     }
 
     /// After the replica evicted: report the rows of `before` that are gone.
@@ -254,14 +253,67 @@ impl StoreDevice {
         Ok(())
     }
 
-    /// Record the ops of these change hashes as applied here (first time only).
-    fn note_applied(&mut self, hashes: impl Iterator<Item = [u8; 32]>) {
+    /// The store's last seq (0 while the device is down): taken before a storage call that
+    /// may apply remote changes, for [`Self::report_applied`].
+    fn log_end(&self) -> u64 {
+        self.store.as_ref().map_or(0, Store::last_seq)
+    }
+
+    /// Report one `Applied` per log entry written since `before` that is another node's
+    /// workload op — so a change the store took twice is reported twice. A compaction in the
+    /// same call may have folded some of those entries away: then the ops of `candidates`
+    /// (the changes the call was given) this device did not hold yet are reported instead.
+    fn report_applied(&mut self, before: u64, candidates: &[[u8; 32]]) {
+        let Some(store) = &self.store else { return };
+        let own = store.actor();
+        let last = store.last_seq();
+        if last <= before {
+            return;
+        }
+        let entries = match store.ops_since(before, usize::MAX) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "the device's log does not read");
+                return;
+            }
+        };
+        let compacted = (entries.len() as u64) < last - before;
         let reg = self.registry.borrow();
-        for h in hashes {
-            if let Some((op, row)) = reg.op_of(&h) {
-                if self.known.insert(op) {
-                    self.events.push(NodeEvent::Applied { op, row });
+        for e in &entries {
+            if e.actor == own {
+                continue;
+            }
+            if let Some((op, row)) = reg.op_of(&e.hash) {
+                self.known.insert(op);
+                self.events.push(NodeEvent::Applied { op, row });
+            }
+        }
+        if compacted {
+            for h in candidates {
+                if let Some((op, row)) = reg.op_of(h) {
+                    if self.known.insert(op) {
+                        self.events.push(NodeEvent::Applied { op, row });
+                    }
                 }
+            }
+        }
+    }
+
+    /// The workload ops of a row document that arrived whole (a row this device did not
+    /// hold): each is applied here, except this device's own.
+    fn report_imported(&mut self, doc: &[u8]) {
+        let Ok(doc) = automerge::Automerge::load(doc) else {
+            return;
+        };
+        let own = self.store.as_ref().map(|s| s.actor().0);
+        let reg = self.registry.borrow();
+        for c in doc.get_changes(&[]) {
+            if own.is_some_and(|a| c.actor_id().to_bytes() == a.as_slice()) {
+                continue;
+            }
+            if let Some((op, row)) = reg.op_of(&c.hash().0) {
+                self.known.insert(op);
+                self.events.push(NodeEvent::Applied { op, row });
             }
         }
     }
@@ -425,6 +477,7 @@ impl DeviceStorage for StoreDevice {
                 change: o.change.clone(),
             })
             .collect();
+        let before = self.log_end();
         if self.replica {
             self.replica()?.apply_ops(table, ops)?;
         } else {
@@ -437,42 +490,43 @@ impl DeviceStorage for StoreDevice {
             .filter_map(|o| automerge::Change::try_from(o.change.as_slice()).ok())
             .map(|c| c.hash().0)
             .collect();
-        self.note_applied(hashes.into_iter());
+        self.report_applied(before, &hashes);
         Ok(())
     }
 
     fn import_rows(&mut self, table: &str, rows: &[RowDoc]) -> Result<(), StorageError> {
+        // A row held already merges (its new changes enter the log); one not held arrives
+        // whole, as a base with no log entry.
+        let held: Vec<bool> = rows.iter().map(|r| self.holds(table, r.row)).collect();
+        let before = self.log_end();
         if self.replica {
             self.replica()?.import_rows(table, rows)?;
+        } else {
+            let mut changed = false;
             for r in rows {
-                if let Ok(doc) = automerge::Automerge::load(&r.doc) {
-                    let hashes: Vec<[u8; 32]> =
-                        doc.get_changes(&[]).iter().map(|c| c.hash().0).collect();
-                    self.note_applied(hashes.into_iter());
-                }
+                let export = RowExport {
+                    table: table.to_string(),
+                    id: r.row,
+                    doc: r.doc.clone(),
+                };
+                self.store_ref()?
+                    .import_row(&export, Durability::Immediate)
+                    .map_err(unavailable)?;
+                changed |= self.side.evict_waiting.remove(&(table.to_string(), r.row));
             }
-            return Ok(());
-        }
-        let mut changed = false;
-        for r in rows {
-            let export = RowExport {
-                table: table.to_string(),
-                id: r.row,
-                doc: r.doc.clone(),
-            };
-            self.store_ref()?
-                .import_row(&export, Durability::Immediate)
-                .map_err(unavailable)?;
-            changed |= self.side.evict_waiting.remove(&(table.to_string(), r.row));
-            if let Ok(doc) = automerge::Automerge::load(&r.doc) {
-                let hashes: Vec<[u8; 32]> =
-                    doc.get_changes(&[]).iter().map(|c| c.hash().0).collect();
-                self.note_applied(hashes.into_iter());
+            if changed {
+                self.save_side();
             }
         }
-        if changed {
-            self.save_side();
+        let mut merged = Vec::new();
+        for (r, held) in rows.iter().zip(held) {
+            if !held {
+                self.report_imported(&r.doc);
+            } else if let Ok(doc) = automerge::Automerge::load(&r.doc) {
+                merged.extend(doc.get_changes(&[]).iter().map(|c| c.hash().0));
+            }
         }
+        self.report_applied(before, &merged);
         Ok(())
     }
 
@@ -655,9 +709,14 @@ impl SimDeviceStorage for StoreDevice {
         self.pending_rows.contains_key(&row)
     }
 
+    /// While the device is down, its durable cursors (what a restart reopens): the
+    /// `cursors-forward` baseline across a crash.
     fn for_each_cursor(&self, f: &mut dyn FnMut(u32, u64)) {
         if self.replica {
-            let Ok(rep) = self.replica() else { return };
+            let Some(store) = self.store.as_ref().or(self.crashed.as_ref()) else {
+                return;
+            };
+            let rep = DeviceReplica::new(store.clone());
             for (i, t) in self.tables.iter().enumerate() {
                 if let (Ok(c), Ok(i)) = (rep.cursor(t), u32::try_from(i)) {
                     f(i, c.0);
@@ -665,7 +724,12 @@ impl SimDeviceStorage for StoreDevice {
             }
             return;
         }
-        for (t, c) in &self.side.cursors {
+        let side = if self.store.is_some() {
+            &self.side
+        } else {
+            &self.durable_side
+        };
+        for (t, c) in &side.cursors {
             if let Some(i) = self.table_index(t) {
                 f(i, *c);
             }
@@ -708,5 +772,106 @@ impl Registry {
     /// The op and row of a change hash, if the workload made it.
     pub fn op_of(&self, hash: &[u8; 32]) -> Option<(OpId, RowKey)> {
         self.by_hash.get(hash).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::NodeId;
+    use crate::real::{actor_of, commit_edit, scenario_schema};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A change from another node is reported applied each time it enters the device's state:
+    /// once per log entry, and again when its row comes back whole after an eviction.
+    #[test]
+    fn a_change_is_reported_each_time_it_enters_the_device() {
+        for replica in [true, false] {
+            let schema = scenario_schema(&[("wo".into(), 8)]).unwrap();
+            let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
+            let clock = Arc::new(AtomicI64::new(1));
+            let other = Store::temporary(
+                schema.clone(),
+                store_options(actor_of(1, NodeId(2)), &clock),
+            )
+            .unwrap();
+            let row = RowKey { table: 0, id: 7 };
+            let owner = fieldsync_store::Value::Null;
+            commit_edit(&other, "wo", row, EditKind::Create, &owner).unwrap();
+            let entry = other.ops_since(0, 1).unwrap().remove(0);
+            registry.borrow_mut().insert(entry.hash, OpId(3), row);
+            let mut d = StoreDevice::create(
+                schema,
+                actor_of(1, NodeId(1)),
+                vec!["wo".into()],
+                owner.clone(),
+                registry.clone(),
+            )
+            .unwrap();
+            d.use_replica(replica);
+            let change = RowChange {
+                row: row_id(row),
+                change: entry.change.clone(),
+            };
+            let mut events = Vec::new();
+            d.apply_ops("wo", std::slice::from_ref(&change)).unwrap();
+            // The store takes a change it holds only once.
+            d.apply_ops("wo", &[change]).unwrap();
+            d.drain_events(&mut events);
+            let applied = NodeEvent::Applied { op: OpId(3), row };
+            assert_eq!(events, vec![applied], "replica {replica}");
+            d.evict_rows("wo", &[row_id(row)]).unwrap();
+            let doc = other.export_row("wo", row_id(row)).unwrap().unwrap().doc;
+            d.import_rows(
+                "wo",
+                &[RowDoc {
+                    row: row_id(row),
+                    doc,
+                }],
+            )
+            .unwrap();
+            events.clear();
+            d.drain_events(&mut events);
+            assert_eq!(
+                events,
+                vec![NodeEvent::Evicted { row }, applied],
+                "replica {replica}"
+            );
+        }
+    }
+
+    fn cursors(d: &StoreDevice) -> Vec<(u32, u64)> {
+        let mut v = Vec::new();
+        d.for_each_cursor(&mut |t, c| v.push((t, c)));
+        v.sort_unstable();
+        v
+    }
+
+    /// The checker takes a crashed device's cursors as the baseline its restart must not go
+    /// below: while down, the device shows its durable cursors.
+    #[test]
+    fn a_crashed_device_shows_its_durable_cursors() {
+        for replica in [true, false] {
+            let schema = scenario_schema(&[("wo".into(), 8), ("b".into(), 8)]).unwrap();
+            let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
+            let mut d = StoreDevice::create(
+                schema,
+                actor_of(1, NodeId(1)),
+                vec!["wo".into(), "b".into()],
+                fieldsync_store::Value::Null,
+                registry,
+            )
+            .unwrap();
+            d.use_replica(replica);
+            d.seed(&[], 5).unwrap();
+            d.set_cursor("b", Cursor(9), None).unwrap();
+            let up = cursors(&d);
+            assert_eq!(up, vec![(0, 5), (1, 9)], "replica {replica}");
+            d.crash();
+            assert_eq!(cursors(&d), up, "replica {replica}");
+            d.restart().unwrap();
+            assert_eq!(cursors(&d), up, "replica {replica}");
+        }
     }
 }

@@ -112,7 +112,7 @@ impl ReplicaHub {
         // In memory, like the devices' stores (see `StoreDevice::create`).
         let store = Store::temporary(schema.clone(), options).map_err(store_err)?;
         let tables = ctx.tables.to_vec();
-        let interval = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
+        let interval = super::interval_minutes(ctx.sync)?;
         let world = SimEnvironment::new(
             &schema,
             ctx.tables,
@@ -273,7 +273,8 @@ impl ReplicaHub {
             .ok_or_else(|| StorageError::Unavailable("the hub is down".into()))
     }
 
-    /// Report the workload ops that entered the hub's log since the last look.
+    /// Report every log entry since the last look that is a device's workload op: one
+    /// `Applied` per entry, so a change the store took twice is reported twice.
     fn note_log(&mut self) {
         let Some(r) = &self.replica else { return };
         let store = r.store();
@@ -281,12 +282,15 @@ impl ReplicaHub {
         if last <= self.seen {
             return;
         }
+        let own = store.actor();
         match store.ops_since(self.seen, usize::MAX) {
             Ok(entries) => {
                 let reg = self.registry.borrow();
                 for e in entries {
                     if let Some((op, row)) = reg.op_of(&e.hash) {
-                        if self.known.insert(op) {
+                        self.known.insert(op);
+                        // Office edits are the hub's own, not applied from another node.
+                        if e.actor != own {
                             self.events.push(NodeEvent::Applied { op, row });
                         }
                     }
@@ -295,6 +299,23 @@ impl ReplicaHub {
             }
             Err(e) => tracing::warn!(error = %e, "the hub's log does not read"),
         }
+    }
+
+    /// After a reopen: the workload ops the hub holds are those in the reopened store's log
+    /// (the hub's log is never compacted), whatever the process knew before the crash.
+    fn rebuild_known(&mut self) -> Result<(), RealError> {
+        let store = self.live().map_err(store_err)?.store();
+        let entries = store.ops_since(0, usize::MAX).map_err(store_err)?;
+        let last = store.last_seq();
+        let reg = self.registry.borrow();
+        let known = entries
+            .iter()
+            .filter_map(|e| reg.op_of(&e.hash).map(|(op, _)| op))
+            .collect();
+        drop(reg);
+        self.known = known;
+        self.seen = last;
+        Ok(())
     }
 
     /// A change written on the hub itself: the replica routes it; returns the log entries it
@@ -314,6 +335,13 @@ impl ReplicaHub {
         r.local_write(table, id, values).map_err(store_err)?;
         let entries = r.store().ops_since(before, usize::MAX).map_err(store_err)?;
         Ok(Some(entries))
+    }
+
+    /// How many columns of the row hold concurrent values (0 for a row the hub lacks).
+    fn conflicted_columns(&self, table: &str, id: uuid::Uuid) -> usize {
+        self.store()
+            .and_then(|s| s.conflicts(table, id).ok())
+            .map_or(0, |c| c.len())
     }
 
     /// Tables whose feeds changed, and the workload ops now in the log; the feeds that moved
@@ -357,7 +385,14 @@ impl HubStorage for ReplicaHub {
         policy: ConflictPolicy,
         op: &PushOp,
     ) -> Result<PushOutcome, StorageError> {
+        let conflicts_before = self.conflicted_columns(&op.table, op.row);
         let out = self.live_mut()?.apply_push(now, who, policy, op);
+        // A concurrent write: the row now holds more columns with concurrent values.
+        if self.conflicted_columns(&op.table, op.row) > conflicts_before {
+            if let Some(row) = row_key(op.row) {
+                self.events.push(NodeEvent::Conflict { row });
+            }
+        }
         // The session's `OpsApplied` tells the other sessions which tables changed.
         self.changed();
         out
@@ -487,6 +522,8 @@ impl SimHubStorage for ReplicaHub {
             .map(|r| digest_row(&r))
     }
 
+    /// From the store's log as last read (rebuilt from the reopened store on restart); while
+    /// the hub is down, what its store held when it crashed.
     fn has_op(&self, op: OpId) -> bool {
         self.known.contains(&op)
     }
@@ -527,8 +564,81 @@ impl SimHubStorage for ReplicaHub {
         .map_err(store_err)?;
         self.replica = Some(replica);
         self.plant();
-        // Ops the replica applied but whose acknowledgement the crash lost are in the log.
-        self.note_log();
-        Ok(())
+        // What the hub holds now is what the reopened store holds: ops the replica applied
+        // before the crash (acknowledged or not) are there, lost ones are not.
+        self.rebuild_known()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::real::Registry;
+    use crate::scenario::SyncConfig;
+    use crate::world::World;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    fn hub(world: &World, sync: &SyncConfig, registry: &SharedRegistry) -> ReplicaHub {
+        let tables = vec!["wo".to_string()];
+        let groups = vec!["a".to_string()];
+        let ctx = NodeContext {
+            world,
+            sync,
+            tables: &tables,
+            columns: &[8],
+            groups: &groups,
+            device_groups: &[0],
+        };
+        let schema = super::super::scenario_schema(&[("wo".into(), 8)]).unwrap();
+        ReplicaHub::create(
+            schema,
+            1,
+            super::super::actor_of(1, crate::node::HUB),
+            &ctx,
+            registry.clone(),
+            None,
+        )
+        .unwrap()
+    }
+
+    /// A store that comes back without a committed op must make `has_op` say so: the
+    /// `no-acked-op-lost` check after a hub restart relies on it.
+    #[test]
+    fn has_op_follows_the_reopened_store_not_what_the_process_knew() {
+        let mut world = World::new(1);
+        let row = RowKey { table: 0, id: 0 };
+        world.set_owner(row, Owner::Device(NodeId(1)));
+        let sync = SyncConfig::default();
+        let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
+        let mut a = hub(&world, &sync, &registry);
+        // The same setup, without the edit below: what a store that lost it would reopen.
+        let mut lost = hub(&world, &sync, &registry);
+        let now = crate::node::SIM_EPOCH_MS + 1_000;
+        let kind = EditKind::Update {
+            column: 1,
+            value: 5,
+        };
+        assert!(a.edit(now, OpId(0), row, kind).unwrap().is_some());
+        assert!(a.has_op(OpId(0)));
+        a.crash();
+        assert!(
+            a.has_op(OpId(0)),
+            "while down, the hub still holds what its store held"
+        );
+        a.crashed = lost.replica.take().map(|r| r.store().clone());
+        a.restart().unwrap();
+        assert!(!a.has_op(OpId(0)), "the reopened store does not hold op0");
+        // And an op that is in the reopened store is found again.
+        a.crash();
+        let mut b = hub(&world, &sync, &registry);
+        let other = EditKind::Update {
+            column: 2,
+            value: 6,
+        };
+        assert!(b.edit(now, OpId(1), row, other).unwrap().is_some());
+        a.crashed = b.replica.take().map(|r| r.store().clone());
+        a.restart().unwrap();
+        assert!(a.has_op(OpId(1)));
     }
 }

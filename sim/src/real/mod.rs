@@ -29,12 +29,12 @@ mod environment;
 mod hub;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use fieldsync_replication::proto::{
     DeviceConfig, DeviceEvent, DeviceId, DeviceSession, DeviceState, HubConfig, HubEvent,
-    HubSession, Message, Millis, SyncSchedule,
+    HubSession, Message, Millis, Pull, Subscribe, SyncSchedule,
 };
 use fieldsync_replication::wire;
 use fieldsync_store::{ActorId, CommitInfo, Row, RowId, Schema, Store, Value, WriteError};
@@ -48,6 +48,7 @@ use crate::node::{
     AdminEvent, Edit, EditKind, EditResult, FieldNode, NodeContext, NodeEvent, NodeFactory, NodeId,
     Observe, OpId, RowKey, SimMessage, SimNode, Transmit, HUB,
 };
+use crate::scenario::{Scenario, ScenarioError, SyncConfig};
 use crate::simple::PlantedBug;
 
 /// Why the real engine could not set up or drive a node.
@@ -184,6 +185,50 @@ fn commit_edit(
         .map_err(|e| RealError::Store(e.to_string()))
 }
 
+/// What the real engine can run beyond what [`Scenario::validate`] checks: a sync interval a
+/// profile can hold (whole minutes, 5 to 1440) and a batch the protocol carries (at most
+/// [`push_ops_max`] ops in a push).
+pub fn check_scenario(scenario: &Scenario) -> Result<(), ScenarioError> {
+    interval_minutes(&scenario.sync).map_err(|reason| ScenarioError::Invalid {
+        field: "sync.interval".into(),
+        reason: reason.to_string(),
+    })?;
+    let max = push_ops_max();
+    if scenario.sync.batch as usize > max {
+        return Err(ScenarioError::Invalid {
+            field: "sync.batch".into(),
+            reason: format!("the real engine's protocol carries at most {max} ops in a push"),
+        });
+    }
+    Ok(())
+}
+
+/// The pull interval in a profile's whole minutes (5..=1440).
+fn interval_minutes(sync: &SyncConfig) -> Result<u32, RealError> {
+    let ms = sync.interval.0;
+    let minutes = ms / 60_000;
+    if !ms.is_multiple_of(60_000) || !(5..=1440).contains(&minutes) {
+        return Err(RealError::Schema(format!(
+            "a sync interval of {ms} ms: the real engine runs whole minutes from 5m to 24h \
+             (a profile's sync_interval_minutes)"
+        )));
+    }
+    Ok(minutes as u32)
+}
+
+/// The most ops the protocol carries in one push (its default push limit).
+pub fn push_ops_max() -> usize {
+    let schedule = SyncSchedule::new(std::iter::empty::<(String, Option<u32>)>(), &[]);
+    DeviceConfig::new(DeviceId(uuid::Uuid::nil()), Vec::new(), "", schedule)
+        .push_limits
+        .max_items
+}
+
+/// Ops or rows per message: the scenario's `sync.batch`.
+fn batch_items(sync: &SyncConfig) -> usize {
+    (sync.batch as usize).clamp(1, push_ops_max())
+}
+
 /// The schema of a scenario: each table has integer columns `c0..cN`.
 pub fn scenario_schema(tables: &[(String, u32)]) -> Result<Schema, RealError> {
     let mut toml = String::new();
@@ -237,13 +282,14 @@ pub struct RealDevice<S> {
     config: DeviceConfig,
     session: DeviceSession,
     storage: S,
-    tables: usize,
+    tables: Vec<String>,
     now: u64,
     alive: bool,
     outbox: VecDeque<Frame>,
     events: VecDeque<NodeEvent>,
-    sync_started: Option<u64>,
-    synced: BTreeSet<String>,
+    /// Per table, when the pull (or subscription) now waiting for the end of its feed was
+    /// sent.
+    pull_started: BTreeMap<String, u64>,
 }
 
 /// The hub: one session per connected device, and its storage.
@@ -271,6 +317,12 @@ impl<S: SimDeviceStorage> RealDevice<S> {
     fn drain(&mut self) {
         let now = Millis(self.now);
         while let Some(msg) = self.session.poll_transmit(now) {
+            if let Message::Pull(Pull { tables }) | Message::Subscribe(Subscribe { tables }) = &msg
+            {
+                for t in tables {
+                    self.pull_started.entry(t.table.clone()).or_insert(self.now);
+                }
+            }
             if let Some(f) = Frame::encode(&msg) {
                 self.outbox.push_back(f);
             }
@@ -278,20 +330,12 @@ impl<S: SimDeviceStorage> RealDevice<S> {
         let mut evs = Vec::new();
         while let Some(ev) = self.session.poll_event() {
             match ev {
-                DeviceEvent::Connected { .. } => {
-                    self.sync_started = Some(self.now);
-                    self.synced.clear();
-                }
                 DeviceEvent::TableSynced { table } => {
-                    if let Some(start) = self.sync_started {
-                        self.synced.insert(table);
-                        if self.synced.len() >= self.tables {
-                            self.sync_started = None;
-                            evs.push(NodeEvent::SyncCompleted {
-                                started_local_ms: start,
-                            });
-                        }
-                    }
+                    let index = self.tables.iter().position(|t| *t == table);
+                    evs.push(NodeEvent::SyncCompleted {
+                        table: index.and_then(|i| u32::try_from(i).ok()),
+                        started_local_ms: self.pull_started.remove(&table),
+                    });
                 }
                 DeviceEvent::StorageFailed { error } => {
                     tracing::warn!(%error, "device storage failed");
@@ -416,7 +460,7 @@ impl<S: SimDeviceStorage, H: SimHubStorage> SimNode for RealNode<S, H> {
             RealNode::Device(d) => {
                 d.now = now;
                 d.outbox.clear();
-                d.sync_started = None;
+                d.pull_started.clear();
                 d.session.handle_disconnected(Millis(now));
                 d.drain();
             }
@@ -538,7 +582,7 @@ impl<S: SimDeviceStorage, H: SimHubStorage> SimNode for RealNode<S, H> {
                 d.alive = false;
                 d.outbox.clear();
                 d.events.clear();
-                d.sync_started = None;
+                d.pull_started.clear();
                 d.storage.crash();
                 d.session = DeviceSession::new(d.config.clone());
             }
@@ -704,14 +748,21 @@ impl RealFactory {
         if let Some(s) = &self.schema {
             return Ok(s.clone());
         }
-        let tables: Vec<(String, u32)> = ctx.tables.iter().map(|t| (t.clone(), 64)).collect();
+        let tables: Vec<(String, u32)> = ctx
+            .tables
+            .iter()
+            .zip(ctx.columns.iter().copied().chain(std::iter::repeat(1)))
+            .map(|(t, c)| (t.clone(), c))
+            .collect();
         let s = scenario_schema(&tables)?;
         self.schema = Some(s.clone());
         Ok(s)
     }
 
-    fn hub_config() -> HubConfig {
-        HubConfig::new(uuid::Uuid::from_u64_pair(0x4855_4200_0000_0000, 0))
+    fn hub_config(sync: &SyncConfig) -> HubConfig {
+        let mut config = HubConfig::new(uuid::Uuid::from_u64_pair(0x4855_4200_0000_0000, 0));
+        config.pull_limits.max_items = batch_items(sync).min(config.pull_limits.max_items);
+        config
     }
 
     fn build_hub(&mut self, ctx: &NodeContext<'_>) -> Result<ReplicaHub, RealError> {
@@ -752,25 +803,26 @@ pub type RealStoreNode = RealNode<StoreDevice, ReplicaHub>;
 impl NodeFactory for RealFactory {
     type Node = RealStoreNode;
 
-    fn hub(&mut self, ctx: &NodeContext<'_>) -> RealStoreNode {
-        // Building a node has no error path in the trait: a store that cannot be created
-        // is a broken host, and the run cannot go on.
-        let storage = match self.build_hub(ctx) {
-            Ok(s) => s,
-            Err(e) => panic!("the real engine cannot create the hub: {e}"),
-        };
-        RealNode::Hub(Box::new(RealHub {
-            config: Self::hub_config(),
+    fn hub(&mut self, ctx: &NodeContext<'_>) -> Result<RealStoreNode, ScenarioError> {
+        let storage = self
+            .build_hub(ctx)
+            .map_err(|e| ScenarioError::Engine(format!("the hub: {e}")))?;
+        Ok(RealNode::Hub(Box::new(RealHub {
+            config: Self::hub_config(ctx.sync),
             sessions: BTreeMap::new(),
             storage,
             now: crate::node::SIM_EPOCH_MS,
             alive: true,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-        }))
+        })))
     }
 
-    fn device(&mut self, id: NodeId, ctx: &NodeContext<'_>) -> RealStoreNode {
+    fn device(
+        &mut self,
+        id: NodeId,
+        ctx: &NodeContext<'_>,
+    ) -> Result<RealStoreNode, ScenarioError> {
         let built = self.schema(ctx).and_then(|schema| {
             let mut s = StoreDevice::create(
                 schema,
@@ -793,34 +845,32 @@ impl NodeFactory for RealFactory {
             }
             Ok(s)
         });
-        let storage = match built {
-            Ok(s) => s,
-            Err(e) => panic!("the real engine cannot create a device's store: {e}"),
-        };
+        let storage = built.map_err(|e| ScenarioError::Engine(format!("{id}: {e}")))?;
         let did = device_id(id);
         let (token, app) = self
             .initial
             .as_ref()
             .and_then(|p| p.enrolled.get(&id).cloned())
             .unwrap_or_else(|| (Vec::new(), String::new()));
-        let minutes = (ctx.sync.interval.0 / 60_000).clamp(5, 1440) as u32;
+        let minutes =
+            interval_minutes(ctx.sync).map_err(|e| ScenarioError::Engine(e.to_string()))?;
         let schedule =
             SyncSchedule::new(ctx.tables.iter().map(|t| (t.clone(), Some(minutes))), &[]);
         let mut config = DeviceConfig::new(did, token, &app, schedule);
         config.live = ctx.sync.live;
+        config.push_limits.max_items = batch_items(ctx.sync);
         config.request_timeout = Millis(ctx.sync.request_timeout.0.max(1_000));
         config.rng_seed = self.seed ^ u64::from(id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        RealNode::Device(Box::new(RealDevice {
+        Ok(RealNode::Device(Box::new(RealDevice {
             session: DeviceSession::new(config.clone()),
             config,
             storage,
-            tables: ctx.tables.len(),
+            tables: ctx.tables.to_vec(),
             now: 0,
             alive: true,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-            sync_started: None,
-            synced: BTreeSet::new(),
-        }))
+            pull_started: BTreeMap::new(),
+        })))
     }
 }
