@@ -109,6 +109,46 @@ pub struct DeviceReplica {
     compact_backlog: u64,
 }
 
+/// A downloaded blob's chunks read back from the aux space in offset order, one at a time;
+/// remembers their keys for the cleanup.
+struct StoredChunks<'a> {
+    replica: &'a DeviceReplica,
+    sha256: [u8; 32],
+    offset: u64,
+    total: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    keys: Vec<Vec<u8>>,
+}
+
+impl std::io::Read for StoredChunks<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.offset >= self.total {
+                return Ok(0);
+            }
+            let mut key = sha_key(P_BLOB_CHUNK, &self.sha256);
+            key.extend_from_slice(&self.offset.to_be_bytes());
+            let chunk = self
+                .replica
+                .get(&key)
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("blob chunk at {} is missing", self.offset))
+                })?;
+            self.offset += chunk.len() as u64;
+            self.keys.push(key);
+            self.buf = chunk;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&seq.to_be_bytes());
@@ -861,21 +901,28 @@ impl DeviceStorage for DeviceReplica {
         if end < total {
             return Ok(());
         }
-        let chunks = self
-            .store
-            .aux_scan(SPACE, &sha_key(P_BLOB_CHUNK, sha256))
-            .map_err(storage_err)?;
-        let mut content = Vec::with_capacity(total as usize);
-        let mut cleanup = Vec::with_capacity(chunks.len() + 2);
-        for (k, v) in chunks {
-            content.extend_from_slice(&v);
-            cleanup.push(AuxWrite::Remove(k));
-        }
+        // Read back one chunk at a time: a large file is never held in memory whole.
+        let mut chunks = StoredChunks {
+            replica: self,
+            sha256: *sha256,
+            offset: 0,
+            total,
+            buf: Vec::new(),
+            pos: 0,
+            keys: Vec::new(),
+        };
+        let stored = self.store.put_blob("blob", &mut chunks);
+        let mut cleanup: Vec<AuxWrite> = chunks.keys.into_iter().map(AuxWrite::Remove).collect();
         cleanup.push(AuxWrite::Remove(sha_key(P_BLOB_PROGRESS, sha256)));
-        let stored = self
-            .store
-            .put_blob("blob", &mut content.as_slice())
-            .map_err(storage_err)?;
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                // A chunk missing or unreadable: start this download over.
+                warn!(error = %e, "a downloaded blob cannot be read back; dropped");
+                self.drop_blob_download(sha256)?;
+                return Err(StorageError::BlobMismatch);
+            }
+        };
         if stored.sha256 != *sha256 {
             // The download starts over at a later connection (the blob stays wanted: the hub
             // may have a good copy by then). The content just stored under its own hash is
