@@ -549,6 +549,7 @@ pub fn runtime_of(hub: OpenHub) -> (Arc<HubRuntime>, HubIdentity, HubFile) {
         limits,
         upstream: std::sync::OnceLock::new(),
         sessions: Default::default(),
+        storage_turn: Default::default(),
     });
     (runtime, hub.identity, hub.file)
 }

@@ -4,3 +4,14 @@
 
 pub mod multipart;
 pub mod upstream;
+
+/// Runs blocking work (the hub replica's lock and storage, fsyncs included) without holding a
+/// runtime worker: in `block_in_place` on a multi-threaded runtime, so the worker's other tasks
+/// (quinn's endpoint driver, handshakes, the metrics port) move to another thread; directly
+/// anywhere else (a current-thread runtime, or no runtime).
+pub fn off_worker<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

@@ -41,8 +41,9 @@ pub use config::{
     client_config, server_config, ConfigError, ConnectionLimits, PRE_AUTH_RECEIVE_WINDOW,
 };
 pub use driver::{
-    drive_session, drive_session_with_stall, drive_session_with_wake, stall_limit, CloseReason,
-    DriveError, DriveOutcome, FrameSession, SessionClock, SLOWEST_PEER_BYTES_PER_SEC, STALL_SLACK,
+    drive_session, drive_session_with_options, drive_session_with_wake, stall_limit, CloseReason,
+    DriveError, DriveOptions, DriveOutcome, FrameSession, SessionClock, SLOWEST_PEER_BYTES_PER_SEC,
+    STALL_SLACK,
 };
 pub use endpoint::{ConnectError, DeviceEndpoint, EndpointError, HubEndpoint, PendingConnection};
 pub use framed::{
@@ -87,6 +88,16 @@ pub mod codes {
     pub const AUTH_UNKNOWN: u32 = 0x13;
     /// The token was revoked.
     pub const AUTH_REVOKED: u32 = 0x14;
+    /// The hub could not read its token records now; the device should retry later.
+    pub const AUTH_UNAVAILABLE: u32 = 0x15;
+
+    /// Whether a device should stop retrying after the hub closed with `code`: its
+    /// credential is revoked, unknown, forged or malformed, which no retry changes.
+    pub fn is_credential_refused(code: u64) -> bool {
+        [AUTH_REVOKED, AUTH_UNKNOWN, AUTH_FORGED, AUTH_MALFORMED]
+            .iter()
+            .any(|c| u64::from(*c) == code)
+    }
 }
 #[cfg(test)]
 mod tests;

@@ -299,7 +299,9 @@ pub async fn run_sync(
         let link = match link {
             Ok(l) => l,
             // Retrying cannot help a credential the hub does not take: stop and say so.
-            Err(LinkError::Auth(AuthError::Refused { code, reason })) if token_refused(code) => {
+            Err(LinkError::Auth(AuthError::Refused { code, reason }))
+                if codes::is_credential_refused(code) =>
+            {
                 bail!(
                     "the hub at {} refuses this device's credential: {reason} (enroll the device again)",
                     credential.hub_address
@@ -401,17 +403,4 @@ pub async fn fetch_bootstrap(credential: &Credential) -> Result<Bootstrap> {
     link.conn.close(0u32.into(), b"bootstrap done");
     link.endpoint.shutdown().await;
     Ok(bundle)
-}
-
-/// Whether the hub closed the connection for a token it will never take (revoked, unknown,
-/// forged or malformed), rather than for something that may pass (a timeout).
-fn token_refused(code: u64) -> bool {
-    [
-        codes::AUTH_REVOKED,
-        codes::AUTH_UNKNOWN,
-        codes::AUTH_FORGED,
-        codes::AUTH_MALFORMED,
-    ]
-    .iter()
-    .any(|c| u64::from(*c) == code)
 }

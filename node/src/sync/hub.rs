@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fieldsync_replication::credential::{TokenRegistry, TokenStatus, TokenVerifier};
+use fieldsync_replication::credential::TokenVerifier;
 use fieldsync_replication::proto::{CloseCode, HubConfig, HubEvent, HubSession, Millis};
-use fieldsync_replication::replica::HubReplica;
+use fieldsync_replication::replica::{HubReplica, StoreTokenRegistry};
 pub use fieldsync_replication::transport::ChangeBus;
 use fieldsync_replication::transport::{
-    accept_device, codes, drive_session_with_wake, CloseReason, ConnectionLimits, FrameFormat,
-    FrameReader, FrameSession, FrameWriter, HubEndpoint, HubIdentity, SessionClock,
+    accept_device, codes, drive_session_with_options, CloseReason, ConnectionLimits, DriveOptions,
+    FrameFormat, FrameReader, FrameSession, FrameWriter, HubEndpoint, HubIdentity, SessionClock,
 };
 use fieldsync_replication::wire;
 use fieldsync_store::Store;
@@ -32,16 +32,11 @@ fn lock(r: &SharedReplica) -> MutexGuard<'_, HubReplica> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs `f` on the locked replica. On a multi-threaded runtime the wait for the lock and the
-/// storage work (fsyncs included) happen in `block_in_place`, so the worker's other tasks
-/// (quinn's endpoint driver, handshakes, the metrics port) move to another thread instead of
-/// stalling behind one device's push.
+/// Runs `f` on the locked replica, off the runtime's workers ([`fieldsync_node::off_worker`]).
+/// Sessions call it only while holding the hub's storage turn (`HubRuntime::storage_turn`),
+/// so at most one of them at a time waits here, on one thread, not one thread per session.
 pub fn with_replica<R>(r: &SharedReplica, f: impl FnOnce(&mut HubReplica) -> R) -> R {
-    let run = || f(&mut lock(r));
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
-        _ => run(),
-    }
+    fieldsync_node::off_worker(|| f(&mut lock(r)))
 }
 
 /// Counters for `/metrics`.
@@ -229,34 +224,6 @@ impl FrameSession for HubAdapter {
     }
 }
 
-/// The token registry the transport checks before any session state exists: the replica's
-/// own records (issued and revoked token ids in the store's aux space).
-#[derive(Debug, Clone)]
-pub struct StoreTokenRegistry {
-    store: Store,
-}
-
-impl StoreTokenRegistry {
-    /// Reads token records from `store` (the hub's).
-    pub fn new(store: Store) -> Self {
-        Self { store }
-    }
-}
-
-impl TokenRegistry for StoreTokenRegistry {
-    fn status(&self, token_id: &Uuid) -> TokenStatus {
-        // Layout of HubReplica's records: space "hub", key "tok/" + id, value [1] issued,
-        // [0] revoked.
-        let mut key = b"tok/".to_vec();
-        key.extend_from_slice(token_id.as_bytes());
-        match self.store.aux_get("hub", &key) {
-            Ok(Some(v)) if v.first() == Some(&1) => TokenStatus::Active,
-            Ok(Some(_)) => TokenStatus::Revoked,
-            _ => TokenStatus::Unknown,
-        }
-    }
-}
-
 /// Everything `hub serve` runs with.
 #[derive(Debug)]
 pub struct HubRuntime {
@@ -280,6 +247,9 @@ pub struct HubRuntime {
     pub upstream: std::sync::OnceLock<Arc<fieldsync_node::upstream::BridgeStats>>,
     /// The live session of each device.
     pub sessions: LiveSessions,
+    /// The sessions' turn at the replica (`DriveOptions::turn`): they queue for it
+    /// asynchronously, so a burst of woken sessions does not become a thread each.
+    pub storage_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One live session per device: a device that connects again (a new network, a process
@@ -452,7 +422,7 @@ impl RunningHub {
 async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
     // The store handle, not the replica's lock: a connection that has not shown a token must
     // not wait behind (or hold up) the sessions' storage work.
-    let registry = StoreTokenRegistry::new(runtime.store.clone());
+    let registry = StoreTokenRegistry(runtime.store.clone());
     let limits = &runtime.limits;
     let auth = match accept_device(&conn, &runtime.verifier, &registry, limits).await {
         Ok(a) => a,
@@ -508,8 +478,20 @@ async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
     if runtime.bus.is_shutting_down() {
         adapter.handle_wake(clock.now_ms());
     }
-    match drive_session_with_wake(&mut adapter, &conn, &mut writer, &mut reader, &clock, &wake)
-        .await
+    let options = DriveOptions {
+        turn: Some(runtime.storage_turn.clone()),
+        ..DriveOptions::default()
+    };
+    match drive_session_with_options(
+        &mut adapter,
+        &conn,
+        &mut writer,
+        &mut reader,
+        &clock,
+        &wake,
+        &options,
+    )
+    .await
     {
         Ok(outcome) => info!(?outcome, "connection ended"),
         Err(e) => info!(error = %e, "connection ended"),

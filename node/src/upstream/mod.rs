@@ -157,13 +157,9 @@ impl std::fmt::Debug for Bridge {
 
 pub(crate) fn lock(r: &Mutex<HubReplica>) -> MutexGuard<'_, HubReplica> {
     // Same reasoning as the hub's sessions: the replica is durable per call.
-    let take = || r.lock().unwrap_or_else(|p| p.into_inner());
-    // The wait for a device session's storage work must not hold a runtime worker: on a
-    // multi-threaded runtime it happens in `block_in_place` (the guard stays on this thread).
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(take),
-        _ => take(),
-    }
+    // The wait for a device session's storage work must not hold a runtime worker (the
+    // guard stays on this thread: `block_in_place` runs in place).
+    crate::off_worker(|| r.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 impl Bridge {

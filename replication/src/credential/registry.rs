@@ -14,6 +14,8 @@ pub enum TokenStatus {
     Revoked,
     /// Never issued by this hub (or forgotten).
     Unknown,
+    /// The record could not be read (storage failed): neither accepted nor refused for good.
+    Unavailable,
 }
 
 /// The hub's record of issued and revoked tokens.
@@ -89,7 +91,7 @@ impl<T: TokenRegistry + ?Sized> TokenRegistry for std::sync::RwLock<T> {
         match self.read() {
             Ok(guard) => guard.status(token_id),
             // A writer panicked mid-update: refuse rather than trust a half-written set.
-            Err(_) => TokenStatus::Unknown,
+            Err(_) => TokenStatus::Unavailable,
         }
     }
 }

@@ -69,6 +69,9 @@ pub enum TokenError {
     /// The token was revoked.
     #[error("token {0} was revoked")]
     Revoked(Uuid),
+    /// The hub could not read its record of the token; try again later.
+    #[error("the hub cannot check token {0} now")]
+    Unavailable(Uuid),
     /// The hex string form is not hexadecimal.
     #[error("token text is not hexadecimal")]
     NotHex,
@@ -264,6 +267,7 @@ impl TokenVerifier {
             TokenStatus::Active => Ok(token),
             TokenStatus::Revoked => Err(TokenError::Revoked(token.token_id)),
             TokenStatus::Unknown => Err(TokenError::Unknown(token.token_id)),
+            TokenStatus::Unavailable => Err(TokenError::Unavailable(token.token_id)),
         }
     }
 }

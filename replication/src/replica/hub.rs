@@ -201,19 +201,25 @@ enum Decision {
     },
 }
 
-/// The token registry as the aux space records it: `tok/` + token id → `[1]` issued, `[0]`
-/// revoked. Read through on every check, so tokens enrolled or revoked by another handle on
-/// the same store count at once.
-struct AuxRegistry<'a>(&'a Store);
+/// The hub's token registry as its store's aux space records it: `tok/` + token id → `[1]`
+/// issued, `[0]` revoked. Read through on every check, so tokens enrolled or revoked by
+/// another handle on the same store count at once; the transport checks tokens with it
+/// before any session (or the replica's lock) is involved.
+#[derive(Debug, Clone)]
+pub struct StoreTokenRegistry(pub Store);
 
-impl TokenRegistry for AuxRegistry<'_> {
+impl TokenRegistry for StoreTokenRegistry {
     fn status(&self, token_id: &Uuid) -> TokenStatus {
         let mut k = P_TOKEN.to_vec();
         k.extend_from_slice(token_id.as_bytes());
         match self.0.aux_get(SPACE, &k) {
             Ok(Some(v)) if v.first() == Some(&1) => TokenStatus::Active,
             Ok(Some(_)) => TokenStatus::Revoked,
-            _ => TokenStatus::Unknown,
+            Ok(None) => TokenStatus::Unknown,
+            Err(e) => {
+                warn!(error = %e, "cannot read token records");
+                TokenStatus::Unavailable
+            }
         }
     }
 }
@@ -1738,10 +1744,16 @@ impl HubStorage for HubReplica {
     ) -> Result<Result<Principal, Refusal>, StorageError> {
         let _span = info_span!("authenticate", %device, app).entered();
         let refuse = |code: CloseCode, message: String| Ok(Err(Refusal { code, message }));
-        let t = match self.verifier.verify(token, &AuxRegistry(&self.store)) {
+        let t = match self
+            .verifier
+            .verify(token, &StoreTokenRegistry(self.store.clone()))
+        {
             Ok(t) => t,
             Err(TokenError::Revoked(_)) => {
                 return refuse(CloseCode::REVOKED, "the token was revoked".into())
+            }
+            Err(e @ TokenError::Unavailable(_)) => {
+                return Err(StorageError::Unavailable(e.to_string()))
             }
             Err(e) => return refuse(CloseCode::UNAUTHORIZED, e.to_string()),
         };

@@ -56,8 +56,8 @@ pub use device::{DeviceReplica, TableSyncStatus, DEFAULT_COMPACT_BACKLOG};
 pub use hub::PlantedHubBug;
 #[cfg(feature = "credential")]
 pub use hub::{
-    DeviceLag, FeedChanges, HubReplica, HubReplicaError, ACTORS_PER_DEVICE, SHARED_FEED_HOLDERS,
-    UPSTREAM_ACTOR,
+    DeviceLag, FeedChanges, HubReplica, HubReplicaError, StoreTokenRegistry, ACTORS_PER_DEVICE,
+    SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
 };
 
 /// Why a replica operation the CLI calls directly failed.

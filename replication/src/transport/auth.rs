@@ -72,6 +72,7 @@ fn close_code(err: &TokenError) -> u32 {
         TokenError::BadSignature => codes::AUTH_FORGED,
         TokenError::Unknown(_) => codes::AUTH_UNKNOWN,
         TokenError::Revoked(_) => codes::AUTH_REVOKED,
+        TokenError::Unavailable(_) => codes::AUTH_UNAVAILABLE,
         _ => codes::AUTH_MALFORMED,
     }
 }

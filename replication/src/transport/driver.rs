@@ -231,20 +231,51 @@ pub async fn drive_session_with_wake<S: FrameSession + ?Sized>(
     clock: &SessionClock,
     wake: &Notify,
 ) -> Result<DriveOutcome, DriveError> {
-    drive_session_with_stall(session, conn, writer, reader, clock, wake, STALL_SLACK).await
+    let options = DriveOptions::default();
+    drive_session_with_options(session, conn, writer, reader, clock, wake, &options).await
 }
 
-/// [`drive_session_with_wake`] with the slack of [`stall_limit`] given (tests use a short one).
+/// How [`drive_session_with_options`] drives a session beyond the defaults.
+#[derive(Debug, Clone)]
+pub struct DriveOptions {
+    /// The slack of [`stall_limit`] ([`STALL_SLACK`]; tests use a short one).
+    pub stall_slack: std::time::Duration,
+    /// An async lock every session callback (`handle_frame`, `handle_timeout`,
+    /// `handle_wake`) runs under. Sessions that share blocking storage take turns here,
+    /// waiting asynchronously, instead of each blocking a thread on the storage's own lock.
+    pub turn: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Default for DriveOptions {
+    fn default() -> Self {
+        DriveOptions {
+            stall_slack: STALL_SLACK,
+            turn: None,
+        }
+    }
+}
+
+async fn take_turn(
+    turn: &Option<Arc<tokio::sync::Mutex<()>>>,
+) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    match turn {
+        Some(t) => Some(t.lock().await),
+        None => None,
+    }
+}
+
+/// [`drive_session_with_wake`] with `options`.
 #[tracing::instrument(skip_all, fields(remote = %conn.remote_address()))]
-pub async fn drive_session_with_stall<S: FrameSession + ?Sized>(
+pub async fn drive_session_with_options<S: FrameSession + ?Sized>(
     session: &mut S,
     conn: &Connection,
     writer: &mut FrameWriter,
     reader: &mut FrameReader,
     clock: &SessionClock,
     wake: &Notify,
-    stall_slack: std::time::Duration,
+    options: &DriveOptions,
 ) -> Result<DriveOutcome, DriveError> {
+    let stall_slack = options.stall_slack;
     let format = writer.format();
     // Tasks sending blob frames and reading the peer's blob streams; dropped (aborted) with
     // the driver.
@@ -286,6 +317,7 @@ pub async fn drive_session_with_stall<S: FrameSession + ?Sized>(
         tokio::select! {
             frame = reader.read_frame() => match frame {
                 Ok(Some(bytes)) => {
+                    let _turn = take_turn(&options.turn).await;
                     if let Err(reason) = session.handle_frame(clock.now_ms(), &bytes) {
                         tracing::info!(code = reason.code, reason = %reason.reason, "session refused a frame");
                         conn.close(VarInt::from_u32(reason.code), reason.reason.as_bytes());
@@ -318,6 +350,7 @@ pub async fn drive_session_with_stall<S: FrameSession + ?Sized>(
             },
             Some(side) = side_rx.recv() => match side {
                 Ok(bytes) => {
+                    let _turn = take_turn(&options.turn).await;
                     if let Err(reason) = session.handle_frame(clock.now_ms(), &bytes) {
                         tracing::info!(code = reason.code, reason = %reason.reason, "session refused a frame");
                         conn.close(VarInt::from_u32(reason.code), reason.reason.as_bytes());
@@ -330,8 +363,14 @@ pub async fn drive_session_with_stall<S: FrameSession + ?Sized>(
                     return Err(DriveError::PeerFrame(e));
                 }
             },
-            () = sleep_until(deadline) => session.handle_timeout(clock.now_ms()),
-            () = wake.notified() => session.handle_wake(clock.now_ms()),
+            () = sleep_until(deadline) => {
+                let _turn = take_turn(&options.turn).await;
+                session.handle_timeout(clock.now_ms());
+            }
+            () = wake.notified() => {
+                let _turn = take_turn(&options.turn).await;
+                session.handle_wake(clock.now_ms());
+            }
         }
     }
 }

@@ -996,7 +996,20 @@ async fn a_peer_that_stops_reading_is_closed_not_waited_for() {
         let mut session = FloodSession { left: 4096, size };
         let clock = SessionClock::new(0);
         let wake = tokio::sync::Notify::new();
-        drive_session_with_stall(&mut session, &conn, &mut hw, &mut hr, &clock, &wake, slack).await
+        let options = DriveOptions {
+            stall_slack: slack,
+            turn: None,
+        };
+        drive_session_with_options(
+            &mut session,
+            &conn,
+            &mut hw,
+            &mut hr,
+            &clock,
+            &wake,
+            &options,
+        )
+        .await
     });
     let limit = stall_limit(slack, size);
     let outcome = tokio::time::timeout(STEP, driver).await.unwrap().unwrap();
@@ -1008,4 +1021,91 @@ async fn a_peer_that_stops_reading_is_closed_not_waited_for() {
         .await
         .unwrap();
     assert_eq!(app_code(&closed), Some(u64::from(codes::STALLED)));
+}
+
+/// Echoes like [`EchoSession`] but takes `hold` in every `handle_frame`, counting how many
+/// sessions are inside a callback at once.
+struct SlowSession {
+    echo: EchoSession,
+    hold: Duration,
+    inside: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FrameSession for SlowSession {
+    fn handle_frame(&mut self, now_ms: u64, bytes: &[u8]) -> Result<(), CloseReason> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.inside.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        std::thread::sleep(self.hold);
+        self.inside.fetch_sub(1, SeqCst);
+        self.echo.handle_frame(now_ms, bytes)
+    }
+    fn poll_frame(&mut self) -> Option<Vec<u8>> {
+        self.echo.poll_frame()
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        None
+    }
+    fn handle_timeout(&mut self, _now_ms: u64) {}
+    fn is_closed(&self) -> bool {
+        self.echo.is_closed()
+    }
+}
+
+/// The most sessions inside a callback at once, over `n` connections each sending one frame.
+async fn most_at_once(n: usize, turn: Option<Arc<tokio::sync::Mutex<()>>>) -> usize {
+    let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut pairs = Vec::new();
+    let mut drivers = Vec::new();
+    for _ in 0..n {
+        let pair = baseline::loopback_pair(ConnectionLimits::hub())
+            .await
+            .unwrap();
+        let (mut dw, dr) = open_bi_framed(&pair.device_conn, 1024).await.unwrap();
+        dw.write_frame(b"hello").await.unwrap();
+        let (mut hw, mut hr) = accept_bi_framed(&pair.hub_conn, 1024).await.unwrap();
+        let conn = pair.hub_conn.clone();
+        let options = DriveOptions {
+            turn: turn.clone(),
+            ..DriveOptions::default()
+        };
+        let mut session = SlowSession {
+            echo: EchoSession::default(),
+            hold: Duration::from_millis(150),
+            inside: inside.clone(),
+            most: most.clone(),
+        };
+        drivers.push(tokio::spawn(async move {
+            let clock = SessionClock::new(0);
+            let wake = tokio::sync::Notify::new();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                drive_session_with_options(
+                    &mut session,
+                    &conn,
+                    &mut hw,
+                    &mut hr,
+                    &clock,
+                    &wake,
+                    &options,
+                ),
+            )
+            .await;
+        }));
+        pairs.push((pair, dw, dr));
+    }
+    for d in drivers {
+        d.await.unwrap();
+    }
+    most.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_sharing_a_turn_take_their_callbacks_one_at_a_time() {
+    // Control: with no turn, the blocking callbacks of several sessions overlap.
+    assert!(most_at_once(4, None).await > 1);
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    assert_eq!(most_at_once(4, Some(turn)).await, 1);
 }

@@ -84,6 +84,8 @@ pub struct StoreDevice {
     /// Delegate the protocol's storage calls to the replication crate's `DeviceReplica`
     /// (`false`: this module's minimal adapter).
     replica: bool,
+    /// The replica compacts the log once this many acknowledged entries pile up.
+    compact_backlog: u64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StorageError {
@@ -120,6 +122,7 @@ impl StoreDevice {
             registry,
             events: Vec::new(),
             replica: false,
+            compact_backlog: fieldsync_replication::replica::DEFAULT_COMPACT_BACKLOG,
         })
     }
 
@@ -129,8 +132,16 @@ impl StoreDevice {
         self.replica = on;
     }
 
+    /// Compact the store's log once `entries` acknowledged entries pile up (replica mode).
+    pub fn set_compact_backlog(&mut self, entries: u64) {
+        self.compact_backlog = entries;
+    }
+
     fn replica(&self) -> Result<DeviceReplica, StorageError> {
-        Ok(DeviceReplica::new(self.store_ref()?.clone()))
+        Ok(
+            DeviceReplica::new(self.store_ref()?.clone())
+                .with_compact_backlog(self.compact_backlog),
+        )
     }
 
     /// Whether the store holds the row (deleted or not).

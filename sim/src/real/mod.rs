@@ -116,6 +116,9 @@ fn splitmix(x: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The compaction backlog of the devices that compact often (see `RealFactory::device`).
+const COMPACTING_DEVICE_BACKLOG: u64 = 8;
+
 /// The fixed actor of a node in a run of `seed`.
 pub fn actor_of(seed: u64, node: NodeId) -> ActorId {
     let mut x = seed ^ (u64::from(node.0) << 32) ^ 0xA5A5_5A5A;
@@ -832,6 +835,11 @@ impl NodeFactory for RealFactory {
                 self.registry.clone(),
             )?;
             s.use_replica(self.device_replica);
+            // Odd seeds have odd devices compact their log every few acknowledged entries, so
+            // runs exercise compaction (the default waits for thousands).
+            if self.seed % 2 == 1 && id.0 % 2 == 1 {
+                s.set_compact_backlog(COMPACTING_DEVICE_BACKLOG);
+            }
             if let Some(p) = &self.initial {
                 let ops: Vec<fieldsync_store::RemoteOp> = ctx
                     .world
