@@ -112,6 +112,11 @@ impl Bridge {
                 .client
                 .get_streaming(&path, &[("Range".to_string(), range)])
                 .await?;
+            // With no size declared, a file whose length is a multiple of the range size is
+            // only known to end when the next range starts past it.
+            if resp.status == 416 && declared.is_none() && received > 0 {
+                break;
+            }
             if !resp.is_success() {
                 return Err(resp
                     .read_to_end(self.client.response_bytes_max())

@@ -87,10 +87,10 @@ impl Bridge {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn prefer(&self) -> String {
+    fn prefer(&self, page_size: usize) -> String {
         format!(
             "odata.track-changes, odata.maxpagesize={}",
-            self.config.page_size.clamp(1, 5000)
+            page_size.clamp(1, 5000)
         )
     }
 
@@ -125,9 +125,23 @@ impl Bridge {
         let mut seen: BTreeSet<RowId> = BTreeSet::new();
         // A full read that could not read every entry cannot say which rows are gone.
         let mut unread = 0u64;
+        // Rows with large columns can make a page outgrow `response_bytes_max`: the same page
+        // is then asked for again with half as many rows, down to one.
+        let mut page_size = self.config.page_size;
         loop {
-            let req = ApiRequest::new(Method::GET, url.clone()).header("Prefer", self.prefer());
-            let resp = self.client.send(&req).await?;
+            let req =
+                ApiRequest::new(Method::GET, url.clone()).header("Prefer", self.prefer(page_size));
+            let resp = match self.client.send(&req).await {
+                Err(UpstreamError::ResponseTooLarge { limit }) if page_size > 1 => {
+                    page_size /= 2;
+                    warn!(
+                        table,
+                        limit, page_size, "a page was too large; asking for fewer rows"
+                    );
+                    continue;
+                }
+                other => other?,
+            };
             if !resp.is_success() {
                 return Err(resp.error());
             }
