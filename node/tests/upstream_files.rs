@@ -476,10 +476,14 @@ async fn a_page_longer_than_the_limit_is_refused_by_its_length() {
         .pull_table("account")
         .await
         .unwrap();
-    let r = replica.lock().unwrap();
-    let all = r.store().scan("account").unwrap().count();
+    let all = replica
+        .lock()
+        .unwrap()
+        .store()
+        .scan("account")
+        .unwrap()
+        .count();
     assert!(all > 1);
-    drop(r);
     // A limit a few rows fit in, but not the whole page (2 KiB here): the bridge asks for
     // fewer rows.
     let other = tempfile::tempdir().unwrap();
