@@ -968,11 +968,8 @@ impl<N: FieldNode> Sim<N> {
             let node = &self.hosts[d.index()].node;
             let oracle = &self.oracle;
             let checker = &self.checker;
-            node.for_each_row_key(&mut |row| {
-                if table.is_some_and(|t| t != row.table)
-                    || oracle.entitled(d, row)
-                    || node.has_pending_on(row)
-                {
+            let mut look = |row: RowKey| {
+                if oracle.entitled(d, row) || node.has_pending_on(row) {
                     return;
                 }
                 // Never entitled (None) or revoked before this sync started: a leak.
@@ -980,7 +977,11 @@ impl<N: FieldNode> Sim<N> {
                     Some(t) if t >= started => {}
                     _ => leaked.push(row),
                 }
-            });
+            };
+            match table {
+                Some(t) => node.for_each_row_key_of(t, &mut look),
+                None => node.for_each_row_key(&mut look),
+            }
         }
         leaked.retain(|row| self.checker.first_leak(d, *row));
         for row in leaked.into_iter().take(5) {

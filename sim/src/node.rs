@@ -285,6 +285,15 @@ pub trait Observe {
     fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey)) {
         self.for_each_row(&mut |r, _| f(r));
     }
+    /// Visit every row of table `table` this node holds (default: `for_each_row_key`,
+    /// filtered; override when a table can be walked alone).
+    fn for_each_row_key_of(&self, table: u32, f: &mut dyn FnMut(RowKey)) {
+        self.for_each_row_key(&mut |r| {
+            if r.table == table {
+                f(r);
+            }
+        });
+    }
     /// The digest of one row's content, if the node holds it.
     fn row_digest(&self, row: RowKey) -> Option<u64>;
     /// Whether this node's state includes the op (applied, or its own).

@@ -935,6 +935,31 @@ impl Store {
         }))
     }
 
+    /// The ids of every live row of a table, in id order, without reading the rows (only each
+    /// record's first byte, its deleted flag): for listing what a store holds cheaply.
+    pub fn row_ids(
+        &self,
+        table: &str,
+    ) -> Result<impl Iterator<Item = Result<RowId, StoreError>> + '_, StoreError> {
+        let (t, _) = self.table(table)?;
+        let prefix = keys::table_prefix(keys::ROW, t);
+        Ok(self.db().scan_prefix(prefix).filter_map(|r| {
+            let item = (|| {
+                let (k, v) = r?;
+                let (_, id) =
+                    keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
+                let deleted = crate::row::peek_deleted(&v)
+                    .ok_or_else(|| corrupt(format!("the record of row {id} is damaged")))?;
+                Ok::<_, StoreError>((id, deleted))
+            })();
+            match item {
+                Ok((_, true)) => None,
+                Ok((id, false)) => Some(Ok(id)),
+                Err(e) => Some(Err(e)),
+            }
+        }))
+    }
+
     /// The columns of a row that hold concurrent values (empty: none, or no such row).
     ///
     /// `modifiedon` is set by every write and is never reported.

@@ -625,3 +625,23 @@ fn a_temporary_store_reopens_with_every_commit() {
     assert_eq!(again.last_seq(), 2);
     assert!(again.check().unwrap().is_ok());
 }
+
+#[test]
+fn row_ids_lists_live_rows_without_reading_them() {
+    let s = temp_store(1);
+    let mut tx = s.begin();
+    let a = tx.insert("account", &[("name", text("A"))]).unwrap();
+    let b = tx.insert("account", &[("name", text("B"))]).unwrap();
+    tx.commit().unwrap();
+    let ids = |s: &Store| -> Vec<fieldsync_store::RowId> {
+        s.row_ids("account").unwrap().map(|r| r.unwrap()).collect()
+    };
+    let mut both = vec![a, b];
+    both.sort();
+    assert_eq!(ids(&s), both);
+    let mut tx = s.begin();
+    tx.delete("account", a).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(ids(&s), vec![b], "a deleted row is not listed");
+    assert!(s.row_ids("nosuchtable").is_err());
+}

@@ -41,6 +41,8 @@ pub trait SimDeviceStorage: DeviceStorage {
     fn for_each_row(&self, f: &mut dyn FnMut(RowKey, u64));
     /// Visit every live row.
     fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey));
+    /// Visit every live row of table `table`.
+    fn for_each_row_key_of(&self, table: u32, f: &mut dyn FnMut(RowKey));
     /// The digest of one row.
     fn row_digest(&self, row: RowKey) -> Option<u64>;
     /// Whether this device's state includes the op (its own, or applied here).
@@ -687,13 +689,20 @@ impl SimDeviceStorage for StoreDevice {
     }
 
     fn for_each_row_key(&self, f: &mut dyn FnMut(RowKey)) {
+        for t in 0..self.tables.len() {
+            self.for_each_row_key_of(t as u32, f);
+        }
+    }
+
+    fn for_each_row_key_of(&self, table: u32, f: &mut dyn FnMut(RowKey)) {
         let Some(store) = &self.store else { return };
-        for t in &self.tables {
-            let Ok(rows) = store.scan(t) else { continue };
-            for r in rows.flatten() {
-                if let Some(k) = row_key(r.id) {
-                    f(k);
-                }
+        let Some(name) = self.tables.get(table as usize) else {
+            return;
+        };
+        let Ok(ids) = store.row_ids(name) else { return };
+        for id in ids.flatten() {
+            if let Some(k) = row_key(id) {
+                f(k);
             }
         }
     }

@@ -628,6 +628,17 @@ impl<S: SimDeviceStorage, H: SimHubStorage> Observe for RealNode<S, H> {
         }
     }
 
+    fn for_each_row_key_of(&self, table: u32, f: &mut dyn FnMut(RowKey)) {
+        match self {
+            RealNode::Hub(h) => h.storage.for_each_row(&mut |r, _| {
+                if r.table == table {
+                    f(r);
+                }
+            }),
+            RealNode::Device(d) => d.storage.for_each_row_key_of(table, f),
+        }
+    }
+
     fn row_digest(&self, row: RowKey) -> Option<u64> {
         match self {
             RealNode::Hub(h) => h.storage.row_digest(row),
@@ -835,9 +846,10 @@ impl NodeFactory for RealFactory {
                 self.registry.clone(),
             )?;
             s.use_replica(self.device_replica);
-            // Odd seeds have odd devices compact their log every few acknowledged entries, so
-            // runs exercise compaction (the default waits for thousands).
-            if self.seed % 2 == 1 && id.0 % 2 == 1 {
+            // In a quarter of the seeds, odd devices compact their log every few acknowledged
+            // entries, so runs exercise compaction (the default waits for thousands); the
+            // others, the benchmark's seed 1 among them, run the product's default.
+            if self.seed % 4 == 3 && id.0 % 2 == 1 {
                 s.set_compact_backlog(COMPACTING_DEVICE_BACKLOG);
             }
             if let Some(p) = &self.initial {
