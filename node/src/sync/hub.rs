@@ -262,22 +262,30 @@ pub struct LiveSessions {
 }
 
 impl LiveSessions {
-    /// Records `conn` as `device`'s session, closing the one it replaces; returns its ticket.
-    pub fn admit(&self, device: Uuid, conn: &quinn::Connection) -> u64 {
-        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-        let old = self
-            .by_device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(device, (ticket, conn.clone()));
-        if let Some((_, old)) = old {
-            info!(%device, "a new connection of the device replaces its old one");
-            old.close(
-                quinn::VarInt::from_u32(codes::SUPERSEDED),
-                b"replaced by a newer connection of this device",
-            );
-        }
-        ticket
+    /// A ticket for a connection just accepted: tickets order connections by arrival.
+    pub fn ticket(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records `conn` (holding `ticket`) as `device`'s session and closes the one it replaces.
+    /// A connection that arrived before the device's current one (its token check merely
+    /// finished later) is the one closed; returns whether `conn` was admitted.
+    pub fn admit(&self, device: Uuid, ticket: u64, conn: &quinn::Connection) -> bool {
+        let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
+        let superseded = match map.get(&device) {
+            Some((current, _)) if *current > ticket => conn.clone(),
+            _ => match map.insert(device, (ticket, conn.clone())) {
+                Some((_, old)) => old,
+                None => return true,
+            },
+        };
+        drop(map);
+        info!(%device, "a newer connection of the device replaces an older one");
+        superseded.close(
+            quinn::VarInt::from_u32(codes::SUPERSEDED),
+            b"replaced by a newer connection of this device",
+        );
+        superseded.stable_id() != conn.stable_id()
     }
 
     /// Forgets `device`'s session `ticket` (not a newer one that replaced it).
@@ -420,6 +428,7 @@ impl RunningHub {
 }
 
 async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
+    let ticket = runtime.sessions.ticket();
     // The store handle, not the replica's lock: a connection that has not shown a token must
     // not wait behind (or hold up) the sessions' storage work.
     let registry = StoreTokenRegistry(runtime.store.clone());
@@ -437,7 +446,9 @@ async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
     };
     let token = auth.token;
     info!(device = %token.device_id, user = %token.user_id, app = %token.app, "token accepted");
-    let ticket = runtime.sessions.admit(token.device_id, &conn);
+    if !runtime.sessions.admit(token.device_id, ticket, &conn) {
+        return;
+    }
     // Bootstrap streams: one JSON bundle per request, only the token's app.
     if let Some(bundle) = runtime.bootstraps.get(&token.app) {
         let conn = conn.clone();
@@ -731,5 +742,40 @@ pub struct RunningHubView {
 impl std::fmt::Debug for RunningHubView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RunningHubView")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fieldsync_replication::transport::baseline::loopback_pair;
+
+    #[tokio::test]
+    async fn the_newest_connection_of_a_device_keeps_its_session() {
+        let sessions = LiveSessions::default();
+        let device = Uuid::from_u128(7);
+        let mut pairs = Vec::new();
+        for _ in 0..3 {
+            pairs.push(loopback_pair(ConnectionLimits::hub()).await.unwrap());
+        }
+        let (first, second, third) = (sessions.ticket(), sessions.ticket(), sessions.ticket());
+        // The second connection's token check finishes first.
+        assert!(sessions.admit(device, second, &pairs[1].hub_conn));
+        // The first one's finishes later: it is the one closed, not the newer session.
+        assert!(!sessions.admit(device, first, &pairs[0].hub_conn));
+        assert!(pairs[0].hub_conn.close_reason().is_some());
+        assert!(pairs[1].hub_conn.close_reason().is_none());
+        // A newer connection replaces the session.
+        assert!(sessions.admit(device, third, &pairs[2].hub_conn));
+        assert!(pairs[1].hub_conn.close_reason().is_some());
+        assert!(pairs[2].hub_conn.close_reason().is_none());
+        // A stale release leaves the newer session in place.
+        sessions.release(device, second);
+        assert!(sessions
+            .by_device
+            .lock()
+            .unwrap()
+            .get(&device)
+            .is_some_and(|(t, _)| *t == third));
     }
 }
