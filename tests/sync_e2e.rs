@@ -116,6 +116,28 @@ impl Hub {
         ]);
         dev
     }
+    /// Enrolls USER for the app into credential file CRED (hub stopped); returns the token id.
+    fn enroll_token(&self, user: &str, cred: &str) -> String {
+        let out = fieldsync_ok([
+            "hub",
+            "enroll",
+            "--data",
+            &s(&self.data()),
+            "--user",
+            user,
+            "--app",
+            APP,
+            "--out",
+            &s(&self.path(cred)),
+            "--address",
+            &self.addr(),
+        ]);
+        out.split("token ")
+            .nth(1)
+            .and_then(|t| t.split(',').next())
+            .expect("enroll prints the token id")
+            .to_string()
+    }
     fn serve(&self) -> HubProcess {
         HubProcess::spawn(&self.data(), &self.addr(), None)
     }
@@ -367,28 +389,7 @@ fn second_app_revocation_and_wifi_only() {
     hub.work_order("WO-1", "user:ana@contoso.com", 690970000, &[]);
     let ana = hub.device("ana@contoso.com", "ana");
     let bad = hub.device("ines@contoso.com", "ines");
-    let out = fieldsync_ok([
-        "hub",
-        "enroll",
-        "--data",
-        &s(&hub.data()),
-        "--user",
-        "ines@contoso.com",
-        "--app",
-        APP,
-        "--out",
-        &s(&hub.path("revoked.cred")),
-        "--address",
-        &hub.addr(),
-    ]);
-    let token = out
-        .split("token ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_string();
+    let token = hub.enroll_token("ines@contoso.com", "revoked.cred");
     fieldsync_ok([
         "hub",
         "revoke",
@@ -447,28 +448,7 @@ fn second_app_revocation_and_wifi_only() {
     // watch mode (which retries lost connections for good). (Enrolling and revoking open the
     // hub's store: the hub is stopped for them.)
     drop(_proc);
-    let out = fieldsync_ok([
-        "hub",
-        "enroll",
-        "--data",
-        &s(&hub.data()),
-        "--user",
-        "ana@contoso.com",
-        "--app",
-        APP,
-        "--out",
-        &s(&hub.path("dora.cred")),
-        "--address",
-        &hub.addr(),
-    ]);
-    let dora_token = out
-        .split("token ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_string();
+    let dora_token = hub.enroll_token("ana@contoso.com", "dora.cred");
     let dora = hub.path("dora");
     // An init killed after it created the store (left empty) is taken up by the next init.
     fieldsync_ok([
