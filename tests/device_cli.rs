@@ -149,6 +149,16 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
         ),
         (&["account", "--id", "123", "name=x"], "not a valid row id"),
         (&["account", "name"], "COL=VALUE"),
+        // A file column takes a file: not a made-up reference to content nobody has...
+        (
+            &[
+                "account",
+                "contract=0000000000000000000000000000000000000000000000000000000000000000:99999:x.pdf",
+            ],
+            "does not hold",
+        ),
+        // ...nor a stream with no end or size.
+        (&["account", "contract=@/dev/zero"], "not a regular file"),
     ];
     for (args, expected) in cases {
         let mut full = vec!["device", "put", "--data", &data];
@@ -274,6 +284,67 @@ fn import_file(data: &str, table: &str, file: &std::path::Path) -> std::process:
         table.as_ref(),
         file.as_os_str(),
     ])
+}
+
+#[test]
+fn a_file_for_a_deleted_row_is_not_stored_and_imports_name_no_phantom_files() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    let id = fieldsync_ok(["device", "put", "--data", &data, "account", "name=x"]);
+    let id = id.trim();
+    fieldsync_ok(["device", "delete", "--data", &data, "account", id]);
+    let big = dir.path().join("big.pdf");
+    std::fs::write(&big, vec![7u8; 4 << 20]).unwrap();
+    let size = |d: &std::path::Path| -> u64 {
+        fn walk(d: &std::path::Path) -> u64 {
+            std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        walk(&p)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        }
+        walk(d)
+    };
+    let store_dir = dir.path().join("device");
+    let before = size(&store_dir);
+    let err = fieldsync_err([
+        "device",
+        "put",
+        "--data",
+        &data,
+        "account",
+        "--id",
+        id,
+        &format!("contract=@{}", big.display()),
+    ]);
+    assert!(err.contains("deleted"), "{err}");
+    assert!(
+        size(&store_dir) < before + (1 << 20),
+        "the file of a refused write was stored"
+    );
+    let lines = dir.path().join("phantom.jsonl");
+    std::fs::write(
+        &lines,
+        format!(
+            "{{\"name\":\"ok\"}}\n{{\"name\":\"y\",\"contract\":\"{}:12:y.pdf\"}}\n",
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let out = import_file(&data, "account", &lines);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":2:") && err.contains("does not hold"),
+        "{err}"
+    );
 }
 
 fn contact_count(data: &str) -> usize {

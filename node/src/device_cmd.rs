@@ -3,7 +3,7 @@
 //! Every command that writes commits durably before it prints: a printed id is a promise.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -265,14 +265,50 @@ fn attachment<'a>(table: &Table, arg: &'a str) -> Option<(&'a str, &'a Path)> {
     is_blob_column(table, col).then(|| (col, Path::new(path)))
 }
 
+/// Refuses file and image values that name content this device does not hold (typed as
+/// `HASH:SIZE:NAME` text or in an import): the hub would be told of a file that never comes.
+fn check_blob_refs(store: &Store, values: &[(String, Value)]) -> Result<()> {
+    for (col, v) in values {
+        if let Value::File(b) | Value::Image(b) = v {
+            if b.size > BLOB_UPLOAD_MAX || !store.has_blob(b)? {
+                bail!(
+                    "`{col}` refers to content this device does not hold; attach a file with {col}=@PATH"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads at most `limit` bytes; more is an error (a file that grows while it is read, a pipe).
+struct AtMost<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for AtMost<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self
+            .left
+            .checked_sub(n as u64)
+            .ok_or_else(|| std::io::Error::other(format!("more than {BLOB_UPLOAD_MAX} bytes")))?;
+        Ok(n)
+    }
+}
+
 /// Stores the file at `path` on the device; the value to put in `column`.
 fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Result<Value> {
-    let mut f = std::fs::File::open(path)
+    let f = std::fs::File::open(path)
         .with_context(|| format!("cannot open {} for column `{column}`", path.display()))?;
-    let size = f
+    let meta = f
         .metadata()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    // A pipe or a device has no size to check and may never end.
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let size = meta.len();
     if size > BLOB_UPLOAD_MAX {
         bail!(
             "{} is {size} bytes; a file or image column takes at most {BLOB_UPLOAD_MAX}",
@@ -283,8 +319,12 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let mut capped = AtMost {
+        inner: f,
+        left: BLOB_UPLOAD_MAX,
+    };
     let blob = store
-        .put_blob(&name, &mut f)
+        .put_blob(&name, &mut capped)
         .with_context(|| format!("cannot store {}", path.display()))?;
     Ok(match table.column(column).map(|c| c.ty) {
         Some(ColumnType::Image) => Value::Image(blob),
@@ -332,7 +372,14 @@ fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Resu
         args.iter().partition(|a| attachment(&table, a).is_some());
     let rest: Vec<String> = rest.into_iter().cloned().collect();
     let mut values = parse_assignments(&table, &rest)?;
+    check_blob_refs(&store, &values)?;
     let id = id.map(parse_id).transpose()?;
+    // A write that cannot succeed stores no file first (stored content is never removed).
+    if let Some(id) = id {
+        if !files.is_empty() && store.is_deleted(table_name, id)? {
+            bail!("row {id} of `{table_name}` has been deleted; nothing was written");
+        }
+    }
     for arg in files {
         if let Some((col, path)) = attachment(&table, arg) {
             values.push((col.to_string(), attach_file(&store, &table, col, path)?));
@@ -504,6 +551,10 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
     let store = open_store(data)?;
     let table = store.schema().table(table_name)?.clone();
     let rows = read_import_file(&table, file)?;
+    for (line, _, values) in &rows {
+        check_blob_refs(&store, values)
+            .map_err(|e| anyhow!("{}:{line}: {e}; nothing was imported", file.display()))?;
+    }
     let total = rows.len();
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
