@@ -148,8 +148,10 @@ pub fn run(cmd: HubCommand) -> Result<()> {
     }
 }
 
-/// The parsed `hub.toml`.
+/// The parsed `hub.toml`. Unknown keys are refused: a misspelt setting would otherwise be
+/// silently left at its default.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HubFile {
     pub hub_id: Uuid,
     #[serde(default = "default_listen")]
@@ -258,6 +260,7 @@ fn default_listen() -> String {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     pub max_connections: Option<usize>,
     pub max_pending_handshakes: Option<usize>,
@@ -265,6 +268,7 @@ pub struct LimitsFile {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConflictsFile {
     #[serde(default)]
     pub default: Option<String>,
@@ -463,10 +467,19 @@ pub fn open_hub(data: &Path) -> Result<OpenHub> {
         .with_context(|| format!("is {} a hub directory (`hub init`)?", data.display()))?;
     let file: HubFile = toml::from_str(&file_text)
         .with_context(|| format!("hub config {}", paths.file("hub.toml").display()))?;
+    check_hub_file(&file)
+        .with_context(|| format!("hub config {}", paths.file("hub.toml").display()))?;
     let store = Store::open(&paths.store(), StoreOptions::default())
         .with_context(|| format!("cannot open the hub store in {}", paths.store().display()))?;
     let schema = store.schema().clone();
     let schema_text = read(&paths.file("schema.toml"), "schema")?;
+    // Devices get schema.toml at init; it must be the schema the store was created with.
+    if Schema::from_toml(&schema_text).ok().as_ref() != Some(&schema) {
+        bail!(
+            "{} is not the schema the hub's store was created with; a hub's schema cannot be changed after `hub init`",
+            paths.file("schema.toml").display()
+        );
+    }
     let env = Environment::from_toml(&read(&paths.file("environment.toml"), "environment")?)
         .context("environment.toml")?;
     let apps =
@@ -521,6 +534,38 @@ pub fn open_hub(data: &Path) -> Result<OpenHub> {
         bootstraps,
         policies,
     })
+}
+
+/// Values `hub.toml` may parse but the hub cannot run with.
+fn check_hub_file(file: &HubFile) -> Result<()> {
+    if let Some(s) = file.limits.idle_timeout_secs {
+        if s < MIN_IDLE_TIMEOUT_SECS {
+            bail!(
+                "[limits] idle_timeout_secs = {s}: at least {MIN_IDLE_TIMEOUT_SECS} (devices send a keep-alive every 15 s)"
+            );
+        }
+    }
+    if let Some(a) = &file.public_address {
+        check_address(a).context("public_address")?;
+    }
+    if let Some(u) = &file.upstream {
+        u.validate().map_err(|e| anyhow!("[upstream] {e}"))?;
+    }
+    Ok(())
+}
+
+/// The shortest session idle timeout `hub.toml` may set: above the devices' keep-alive.
+const MIN_IDLE_TIMEOUT_SECS: u64 = 20;
+
+/// An address devices can dial: `HOST:PORT`.
+fn check_address(address: &str) -> Result<()> {
+    let ok = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        bail!("`{address}` is not HOST:PORT");
+    }
+    Ok(())
 }
 
 /// The runtime state for serving an opened hub.
@@ -659,6 +704,10 @@ fn enroll(data: &Path, user: &str, app: &str, out: &Path, address: Option<&str>)
             .clone()
             .ok_or_else(|| anyhow!("no --address and no public_address in hub.toml"))?,
     };
+    check_address(&address).context("--address")?;
+    // The credential's file must be writable before a token is issued for it.
+    std::fs::File::create(out)
+        .with_context(|| format!("cannot write the credential {}", out.display()))?;
     let device = Uuid::new_v4();
     let token = hub
         .replica
@@ -681,11 +730,11 @@ fn revoke(data: &Path, token: Uuid) -> Result<()> {
         .replica
         .revoke(token)
         .context("cannot revoke the token")?;
-    if known {
-        println!("revoked token {token}");
-    } else {
-        println!("token {token} was not issued by this hub; it is refused anyway");
+    if !known {
+        // Most likely a mistyped id: the device meant to be cut off is still enrolled.
+        bail!("token {token} was not issued by this hub; nothing was revoked (check the id)");
     }
+    println!("revoked token {token}");
     Ok(())
 }
 
@@ -741,4 +790,90 @@ fn put(data: &Path, table: &str, id: Option<RowId>, args: &[String]) -> Result<(
     hub.replica.store().sync().context("cannot flush")?;
     println!("{id}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hub initialised from the field-service example in a fresh temporary directory.
+    fn example_hub() -> PathBuf {
+        let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/field-service");
+        let dir = std::env::temp_dir().join(format!("fieldsync-hubcmd-{}", Uuid::new_v4()));
+        init_hub(
+            &dir,
+            &ex.join("environment.toml"),
+            &ex.join("apps.toml"),
+            Some(&ex.join("schema.toml")),
+            Some(&ex.join("profile.toml")),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn open_err(dir: &Path) -> String {
+        format!(
+            "{:#}",
+            open_hub(dir).err().expect("the hub should not open")
+        )
+    }
+
+    #[test]
+    fn hub_toml_mistakes_and_an_edited_schema_are_refused_at_open() {
+        let dir = example_hub();
+        let toml_path = dir.join("hub.toml");
+        let good = std::fs::read_to_string(&toml_path).unwrap();
+        assert!(open_hub(&dir).is_ok());
+        for (bad, expect) in [
+            (
+                good.replace("max_connections", "max_conections"),
+                "max_conections",
+            ),
+            (good.replace("[limits]", "[limit]"), "limit"),
+            (
+                good.replace("idle_timeout_secs = 90", "idle_timeout_secs = 0"),
+                "idle_timeout_secs",
+            ),
+            (
+                good.replace("\"127.0.0.1:4433\"", "\"not an address\""),
+                "HOST:PORT",
+            ),
+            (
+                format!("{good}\n[upstream]\nurl = \"http://127.0.0.1:1\"\nbackoff_ms = 0\n"),
+                "backoff_ms",
+            ),
+            (
+                format!("{good}\n[upstream]\nurl = \"http://127.0.0.1:1\"\npage_sise = 10\n"),
+                "page_sise",
+            ),
+        ] {
+            std::fs::write(&toml_path, &bad).unwrap();
+            let err = open_err(&dir);
+            assert!(err.contains(expect), "{expect}: {err}");
+        }
+        std::fs::write(&toml_path, &good).unwrap();
+        let schema_path = dir.join("schema.toml");
+        let schema = std::fs::read_to_string(&schema_path).unwrap();
+        std::fs::write(
+            &schema_path,
+            format!("{schema}\n[tables.extra]\noffline = true\n"),
+        )
+        .unwrap();
+        assert!(open_err(&dir).contains("cannot be changed"));
+        std::fs::write(&schema_path, schema).unwrap();
+        // A mistyped token id revokes nothing and says so.
+        assert!(revoke(&dir, Uuid::new_v4()).is_err());
+        // Enrolling refuses an address devices cannot dial, before issuing anything.
+        let out = dir.join("c.cred");
+        let enrolled = enroll(
+            &dir,
+            "ana@contoso.com",
+            "Field Service Mobile",
+            &out,
+            Some("not an address"),
+        );
+        assert!(enrolled.is_err());
+        assert!(!out.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// The upstream Dataverse environment (or the emulator) the hub relays to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The environment URL, e.g. `https://contoso.crm4.dynamics.com` or
     /// `http://127.0.0.1:8080` (the Web API lives under `/api/data/v9.2/`).
@@ -95,6 +96,39 @@ impl UpstreamConfig {
             format!("{url}/")
         } else {
             format!("{url}/api/data/v9.2/")
+        }
+    }
+
+    /// Refuses values the bridge cannot run with (a zero delay would hammer Dataverse in a
+    /// tight loop; Dataverse takes at most 5,000 rows a page and 1,000 writes a batch).
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(bool, &str); 7] = [
+            (self.poll_secs >= 1, "poll_secs must be at least 1"),
+            (self.backoff_ms >= 1, "backoff_ms must be at least 1"),
+            (
+                self.backoff_max_ms >= self.backoff_ms,
+                "backoff_max_ms must be at least backoff_ms",
+            ),
+            (
+                (1..=5000).contains(&self.page_size),
+                "page_size must be 1 to 5000",
+            ),
+            (
+                (1..=1000).contains(&self.batch_size),
+                "batch_size must be 1 to 1000",
+            ),
+            (
+                (1..=128 << 20).contains(&self.file_chunk_bytes),
+                "file_chunk_bytes must be 1 to 128 MiB",
+            ),
+            (
+                self.response_bytes_max >= 1 << 20,
+                "response_bytes_max must be at least 1 MiB",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, why)) => Err((*why).to_string()),
+            None => Ok(()),
         }
     }
 
