@@ -347,6 +347,33 @@ fn a_file_for_a_deleted_row_is_not_stored_and_imports_name_no_phantom_files() {
     );
 }
 
+#[test]
+fn plain_output_escapes_control_characters() {
+    let dir = init_device();
+    let data = data_arg(&dir);
+    let id = fieldsync_ok([
+        "device",
+        "put",
+        "--data",
+        &data,
+        "contact",
+        "firstname=Ana\nstatecode: 1",
+        "lastname=x\tfake=1\u{1b}[2J",
+    ]);
+    let id = id.trim();
+    let got = fieldsync_ok(["device", "get", "--data", &data, "contact", id]);
+    assert!(!got.contains("\nstatecode: 1"), "{got}");
+    assert!(got.contains("Ana\\nstatecode: 1"), "{got}");
+    assert!(!got.contains('\u{1b}'), "{got}");
+    let rows = fieldsync_ok(["device", "query", "--data", &data, "contact"]);
+    assert_eq!(rows.lines().count(), 1, "{rows}");
+    let json = fieldsync_ok(["device", "get", "--data", &data, "contact", id, "--json"]);
+    assert!(
+        json.contains("Ana\\nstatecode: 1"),
+        "--json stays exact: {json}"
+    );
+}
+
 fn contact_count(data: &str) -> usize {
     fieldsync_ok(["device", "query", "--data", data, "contact", "--json"])
         .lines()

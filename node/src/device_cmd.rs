@@ -402,6 +402,26 @@ fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Resu
     Ok(())
 }
 
+/// A value for the plain-text output: control characters (newlines, tabs, terminal escapes)
+/// escaped, so a value written by anyone the device syncs with cannot fake a field or a row
+/// or drive the terminal. `--json` is exact.
+fn plain(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect::<Vec<_>>()
+                } else {
+                    vec![c]
+                }
+            })
+            .collect()
+    } else {
+        text
+    }
+}
+
 fn row_json(row: &Row) -> serde_json::Value {
     let mut obj = serde_json::Map::new();
     obj.insert(format!("{}id", row.table), row.id.to_string().into());
@@ -427,7 +447,7 @@ fn get(data: &Path, table: &str, id: &str, json: bool) -> Result<()> {
     } else {
         writeln!(out, "{}id: {}", row.table, row.id)?;
         for (col, value) in &row.values {
-            writeln!(out, "{col}: {value}")?;
+            writeln!(out, "{col}: {}", plain(value))?;
         }
         if row.has_conflicts {
             writeln!(
@@ -452,7 +472,11 @@ fn query(data: &Path, table_name: &str, filters: &[String], json: bool) -> Resul
         if json {
             writeln!(out, "{}", row_json(row))?;
         } else {
-            let cols: Vec<String> = row.values.iter().map(|(c, v)| format!("{c}={v}")).collect();
+            let cols: Vec<String> = row
+                .values
+                .iter()
+                .map(|(c, v)| format!("{c}={}", plain(v)))
+                .collect();
             writeln!(out, "{}\t{}", row.id, cols.join("\t"))?;
         }
     }

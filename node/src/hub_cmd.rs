@@ -26,7 +26,7 @@ use fieldsync_replication::proto::{ConflictPolicies, ConflictPolicy, HubConfig, 
 use fieldsync_replication::replica::{FeedChanges, HubReplica};
 use fieldsync_replication::transport::{ConnectionLimits, HubIdentity};
 use fieldsync_replication::{apps_from_toml, generate_profile, Environment, Profile};
-use fieldsync_store::{RowId, Schema, Store, StoreOptions, Value};
+use fieldsync_store::{Durability, RowId, Schema, Store, StoreOptions, Value};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -489,6 +489,12 @@ pub fn open_hub(data: &Path) -> Result<OpenHub> {
     let identity =
         HubIdentity::load(&paths.cert(), &paths.key()).context("cannot load the TLS identity")?;
     let key = HubSigningKey::load(&paths.signing()).context("cannot load the signing key")?;
+    check_store_owner(&store, file.hub_id, key.public_key()).with_context(|| {
+        format!(
+            "the store in {} was not made with this hub.toml and signing.key",
+            paths.store().display()
+        )
+    })?;
     let verifier = key.verifier();
     let mut bootstraps = HashMap::new();
     for app in &apps {
@@ -534,6 +540,30 @@ pub fn open_hub(data: &Path) -> Result<OpenHub> {
         bootstraps,
         policies,
     })
+}
+
+/// Ties the hub's store to its `hub_id` and token-signing key: recorded at the first open,
+/// compared at every later one, so a store, `hub.toml` or key copied in from another hub is
+/// refused rather than served under this hub's id (its devices' tokens would all fail).
+fn check_store_owner(store: &Store, hub_id: Uuid, signing_key: [u8; 32]) -> Result<()> {
+    const SPACE: &str = "hubdir";
+    const KEY: &[u8] = b"owner";
+    let mut owner = hub_id.as_bytes().to_vec();
+    owner.extend_from_slice(&signing_key);
+    match store.aux_get(SPACE, KEY)? {
+        None => store.aux_put(SPACE, KEY, &owner, Durability::Immediate)?,
+        Some(stored) if stored == owner => {}
+        Some(stored) => {
+            let other = stored
+                .get(..16)
+                .and_then(|b| Uuid::from_slice(b).ok())
+                .map_or_else(|| "?".to_string(), |u| u.to_string());
+            bail!(
+                "it belongs to hub {other} (or with another signing key); hub.toml says {hub_id}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Values `hub.toml` may parse but the hub cannot run with.
@@ -872,8 +902,20 @@ mod tests {
             &out,
             Some("not an address"),
         );
-        assert!(enrolled.is_err());
+        let err = format!("{:#}", enrolled.err().expect("an unusable address"));
+        assert!(err.contains("HOST:PORT"), "{err}");
         assert!(!out.exists());
+        // Another hub's signing key, or its hub.toml, is not served with this store.
+        let other = example_hub();
+        let key = dir.join("signing.key");
+        let own_key = std::fs::read(&key).unwrap();
+        std::fs::copy(other.join("signing.key"), &key).unwrap();
+        assert!(open_err(&dir).contains("was not made with this hub.toml"));
+        std::fs::write(&key, own_key).unwrap();
+        assert!(open_hub(&dir).is_ok());
+        std::fs::copy(other.join("hub.toml"), &toml_path).unwrap();
+        assert!(open_err(&dir).contains("was not made with this hub.toml"));
+        let _ = std::fs::remove_dir_all(&other);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
