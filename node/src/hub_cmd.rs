@@ -902,7 +902,7 @@ mod tests {
             &out,
             Some("not an address"),
         );
-        let err = format!("{:#}", enrolled.err().expect("an unusable address"));
+        let err = format!("{:#}", enrolled.expect_err("an unusable address"));
         assert!(err.contains("HOST:PORT"), "{err}");
         assert!(!out.exists());
         // Another hub's signing key, or its hub.toml, is not served with this store.
