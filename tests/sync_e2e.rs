@@ -138,6 +138,17 @@ impl Hub {
             .expect("enroll prints the token id")
             .to_string()
     }
+    /// Revokes token id TOKEN (hub stopped).
+    fn revoke(&self, token: &str) {
+        fieldsync_ok([
+            "hub",
+            "revoke",
+            "--data",
+            &s(&self.data()),
+            "--token",
+            token,
+        ]);
+    }
     fn serve(&self) -> HubProcess {
         HubProcess::spawn(&self.data(), &self.addr(), None)
     }
@@ -390,14 +401,7 @@ fn second_app_revocation_and_wifi_only() {
     let ana = hub.device("ana@contoso.com", "ana");
     let bad = hub.device("ines@contoso.com", "ines");
     let token = hub.enroll_token("ines@contoso.com", "revoked.cred");
-    fieldsync_ok([
-        "hub",
-        "revoke",
-        "--data",
-        &s(&hub.data()),
-        "--token",
-        &token,
-    ]);
+    hub.revoke(&token);
     let _proc = hub.serve();
     init_device(&ana, &hub.path("ana.cred"));
     sync(&ana);
@@ -462,14 +466,7 @@ fn second_app_revocation_and_wifi_only() {
     let proc = hub.serve();
     init_device(&dora, &hub.path("dora.cred"));
     drop(proc);
-    fieldsync_ok([
-        "hub",
-        "revoke",
-        "--data",
-        &s(&hub.data()),
-        "--token",
-        &dora_token,
-    ]);
+    hub.revoke(&dora_token);
     let _proc = hub.serve();
     let mut watch = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
         .args(["device", "sync", "--data", &s(&dora), "--watch"])

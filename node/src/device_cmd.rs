@@ -406,20 +406,15 @@ fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Resu
 /// escaped, so a value written by anyone the device syncs with cannot fake a field or a row
 /// or drive the terminal. `--json` is exact.
 fn plain(value: &Value) -> String {
-    let text = value.to_string();
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .flat_map(|c| {
-                if c.is_control() {
-                    c.escape_default().collect::<Vec<_>>()
-                } else {
-                    vec![c]
-                }
-            })
-            .collect()
-    } else {
-        text
+    let mut out = String::new();
+    for c in value.to_string().chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
+    out
 }
 
 fn row_json(row: &Row) -> serde_json::Value {

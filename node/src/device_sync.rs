@@ -181,7 +181,7 @@ fn resume_interrupted_init(data: &Path, schema: &Schema) -> Result<()> {
     let untouched = store.last_seq() == 0
         && schema.tables().all(|t| {
             store
-                .scan(&t.name)
+                .row_ids(&t.name)
                 .map(|mut rows| rows.next().is_none())
                 .unwrap_or(false)
         });

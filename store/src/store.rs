@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
+use sled::IVec;
 use tracing::{debug, info_span, warn};
 
 use crate::api::{ColumnConflict, Row};
@@ -912,21 +913,25 @@ impl Store {
         Ok(self.load_mat(t, id)?.is_some_and(|m| m.deleted))
     }
 
+    /// The row records of table number `t`, by id: each id with its encoded `R` record.
+    fn row_records(&self, t: u16) -> impl Iterator<Item = Result<(RowId, IVec), StoreError>> {
+        let prefix = keys::table_prefix(keys::ROW, t);
+        self.db().scan_prefix(prefix).map(|r| {
+            let (k, v) = r?;
+            let (_, id) =
+                keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
+            Ok((id, v))
+        })
+    }
+
     /// Every live row of a table, by id.
     pub fn scan(
         &self,
         table: &str,
     ) -> Result<impl Iterator<Item = Result<Row, StoreError>> + '_, StoreError> {
         let (t, tab) = self.table(table)?;
-        let prefix = keys::table_prefix(keys::ROW, t);
-        Ok(self.db().scan_prefix(prefix).filter_map(move |r| {
-            let item = (|| {
-                let (k, v) = r?;
-                let (_, id) =
-                    keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
-                let mat: MatRow = self.decode_mat(t, &v)?;
-                Ok::<_, StoreError>((id, mat))
-            })();
+        Ok(self.row_records(t).filter_map(move |r| {
+            let item = r.and_then(|(id, v)| Ok((id, self.decode_mat(t, &v)?)));
             match item {
                 Ok((_, m)) if m.deleted => None,
                 Ok((id, m)) => Some(Ok(self.to_row(tab, id, m))),
@@ -942,16 +947,12 @@ impl Store {
         table: &str,
     ) -> Result<impl Iterator<Item = Result<RowId, StoreError>> + '_, StoreError> {
         let (t, _) = self.table(table)?;
-        let prefix = keys::table_prefix(keys::ROW, t);
-        Ok(self.db().scan_prefix(prefix).filter_map(|r| {
-            let item = (|| {
-                let (k, v) = r?;
-                let (_, id) =
-                    keys::parse_row_key(&k).ok_or_else(|| corrupt("a row key is malformed"))?;
+        Ok(self.row_records(t).filter_map(|r| {
+            let item = r.and_then(|(id, v)| {
                 let deleted = crate::row::peek_deleted(&v)
                     .ok_or_else(|| corrupt(format!("the record of row {id} is damaged")))?;
-                Ok::<_, StoreError>((id, deleted))
-            })();
+                Ok((id, deleted))
+            });
             match item {
                 Ok((_, true)) => None,
                 Ok((id, false)) => Some(Ok(id)),

@@ -272,20 +272,24 @@ impl LiveSessions {
     /// finished later) is the one closed; returns whether `conn` was admitted.
     pub fn admit(&self, device: Uuid, ticket: u64, conn: &quinn::Connection) -> bool {
         let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
-        let superseded = match map.get(&device) {
-            Some((current, _)) if *current > ticket => conn.clone(),
-            _ => match map.insert(device, (ticket, conn.clone())) {
-                Some((_, old)) => old,
-                None => return true,
-            },
+        let newer_live = map
+            .get(&device)
+            .is_some_and(|(current, _)| *current > ticket);
+        let (admitted, superseded) = if newer_live {
+            (false, Some(conn.clone()))
+        } else {
+            let old = map.insert(device, (ticket, conn.clone()));
+            (true, old.map(|(_, c)| c))
         };
         drop(map);
-        info!(%device, "a newer connection of the device replaces an older one");
-        superseded.close(
-            quinn::VarInt::from_u32(codes::SUPERSEDED),
-            b"replaced by a newer connection of this device",
-        );
-        superseded.stable_id() != conn.stable_id()
+        if let Some(old) = superseded {
+            info!(%device, "a newer connection of the device replaces an older one");
+            old.close(
+                quinn::VarInt::from_u32(codes::SUPERSEDED),
+                b"replaced by a newer connection of this device",
+            );
+        }
+        admitted
     }
 
     /// Forgets `device`'s session `ticket` (not a newer one that replaced it).
