@@ -61,7 +61,6 @@ impl Hub {
         ]);
         hub
     }
-    /// An operator's write on the hub (hub stopped); returns the row id.
     /// An active work order (`statecode=0`) with this name, owner and system status, plus
     /// `extra` `COL=VALUE`s; returns its id.
     fn work_order(&self, name: &str, owner: &str, status: u32, extra: &[&str]) -> String {
@@ -116,7 +115,7 @@ impl Hub {
         ]);
         dev
     }
-    /// Enrolls USER for the app into credential file CRED (hub stopped); returns the token id.
+    /// Enrolls USER for the app into credential file CRED; returns the token id.
     fn enroll_token(&self, user: &str, cred: &str) -> String {
         let out = fieldsync_ok([
             "hub",
@@ -138,7 +137,7 @@ impl Hub {
             .expect("enroll prints the token id")
             .to_string()
     }
-    /// Revokes token id TOKEN (hub stopped).
+    /// Revokes token id TOKEN (the hub running or not).
     fn revoke(&self, token: &str) {
         fieldsync_ok([
             "hub",
@@ -448,11 +447,10 @@ fn second_app_revocation_and_wifi_only() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // A device whose token is revoked after it was set up stops with a clear error, even in
-    // watch mode (which retries lost connections for good). (Enrolling and revoking open the
-    // hub's store: the hub is stopped for them.)
+    // With the hub running, the operator's commands go through its admin socket: a device
+    // enrolled now syncs a row written now, and revoking its token ends its live session, so
+    // `--watch` (which retries lost connections for good) stops with a clear error.
     drop(_proc);
-    let dora_token = hub.enroll_token("ana@contoso.com", "dora.cred");
     let dora = hub.path("dora");
     // An init killed after it created the store (left empty) is taken up by the next init.
     fieldsync_ok([
@@ -463,24 +461,36 @@ fn second_app_revocation_and_wifi_only() {
         "--schema",
         &s(&field_service("schema.toml")),
     ]);
-    let proc = hub.serve();
+    let proc = HubProcess::spawn(&hub.data(), &hub.addr(), Some("127.0.0.1:0"));
+    let metrics = proc.metrics.clone().unwrap();
+    let dora_token = hub.enroll_token("ana@contoso.com", "dora.cred");
     init_device(&dora, &hub.path("dora.cred"));
-    drop(proc);
-    hub.revoke(&dora_token);
-    let _proc = hub.serve();
+    hub.work_order("WO-LIVE", "user:ana@contoso.com", 690970000, &[]);
+    sync(&dora);
+    assert!(names(&dora).contains(&"WO-LIVE".to_string()));
     let mut watch = std::process::Command::new(fieldsync_e2e::fieldsync_bin())
         .args(["device", "sync", "--data", &s(&dora), "--watch"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Revoked only once the device holds a live session, so it is that session that ends.
     let started = std::time::Instant::now();
+    while !http_get(&metrics, "/metrics").contains("fieldsync_hub_connected_devices 1") {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the device did not connect"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    hub.revoke(&dora_token);
+    let revoked_at = std::time::Instant::now();
     let status = loop {
         if let Some(status) = watch.try_wait().unwrap() {
             break status;
         }
-        if started.elapsed() > std::time::Duration::from_secs(30) {
+        if revoked_at.elapsed() > std::time::Duration::from_secs(30) {
             let _ = watch.kill();
-            panic!("device sync --watch kept retrying a revoked credential");
+            panic!("device sync --watch kept its session or retried a revoked credential");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
@@ -488,6 +498,20 @@ fn second_app_revocation_and_wifi_only() {
     std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success());
     assert!(err.contains("refuses this device's credential"), "{err}");
+
+    // A request that is not one gets an error back, and the socket keeps serving.
+    let socket = hub.data().join("admin.sock");
+    let mut conn = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(&mut conn, b"{\"Revoke\":").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply).unwrap();
+    assert!(reply.contains("not an admin request"), "{reply}");
+    hub.work_order("WO-SOCKET", "user:ana@contoso.com", 690970000, &[]);
+    // A killed hub leaves its socket behind; the commands then open the store themselves.
+    proc.kill();
+    assert!(socket.exists());
+    hub.work_order("WO-STOPPED", "user:ana@contoso.com", 690970000, &[]);
 }
 
 /// A device enrolled for a second app whose offline profile is the same keeps its one store

@@ -12,6 +12,8 @@
 //! DIR/tls/hub.crt, hub.key   the hub's TLS identity (its pin goes into every credential)
 //! DIR/signing.key       the ed25519 key that signs device tokens
 //! DIR/store/            the hub's store (rows, log, token registry, per-device bookkeeping)
+//! DIR/admin.sock        while `hub serve` runs: where `enroll`, `revoke` and `put` go
+//!                       (`hub_admin`)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +34,7 @@ use uuid::Uuid;
 
 use fieldsync_node::upstream::{AuthConfig, Bridge, SecretSource, UpstreamConfig};
 
+use crate::hub_admin::{self, AdminReply, AdminRequest};
 use crate::sync::hub::{
     render_metrics, serve_metrics, start_hub, ChangeBus, HubRuntime, Metrics, RunningHub,
     RunningHubView,
@@ -71,7 +74,8 @@ pub enum HubCommand {
         #[arg(long)]
         metrics: Option<SocketAddr>,
     },
-    /// Enroll a device of USER for APP: writes a credential file (hub not running).
+    /// Enroll a device of USER for APP: writes a credential file (through the running hub's admin
+    /// socket if it serves DIR).
     Enroll {
         #[arg(long)]
         data: PathBuf,
@@ -88,7 +92,8 @@ pub enum HubCommand {
         #[arg(long)]
         address: Option<String>,
     },
-    /// Revoke a device's token (hub not running): its sessions are refused from then on.
+    /// Revoke a device's token: its sessions are refused from then on, and a live one is ended
+    /// (through the running hub's admin socket if it serves DIR).
     Revoke {
         #[arg(long)]
         data: PathBuf,
@@ -96,8 +101,9 @@ pub enum HubCommand {
         #[arg(long)]
         token: Uuid,
     },
-    /// Write a row on the hub itself (an operator's edit; hub not running), routed to devices
-    /// like a pushed op. Owner values may name a user: `ownerid=user:ana@contoso.com`.
+    /// Write a row on the hub itself (an operator's edit), routed to devices like a pushed op
+    /// (through the running hub's admin socket if it serves DIR). Owner values may name a
+    /// user: `ownerid=user:ana@contoso.com`.
     Put {
         #[arg(long)]
         data: PathBuf,
@@ -460,15 +466,21 @@ pub struct OpenHub {
     pub policies: ConflictPolicies,
 }
 
+/// `data`'s `hub.toml`, parsed and checked.
+fn read_hub_file(data: &Path) -> Result<HubFile> {
+    let path = HubPaths::new(data).file("hub.toml");
+    let text = read(&path, "hub config")
+        .with_context(|| format!("is {} a hub directory (`hub init`)?", data.display()))?;
+    let file: HubFile =
+        toml::from_str(&text).with_context(|| format!("hub config {}", path.display()))?;
+    check_hub_file(&file).with_context(|| format!("hub config {}", path.display()))?;
+    Ok(file)
+}
+
 /// Opens the hub in `data` (its store is locked while this lives).
 pub fn open_hub(data: &Path) -> Result<OpenHub> {
     let paths = HubPaths::new(data);
-    let file_text = read(&paths.file("hub.toml"), "hub config")
-        .with_context(|| format!("is {} a hub directory (`hub init`)?", data.display()))?;
-    let file: HubFile = toml::from_str(&file_text)
-        .with_context(|| format!("hub config {}", paths.file("hub.toml").display()))?;
-    check_hub_file(&file)
-        .with_context(|| format!("hub config {}", paths.file("hub.toml").display()))?;
+    let file = read_hub_file(data)?;
     let store = Store::open(&paths.store(), StoreOptions::default())
         .with_context(|| format!("cannot open the hub store in {}", paths.store().display()))?;
     let schema = store.schema().clone();
@@ -671,6 +683,18 @@ fn serve(data: &Path, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let running = start_hub(runtime, &identity, listen)?;
+        // Before "listening": a script that waits for that line may enroll at once. Without
+        // the socket the operator's commands wait for the hub to stop: not fatal.
+        let admin = match hub_admin::start(data, running.runtime.clone(), identity.pin()) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "no admin socket: `hub enroll`, `revoke` and `put` need the hub stopped"
+                );
+                None
+            }
+        };
         println!("hub {} listening on {} (QUIC)", file.hub_id, running.addr);
         if let Some(m) = metrics {
             let local = start_metrics(&running, m).await?;
@@ -690,6 +714,10 @@ fn serve(data: &Path, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -
         if let Some(task) = bridge {
             // The bridge's state is durable per step: stopping it mid-round loses nothing.
             task.abort();
+        }
+        if let Some(task) = admin {
+            task.abort();
+            let _ = std::fs::remove_file(hub_admin::socket_path(data));
         }
         running.shut_down().await?;
         println!("hub stopped");
@@ -725,26 +753,31 @@ pub async fn wait_for_signal() -> Result<()> {
 }
 
 fn enroll(data: &Path, user: &str, app: &str, out: &Path, address: Option<&str>) -> Result<()> {
-    let mut hub = open_hub(data)?;
     let address = match address {
         Some(a) => a.to_string(),
-        None => hub
-            .file
+        None => read_hub_file(data)?
             .public_address
-            .clone()
             .ok_or_else(|| anyhow!("no --address and no public_address in hub.toml"))?,
     };
     check_address(&address).context("--address")?;
     // The credential's file must be writable before a token is issued for it.
     std::fs::File::create(out)
         .with_context(|| format!("cannot write the credential {}", out.display()))?;
-    let device = Uuid::new_v4();
-    let token = hub
-        .replica
-        .enroll(user, app, device, unix_ms())
-        .context("cannot enroll the device")?;
-    let token_id = token.token().token_id;
-    Credential::new(address.clone(), hub.identity.pin(), token)
+    let request = AdminRequest::Enroll {
+        user: user.to_string(),
+        app: app.to_string(),
+        address: address.clone(),
+    };
+    let AdminReply::Enrolled {
+        device,
+        token_id,
+        credential,
+    } = administer(data, &request)?
+    else {
+        bail!("the hub answered an enrollment with something else");
+    };
+    Credential::from_toml(&credential)
+        .context("the hub's credential does not parse")?
         .save(out)
         .with_context(|| format!("cannot write the credential {}", out.display()))?;
     println!(
@@ -755,17 +788,27 @@ fn enroll(data: &Path, user: &str, app: &str, out: &Path, address: Option<&str>)
 }
 
 fn revoke(data: &Path, token: Uuid) -> Result<()> {
-    let mut hub = open_hub(data)?;
-    let known = hub
-        .replica
-        .revoke(token)
-        .context("cannot revoke the token")?;
-    if !known {
-        // Most likely a mistyped id: the device meant to be cut off is still enrolled.
-        bail!("token {token} was not issued by this hub; nothing was revoked (check the id)");
-    }
+    administer(data, &AdminRequest::Revoke { token })?;
     println!("revoked token {token}");
     Ok(())
+}
+
+/// Runs an operator's command: through the running hub's admin socket if a hub serves
+/// `data`, else on the store opened here. A reply of failure is an error.
+fn administer(data: &Path, request: &AdminRequest) -> Result<AdminReply> {
+    let reply = match hub_admin::send(data, request)? {
+        Some(reply) => reply,
+        None => {
+            let mut hub = open_hub(data)?;
+            let reply = hub_admin::execute(&mut hub.replica, hub.identity.pin(), request)?;
+            hub.replica.store().sync().context("cannot flush")?;
+            reply
+        }
+    };
+    if let AdminReply::Failed { message } = reply {
+        return Err(anyhow!(message));
+    }
+    Ok(reply)
 }
 
 /// Parses `COL=VALUE` for the hub, resolving `user:NAME` and `team:NAME` owners.
@@ -807,18 +850,14 @@ pub fn hub_values(
 }
 
 fn put(data: &Path, table: &str, id: Option<RowId>, args: &[String]) -> Result<()> {
-    let mut hub = open_hub(data)?;
-    let values = hub_values(&hub.replica, table, args)?;
-    let id = id.unwrap_or_else(Uuid::new_v4);
-    let refs: Vec<(&str, Value)> = values
-        .iter()
-        .map(|(c, v)| (c.as_str(), v.clone()))
-        .collect();
-    hub.replica
-        .local_write(table, id, &refs)
-        .with_context(|| format!("cannot write {table} {id}"))?;
-    hub.replica.store().sync().context("cannot flush")?;
-    println!("{id}");
+    let request = AdminRequest::Put {
+        table: table.to_string(),
+        id,
+        values: args.to_vec(),
+    };
+    if let AdminReply::Written { id } = administer(data, &request)? {
+        println!("{id}");
+    }
     Ok(())
 }
 

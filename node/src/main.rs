@@ -10,6 +10,7 @@ mod demo_upstream;
 mod device_cmd;
 mod device_sync;
 mod emulator;
+mod hub_admin;
 mod hub_cmd;
 mod profile_cmd;
 mod sync;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fieldsync_replication::credential::TokenVerifier;
+use fieldsync_replication::credential::{TokenRegistry, TokenStatus, TokenVerifier};
 use fieldsync_replication::proto::{CloseCode, HubConfig, HubEvent, HubSession, Millis};
 use fieldsync_replication::replica::{HubReplica, StoreTokenRegistry};
 pub use fieldsync_replication::transport::ChangeBus;
@@ -257,7 +257,8 @@ pub struct HubRuntime {
 /// credential can so hold one session's streams and windows, not thousands.
 #[derive(Debug, Default)]
 pub struct LiveSessions {
-    by_device: Mutex<HashMap<Uuid, (u64, quinn::Connection)>>,
+    /// Device → its session's ticket, token id and connection.
+    by_device: Mutex<HashMap<Uuid, (u64, Uuid, quinn::Connection)>>,
     next: AtomicU64,
 }
 
@@ -267,19 +268,26 @@ impl LiveSessions {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Records `conn` (holding `ticket`) as `device`'s session and closes the one it replaces.
-    /// A connection that arrived before the device's current one (its token check merely
-    /// finished later) is the one closed; returns whether `conn` was admitted.
-    pub fn admit(&self, device: Uuid, ticket: u64, conn: &quinn::Connection) -> bool {
+    /// Records `conn` (holding `ticket`, authenticated with token `token_id`) as `device`'s
+    /// session and closes the one it replaces. A connection that arrived before the device's
+    /// current one (its token check merely finished later) is the one closed; returns whether
+    /// `conn` was admitted.
+    pub fn admit(
+        &self,
+        device: Uuid,
+        token_id: Uuid,
+        ticket: u64,
+        conn: &quinn::Connection,
+    ) -> bool {
         let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
         let newer_live = map
             .get(&device)
-            .is_some_and(|(current, _)| *current > ticket);
+            .is_some_and(|(current, _, _)| *current > ticket);
         let (admitted, superseded) = if newer_live {
             (false, Some(conn.clone()))
         } else {
-            let old = map.insert(device, (ticket, conn.clone()));
-            (true, old.map(|(_, c)| c))
+            let old = map.insert(device, (ticket, token_id, conn.clone()));
+            (true, old.map(|(_, _, c)| c))
         };
         drop(map);
         if let Some(old) = superseded {
@@ -295,9 +303,26 @@ impl LiveSessions {
     /// Forgets `device`'s session `ticket` (not a newer one that replaced it).
     pub fn release(&self, device: Uuid, ticket: u64) {
         let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&device).is_some_and(|(t, _)| *t == ticket) {
+        if map.get(&device).is_some_and(|(t, _, _)| *t == ticket) {
             map.remove(&device);
         }
+    }
+
+    /// Ends the live sessions authenticated with `token_id`, just revoked; returns how many.
+    /// Their devices hear `AUTH_REVOKED`, as a new connection with the token would.
+    pub fn end_revoked(&self, token_id: Uuid) -> usize {
+        let map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = 0;
+        for (_, token, conn) in map.values() {
+            if *token == token_id {
+                conn.close(
+                    quinn::VarInt::from_u32(codes::AUTH_REVOKED),
+                    b"the token was revoked",
+                );
+                ended += 1;
+            }
+        }
+        ended
     }
 }
 
@@ -450,7 +475,20 @@ async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
     };
     let token = auth.token;
     info!(device = %token.device_id, user = %token.user_id, app = %token.app, "token accepted");
-    if !runtime.sessions.admit(token.device_id, ticket, &conn) {
+    if !runtime
+        .sessions
+        .admit(token.device_id, token.token_id, ticket, &conn)
+    {
+        return;
+    }
+    // A revocation between the token check and `admit` missed this session in
+    // `LiveSessions::end_revoked`; it is on record by now, so this read sees it.
+    if registry.status(&token.token_id) == TokenStatus::Revoked {
+        runtime.sessions.release(token.device_id, ticket);
+        conn.close(
+            quinn::VarInt::from_u32(codes::AUTH_REVOKED),
+            b"the token was revoked",
+        );
         return;
     }
     // Bootstrap streams: one JSON bundle per request, only the token's app.
@@ -758,19 +796,20 @@ mod tests {
     async fn the_newest_connection_of_a_device_keeps_its_session() {
         let sessions = LiveSessions::default();
         let device = Uuid::from_u128(7);
+        let token = Uuid::from_u128(8);
         let mut pairs = Vec::new();
         for _ in 0..3 {
             pairs.push(loopback_pair(ConnectionLimits::hub()).await.unwrap());
         }
         let (first, second, third) = (sessions.ticket(), sessions.ticket(), sessions.ticket());
         // The second connection's token check finishes first.
-        assert!(sessions.admit(device, second, &pairs[1].hub_conn));
+        assert!(sessions.admit(device, token, second, &pairs[1].hub_conn));
         // The first one's finishes later: it is the one closed, not the newer session.
-        assert!(!sessions.admit(device, first, &pairs[0].hub_conn));
+        assert!(!sessions.admit(device, token, first, &pairs[0].hub_conn));
         assert!(pairs[0].hub_conn.close_reason().is_some());
         assert!(pairs[1].hub_conn.close_reason().is_none());
         // A newer connection replaces the session.
-        assert!(sessions.admit(device, third, &pairs[2].hub_conn));
+        assert!(sessions.admit(device, token, third, &pairs[2].hub_conn));
         assert!(pairs[1].hub_conn.close_reason().is_some());
         assert!(pairs[2].hub_conn.close_reason().is_none());
         // A stale release leaves the newer session in place.
@@ -780,6 +819,11 @@ mod tests {
             .lock()
             .unwrap()
             .get(&device)
-            .is_some_and(|(t, _)| *t == third));
+            .is_some_and(|(t, _, _)| *t == third));
+        // Revoking another token ends nothing; revoking the session's ends it.
+        assert_eq!(sessions.end_revoked(Uuid::from_u128(9)), 0);
+        assert!(pairs[2].hub_conn.close_reason().is_none());
+        assert_eq!(sessions.end_revoked(token), 1);
+        assert!(pairs[2].hub_conn.close_reason().is_some());
     }
 }
