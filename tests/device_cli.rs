@@ -135,6 +135,9 @@ fn uuid_like(s: &str) {
 fn bad_input_is_one_clear_error_and_writes_nothing() {
     let dir = init_device();
     let data = data_arg(&dir);
+    let text_file = dir.path().join("logo.png");
+    std::fs::write(&text_file, "a text file named like an image").unwrap();
+    let not_an_image = format!("logo=@{}", text_file.display());
     let cases: &[(&[&str], &str)] = &[
         (&["nosuchtable", "name=x"], "unknown table"),
         (&["account", "nosuchcolumn=x"], "unknown column"),
@@ -159,6 +162,8 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
         ),
         // ...nor a stream with no end or size.
         (&["account", "contract=@/dev/zero"], "not a regular file"),
+        // An image column takes GIF, JPEG, TIFF, BMP or PNG content only.
+        (&["account", &not_an_image], "not a GIF, JPEG, TIFF, BMP or PNG"),
     ];
     for (args, expected) in cases {
         let mut full = vec!["device", "put", "--data", &data];

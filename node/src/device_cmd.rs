@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use fieldsync_replication::proto::messages::BLOB_UPLOAD_MAX;
 use fieldsync_store::{
-    BulkRow, ColumnType, Durability, Row, RowId, Schema, Store, StoreOptions, Table, Value,
-    WriteError,
+    BulkRow, ColumnType, Durability, ImageFormat, Row, RowId, Schema, Store, StoreOptions, Table,
+    Value, WriteError, IMAGE_MAX_BYTES,
 };
 use uuid::Uuid;
 
@@ -315,6 +315,27 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
             path.display()
         );
     }
+    let image = table.column(column).map(|c| c.ty) == Some(ColumnType::Image);
+    let mut f = std::io::BufReader::new(f);
+    if image {
+        // What Dataverse's image columns take; it would refuse anything else at the bridge,
+        // after the device had long moved on.
+        if size > IMAGE_MAX_BYTES {
+            bail!(
+                "{} is {size} bytes; an image column takes at most {IMAGE_MAX_BYTES}",
+                path.display()
+            );
+        }
+        let head = f
+            .fill_buf()
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if ImageFormat::sniff(head).is_none() {
+            bail!(
+                "{} is not a GIF, JPEG, TIFF, BMP or PNG image; image column `{column}` takes only those (a file column takes any content)",
+                path.display()
+            );
+        }
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -326,9 +347,10 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
     let blob = store
         .put_blob(&name, &mut capped)
         .with_context(|| format!("cannot store {}", path.display()))?;
-    Ok(match table.column(column).map(|c| c.ty) {
-        Some(ColumnType::Image) => Value::Image(blob),
-        _ => Value::File(blob),
+    Ok(if image {
+        Value::Image(blob)
+    } else {
+        Value::File(blob)
     })
 }
 

@@ -98,9 +98,39 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One clear line: the error and its causes, outermost first.
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, outermost first. A cause whose text the message
+/// before it already ends with is left out: many errors put their source in their own text
+/// (`I/O error: {0}`), and `{:#}` would print the OS message twice.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_already_in_its_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = anyhow::Error::new(fieldsync_store::StoreError::Io(io)).context("cannot open");
+        assert_eq!(one_line(&err), "cannot open: I/O error: no such file");
+        let err = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(one_line(&err), "outer: middle: inner");
     }
 }

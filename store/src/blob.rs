@@ -20,6 +20,47 @@ use crate::wal::WriteBatch;
 /// The size of a blob chunk.
 pub const BLOB_CHUNK_BYTES: usize = 256 * 1024;
 
+/// The largest content of an image column, as Dataverse allows (file columns go further).
+pub const IMAGE_MAX_BYTES: u64 = 30 * 1024 * 1024;
+
+/// The image formats an image column takes, as Dataverse's: GIF, JPEG, TIFF, BMP and PNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// GIF87a / GIF89a.
+    Gif,
+    /// JPEG (any JFIF or Exif flavour: the SOI marker and the next marker's first byte).
+    Jpeg,
+    /// TIFF, little- or big-endian.
+    Tiff,
+    /// Windows bitmap.
+    Bmp,
+    /// PNG.
+    Png,
+}
+
+impl ImageFormat {
+    /// The format whose signature `head` (the content's first bytes, 8 are enough) starts
+    /// with; `None` for anything else, which an image column does not take.
+    pub fn sniff(head: &[u8]) -> Option<ImageFormat> {
+        const SIGNATURES: [(&[u8], ImageFormat); 7] = [
+            (b"GIF87a", ImageFormat::Gif),
+            (b"GIF89a", ImageFormat::Gif),
+            (&[0xFF, 0xD8, 0xFF], ImageFormat::Jpeg),
+            (b"II*\0", ImageFormat::Tiff),
+            (b"MM\0*", ImageFormat::Tiff),
+            (b"BM", ImageFormat::Bmp),
+            (
+                &[0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1A, b'\n'],
+                ImageFormat::Png,
+            ),
+        ];
+        SIGNATURES
+            .iter()
+            .find(|(sig, _)| head.starts_with(sig))
+            .map(|(_, f)| *f)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct BlobHeader {
     pub size: u64,
@@ -176,5 +217,27 @@ impl Store {
             return Err(StoreError::BlobCorrupt(blob.hash_hex()));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ImageFormat;
+
+    #[test]
+    fn image_formats_are_told_by_their_signature() {
+        for (head, format) in [
+            (&b"GIF89a\x01\x00"[..], Some(ImageFormat::Gif)),
+            (b"\xFF\xD8\xFF\xE0\x00\x10JFIF", Some(ImageFormat::Jpeg)),
+            (b"II*\x00\x08\x00", Some(ImageFormat::Tiff)),
+            (b"MM\x00*\x00\x00", Some(ImageFormat::Tiff)),
+            (b"BM\x36\x00", Some(ImageFormat::Bmp)),
+            (b"\x89PNG\r\n\x1a\n\x00", Some(ImageFormat::Png)),
+            (b"\x89PNG\r\n", None),
+            (b"%PDF-1.7", None),
+            (b"", None),
+        ] {
+            assert_eq!(ImageFormat::sniff(head), format, "{head:?}");
+        }
     }
 }
