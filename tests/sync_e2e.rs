@@ -498,6 +498,13 @@ fn second_app_revocation_and_wifi_only() {
     std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success());
     assert!(err.contains("refuses this device's credential"), "{err}");
+    let listed = fieldsync_ok(["hub", "devices", "--data", &s(&hub.data())]);
+    assert!(
+        listed.lines().any(|l| l.contains(&dora_token)
+            && l.contains("ana@contoso.com")
+            && l.ends_with("revoked")),
+        "{listed}"
+    );
 
     // A request that is not one gets an error back, and the socket keeps serving.
     let socket = hub.data().join("admin.sock");

@@ -1,4 +1,5 @@
-//! Operator commands (`hub enroll`, `hub revoke`, `hub put`) on a hub, running or not.
+//! Operator commands (`hub enroll`, `hub revoke`, `hub devices`, `hub put`) on a hub, running
+//! or not.
 //!
 //! A stopped hub's store is opened by the command itself. A running hub holds its store's
 //! lock, so `hub serve` listens on a Unix socket in its directory, `DIR/admin.sock`, and the
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fieldsync_replication::credential::{CertPin, Credential};
+use fieldsync_replication::credential::{CertPin, Credential, Token};
 use fieldsync_replication::replica::HubReplica;
 use fieldsync_store::Value;
 use serde::{Deserialize, Serialize};
@@ -49,14 +50,41 @@ pub enum AdminRequest {
         app: String,
         address: String,
     },
-    /// Revoke a token: its sessions are refused from now on, a live one ended.
-    Revoke { token: Uuid },
+    /// Revoke tokens: their sessions are refused from now on, live ones ended.
+    Revoke(RevokeTarget),
+    /// List the tokens the hub issued.
+    Devices,
     /// Write a row on the hub (`COL=VALUE`s as `hub put` takes them), routed to devices.
     Put {
         table: String,
         id: Option<Uuid>,
         values: Vec<String>,
     },
+}
+
+/// Which tokens a revocation is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RevokeTarget {
+    /// This token (it must be one the hub issued).
+    Token(Uuid),
+    /// Every active token of this device.
+    Device(Uuid),
+    /// Every active token of this user (a name or an id): someone who left.
+    User(String),
+}
+
+/// A token the hub issued, as `hub devices` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    pub token_id: Uuid,
+    pub revoked: bool,
+    /// The rest is unknown for tokens issued before the hub kept it.
+    pub device: Option<Uuid>,
+    pub user_id: Option<String>,
+    /// The user's name, if the environment still has the user.
+    pub user: Option<String>,
+    pub app: Option<String>,
+    pub issued_at_ms: Option<u64>,
 }
 
 /// What a command did.
@@ -68,8 +96,10 @@ pub enum AdminReply {
         token_id: Uuid,
         credential: String,
     },
-    /// The token was revoked.
-    Revoked { token: Uuid },
+    /// These tokens were revoked.
+    Revoked { tokens: Vec<Uuid> },
+    /// The tokens the hub issued.
+    Devices { tokens: Vec<DeviceEntry> },
     /// The row was written.
     Written { id: Uuid },
     /// The command failed; nothing was done.
@@ -103,15 +133,63 @@ pub fn execute(
                 credential,
             })
         }
-        AdminRequest::Revoke { token } => {
-            let known = replica.revoke(*token).context("cannot revoke the token")?;
-            if !known {
-                // Most likely a mistyped id: the device meant to be cut off is still enrolled.
+        AdminRequest::Revoke(target) => {
+            let chosen = match target {
+                RevokeTarget::Token(token) => vec![*token],
+                RevokeTarget::Device(device) => active_tokens(replica, |t| t.device_id == *device)?,
+                RevokeTarget::User(user) => {
+                    let env = replica.environment();
+                    let id = Uuid::parse_str(user)
+                        .ok()
+                        .and_then(|id| env.user(id))
+                        .or_else(|| env.user_by_name(user))
+                        .ok_or_else(|| anyhow!("unknown user `{user}`"))?
+                        .id
+                        .to_string();
+                    active_tokens(replica, |t| t.user_id == id)?
+                }
+            };
+            if chosen.is_empty() {
                 bail!(
-                    "token {token} was not issued by this hub; nothing was revoked (check the id)"
+                    "no active token of {target}; nothing was revoked (`hub devices` lists them)"
                 );
             }
-            Ok(AdminReply::Revoked { token: *token })
+            for token in &chosen {
+                if !replica.revoke(*token).context("cannot revoke the token")? {
+                    // Most likely a mistyped id: the device meant to be cut off is still
+                    // enrolled.
+                    bail!(
+                        "token {token} was not issued by this hub; nothing was revoked (check the id)"
+                    );
+                }
+            }
+            Ok(AdminReply::Revoked { tokens: chosen })
+        }
+        AdminRequest::Devices => {
+            let env = replica.environment();
+            let tokens = replica
+                .issued_tokens()
+                .context("cannot read the token records")?
+                .into_iter()
+                .map(|t| {
+                    let user = t
+                        .token
+                        .as_ref()
+                        .and_then(|t| Uuid::parse_str(&t.user_id).ok())
+                        .and_then(|id| env.user(id))
+                        .map(|u| u.name.clone());
+                    DeviceEntry {
+                        token_id: t.token_id,
+                        revoked: t.revoked,
+                        device: t.token.as_ref().map(|t| t.device_id),
+                        user_id: t.token.as_ref().map(|t| t.user_id.clone()),
+                        user,
+                        app: t.token.as_ref().map(|t| t.app.clone()),
+                        issued_at_ms: t.token.as_ref().map(|t| t.issued_at_ms),
+                    }
+                })
+                .collect();
+            Ok(AdminReply::Devices { tokens })
         }
         AdminRequest::Put { table, id, values } => {
             let parsed = hub_values(replica, table, values)?;
@@ -124,6 +202,27 @@ pub fn execute(
                 .local_write(table, id, &refs)
                 .with_context(|| format!("cannot write {table} {id}"))?;
             Ok(AdminReply::Written { id })
+        }
+    }
+}
+
+/// The ids of the tokens not revoked whose details `matches`.
+fn active_tokens(replica: &HubReplica, matches: impl Fn(&Token) -> bool) -> Result<Vec<Uuid>> {
+    Ok(replica
+        .issued_tokens()
+        .context("cannot read the token records")?
+        .into_iter()
+        .filter(|t| !t.revoked && t.token.as_ref().is_some_and(&matches))
+        .map(|t| t.token_id)
+        .collect())
+}
+
+impl std::fmt::Display for RevokeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RevokeTarget::Token(t) => write!(f, "token {t}"),
+            RevokeTarget::Device(d) => write!(f, "device {d}"),
+            RevokeTarget::User(u) => write!(f, "user `{u}`"),
         }
     }
 }
@@ -272,15 +371,17 @@ async fn run(runtime: &HubRuntime, pin: CertPin, request: &AdminRequest) -> Admi
         Ok((reply, changes)) => {
             runtime.bus.publish(&changes);
             match &reply {
-                AdminReply::Revoked { token } => {
-                    let ended = runtime.sessions.end_revoked(*token);
-                    info!(%token, live_sessions_ended = ended, "token revoked");
+                AdminReply::Revoked { tokens } => {
+                    for token in tokens {
+                        let ended = runtime.sessions.end_revoked(*token);
+                        info!(%token, live_sessions_ended = ended, "token revoked");
+                    }
                 }
                 AdminReply::Enrolled {
                     device, token_id, ..
                 } => info!(%device, token = %token_id, "device enrolled"),
                 AdminReply::Written { id } => info!(%id, "row written by the operator"),
-                AdminReply::Failed { .. } => {}
+                AdminReply::Devices { .. } | AdminReply::Failed { .. } => {}
             }
             reply
         }

@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use fieldsync_node::upstream::{AuthConfig, Bridge, SecretSource, UpstreamConfig};
 
-use crate::hub_admin::{self, AdminReply, AdminRequest};
+use crate::hub_admin::{self, AdminReply, AdminRequest, RevokeTarget};
 use crate::sync::hub::{
     render_metrics, serve_metrics, start_hub, ChangeBus, HubRuntime, Metrics, RunningHub,
     RunningHubView,
@@ -92,14 +92,30 @@ pub enum HubCommand {
         #[arg(long)]
         address: Option<String>,
     },
-    /// Revoke a device's token: its sessions are refused from then on, and a live one is ended
-    /// (through the running hub's admin socket if it serves DIR).
+    /// Revoke a token, or every token of a device or a user: their sessions are refused from
+    /// then on, and live ones are ended (through the running hub's admin socket if it serves
+    /// DIR).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["token", "device", "user"])))]
     Revoke {
         #[arg(long)]
         data: PathBuf,
-        /// The token id (printed by `hub enroll`).
+        /// The token id (printed by `hub enroll`, listed by `hub devices`).
         #[arg(long)]
-        token: Uuid,
+        token: Option<Uuid>,
+        /// Every active token of this device (a lost or stolen phone).
+        #[arg(long)]
+        device: Option<Uuid>,
+        /// Every active token of this user, a name or an id (someone who left).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List the devices enrolled: token, device, user, app, when, and whether revoked.
+    Devices {
+        #[arg(long)]
+        data: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a row on the hub itself (an operator's edit), routed to devices like a pushed op
     /// (through the running hub's admin socket if it serves DIR). Owner values may name a
@@ -144,7 +160,21 @@ pub fn run(cmd: HubCommand) -> Result<()> {
             out,
             address,
         } => enroll(&data, &user, &app, &out, address.as_deref()),
-        HubCommand::Revoke { data, token } => revoke(&data, token),
+        HubCommand::Revoke {
+            data,
+            token,
+            device,
+            user,
+        } => {
+            let target = match (token, device, user) {
+                (Some(t), _, _) => RevokeTarget::Token(t),
+                (_, Some(d), _) => RevokeTarget::Device(d),
+                (_, _, Some(u)) => RevokeTarget::User(u),
+                (None, None, None) => bail!("--token, --device or --user"),
+            };
+            revoke(&data, target)
+        }
+        HubCommand::Devices { data, json } => devices(&data, json),
         HubCommand::Put {
             data,
             table,
@@ -787,9 +817,48 @@ fn enroll(data: &Path, user: &str, app: &str, out: &Path, address: Option<&str>)
     Ok(())
 }
 
-fn revoke(data: &Path, token: Uuid) -> Result<()> {
-    administer(data, &AdminRequest::Revoke { token })?;
-    println!("revoked token {token}");
+fn revoke(data: &Path, target: RevokeTarget) -> Result<()> {
+    if let AdminReply::Revoked { tokens } = administer(data, &AdminRequest::Revoke(target))? {
+        for token in tokens {
+            println!("revoked token {token}");
+        }
+    }
+    Ok(())
+}
+
+fn devices(data: &Path, json: bool) -> Result<()> {
+    let AdminReply::Devices { tokens } = administer(data, &AdminRequest::Devices)? else {
+        bail!("the hub answered a listing with something else");
+    };
+    let unknown = || "?".to_string();
+    for t in tokens {
+        let status = if t.revoked { "revoked" } else { "active" };
+        let issued = t
+            .issued_at_ms
+            .and_then(|ms| i64::try_from(ms).ok())
+            .map(fieldsync_store::format_datetime);
+        if json {
+            let line = serde_json::json!({
+                "token": t.token_id.to_string(),
+                "device": t.device.map(|d| d.to_string()),
+                "user": t.user,
+                "user_id": t.user_id,
+                "app": t.app,
+                "issued": issued,
+                "status": status,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "token {}  device {}  user {}  app `{}`  issued {}  {status}",
+                t.token_id,
+                t.device.map_or_else(unknown, |d| d.to_string()),
+                t.user.or(t.user_id).unwrap_or_else(unknown),
+                t.app.unwrap_or_else(unknown),
+                issued.unwrap_or_else(unknown),
+            );
+        }
+    }
     Ok(())
 }
 
@@ -864,6 +933,8 @@ fn put(data: &Path, table: &str, id: Option<RowId>, args: &[String]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fieldsync_replication::credential::{TokenRegistry, TokenStatus};
+    use fieldsync_replication::replica::StoreTokenRegistry;
 
     /// A hub initialised from the field-service example in a fresh temporary directory.
     fn example_hub() -> PathBuf {
@@ -885,6 +956,84 @@ mod tests {
             "{:#}",
             open_hub(dir).err().expect("the hub should not open")
         )
+    }
+
+    #[test]
+    fn tokens_are_listed_and_revoked_by_token_device_or_user() {
+        let dir = example_hub();
+        let mut hub = open_hub(&dir).unwrap();
+        let pin = hub.identity.pin();
+        let mut run = |request: AdminRequest| hub_admin::execute(&mut hub.replica, pin, &request);
+        let enroll = |user: &str| AdminRequest::Enroll {
+            user: user.into(),
+            app: "Field Service Mobile".into(),
+            address: "127.0.0.1:4433".into(),
+        };
+        let mut issued = Vec::new();
+        for user in ["ana@contoso.com", "ana@contoso.com", "ben@contoso.com"] {
+            let Ok(AdminReply::Enrolled {
+                device, token_id, ..
+            }) = run(enroll(user))
+            else {
+                panic!("enrolling {user} failed");
+            };
+            issued.push((device, token_id));
+        }
+        let listed = |reply: Result<AdminReply>| match reply {
+            Ok(AdminReply::Devices { tokens }) => tokens,
+            other => panic!("not a listing: {other:?}"),
+        };
+        let tokens = listed(run(AdminRequest::Devices));
+        assert_eq!(tokens.len(), 3);
+        for (device, token_id) in &issued {
+            let t = tokens.iter().find(|t| t.token_id == *token_id).unwrap();
+            assert_eq!(t.device, Some(*device));
+            assert!(!t.revoked);
+            assert!(t.issued_at_ms.is_some());
+        }
+        assert_eq!(
+            tokens
+                .iter()
+                .filter(|t| t.user.as_deref() == Some("ana@contoso.com"))
+                .count(),
+            2
+        );
+        // Someone who left: every token of the user, and nobody else's.
+        let Ok(AdminReply::Revoked { tokens: mut gone }) = run(AdminRequest::Revoke(
+            RevokeTarget::User("ana@contoso.com".into()),
+        )) else {
+            panic!("revoking ana's tokens failed");
+        };
+        gone.sort();
+        let mut anas = vec![issued[0].1, issued[1].1];
+        anas.sort();
+        assert_eq!(gone, anas);
+        // Nothing left to revoke for ana; an unknown user or device is an error too.
+        for target in [
+            RevokeTarget::User("ana@contoso.com".into()),
+            RevokeTarget::User("nobody@contoso.com".into()),
+            RevokeTarget::Device(Uuid::new_v4()),
+            RevokeTarget::Token(Uuid::new_v4()),
+        ] {
+            assert!(
+                run(AdminRequest::Revoke(target.clone())).is_err(),
+                "{target}"
+            );
+        }
+        // A lost phone: its device's token.
+        assert!(matches!(
+            run(AdminRequest::Revoke(RevokeTarget::Device(issued[2].0))),
+            Ok(AdminReply::Revoked { tokens }) if tokens == [issued[2].1]
+        ));
+        let tokens = listed(run(AdminRequest::Devices));
+        assert!(tokens.iter().all(|t| t.revoked && t.device.is_some()));
+        // The registry the transport checks agrees.
+        let registry = StoreTokenRegistry(hub.replica.store().clone());
+        for (_, token_id) in &issued {
+            assert_eq!(registry.status(token_id), TokenStatus::Revoked);
+        }
+        drop(hub);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -931,7 +1080,7 @@ mod tests {
         assert!(open_err(&dir).contains("cannot be changed"));
         std::fs::write(&schema_path, schema).unwrap();
         // A mistyped token id revokes nothing and says so.
-        assert!(revoke(&dir, Uuid::new_v4()).is_err());
+        assert!(revoke(&dir, RevokeTarget::Token(Uuid::new_v4())).is_err());
         // Enrolling refuses an address devices cannot dial, before issuing anything.
         let out = dir.join("c.cred");
         let enrolled = enroll(

@@ -177,6 +177,18 @@ pub enum HubReplicaError {
     UnknownApp(String),
 }
 
+/// A token the hub issued, as [`HubReplica::issued_tokens`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The token's id.
+    pub token_id: Uuid,
+    /// Whether it was revoked.
+    pub revoked: bool,
+    /// The token (device, user, app, when issued); `None` for tokens issued before the hub
+    /// kept these.
+    pub token: Option<Token>,
+}
+
 /// How far behind the feed a device is, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceLag {
@@ -202,7 +214,7 @@ enum Decision {
 }
 
 /// The hub's token registry as its store's aux space records it: `tok/` + token id → `[1]`
-/// issued, `[0]` revoked. Read through on every check, so tokens enrolled or revoked by
+/// issued, `[0]` revoked (then the signed token). Read through on every check, so tokens enrolled or revoked by
 /// another handle on the same store count at once; the transport checks tokens with it
 /// before any session (or the replica's lock) is involved.
 #[derive(Debug, Clone)]
@@ -738,19 +750,60 @@ impl HubReplica {
         let signed = key.sign(&token)?;
         let mut k = P_TOKEN.to_vec();
         k.extend_from_slice(token.token_id.as_bytes());
-        self.store.aux_put(SPACE, &k, &[1], Durability::Immediate)?;
+        // The status byte, then the token itself, so that `issued_tokens` can say whose it is.
+        let mut record = vec![1];
+        record.extend_from_slice(signed.as_bytes());
+        self.store
+            .aux_put(SPACE, &k, &record, Durability::Immediate)?;
         info!(%device, user = %user_id, app, "device enrolled");
         Ok(signed)
     }
 
     /// Revokes a token: sessions presenting it are refused from now on. Returns whether the
-    /// hub had issued it.
+    /// hub had issued it (a token it did not issue is left alone: its signature fails anyway).
     pub fn revoke(&mut self, token_id: Uuid) -> Result<bool, HubReplicaError> {
         let mut k = P_TOKEN.to_vec();
         k.extend_from_slice(token_id.as_bytes());
-        let issued = self.store.aux_get(SPACE, &k)?.is_some();
-        self.store.aux_put(SPACE, &k, &[0], Durability::Immediate)?;
-        Ok(issued)
+        let Some(mut record) = self.store.aux_get(SPACE, &k)? else {
+            return Ok(false);
+        };
+        // The token's details stay on record after the status byte.
+        match record.first_mut() {
+            Some(status) => *status = 0,
+            None => record.push(0),
+        }
+        self.store
+            .aux_put(SPACE, &k, &record, Durability::Immediate)?;
+        Ok(true)
+    }
+
+    /// Every token this hub issued, in token-id order, with whose it is and whether it was
+    /// revoked (`hub devices`).
+    pub fn issued_tokens(&self) -> Result<Vec<IssuedToken>, HubReplicaError> {
+        let mut out = Vec::new();
+        for (key, record) in self.store.aux_scan(SPACE, P_TOKEN)? {
+            let token_id = key
+                .get(P_TOKEN.len()..)
+                .and_then(|b| Uuid::from_slice(b).ok())
+                .ok_or_else(|| StoreError::Corrupt("a token record's key is malformed".into()))?;
+            let Some((&status, details)) = record.split_first() else {
+                return Err(
+                    StoreError::Corrupt(format!("token {token_id}'s record is empty")).into(),
+                );
+            };
+            // Tokens issued before their details were kept have none.
+            let token = (!details.is_empty())
+                .then(|| SignedToken::from_bytes(details.to_vec()))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("token {token_id}'s record: {e}")))?
+                .map(|t| t.token().clone());
+            out.push(IssuedToken {
+                token_id,
+                revoked: status != 1,
+                token,
+            });
+        }
+        Ok(out)
     }
 
     /// What changed since the last call (applied pushes, resolutions, membership changes):

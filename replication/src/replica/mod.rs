@@ -29,7 +29,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `tok/` token id | `[1]` issued, `[0]` revoked |
+//! | `tok/` token id | `[1]` issued, `[0]` revoked, then the signed token (none for tokens issued before it was kept) |
 //! | `dec/` row hash | the decision on a pushed change (bincode) |
 //! | `act/` device actor | the automerge actors a device pushed with |
 //! | `aa/` actor | the device that owns the actor (the first to push with it) |
@@ -56,8 +56,8 @@ pub use device::{DeviceReplica, TableSyncStatus, DEFAULT_COMPACT_BACKLOG};
 pub use hub::PlantedHubBug;
 #[cfg(feature = "credential")]
 pub use hub::{
-    DeviceLag, FeedChanges, HubReplica, HubReplicaError, StoreTokenRegistry, ACTORS_PER_DEVICE,
-    SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
+    DeviceLag, FeedChanges, HubReplica, HubReplicaError, IssuedToken, StoreTokenRegistry,
+    ACTORS_PER_DEVICE, SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
 };
 
 /// Why a replica operation the CLI calls directly failed.
