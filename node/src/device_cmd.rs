@@ -283,16 +283,20 @@ fn check_blob_refs(store: &Store, values: &[(String, Value)]) -> Result<()> {
 /// Reads at most `limit` bytes; more is an error (a file that grows while it is read, a pipe).
 struct AtMost<R> {
     inner: R,
-    left: u64,
+    limit: u64,
+    read: u64,
 }
 
 impl<R: Read> Read for AtMost<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.left = self
-            .left
-            .checked_sub(n as u64)
-            .ok_or_else(|| std::io::Error::other(format!("more than {BLOB_UPLOAD_MAX} bytes")))?;
+        self.read += n as u64;
+        if self.read > self.limit {
+            return Err(std::io::Error::other(format!(
+                "more than {} bytes",
+                self.limit
+            )));
+        }
         Ok(n)
     }
 }
@@ -316,7 +320,12 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         );
     }
     let image = table.column(column).map(|c| c.ty) == Some(ColumnType::Image);
-    let mut f = std::io::BufReader::new(f);
+    let mut f = f;
+    let mut head = Vec::with_capacity(ImageFormat::SNIFF_BYTES);
+    (&mut f)
+        .take(ImageFormat::SNIFF_BYTES as u64)
+        .read_to_end(&mut head)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     if image {
         // What Dataverse's image columns take; it would refuse anything else at the bridge,
         // after the device had long moved on.
@@ -326,10 +335,7 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
                 path.display()
             );
         }
-        let head = f
-            .fill_buf()
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if ImageFormat::sniff(head).is_none() {
+        if ImageFormat::sniff(&head).is_none() {
             bail!(
                 "{} is not a GIF, JPEG, TIFF, BMP or PNG image; image column `{column}` takes only those (a file column takes any content)",
                 path.display()
@@ -341,8 +347,13 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut capped = AtMost {
-        inner: f,
-        left: BLOB_UPLOAD_MAX,
+        inner: std::io::Cursor::new(head).chain(f),
+        limit: if image {
+            IMAGE_MAX_BYTES
+        } else {
+            BLOB_UPLOAD_MAX
+        },
+        read: 0,
     };
     let blob = store
         .put_blob(&name, &mut capped)

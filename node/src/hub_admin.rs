@@ -34,12 +34,22 @@ use crate::sync::unix_ms;
 /// The socket's name in the hub's directory.
 pub const SOCKET_NAME: &str = "admin.sock";
 
-/// The largest request or reply, in bytes (a `put` of many columns is a few KiB).
-const MAX_MESSAGE_BYTES: u64 = 1 << 20;
+/// The largest request, in bytes (a `put` of many columns is a few KiB).
+const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
-/// How long one request may take to arrive and be answered: a client that connects and
-/// sends nothing must not hold a task for good.
+/// The largest reply a client reads: `hub devices` lists every token ever issued.
+const MAX_REPLY_BYTES: u64 = 256 << 20;
+
+/// How long a request may take to arrive, and its reply to be taken: a client that connects
+/// and sends nothing must not hold a task for good.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a request waits for the sessions' storage turn before it is refused, undone:
+/// well under the client's patience, so a client never gives up on a command that then runs.
+const TURN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a client waits for the reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// An operator's command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,14 +148,18 @@ pub fn execute(
                 RevokeTarget::Token(token) => vec![*token],
                 RevokeTarget::Device(device) => active_tokens(replica, |t| t.device_id == *device)?,
                 RevokeTarget::User(user) => {
-                    let env = replica.environment();
-                    let id = Uuid::parse_str(user)
-                        .ok()
-                        .and_then(|id| env.user(id))
-                        .or_else(|| env.user_by_name(user))
-                        .ok_or_else(|| anyhow!("unknown user `{user}`"))?
-                        .id
-                        .to_string();
+                    // An id is taken as is: the user may have left the environment already.
+                    let id = match Uuid::parse_str(user) {
+                        Ok(id) => id,
+                        Err(_) => {
+                            replica
+                                .environment()
+                                .user_by_name(user)
+                                .ok_or_else(|| anyhow!("unknown user `{user}`"))?
+                                .id
+                        }
+                    }
+                    .to_string();
                     active_tokens(replica, |t| t.user_id == id)?
                 }
             };
@@ -154,14 +168,12 @@ pub fn execute(
                     "no active token of {target}; nothing was revoked (`hub devices` lists them)"
                 );
             }
-            for token in &chosen {
-                if !replica.revoke(*token).context("cannot revoke the token")? {
-                    // Most likely a mistyped id: the device meant to be cut off is still
-                    // enrolled.
-                    bail!(
-                        "token {token} was not issued by this hub; nothing was revoked (check the id)"
-                    );
-                }
+            let issued = replica
+                .revoke_all(&chosen)
+                .context("cannot revoke; nothing was revoked")?;
+            if issued.contains(&false) {
+                // Most likely a mistyped id: the device meant to be cut off is still enrolled.
+                bail!("{target} was not issued by this hub; nothing was revoked (check the id)");
             }
             Ok(AdminReply::Revoked { tokens: chosen })
         }
@@ -233,10 +245,14 @@ pub fn send(data: &Path, request: &AdminRequest) -> Result<Option<AdminReply>> {
     let path = socket_path(data);
     let mut conn = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(c) => c,
+        // Absent, left by a hub that stopped, or a path too long for a socket (which no hub
+        // could have bound either).
         Err(e)
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::InvalidInput
             ) =>
         {
             return Ok(None)
@@ -251,15 +267,20 @@ pub fn send(data: &Path, request: &AdminRequest) -> Result<Option<AdminReply>> {
         }
     };
     let io = |e| anyhow!("the running hub's admin socket {}: {e}", path.display());
-    conn.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(io)?;
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
     conn.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(io)?;
     let body = serde_json::to_vec(request).context("cannot encode the request")?;
     conn.write_all(&body).map_err(io)?;
     conn.shutdown(std::net::Shutdown::Write).map_err(io)?;
     let mut reply = Vec::new();
-    conn.take(MAX_MESSAGE_BYTES + 1)
+    conn.take(MAX_REPLY_BYTES)
         .read_to_end(&mut reply)
-        .map_err(io)?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow!(
+                "the running hub did not answer within {CLIENT_TIMEOUT:?}; it may still have done it (`hub devices` lists tokens)"
+            ),
+            _ => io(e),
+        })?;
     if reply.is_empty() {
         bail!(
             "the running hub closed its admin socket {} without answering (is this user the hub's?)",
@@ -332,7 +353,7 @@ async fn answer(
     tokio::time::timeout(
         REQUEST_TIMEOUT,
         (&mut conn)
-            .take(MAX_MESSAGE_BYTES + 1)
+            .take(MAX_REQUEST_BYTES + 1)
             .read_to_end(&mut body),
     )
     .await
@@ -354,23 +375,29 @@ async fn answer(
 }
 
 fn decode(body: &[u8]) -> Result<AdminRequest> {
-    if body.len() as u64 > MAX_MESSAGE_BYTES {
-        bail!("the request is over {MAX_MESSAGE_BYTES} bytes");
+    if body.len() as u64 > MAX_REQUEST_BYTES {
+        bail!("the request is over {MAX_REQUEST_BYTES} bytes");
     }
     serde_json::from_slice(body).context("the request is not an admin request")
 }
 
 /// Runs `request` in the sessions' storage turn, then tells the sessions what changed.
 async fn run(runtime: &HubRuntime, pin: CertPin, request: &AdminRequest) -> AdminReply {
-    let turn = runtime.storage_turn.lock().await;
+    let Ok(turn) = tokio::time::timeout(TURN_TIMEOUT, runtime.storage_turn.lock()).await else {
+        return AdminReply::Failed {
+            message: format!(
+                "the hub is busy (no turn at its store within {TURN_TIMEOUT:?}); nothing was done, try again"
+            ),
+        };
+    };
     let done = with_replica(&runtime.replica, |r| {
         execute(r, pin, request).map(|reply| (reply, r.take_changes()))
     });
-    drop(turn);
-    match done {
+    let reply = match done {
         Ok((reply, changes)) => {
             runtime.bus.publish(&changes);
             match &reply {
+                // Before the turn is handed on: a revoked session gets no further turn.
                 AdminReply::Revoked { tokens } => {
                     for token in tokens {
                         let ended = runtime.sessions.end_revoked(*token);
@@ -388,5 +415,7 @@ async fn run(runtime: &HubRuntime, pin: CertPin, request: &AdminRequest) -> Admi
         Err(e) => AdminReply::Failed {
             message: format!("{e:#}"),
         },
-    }
+    };
+    drop(turn);
+    reply
 }

@@ -12,7 +12,7 @@
 //! DIR/tls/hub.crt, hub.key   the hub's TLS identity (its pin goes into every credential)
 //! DIR/signing.key       the ed25519 key that signs device tokens
 //! DIR/store/            the hub's store (rows, log, token registry, per-device bookkeeping)
-//! DIR/admin.sock        while `hub serve` runs: where `enroll`, `revoke` and `put` go
+//! DIR/admin.sock        while `hub serve` runs: where `enroll`, `revoke`, `devices` and `put` go
 //!                       (`hub_admin`)
 //! ```
 
@@ -720,7 +720,7 @@ fn serve(data: &Path, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -
             Err(e) => {
                 tracing::warn!(
                     error = %format!("{e:#}"),
-                    "no admin socket: `hub enroll`, `revoke` and `put` need the hub stopped"
+                    "no admin socket (is the directory's path over 100 bytes?): `hub enroll`, `revoke`, `devices` and `put` need the hub stopped"
                 );
                 None
             }
@@ -790,19 +790,29 @@ fn enroll(data: &Path, user: &str, app: &str, out: &Path, address: Option<&str>)
             .ok_or_else(|| anyhow!("no --address and no public_address in hub.toml"))?,
     };
     check_address(&address).context("--address")?;
-    // The credential's file must be writable before a token is issued for it.
-    std::fs::File::create(out)
+    // The credential's file must be writable before a token is issued for it; a file already
+    // there (an earlier credential) is not emptied by an enrollment that then fails.
+    let existed = out.exists();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
         .with_context(|| format!("cannot write the credential {}", out.display()))?;
     let request = AdminRequest::Enroll {
         user: user.to_string(),
         app: app.to_string(),
         address: address.clone(),
     };
+    let reply = administer(data, &request).inspect_err(|_| {
+        if !existed {
+            let _ = std::fs::remove_file(out);
+        }
+    })?;
     let AdminReply::Enrolled {
         device,
         token_id,
         credential,
-    } = administer(data, &request)?
+    } = reply
     else {
         bail!("the hub answered an enrollment with something else");
     };
@@ -1093,6 +1103,29 @@ mod tests {
         let err = format!("{:#}", enrolled.expect_err("an unusable address"));
         assert!(err.contains("HOST:PORT"), "{err}");
         assert!(!out.exists());
+        // A failed enrollment leaves no file behind, and an earlier credential untouched.
+        let failed = enroll(
+            &dir,
+            "nobody@contoso.com",
+            "Field Service Mobile",
+            &out,
+            Some("127.0.0.1:4433"),
+        );
+        assert!(failed.is_err());
+        assert!(!out.exists());
+        std::fs::write(&out, "an earlier credential").unwrap();
+        let failed = enroll(
+            &dir,
+            "nobody@contoso.com",
+            "Field Service Mobile",
+            &out,
+            Some("127.0.0.1:4433"),
+        );
+        assert!(failed.is_err());
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "an earlier credential"
+        );
         // Another hub's signing key, or its hub.toml, is not served with this store.
         let other = example_hub();
         let key = dir.join("signing.key");

@@ -104,8 +104,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line, outermost first. A cause whose text the message
-/// before it already ends with is left out: many errors put their source in their own text
+/// The error and its causes on one line, outermost first. A cause whose text the line
+/// already ends with (after a `: `) is left out: many errors put their source in their own text
 /// (`I/O error: {0}`), and `{:#}` would print the OS message twice.
 fn one_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
@@ -113,7 +113,7 @@ fn one_line(err: &anyhow::Error) -> String {
         let text = cause.to_string();
         if line.is_empty() {
             line = text;
-        } else if !line.ends_with(&text) {
+        } else if line != text && !line.ends_with(&format!(": {text}")) {
             line.push_str(": ");
             line.push_str(&text);
         }
@@ -132,5 +132,8 @@ mod tests {
         assert_eq!(one_line(&err), "cannot open: I/O error: no such file");
         let err = anyhow::anyhow!("inner").context("middle").context("outer");
         assert_eq!(one_line(&err), "outer: middle: inner");
+        // A cause that merely ends the message's last word is kept.
+        let err = anyhow::anyhow!("0").context("no listener on port 80");
+        assert_eq!(one_line(&err), "no listener on port 80: 0");
     }
 }

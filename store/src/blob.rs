@@ -39,25 +39,38 @@ pub enum ImageFormat {
 }
 
 impl ImageFormat {
-    /// The format whose signature `head` (the content's first bytes, 8 are enough) starts
-    /// with; `None` for anything else, which an image column does not take.
+    /// How many of the content's first bytes [`ImageFormat::sniff`] looks at.
+    pub const SNIFF_BYTES: usize = 18;
+
+    /// The format whose signature `head` (the content's first [`ImageFormat::SNIFF_BYTES`]
+    /// bytes, or all of a shorter content) starts with; `None` for anything else, which an
+    /// image column does not take. This is what `fieldsync device put` checks; the store
+    /// itself takes any bytes in an image column.
     pub fn sniff(head: &[u8]) -> Option<ImageFormat> {
-        const SIGNATURES: [(&[u8], ImageFormat); 7] = [
+        const SIGNATURES: [(&[u8], ImageFormat); 6] = [
             (b"GIF87a", ImageFormat::Gif),
             (b"GIF89a", ImageFormat::Gif),
             (&[0xFF, 0xD8, 0xFF], ImageFormat::Jpeg),
             (b"II*\0", ImageFormat::Tiff),
             (b"MM\0*", ImageFormat::Tiff),
-            (b"BM", ImageFormat::Bmp),
             (
                 &[0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1A, b'\n'],
                 ImageFormat::Png,
             ),
         ];
-        SIGNATURES
-            .iter()
-            .find(|(sig, _)| head.starts_with(sig))
-            .map(|(_, f)| *f)
+        if let Some((_, f)) = SIGNATURES.iter().find(|(sig, _)| head.starts_with(sig)) {
+            return Some(*f);
+        }
+        // "BM" alone starts too many texts: the reserved bytes 6..10 are zero, and the
+        // header that follows at 14 has one of the sizes the BMP versions define.
+        let bmp_header = head
+            .get(14..18)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes);
+        let is_bmp = head.starts_with(b"BM")
+            && head.get(6..10) == Some(&[0, 0, 0, 0][..])
+            && matches!(bmp_header, Some(12 | 40 | 52 | 56 | 64 | 108 | 124));
+        is_bmp.then_some(ImageFormat::Bmp)
     }
 }
 
@@ -231,7 +244,12 @@ mod tests {
             (b"\xFF\xD8\xFF\xE0\x00\x10JFIF", Some(ImageFormat::Jpeg)),
             (b"II*\x00\x08\x00", Some(ImageFormat::Tiff)),
             (b"MM\x00*\x00\x00", Some(ImageFormat::Tiff)),
-            (b"BM\x36\x00", Some(ImageFormat::Bmp)),
+            (
+                b"BM\x36\x00\x0c\x00\x00\x00\x00\x00\x36\x00\x00\x00\x28\x00\x00\x00",
+                Some(ImageFormat::Bmp),
+            ),
+            (b"BM: the first line of a text", None),
+            (b"BM\x36\x00", None),
             (b"\x89PNG\r\n\x1a\n\x00", Some(ImageFormat::Png)),
             (b"\x89PNG\r\n", None),
             (b"%PDF-1.7", None),

@@ -40,6 +40,22 @@ pub struct Token {
     pub token_id: Uuid,
 }
 
+impl Token {
+    /// The token's fields without a signature, for the hub's own records: not a credential
+    /// (a copy of the hub's store must not hand out working tokens).
+    pub fn to_record(&self) -> Result<Vec<u8>, TokenError> {
+        encode_payload(self)
+    }
+
+    /// The token [`Token::to_record`] wrote.
+    pub fn from_record(bytes: &[u8]) -> Result<Token, TokenError> {
+        if bytes.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge(bytes.len()));
+        }
+        decode_payload(bytes)
+    }
+}
+
 /// A [`Token`] with the hub's signature, as the exact bytes that were signed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SignedToken {

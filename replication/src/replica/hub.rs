@@ -16,7 +16,7 @@
 //!   row is in its set now: ops for rows it keeps, whole rows for rows entering, ids for rows
 //!   leaving, nothing else.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
     ActorId, AuxWrite, BlobRef, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store,
@@ -24,7 +24,7 @@ use fieldsync_store::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use super::{dec, enc, row_key, sha_key, storage_err};
@@ -296,6 +296,8 @@ pub struct HubReplica {
     signing: Option<HubSigningKey>,
     changed: FeedChanges,
     lag: HashMap<(DeviceId, String), Cursor>,
+    /// The (device, table)s whose cursor was past the log's end, reported once each.
+    cursors_ahead: HashSet<(DeviceId, String)>,
     /// The last log seq in the feed index (`K_FED`).
     fed: u64,
     shared_feed_holders: usize,
@@ -638,6 +640,7 @@ impl HubReplica {
             signing: None,
             changed: FeedChanges::default(),
             lag: HashMap::new(),
+            cursors_ahead: HashSet::new(),
             fed,
             shared_feed_holders: SHARED_FEED_HOLDERS,
             now_ms: routed_time,
@@ -750,9 +753,10 @@ impl HubReplica {
         let signed = key.sign(&token)?;
         let mut k = P_TOKEN.to_vec();
         k.extend_from_slice(token.token_id.as_bytes());
-        // The status byte, then the token itself, so that `issued_tokens` can say whose it is.
+        // The status byte, then the token's fields (unsigned: not a credential), so that
+        // `issued_tokens` can say whose it is.
         let mut record = vec![1];
-        record.extend_from_slice(signed.as_bytes());
+        record.extend_from_slice(&token.to_record()?);
         self.store
             .aux_put(SPACE, &k, &record, Durability::Immediate)?;
         info!(%device, user = %user_id, app, "device enrolled");
@@ -762,19 +766,34 @@ impl HubReplica {
     /// Revokes a token: sessions presenting it are refused from now on. Returns whether the
     /// hub had issued it (a token it did not issue is left alone: its signature fails anyway).
     pub fn revoke(&mut self, token_id: Uuid) -> Result<bool, HubReplicaError> {
-        let mut k = P_TOKEN.to_vec();
-        k.extend_from_slice(token_id.as_bytes());
-        let Some(mut record) = self.store.aux_get(SPACE, &k)? else {
-            return Ok(false);
-        };
-        // The token's details stay on record after the status byte.
-        match record.first_mut() {
-            Some(status) => *status = 0,
-            None => record.push(0),
+        Ok(self.revoke_all(&[token_id])? == [true])
+    }
+
+    /// Revokes these tokens in one durable write: all or none. Says for each whether the hub
+    /// had issued it (a token it did not issue is left alone: its signature fails anyway).
+    pub fn revoke_all(&mut self, token_ids: &[Uuid]) -> Result<Vec<bool>, HubReplicaError> {
+        let mut writes = Vec::new();
+        let mut issued = Vec::with_capacity(token_ids.len());
+        for token_id in token_ids {
+            let mut k = P_TOKEN.to_vec();
+            k.extend_from_slice(token_id.as_bytes());
+            let Some(mut record) = self.store.aux_get(SPACE, &k)? else {
+                issued.push(false);
+                continue;
+            };
+            // The token's details stay on record after the status byte.
+            match record.first_mut() {
+                Some(status) => *status = 0,
+                None => record.push(0),
+            }
+            writes.push(AuxWrite::Put(k, record));
+            issued.push(true);
         }
-        self.store
-            .aux_put(SPACE, &k, &record, Durability::Immediate)?;
-        Ok(true)
+        if !writes.is_empty() {
+            self.store
+                .aux_apply(SPACE, &writes, Durability::Immediate)?;
+        }
+        Ok(issued)
     }
 
     /// Every token this hub issued, in token-id order, with whose it is and whether it was
@@ -786,17 +805,18 @@ impl HubReplica {
                 .get(P_TOKEN.len()..)
                 .and_then(|b| Uuid::from_slice(b).ok())
                 .ok_or_else(|| StoreError::Corrupt("a token record's key is malformed".into()))?;
-            let Some((&status, details)) = record.split_first() else {
-                return Err(
-                    StoreError::Corrupt(format!("token {token_id}'s record is empty")).into(),
-                );
-            };
+            // A record that does not decode is listed without details (and counts as revoked,
+            // as the transport's check does): the listing is needed most when things are odd.
+            let (status, details) = record.split_first().map_or((0, &[][..]), |(s, d)| (*s, d));
             // Tokens issued before their details were kept have none.
-            let token = (!details.is_empty())
-                .then(|| SignedToken::from_bytes(details.to_vec()))
-                .transpose()
-                .map_err(|e| StoreError::Corrupt(format!("token {token_id}'s record: {e}")))?
-                .map(|t| t.token().clone());
+            let token = match Token::from_record(details) {
+                _ if details.is_empty() => None,
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!(%token_id, error = %e, "a token record does not decode");
+                    None
+                }
+            };
             out.push(IssuedToken {
                 token_id,
                 revoked: status != 1,
@@ -1927,6 +1947,19 @@ impl HubStorage for HubReplica {
         let last = self.store.last_seq();
         // `after == last` still looks at membership changes recorded at `last + 1`.
         if after.0 > last {
+            // A forged cursor, or a device that received entries this store no longer has:
+            // the hub's store is older than its devices (restored from a backup). Until the
+            // log grows past the cursor the device gets nothing, and then it skips what lies
+            // between; only re-initializing the device recovers (docs/operations.md).
+            if self.cursors_ahead.insert((who.device, table.to_string())) {
+                error!(
+                    device = %who.device,
+                    table,
+                    cursor = after.0,
+                    log_end = last,
+                    "a device's cursor is past the end of the hub's log: was the hub's store restored from a backup? re-initialize that device"
+                );
+            }
             return Ok(chunk);
         }
         let max_items = limits.max_items.max(1);
