@@ -11,12 +11,22 @@ use std::path::Path;
 
 use fieldsync_store::{BlobRef, ColumnType, RowId, StoreError, Value};
 use reqwest::Method;
-use tracing::{debug, info_span, Instrument};
+use std::sync::atomic::Ordering;
+
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::ApiRequest;
 use super::map::WireRow;
-use super::state::{self, FileState, StateWrites};
+use super::state::{self, FileState, PendingDownload, StateWrites};
 use super::{lock, Bridge, UpstreamError};
+
+/// The wall clock in milliseconds since the Unix epoch (a clock before 1970 counts as 0): when
+/// a pending download is due.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 fn blob_of(v: &Value) -> Option<&BlobRef> {
     match v {
@@ -27,7 +37,14 @@ fn blob_of(v: &Value) -> Option<&BlobRef> {
 
 impl Bridge {
     /// Downloads the files of pulled rows whose file id changed since the row's base, into the
-    /// hub's blob store; records what to write and the new file states in each row.
+    /// hub's blob store; records what to write and the new file states in each row. Columns
+    /// already in a row's `file_states` (content the hub just uploaded) are taken as they are.
+    ///
+    /// A download that fails does not fail the rows: the column keeps the hub's previous
+    /// content (and its previous state in the base, so the push does not send it back), and
+    /// the row is recorded as a [`PendingDownload`] — durably, before the row is applied —
+    /// retried with back-off by [`Bridge::retry_downloads`]. Only a failure that is the whole
+    /// round's (credentials, throttling past the wait) stops here.
     pub(crate) async fn fetch_files(
         &self,
         table: &str,
@@ -44,19 +61,46 @@ impl Bridge {
             return Ok(());
         }
         for row in rows.iter_mut() {
-            let base = state::base(lock(&self.replica).store(), table, row.id)?;
+            let (base, pending) = {
+                let hub = lock(&self.replica);
+                (
+                    state::base(hub.store(), table, row.id)?,
+                    state::pending_download(hub.store(), table, row.id)?,
+                )
+            };
+            let now = unix_ms();
+            // Columns still to come down, and the last failure of this attempt.
+            let mut missing = BTreeMap::new();
+            let mut failure: Option<UpstreamError> = None;
             for (col, ty) in &columns {
+                if row.file_states.contains_key(col) {
+                    continue;
+                }
                 let known = base.as_ref().and_then(|b| b.files.get(col));
-                match (row.files.get(col), known) {
-                    (Some(id), Some(k)) if *id == k.id => {}
-                    (None, None) => {}
-                    (None, Some(_)) => row.file_writes.push((col.clone(), Value::Null)),
-                    (Some(id), _) => {
-                        let id = id.clone();
-                        let blob = self
-                            .download(&set, row.id, col, *ty)
+                let id = match (row.files.get(col), known) {
+                    (Some(id), Some(k)) if *id == k.id => continue,
+                    (None, None) => continue,
+                    (None, Some(_)) => {
+                        row.file_writes.push((col.clone(), Value::Null));
+                        continue;
+                    }
+                    (Some(id), _) => id.clone(),
+                };
+                // The same file failed lately: its turn comes at `retry_at_ms`.
+                let waits = pending
+                    .as_ref()
+                    .is_some_and(|p| p.columns.get(col) == Some(&id) && now < p.retry_at_ms);
+                let downloaded = if waits {
+                    None
+                } else {
+                    Some(
+                        self.download(&set, row.id, col, *ty)
                             .instrument(info_span!("upstream_file_download", %table, column = %col))
-                            .await?;
+                            .await,
+                    )
+                };
+                match downloaded {
+                    Some(Ok(blob)) => {
                         row.file_states.insert(
                             col.clone(),
                             FileState {
@@ -69,9 +113,111 @@ impl Bridge {
                             _ => Value::File(blob),
                         };
                         row.file_writes.push((col.clone(), value));
+                        continue;
+                    }
+                    Some(Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. }))) => {
+                        return Err(e)
+                    }
+                    Some(Err(e)) => {
+                        warn!(table, row = %row.id, column = %col, error = %e, "a file from Dataverse did not come down; its row goes on, the file is tried again later");
+                        self.stats.downloads_failed.fetch_add(1, Ordering::Relaxed);
+                        failure = Some(e);
+                    }
+                    None => {}
+                }
+                // Not here yet: the hub keeps what it had, and so does the base.
+                if let Some(k) = known {
+                    row.file_states.insert(col.clone(), k.clone());
+                }
+                missing.insert(col.clone(), id);
+            }
+            if missing.is_empty() {
+                row.downloads_done = pending.is_some();
+                continue;
+            }
+            let record = match (failure, pending) {
+                (Some(e), previous) => {
+                    let attempts = previous.map_or(0, |p| p.attempts).saturating_add(1);
+                    let wait = self.config.file_retry_delay(attempts);
+                    PendingDownload {
+                        columns: missing,
+                        attempts,
+                        retry_at_ms: now.saturating_add(wait.as_millis() as u64),
+                        last_error: e.to_string(),
                     }
                 }
-            }
+                (None, Some(previous)) => PendingDownload {
+                    columns: missing,
+                    ..previous
+                },
+                // Nothing was tried and nothing was pending: cannot happen (a column waits only
+                // for a pending record); recorded as due now all the same.
+                (None, None) => PendingDownload {
+                    columns: missing,
+                    attempts: 0,
+                    retry_at_ms: now,
+                    last_error: String::new(),
+                },
+            };
+            let mut w = StateWrites::default();
+            w.put_pending_download(table, row.id, &record)?;
+            w.commit(lock(&self.replica).store())?;
+        }
+        Ok(())
+    }
+
+    /// Tries again the downloads of `table` whose time has come: reads each row as Dataverse
+    /// has it now, downloads its files that differ from the base, and applies it like a pulled
+    /// row (which clears the record once every file is here).
+    pub(crate) async fn retry_downloads(&self, table: &str) -> Result<(), UpstreamError> {
+        let now = unix_ms();
+        let due: Vec<(RowId, PendingDownload)> = {
+            let hub = lock(&self.replica);
+            state::pending_downloads(hub.store(), Some(table))?
+                .into_iter()
+                .filter(|(_, _, p)| p.retry_at_ms <= now)
+                .map(|(_, id, p)| (id, p))
+                .collect()
+        };
+        for (id, pending) in due {
+            let row = match self.read_row(table, id).await {
+                Ok(row) => row,
+                Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. })) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    // The row cannot be read now: its files wait another turn.
+                    warn!(table, %id, error = %e, "a row whose files are pending cannot be read; tried again later");
+                    let attempts = pending.attempts.saturating_add(1);
+                    let wait = self.config.file_retry_delay(attempts);
+                    let record = PendingDownload {
+                        attempts,
+                        retry_at_ms: now.saturating_add(wait.as_millis() as u64),
+                        last_error: e.to_string(),
+                        ..pending
+                    };
+                    let mut w = StateWrites::default();
+                    w.put_pending_download(table, id, &record)?;
+                    w.commit(lock(&self.replica).store())?;
+                    continue;
+                }
+            };
+            let Some(row) = row else {
+                // Gone from Dataverse: its deletion comes with the changes, and so do its files.
+                let mut w = StateWrites::default();
+                w.remove_pending_download(table, id);
+                w.commit(lock(&self.replica).store())?;
+                continue;
+            };
+            let mut rows = vec![row];
+            self.fetch_files(table, &mut rows)
+                .instrument(info_span!("upstream_download_retry", %table, %id))
+                .await?;
+            let tables = {
+                let mut hub = lock(&self.replica);
+                self.apply_page(&mut hub, table, &rows, &[], None)?
+            };
+            self.changed(&tables);
         }
         Ok(())
     }
@@ -316,35 +462,24 @@ impl Bridge {
             }
         }
         // Learn the new file ids and etag (an upload changes the row's version).
-        let Some(row) = self.read_row(table, id).await? else {
+        let Some(mut row) = self.read_row(table, id).await? else {
             return Ok(()); // deleted meanwhile: the next pull says so
         };
-        let mut hub = lock(&self.replica);
-        let old = state::base(hub.store(), table, id)?;
-        let files = row
-            .files
-            .iter()
-            .filter_map(|(col, fid)| {
-                let sha = shas.get(col).cloned().or_else(|| {
-                    old.as_ref()
-                        .and_then(|b| b.files.get(col))
-                        .map(|f| f.sha256.clone())
-                })?;
-                Some((
-                    col.clone(),
-                    FileState {
-                        id: fid.clone(),
-                        sha256: sha,
-                    },
-                ))
-            })
-            .collect();
+        for (col, sha256) in shas {
+            if let Some(fid) = row.files.get(&col) {
+                let state = FileState {
+                    id: fid.clone(),
+                    sha256,
+                };
+                row.file_states.insert(col, state);
+            }
+        }
+        // A column the hub did not send that changed in Dataverse meanwhile comes down.
+        self.fetch_files(table, std::slice::from_mut(&mut row))
+            .await?;
         // Merged like any row read from Dataverse (what changed there since the hub's write
         // comes in; values the hub refuses stay its own), and recorded as the new base.
-        let row = WireRow {
-            file_states: files,
-            ..row
-        };
+        let mut hub = lock(&self.replica);
         let tables = self.apply_page(&mut hub, table, &[row], &[], None)?;
         drop(hub);
         self.changed(&tables);

@@ -127,6 +127,12 @@ pub struct BridgeStats {
     /// Rows from Dataverse the hub could not take (a value its schema refuses, a malformed
     /// entry): logged and skipped, so one row does not stop its table's pull.
     pub rows_skipped: AtomicU64,
+    /// File downloads from Dataverse that failed: their rows were applied, the files are
+    /// tried again with back-off (`upstream` aux records `pd/`).
+    pub downloads_failed: AtomicU64,
+    /// Writes whose reply was lost (the connection failed after the request went out): the
+    /// row's next read decides what Dataverse holds.
+    pub replies_lost: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
     /// Rounds that failed (upstream down, throttled past the limit).

@@ -105,17 +105,32 @@ impl Bridge {
                 state::delta_link(hub.store(), table)?,
             )
         };
-        if let Some(link) = link {
-            match self.read_pages(table, &link, false).await {
-                Err(UpstreamError::Api { code, .. }) if code == CHANGE_TRACKING_EXPIRED => {
-                    info!(table, "change-tracking token expired: full re-read");
-                    self.stats.full_reads.fetch_add(1, Ordering::Relaxed);
+        let read = async {
+            if let Some(link) = link {
+                match self.read_pages(table, &link, false).await {
+                    Err(UpstreamError::Api { code, .. }) if code == CHANGE_TRACKING_EXPIRED => {
+                        info!(table, "change-tracking token expired: full re-read");
+                        self.stats.full_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => return other,
                 }
-                other => return other,
             }
+            self.read_pages(table, &format!("{set}?$select={select}"), true)
+                .await
+        };
+        let read = read.await;
+        // Files that did not come down before are tried again whatever this read did, unless
+        // Dataverse is away altogether.
+        if let Err(
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Auth(_)
+            | UpstreamError::Throttled { .. },
+        ) = read
+        {
+            return read;
         }
-        self.read_pages(table, &format!("{set}?$select={select}"), true)
-            .await
+        let retried = self.retry_downloads(table).await;
+        read.and(retried)
     }
 
     /// Follows `@odata.nextLink` from `first` to the delta link, applying each page. A full
@@ -264,8 +279,11 @@ impl Bridge {
         let mut pulled = 0u64;
         let mut deleted = 0u64;
         for row in rows {
+            if row.downloads_done {
+                writes.remove_pending_download(table, row.id);
+            }
             let base = state::base(hub.store(), table, row.id)?;
-            if base.as_ref().is_some_and(|b| b.etag == row.etag) {
+            if base.as_ref().is_some_and(|b| b.etag == row.etag) && row.file_writes.is_empty() {
                 continue; // this version is known (pulled before, or written by the hub)
             }
             // A value the hub's schema refuses (a choice option added in Dataverse since) is
@@ -339,6 +357,8 @@ impl Bridge {
                 deleted += 1;
             }
             writes.remove_base(table, *id);
+            writes.remove_pending_download(table, *id);
+            writes.remove_write_intent(table, *id);
         }
         if let Some(link) = delta_link {
             writes.set_delta_link(table, Some(link));
