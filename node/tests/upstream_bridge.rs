@@ -945,3 +945,110 @@ async fn customer_lookups_are_written_through_their_navigation_property() {
         &Value::Lookup(account)
     );
 }
+
+/// A write Dataverse applied whose reply was lost must not make the hub's own write look like a
+/// change made in Dataverse: the hub's later edit of the same column stands, whichever comes
+/// first afterwards — the push (a `412` and a re-read) or the pull (the row in the changes).
+#[tokio::test]
+async fn a_lost_reply_to_a_write_does_not_undo_the_hubs_later_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(&dir.path().join("emu"), &["--test-faults"]);
+    let replica = hub_replica(&dir.path().join("hub"));
+    let b = bridge(config(&emu, dir.path()), &replica);
+    b.pull().await.unwrap();
+    let name = |id: Uuid| {
+        hub_get(&replica, "account", id)
+            .map(|r| r.get("name").clone())
+            .unwrap_or(Value::Null)
+    };
+
+    // A create whose reply is lost; a device renames the row before the next round, which
+    // pushes first.
+    let created = Uuid::new_v4();
+    hub_write(&replica, "account", created, &[("name", text("Created"))]);
+    emu.drop_write_replies(1).await;
+    let lost = b.push().await.unwrap_err();
+    assert!(
+        matches!(
+            lost,
+            fieldsync_node::upstream::UpstreamError::Unreachable(_)
+        ),
+        "{lost:?}"
+    );
+    assert_eq!(b.stats.replies_lost.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        emu.row("accounts", created).await.unwrap()["name"],
+        "Created"
+    );
+    hub_write(
+        &replica,
+        "account",
+        created,
+        &[("name", text("Renamed Later"))],
+    );
+    b.push().await.unwrap();
+    b.pull().await.unwrap();
+    assert_eq!(name(created), text("Renamed Later"));
+    assert_eq!(
+        emu.row("accounts", created).await.unwrap()["name"],
+        "Renamed Later"
+    );
+
+    // An update whose reply is lost; a device edits the column again, and this time the pull
+    // comes first (a round pulls even when its push failed).
+    hub_write(&replica, "account", created, &[("name", text("Sent"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(emu.row("accounts", created).await.unwrap()["name"], "Sent");
+    hub_write(
+        &replica,
+        "account",
+        created,
+        &[("name", text("Edited After"))],
+    );
+    b.pull().await.unwrap();
+    assert_eq!(name(created), text("Edited After"));
+    b.sync_once().await.unwrap();
+    assert_eq!(name(created), text("Edited After"));
+    assert_eq!(
+        emu.row("accounts", created).await.unwrap()["name"],
+        "Edited After"
+    );
+
+    // A change set whose reply is lost: both rows were written; one is edited again.
+    let other = Uuid::new_v4();
+    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", created, &[("name", text("Batch A"))]);
+    hub_write(&replica, "account", other, &[("name", text("Batch B"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(emu.row("accounts", other).await.unwrap()["name"], "Batch B");
+    hub_write(&replica, "account", other, &[("name", text("B Again"))]);
+    b.sync_once().await.unwrap();
+    assert_eq!(name(created), text("Batch A"));
+    assert_eq!(name(other), text("B Again"));
+    assert_eq!(
+        emu.row("accounts", created).await.unwrap()["name"],
+        "Batch A"
+    );
+    assert_eq!(emu.row("accounts", other).await.unwrap()["name"], "B Again");
+
+    // Dataverse's own change after a lost reply still wins, as it does after any write.
+    hub_write(&replica, "account", other, &[("name", text("Lost Again"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({other})"),
+        Some(json!({"name": "Office Wins"})),
+    )
+    .await;
+    b.sync_once().await.unwrap();
+    assert_eq!(name(other), text("Office Wins"));
+    assert_eq!(
+        emu.row("accounts", other).await.unwrap()["name"],
+        "Office Wins"
+    );
+    assert_eq!(b.stats.replies_lost.load(Ordering::Relaxed), 4);
+}

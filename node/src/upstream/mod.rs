@@ -130,8 +130,8 @@ pub struct BridgeStats {
     /// File downloads from Dataverse that failed: their rows were applied, the files are
     /// tried again with back-off (`upstream` aux records `pd/`).
     pub downloads_failed: AtomicU64,
-    /// Writes whose reply was lost (the connection failed after the request went out): the
-    /// row's next read decides what Dataverse holds.
+    /// Writes whose reply did not come back (the connection failed, possibly after the
+    /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,

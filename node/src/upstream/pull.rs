@@ -283,6 +283,11 @@ impl Bridge {
                 writes.remove_pending_download(table, row.id);
             }
             let base = state::base(hub.store(), table, row.id)?;
+            // A write whose reply was lost: this read says what Dataverse made of it.
+            let intent = state::write_intent(hub.store(), table, row.id)?;
+            if intent.is_some() {
+                writes.remove_write_intent(table, row.id);
+            }
             if base.as_ref().is_some_and(|b| b.etag == row.etag) && row.file_writes.is_empty() {
                 continue; // this version is known (pulled before, or written by the hub)
             }
@@ -303,12 +308,18 @@ impl Bridge {
                 warn!(table, row = %row.id, columns = ?refused, "values from Dataverse the hub's schema refuses are left as they were");
                 self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);
             }
+            // The columns Dataverse holds as the hub sent them are the hub's own write, not
+            // Dataverse's change: the hub's later edits of them stand.
+            let merge_base = match &intent {
+                Some(i) => Some(i.resolve(base.as_ref().map(|b| &b.values), &values)),
+                None => base.as_ref().map(|b| b.values.clone()),
+            };
             match merger.upsert(
                 hub.store(),
                 table,
                 row.id,
                 &values,
-                base.as_ref().map(|b| &b.values),
+                merge_base.as_ref(),
                 &row.file_writes,
             ) {
                 Ok(Merged::Written) => pulled += 1,

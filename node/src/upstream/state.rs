@@ -67,17 +67,35 @@ pub struct PendingDownload {
     pub last_error: String,
 }
 
-/// A create or update sent to Dataverse and not yet acknowledged: every relayed column with the
-/// value sent (`Null` for a column sent empty). Saved before the request, removed with the
-/// base its reply (or a later read of the row) gives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Creates and updates sent to Dataverse whose outcome is not known (the reply was lost): per
+/// column, the values sent (`Null` for a column sent empty), oldest first — any of them may be
+/// what Dataverse applied. Saved before each request, removed with the base its reply (or a
+/// later read of the row) gives.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteIntent {
-    pub values: BTreeMap<String, Value>,
+    pub values: BTreeMap<String, Vec<Value>>,
 }
 
+/// Values kept per column of a [`WriteIntent`]: a row whose replies keep getting lost forgets
+/// its oldest sends.
+const INTENT_VALUES_MAX: usize = 8;
+
 impl WriteIntent {
-    /// The base to merge `upstream` against when this write may have been applied: a column
-    /// Dataverse holds with the value the hub sent is taken as the hub's own write, not as a
+    /// Adds a write about to be sent.
+    pub fn add(&mut self, sent: BTreeMap<String, Value>) {
+        for (col, v) in sent {
+            let list = self.values.entry(col).or_default();
+            if !list.contains(&v) {
+                list.push(v);
+                if list.len() > INTENT_VALUES_MAX {
+                    list.remove(0);
+                }
+            }
+        }
+    }
+
+    /// The base to merge `upstream` against when these writes may have been applied: a column
+    /// Dataverse holds with a value the hub sent is taken as the hub's own write, not as a
     /// change made in Dataverse (the hub's later edits of it then stand); the others keep
     /// `base`. With no base (a create), a column not sent counts as empty.
     pub fn resolve(
@@ -88,11 +106,11 @@ impl WriteIntent {
         let mut out = base.cloned().unwrap_or_default();
         for (col, sent) in &self.values {
             let there = upstream.get(col).unwrap_or(&Value::Null);
-            if there == sent {
-                if sent.is_null() {
+            if sent.contains(there) {
+                if there.is_null() {
                     out.remove(col);
                 } else {
-                    out.insert(col.clone(), sent.clone());
+                    out.insert(col.clone(), there.clone());
                 }
             }
         }

@@ -114,6 +114,25 @@ impl Emulator {
         page["value"].as_array().unwrap().clone()
     }
 
+    /// The next `n` writes the emulator applies lose their replies (it must have been started
+    /// with `--test-faults`).
+    pub async fn drop_write_replies(&self, n: u32) {
+        let resp = self
+            .http
+            .post(format!(
+                "{}/_test/faults?drop_write_replies={n}",
+                self.url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            204,
+            "is the emulator started with --test-faults?"
+        );
+    }
+
     pub async fn row(&self, set: &str, id: uuid::Uuid) -> Option<J> {
         let (status, row) = self.call(Method::GET, &format!("{set}({id})"), None).await;
         (status == 200).then_some(row)
