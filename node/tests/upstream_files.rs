@@ -615,3 +615,75 @@ async fn a_file_that_fails_to_come_down_stalls_nothing_and_comes_down_later() {
         "three ranges, then nothing more"
     );
 }
+
+/// Bytes this thread has written with `write` and its kin (Linux's per-thread I/O accounting).
+#[cfg(target_os = "linux")]
+fn written_by_this_thread() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A download's temporary file is written on tokio's blocking threads, not on the runtime
+/// thread driving the bridge: on a current-thread runtime, what that thread writes during a
+/// pull is the store's own writes of the blob (measured alone first), not the file once more.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_downloads_temporary_file_is_not_written_on_the_runtime_thread() {
+    let content = pattern(4 << 20, 251);
+    let stub = Stub::file(
+        content.clone(),
+        FileReply::Ranges {
+            declared: content.len(),
+        },
+    );
+    let account = stub.account;
+    // The stub serves from a thread of its own: its socket writes are not this thread's.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            tx.send(stub.start().await).unwrap();
+            std::future::pending::<()>().await
+        })
+    });
+    let url = rx.recv().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // What storing a blob of this size writes from this thread, in a hub of its own in
+        // the same state as the one pulling (how much a store writes depends on what it holds).
+        let other = hub_replica(&dir.path().join("other"));
+        let before = written_by_this_thread();
+        other
+            .lock()
+            .unwrap()
+            .store()
+            .put_blob("other.pdf", &mut pattern(content.len(), 241).as_slice())
+            .unwrap();
+        let storing = written_by_this_thread() - before;
+        let mut cfg = UpstreamConfig::new(url);
+        cfg.file_chunk_bytes = 1 << 20;
+        let b = bridge(cfg, &replica);
+        let before = written_by_this_thread();
+        b.pull_table("account").await.unwrap();
+        let pulling = written_by_this_thread() - before;
+        let (_, got) = hub_contract(&replica, account).expect("downloaded");
+        assert_eq!(got, content);
+        assert!(
+            pulling < storing + content.len() as u64 / 2,
+            "the runtime thread wrote {pulling} bytes; storing the blob writes {storing}"
+        );
+    });
+}

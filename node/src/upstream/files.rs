@@ -6,12 +6,14 @@
 //! (Dataverse's file id and the content's SHA-256), so a file crosses the wire once per change.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Seek, SeekFrom};
+use std::io::{BufReader, SeekFrom};
 use std::path::Path;
 
 use fieldsync_store::{BlobRef, ColumnType, RowId, StoreError, Value};
 use reqwest::Method;
 use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -241,13 +243,17 @@ impl Bridge {
         let path = format!("{set}({id})/{column}/$value{size}");
         let chunk = self.config.file_chunk_bytes.max(1);
         let dir = lock(&self.replica).store().dir().map(Path::to_path_buf);
-        let mut file = match dir {
+        // Creating, writing and rewinding the temporary file are blocking I/O: they run on
+        // tokio's blocking threads (`tokio::fs`), never on the runtime's workers.
+        let created = tokio::task::spawn_blocking(move || match dir {
             Some(d) => tempfile::tempfile_in(d),
             None => tempfile::tempfile(),
-        }
-        .map_err(|e| {
+        })
+        .await
+        .map_err(|e| UpstreamError::Io(format!("a download's temporary file: {e}")))?;
+        let mut file = tokio::fs::File::from_std(created.map_err(|e| {
             UpstreamError::Io(format!("cannot create a download's temporary file: {e}"))
-        })?;
+        })?);
         let mut received = 0u64;
         let mut declared: Option<u64> = None;
         let mut name = String::from("file");
@@ -300,9 +306,7 @@ impl Bridge {
             }
             if whole {
                 // From the start, whatever came before.
-                file.set_len(0)
-                    .and_then(|()| file.seek(SeekFrom::Start(0)).map(|_| ()))
-                    .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))?;
+                rewind(&mut file, true).await?;
                 received = 0;
             }
             let expected = match (whole, declared) {
@@ -347,12 +351,16 @@ impl Bridge {
             }
         }
         debug!(column, bytes = received, "file downloaded");
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))?;
-        let hub = lock(&self.replica);
-        Ok(hub
-            .store()
-            .put_blob(&name, &mut BufReader::new(&mut file))?)
+        rewind(&mut file, false).await?;
+        let mut file = file.into_std().await;
+        // The store reads the file as it hashes and keeps it: blocking, off the workers, and
+        // under the replica's lock for that time only.
+        crate::off_worker(|| {
+            let hub = lock(&self.replica);
+            Ok(hub
+                .store()
+                .put_blob(&name, &mut BufReader::new(&mut file))?)
+        })
     }
 
     /// Sends the files that waited for their content to reach the hub (a device's upload):
@@ -576,6 +584,21 @@ impl Bridge {
         }
         Ok(out)
     }
+}
+
+/// Back to the start of a download's temporary file once its writes are done, emptied first if
+/// `truncate` (a server that sent the whole file after ranges).
+async fn rewind(file: &mut tokio::fs::File, truncate: bool) -> Result<(), UpstreamError> {
+    let rewound = async {
+        file.flush().await?;
+        if truncate {
+            file.set_len(0).await?;
+        }
+        file.seek(SeekFrom::Start(0)).await.map(|_| ())
+    };
+    rewound
+        .await
+        .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))
 }
 
 /// The first byte of a `Content-Range: bytes <start>-<end>/<size>`.
