@@ -14,7 +14,7 @@ use fieldsync_store::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use upstream_support::{bridge, config, hub_replica, Emulator, ADMIN_TOKEN};
+use upstream_support::{bridge, config, hub_replica, EmulatorAndHub, ADMIN_TOKEN};
 use uuid::Uuid;
 
 fn pattern(len: usize, modulo: u32) -> Vec<u8> {
@@ -36,9 +36,7 @@ fn hub_contract(
 
 #[tokio::test]
 async fn a_file_of_many_chunks_goes_up_and_comes_down_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let mut cfg = config(&emu, dir.path());
     // Not a multiple of the store's 256 KiB blob chunks: each upload chunk spans two of them.
     cfg.file_chunk_bytes = 300_000;
@@ -90,19 +88,7 @@ async fn a_file_of_many_chunks_goes_up_and_comes_down_whole() {
 
     // The office replaces it with another large file: the hub downloads it in 3 ranges.
     let office = pattern(700_001, 13);
-    let put = http
-        .patch(format!(
-            "{}/api/data/v9.2/accounts({id})/contract",
-            emu.url()
-        ))
-        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .header("Content-Type", "application/octet-stream")
-        .header("x-ms-file-name", "office.pdf")
-        .body(office.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 204);
+    emu.office_puts_file(id, "office.pdf", &office).await;
     let before = b
         .client()
         .stats
@@ -502,9 +488,7 @@ async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
 async fn a_page_longer_than_the_limit_is_refused_by_its_length() {
     // Against the emulator, whose pages declare their length: refused before reading, and the
     // same pull goes through with the default limit.
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let mut cfg = config(&emu, dir.path());
     cfg.response_bytes_max = 512;
     let err = bridge(cfg, &replica)
