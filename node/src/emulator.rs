@@ -29,6 +29,10 @@
 //! declared, any text or number column works as one; the execution-time limit (20 minutes per
 //! 5 minutes) is not measured, the request-count and concurrency limits are, and a `$batch`
 //! counts as one request; images are not resized for thumbnails ([`files`]).
+//!
+//! For tests only, `--test-faults` (hidden, off by default) serves `POST
+//! /_test/faults?drop_write_replies=N`: the next N writes that succeed are applied and their
+//! connection closed with no reply, as a reset connection would leave a client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
