@@ -10,8 +10,8 @@ use std::time::Duration;
 use fieldsync_node::upstream::DATAVERSE_ACTOR;
 use fieldsync_store::Value;
 use reqwest::Method;
-use serde_json::json;
-use upstream_support::{bridge, config, example, EmulatorAndHub, ADMIN_TOKEN};
+use serde_json::{json, Value as J};
+use upstream_support::{bridge, config, example, Emulator, EmulatorAndHub, ADMIN_TOKEN};
 use uuid::Uuid;
 
 fn text(s: &str) -> Value {
@@ -892,24 +892,43 @@ async fn customer_lookups_are_written_through_their_navigation_property() {
     );
 }
 
-/// A write Dataverse applied whose reply was lost must not make the hub's own write look like a
-/// change made in Dataverse: the hub's later edit of the same column stands, whichever comes
-/// first afterwards — the push (a `412` and a re-read) or the pull (the row in the changes).
-#[tokio::test]
-async fn a_lost_reply_to_a_write_does_not_undo_the_hubs_later_edit() {
-    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&["--test-faults"]);
-    let b = bridge(config(&emu, dir.path()), &replica);
+/// A hub and an emulator that can lose replies, and a bridge between them.
+async fn lost_reply_setup() -> (EmulatorAndHub, fieldsync_node::upstream::Bridge) {
+    let setup = EmulatorAndHub::start(&["--test-faults"]);
+    let b = bridge(config(&setup.emu, setup.dir.path()), &setup.replica);
     b.pull().await.unwrap();
-    let name = |id: Uuid| {
-        hub_get(&replica, "account", id)
-            .map(|r| r.get("name").clone())
-            .unwrap_or(Value::Null)
-    };
+    (setup, b)
+}
 
-    // A create whose reply is lost; a device renames the row before the next round, which
-    // pushes first.
-    let created = Uuid::new_v4();
-    hub_write(&replica, "account", created, &[("name", text("Created"))]);
+fn hub_name(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> Value {
+    hub_get(replica, "account", id)
+        .map(|r| r.get("name").clone())
+        .unwrap_or(Value::Null)
+}
+
+async fn upstream_name(emu: &Emulator, id: Uuid) -> J {
+    emu.row("accounts", id).await.expect("upstream")["name"].clone()
+}
+
+// A write Dataverse applied whose reply was lost must not make the hub's own write look like
+// a change made in Dataverse: the hub's later edit of the same column stands, whichever comes
+// first afterwards — the push (a `412` and a re-read) or the pull (the row in the changes).
+
+#[tokio::test]
+async fn a_lost_reply_to_a_create_does_not_undo_the_hubs_later_edit() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Created"))]);
     emu.drop_write_replies(1).await;
     let lost = b.push().await.unwrap_err();
     assert!(
@@ -920,79 +939,93 @@ async fn a_lost_reply_to_a_write_does_not_undo_the_hubs_later_edit() {
         "{lost:?}"
     );
     assert_eq!(b.stats.replies_lost.load(Ordering::Relaxed), 1);
-    assert_eq!(
-        emu.row("accounts", created).await.unwrap()["name"],
-        "Created"
-    );
-    hub_write(
-        &replica,
-        "account",
-        created,
-        &[("name", text("Renamed Later"))],
-    );
+    assert_eq!(upstream_name(&emu, id).await, "Created");
+    // A device renames the row before the next round, which pushes first: the create again
+    // finds the row (412), reads it, and writes the rename.
+    hub_write(&replica, "account", id, &[("name", text("Renamed Later"))]);
     b.push().await.unwrap();
     b.pull().await.unwrap();
-    assert_eq!(name(created), text("Renamed Later"));
-    assert_eq!(
-        emu.row("accounts", created).await.unwrap()["name"],
-        "Renamed Later"
-    );
+    assert_eq!(hub_name(&replica, id), text("Renamed Later"));
+    assert_eq!(upstream_name(&emu, id).await, "Renamed Later");
+}
 
-    // An update whose reply is lost; a device edits the column again, and this time the pull
-    // comes first (a round pulls even when its push failed).
-    hub_write(&replica, "account", created, &[("name", text("Sent"))]);
-    emu.drop_write_replies(1).await;
-    b.push().await.unwrap_err();
-    assert_eq!(emu.row("accounts", created).await.unwrap()["name"], "Sent");
-    hub_write(
-        &replica,
-        "account",
-        created,
-        &[("name", text("Edited After"))],
-    );
-    b.pull().await.unwrap();
-    assert_eq!(name(created), text("Edited After"));
-    b.sync_once().await.unwrap();
-    assert_eq!(name(created), text("Edited After"));
-    assert_eq!(
-        emu.row("accounts", created).await.unwrap()["name"],
-        "Edited After"
-    );
-
-    // A change set whose reply is lost: both rows were written; one is edited again.
-    let other = Uuid::new_v4();
-    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+#[tokio::test]
+async fn a_lost_reply_to_an_update_does_not_undo_the_hubs_later_edit() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("First"))]);
     b.push().await.unwrap();
-    hub_write(&replica, "account", created, &[("name", text("Batch A"))]);
-    hub_write(&replica, "account", other, &[("name", text("Batch B"))]);
+    hub_write(&replica, "account", id, &[("name", text("Sent"))]);
     emu.drop_write_replies(1).await;
     b.push().await.unwrap_err();
-    assert_eq!(emu.row("accounts", other).await.unwrap()["name"], "Batch B");
-    hub_write(&replica, "account", other, &[("name", text("B Again"))]);
+    assert_eq!(upstream_name(&emu, id).await, "Sent");
+    // A device edits the column again, and this time the pull comes first (a round pulls even
+    // when its push failed).
+    hub_write(&replica, "account", id, &[("name", text("Edited After"))]);
+    b.pull().await.unwrap();
+    assert_eq!(hub_name(&replica, id), text("Edited After"));
     b.sync_once().await.unwrap();
-    assert_eq!(name(created), text("Batch A"));
-    assert_eq!(name(other), text("B Again"));
-    assert_eq!(
-        emu.row("accounts", created).await.unwrap()["name"],
-        "Batch A"
-    );
-    assert_eq!(emu.row("accounts", other).await.unwrap()["name"], "B Again");
+    assert_eq!(hub_name(&replica, id), text("Edited After"));
+    assert_eq!(upstream_name(&emu, id).await, "Edited After");
+}
 
-    // Dataverse's own change after a lost reply still wins, as it does after any write.
-    hub_write(&replica, "account", other, &[("name", text("Lost Again"))]);
+#[tokio::test]
+async fn a_lost_reply_to_a_change_set_does_not_undo_the_hubs_later_edit() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", one, &[("name", text("One"))]);
+    hub_write(&replica, "account", two, &[("name", text("Two"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", one, &[("name", text("Batch A"))]);
+    hub_write(&replica, "account", two, &[("name", text("Batch B"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, two).await, "Batch B");
+    hub_write(&replica, "account", two, &[("name", text("B Again"))]);
+    b.sync_once().await.unwrap();
+    assert_eq!(hub_name(&replica, one), text("Batch A"));
+    assert_eq!(hub_name(&replica, two), text("B Again"));
+    assert_eq!(upstream_name(&emu, one).await, "Batch A");
+    assert_eq!(upstream_name(&emu, two).await, "B Again");
+}
+
+#[tokio::test]
+async fn after_a_lost_reply_a_change_made_in_dataverse_still_wins() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", id, &[("name", text("Lost"))]);
     emu.drop_write_replies(1).await;
     b.push().await.unwrap_err();
     emu.call(
         Method::PATCH,
-        &format!("accounts({other})"),
+        &format!("accounts({id})"),
         Some(json!({"name": "Office Wins"})),
     )
     .await;
     b.sync_once().await.unwrap();
-    assert_eq!(name(other), text("Office Wins"));
-    assert_eq!(
-        emu.row("accounts", other).await.unwrap()["name"],
-        "Office Wins"
-    );
-    assert_eq!(b.stats.replies_lost.load(Ordering::Relaxed), 4);
+    assert_eq!(hub_name(&replica, id), text("Office Wins"));
+    assert_eq!(upstream_name(&emu, id).await, "Office Wins");
 }

@@ -249,6 +249,20 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_downloads_wait_doubles_up_to_its_bound() {
+        let mut c = UpstreamConfig::new("http://127.0.0.1:1");
+        c.file_retry_ms = 1_000;
+        c.file_retry_max_ms = 5_000;
+        let waits: Vec<u64> = (1..=5)
+            .map(|n| c.file_retry_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [1_000, 2_000, 4_000, 5_000, 5_000]);
+        assert_eq!(c.file_retry_delay(u32::MAX).as_millis(), 5_000);
+        c.file_retry_max_ms = 999;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
     fn a_config_with_an_unknown_auth_kind_is_refused() {
         let r: Result<HubToml, _> =
             toml::from_str("[upstream]\nurl = \"x\"\n[upstream.auth]\nkind = \"password\"");
