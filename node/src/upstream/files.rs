@@ -9,12 +9,11 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, SeekFrom};
 use std::path::Path;
 
-use fieldsync_store::{BlobRef, ColumnType, RowId, StoreError, Value};
-use reqwest::Method;
 use std::sync::atomic::Ordering;
 
+use fieldsync_store::{BlobRef, ColumnType, RowId, StoreError, Value};
+use reqwest::Method;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::ApiRequest;
@@ -137,35 +136,47 @@ impl Bridge {
                 row.downloads_done = pending.is_some();
                 continue;
             }
-            let record = match (failure, pending) {
-                (Some(e), previous) => {
-                    let attempts = previous.map_or(0, |p| p.attempts).saturating_add(1);
-                    let wait = self.config.file_retry_delay(attempts);
-                    PendingDownload {
-                        columns: missing,
-                        attempts,
-                        retry_at_ms: now.saturating_add(wait.as_millis() as u64),
-                        last_error: e.to_string(),
-                    }
-                }
-                (None, Some(previous)) => PendingDownload {
-                    columns: missing,
-                    ..previous
-                },
-                // Nothing was tried and nothing was pending: cannot happen (a column waits only
-                // for a pending record); recorded as due now all the same.
-                (None, None) => PendingDownload {
-                    columns: missing,
-                    attempts: 0,
-                    retry_at_ms: now,
-                    last_error: String::new(),
-                },
+            let record = PendingDownload {
+                columns: missing,
+                ..pending.unwrap_or_default()
             };
-            let mut w = StateWrites::default();
-            w.put_pending_download(table, row.id, &record)?;
-            w.commit(lock(&self.replica).store())?;
+            let record = match failure {
+                Some(e) => self.failed_again(record, &e, now),
+                None => record, // waits for its turn, as it was
+            };
+            self.save_pending(table, row.id, &record)?;
         }
         Ok(())
+    }
+
+    /// A pending download after one more failed attempt at `now`: tried again after a wait
+    /// that doubles with each failure, up to `file_retry_max_ms`.
+    fn failed_again(
+        &self,
+        pending: PendingDownload,
+        error: &UpstreamError,
+        now: u64,
+    ) -> PendingDownload {
+        let attempts = pending.attempts.saturating_add(1);
+        let wait = self.config.file_retry_delay(attempts);
+        PendingDownload {
+            attempts,
+            retry_at_ms: now.saturating_add(wait.as_millis() as u64),
+            last_error: error.to_string(),
+            ..pending
+        }
+    }
+
+    /// Records (durably) a row's downloads still to come.
+    fn save_pending(
+        &self,
+        table: &str,
+        id: RowId,
+        pending: &PendingDownload,
+    ) -> Result<(), UpstreamError> {
+        let mut w = StateWrites::default();
+        w.put_pending_download(table, id, pending)?;
+        w.commit(lock(&self.replica).store())
     }
 
     /// Tries again the downloads of `table` whose time has come: reads each row as Dataverse
@@ -190,17 +201,7 @@ impl Bridge {
                 Err(e) => {
                     // The row cannot be read now: its files wait another turn.
                     warn!(table, %id, error = %e, "a row whose files are pending cannot be read; tried again later");
-                    let attempts = pending.attempts.saturating_add(1);
-                    let wait = self.config.file_retry_delay(attempts);
-                    let record = PendingDownload {
-                        attempts,
-                        retry_at_ms: now.saturating_add(wait.as_millis() as u64),
-                        last_error: e.to_string(),
-                        ..pending
-                    };
-                    let mut w = StateWrites::default();
-                    w.put_pending_download(table, id, &record)?;
-                    w.commit(lock(&self.replica).store())?;
+                    self.save_pending(table, id, &self.failed_again(pending, &e, now))?;
                     continue;
                 }
             };

@@ -55,7 +55,7 @@ impl Base {
 /// File columns of a pulled row whose download failed (or waits for its retry): the row's
 /// other columns were applied, the hub kept its previous content of these, and the row is read
 /// again and the files downloaded once `retry_at_ms` has passed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingDownload {
     /// Column → Dataverse's file id that did not come down.
     pub columns: BTreeMap<String, String>,
