@@ -29,6 +29,10 @@
 //! declared, any text or number column works as one; the execution-time limit (20 minutes per
 //! 5 minutes) is not measured, the request-count and concurrency limits are, and a `$batch`
 //! counts as one request; images are not resized for thumbnails ([`files`]).
+//!
+//! For tests only, `--test-faults` (hidden, off by default) serves `POST
+//! /_test/faults?drop_write_replies=N`: the next N writes that succeed are applied and their
+//! connection closed with no reply, as a reset connection would leave a client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,6 +95,12 @@ pub struct EmulatorArgs {
     /// Base URL used in `@odata.context`, links and `OData-EntityId` (default: from `Host`).
     #[arg(long)]
     pub public_url: Option<String>,
+    /// Tests only: serve `POST /_test/faults?drop_write_replies=N`, after which the next N
+    /// writes that succeed (`POST`, `PATCH`, `PUT`, `DELETE`, `$batch`) are applied and their
+    /// replies lost: the connection closes after the headers, before the body the headers
+    /// announce. Off by default; Dataverse has no such thing.
+    #[arg(long, hide = true)]
+    pub test_faults: bool,
 }
 
 /// Everything [`serve`] needs.
@@ -118,6 +128,8 @@ pub struct EmulatorConfig {
     pub public_url: Option<String>,
     /// Recommended chunk size for chunked file transfers (`x-ms-chunk-size`; Dataverse 4 MiB).
     pub chunk_size_bytes: u64,
+    /// Tests only: serve the fault switch `/_test/faults` (see `--test-faults`).
+    pub test_faults: bool,
 }
 
 impl EmulatorConfig {
@@ -135,6 +147,7 @@ impl EmulatorConfig {
             change_tracking_retention: Duration::from_secs(7 * 24 * 3600),
             public_url: None,
             chunk_size_bytes: 4 * 1024 * 1024,
+            test_faults: false,
         }
     }
 }
@@ -176,6 +189,7 @@ pub fn run(args: EmulatorArgs) -> Result<()> {
         change_tracking_retention: Duration::from_secs(args.change_tracking_retention_secs),
         public_url: args.public_url,
         chunk_size_bytes: 4 * 1024 * 1024,
+        test_faults: args.test_faults,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

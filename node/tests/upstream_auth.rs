@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::routing::post;
-use fieldsync_node::upstream::{AuthConfig, SecretSource, UpstreamError};
-use upstream_support::{bridge, config, hub_replica, Emulator, ADMIN_TOKEN};
+use fieldsync_node::upstream::{AuthConfig, SecretSource, UpstreamConfig, UpstreamError};
+use upstream_support::{bridge, config, Emulator, EmulatorAndHub, ADMIN_TOKEN};
 
 /// Serves `/<tenant>/oauth2/v2.0/token`: answers the emulator's admin token when the form
 /// carries the expected client id and secret; records every form it got.
@@ -49,15 +49,17 @@ async fn fake_token_endpoint(forms: Arc<Mutex<Vec<String>>>) -> String {
     format!("http://{addr}/tenant-1/oauth2/v2.0/token")
 }
 
-#[tokio::test]
-async fn client_credentials_token_is_fetched_once_and_used() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let forms = Arc::new(Mutex::new(Vec::new()));
-    let endpoint = fake_token_endpoint(forms.clone()).await;
-    let secret_file = dir.path().join("secret");
-    std::fs::write(&secret_file, "s3cret!\n").unwrap();
-    let mut cfg = config(&emu, dir.path());
+/// The bridge's config for the emulator, authenticated as app `app-1` of `tenant-1` with
+/// `secret` (in a file) at the token `endpoint`.
+fn entra_config(
+    emu: &Emulator,
+    dir: &std::path::Path,
+    secret: &str,
+    endpoint: String,
+) -> UpstreamConfig {
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let mut cfg = config(emu, dir);
     cfg.auth = AuthConfig::Entra {
         tenant_id: "tenant-1".into(),
         client_id: "app-1".into(),
@@ -65,7 +67,15 @@ async fn client_credentials_token_is_fetched_once_and_used() {
         token_endpoint: Some(endpoint),
         scope: None,
     };
-    let replica = hub_replica(&dir.path().join("hub"));
+    cfg
+}
+
+#[tokio::test]
+async fn client_credentials_token_is_fetched_once_and_used() {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
+    let forms = Arc::new(Mutex::new(Vec::new()));
+    let endpoint = fake_token_endpoint(forms.clone()).await;
+    let cfg = entra_config(&emu, dir.path(), "s3cret!\n", endpoint);
     let b = bridge(cfg.clone(), &replica);
     b.pull_table("account").await.unwrap();
     b.pull_table("contact").await.unwrap();
@@ -99,20 +109,9 @@ async fn client_credentials_token_is_fetched_once_and_used() {
 
 #[tokio::test]
 async fn a_wrong_secret_is_an_auth_error_naming_no_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let endpoint = fake_token_endpoint(Arc::new(Mutex::new(Vec::new()))).await;
-    let secret_file = dir.path().join("secret");
-    std::fs::write(&secret_file, "wrong-secret").unwrap();
-    let mut cfg = config(&emu, dir.path());
-    cfg.auth = AuthConfig::Entra {
-        tenant_id: "tenant-1".into(),
-        client_id: "app-1".into(),
-        secret: SecretSource::File(secret_file),
-        token_endpoint: Some(endpoint),
-        scope: None,
-    };
-    let replica = hub_replica(&dir.path().join("hub"));
+    let cfg = entra_config(&emu, dir.path(), "wrong-secret", endpoint);
     let b = bridge(cfg, &replica);
     let err = b.pull_table("account").await.unwrap_err();
     assert!(matches!(err, UpstreamError::Auth(_)), "{err}");

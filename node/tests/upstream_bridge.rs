@@ -10,10 +10,8 @@ use std::time::Duration;
 use fieldsync_node::upstream::DATAVERSE_ACTOR;
 use fieldsync_store::Value;
 use reqwest::Method;
-use serde_json::json;
-use upstream_support::{
-    bridge, config, example, hub_replica, hub_replica_with_schema, Emulator, ADMIN_TOKEN,
-};
+use serde_json::{json, Value as J};
+use upstream_support::{bridge, config, example, Emulator, EmulatorAndHub, ADMIN_TOKEN};
 use uuid::Uuid;
 
 fn text(s: &str) -> Value {
@@ -70,29 +68,6 @@ fn id_of(row: &serde_json::Value, key: &str) -> Uuid {
 }
 
 /// Log entries of the Dataverse actor in the hub store.
-/// An office user replaces the row's `contract` file in Dataverse.
-async fn office_puts_file(
-    http: &reqwest::Client,
-    emu: &Emulator,
-    id: Uuid,
-    name: &str,
-    bytes: &[u8],
-) {
-    let put = http
-        .patch(format!(
-            "{}/api/data/v9.2/accounts({id})/contract",
-            emu.url()
-        ))
-        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .header("Content-Type", "application/octet-stream")
-        .header("x-ms-file-name", name)
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 204);
-}
-
 fn dataverse_entries(
     replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
 ) -> usize {
@@ -107,8 +82,7 @@ fn dataverse_entries(
 
 #[tokio::test]
 async fn pull_follows_pages_then_deltas_with_deletes() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     for i in 0..7 {
         let (s, _) = emu
             .call(
@@ -121,7 +95,6 @@ async fn pull_follows_pages_then_deltas_with_deletes() {
     }
     let upstream = emu.rows("accounts").await;
     assert!(upstream.len() >= 10);
-    let replica = hub_replica(&dir.path().join("hub"));
     let mut cfg = config(&emu, dir.path());
     cfg.page_size = 3;
     let b = bridge(cfg, &replica);
@@ -187,11 +160,8 @@ async fn pull_follows_pages_then_deltas_with_deletes() {
 
 #[tokio::test]
 async fn expired_token_full_reread_reconciles_without_duplicates_or_resurrection() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(
-        &dir.path().join("emu"),
-        &["--change-tracking-retention-secs", "1"],
-    );
+    let EmulatorAndHub { dir, emu, replica } =
+        EmulatorAndHub::start(&["--change-tracking-retention-secs", "1"]);
     for i in 0..3 {
         emu.call(
             Method::POST,
@@ -200,7 +170,6 @@ async fn expired_token_full_reread_reconciles_without_duplicates_or_resurrection
         )
         .await;
     }
-    let replica = hub_replica(&dir.path().join("hub"));
     let b = bridge(config(&emu, dir.path()), &replica);
     b.pull_table("contact").await.unwrap();
     let rows = emu.rows("contacts").await;
@@ -258,9 +227,7 @@ async fn expired_token_full_reread_reconciles_without_duplicates_or_resurrection
 
 #[tokio::test]
 async fn push_creates_updates_deletes_and_merges_on_412() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let b = bridge(config(&emu, dir.path()), &replica);
     b.pull().await.unwrap();
 
@@ -347,17 +314,12 @@ async fn push_creates_updates_deletes_and_merges_on_412() {
 
 #[tokio::test]
 async fn throttled_requests_wait_for_retry_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(
-        &dir.path().join("emu"),
-        &[
-            "--rate-limit-requests",
-            "3",
-            "--rate-limit-window-secs",
-            "1",
-        ],
-    );
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[
+        "--rate-limit-requests",
+        "3",
+        "--rate-limit-window-secs",
+        "1",
+    ]);
     let mut cfg = config(&emu, dir.path());
     cfg.batch_size = 1; // one request per row, to run into the limit
     let b = bridge(cfg, &replica);
@@ -393,9 +355,7 @@ async fn throttled_requests_wait_for_retry_after() {
 
 #[tokio::test]
 async fn failing_change_set_is_retried_row_by_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let b = bridge(config(&emu, dir.path()), &replica);
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     for id in &ids {
@@ -439,9 +399,11 @@ async fn failing_change_set_is_retried_row_by_row() {
 
 #[tokio::test]
 async fn upstream_outage_keeps_the_queue_and_catches_up_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub {
+        dir,
+        mut emu,
+        replica,
+    } = EmulatorAndHub::start(&[]);
     let b = std::sync::Arc::new(bridge(config(&emu, dir.path()), &replica));
     b.sync_once().await.unwrap();
     let baseline = emu.rows("accounts").await.len();
@@ -485,9 +447,7 @@ async fn upstream_outage_keeps_the_queue_and_catches_up_once() {
 /// the row goes up without it, and the file follows once the upload completes.
 #[tokio::test]
 async fn a_file_still_uploading_from_a_device_follows_its_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let b = bridge(config(&emu, dir.path()), &replica);
     let data: Vec<u8> = (0..90_000u32).map(|i| (i % 241) as u8).collect();
     // The device's store made the reference; the hub has no bytes yet.
@@ -538,9 +498,7 @@ async fn a_file_still_uploading_from_a_device_follows_its_row() {
 
 #[tokio::test]
 async fn files_go_up_and_come_down_in_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let mut cfg = config(&emu, dir.path());
     cfg.file_chunk_bytes = 64 * 1024;
     let b = bridge(cfg, &replica);
@@ -583,7 +541,7 @@ async fn files_go_up_and_come_down_in_chunks() {
 
     // The office replaces the file: the hub downloads it in ranges and writes it.
     let office: Vec<u8> = (0..150_000u32).map(|i| (i % 13) as u8).collect();
-    office_puts_file(&http, &emu, id, "v2.pdf", &office).await;
+    emu.office_puts_file(id, "v2.pdf", &office).await;
     b.pull_table("account").await.unwrap();
     let row = hub_get(&replica, "account", id).unwrap();
     let Value::File(here) = row.get("contract").clone() else {
@@ -603,7 +561,7 @@ async fn files_go_up_and_come_down_in_chunks() {
     // The office replaces the file again while the hub renames the row: the 412 re-read brings
     // the new file to the hub, and the hub's write does not put the old file back.
     let third: Vec<u8> = vec![7u8; 1000];
-    office_puts_file(&http, &emu, id, "v3.pdf", &third).await;
+    emu.office_puts_file(id, "v3.pdf", &third).await;
     hub_write(
         &replica,
         "account",
@@ -627,9 +585,7 @@ async fn files_go_up_and_come_down_in_chunks() {
 /// counted), and the bridge goes on with later rows in both directions.
 #[tokio::test]
 async fn a_lookup_dataverse_refuses_skips_the_write_and_never_deletes_the_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let b = bridge(config(&emu, dir.path()), &replica);
     b.pull().await.unwrap();
 
@@ -735,13 +691,11 @@ async fn a_lookup_dataverse_refuses_skips_the_write_and_never_deletes_the_row() 
 /// the row's other columns come in and the table's pull goes on.
 #[tokio::test]
 async fn a_value_the_hub_refuses_does_not_stop_its_rows_or_its_tables_pull() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
     let drifted = example("schema.toml").replace(
         "industrycode = { choice = [1, 2, 3, 4, 5, 6] }",
         "industrycode = { choice = [1, 2, 3] }",
     );
-    let replica = hub_replica_with_schema(&dir.path().join("hub"), &drifted);
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::with_schema(&[], &drifted);
     let b = bridge(config(&emu, dir.path()), &replica);
     for (name, code) in [("Odd", 6), ("Fine", 2)] {
         let (s, _) = emu
@@ -801,9 +755,7 @@ async fn a_value_the_hub_refuses_does_not_stop_its_rows_or_its_tables_pull() {
 /// request: no empty `PATCH` to fire plugins and audit for nothing.
 #[tokio::test]
 async fn an_update_that_changes_nothing_sends_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let b = bridge(config(&emu, dir.path()), &replica);
     b.pull().await.unwrap();
     let account = Uuid::new_v4();
@@ -828,14 +780,10 @@ async fn an_update_that_changes_nothing_sends_nothing() {
 /// says) cannot tell which rows Dataverse deleted: it deletes none.
 #[tokio::test]
 async fn a_full_reread_with_an_unreadable_entry_deletes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(
-        &dir.path().join("emu"),
-        &["--change-tracking-retention-secs", "1"],
-    );
     let drifted =
         example("schema.toml").replacen("telephone1 = \"text\"", "telephone1 = \"integer\"", 1);
-    let replica = hub_replica_with_schema(&dir.path().join("hub"), &drifted);
+    let EmulatorAndHub { dir, emu, replica } =
+        EmulatorAndHub::with_schema(&["--change-tracking-retention-secs", "1"], &drifted);
     let b = bridge(config(&emu, dir.path()), &replica);
     let (s, _) = emu
         .call(Method::POST, "accounts", Some(json!({"name": "Keep"})))
@@ -872,9 +820,7 @@ async fn a_full_reread_with_an_unreadable_entry_deletes_nothing() {
 /// and read back as `_<column>_value`.
 #[tokio::test]
 async fn customer_lookups_are_written_through_their_navigation_property() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let b = bridge(config(&emu, dir.path()), &replica);
     let (account, other, contact, case) = (
         Uuid::new_v4(),
@@ -944,4 +890,142 @@ async fn customer_lookups_are_written_through_their_navigation_property() {
             .get("customerid"),
         &Value::Lookup(account)
     );
+}
+
+/// A hub and an emulator that can lose replies, and a bridge between them.
+async fn lost_reply_setup() -> (EmulatorAndHub, fieldsync_node::upstream::Bridge) {
+    let setup = EmulatorAndHub::start(&["--test-faults"]);
+    let b = bridge(config(&setup.emu, setup.dir.path()), &setup.replica);
+    b.pull().await.unwrap();
+    (setup, b)
+}
+
+fn hub_name(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> Value {
+    hub_get(replica, "account", id)
+        .map(|r| r.get("name").clone())
+        .unwrap_or(Value::Null)
+}
+
+async fn upstream_name(emu: &Emulator, id: Uuid) -> J {
+    emu.row("accounts", id).await.expect("upstream")["name"].clone()
+}
+
+// A write Dataverse applied whose reply was lost must not make the hub's own write look like
+// a change made in Dataverse: the hub's later edit of the same column stands, whichever comes
+// first afterwards — the push (a `412` and a re-read) or the pull (the row in the changes).
+
+#[tokio::test]
+async fn a_lost_reply_to_a_create_does_not_undo_the_hubs_later_edit() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Created"))]);
+    emu.drop_write_replies(1).await;
+    let lost = b.push().await.unwrap_err();
+    assert!(
+        matches!(
+            lost,
+            fieldsync_node::upstream::UpstreamError::Unreachable(_)
+        ),
+        "{lost:?}"
+    );
+    assert_eq!(b.stats.replies_lost.load(Ordering::Relaxed), 1);
+    assert_eq!(upstream_name(&emu, id).await, "Created");
+    // A device renames the row before the next round, which pushes first: the create again
+    // finds the row (412), reads it, and writes the rename.
+    hub_write(&replica, "account", id, &[("name", text("Renamed Later"))]);
+    b.push().await.unwrap();
+    b.pull().await.unwrap();
+    assert_eq!(hub_name(&replica, id), text("Renamed Later"));
+    assert_eq!(upstream_name(&emu, id).await, "Renamed Later");
+}
+
+#[tokio::test]
+async fn a_lost_reply_to_an_update_does_not_undo_the_hubs_later_edit() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", id, &[("name", text("Sent"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, id).await, "Sent");
+    // A device edits the column again, and this time the pull comes first (a round pulls even
+    // when its push failed).
+    hub_write(&replica, "account", id, &[("name", text("Edited After"))]);
+    b.pull().await.unwrap();
+    assert_eq!(hub_name(&replica, id), text("Edited After"));
+    b.sync_once().await.unwrap();
+    assert_eq!(hub_name(&replica, id), text("Edited After"));
+    assert_eq!(upstream_name(&emu, id).await, "Edited After");
+}
+
+#[tokio::test]
+async fn a_lost_reply_to_a_change_set_does_not_undo_the_hubs_later_edit() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", one, &[("name", text("One"))]);
+    hub_write(&replica, "account", two, &[("name", text("Two"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", one, &[("name", text("Batch A"))]);
+    hub_write(&replica, "account", two, &[("name", text("Batch B"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, two).await, "Batch B");
+    hub_write(&replica, "account", two, &[("name", text("B Again"))]);
+    b.sync_once().await.unwrap();
+    assert_eq!(hub_name(&replica, one), text("Batch A"));
+    assert_eq!(hub_name(&replica, two), text("B Again"));
+    assert_eq!(upstream_name(&emu, one).await, "Batch A");
+    assert_eq!(upstream_name(&emu, two).await, "B Again");
+}
+
+#[tokio::test]
+async fn after_a_lost_reply_a_change_made_in_dataverse_still_wins() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", id, &[("name", text("Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.call(
+        Method::PATCH,
+        &format!("accounts({id})"),
+        Some(json!({"name": "Office Wins"})),
+    )
+    .await;
+    b.sync_once().await.unwrap();
+    assert_eq!(hub_name(&replica, id), text("Office Wins"));
+    assert_eq!(upstream_name(&emu, id).await, "Office Wins");
 }

@@ -5,14 +5,16 @@
 
 mod upstream_support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use fieldsync_node::upstream::state::{self, PendingDownload};
 use fieldsync_node::upstream::{UpstreamConfig, UpstreamError};
 use fieldsync_store::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use upstream_support::{bridge, config, hub_replica, Emulator, ADMIN_TOKEN};
+use upstream_support::{bridge, config, hub_replica, EmulatorAndHub, ADMIN_TOKEN};
 use uuid::Uuid;
 
 fn pattern(len: usize, modulo: u32) -> Vec<u8> {
@@ -34,9 +36,7 @@ fn hub_contract(
 
 #[tokio::test]
 async fn a_file_of_many_chunks_goes_up_and_comes_down_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let mut cfg = config(&emu, dir.path());
     // Not a multiple of the store's 256 KiB blob chunks: each upload chunk spans two of them.
     cfg.file_chunk_bytes = 300_000;
@@ -88,19 +88,7 @@ async fn a_file_of_many_chunks_goes_up_and_comes_down_whole() {
 
     // The office replaces it with another large file: the hub downloads it in 3 ranges.
     let office = pattern(700_001, 13);
-    let put = http
-        .patch(format!(
-            "{}/api/data/v9.2/accounts({id})/contract",
-            emu.url()
-        ))
-        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .header("Content-Type", "application/octet-stream")
-        .header("x-ms-file-name", "office.pdf")
-        .body(office.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 204);
+    emu.office_puts_file(id, "office.pdf", &office).await;
     let before = b
         .client()
         .stats
@@ -134,12 +122,18 @@ enum FileReply {
 }
 
 /// A stub Web API on loopback: one account whose `contract` file it serves per `reply`; or,
-/// with `page_bytes`, an account page padded to that many bytes, streamed with no length.
+/// with `page_bytes`, an account page padded to that many bytes, streamed with no length. A
+/// full read lists the account, a delta link (`$deltatoken`) nothing, and the account reads by
+/// id.
 struct Stub {
     account: Uuid,
     content: Vec<u8>,
     reply: FileReply,
     page_bytes: Option<usize>,
+    /// Downloads of the file still to answer `404` (then `reply`).
+    file_404s: Arc<AtomicUsize>,
+    /// Requests for the file so far.
+    file_requests: Arc<AtomicUsize>,
 }
 
 impl Stub {
@@ -150,6 +144,8 @@ impl Stub {
             content,
             reply,
             page_bytes: None,
+            file_404s: Arc::default(),
+            file_requests: Arc::default(),
         }
     }
 
@@ -192,7 +188,19 @@ impl Stub {
                 .then(|| v.trim().to_string())
         });
         if path.contains("/contract/$value") {
-            self.serve_file(socket, range).await;
+            self.file_requests.fetch_add(1, Ordering::SeqCst);
+            let refuse = self
+                .file_404s
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if refuse {
+                let body = r#"{"error":{"code":"0x80060891","message":"The file is not there."}}"#;
+                let _ = socket
+                    .write_all(format!("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                    .await;
+            } else {
+                self.serve_file(socket, range).await;
+            }
             return;
         }
         let row = serde_json::json!({
@@ -201,11 +209,20 @@ impl Stub {
             "name": "Stub",
             "contract": "file-1",
         });
-        let page = serde_json::json!({
-            "value": [row],
-            "@odata.deltaLink": format!("{base}/api/data/v9.2/accounts?$deltatoken=1"),
-        })
-        .to_string();
+        let page = if path.contains("accounts(") {
+            row.to_string()
+        } else {
+            let rows = if path.contains("$deltatoken") {
+                Vec::new()
+            } else {
+                vec![row]
+            };
+            serde_json::json!({
+                "value": rows,
+                "@odata.deltaLink": format!("{base}/api/data/v9.2/accounts?$deltatoken=1"),
+            })
+            .to_string()
+        };
         match self.page_bytes {
             None => {
                 let _ = socket
@@ -288,11 +305,12 @@ impl Stub {
     }
 }
 
-/// Pulls the stub's account into a fresh hub; returns the error and checks nothing was stored
-/// (no row, no blob of the content or of any prefix the bridge may have held, no file left in
-/// the hub's directory).
-/// Ranges of 64 KiB.
-async fn pull_fails_and_stores_nothing(stub: Stub) -> UpstreamError {
+/// Pulls the stub's account into a fresh hub (ranges of 64 KiB) whose file does not come down:
+/// the pull goes through, the row arrives without its file, the delta link is saved, and the
+/// download is recorded as pending; nothing of the file is stored (no blob of the content or of
+/// any prefix the bridge may have held, no file left in the hub's directory). Returns the
+/// pending record.
+async fn pull_defers_the_file_and_stores_nothing(stub: Stub) -> PendingDownload {
     let dir = tempfile::tempdir().unwrap();
     let hub_dir = dir.path().join("hub");
     let replica = hub_replica(&hub_dir);
@@ -308,18 +326,21 @@ async fn pull_fails_and_stores_nothing(stub: Stub) -> UpstreamError {
         v
     };
     let before = listing(&hub_dir);
-    let err = b.pull_table("account").await.unwrap_err();
-    assert!(
-        replica
-            .lock()
-            .unwrap()
-            .store()
-            .get("account", account)
-            .unwrap()
-            .is_none(),
-        "the row was applied"
-    );
+    b.pull_table("account").await.unwrap();
     let store = replica.lock().unwrap();
+    let row = store
+        .store()
+        .get("account", account)
+        .unwrap()
+        .expect("the row arrives without its file");
+    assert_eq!(row.get("name"), &Value::Text("Stub".into()));
+    assert_eq!(row.get("contract"), &Value::Null);
+    assert!(
+        state::delta_link(store.store(), "account")
+            .unwrap()
+            .is_some(),
+        "the table's pull moved on"
+    );
     for len in [content.len(), 10_000, 65_536, 100_000, 250_000] {
         let prefix = &content[..len.min(content.len())];
         let sha: [u8; 32] = Sha256::digest(prefix).into();
@@ -329,6 +350,15 @@ async fn pull_fails_and_stores_nothing(stub: Stub) -> UpstreamError {
             "{len} bytes were stored"
         );
     }
+    let pending = state::pending_download(store.store(), "account", account)
+        .unwrap()
+        .expect("the download is pending");
+    assert_eq!(
+        pending.columns.get("contract").map(String::as_str),
+        Some("file-1")
+    );
+    assert_eq!(pending.attempts, 1);
+    assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
     drop(store);
     let after = listing(&hub_dir);
     let new: Vec<&String> = after.iter().filter(|p| !before.contains(p)).collect();
@@ -336,7 +366,7 @@ async fn pull_fails_and_stores_nothing(stub: Stub) -> UpstreamError {
         new.iter().all(|p| !p.contains("tmp")),
         "a temporary file was left: {new:?}"
     );
-    err
+    pending
 }
 
 fn walk(d: &std::path::Path) -> Vec<String> {
@@ -354,47 +384,44 @@ fn walk(d: &std::path::Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_file_shorter_than_its_declared_size_is_refused() {
-    let err = pull_fails_and_stores_nothing(Stub::file(
+    let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
         pattern(250_000, 7),
         FileReply::Ranges { declared: 300_000 },
     ))
     .await;
-    assert!(matches!(err, UpstreamError::FileLength { .. }), "{err:?}");
+    assert!(
+        pending.last_error.contains("not the length it declares"),
+        "{pending:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_file_longer_than_its_declared_size_is_refused_without_reading_it_all() {
-    let err = pull_fails_and_stores_nothing(Stub::file(
+    let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
         pattern(1_000_000, 11),
         FileReply::Whole { declared: 10_000 },
     ))
     .await;
     assert!(
-        matches!(
-            err,
-            UpstreamError::FileLength {
-                expected: 10_000,
-                ..
-            }
-        ),
-        "{err:?}"
+        pending
+            .last_error
+            .contains("10000 bytes expected from offset 0, 10001 received"),
+        "{pending:?}"
     );
 }
 
 #[tokio::test]
 async fn a_range_longer_than_asked_is_refused() {
-    let err =
-        pull_fails_and_stores_nothing(Stub::file(pattern(200_000, 5), FileReply::RangeToEnd)).await;
+    let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
+        pattern(200_000, 5),
+        FileReply::RangeToEnd,
+    ))
+    .await;
     assert!(
-        matches!(
-            err,
-            UpstreamError::FileLength {
-                at: 0,
-                expected: 65_536,
-                ..
-            }
-        ),
-        "{err:?}"
+        pending
+            .last_error
+            .contains("65536 bytes expected from offset 0"),
+        "{pending:?}"
     );
 }
 
@@ -440,6 +467,8 @@ async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
         content: Vec::new(),
         reply: FileReply::RangeToEnd,
         page_bytes: Some(256 * 1024 * 1024),
+        file_404s: Arc::default(),
+        file_requests: Arc::default(),
     }
     .start()
     .await;
@@ -459,9 +488,7 @@ async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
 async fn a_page_longer_than_the_limit_is_refused_by_its_length() {
     // Against the emulator, whose pages declare their length: refused before reading, and the
     // same pull goes through with the default limit.
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(&dir.path().join("emu"), &[]);
-    let replica = hub_replica(&dir.path().join("hub"));
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
     let mut cfg = config(&emu, dir.path());
     cfg.response_bytes_max = 512;
     let err = bridge(cfg, &replica)
@@ -493,4 +520,154 @@ async fn a_page_longer_than_the_limit_is_refused_by_its_length() {
     bridge(cfg, &replica).pull_table("account").await.unwrap();
     let r = replica.lock().unwrap();
     assert_eq!(r.store().scan("account").unwrap().count(), all);
+}
+
+#[tokio::test]
+async fn a_file_that_fails_to_come_down_stalls_nothing_and_comes_down_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let content = pattern(150_000, 17);
+    let stub = Stub::file(content.clone(), FileReply::Ranges { declared: 150_000 });
+    // The first two downloads find no file (Dataverse's 404 of a file).
+    stub.file_404s.store(2, Ordering::SeqCst);
+    let account = stub.account;
+    let requests = stub.file_requests.clone();
+    let url = stub.start().await;
+    let mut cfg = UpstreamConfig::new(url);
+    cfg.file_chunk_bytes = 64 * 1024;
+    cfg.file_retry_ms = 1_000;
+    cfg.file_retry_max_ms = 1_500;
+    let b = bridge(cfg.clone(), &replica);
+    // The row arrives; the file does not, and holds up nothing.
+    b.pull_table("account").await.unwrap();
+    assert!(hub_contract(&replica, account).is_none());
+    let row = replica
+        .lock()
+        .unwrap()
+        .store()
+        .get("account", account)
+        .unwrap();
+    assert!(row.is_some(), "the row waits for its file");
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    // Not due yet: the next round does not ask again.
+    b.pull_table("account").await.unwrap();
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        1,
+        "retried before its time"
+    );
+    // Due: it fails once more, and the wait grows (up to its bound).
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    b.pull_table("account").await.unwrap();
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
+    let pending = state::pending_download(replica.lock().unwrap().store(), "account", account)
+        .unwrap()
+        .expect("still pending");
+    assert_eq!(pending.attempts, 2);
+    assert!(pending.last_error.contains("404"), "{pending:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        pending.retry_at_ms > now + 1_000 && pending.retry_at_ms <= now + 1_500,
+        "{pending:?} at {now}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_600)).await;
+    // A hub restarted meanwhile (the record is durable); the delta link brings nothing: the
+    // retry alone reads the row and brings the file.
+    let b = bridge(cfg, &replica);
+    b.pull_table("account").await.unwrap();
+    let (blob, got) = hub_contract(&replica, account).expect("downloaded on retry");
+    assert_eq!(got, content);
+    assert_eq!(blob.name, "stub.pdf");
+    {
+        let r = replica.lock().unwrap();
+        assert_eq!(
+            state::pending_download(r.store(), "account", account).unwrap(),
+            None
+        );
+        // The base knows the file now: it is not downloaded again.
+        let base = state::base(r.store(), "account", account).unwrap().unwrap();
+        assert_eq!(base.files["contract"].id, "file-1");
+        assert_eq!(base.files["contract"].sha256, blob.hash_hex());
+    }
+    b.pull_table("account").await.unwrap();
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        2 + 3,
+        "three ranges, then nothing more"
+    );
+}
+
+/// Bytes this thread has written with `write` and its kin (Linux's per-thread I/O accounting).
+#[cfg(target_os = "linux")]
+fn written_by_this_thread() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A download's temporary file is written on tokio's blocking threads, not on the runtime
+/// thread driving the bridge: on a current-thread runtime, what that thread writes during a
+/// pull is the store's own writes of the blob (measured alone first), not the file once more.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_downloads_temporary_file_is_not_written_on_the_runtime_thread() {
+    let content = pattern(4 << 20, 251);
+    let stub = Stub::file(
+        content.clone(),
+        FileReply::Ranges {
+            declared: content.len(),
+        },
+    );
+    let account = stub.account;
+    // The stub serves from a thread of its own: its socket writes are not this thread's.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            tx.send(stub.start().await).unwrap();
+            std::future::pending::<()>().await
+        })
+    });
+    let url = rx.recv().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // What storing a blob of this size writes from this thread, in a hub of its own in
+        // the same state as the one pulling (how much a store writes depends on what it holds).
+        let other = hub_replica(&dir.path().join("other"));
+        let before = written_by_this_thread();
+        other
+            .lock()
+            .unwrap()
+            .store()
+            .put_blob("other.pdf", &mut pattern(content.len(), 241).as_slice())
+            .unwrap();
+        let storing = written_by_this_thread() - before;
+        let mut cfg = UpstreamConfig::new(url);
+        cfg.file_chunk_bytes = 1 << 20;
+        let b = bridge(cfg, &replica);
+        let before = written_by_this_thread();
+        b.pull_table("account").await.unwrap();
+        let pulling = written_by_this_thread() - before;
+        let (_, got) = hub_contract(&replica, account).expect("downloaded");
+        assert_eq!(got, content);
+        assert!(
+            pulling < storing + content.len() as u64 / 2,
+            "the runtime thread wrote {pulling} bytes; storing the blob writes {storing}"
+        );
+    });
 }

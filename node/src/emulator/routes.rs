@@ -44,6 +44,8 @@ pub struct AppState {
     pub(super) directory: Directory,
     requests: Mutex<HashMap<Uuid, VecDeque<Instant>>>,
     in_flight: Arc<Mutex<HashMap<Uuid, u32>>>,
+    /// Tests only (`--test-faults`): successful writes whose replies are still to be lost.
+    drop_write_replies: std::sync::atomic::AtomicU32,
 }
 
 /// One request, as the dispatcher sees it.
@@ -210,6 +212,7 @@ impl AppState {
             directory,
             requests: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
+            drop_write_replies: std::sync::atomic::AtomicU32::new(0),
         };
         if state.config.example.as_deref() == Some("field-service") {
             let conn = state.db();
@@ -224,6 +227,17 @@ impl AppState {
     /// The database connection (a poisoned lock is recovered: SQLite keeps its own consistency).
     pub fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this reply is to be lost (`--test-faults`), counting it.
+    fn take_dropped_reply(&self) -> bool {
+        self.drop_write_replies
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
     }
 
     fn check_rate(&self, user: Uuid) -> Result<(), ApiError> {
@@ -333,6 +347,9 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
             )
         })
         .collect();
+    if uri.path() == TEST_FAULTS_PATH && state.config.test_faults {
+        return set_test_faults(&state, uri.query().unwrap_or(""));
+    }
     let Some(rest) = uri.path().strip_prefix(API_PREFIX) else {
         return to_axum(ApiError::no_segment(uri.path()).into());
     };
@@ -346,6 +363,7 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
             )
         }
     };
+    let write = matches!(method.as_str(), "POST" | "PATCH" | "PUT" | "DELETE");
     let emu = EmuRequest {
         method,
         path,
@@ -411,7 +429,52 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
         Err(e) => ApiError::internal(format!("request task failed: {e}")).into(),
     };
     tracing::debug!(status = resp.status, "answered");
+    if write && (200..300).contains(&resp.status) && state.take_dropped_reply() {
+        tracing::info!("test fault: the write is applied, its reply lost");
+        return lost_reply();
+    }
     to_axum(resp)
+}
+
+/// The fault switch's path (served only with `--test-faults`).
+const TEST_FAULTS_PATH: &str = "/_test/faults";
+
+/// `POST /_test/faults?drop_write_replies=N`: the next N successful writes lose their replies.
+fn set_test_faults(state: &AppState, query: &str) -> Response {
+    let n = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("drop_write_replies="))
+        .and_then(|v| v.parse::<u32>().ok());
+    match n {
+        Some(n) => {
+            state
+                .drop_write_replies
+                .store(n, std::sync::atomic::Ordering::SeqCst);
+            to_axum(EmuResponse {
+                status: 204,
+                ..EmuResponse::default()
+            })
+        }
+        None => to_axum(
+            ApiError::new(
+                400,
+                errors::BAD_PAYLOAD,
+                "Expected ?drop_write_replies=<count>.",
+            )
+            .into(),
+        ),
+    }
+}
+
+/// A reply that never arrives whole: headers announcing a body the connection closes before,
+/// so the client cannot tell whether the write was applied (it was).
+fn lost_reply() -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("Content-Type", "application/json")
+        .header("Content-Length", "64")
+        .body(Body::from("{"))
+        .unwrap_or_else(|_| Response::new(Body::from("response build failed")))
 }
 
 /// Run one request in its own transaction: committed on success, rolled back on an error.

@@ -669,6 +669,16 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
                 &up.rows_skipped,
             ),
             (
+                "downloads_failed_total",
+                "File downloads from Dataverse that failed (their rows applied; retried with back-off).",
+                &up.downloads_failed,
+            ),
+            (
+                "replies_lost_total",
+                "Writes to Dataverse whose reply was lost (resolved by the row's next read).",
+                &up.replies_lost,
+            ),
+            (
                 "full_reads_total",
                 "Full re-reads after an expired change-tracking token.",
                 &up.full_reads,
@@ -695,6 +705,15 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
             "Hub log entries not yet acknowledged by Dataverse (the outbound queue).",
             "gauge",
             behind,
+        );
+        let pending = fieldsync_node::upstream::state::pending_downloads(store, None)
+            .map(|p| p.len() as u64)
+            .unwrap_or_default();
+        counter(
+            "fieldsync_upstream_pending_download_rows",
+            "Rows whose files from Dataverse did not come down yet (retried with back-off).",
+            "gauge",
+            pending,
         );
     }
     let lags = with_replica(&runtime.replica, |r| r.device_lags());

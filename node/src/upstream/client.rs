@@ -173,14 +173,16 @@ impl StreamingResponse {
         })
     }
 
-    /// Writes the body to `sink` and returns its length; refused with
+    /// Writes the body to `sink` (asynchronously: a file's writes go to tokio's blocking
+    /// threads, not the runtime's workers) and returns its length; refused with
     /// [`UpstreamError::ResponseTooLarge`] as soon as it passes `limit` bytes (what was written
     /// by then stays in `sink`).
     pub async fn copy_to(
         mut self,
-        sink: &mut (dyn std::io::Write + Send),
+        sink: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
         limit: u64,
     ) -> Result<u64, UpstreamError> {
+        use tokio::io::AsyncWriteExt;
         self.check_declared_length(limit)?;
         let mut written = 0u64;
         while let Some(piece) = self.next_piece().await? {
@@ -189,6 +191,7 @@ impl StreamingResponse {
                 return Err(UpstreamError::ResponseTooLarge { limit });
             }
             sink.write_all(&piece)
+                .await
                 .map_err(|e| UpstreamError::Io(format!("cannot write a download: {e}")))?;
         }
         Ok(written)

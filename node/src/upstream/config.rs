@@ -42,6 +42,21 @@ pub struct UpstreamConfig {
     /// longer one fails the request with a clear error instead of exhausting memory.
     #[serde(default = "default_response_bytes_max")]
     pub response_bytes_max: u64,
+    /// First wait before a file download that failed is tried again, in milliseconds (doubles
+    /// with each failure up to `file_retry_max_ms`); the file's row is applied meanwhile.
+    #[serde(default = "default_file_retry_ms")]
+    pub file_retry_ms: u64,
+    /// Longest wait between tries of a failing file download, in milliseconds: it is tried
+    /// again at least this often for as long as it fails, never dropped.
+    #[serde(default = "default_file_retry_max_ms")]
+    pub file_retry_max_ms: u64,
+}
+
+fn default_file_retry_ms() -> u64 {
+    30_000
+}
+fn default_file_retry_max_ms() -> u64 {
+    3_600_000
 }
 
 /// 64 MiB: a page of 1000 rows of 64 KiB each, with room.
@@ -86,6 +101,8 @@ impl UpstreamConfig {
             retry_after_max_secs: default_retry_after_max_secs(),
             file_chunk_bytes: default_file_chunk_bytes(),
             response_bytes_max: default_response_bytes_max(),
+            file_retry_ms: default_file_retry_ms(),
+            file_retry_max_ms: default_file_retry_max_ms(),
         }
     }
 
@@ -102,7 +119,7 @@ impl UpstreamConfig {
     /// Refuses values the bridge cannot run with (a zero delay would hammer Dataverse in a
     /// tight loop; Dataverse takes at most 5,000 rows a page and 1,000 writes a batch).
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(bool, &str); 7] = [
+        let checks: [(bool, &str); 9] = [
             (self.poll_secs >= 1, "poll_secs must be at least 1"),
             (self.backoff_ms >= 1, "backoff_ms must be at least 1"),
             (
@@ -125,11 +142,26 @@ impl UpstreamConfig {
                 self.response_bytes_max >= 1 << 20,
                 "response_bytes_max must be at least 1 MiB",
             ),
+            (self.file_retry_ms >= 1, "file_retry_ms must be at least 1"),
+            (
+                self.file_retry_max_ms >= self.file_retry_ms,
+                "file_retry_max_ms must be at least file_retry_ms",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err((*why).to_string()),
             None => Ok(()),
         }
+    }
+
+    /// How long to wait before trying a file download again after its `attempts`-th failure.
+    pub fn file_retry_delay(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(32);
+        let ms = self
+            .file_retry_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.file_retry_max_ms);
+        Duration::from_millis(ms)
     }
 
     /// The delay between pull rounds.
@@ -214,6 +246,20 @@ mod tests {
             min.upstream.api_base(),
             "http://127.0.0.1:8080/api/data/v9.2/"
         );
+    }
+
+    #[test]
+    fn a_failed_downloads_wait_doubles_up_to_its_bound() {
+        let mut c = UpstreamConfig::new("http://127.0.0.1:1");
+        c.file_retry_ms = 1_000;
+        c.file_retry_max_ms = 5_000;
+        let waits: Vec<u64> = (1..=5)
+            .map(|n| c.file_retry_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [1_000, 2_000, 4_000, 5_000, 5_000]);
+        assert_eq!(c.file_retry_delay(u32::MAX).as_millis(), 5_000);
+        c.file_retry_max_ms = 999;
+        assert!(c.validate().is_err());
     }
 
     #[test]

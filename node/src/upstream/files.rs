@@ -6,17 +6,28 @@
 //! (Dataverse's file id and the content's SHA-256), so a file crosses the wire once per change.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Seek, SeekFrom};
+use std::io::{BufReader, SeekFrom};
 use std::path::Path;
+
+use std::sync::atomic::Ordering;
 
 use fieldsync_store::{BlobRef, ColumnType, RowId, StoreError, Value};
 use reqwest::Method;
-use tracing::{debug, info_span, Instrument};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::client::ApiRequest;
 use super::map::WireRow;
-use super::state::{self, FileState, StateWrites};
+use super::state::{self, FileState, PendingDownload, StateWrites};
 use super::{lock, Bridge, UpstreamError};
+
+/// The wall clock in milliseconds since the Unix epoch (a clock before 1970 counts as 0): when
+/// a pending download is due.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 fn blob_of(v: &Value) -> Option<&BlobRef> {
     match v {
@@ -27,7 +38,14 @@ fn blob_of(v: &Value) -> Option<&BlobRef> {
 
 impl Bridge {
     /// Downloads the files of pulled rows whose file id changed since the row's base, into the
-    /// hub's blob store; records what to write and the new file states in each row.
+    /// hub's blob store; records what to write and the new file states in each row. Columns
+    /// already in a row's `file_states` (content the hub just uploaded) are taken as they are.
+    ///
+    /// A download that fails does not fail the rows: the column keeps the hub's previous
+    /// content (and its previous state in the base, so the push does not send it back), and
+    /// the row is recorded as a [`PendingDownload`] — durably, before the row is applied —
+    /// retried with back-off by [`Bridge::retry_downloads`]. Only a failure that is the whole
+    /// round's (credentials, throttling past the wait) stops here.
     pub(crate) async fn fetch_files(
         &self,
         table: &str,
@@ -44,19 +62,46 @@ impl Bridge {
             return Ok(());
         }
         for row in rows.iter_mut() {
-            let base = state::base(lock(&self.replica).store(), table, row.id)?;
+            let (base, pending) = {
+                let hub = lock(&self.replica);
+                (
+                    state::base(hub.store(), table, row.id)?,
+                    state::pending_download(hub.store(), table, row.id)?,
+                )
+            };
+            let now = unix_ms();
+            // Columns still to come down, and the last failure of this attempt.
+            let mut missing = BTreeMap::new();
+            let mut failure: Option<UpstreamError> = None;
             for (col, ty) in &columns {
+                if row.file_states.contains_key(col) {
+                    continue;
+                }
                 let known = base.as_ref().and_then(|b| b.files.get(col));
-                match (row.files.get(col), known) {
-                    (Some(id), Some(k)) if *id == k.id => {}
-                    (None, None) => {}
-                    (None, Some(_)) => row.file_writes.push((col.clone(), Value::Null)),
-                    (Some(id), _) => {
-                        let id = id.clone();
-                        let blob = self
-                            .download(&set, row.id, col, *ty)
+                let id = match (row.files.get(col), known) {
+                    (Some(id), Some(k)) if *id == k.id => continue,
+                    (None, None) => continue,
+                    (None, Some(_)) => {
+                        row.file_writes.push((col.clone(), Value::Null));
+                        continue;
+                    }
+                    (Some(id), _) => id.clone(),
+                };
+                // The same file failed lately: its turn comes at `retry_at_ms`.
+                let waits = pending
+                    .as_ref()
+                    .is_some_and(|p| p.columns.get(col) == Some(&id) && now < p.retry_at_ms);
+                let downloaded = if waits {
+                    None
+                } else {
+                    Some(
+                        self.download(&set, row.id, col, *ty)
                             .instrument(info_span!("upstream_file_download", %table, column = %col))
-                            .await?;
+                            .await,
+                    )
+                };
+                match downloaded {
+                    Some(Ok(blob)) => {
                         row.file_states.insert(
                             col.clone(),
                             FileState {
@@ -69,9 +114,113 @@ impl Bridge {
                             _ => Value::File(blob),
                         };
                         row.file_writes.push((col.clone(), value));
+                        continue;
                     }
+                    Some(Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. }))) => {
+                        return Err(e)
+                    }
+                    Some(Err(e)) => {
+                        warn!(table, row = %row.id, column = %col, error = %e, "a file from Dataverse did not come down; its row goes on, the file is tried again later");
+                        self.stats.downloads_failed.fetch_add(1, Ordering::Relaxed);
+                        failure = Some(e);
+                    }
+                    None => {}
                 }
+                // Not here yet: the hub keeps what it had, and so does the base.
+                if let Some(k) = known {
+                    row.file_states.insert(col.clone(), k.clone());
+                }
+                missing.insert(col.clone(), id);
             }
+            if missing.is_empty() {
+                row.downloads_done = pending.is_some();
+                continue;
+            }
+            let record = PendingDownload {
+                columns: missing,
+                ..pending.unwrap_or_default()
+            };
+            let record = match failure {
+                Some(e) => self.failed_again(record, &e, now),
+                None => record, // waits for its turn, as it was
+            };
+            self.save_pending(table, row.id, &record)?;
+        }
+        Ok(())
+    }
+
+    /// A pending download after one more failed attempt at `now`: tried again after a wait
+    /// that doubles with each failure, up to `file_retry_max_ms`.
+    fn failed_again(
+        &self,
+        pending: PendingDownload,
+        error: &UpstreamError,
+        now: u64,
+    ) -> PendingDownload {
+        let attempts = pending.attempts.saturating_add(1);
+        let wait = self.config.file_retry_delay(attempts);
+        PendingDownload {
+            attempts,
+            retry_at_ms: now.saturating_add(wait.as_millis() as u64),
+            last_error: error.to_string(),
+            ..pending
+        }
+    }
+
+    /// Records (durably) a row's downloads still to come.
+    fn save_pending(
+        &self,
+        table: &str,
+        id: RowId,
+        pending: &PendingDownload,
+    ) -> Result<(), UpstreamError> {
+        let mut w = StateWrites::default();
+        w.put_pending_download(table, id, pending)?;
+        w.commit(lock(&self.replica).store())
+    }
+
+    /// Tries again the downloads of `table` whose time has come: reads each row as Dataverse
+    /// has it now, downloads its files that differ from the base, and applies it like a pulled
+    /// row (which clears the record once every file is here).
+    pub(crate) async fn retry_downloads(&self, table: &str) -> Result<(), UpstreamError> {
+        let now = unix_ms();
+        let due: Vec<(RowId, PendingDownload)> = {
+            let hub = lock(&self.replica);
+            state::pending_downloads(hub.store(), Some(table))?
+                .into_iter()
+                .filter(|(_, _, p)| p.retry_at_ms <= now)
+                .map(|(_, id, p)| (id, p))
+                .collect()
+        };
+        for (id, pending) in due {
+            let row = match self.read_row(table, id).await {
+                Ok(row) => row,
+                Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. })) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    // The row cannot be read now: its files wait another turn.
+                    warn!(table, %id, error = %e, "a row whose files are pending cannot be read; tried again later");
+                    self.save_pending(table, id, &self.failed_again(pending, &e, now))?;
+                    continue;
+                }
+            };
+            let Some(row) = row else {
+                // Gone from Dataverse: its deletion comes with the changes, and so do its files.
+                let mut w = StateWrites::default();
+                w.remove_pending_download(table, id);
+                w.commit(lock(&self.replica).store())?;
+                continue;
+            };
+            let mut rows = vec![row];
+            self.fetch_files(table, &mut rows)
+                .instrument(info_span!("upstream_download_retry", %table, %id))
+                .await?;
+            let tables = {
+                let mut hub = lock(&self.replica);
+                self.apply_page(&mut hub, table, &rows, &[], None)?
+            };
+            self.changed(&tables);
         }
         Ok(())
     }
@@ -95,13 +244,17 @@ impl Bridge {
         let path = format!("{set}({id})/{column}/$value{size}");
         let chunk = self.config.file_chunk_bytes.max(1);
         let dir = lock(&self.replica).store().dir().map(Path::to_path_buf);
-        let mut file = match dir {
+        // Creating, writing and rewinding the temporary file are blocking I/O: they run on
+        // tokio's blocking threads (`tokio::fs`), never on the runtime's workers.
+        let created = tokio::task::spawn_blocking(move || match dir {
             Some(d) => tempfile::tempfile_in(d),
             None => tempfile::tempfile(),
-        }
-        .map_err(|e| {
+        })
+        .await
+        .map_err(|e| UpstreamError::Io(format!("a download's temporary file: {e}")))?;
+        let mut file = tokio::fs::File::from_std(created.map_err(|e| {
             UpstreamError::Io(format!("cannot create a download's temporary file: {e}"))
-        })?;
+        })?);
         let mut received = 0u64;
         let mut declared: Option<u64> = None;
         let mut name = String::from("file");
@@ -154,9 +307,7 @@ impl Bridge {
             }
             if whole {
                 // From the start, whatever came before.
-                file.set_len(0)
-                    .and_then(|()| file.seek(SeekFrom::Start(0)).map(|_| ()))
-                    .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))?;
+                rewind(&mut file, true).await?;
                 received = 0;
             }
             let expected = match (whole, declared) {
@@ -201,12 +352,16 @@ impl Bridge {
             }
         }
         debug!(column, bytes = received, "file downloaded");
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))?;
-        let hub = lock(&self.replica);
-        Ok(hub
-            .store()
-            .put_blob(&name, &mut BufReader::new(&mut file))?)
+        rewind(&mut file, false).await?;
+        let mut file = file.into_std().await;
+        // The store reads the file as it hashes and keeps it: blocking, off the workers, and
+        // under the replica's lock for that time only.
+        crate::off_worker(|| {
+            let hub = lock(&self.replica);
+            Ok(hub
+                .store()
+                .put_blob(&name, &mut BufReader::new(&mut file))?)
+        })
     }
 
     /// Sends the files that waited for their content to reach the hub (a device's upload):
@@ -316,35 +471,24 @@ impl Bridge {
             }
         }
         // Learn the new file ids and etag (an upload changes the row's version).
-        let Some(row) = self.read_row(table, id).await? else {
+        let Some(mut row) = self.read_row(table, id).await? else {
             return Ok(()); // deleted meanwhile: the next pull says so
         };
-        let mut hub = lock(&self.replica);
-        let old = state::base(hub.store(), table, id)?;
-        let files = row
-            .files
-            .iter()
-            .filter_map(|(col, fid)| {
-                let sha = shas.get(col).cloned().or_else(|| {
-                    old.as_ref()
-                        .and_then(|b| b.files.get(col))
-                        .map(|f| f.sha256.clone())
-                })?;
-                Some((
-                    col.clone(),
-                    FileState {
-                        id: fid.clone(),
-                        sha256: sha,
-                    },
-                ))
-            })
-            .collect();
+        for (col, sha256) in shas {
+            if let Some(fid) = row.files.get(&col) {
+                let state = FileState {
+                    id: fid.clone(),
+                    sha256,
+                };
+                row.file_states.insert(col, state);
+            }
+        }
+        // A column the hub did not send that changed in Dataverse meanwhile comes down.
+        self.fetch_files(table, std::slice::from_mut(&mut row))
+            .await?;
         // Merged like any row read from Dataverse (what changed there since the hub's write
         // comes in; values the hub refuses stay its own), and recorded as the new base.
-        let row = WireRow {
-            file_states: files,
-            ..row
-        };
+        let mut hub = lock(&self.replica);
         let tables = self.apply_page(&mut hub, table, &[row], &[], None)?;
         drop(hub);
         self.changed(&tables);
@@ -441,6 +585,21 @@ impl Bridge {
         }
         Ok(out)
     }
+}
+
+/// Back to the start of a download's temporary file once its writes are done, emptied first if
+/// `truncate` (a server that sent the whole file after ranges).
+async fn rewind(file: &mut tokio::fs::File, truncate: bool) -> Result<(), UpstreamError> {
+    let rewound = async {
+        file.flush().await?;
+        if truncate {
+            file.set_len(0).await?;
+        }
+        file.seek(SeekFrom::Start(0)).await.map(|_| ())
+    };
+    rewound
+        .await
+        .map_err(|e| UpstreamError::Io(format!("cannot rewind a download: {e}")))
 }
 
 /// The first byte of a `Content-Range: bytes <start>-<end>/<size>`.

@@ -57,6 +57,9 @@ pub struct WireRow {
     pub file_writes: Vec<(String, Value)>,
     /// What is known of each file column upstream (filled by the download step).
     pub file_states: BTreeMap<String, super::state::FileState>,
+    /// Every file of the row came down and a download of it was pending: applying the row
+    /// clears that record.
+    pub downloads_done: bool,
 }
 
 fn guid(j: Option<&J>) -> Option<Uuid> {
@@ -117,6 +120,7 @@ pub fn from_wire(table: &Table, m: &Map<String, J>) -> Result<WireRow, UpstreamE
         files,
         file_writes: Vec::new(),
         file_states: BTreeMap::new(),
+        downloads_done: false,
     })
 }
 

@@ -9,6 +9,13 @@
 //!   only after Dataverse acknowledged every row up to it. Ops of the Dataverse actor are not
 //!   echoed back. Writes go in `$batch` change sets; a failed change set is retried one request
 //!   each, where `412` re-reads the row, merges it and writes again.
+//!   Before each create or update the values sent are saved as a write intent: if the reply is
+//!   lost, the row's next read takes what Dataverse holds of them as the hub's own write.
+//! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
+//!   workers. A download that fails leaves the column as the hub had it, records the row as a
+//!   pending download and lets the rest of the page (and the delta link) go on; each pull of
+//!   the table retries the due ones with a doubling wait (`file_retry_ms` up to
+//!   `file_retry_max_ms`), never dropping them.
 //! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
 //!
 //! A pulled row is merged three ways: the columns whose upstream value differs from the
@@ -127,6 +134,12 @@ pub struct BridgeStats {
     /// Rows from Dataverse the hub could not take (a value its schema refuses, a malformed
     /// entry): logged and skipped, so one row does not stop its table's pull.
     pub rows_skipped: AtomicU64,
+    /// File downloads from Dataverse that failed: their rows were applied, the files are
+    /// tried again with back-off (`upstream` aux records `pd/`).
+    pub downloads_failed: AtomicU64,
+    /// Writes whose reply did not come back (the connection failed, possibly after the
+    /// request went out): the row's next read decides what Dataverse holds.
+    pub replies_lost: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
     /// Rounds that failed (upstream down, throttled past the limit).

@@ -105,17 +105,32 @@ impl Bridge {
                 state::delta_link(hub.store(), table)?,
             )
         };
-        if let Some(link) = link {
-            match self.read_pages(table, &link, false).await {
-                Err(UpstreamError::Api { code, .. }) if code == CHANGE_TRACKING_EXPIRED => {
-                    info!(table, "change-tracking token expired: full re-read");
-                    self.stats.full_reads.fetch_add(1, Ordering::Relaxed);
+        let read = async {
+            if let Some(link) = link {
+                match self.read_pages(table, &link, false).await {
+                    Err(UpstreamError::Api { code, .. }) if code == CHANGE_TRACKING_EXPIRED => {
+                        info!(table, "change-tracking token expired: full re-read");
+                        self.stats.full_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => return other,
                 }
-                other => return other,
             }
+            self.read_pages(table, &format!("{set}?$select={select}"), true)
+                .await
+        };
+        let read = read.await;
+        // Files that did not come down before are tried again whatever this read did, unless
+        // Dataverse is away altogether.
+        if let Err(
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Auth(_)
+            | UpstreamError::Throttled { .. },
+        ) = read
+        {
+            return read;
         }
-        self.read_pages(table, &format!("{set}?$select={select}"), true)
-            .await
+        let retried = self.retry_downloads(table).await;
+        read.and(retried)
     }
 
     /// Follows `@odata.nextLink` from `first` to the delta link, applying each page. A full
@@ -264,8 +279,16 @@ impl Bridge {
         let mut pulled = 0u64;
         let mut deleted = 0u64;
         for row in rows {
+            if row.downloads_done {
+                writes.remove_pending_download(table, row.id);
+            }
             let base = state::base(hub.store(), table, row.id)?;
-            if base.as_ref().is_some_and(|b| b.etag == row.etag) {
+            // A write whose reply was lost: this read says what Dataverse made of it.
+            let intent = state::write_intent(hub.store(), table, row.id)?;
+            if intent.is_some() {
+                writes.remove_write_intent(table, row.id);
+            }
+            if base.as_ref().is_some_and(|b| b.etag == row.etag) && row.file_writes.is_empty() {
                 continue; // this version is known (pulled before, or written by the hub)
             }
             // A value the hub's schema refuses (a choice option added in Dataverse since) is
@@ -285,12 +308,18 @@ impl Bridge {
                 warn!(table, row = %row.id, columns = ?refused, "values from Dataverse the hub's schema refuses are left as they were");
                 self.stats.rows_skipped.fetch_add(1, Ordering::Relaxed);
             }
+            // The columns Dataverse holds as the hub sent them are the hub's own write, not
+            // Dataverse's change: the hub's later edits of them stand.
+            let merge_base = match &intent {
+                Some(i) => Some(i.resolve(base.as_ref().map(|b| &b.values), &values)),
+                None => base.as_ref().map(|b| b.values.clone()),
+            };
             match merger.upsert(
                 hub.store(),
                 table,
                 row.id,
                 &values,
-                base.as_ref().map(|b| &b.values),
+                merge_base.as_ref(),
                 &row.file_writes,
             ) {
                 Ok(Merged::Written) => pulled += 1,
@@ -339,6 +368,8 @@ impl Bridge {
                 deleted += 1;
             }
             writes.remove_base(table, *id);
+            writes.remove_pending_download(table, *id);
+            writes.remove_write_intent(table, *id);
         }
         if let Some(link) = delta_link {
             writes.set_delta_link(table, Some(link));

@@ -121,7 +121,9 @@ impl Bridge {
         }
         let group = writing.as_slice();
         if group.len() > 1 {
-            match self.client.change_set(&requests).await? {
+            self.note_intents(group)?;
+            let outcome = self.client.change_set(&requests).await;
+            match self.reply_lost(outcome)? {
                 BatchOutcome::Applied(responses) => {
                     let tables = {
                         let mut hub = lock(&self.replica);
@@ -176,7 +178,8 @@ impl Bridge {
                 // again, a merge Dataverse won): no request, only its files.
                 return self.push_files_of(&item).await;
             };
-            let resp = self.client.send(&req).await?;
+            self.note_intents(std::slice::from_ref(&item))?;
+            let resp = self.reply_lost(self.client.send(&req).await)?;
             if resp.is_success() || (resp.status == 404 && matches!(item.write, Write::Delete)) {
                 let tables = {
                     let mut hub = lock(&self.replica);
@@ -246,6 +249,50 @@ impl Bridge {
             "{} {} kept changing upstream ({CONFLICT_RETRIES} conflicts in a row)",
             item.table, item.id
         )))
+    }
+
+    /// Saves what the hub is about to ask Dataverse to hold for these rows, before it asks:
+    /// if the reply is lost, the row's next read tells the hub's write from a change made in
+    /// Dataverse ([`state::WriteIntent`]). Deletes need none (a repeated delete finds `404`).
+    fn note_intents(&self, items: &[Item]) -> Result<(), UpstreamError> {
+        let hub = lock(&self.replica);
+        let schema = hub.store().schema();
+        let mut writes = StateWrites::default();
+        for item in items {
+            let tab = schema.table(&item.table)?;
+            let sent = match &item.write {
+                Write::Create { values } => map::synced(tab)
+                    .map(|c| {
+                        let v = values.get(&c.name).cloned().unwrap_or(Value::Null);
+                        (c.name.clone(), v)
+                    })
+                    .collect(),
+                Write::Update { values, base, .. } => map::synced(tab)
+                    .filter_map(|c| {
+                        let v = values.get(&c.name).unwrap_or(&Value::Null);
+                        (v != base.get(&c.name).unwrap_or(&Value::Null))
+                            .then(|| (c.name.clone(), v.clone()))
+                    })
+                    .collect(),
+                Write::Delete => continue,
+            };
+            // An earlier write whose reply was lost may be the one Dataverse holds: kept.
+            let mut intent =
+                state::write_intent(hub.store(), &item.table, item.id)?.unwrap_or_default();
+            intent.add(sent);
+            writes.put_write_intent(&item.table, item.id, &intent)?;
+        }
+        writes.commit(hub.store())
+    }
+
+    /// A request whose reply did not come back (the connection failed once it was sent) may
+    /// or may not have been applied: counted, and the round fails with the write intents kept.
+    fn reply_lost<T>(&self, sent: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
+        if let Err(e @ UpstreamError::Unreachable(_)) = &sent {
+            self.stats.replies_lost.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "a write's reply was lost: the row's next read decides what Dataverse holds");
+        }
+        sent
     }
 
     /// A write Dataverse refused for good (a bad value, a missing privilege, a lookup to a row
@@ -443,6 +490,8 @@ fn record(
     item: &Item,
     resp: &ApiResponse,
 ) -> Result<(), UpstreamError> {
+    // The reply came: what Dataverse holds is known.
+    writes.remove_write_intent(&item.table, item.id);
     let values = match &item.write {
         Write::Delete => {
             writes.remove_base(&item.table, item.id);

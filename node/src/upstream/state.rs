@@ -4,7 +4,14 @@
 //! - `dl/<table>` → the table's `@odata.deltaLink`, saved after its rows are applied;
 //! - `bs/<table>\0<id>` → the row as last known upstream (its etag and relayed values): the base
 //!   of the three-way merge that decides which columns Dataverse changed, and the proof that the
-//!   row exists there.
+//!   row exists there;
+//! - `fw/<table>\0<id>` → a row whose file content has not reached the hub yet (a device's
+//!   upload under way), pushed once it has;
+//! - `pd/<table>\0<id>` → a row whose file columns did not come down from Dataverse
+//!   ([`PendingDownload`]): the row itself was applied, the download is retried with back-off;
+//! - `wi/<table>\0<id>` → a write sent to Dataverse whose reply has not come back
+//!   ([`WriteIntent`]): what the hub asked Dataverse to hold, so a lost reply does not make the
+//!   hub's own write look like Dataverse's change.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +27,8 @@ const P_BASE: &[u8] = b"bs/";
 /// Rows with a file column whose content has not reached the hub yet (a device's upload
 /// under way): `fw/` + table + 0 + row id.
 const P_FILE_WAIT: &[u8] = b"fw/";
+const P_PENDING_DOWNLOAD: &[u8] = b"pd/";
+const P_WRITE_INTENT: &[u8] = b"wi/";
 
 /// The row as Dataverse last had it, as far as the hub knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +49,72 @@ impl Base {
             .filter(|(col, f)| ids.get(*col) == Some(&f.id))
             .map(|(col, f)| (col.clone(), f.clone()))
             .collect()
+    }
+}
+
+/// File columns of a pulled row whose download failed (or waits for its retry): the row's
+/// other columns were applied, the hub kept its previous content of these, and the row is read
+/// again and the files downloaded once `retry_at_ms` has passed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDownload {
+    /// Column → Dataverse's file id that did not come down.
+    pub columns: BTreeMap<String, String>,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When to try again (milliseconds since the Unix epoch).
+    pub retry_at_ms: u64,
+    /// Why the last attempt failed.
+    pub last_error: String,
+}
+
+/// Creates and updates sent to Dataverse whose outcome is not known (the reply was lost): per
+/// column, the values sent (`Null` for a column sent empty), oldest first — any of them may be
+/// what Dataverse applied. Saved before each request, removed with the base its reply (or a
+/// later read of the row) gives.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WriteIntent {
+    pub values: BTreeMap<String, Vec<Value>>,
+}
+
+/// Values kept per column of a [`WriteIntent`]: a row whose replies keep getting lost forgets
+/// its oldest sends.
+const INTENT_VALUES_MAX: usize = 8;
+
+impl WriteIntent {
+    /// Adds a write about to be sent.
+    pub fn add(&mut self, sent: BTreeMap<String, Value>) {
+        for (col, v) in sent {
+            let list = self.values.entry(col).or_default();
+            if !list.contains(&v) {
+                list.push(v);
+                if list.len() > INTENT_VALUES_MAX {
+                    list.remove(0);
+                }
+            }
+        }
+    }
+
+    /// The base to merge `upstream` against when these writes may have been applied: a column
+    /// Dataverse holds with a value the hub sent is taken as the hub's own write, not as a
+    /// change made in Dataverse (the hub's later edits of it then stand); the others keep
+    /// `base`. With no base (a create), a column not sent counts as empty.
+    pub fn resolve(
+        &self,
+        base: Option<&BTreeMap<String, Value>>,
+        upstream: &BTreeMap<String, Value>,
+    ) -> BTreeMap<String, Value> {
+        let mut out = base.cloned().unwrap_or_default();
+        for (col, sent) in &self.values {
+            let there = upstream.get(col).unwrap_or(&Value::Null);
+            if sent.contains(there) {
+                if there.is_null() {
+                    out.remove(col);
+                } else {
+                    out.insert(col.clone(), there.clone());
+                }
+            }
+        }
+        out
     }
 }
 
@@ -120,12 +195,25 @@ pub fn known_ids(store: &Store, table: &str) -> Result<Vec<RowId>, UpstreamError
         .collect()
 }
 
-fn file_wait_key(table: &str, id: RowId) -> Vec<u8> {
-    let mut k = P_FILE_WAIT.to_vec();
+/// `prefix` + table + 0 + row id: the key of per-row records other than the base.
+fn row_key(prefix: &[u8], table: &str, id: RowId) -> Vec<u8> {
+    let mut k = prefix.to_vec();
     k.extend_from_slice(table.as_bytes());
     k.push(0);
     k.extend_from_slice(id.as_bytes());
     k
+}
+
+/// The table and row id of a [`row_key`].
+fn parse_row_key(prefix: &[u8], key: &[u8], what: &str) -> Result<(String, RowId), UpstreamError> {
+    let rest = key.get(prefix.len()..).ok_or_else(|| corrupt(what))?;
+    let split = rest
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| corrupt(what))?;
+    let table = std::str::from_utf8(&rest[..split]).map_err(|_| corrupt(what))?;
+    let id: [u8; 16] = rest[split + 1..].try_into().map_err(|_| corrupt(what))?;
+    Ok((table.to_string(), RowId::from_bytes(id)))
 }
 
 /// Rows whose files wait for their content to reach the hub.
@@ -133,22 +221,58 @@ pub fn file_waits(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> 
     store
         .aux_scan(SPACE, P_FILE_WAIT)?
         .into_iter()
-        .map(|(key, _)| {
-            let rest = key
-                .get(P_FILE_WAIT.len()..)
-                .ok_or_else(|| corrupt("file wait key"))?;
-            let split = rest
-                .iter()
-                .position(|b| *b == 0)
-                .ok_or_else(|| corrupt("file wait key"))?;
-            let table =
-                std::str::from_utf8(&rest[..split]).map_err(|_| corrupt("file wait key"))?;
-            let id: [u8; 16] = rest[split + 1..]
-                .try_into()
-                .map_err(|_| corrupt("file wait key"))?;
-            Ok((table.to_string(), RowId::from_bytes(id)))
+        .map(|(key, _)| parse_row_key(P_FILE_WAIT, &key, "file wait key"))
+        .collect()
+}
+
+/// The downloads of a row that did not come down yet.
+pub fn pending_download(
+    store: &Store,
+    table: &str,
+    id: RowId,
+) -> Result<Option<PendingDownload>, UpstreamError> {
+    store
+        .aux_get(SPACE, &row_key(P_PENDING_DOWNLOAD, table, id))?
+        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("pending download")))
+        .transpose()
+}
+
+/// Every row of `table` (of every table if `None`) with downloads that did not come down yet.
+pub fn pending_downloads(
+    store: &Store,
+    table: Option<&str>,
+) -> Result<Vec<(String, RowId, PendingDownload)>, UpstreamError> {
+    let prefix = match table {
+        Some(t) => {
+            let mut p = P_PENDING_DOWNLOAD.to_vec();
+            p.extend_from_slice(t.as_bytes());
+            p.push(0);
+            p
+        }
+        None => P_PENDING_DOWNLOAD.to_vec(),
+    };
+    store
+        .aux_scan(SPACE, &prefix)?
+        .into_iter()
+        .map(|(key, value)| {
+            let (table, id) = parse_row_key(P_PENDING_DOWNLOAD, &key, "pending download key")?;
+            let pending =
+                serde_json::from_slice(&value).map_err(|_| corrupt("pending download"))?;
+            Ok((table, id, pending))
         })
         .collect()
+}
+
+/// The write to a row sent to Dataverse whose reply did not come back, if any.
+pub fn write_intent(
+    store: &Store,
+    table: &str,
+    id: RowId,
+) -> Result<Option<WriteIntent>, UpstreamError> {
+    store
+        .aux_get(SPACE, &row_key(P_WRITE_INTENT, table, id))?
+        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("write intent")))
+        .transpose()
 }
 
 /// A batch of state changes, written in one atomic step.
@@ -165,7 +289,7 @@ impl StateWrites {
 
     /// Marks (or clears) a row whose file content the hub does not have yet.
     pub fn set_file_wait(&mut self, table: &str, id: RowId, waiting: bool) {
-        let k = file_wait_key(table, id);
+        let k = row_key(P_FILE_WAIT, table, id);
         self.0.push(if waiting {
             AuxWrite::Put(k, Vec::new())
         } else {
@@ -175,6 +299,43 @@ impl StateWrites {
 
     pub fn remove_base(&mut self, table: &str, id: RowId) {
         self.0.push(AuxWrite::Remove(base_key(table, id)));
+    }
+
+    pub fn put_pending_download(
+        &mut self,
+        table: &str,
+        id: RowId,
+        pending: &PendingDownload,
+    ) -> Result<(), UpstreamError> {
+        let bytes = serde_json::to_vec(pending).map_err(|e| {
+            UpstreamError::State(format!("a pending download does not serialize: {e}"))
+        })?;
+        self.0
+            .push(AuxWrite::Put(row_key(P_PENDING_DOWNLOAD, table, id), bytes));
+        Ok(())
+    }
+
+    pub fn remove_pending_download(&mut self, table: &str, id: RowId) {
+        self.0
+            .push(AuxWrite::Remove(row_key(P_PENDING_DOWNLOAD, table, id)));
+    }
+
+    pub fn put_write_intent(
+        &mut self,
+        table: &str,
+        id: RowId,
+        intent: &WriteIntent,
+    ) -> Result<(), UpstreamError> {
+        let bytes = serde_json::to_vec(intent)
+            .map_err(|e| UpstreamError::State(format!("a write intent does not serialize: {e}")))?;
+        self.0
+            .push(AuxWrite::Put(row_key(P_WRITE_INTENT, table, id), bytes));
+        Ok(())
+    }
+
+    pub fn remove_write_intent(&mut self, table: &str, id: RowId) {
+        self.0
+            .push(AuxWrite::Remove(row_key(P_WRITE_INTENT, table, id)));
     }
 
     pub fn set_delta_link(&mut self, table: &str, link: Option<&str>) {

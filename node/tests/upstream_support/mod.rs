@@ -114,6 +114,43 @@ impl Emulator {
         page["value"].as_array().unwrap().clone()
     }
 
+    /// The next `n` writes the emulator applies lose their replies (it must have been started
+    /// with `--test-faults`).
+    pub async fn drop_write_replies(&self, n: u32) {
+        let resp = self
+            .http
+            .post(format!(
+                "{}/_test/faults?drop_write_replies={n}",
+                self.url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            204,
+            "is the emulator started with --test-faults?"
+        );
+    }
+
+    /// An office user replaces an account's `contract` file in Dataverse.
+    pub async fn office_puts_file(&self, id: uuid::Uuid, name: &str, bytes: &[u8]) {
+        let put = self
+            .http
+            .patch(format!(
+                "{}/api/data/v9.2/accounts({id})/contract",
+                self.url()
+            ))
+            .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("Content-Type", "application/octet-stream")
+            .header("x-ms-file-name", name)
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 204);
+    }
+
     pub async fn row(&self, set: &str, id: uuid::Uuid) -> Option<J> {
         let (status, row) = self.call(Method::GET, &format!("{set}({id})"), None).await;
         (status == 200).then_some(row)
@@ -123,6 +160,32 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// What most bridge tests start from: a temporary directory (`dir`) holding an emulator started
+/// with the given flags (`emu/`) and a hub replica (`hub/`). Tests destructure it
+/// (`let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);`); the fields are
+/// dropped emulator first, directory last.
+pub struct EmulatorAndHub {
+    pub emu: Emulator,
+    pub replica: Arc<Mutex<HubReplica>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl EmulatorAndHub {
+    /// The emulator with `emulator_flags` and a hub with the field-service schema.
+    pub fn start(emulator_flags: &[&str]) -> EmulatorAndHub {
+        EmulatorAndHub::with_schema(emulator_flags, &example("schema.toml"))
+    }
+
+    /// [`EmulatorAndHub::start`] with the hub on another schema (one Dataverse's has drifted
+    /// from, say).
+    pub fn with_schema(emulator_flags: &[&str], hub_schema_toml: &str) -> EmulatorAndHub {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = Emulator::start(&dir.path().join("emu"), emulator_flags);
+        let replica = hub_replica_with_schema(&dir.path().join("hub"), hub_schema_toml);
+        EmulatorAndHub { emu, replica, dir }
     }
 }
 
