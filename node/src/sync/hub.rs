@@ -716,7 +716,13 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
             pending,
         );
     }
-    let lags = with_replica(&runtime.replica, |r| r.device_lags());
+    let (lags, ahead) = with_replica(&runtime.replica, |r| {
+        (r.device_lags(), r.cursors_past_log_end())
+    });
+    let _ = writeln!(
+        s,
+        "# HELP fieldsync_hub_cursors_past_log_end Devices' tables that pulled with a cursor past the end of the hub's log (a restored hub, or forged cursors; docs/operations.md).\n# TYPE fieldsync_hub_cursors_past_log_end gauge\nfieldsync_hub_cursors_past_log_end {ahead}"
+    );
     let _ = writeln!(
         s,
         "# HELP fieldsync_hub_device_lag_entries Hub log entries after the cursor a device last pulled from.\n# TYPE fieldsync_hub_device_lag_entries gauge"

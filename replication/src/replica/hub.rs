@@ -833,6 +833,12 @@ impl HubReplica {
         std::mem::take(&mut self.changed)
     }
 
+    /// How many (device, table)s pulled with a cursor past the end of the hub's log since it
+    /// opened: forged cursors, or devices that hold entries this store lost (a restore).
+    pub fn cursors_past_log_end(&self) -> usize {
+        self.cursors_ahead.len()
+    }
+
     /// Per device and table, the cursor it last pulled from and how far the feed is ahead.
     pub fn device_lags(&self) -> Vec<DeviceLag> {
         let last = self.store.last_seq();
