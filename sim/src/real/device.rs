@@ -139,11 +139,28 @@ impl StoreDevice {
         self.compact_backlog = entries;
     }
 
+    /// The replica never compacts inside a call: the simulator does it right after
+    /// ([`Self::compact_if_due`]), once it has read the log entries the call wrote. A
+    /// compaction inside the call would fold them away unseen, and a change the store took
+    /// twice would then go unreported.
     fn replica(&self) -> Result<DeviceReplica, StorageError> {
-        Ok(
-            DeviceReplica::new(self.store_ref()?.clone())
-                .with_compact_backlog(self.compact_backlog),
-        )
+        Ok(DeviceReplica::new(self.store_ref()?.clone()).with_compact_backlog(u64::MAX))
+    }
+
+    /// Compacts the log, as the replica does, once `compact_backlog` acknowledged entries
+    /// pile up (replica mode). A failure is only logged, as the replica's is.
+    fn compact_if_due(&self) {
+        let Some(store) = self.store.as_ref().filter(|_| self.replica) else {
+            return;
+        };
+        if store
+            .compaction_backlog()
+            .is_ok_and(|n| n >= self.compact_backlog)
+        {
+            if let Err(e) = store.compact() {
+                tracing::warn!(error = %e, "compacting the device's log failed");
+            }
+        }
     }
 
     /// Whether the store holds the row (deleted or not).
@@ -273,10 +290,14 @@ impl StoreDevice {
     }
 
     /// Report one `Applied` per log entry written since `before` that is another node's
-    /// workload op — so a change the store took twice is reported twice. A compaction in the
-    /// same call may have folded some of those entries away: then the ops of `candidates`
-    /// (the changes the call was given) this device did not hold yet are reported instead.
-    fn report_applied(&mut self, before: u64, candidates: &[[u8; 32]]) {
+    /// workload op — so a change the store took twice is reported twice — then compact if
+    /// due (nothing compacts between `before` and this read: see [`Self::replica`]).
+    fn report_applied(&mut self, before: u64) {
+        self.report_new_entries(before);
+        self.compact_if_due();
+    }
+
+    fn report_new_entries(&mut self, before: u64) {
         let Some(store) = &self.store else { return };
         let own = store.actor();
         let last = store.last_seq();
@@ -290,7 +311,6 @@ impl StoreDevice {
                 return;
             }
         };
-        let compacted = (entries.len() as u64) < last - before;
         let reg = self.registry.borrow();
         for e in &entries {
             if e.actor == own {
@@ -299,15 +319,6 @@ impl StoreDevice {
             if let Some((op, row)) = reg.op_of(&e.hash) {
                 self.known.insert(op);
                 self.events.push(NodeEvent::Applied { op, row });
-            }
-        }
-        if compacted {
-            for h in candidates {
-                if let Some((op, row)) = reg.op_of(h) {
-                    if self.known.insert(op) {
-                        self.events.push(NodeEvent::Applied { op, row });
-                    }
-                }
             }
         }
     }
@@ -441,6 +452,7 @@ impl DeviceStorage for StoreDevice {
             self.take_acked(up_to_seq, &rejected_seqs);
             // Rows rolled back are re-imported when the hub sent them: only report the gone.
             self.note_evicted(before);
+            self.compact_if_due();
             return Ok(());
         }
         let store = self.store_ref()?;
@@ -498,12 +510,7 @@ impl DeviceStorage for StoreDevice {
                 .apply_remote(&remote, Durability::Immediate)
                 .map_err(unavailable)?;
         }
-        let hashes: Vec<[u8; 32]> = ops
-            .iter()
-            .filter_map(|o| automerge::Change::try_from(o.change.as_slice()).ok())
-            .map(|c| c.hash().0)
-            .collect();
-        self.report_applied(before, &hashes);
+        self.report_applied(before);
         Ok(())
     }
 
@@ -531,15 +538,13 @@ impl DeviceStorage for StoreDevice {
                 self.save_side();
             }
         }
-        let mut merged = Vec::new();
+        // A held row's new changes are log entries, which `report_applied` reads.
         for (r, held) in rows.iter().zip(held) {
             if !held {
                 self.report_imported(&r.doc);
-            } else if let Ok(doc) = automerge::Automerge::load(&r.doc) {
-                merged.extend(doc.get_changes(&[]).iter().map(|c| c.hash().0));
             }
         }
-        self.report_applied(before, &merged);
+        self.report_applied(before);
         Ok(())
     }
 
@@ -552,6 +557,7 @@ impl DeviceStorage for StoreDevice {
                 .collect();
             self.replica()?.evict_rows(table, rows)?;
             self.note_evicted(before);
+            self.compact_if_due();
             return Ok(());
         }
         let mut changed = false;
