@@ -671,3 +671,78 @@ fn a_downloads_temporary_file_is_not_written_on_the_runtime_thread() {
         );
     });
 }
+
+/// A hub account with a file `F1` known to Dataverse; the office replaces it with `F2`, the
+/// hub's download of `F2` fails once (found by the pull, or by the push's re-read after a
+/// `412` when `pull_first` is false), and meanwhile a device renames the row. The push must not
+/// send `F1` back over `F2`, and the download's retry brings `F2` to the hub.
+async fn a_device_edit_during_a_pending_download(pull_first: bool) {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&["--test-faults"]);
+    let mut cfg = config(&emu, dir.path());
+    cfg.file_retry_ms = 500;
+    cfg.file_retry_max_ms = 500;
+    let b = bridge(cfg, &replica);
+    let (first, second) = (pattern(5_000, 7), pattern(6_000, 11));
+    let blob = replica
+        .lock()
+        .unwrap()
+        .store()
+        .put_blob("f1.pdf", &mut first.as_slice())
+        .unwrap();
+    let id = Uuid::new_v4();
+    let write = |values: &[(&str, Value)]| {
+        replica
+            .lock()
+            .unwrap()
+            .local_write("account", id, values)
+            .unwrap();
+    };
+    write(&[
+        ("name", Value::Text("Before".into())),
+        ("contract", Value::File(blob)),
+    ]);
+    b.push().await.unwrap();
+    b.pull().await.unwrap();
+    assert!(emu.office_gets_file(id).await == Some(first.clone()));
+
+    emu.office_puts_file(id, "f2.pdf", &second).await;
+    emu.fail_file_downloads(1).await;
+    if pull_first {
+        b.pull_table("account").await.unwrap();
+        assert!(hub_contract(&replica, id).unwrap().1 == first);
+    }
+    write(&[("name", Value::Text("Renamed".into()))]);
+    b.push().await.unwrap();
+    assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
+    let upstream = emu.row("accounts", id).await.unwrap();
+    assert_eq!(upstream["name"], "Renamed");
+    assert!(
+        emu.office_gets_file(id).await == Some(second.clone()),
+        "the hub's old file went back over the office's"
+    );
+    let pending = state::pending_download(replica.lock().unwrap().store(), "account", id).unwrap();
+    assert!(pending.is_some(), "the download is still to come");
+
+    // Once due, the download is tried again and the office's file comes to the hub.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    b.pull().await.unwrap();
+    let (here, content) = hub_contract(&replica, id).expect("a file");
+    assert!(content == second, "the office's file did not come to the hub");
+    assert_eq!(here.name, "f2.pdf");
+    assert_eq!(
+        state::pending_download(replica.lock().unwrap().store(), "account", id).unwrap(),
+        None
+    );
+    b.push().await.unwrap();
+    assert!(emu.office_gets_file(id).await == Some(second));
+}
+
+#[tokio::test]
+async fn a_device_edit_after_a_failed_download_does_not_send_the_old_file_back() {
+    a_device_edit_during_a_pending_download(true).await;
+}
+
+#[tokio::test]
+async fn a_device_edit_that_meets_a_failed_download_on_412_does_not_send_the_old_file_back() {
+    a_device_edit_during_a_pending_download(false).await;
+}

@@ -419,9 +419,16 @@ impl Bridge {
                 return Ok(());
             };
             let base = state::base(store, table, id)?;
+            let pending = state::pending_download(store, table, id)?;
             let mut changes = Vec::new();
             let mut waiting = false;
             for c in tab.blob_columns() {
+                // Dataverse holds a newer file the hub has not downloaded yet: it wins over
+                // the hub's, as a change made there wins over a concurrent one here.
+                if pending.as_ref().is_some_and(|p| p.columns.contains_key(&c.name)) {
+                    debug!(table, %id, column = %c.name, "not sent: Dataverse's newer file is still to come down");
+                    continue;
+                }
                 let here = blob_of(row.get(&c.name));
                 let there = base.as_ref().and_then(|b| b.files.get(&c.name));
                 let differs = match (here, there) {

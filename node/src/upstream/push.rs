@@ -557,13 +557,26 @@ fn record(
     writes.put_base(&item.table, item.id, &base)
 }
 
-/// The file states of the row's previous base that still hold (same file id upstream).
+/// The file states of the row's previous base that still hold (same file id upstream), and
+/// those of columns whose newer file has not come down yet (a pending download): the hub still
+/// holds the previous content, so the base keeps its state, or the push would take that
+/// content for the hub's change and send it back over Dataverse's newer file.
 fn kept_files(
     hub: &fieldsync_replication::replica::HubReplica,
     item: &Item,
     ids: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, state::FileState>, UpstreamError> {
-    Ok(state::base(hub.store(), &item.table, item.id)?
-        .map(|b| b.files_kept(ids))
-        .unwrap_or_default())
+    let store = hub.store();
+    let Some(base) = state::base(store, &item.table, item.id)? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut kept = base.files_kept(ids);
+    if let Some(pending) = state::pending_download(store, &item.table, item.id)? {
+        for col in pending.columns.keys() {
+            if let Some(known) = base.files.get(col) {
+                kept.insert(col.clone(), known.clone());
+            }
+        }
+    }
+    Ok(kept)
 }
