@@ -10,7 +10,9 @@
 //!   echoed back. Writes go in `$batch` change sets; a failed change set is retried one request
 //!   each, where `412` re-reads the row, merges it and writes again.
 //!   Before each create or update the values sent are saved as a write intent: if the reply is
-//!   lost, the row's next read takes what Dataverse holds of them as the hub's own write.
+//!   lost, the row's next read takes what Dataverse holds of them as the hub's own write. A
+//!   `4xx` reply drops the intent (nothing was applied), and each push round starts by reading
+//!   the rows whose intents are left, so none outlives the round after its write.
 //! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of

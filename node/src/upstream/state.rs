@@ -69,8 +69,10 @@ pub struct PendingDownload {
 
 /// Creates and updates sent to Dataverse whose outcome is not known (the reply was lost): per
 /// column, the values sent (`Null` for a column sent empty), oldest first — any of them may be
-/// what Dataverse applied. Saved before each request, removed with the base its reply (or a
-/// later read of the row) gives.
+/// what Dataverse applied. Saved before each request; removed with the base its reply gives, by
+/// a reply saying it was not applied (a `4xx`), or by the row's next read — at the latest the
+/// one that starts the next push round, so an intent never outlives a round and a later change
+/// made in Dataverse is never taken for the hub's own write.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteIntent {
     pub values: BTreeMap<String, Vec<Value>>,
@@ -273,6 +275,15 @@ pub fn write_intent(
         .aux_get(SPACE, &row_key(P_WRITE_INTENT, table, id))?
         .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("write intent")))
         .transpose()
+}
+
+/// Every row with a write whose reply did not come back.
+pub fn write_intents(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    store
+        .aux_scan(SPACE, P_WRITE_INTENT)?
+        .into_iter()
+        .map(|(key, _)| parse_row_key(P_WRITE_INTENT, &key, "write intent key"))
+        .collect()
 }
 
 /// A batch of state changes, written in one atomic step.
