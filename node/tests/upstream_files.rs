@@ -119,6 +119,8 @@ enum FileReply {
     RangeToEnd,
     /// Honours ranges with no `x-ms-file-size`; a range starting past the end is 416.
     Undeclared,
+    /// Declares the range, sends half of it and closes the connection.
+    CutMidway,
 }
 
 /// A stub Web API on loopback: one account whose `contract` file it serves per `reply`; or,
@@ -132,6 +134,8 @@ struct Stub {
     page_bytes: Option<usize>,
     /// Downloads of the file still to answer `404` (then `reply`).
     file_404s: Arc<AtomicUsize>,
+    /// Downloads of the file still to be closed without a reply (then `reply`).
+    file_resets: Arc<AtomicUsize>,
     /// Requests for the file so far.
     file_requests: Arc<AtomicUsize>,
 }
@@ -145,6 +149,7 @@ impl Stub {
             reply,
             page_bytes: None,
             file_404s: Arc::default(),
+            file_resets: Arc::default(),
             file_requests: Arc::default(),
         }
     }
@@ -189,6 +194,13 @@ impl Stub {
         });
         if path.contains("/contract/$value") {
             self.file_requests.fetch_add(1, Ordering::SeqCst);
+            let reset = self
+                .file_resets
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if reset {
+                return; // closed, no reply
+            }
             let refuse = self
                 .file_404s
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -259,6 +271,18 @@ impl Stub {
             let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
             Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
         });
+        if let FileReply::CutMidway = self.reply {
+            let (a, b) = bounds.unwrap_or((0, content.len().saturating_sub(1)));
+            let body = &content[a.min(content.len())..(b + 1).min(content.len())];
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nx-ms-file-size: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                content.len(),
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body[..body.len() / 2]).await;
+            return;
+        }
         if let FileReply::Undeclared = self.reply {
             let (a, b) = bounds.unwrap_or((0, content.len().saturating_sub(1)));
             let head = if a >= content.len() {
@@ -292,7 +316,7 @@ impl Stub {
                 content.len(),
                 &content[a.min(content.len())..],
             ),
-            (FileReply::RangeToEnd, None) | (FileReply::Undeclared, _) => {
+            (FileReply::RangeToEnd, None) | (FileReply::Undeclared | FileReply::CutMidway, _) => {
                 ("200 OK", content.len(), &content[..])
             }
         };
@@ -383,6 +407,41 @@ fn walk(d: &std::path::Path) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_download_cut_midway_is_the_files_failure_not_the_rounds() {
+    let pending =
+        pull_defers_the_file_and_stores_nothing(Stub::file(pattern(150_000, 13), FileReply::CutMidway))
+            .await;
+    assert!(pending.last_error.contains("cut off"), "{pending:?}");
+}
+
+/// A download that gets no reply at all (the connection fails before any) means Dataverse is
+/// away: the round stops there, rather than every row of the page waiting for its own failed
+/// download while the delta link moves on.
+#[tokio::test]
+async fn a_download_with_no_reply_stops_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let content = pattern(10_000, 17);
+    let stub = Stub::file(content.clone(), FileReply::Ranges { declared: 10_000 });
+    stub.file_resets.store(1, Ordering::SeqCst);
+    let account = stub.account;
+    let url = stub.start().await;
+    let b = bridge(UpstreamConfig::new(url), &replica);
+    let stopped = b.pull_table("account").await.unwrap_err();
+    assert!(matches!(stopped, UpstreamError::Unreachable(_)), "{stopped:?}");
+    {
+        let r = replica.lock().unwrap();
+        assert_eq!(state::delta_link(r.store(), "account").unwrap(), None);
+        assert_eq!(state::pending_download(r.store(), "account", account).unwrap(), None);
+        assert!(r.store().get("account", account).unwrap().is_none(), "the page waits");
+    }
+    assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 0);
+    // Dataverse is back: the same page comes again, with its file.
+    b.pull_table("account").await.unwrap();
+    assert!(hub_contract(&replica, account).unwrap().1 == content);
+}
+
+#[tokio::test]
 async fn a_file_shorter_than_its_declared_size_is_refused() {
     let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
         pattern(250_000, 7),
@@ -468,6 +527,7 @@ async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
         reply: FileReply::RangeToEnd,
         page_bytes: Some(256 * 1024 * 1024),
         file_404s: Arc::default(),
+        file_resets: Arc::default(),
         file_requests: Arc::default(),
     }
     .start()

@@ -45,7 +45,8 @@ impl Bridge {
     /// content (and its previous state in the base, so the push does not send it back), and
     /// the row is recorded as a [`PendingDownload`] — durably, before the row is applied —
     /// retried with back-off by [`Bridge::retry_downloads`]. Only a failure that is the whole
-    /// round's (credentials, throttling past the wait) stops here.
+    /// round's (no reply at all, credentials, throttling past the wait) stops here: a body cut
+    /// midway is the file's ([`UpstreamError::DownloadCut`]).
     pub(crate) async fn fetch_files(
         &self,
         table: &str,
@@ -116,9 +117,13 @@ impl Bridge {
                         row.file_writes.push((col.clone(), value));
                         continue;
                     }
-                    Some(Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. }))) => {
-                        return Err(e)
-                    }
+                    // Dataverse itself is away (no reply at all), refusing the credentials or
+                    // asking to wait: so is every other file, and the page is not applied.
+                    Some(Err(
+                        e @ (UpstreamError::Unreachable(_)
+                        | UpstreamError::Auth(_)
+                        | UpstreamError::Throttled { .. }),
+                    )) => return Err(e),
                     Some(Err(e)) => {
                         warn!(table, row = %row.id, column = %col, error = %e, "a file from Dataverse did not come down; its row goes on, the file is tried again later");
                         self.stats.downloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -195,9 +200,11 @@ impl Bridge {
         for (id, pending) in due {
             let row = match self.read_row(table, id).await {
                 Ok(row) => row,
-                Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. })) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (UpstreamError::Unreachable(_)
+                    | UpstreamError::Auth(_)
+                    | UpstreamError::Throttled { .. }),
+                ) => return Err(e),
                 Err(e) => {
                     // The row cannot be read now: its files wait another turn.
                     warn!(table, %id, error = %e, "a row whose files are pending cannot be read; tried again later");
@@ -273,7 +280,8 @@ impl Bridge {
             if !resp.is_success() {
                 return Err(resp
                     .read_to_end(self.client.response_bytes_max())
-                    .await?
+                    .await
+                    .map_err(cut_midway)?
                     .error());
             }
             if let Some(n) = resp.header("x-ms-file-name") {
@@ -325,7 +333,7 @@ impl Bridge {
                         received: expected + 1,
                     })
                 }
-                other => other?,
+                other => other.map_err(cut_midway)?,
             };
             received += got;
             // A range shorter than the file still holds is a lie (or a cut connection): with a
@@ -591,6 +599,15 @@ impl Bridge {
             out.extend_from_slice(&piece);
         }
         Ok(out)
+    }
+}
+
+/// A download's body that stopped once its reply had come is the file's failure, not
+/// Dataverse's absence.
+fn cut_midway(e: UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::Unreachable(m) => UpstreamError::DownloadCut(m),
+        other => other,
     }
 }
 

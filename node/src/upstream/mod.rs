@@ -17,7 +17,8 @@
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of
 //!   the table retries the due ones with a doubling wait (`file_retry_ms` up to
-//!   `file_retry_max_ms`), never dropping them.
+//!   `file_retry_max_ms`), never dropping them. A download that gets no reply at all
+//!   (Dataverse away) stops the round instead: the page is not applied and is read again.
 //! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
 //!
 //! A pulled row is merged three ways: the columns whose upstream value differs from the
@@ -57,8 +58,14 @@ pub const DATAVERSE_ACTOR: ActorId = fieldsync_replication::replica::UPSTREAM_AC
 /// What can go wrong talking to Dataverse or applying what it says.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    /// No reply came (a connection that failed, or closed before the reply's headers):
+    /// Dataverse itself is away, so the round stops.
     #[error("Dataverse is unreachable: {0}")]
     Unreachable(String),
+    /// A file download's body stopped midway (its reply came): that file is tried again later,
+    /// the round goes on.
+    #[error("a file download was cut off: {0}")]
+    DownloadCut(String),
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("Dataverse answered {status} {code}: {message}")]
