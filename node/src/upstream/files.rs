@@ -362,14 +362,11 @@ impl Bridge {
         debug!(column, bytes = received, "file downloaded");
         rewind(&mut file, false).await?;
         let mut file = file.into_std().await;
-        // The store reads the file as it hashes and keeps it: blocking, off the workers, and
-        // under the replica's lock for that time only.
-        crate::off_worker(|| {
-            let hub = lock(&self.replica);
-            Ok(hub
-                .store()
-                .put_blob(&name, &mut BufReader::new(&mut file))?)
-        })
+        // The store reads the file as it hashes and keeps it: blocking, so off the workers, and
+        // through the store's own handle, not under the replica's lock — device sessions go on
+        // meanwhile (blobs are content-addressed: nothing of the replica's state changes).
+        let store = lock(&self.replica).store().clone();
+        crate::off_worker(|| Ok(store.put_blob(&name, &mut BufReader::new(&mut file))?))
     }
 
     /// Sends the files that waited for their content to reach the hub (a device's upload):
