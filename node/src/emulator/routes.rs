@@ -508,13 +508,19 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
 }
 
 /// A reply that never arrives whole: headers announcing a body the connection closes before,
-/// so the client cannot tell whether the write was applied (it was).
+/// so the client cannot tell whether the write was applied (it was). The body is a stream that
+/// fails after its first byte: the server then drops the connection (a body of known length
+/// shorter than its header would instead leave the client waiting for the rest).
 fn lost_reply() -> Response {
+    let cut = futures_util::stream::iter([
+        Ok(axum::body::Bytes::from_static(b"{")),
+        Err(std::io::Error::other("test fault: the reply is lost")),
+    ]);
     Response::builder()
         .status(StatusCode::OK)
         .header("Content-Type", "application/json")
         .header("Content-Length", "64")
-        .body(Body::from("{"))
+        .body(Body::from_stream(cut))
         .unwrap_or_else(|_| Response::new(Body::from("response build failed")))
 }
 
