@@ -99,7 +99,7 @@ pub struct EmulatorArgs {
     /// Tests only: serve `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M`,
     /// after which the next N requests that apply a write (`POST`, `PATCH`, `PUT`, `DELETE`
     /// that succeed; a `$batch` that applied one) have their replies lost: the connection
-    /// closes after the headers, before the body the headers announce; and the next M file
+    /// closes before the reply is whole; and the next M file
     /// downloads (`.../$value`) answer `503`. Off by default; Dataverse has no such thing.
     #[arg(long, hide = true)]
     pub test_faults: bool,

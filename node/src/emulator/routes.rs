@@ -507,10 +507,10 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
     }
 }
 
-/// A reply that never arrives whole: headers announcing a body the connection closes before,
-/// so the client cannot tell whether the write was applied (it was). The body is a stream that
-/// fails after its first byte: the server then drops the connection (a body of known length
-/// shorter than its header would instead leave the client waiting for the rest).
+/// A reply that never arrives whole, so the client cannot tell whether the write was applied
+/// (it was): its body is a stream that fails after its first byte, and the server drops the
+/// connection before the reply is complete (a body shorter than a fixed `Content-Length` would
+/// instead leave the client waiting for the rest).
 fn lost_reply() -> Response {
     let cut = futures_util::stream::iter([
         Ok(axum::body::Bytes::from_static(b"{")),
