@@ -408,9 +408,11 @@ fn walk(d: &std::path::Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_download_cut_midway_is_the_files_failure_not_the_rounds() {
-    let pending =
-        pull_defers_the_file_and_stores_nothing(Stub::file(pattern(150_000, 13), FileReply::CutMidway))
-            .await;
+    let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
+        pattern(150_000, 13),
+        FileReply::CutMidway,
+    ))
+    .await;
     assert!(pending.last_error.contains("cut off"), "{pending:?}");
 }
 
@@ -428,12 +430,21 @@ async fn a_download_with_no_reply_stops_the_round() {
     let url = stub.start().await;
     let b = bridge(UpstreamConfig::new(url), &replica);
     let stopped = b.pull_table("account").await.unwrap_err();
-    assert!(matches!(stopped, UpstreamError::Unreachable(_)), "{stopped:?}");
+    assert!(
+        matches!(stopped, UpstreamError::Unreachable(_)),
+        "{stopped:?}"
+    );
     {
         let r = replica.lock().unwrap();
         assert_eq!(state::delta_link(r.store(), "account").unwrap(), None);
-        assert_eq!(state::pending_download(r.store(), "account", account).unwrap(), None);
-        assert!(r.store().get("account", account).unwrap().is_none(), "the page waits");
+        assert_eq!(
+            state::pending_download(r.store(), "account", account).unwrap(),
+            None
+        );
+        assert!(
+            r.store().get("account", account).unwrap().is_none(),
+            "the page waits"
+        );
     }
     assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 0);
     // Dataverse is back: the same page comes again, with its file.
@@ -787,7 +798,10 @@ async fn a_device_edit_during_a_pending_download(pull_first: bool) {
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     b.pull().await.unwrap();
     let (here, content) = hub_contract(&replica, id).expect("a file");
-    assert!(content == second, "the office's file did not come to the hub");
+    assert!(
+        content == second,
+        "the office's file did not come to the hub"
+    );
     assert_eq!(here.name, "f2.pdf");
     assert_eq!(
         state::pending_download(replica.lock().unwrap().store(), "account", id).unwrap(),
@@ -805,4 +819,89 @@ async fn a_device_edit_after_a_failed_download_does_not_send_the_old_file_back()
 #[tokio::test]
 async fn a_device_edit_that_meets_a_failed_download_on_412_does_not_send_the_old_file_back() {
     a_device_edit_during_a_pending_download(false).await;
+}
+
+/// A pending download's failures are counted per file: when Dataverse replaces the file that
+/// kept failing, the new one starts from its first attempt (and its first short wait).
+#[tokio::test]
+async fn a_new_file_replacing_a_failing_one_starts_its_own_count() {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&["--test-faults"]);
+    let mut cfg = config(&emu, dir.path());
+    cfg.file_retry_ms = 300;
+    cfg.file_retry_max_ms = 60_000;
+    let b = bridge(cfg, &replica);
+    let (status, created) = emu
+        .call(
+            reqwest::Method::POST,
+            "accounts",
+            Some(serde_json::json!({"name": "Files"})),
+        )
+        .await;
+    assert!(status < 300, "{created}");
+    b.pull().await.unwrap();
+    let id = replica
+        .lock()
+        .unwrap()
+        .store()
+        .scan("account")
+        .unwrap()
+        .map(|r| r.unwrap())
+        .find(|r| r.get("name") == &Value::Text("Files".into()))
+        .expect("pulled")
+        .id;
+    let attempts = || {
+        state::pending_download(replica.lock().unwrap().store(), "account", id)
+            .unwrap()
+            .expect("pending")
+            .attempts
+    };
+    emu.office_puts_file(id, "one.pdf", &pattern(3_000, 5))
+        .await;
+    emu.fail_file_downloads(10).await;
+    b.pull().await.unwrap();
+    assert_eq!(attempts(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    b.pull().await.unwrap();
+    assert_eq!(attempts(), 2, "the same file failed again");
+    assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);
+    emu.office_puts_file(id, "two.pdf", &pattern(4_000, 9))
+        .await;
+    b.pull().await.unwrap();
+    let pending = state::pending_download(replica.lock().unwrap().store(), "account", id)
+        .unwrap()
+        .expect("pending");
+    assert_eq!(pending.attempts, 1, "{pending:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(pending.retry_at_ms <= now + 300, "{pending:?} at {now}");
+}
+
+/// A pending download of a table the hub no longer relays would never be retried: the pull
+/// drops it, and the gauge counts only the others.
+#[tokio::test]
+async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let (retired, kept) = (Uuid::new_v4(), Uuid::new_v4());
+    let record = PendingDownload {
+        columns: [("contract".to_string(), "file-9".to_string())].into(),
+        attempts: 1,
+        retry_at_ms: u64::MAX,
+        last_error: "503".into(),
+    };
+    {
+        let r = replica.lock().unwrap();
+        let mut w = state::StateWrites::default();
+        w.put_pending_download("retired_table", retired, &record)
+            .unwrap();
+        w.put_pending_download("account", kept, &record).unwrap();
+        w.commit(r.store()).unwrap();
+    }
+    b.pull().await.unwrap();
+    let r = replica.lock().unwrap();
+    let left: Vec<_> = state::pending_download_rows(r.store()).unwrap();
+    assert_eq!(left, vec![("account".to_string(), kept)]);
+    assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);
 }

@@ -141,9 +141,14 @@ impl Bridge {
                 row.downloads_done = pending.is_some();
                 continue;
             }
+            // Another file than the one that failed (Dataverse replaced it): its own count.
+            let same_files = pending
+                .as_ref()
+                .is_some_and(|p| missing.iter().all(|(c, id)| p.columns.get(c) == Some(id)));
+            let previous = pending.filter(|_| same_files).unwrap_or_default();
             let record = PendingDownload {
                 columns: missing,
-                ..pending.unwrap_or_default()
+                ..previous
             };
             let record = match failure {
                 Some(e) => self.failed_again(record, &e, now),
@@ -430,7 +435,10 @@ impl Bridge {
             for c in tab.blob_columns() {
                 // Dataverse holds a newer file the hub has not downloaded yet: it wins over
                 // the hub's, as a change made there wins over a concurrent one here.
-                if pending.as_ref().is_some_and(|p| p.columns.contains_key(&c.name)) {
+                if pending
+                    .as_ref()
+                    .is_some_and(|p| p.columns.contains_key(&c.name))
+                {
                     debug!(table, %id, column = %c.name, "not sent: Dataverse's newer file is still to come down");
                     continue;
                 }

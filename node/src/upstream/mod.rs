@@ -17,7 +17,8 @@
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of
 //!   the table retries the due ones with a doubling wait (`file_retry_ms` up to
-//!   `file_retry_max_ms`), never dropping them. A download that gets no reply at all
+//!   `file_retry_max_ms`; a new file id starts its own count), dropping them only when their
+//!   table is no longer relayed. A download that gets no reply at all
 //!   (Dataverse away) stops the round instead: the page is not applied and is read again.
 //! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
 //!
@@ -149,6 +150,9 @@ pub struct BridgeStats {
     /// Writes whose reply did not come back (the connection failed, possibly after the
     /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
+    /// A gauge: rows whose files from Dataverse did not come down yet (`pd/`), as counted at
+    /// the end of the last pull (so a metrics scrape reads no record).
+    pub pending_download_rows: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
     /// Rounds that failed (upstream down, throttled past the limit).

@@ -59,7 +59,7 @@ impl Base {
 pub struct PendingDownload {
     /// Column → Dataverse's file id that did not come down.
     pub columns: BTreeMap<String, String>,
-    /// Failed attempts so far.
+    /// Failed attempts so far at these files (a new file id in a column starts again at 0).
     pub attempts: u32,
     /// When to try again (milliseconds since the Unix epoch).
     pub retry_at_ms: u64,
@@ -262,6 +262,15 @@ pub fn pending_downloads(
                 serde_json::from_slice(&value).map_err(|_| corrupt("pending download"))?;
             Ok((table, id, pending))
         })
+        .collect()
+}
+
+/// Every row with downloads that did not come down yet, without reading the records.
+pub fn pending_download_rows(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    store
+        .aux_scan(SPACE, P_PENDING_DOWNLOAD)?
+        .into_iter()
+        .map(|(key, _)| parse_row_key(P_PENDING_DOWNLOAD, &key, "pending download key"))
         .collect()
 }
 
