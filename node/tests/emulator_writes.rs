@@ -626,7 +626,11 @@ async fn test_faults_lose_only_replies_of_applied_writes() {
         &[change_set(
             "changeset_F",
             &[
-                http_part(Some(1), "POST /api/data/v9.2/accounts", "{\"name\":\"Kept\"}"),
+                http_part(
+                    Some(1),
+                    "POST /api/data/v9.2/accounts",
+                    "{\"name\":\"Kept\"}",
+                ),
                 http_part(Some(2), "POST /api/data/v9.2/accounts", "{\"nosuch\":1}"),
             ],
         )],

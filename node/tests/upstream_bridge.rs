@@ -1081,11 +1081,18 @@ async fn a_refused_write_leaves_no_intent_behind() {
         &replica,
         "account",
         id,
-        &[("name", text("Office Name")), ("industrycode", Value::Choice(7))],
+        &[
+            ("name", text("Office Name")),
+            ("industrycode", Value::Choice(7)),
+        ],
     );
     b.push().await.unwrap();
     assert_eq!(b.stats.refused.load(Ordering::Relaxed), refused + 1);
-    assert_eq!(write_intent(&replica, id), None, "a refusal applies nothing");
+    assert_eq!(
+        write_intent(&replica, id),
+        None,
+        "a refusal applies nothing"
+    );
     // The device undoes its edit: nothing to send, and the office later picks that name.
     hub_write(
         &replica,

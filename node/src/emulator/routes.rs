@@ -477,7 +477,10 @@ const TEST_FAULTS_PATH: &str = "/_test/faults";
 fn set_test_faults(state: &AppState, query: &str) -> Response {
     let count = |name: &str| -> Result<Option<u32>, ()> {
         let prefix = format!("{name}=");
-        match query.split('&').find_map(|kv| kv.strip_prefix(prefix.as_str())) {
+        match query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+        {
             None => Ok(None),
             Some(v) => v.parse::<u32>().map(Some).map_err(|_| ()),
         }
