@@ -745,9 +745,11 @@ fn a_downloads_temporary_file_is_not_written_on_the_runtime_thread() {
 
 /// A hub account with a file `F1` known to Dataverse; the office replaces it with `F2`, the
 /// hub's download of `F2` fails once (found by the pull, or by the push's re-read after a
-/// `412` when `pull_first` is false), and meanwhile a device renames the row. The push must not
-/// send `F1` back over `F2`, and the download's retry brings `F2` to the hub.
-async fn a_device_edit_during_a_pending_download(pull_first: bool) {
+/// `412` when `pull_first` is false), and meanwhile a device renames the row (and, with
+/// `device_file`, attaches a file `F3` of its own). The push must not send `F1` (nor `F3`:
+/// Dataverse's newer file wins, as its values do) over `F2`, and the download's retry brings
+/// `F2` to the hub.
+async fn a_device_edit_during_a_pending_download(pull_first: bool, device_file: bool) {
     let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&["--test-faults"]);
     let mut cfg = config(&emu, dir.path());
     cfg.file_retry_ms = 500;
@@ -783,13 +785,23 @@ async fn a_device_edit_during_a_pending_download(pull_first: bool) {
         assert!(hub_contract(&replica, id).unwrap().1 == first);
     }
     write(&[("name", Value::Text("Renamed".into()))]);
+    if device_file {
+        let third = pattern(7_000, 13);
+        let blob = replica
+            .lock()
+            .unwrap()
+            .store()
+            .put_blob("f3.pdf", &mut third.as_slice())
+            .unwrap();
+        write(&[("contract", Value::File(blob))]);
+    }
     b.push().await.unwrap();
     assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
     let upstream = emu.row("accounts", id).await.unwrap();
     assert_eq!(upstream["name"], "Renamed");
     assert!(
         emu.office_gets_file(id).await == Some(second.clone()),
-        "the hub's old file went back over the office's"
+        "a file of the hub's went over the office's newer one"
     );
     let pending = state::pending_download(replica.lock().unwrap().store(), "account", id).unwrap();
     assert!(pending.is_some(), "the download is still to come");
@@ -813,12 +825,17 @@ async fn a_device_edit_during_a_pending_download(pull_first: bool) {
 
 #[tokio::test]
 async fn a_device_edit_after_a_failed_download_does_not_send_the_old_file_back() {
-    a_device_edit_during_a_pending_download(true).await;
+    a_device_edit_during_a_pending_download(true, false).await;
+}
+
+#[tokio::test]
+async fn a_device_file_during_a_pending_download_does_not_go_over_dataverses_newer_one() {
+    a_device_edit_during_a_pending_download(true, true).await;
 }
 
 #[tokio::test]
 async fn a_device_edit_that_meets_a_failed_download_on_412_does_not_send_the_old_file_back() {
-    a_device_edit_during_a_pending_download(false).await;
+    a_device_edit_during_a_pending_download(false, false).await;
 }
 
 /// A pending download's failures are counted per file: when Dataverse replaces the file that
