@@ -218,13 +218,22 @@ fn parse_row_key(prefix: &[u8], key: &[u8], what: &str) -> Result<(String, RowId
     Ok((table.to_string(), RowId::from_bytes(id)))
 }
 
+/// The rows of the per-row records under `prefix` (their values unread).
+fn rows_under(
+    store: &Store,
+    prefix: &[u8],
+    what: &str,
+) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    store
+        .aux_scan(SPACE, prefix)?
+        .into_iter()
+        .map(|(key, _)| parse_row_key(prefix, &key, what))
+        .collect()
+}
+
 /// Rows whose files wait for their content to reach the hub.
 pub fn file_waits(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
-    store
-        .aux_scan(SPACE, P_FILE_WAIT)?
-        .into_iter()
-        .map(|(key, _)| parse_row_key(P_FILE_WAIT, &key, "file wait key"))
-        .collect()
+    rows_under(store, P_FILE_WAIT, "file wait key")
 }
 
 /// The downloads of a row that did not come down yet.
@@ -267,11 +276,7 @@ pub fn pending_downloads(
 
 /// Every row with downloads that did not come down yet, without reading the records.
 pub fn pending_download_rows(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
-    store
-        .aux_scan(SPACE, P_PENDING_DOWNLOAD)?
-        .into_iter()
-        .map(|(key, _)| parse_row_key(P_PENDING_DOWNLOAD, &key, "pending download key"))
-        .collect()
+    rows_under(store, P_PENDING_DOWNLOAD, "pending download key")
 }
 
 /// The write to a row sent to Dataverse whose reply did not come back, if any.
@@ -288,11 +293,7 @@ pub fn write_intent(
 
 /// Every row with a write whose reply did not come back.
 pub fn write_intents(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
-    store
-        .aux_scan(SPACE, P_WRITE_INTENT)?
-        .into_iter()
-        .map(|(key, _)| parse_row_key(P_WRITE_INTENT, &key, "write intent key"))
-        .collect()
+    rows_under(store, P_WRITE_INTENT, "write intent key")
 }
 
 /// A batch of state changes, written in one atomic step.
