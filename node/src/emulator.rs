@@ -31,8 +31,9 @@
 //! counts as one request; images are not resized for thumbnails ([`files`]).
 //!
 //! For tests only, `--test-faults` (hidden, off by default) serves `POST
-//! /_test/faults?drop_write_replies=N`: the next N writes that succeed are applied and their
-//! connection closed with no reply, as a reset connection would leave a client.
+//! /_test/faults?drop_write_replies=N&fail_file_downloads=M` (either count may be left out):
+//! the next N requests that apply a write are applied and their connection closed with no
+//! reply, as a reset connection would leave a client; the next M file downloads answer `503`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -95,10 +96,11 @@ pub struct EmulatorArgs {
     /// Base URL used in `@odata.context`, links and `OData-EntityId` (default: from `Host`).
     #[arg(long)]
     pub public_url: Option<String>,
-    /// Tests only: serve `POST /_test/faults?drop_write_replies=N`, after which the next N
-    /// writes that succeed (`POST`, `PATCH`, `PUT`, `DELETE`, `$batch`) are applied and their
-    /// replies lost: the connection closes after the headers, before the body the headers
-    /// announce. Off by default; Dataverse has no such thing.
+    /// Tests only: serve `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M`,
+    /// after which the next N requests that apply a write (`POST`, `PATCH`, `PUT`, `DELETE`
+    /// that succeed; a `$batch` that applied one) have their replies lost: the connection
+    /// closes before the reply is whole; and the next M file
+    /// downloads (`.../$value`) answer `503`. Off by default; Dataverse has no such thing.
     #[arg(long, hide = true)]
     pub test_faults: bool,
 }

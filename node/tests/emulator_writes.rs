@@ -588,3 +588,76 @@ async fn too_many_requests_get_429_with_retry_after() {
     .await;
     assert_eq!(emu.get("accounts?$top=1", BEN, &[]).await.status, 200);
 }
+
+/// `--test-faults`: the switch answers only `POST`; a lost reply is spent only on a request that
+/// applied a write (a `$batch` that read, or whose change set rolled back, answers whole); a
+/// failed download answers `503` once, then the file is served as usual.
+#[tokio::test]
+async fn test_faults_lose_only_replies_of_applied_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &["--test-faults"]);
+    let root = emu.base.trim_end_matches("api/data/v9.2/").to_string();
+    let switch = format!("{root}_test/faults?drop_write_replies=1&fail_file_downloads=1");
+    let got = emu.client.get(&switch).send().await.unwrap();
+    assert_eq!(got.status(), 405);
+    let set = emu.client.post(&switch).send().await.unwrap();
+    assert_eq!(set.status(), 204);
+
+    let batch = |body: String| {
+        let emu = &emu;
+        async move {
+            let h = [
+                ("Content-Type", "multipart/mixed; boundary=\"batch_F\""),
+                ("Prefer", "odata.continue-on-error"),
+            ];
+            emu.send(Method::POST, "$batch", ADMIN, &h, Some(body.into_bytes()))
+                .await
+        }
+    };
+    let reads = batch_body(
+        "batch_F",
+        &[http_part(None, "GET /api/data/v9.2/accounts?$top=1", "")],
+    );
+    let r = batch(reads).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("HTTP/1.1 200"), "{}", r.text());
+    let rolled_back = batch_body(
+        "batch_F",
+        &[change_set(
+            "changeset_F",
+            &[
+                http_part(
+                    Some(1),
+                    "POST /api/data/v9.2/accounts",
+                    "{\"name\":\"Kept\"}",
+                ),
+                http_part(Some(2), "POST /api/data/v9.2/accounts", "{\"nosuch\":1}"),
+            ],
+        )],
+    );
+    let r = batch(rolled_back).await;
+    assert_eq!(r.status, 200, "continue-on-error answers 200");
+    assert!(r.text().contains("HTTP/1.1 400"), "{}", r.text());
+    assert_eq!(count(&emu, "accounts", "name eq 'Kept'").await, 0);
+
+    // The first write that applies something loses its reply (and is applied).
+    let lost = emu
+        .client
+        .post(emu.url("accounts"))
+        .header("Authorization", format!("Bearer {ADMIN}"))
+        .header("Content-Type", "application/json")
+        .body("{\"name\":\"Applied\"}")
+        .send()
+        .await;
+    let whole = match lost {
+        Ok(resp) => resp.bytes().await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!whole, "the write's reply came whole");
+    assert_eq!(count(&emu, "accounts", "name eq 'Applied'").await, 1);
+
+    let id = uuid::Uuid::new_v4();
+    let file = format!("accounts({id})/contract/$value");
+    assert_eq!(emu.get(&file, ADMIN, &[]).await.status, 503);
+    assert_eq!(emu.get(&file, ADMIN, &[]).await.status, 404, "once only");
+}

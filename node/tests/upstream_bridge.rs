@@ -1029,3 +1029,136 @@ async fn after_a_lost_reply_a_change_made_in_dataverse_still_wins() {
     assert_eq!(hub_name(&replica, id), text("Office Wins"));
     assert_eq!(upstream_name(&emu, id).await, "Office Wins");
 }
+
+// A write intent must not outlive the round after its write: while it lives, a change made in
+// Dataverse that happens to hold a value the hub once sent is taken for the hub's own write and
+// overwritten. Each case leaves an intent the old code kept: a write Dataverse refused, a write
+// that never arrived with nothing left to send, and a create whose row the hub then deleted.
+
+fn write_intent(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> Option<fieldsync_node::upstream::state::WriteIntent> {
+    let r = replica.lock().unwrap();
+    fieldsync_node::upstream::state::write_intent(r.store(), "account", id).unwrap()
+}
+
+/// The office renames the row in Dataverse; a round later both sides hold the office's name.
+async fn office_rename_wins(
+    emu: &Emulator,
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    b: &fieldsync_node::upstream::Bridge,
+    id: Uuid,
+    name: &str,
+) {
+    let (status, _) = emu
+        .call(
+            Method::PATCH,
+            &format!("accounts({id})"),
+            Some(json!({ "name": name })),
+        )
+        .await;
+    assert_eq!(status, 204);
+    b.sync_once().await.unwrap();
+    assert_eq!(hub_name(replica, id), text(name));
+    assert_eq!(upstream_name(emu, id).await, name);
+}
+
+#[tokio::test]
+async fn a_refused_write_leaves_no_intent_behind() {
+    // The hub knows an option Dataverse does not: a write holding it is refused (400).
+    let drifted = example("schema.toml").replace(
+        "industrycode = { choice = [1, 2, 3, 4, 5, 6] }",
+        "industrycode = { choice = [1, 2, 3, 4, 5, 6, 7] }",
+    );
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::with_schema(&[], &drifted);
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Original"))]);
+    b.push().await.unwrap();
+    let refused = b.stats.refused.load(Ordering::Relaxed);
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[
+            ("name", text("Office Name")),
+            ("industrycode", Value::Choice(7)),
+        ],
+    );
+    b.push().await.unwrap();
+    assert_eq!(b.stats.refused.load(Ordering::Relaxed), refused + 1);
+    assert_eq!(
+        write_intent(&replica, id),
+        None,
+        "a refusal applies nothing"
+    );
+    // The device undoes its edit: nothing to send, and the office later picks that name.
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[("name", text("Original")), ("industrycode", Value::Null)],
+    );
+    b.push().await.unwrap();
+    office_rename_wins(&emu, &replica, &b, id, "Office Name").await;
+}
+
+#[tokio::test]
+async fn a_write_that_never_arrived_is_settled_by_the_next_round() {
+    let (
+        EmulatorAndHub {
+            mut emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Original"))]);
+    b.push().await.unwrap();
+    // Dataverse is away when the rename is sent: its outcome is unknown.
+    emu.stop();
+    hub_write(&replica, "account", id, &[("name", text("Office Name"))]);
+    b.push().await.unwrap_err();
+    assert!(write_intent(&replica, id).is_some());
+    emu.restart();
+    // The device undoes the rename before the next round: nothing is left to send, but the
+    // round still reads the row, which says the rename was never applied.
+    hub_write(&replica, "account", id, &[("name", text("Original"))]);
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, id), None);
+    assert_eq!(upstream_name(&emu, id).await, "Original");
+    office_rename_wins(&emu, &replica, &b, id, "Office Name").await;
+}
+
+#[tokio::test]
+async fn a_lost_create_of_a_row_the_hub_then_deleted_is_settled_and_deleted() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Short Lived"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, id).await, "Short Lived");
+    {
+        let r = replica.lock().unwrap();
+        let mut tx = r.store().begin();
+        tx.delete("account", id).unwrap();
+        tx.commit().unwrap();
+    }
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, id), None);
+    assert!(
+        emu.row("accounts", id).await.is_none(),
+        "the row the lost create made is deleted like the hub's"
+    );
+    b.sync_once().await.unwrap();
+    assert!(hub_get(&replica, "account", id).is_none());
+}

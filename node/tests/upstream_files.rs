@@ -119,6 +119,8 @@ enum FileReply {
     RangeToEnd,
     /// Honours ranges with no `x-ms-file-size`; a range starting past the end is 416.
     Undeclared,
+    /// Declares the range, sends half of it and closes the connection.
+    CutMidway,
 }
 
 /// A stub Web API on loopback: one account whose `contract` file it serves per `reply`; or,
@@ -132,6 +134,8 @@ struct Stub {
     page_bytes: Option<usize>,
     /// Downloads of the file still to answer `404` (then `reply`).
     file_404s: Arc<AtomicUsize>,
+    /// Downloads of the file still to be closed without a reply (then `reply`).
+    file_resets: Arc<AtomicUsize>,
     /// Requests for the file so far.
     file_requests: Arc<AtomicUsize>,
 }
@@ -145,6 +149,7 @@ impl Stub {
             reply,
             page_bytes: None,
             file_404s: Arc::default(),
+            file_resets: Arc::default(),
             file_requests: Arc::default(),
         }
     }
@@ -189,6 +194,13 @@ impl Stub {
         });
         if path.contains("/contract/$value") {
             self.file_requests.fetch_add(1, Ordering::SeqCst);
+            let reset = self
+                .file_resets
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if reset {
+                return; // closed, no reply
+            }
             let refuse = self
                 .file_404s
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -259,6 +271,18 @@ impl Stub {
             let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
             Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
         });
+        if let FileReply::CutMidway = self.reply {
+            let (a, b) = bounds.unwrap_or((0, content.len().saturating_sub(1)));
+            let body = &content[a.min(content.len())..(b + 1).min(content.len())];
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nx-ms-file-size: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                content.len(),
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body[..body.len() / 2]).await;
+            return;
+        }
         if let FileReply::Undeclared = self.reply {
             let (a, b) = bounds.unwrap_or((0, content.len().saturating_sub(1)));
             let head = if a >= content.len() {
@@ -292,7 +316,7 @@ impl Stub {
                 content.len(),
                 &content[a.min(content.len())..],
             ),
-            (FileReply::RangeToEnd, None) | (FileReply::Undeclared, _) => {
+            (FileReply::RangeToEnd, None) | (FileReply::Undeclared | FileReply::CutMidway, _) => {
                 ("200 OK", content.len(), &content[..])
             }
         };
@@ -383,6 +407,52 @@ fn walk(d: &std::path::Path) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_download_cut_midway_is_the_files_failure_not_the_rounds() {
+    let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
+        pattern(150_000, 13),
+        FileReply::CutMidway,
+    ))
+    .await;
+    assert!(pending.last_error.contains("cut off"), "{pending:?}");
+}
+
+/// A download that gets no reply at all (the connection fails before any) means Dataverse is
+/// away: the round stops there, rather than every row of the page waiting for its own failed
+/// download while the delta link moves on.
+#[tokio::test]
+async fn a_download_with_no_reply_stops_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let content = pattern(10_000, 17);
+    let stub = Stub::file(content.clone(), FileReply::Ranges { declared: 10_000 });
+    stub.file_resets.store(1, Ordering::SeqCst);
+    let account = stub.account;
+    let url = stub.start().await;
+    let b = bridge(UpstreamConfig::new(url), &replica);
+    let stopped = b.pull_table("account").await.unwrap_err();
+    assert!(
+        matches!(stopped, UpstreamError::Unreachable(_)),
+        "{stopped:?}"
+    );
+    {
+        let r = replica.lock().unwrap();
+        assert_eq!(state::delta_link(r.store(), "account").unwrap(), None);
+        assert_eq!(
+            state::pending_download(r.store(), "account", account).unwrap(),
+            None
+        );
+        assert!(
+            r.store().get("account", account).unwrap().is_none(),
+            "the page waits"
+        );
+    }
+    assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 0);
+    // Dataverse is back: the same page comes again, with its file.
+    b.pull_table("account").await.unwrap();
+    assert!(hub_contract(&replica, account).unwrap().1 == content);
+}
+
+#[tokio::test]
 async fn a_file_shorter_than_its_declared_size_is_refused() {
     let pending = pull_defers_the_file_and_stores_nothing(Stub::file(
         pattern(250_000, 7),
@@ -468,6 +538,7 @@ async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
         reply: FileReply::RangeToEnd,
         page_bytes: Some(256 * 1024 * 1024),
         file_404s: Arc::default(),
+        file_resets: Arc::default(),
         file_requests: Arc::default(),
     }
     .start()
@@ -670,4 +741,184 @@ fn a_downloads_temporary_file_is_not_written_on_the_runtime_thread() {
             "the runtime thread wrote {pulling} bytes; storing the blob writes {storing}"
         );
     });
+}
+
+/// A hub account with a file `F1` known to Dataverse; the office replaces it with `F2`, the
+/// hub's download of `F2` fails once (found by the pull, or by the push's re-read after a
+/// `412` when `pull_first` is false), and meanwhile a device renames the row (and, with
+/// `device_file`, attaches a file `F3` of its own). The push must not send `F1` (nor `F3`:
+/// Dataverse's newer file wins, as its values do) over `F2`, and the download's retry brings
+/// `F2` to the hub.
+async fn a_device_edit_during_a_pending_download(pull_first: bool, device_file: bool) {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&["--test-faults"]);
+    let mut cfg = config(&emu, dir.path());
+    cfg.file_retry_ms = 500;
+    cfg.file_retry_max_ms = 500;
+    let b = bridge(cfg, &replica);
+    let (first, second) = (pattern(5_000, 7), pattern(6_000, 11));
+    let blob = replica
+        .lock()
+        .unwrap()
+        .store()
+        .put_blob("f1.pdf", &mut first.as_slice())
+        .unwrap();
+    let id = Uuid::new_v4();
+    let write = |values: &[(&str, Value)]| {
+        replica
+            .lock()
+            .unwrap()
+            .local_write("account", id, values)
+            .unwrap();
+    };
+    write(&[
+        ("name", Value::Text("Before".into())),
+        ("contract", Value::File(blob)),
+    ]);
+    b.push().await.unwrap();
+    b.pull().await.unwrap();
+    assert!(emu.office_gets_file(id).await == Some(first.clone()));
+
+    emu.office_puts_file(id, "f2.pdf", &second).await;
+    emu.fail_file_downloads(1).await;
+    if pull_first {
+        b.pull_table("account").await.unwrap();
+        assert!(hub_contract(&replica, id).unwrap().1 == first);
+    }
+    write(&[("name", Value::Text("Renamed".into()))]);
+    if device_file {
+        let third = pattern(7_000, 13);
+        let blob = replica
+            .lock()
+            .unwrap()
+            .store()
+            .put_blob("f3.pdf", &mut third.as_slice())
+            .unwrap();
+        write(&[("contract", Value::File(blob))]);
+    }
+    b.push().await.unwrap();
+    assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
+    let upstream = emu.row("accounts", id).await.unwrap();
+    assert_eq!(upstream["name"], "Renamed");
+    assert!(
+        emu.office_gets_file(id).await == Some(second.clone()),
+        "a file of the hub's went over the office's newer one"
+    );
+    let pending = state::pending_download(replica.lock().unwrap().store(), "account", id).unwrap();
+    assert!(pending.is_some(), "the download is still to come");
+
+    // Once due, the download is tried again and the office's file comes to the hub.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    b.pull().await.unwrap();
+    let (here, content) = hub_contract(&replica, id).expect("a file");
+    assert!(
+        content == second,
+        "the office's file did not come to the hub"
+    );
+    assert_eq!(here.name, "f2.pdf");
+    assert_eq!(
+        state::pending_download(replica.lock().unwrap().store(), "account", id).unwrap(),
+        None
+    );
+    b.push().await.unwrap();
+    assert!(emu.office_gets_file(id).await == Some(second));
+}
+
+#[tokio::test]
+async fn a_device_edit_after_a_failed_download_does_not_send_the_old_file_back() {
+    a_device_edit_during_a_pending_download(true, false).await;
+}
+
+#[tokio::test]
+async fn a_device_file_during_a_pending_download_does_not_go_over_dataverses_newer_one() {
+    a_device_edit_during_a_pending_download(true, true).await;
+}
+
+#[tokio::test]
+async fn a_device_edit_that_meets_a_failed_download_on_412_does_not_send_the_old_file_back() {
+    a_device_edit_during_a_pending_download(false, false).await;
+}
+
+/// A pending download's failures are counted per file: when Dataverse replaces the file that
+/// kept failing, the new one starts from its first attempt (and its first short wait).
+#[tokio::test]
+async fn a_new_file_replacing_a_failing_one_starts_its_own_count() {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&["--test-faults"]);
+    let mut cfg = config(&emu, dir.path());
+    cfg.file_retry_ms = 300;
+    cfg.file_retry_max_ms = 60_000;
+    let b = bridge(cfg, &replica);
+    let (status, created) = emu
+        .call(
+            reqwest::Method::POST,
+            "accounts",
+            Some(serde_json::json!({"name": "Files"})),
+        )
+        .await;
+    assert!(status < 300, "{created}");
+    b.pull().await.unwrap();
+    let id = replica
+        .lock()
+        .unwrap()
+        .store()
+        .scan("account")
+        .unwrap()
+        .map(|r| r.unwrap())
+        .find(|r| r.get("name") == &Value::Text("Files".into()))
+        .expect("pulled")
+        .id;
+    let attempts = || {
+        state::pending_download(replica.lock().unwrap().store(), "account", id)
+            .unwrap()
+            .expect("pending")
+            .attempts
+    };
+    emu.office_puts_file(id, "one.pdf", &pattern(3_000, 5))
+        .await;
+    emu.fail_file_downloads(10).await;
+    b.pull().await.unwrap();
+    assert_eq!(attempts(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    b.pull().await.unwrap();
+    assert_eq!(attempts(), 2, "the same file failed again");
+    assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);
+    emu.office_puts_file(id, "two.pdf", &pattern(4_000, 9))
+        .await;
+    b.pull().await.unwrap();
+    let pending = state::pending_download(replica.lock().unwrap().store(), "account", id)
+        .unwrap()
+        .expect("pending");
+    assert_eq!(pending.attempts, 1, "{pending:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(pending.retry_at_ms <= now + 300, "{pending:?} at {now}");
+}
+
+/// A pending download of a table the hub no longer relays would never be retried: the pull
+/// drops it, and the gauge counts only the others.
+#[tokio::test]
+async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
+    let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
+    let b = bridge(config(&emu, dir.path()), &replica);
+    let (retired, kept) = (Uuid::new_v4(), Uuid::new_v4());
+    let record = PendingDownload {
+        columns: [("contract".to_string(), "file-9".to_string())].into(),
+        attempts: 1,
+        retry_at_ms: u64::MAX,
+        last_error: "503".into(),
+    };
+    {
+        let r = replica.lock().unwrap();
+        let mut w = state::StateWrites::default();
+        w.put_pending_download("retired_table", retired, &record)
+            .unwrap();
+        w.put_pending_download("account", kept, &record).unwrap();
+        w.commit(r.store()).unwrap();
+    }
+    b.pull().await.unwrap();
+    let r = replica.lock().unwrap();
+    let left: Vec<_> = state::pending_download_rows(r.store()).unwrap();
+    assert_eq!(left, vec![("account".to_string(), kept)]);
+    assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);
 }

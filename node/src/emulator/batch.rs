@@ -203,17 +203,20 @@ fn entity_path(resp: &EmuResponse) -> Option<String> {
     Some(url[i + API_PREFIX.len()..].to_string())
 }
 
-/// Answer a `POST /$batch`.
-pub fn handle(ctx: &Ctx<'_>, req: &EmuRequest) -> EmuResponse {
+/// Answer a `POST /$batch`, and whether it applied a write (a request that changes data and
+/// succeeded outside a change set, or a change set committed).
+pub fn handle(ctx: &Ctx<'_>, req: &EmuRequest) -> (EmuResponse, bool) {
     let span = tracing::info_span!("batch");
     let _enter = span.enter();
     if req.method != "POST" {
-        return ApiError::new(405, errors::NOT_SUPPORTED, "A $batch must be POSTed.").into();
+        let refused = ApiError::new(405, errors::NOT_SUPPORTED, "A $batch must be POSTed.");
+        return (refused.into(), false);
     }
     let items = match parse_batch(req.header("content-type").unwrap_or(""), &req.body) {
         Ok(items) => items,
-        Err(e) => return e.into(),
+        Err(e) => return (e.into(), false),
     };
+    let mut wrote = false;
     let continue_on_error = req.prefer().continue_on_error;
     let mut inner = Ctx {
         state: ctx.state,
@@ -230,6 +233,7 @@ pub fn handle(ctx: &Ctx<'_>, req: &EmuRequest) -> EmuResponse {
         match item {
             Item::Single(part) => {
                 let resp = routes::run_one(&inner, &mut conn, &part.request);
+                wrote |= routes::is_write(&part.request.method) && resp.status < 400;
                 if let (Some(id), Some(path)) = (&part.content_id, entity_path(&resp)) {
                     inner.content_ids.insert(id.clone(), path);
                 }
@@ -272,7 +276,10 @@ pub fn handle(ctx: &Ctx<'_>, req: &EmuRequest) -> EmuResponse {
                 }
                 let failed = match failed {
                     None => match tx.commit() {
-                        Ok(()) => None,
+                        Ok(()) => {
+                            wrote |= !answered.is_empty();
+                            None
+                        }
                         Err(e) => Some((None, ApiError::from(e).into())),
                     },
                     Some(f) => {
@@ -323,7 +330,7 @@ pub fn handle(ctx: &Ctx<'_>, req: &EmuRequest) -> EmuResponse {
     if continue_on_error {
         resp = resp.with("Preference-Applied", "odata.continue-on-error");
     }
-    resp
+    (resp, wrote)
 }
 
 #[cfg(test)]

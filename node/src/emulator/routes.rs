@@ -46,6 +46,8 @@ pub struct AppState {
     in_flight: Arc<Mutex<HashMap<Uuid, u32>>>,
     /// Tests only (`--test-faults`): successful writes whose replies are still to be lost.
     drop_write_replies: std::sync::atomic::AtomicU32,
+    /// Tests only (`--test-faults`): file downloads still to be answered `503`.
+    fail_file_downloads: std::sync::atomic::AtomicU32,
 }
 
 /// One request, as the dispatcher sees it.
@@ -213,6 +215,7 @@ impl AppState {
             requests: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             drop_write_replies: std::sync::atomic::AtomicU32::new(0),
+            fail_file_downloads: std::sync::atomic::AtomicU32::new(0),
         };
         if state.config.example.as_deref() == Some("field-service") {
             let conn = state.db();
@@ -231,13 +234,12 @@ impl AppState {
 
     /// Whether this reply is to be lost (`--test-faults`), counting it.
     fn take_dropped_reply(&self) -> bool {
-        self.drop_write_replies
-            .fetch_update(
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
-            .is_ok()
+        take_one(&self.drop_write_replies)
+    }
+
+    /// Whether this file download is to fail (`--test-faults`), counting it.
+    fn take_failed_download(&self) -> bool {
+        take_one(&self.fail_file_downloads)
     }
 
     fn check_rate(&self, user: Uuid) -> Result<(), ApiError> {
@@ -348,6 +350,10 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
         })
         .collect();
     if uri.path() == TEST_FAULTS_PATH && state.config.test_faults {
+        if method != "POST" {
+            let refused = ApiError::new(405, errors::NOT_SUPPORTED, "Set faults with a POST.");
+            return to_axum(refused.into());
+        }
         return set_test_faults(&state, uri.query().unwrap_or(""));
     }
     let Some(rest) = uri.path().strip_prefix(API_PREFIX) else {
@@ -363,7 +369,12 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
             )
         }
     };
-    let write = matches!(method.as_str(), "POST" | "PATCH" | "PUT" | "DELETE");
+    let file_download = method == "GET" && path.ends_with("/$value");
+    if file_download && state.take_failed_download() {
+        tracing::info!("test fault: a file download fails");
+        let failed = ApiError::new(503, errors::INTERNAL, "Test fault: the download failed.");
+        return to_axum(failed.into());
+    }
     let emu = EmuRequest {
         method,
         path,
@@ -419,61 +430,100 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
             batch::handle(&ctx, &emu)
         } else {
             let mut conn = st.db();
-            run_one(&ctx, &mut conn, &emu)
+            let resp = run_one(&ctx, &mut conn, &emu);
+            let wrote = is_write(&emu.method) && resp.status < 400;
+            (resp, wrote)
         }
     })
     .await;
     drop(guard);
-    let resp = match result {
+    let (resp, wrote) = match result {
         Ok(r) => r,
-        Err(e) => ApiError::internal(format!("request task failed: {e}")).into(),
+        Err(e) => (
+            ApiError::internal(format!("request task failed: {e}")).into(),
+            false,
+        ),
     };
     tracing::debug!(status = resp.status, "answered");
-    if write && (200..300).contains(&resp.status) && state.take_dropped_reply() {
+    if wrote && (200..300).contains(&resp.status) && state.take_dropped_reply() {
         tracing::info!("test fault: the write is applied, its reply lost");
         return lost_reply();
     }
     to_axum(resp)
 }
 
+/// Whether a request's method changes data (a `$batch` says for itself).
+pub(super) fn is_write(method: &str) -> bool {
+    matches!(method, "POST" | "PATCH" | "PUT" | "DELETE")
+}
+
+/// Takes one from a fault counter, if it is not 0.
+fn take_one(counter: &std::sync::atomic::AtomicU32) -> bool {
+    counter
+        .fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        )
+        .is_ok()
+}
+
 /// The fault switch's path (served only with `--test-faults`).
 const TEST_FAULTS_PATH: &str = "/_test/faults";
 
-/// `POST /_test/faults?drop_write_replies=N`: the next N successful writes lose their replies.
+/// `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M`: the next N writes that
+/// apply something lose their replies; the next M file downloads answer `503`. Each count is
+/// optional (an absent one is left as it was); at least one is expected.
 fn set_test_faults(state: &AppState, query: &str) -> Response {
-    let n = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("drop_write_replies="))
-        .and_then(|v| v.parse::<u32>().ok());
-    match n {
-        Some(n) => {
-            state
-                .drop_write_replies
-                .store(n, std::sync::atomic::Ordering::SeqCst);
+    let count = |name: &str| -> Result<Option<u32>, ()> {
+        let prefix = format!("{name}=");
+        match query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+        {
+            None => Ok(None),
+            Some(v) => v.parse::<u32>().map(Some).map_err(|_| ()),
+        }
+    };
+    match (count("drop_write_replies"), count("fail_file_downloads")) {
+        (Ok(drops), Ok(fails)) if drops.is_some() || fails.is_some() => {
+            let at = std::sync::atomic::Ordering::SeqCst;
+            if let Some(n) = drops {
+                state.drop_write_replies.store(n, at);
+            }
+            if let Some(n) = fails {
+                state.fail_file_downloads.store(n, at);
+            }
             to_axum(EmuResponse {
                 status: 204,
                 ..EmuResponse::default()
             })
         }
-        None => to_axum(
+        _ => to_axum(
             ApiError::new(
                 400,
                 errors::BAD_PAYLOAD,
-                "Expected ?drop_write_replies=<count>.",
+                "Expected ?drop_write_replies=<count> and/or ?fail_file_downloads=<count>.",
             )
             .into(),
         ),
     }
 }
 
-/// A reply that never arrives whole: headers announcing a body the connection closes before,
-/// so the client cannot tell whether the write was applied (it was).
+/// A reply that never arrives whole, so the client cannot tell whether the write was applied
+/// (it was): its body is a stream that fails after its first byte, and the server drops the
+/// connection before the reply is complete (a body shorter than a fixed `Content-Length` would
+/// instead leave the client waiting for the rest).
 fn lost_reply() -> Response {
+    let cut = futures_util::stream::iter([
+        Ok(axum::body::Bytes::from_static(b"{")),
+        Err(std::io::Error::other("test fault: the reply is lost")),
+    ]);
     Response::builder()
         .status(StatusCode::OK)
         .header("Content-Type", "application/json")
         .header("Content-Length", "64")
-        .body(Body::from("{"))
+        .body(Body::from_stream(cut))
         .unwrap_or_else(|_| Response::new(Body::from("response build failed")))
 }
 

@@ -706,14 +706,11 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
             "gauge",
             behind,
         );
-        let pending = fieldsync_node::upstream::state::pending_downloads(store, None)
-            .map(|p| p.len() as u64)
-            .unwrap_or_default();
         counter(
             "fieldsync_upstream_pending_download_rows",
             "Rows whose files from Dataverse did not come down yet (retried with back-off).",
             "gauge",
-            pending,
+            up.pending_download_rows.load(Ordering::Relaxed),
         );
     }
     let (lags, ahead) = with_replica(&runtime.replica, |r| {

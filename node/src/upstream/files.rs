@@ -45,7 +45,8 @@ impl Bridge {
     /// content (and its previous state in the base, so the push does not send it back), and
     /// the row is recorded as a [`PendingDownload`] — durably, before the row is applied —
     /// retried with back-off by [`Bridge::retry_downloads`]. Only a failure that is the whole
-    /// round's (credentials, throttling past the wait) stops here.
+    /// round's (no reply at all, credentials, throttling past the wait) stops here: a body cut
+    /// midway is the file's ([`UpstreamError::DownloadCut`]).
     pub(crate) async fn fetch_files(
         &self,
         table: &str,
@@ -116,9 +117,13 @@ impl Bridge {
                         row.file_writes.push((col.clone(), value));
                         continue;
                     }
-                    Some(Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. }))) => {
-                        return Err(e)
-                    }
+                    // Dataverse itself is away (no reply at all), refusing the credentials or
+                    // asking to wait: so is every other file, and the page is not applied.
+                    Some(Err(
+                        e @ (UpstreamError::Unreachable(_)
+                        | UpstreamError::Auth(_)
+                        | UpstreamError::Throttled { .. }),
+                    )) => return Err(e),
                     Some(Err(e)) => {
                         warn!(table, row = %row.id, column = %col, error = %e, "a file from Dataverse did not come down; its row goes on, the file is tried again later");
                         self.stats.downloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -136,9 +141,14 @@ impl Bridge {
                 row.downloads_done = pending.is_some();
                 continue;
             }
+            // Another file than the one that failed (Dataverse replaced it): its own count.
+            let same_files = pending
+                .as_ref()
+                .is_some_and(|p| missing.iter().all(|(c, id)| p.columns.get(c) == Some(id)));
+            let previous = pending.filter(|_| same_files).unwrap_or_default();
             let record = PendingDownload {
                 columns: missing,
-                ..pending.unwrap_or_default()
+                ..previous
             };
             let record = match failure {
                 Some(e) => self.failed_again(record, &e, now),
@@ -195,9 +205,11 @@ impl Bridge {
         for (id, pending) in due {
             let row = match self.read_row(table, id).await {
                 Ok(row) => row,
-                Err(e @ (UpstreamError::Auth(_) | UpstreamError::Throttled { .. })) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (UpstreamError::Unreachable(_)
+                    | UpstreamError::Auth(_)
+                    | UpstreamError::Throttled { .. }),
+                ) => return Err(e),
                 Err(e) => {
                     // The row cannot be read now: its files wait another turn.
                     warn!(table, %id, error = %e, "a row whose files are pending cannot be read; tried again later");
@@ -273,7 +285,8 @@ impl Bridge {
             if !resp.is_success() {
                 return Err(resp
                     .read_to_end(self.client.response_bytes_max())
-                    .await?
+                    .await
+                    .map_err(cut_midway)?
                     .error());
             }
             if let Some(n) = resp.header("x-ms-file-name") {
@@ -325,7 +338,7 @@ impl Bridge {
                         received: expected + 1,
                     })
                 }
-                other => other?,
+                other => other.map_err(cut_midway)?,
             };
             received += got;
             // A range shorter than the file still holds is a lie (or a cut connection): with a
@@ -354,14 +367,11 @@ impl Bridge {
         debug!(column, bytes = received, "file downloaded");
         rewind(&mut file, false).await?;
         let mut file = file.into_std().await;
-        // The store reads the file as it hashes and keeps it: blocking, off the workers, and
-        // under the replica's lock for that time only.
-        crate::off_worker(|| {
-            let hub = lock(&self.replica);
-            Ok(hub
-                .store()
-                .put_blob(&name, &mut BufReader::new(&mut file))?)
-        })
+        // The store reads the file as it hashes and keeps it: blocking, so off the workers, and
+        // through the store's own handle, not under the replica's lock — device sessions go on
+        // meanwhile (blobs are content-addressed: nothing of the replica's state changes).
+        let store = lock(&self.replica).store().clone();
+        crate::off_worker(|| Ok(store.put_blob(&name, &mut BufReader::new(&mut file))?))
     }
 
     /// Sends the files that waited for their content to reach the hub (a device's upload):
@@ -419,9 +429,19 @@ impl Bridge {
                 return Ok(());
             };
             let base = state::base(store, table, id)?;
+            let pending = state::pending_download(store, table, id)?;
             let mut changes = Vec::new();
             let mut waiting = false;
             for c in tab.blob_columns() {
+                // Dataverse holds a newer file the hub has not downloaded yet: it wins over
+                // the hub's, as a change made there wins over a concurrent one here.
+                if pending
+                    .as_ref()
+                    .is_some_and(|p| p.columns.contains_key(&c.name))
+                {
+                    debug!(table, %id, column = %c.name, "not sent: Dataverse's newer file is still to come down");
+                    continue;
+                }
                 let here = blob_of(row.get(&c.name));
                 let there = base.as_ref().and_then(|b| b.files.get(&c.name));
                 let differs = match (here, there) {
@@ -584,6 +604,15 @@ impl Bridge {
             out.extend_from_slice(&piece);
         }
         Ok(out)
+    }
+}
+
+/// A download's body that stopped once its reply had come is the file's failure, not
+/// Dataverse's absence.
+fn cut_midway(e: UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::Unreachable(m) => UpstreamError::DownloadCut(m),
+        other => other,
     }
 }
 

@@ -10,12 +10,16 @@
 //!   echoed back. Writes go in `$batch` change sets; a failed change set is retried one request
 //!   each, where `412` re-reads the row, merges it and writes again.
 //!   Before each create or update the values sent are saved as a write intent: if the reply is
-//!   lost, the row's next read takes what Dataverse holds of them as the hub's own write.
+//!   lost, the row's next read takes what Dataverse holds of them as the hub's own write. A
+//!   `4xx` reply drops the intent (nothing was applied), and each push round starts by reading
+//!   the rows whose intents are left, so none outlives the round after its write.
 //! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of
 //!   the table retries the due ones with a doubling wait (`file_retry_ms` up to
-//!   `file_retry_max_ms`), never dropping them.
+//!   `file_retry_max_ms`; a new file id starts its own count), dropping them only when their
+//!   table is no longer relayed. A download that gets no reply at all
+//!   (Dataverse away) stops the round instead: the page is not applied and is read again.
 //! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
 //!
 //! A pulled row is merged three ways: the columns whose upstream value differs from the
@@ -55,8 +59,14 @@ pub const DATAVERSE_ACTOR: ActorId = fieldsync_replication::replica::UPSTREAM_AC
 /// What can go wrong talking to Dataverse or applying what it says.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    /// No reply came (a connection that failed, or closed before the reply's headers):
+    /// Dataverse itself is away, so the round stops.
     #[error("Dataverse is unreachable: {0}")]
     Unreachable(String),
+    /// A file download's body stopped midway (its reply came): that file is tried again later,
+    /// the round goes on.
+    #[error("a file download was cut off: {0}")]
+    DownloadCut(String),
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("Dataverse answered {status} {code}: {message}")]
@@ -140,6 +150,9 @@ pub struct BridgeStats {
     /// Writes whose reply did not come back (the connection failed, possibly after the
     /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
+    /// A gauge: rows whose files from Dataverse did not come down yet (`pd/`), as counted at
+    /// the end of the last pull (so a metrics scrape reads no record).
+    pub pending_download_rows: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
     /// Rounds that failed (upstream down, throttled past the limit).

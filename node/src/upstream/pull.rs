@@ -64,6 +64,33 @@ impl Bridge {
     /// Pulls every relayed table. A table whose rows or replies fail does not hold up the
     /// others; the round still fails (with the first error) so it is retried with backoff.
     pub async fn pull(&self) -> Result<(), UpstreamError> {
+        let pulled = self.pull_tables().await;
+        let counted = self.tidy_pending_downloads();
+        pulled.and(counted)
+    }
+
+    /// Drops the pending downloads of tables no longer relayed (nothing would retry them) and
+    /// counts the others for the `pending_download_rows` gauge.
+    fn tidy_pending_downloads(&self) -> Result<(), UpstreamError> {
+        let hub = lock(&self.replica);
+        let mut writes = StateWrites::default();
+        let mut pending = 0u64;
+        for (table, id) in state::pending_download_rows(hub.store())? {
+            if self.tables.contains(&table) {
+                pending += 1;
+            } else {
+                info!(%table, %id, "a pending download of a table no longer relayed is dropped");
+                writes.remove_pending_download(&table, id);
+            }
+        }
+        writes.commit(hub.store())?;
+        self.stats
+            .pending_download_rows
+            .store(pending, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn pull_tables(&self) -> Result<(), UpstreamError> {
         let mut first_error = None;
         for table in self.tables.clone() {
             let pulled = self

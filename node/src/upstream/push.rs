@@ -46,6 +46,7 @@ impl Bridge {
     /// Writes what devices (and hub operators) changed since the cursor; moves the cursor only
     /// after Dataverse acknowledged all of it.
     pub async fn push(&self) -> Result<(), UpstreamError> {
+        self.settle_intents().await?;
         self.push_waiting_files().await?;
         loop {
             let (items, last) = self.pending()?;
@@ -70,6 +71,47 @@ impl Bridge {
             state::set_cursor(lock(&self.replica).store(), last)?;
             debug!(cursor = last, rows = items.len(), "push acknowledged");
         }
+    }
+
+    /// Settles the writes whose reply was lost in an earlier round, before anything else is
+    /// sent: each such row is read again (one `GET`) and merged, which says what Dataverse made
+    /// of the write and clears its intent. A row that cannot be read for good (or of a table no
+    /// longer relayed) has its intent dropped; a failure that may pass ends the round.
+    async fn settle_intents(&self) -> Result<(), UpstreamError> {
+        let rows = state::write_intents(lock(&self.replica).store())?;
+        for (table, id) in rows {
+            if self.tables.contains(&table) {
+                let settled = self
+                    .refresh(&table, id)
+                    .instrument(info_span!("upstream_settle_intent", %table, %id))
+                    .await;
+                match settled {
+                    Ok(_) => continue, // the read cleared the intent
+                    Err(e) if e.is_refusal() || matches!(e, UpstreamError::BadReply(_)) => {
+                        warn!(%table, %id, error = %e, "a row with a lost reply cannot be read; its write intent is dropped");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut w = StateWrites::default();
+            w.remove_write_intent(&table, id);
+            w.commit(lock(&self.replica).store())?;
+        }
+        Ok(())
+    }
+
+    /// Drops the write intents of rows whose reply came and says the write was not applied (a
+    /// `4xx`: refused, a conflict, a change set rolled back). A `5xx` may come from a gateway
+    /// whose server did apply it: that intent waits for the row's next read.
+    fn not_applied(&self, items: &[Item], status: u16) -> Result<(), UpstreamError> {
+        if status >= 500 {
+            return Ok(());
+        }
+        let mut w = StateWrites::default();
+        for item in items {
+            w.remove_write_intent(&item.table, item.id);
+        }
+        w.commit(lock(&self.replica).store())
     }
 
     /// The rows changed after the cursor (in log order, once each) and the last entry read.
@@ -147,6 +189,7 @@ impl Bridge {
                 }
                 BatchOutcome::Failed(resp) => {
                     // The change set was rolled back as a whole: find the culprit row by row.
+                    self.not_applied(group, resp.status)?;
                     self.stats
                         .failed_change_sets
                         .fetch_add(1, Ordering::Relaxed);
@@ -195,6 +238,7 @@ impl Bridge {
                 self.push_files_of(&item).await?;
                 return Ok(());
             }
+            self.not_applied(std::slice::from_ref(&item), resp.status)?;
             let err = resp.error();
             match resp.status {
                 // A create that finds nothing is not a delete: a lookup names a row Dataverse
@@ -339,7 +383,16 @@ impl Bridge {
         let tables = match &row {
             Some(rows) => self.apply_page(&mut hub, table, rows, &[], None)?,
             // Deleted upstream while the hub changed it: Dataverse, the system of record, wins.
-            None => self.apply_page(&mut hub, table, &[], &[id], None)?,
+            None if state::base(hub.store(), table, id)?.is_some() => {
+                self.apply_page(&mut hub, table, &[], &[id], None)?
+            }
+            // Never in Dataverse (a create that did not arrive): left to the push.
+            None => {
+                let mut w = StateWrites::default();
+                w.remove_write_intent(table, id);
+                w.commit(hub.store())?;
+                self.apply_page(&mut hub, table, &[], &[], None)?
+            }
         };
         let next = item_of(&hub, table, id)?;
         drop(hub);
@@ -557,13 +610,26 @@ fn record(
     writes.put_base(&item.table, item.id, &base)
 }
 
-/// The file states of the row's previous base that still hold (same file id upstream).
+/// The file states of the row's previous base that still hold (same file id upstream), and
+/// those of columns whose newer file has not come down yet (a pending download): the hub still
+/// holds the previous content, so the base keeps its state, or the push would take that
+/// content for the hub's change and send it back over Dataverse's newer file.
 fn kept_files(
     hub: &fieldsync_replication::replica::HubReplica,
     item: &Item,
     ids: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, state::FileState>, UpstreamError> {
-    Ok(state::base(hub.store(), &item.table, item.id)?
-        .map(|b| b.files_kept(ids))
-        .unwrap_or_default())
+    let store = hub.store();
+    let Some(base) = state::base(store, &item.table, item.id)? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut kept = base.files_kept(ids);
+    if let Some(pending) = state::pending_download(store, &item.table, item.id)? {
+        for col in pending.columns.keys() {
+            if let Some(known) = base.files.get(col) {
+                kept.insert(col.clone(), known.clone());
+            }
+        }
+    }
+    Ok(kept)
 }

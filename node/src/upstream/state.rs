@@ -59,7 +59,7 @@ impl Base {
 pub struct PendingDownload {
     /// Column → Dataverse's file id that did not come down.
     pub columns: BTreeMap<String, String>,
-    /// Failed attempts so far.
+    /// Failed attempts so far at these files (a new file id in a column starts again at 0).
     pub attempts: u32,
     /// When to try again (milliseconds since the Unix epoch).
     pub retry_at_ms: u64,
@@ -69,8 +69,10 @@ pub struct PendingDownload {
 
 /// Creates and updates sent to Dataverse whose outcome is not known (the reply was lost): per
 /// column, the values sent (`Null` for a column sent empty), oldest first — any of them may be
-/// what Dataverse applied. Saved before each request, removed with the base its reply (or a
-/// later read of the row) gives.
+/// what Dataverse applied. Saved before each request; removed with the base its reply gives, by
+/// a reply saying it was not applied (a `4xx`), or by the row's next read — at the latest the
+/// one that starts the next push round, so an intent never outlives a round and a later change
+/// made in Dataverse is never taken for the hub's own write.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteIntent {
     pub values: BTreeMap<String, Vec<Value>>,
@@ -216,13 +218,22 @@ fn parse_row_key(prefix: &[u8], key: &[u8], what: &str) -> Result<(String, RowId
     Ok((table.to_string(), RowId::from_bytes(id)))
 }
 
+/// The rows of the per-row records under `prefix` (their values unread).
+fn rows_under(
+    store: &Store,
+    prefix: &[u8],
+    what: &str,
+) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    store
+        .aux_scan(SPACE, prefix)?
+        .into_iter()
+        .map(|(key, _)| parse_row_key(prefix, &key, what))
+        .collect()
+}
+
 /// Rows whose files wait for their content to reach the hub.
 pub fn file_waits(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
-    store
-        .aux_scan(SPACE, P_FILE_WAIT)?
-        .into_iter()
-        .map(|(key, _)| parse_row_key(P_FILE_WAIT, &key, "file wait key"))
-        .collect()
+    rows_under(store, P_FILE_WAIT, "file wait key")
 }
 
 /// The downloads of a row that did not come down yet.
@@ -263,6 +274,11 @@ pub fn pending_downloads(
         .collect()
 }
 
+/// Every row with downloads that did not come down yet, without reading the records.
+pub fn pending_download_rows(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    rows_under(store, P_PENDING_DOWNLOAD, "pending download key")
+}
+
 /// The write to a row sent to Dataverse whose reply did not come back, if any.
 pub fn write_intent(
     store: &Store,
@@ -273,6 +289,11 @@ pub fn write_intent(
         .aux_get(SPACE, &row_key(P_WRITE_INTENT, table, id))?
         .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("write intent")))
         .transpose()
+}
+
+/// Every row with a write whose reply did not come back.
+pub fn write_intents(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    rows_under(store, P_WRITE_INTENT, "write intent key")
 }
 
 /// A batch of state changes, written in one atomic step.

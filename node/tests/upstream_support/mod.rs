@@ -117,12 +117,18 @@ impl Emulator {
     /// The next `n` writes the emulator applies lose their replies (it must have been started
     /// with `--test-faults`).
     pub async fn drop_write_replies(&self, n: u32) {
+        self.set_fault("drop_write_replies", n).await;
+    }
+
+    /// The next `n` file downloads fail with `503` (started with `--test-faults`).
+    pub async fn fail_file_downloads(&self, n: u32) {
+        self.set_fault("fail_file_downloads", n).await;
+    }
+
+    async fn set_fault(&self, name: &str, n: u32) {
         let resp = self
             .http
-            .post(format!(
-                "{}/_test/faults?drop_write_replies={n}",
-                self.url()
-            ))
+            .post(format!("{}/_test/faults?{name}={n}", self.url()))
             .send()
             .await
             .unwrap();
@@ -131,6 +137,22 @@ impl Emulator {
             204,
             "is the emulator started with --test-faults?"
         );
+    }
+
+    /// An account's `contract` file as Dataverse serves it (`None`: no file).
+    pub async fn office_gets_file(&self, id: uuid::Uuid) -> Option<Vec<u8>> {
+        let resp = self
+            .http
+            .get(format!(
+                "{}/api/data/v9.2/accounts({id})/contract/$value",
+                self.url()
+            ))
+            .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status() == 200).then_some(())?;
+        Some(resp.bytes().await.unwrap().to_vec())
     }
 
     /// An office user replaces an account's `contract` file in Dataverse.
