@@ -446,6 +446,18 @@ fn import_refuses_repeated_and_existing_ids_and_oversized_rows_whole() {
         err.contains(":5001") && err.contains("over the 1048576-byte limit"),
         "{err}"
     );
+    // The same without an id: the error still names its line, not an id made up for it.
+    let mut f = std::fs::File::create(&big).unwrap();
+    writeln!(f, r#"{{"name":"p0"}}"#).unwrap();
+    writeln!(f, r#"{{"description":"{}"}}"#, "x".repeat(1_100_000)).unwrap();
+    drop(f);
+    let out = import_file(&data, "product", &big);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("big.jsonl:2:") && err.contains("over the 1048576-byte limit"),
+        "{err}"
+    );
     let products = fieldsync_ok(["device", "query", "--data", &data, "product", "--json"]);
     assert_eq!(
         products.lines().count(),

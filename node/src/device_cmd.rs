@@ -618,11 +618,19 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
     );
     // One bulk insert: it checks every row (ids that repeat or exist, changes over the size
     // limit) before it writes anything.
-    let lines: Vec<(usize, Option<RowId>)> =
-        rows.iter().map(|(line, id, _)| (*line, *id)).collect();
+    // Every row gets its id here (as the store would give it), so that any error about a
+    // row names the row's line.
+    let mut lines: Vec<(usize, Option<RowId>)> = Vec::with_capacity(rows.len());
     let rows: Vec<BulkRow> = rows
         .into_iter()
-        .map(|(_, id, values)| BulkRow { id, values })
+        .map(|(line, id, values)| {
+            let id = id.unwrap_or_else(|| store.new_row_id());
+            lines.push((line, Some(id)));
+            BulkRow {
+                id: Some(id),
+                values,
+            }
+        })
         .collect();
     store
         .bulk_insert(table_name, rows, &mut |done| bar.set_position(done as u64))

@@ -605,7 +605,10 @@ impl Store {
     /// key space), a hash of the actor, epoch and counter in the low bytes (so ids never
     /// repeat). A simulator
     /// with a fixed actor gets the same ids on every run. UUID version 8 (custom).
-    pub(crate) fn new_row_id(&self) -> RowId {
+    ///
+    /// Public for callers that must know a new row's id before they write it (an importer
+    /// that names each row's line in its errors); an insert without an id takes one itself.
+    pub fn new_row_id(&self) -> RowId {
         let n = self.inner.id_counter.fetch_add(1, Ordering::Relaxed);
         let mut h = Sha256::new();
         h.update(self.inner.actor.0);
