@@ -1162,3 +1162,64 @@ async fn a_lost_create_of_a_row_the_hub_then_deleted_is_settled_and_deleted() {
     b.sync_once().await.unwrap();
     assert!(hub_get(&replica, "account", id).is_none());
 }
+
+/// One row whose write intent cannot be settled (its read fails with a `5xx`, a plugin failing
+/// on read) must not stop the push: the row is held back with its intent, the others go to
+/// Dataverse, and once the row can be read it is settled and what the hub holds is written.
+/// A row that stays unreadable is given up after `INTENT_READ_ATTEMPTS_MAX` rounds.
+#[tokio::test]
+async fn a_row_whose_lost_reply_cannot_be_read_does_not_stop_the_push() {
+    use fieldsync_node::upstream::state::INTENT_READ_ATTEMPTS_MAX;
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (held, other, stuck) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", held, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", held, &[("name", text("Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert!(write_intent(&replica, held).is_some());
+    emu.fail_reads_of(Some(held)).await;
+    // A device edits the row again, and another row is created: the round goes on without
+    // the row it cannot read.
+    hub_write(&replica, "account", held, &[("name", text("Later"))]);
+    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+    b.push().await.unwrap();
+    assert_eq!(upstream_name(&emu, other).await, "Other");
+    let intent = write_intent(&replica, held).expect("the intent is kept");
+    assert_eq!(intent.read_failures, 1);
+    assert!(intent.resend);
+    assert_eq!(b.stats.intents_unsettled.load(Ordering::Relaxed), 1);
+    // Readable again: settled (what Dataverse holds is the hub's own write) and the hub's
+    // later edit, whose log entry the cursor passed, is written.
+    emu.fail_reads_of(None).await;
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, held), None);
+    assert_eq!(upstream_name(&emu, held).await, "Later");
+    b.pull().await.unwrap();
+    assert_eq!(hub_name(&replica, held), text("Later"));
+
+    // A row that stays unreadable is given up after its rounds (the others still go).
+    hub_write(&replica, "account", stuck, &[("name", text("Stuck"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", stuck, &[("name", text("Stuck Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.fail_reads_of(Some(stuck)).await;
+    for round in 1..INTENT_READ_ATTEMPTS_MAX {
+        b.push().await.unwrap();
+        let intent = write_intent(&replica, stuck).expect("kept");
+        assert_eq!(intent.read_failures, round);
+    }
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, stuck), None, "given up");
+    hub_write(&replica, "account", other, &[("name", text("Other Again"))]);
+    b.push().await.unwrap();
+    assert_eq!(upstream_name(&emu, other).await, "Other Again");
+}

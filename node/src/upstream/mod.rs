@@ -59,12 +59,18 @@ pub const DATAVERSE_ACTOR: ActorId = fieldsync_replication::replica::UPSTREAM_AC
 /// What can go wrong talking to Dataverse or applying what it says.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// No reply came (a connection that failed, or closed before the reply's headers):
-    /// Dataverse itself is away, so the round stops.
+    /// No connection to Dataverse could be made (refused, timed out, no such host): it is
+    /// away, so the round stops. The request never left: nothing was applied.
+    #[error("Dataverse cannot be reached: {0}")]
+    NoConnection(String),
+    /// A connection was made but no whole reply came (reset, closed, timed out): a write's
+    /// outcome is unknown, a page read stops the round; in a file download it is the file's
+    /// failure ([`UpstreamError::DownloadCut`]).
     #[error("Dataverse is unreachable: {0}")]
     Unreachable(String),
-    /// A file download's body stopped midway (its reply came): that file is tried again later,
-    /// the round goes on.
+    /// A file download failed on the wire after its first connection was made (reset, closed
+    /// midway, a later range that found no connection): that file is tried again later, the
+    /// round goes on.
     #[error("a file download was cut off: {0}")]
     DownloadCut(String),
     #[error("authentication failed: {0}")]
@@ -119,6 +125,19 @@ impl UpstreamError {
             if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
     }
 
+    /// Whether this failure is the whole round's, not one row's or one file's: Dataverse is away
+    /// (no connection, no reply), refuses the credentials, or asks to wait past the limit.
+    /// Every other request would fail the same way, so the round stops and backs off.
+    pub fn is_round_wide(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::NoConnection(_)
+                | UpstreamError::Unreachable(_)
+                | UpstreamError::Auth(_)
+                | UpstreamError::Throttled { .. }
+        )
+    }
+
     /// Whether the hub's store refused what Dataverse holds (a value or a change too large for
     /// it) rather than failing: that row is skipped, not the round.
     pub fn is_hub_refusal(&self) -> bool {
@@ -147,6 +166,10 @@ pub struct BridgeStats {
     /// File downloads from Dataverse that failed: their rows were applied, the files are
     /// tried again with back-off (`upstream` aux records `pd/`).
     pub downloads_failed: AtomicU64,
+    /// Rows holding a write intent that could not be read at the start of a push round (a
+    /// `5xx`, a row past `response_bytes_max`, ...): the intent is kept (up to
+    /// [`state::INTENT_READ_ATTEMPTS_MAX`] rounds), the row is held back, the others go on.
+    pub intents_unsettled: AtomicU64,
     /// Writes whose reply did not come back (the connection failed, possibly after the
     /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
@@ -170,6 +193,9 @@ pub struct Bridge {
     on_change: ChangeHook,
     pub(crate) tables: Vec<String>,
     pub stats: Arc<BridgeStats>,
+    /// Per Dataverse file id, rounds its download stopped (see
+    /// [`files::ROUND_STOPS_PER_FILE_MAX`]); in memory: a restart starts the counts again.
+    round_stops_by_file: Mutex<BTreeMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -212,6 +238,7 @@ impl Bridge {
             on_change,
             tables,
             stats: Arc::new(BridgeStats::default()),
+            round_stops_by_file: Mutex::default(),
         })
     }
 
