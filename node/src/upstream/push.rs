@@ -160,7 +160,7 @@ impl Bridge {
     /// whose server did apply it, and a `2xx` (a change set whose parts do not add up) may be
     /// applied too: those intents wait for the row's next read.
     fn not_applied(&self, items: &[Item], status: u16) -> Result<(), UpstreamError> {
-        if status >= 500 {
+        if !(400..500).contains(&status) {
             return Ok(());
         }
         let mut w = StateWrites::default();
