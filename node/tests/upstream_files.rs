@@ -1017,7 +1017,8 @@ async fn a_new_file_replacing_a_failing_one_starts_its_own_count() {
 }
 
 /// A pending download of a table the hub no longer relays would never be retried: the pull
-/// drops it, and the gauge counts only the others.
+/// drops it, and the gauge counts only the others. That table's delta link goes too, so that
+/// relaying it again starts with a full read that finds the file.
 #[tokio::test]
 async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
     let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
@@ -1035,10 +1036,16 @@ async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
         w.put_pending_download("retired_table", retired, &record)
             .unwrap();
         w.put_pending_download("account", kept, &record).unwrap();
+        w.set_delta_link("retired_table", Some("retired?$deltatoken=1"));
         w.commit(r.store()).unwrap();
     }
     b.pull().await.unwrap();
     let r = replica.lock().unwrap();
+    assert_eq!(
+        state::delta_link(r.store(), "retired_table").unwrap(),
+        None,
+        "relaying the table again starts with a full read"
+    );
     let left: Vec<_> = state::pending_download_rows(r.store()).unwrap();
     assert_eq!(left, vec![("account".to_string(), kept)]);
     assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);

@@ -83,6 +83,7 @@ impl Bridge {
             } else {
                 info!(%table, %id, "a pending download of a table no longer relayed is dropped; the table's next pull is a full read");
                 writes.remove_pending_download(&table, id);
+                writes.set_delta_link(&table, None);
             }
         }
         writes.commit(hub.store())?;
