@@ -918,6 +918,13 @@ async fn a_device_edit_during_a_pending_download(pull_first: bool, device_file: 
     }
     b.push().await.unwrap();
     assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
+    // Holding a device's file back is counted (and logged); an untouched column is not.
+    let held = b.stats.uploads_held.load(Ordering::Relaxed);
+    if device_file {
+        assert!(held >= 1, "the held file was not counted");
+    } else {
+        assert_eq!(held, 0);
+    }
     let upstream = emu.row("accounts", id).await.unwrap();
     assert_eq!(upstream["name"], "Renamed");
     assert!(

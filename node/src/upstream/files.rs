@@ -487,7 +487,10 @@ impl Bridge {
                     .as_ref()
                     .is_some_and(|p| p.columns.contains_key(&c.name))
                 {
-                    debug!(table, %id, column = %c.name, "not sent: Dataverse's newer file is still to come down");
+                    if differs {
+                        warn!(table, %id, column = %c.name, "a file from the hub is not sent: Dataverse's newer file is still to come down and wins");
+                        self.stats.uploads_held.fetch_add(1, Ordering::Relaxed);
+                    }
                     continue;
                 }
                 match here {

@@ -170,6 +170,9 @@ pub struct BridgeStats {
     /// `5xx`, a row past `response_bytes_max`, ...): the intent is kept (up to
     /// [`state::INTENT_READ_ATTEMPTS_MAX`] rounds), the row is held back, the others go on.
     pub intents_unsettled: AtomicU64,
+    /// A device's file not sent because Dataverse holds a newer file for that column that has
+    /// not come down yet (Dataverse's wins; the device's is not sent later).
+    pub uploads_held: AtomicU64,
     /// Writes whose reply did not come back (the connection failed, possibly after the
     /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
