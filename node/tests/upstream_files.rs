@@ -1029,7 +1029,6 @@ async fn a_new_file_replacing_a_failing_one_starts_its_own_count() {
 #[tokio::test]
 async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
     let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
-    let b = bridge(config(&emu, dir.path()), &replica);
     let (retired, kept) = (Uuid::new_v4(), Uuid::new_v4());
     let record = PendingDownload {
         columns: [("contract".to_string(), "file-9".to_string())].into(),
@@ -1046,6 +1045,9 @@ async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
         w.set_delta_link("retired_table", Some("retired?$deltatoken=1"));
         w.commit(r.store()).unwrap();
     }
+    // A bridge started on this state counts what waits before its first pull.
+    let b = bridge(config(&emu, dir.path()), &replica);
+    assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);
     b.pull().await.unwrap();
     let r = replica.lock().unwrap();
     assert_eq!(

@@ -176,8 +176,8 @@ pub struct BridgeStats {
     /// Writes whose reply did not come back (the connection failed, possibly after the
     /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
-    /// A gauge: rows whose files from Dataverse did not come down yet (`pd/`), as counted at
-    /// the end of the last pull (so a metrics scrape reads no record).
+    /// A gauge: rows whose files from Dataverse did not come down yet (`pd/`), as counted when
+    /// the bridge started and at the end of each pull (so a metrics scrape reads no record).
     pub pending_download_rows: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
@@ -227,20 +227,30 @@ impl Bridge {
         on_change: ChangeHook,
     ) -> Result<Bridge, UpstreamError> {
         let client = DataverseClient::new(&config)?;
-        let tables = lock(&replica)
-            .store()
-            .schema()
-            .tables()
-            .filter(|t| t.offline)
-            .map(|t| t.name.clone())
-            .collect();
+        let (tables, pending): (Vec<String>, Vec<(String, RowId)>) = {
+            let hub = lock(&replica);
+            let store = hub.store();
+            let tables = store
+                .schema()
+                .tables()
+                .filter(|t| t.offline)
+                .map(|t| t.name.clone())
+                .collect();
+            (tables, state::pending_download_rows(store)?)
+        };
+        let stats = BridgeStats::default();
+        // The gauge reads what a restarted hub still waits for before its first pull ends.
+        let waiting = pending.iter().filter(|(t, _)| tables.contains(t)).count();
+        stats
+            .pending_download_rows
+            .store(waiting as u64, Ordering::Relaxed);
         Ok(Bridge {
             client,
             config,
             replica,
             on_change,
             tables,
-            stats: Arc::new(BridgeStats::default()),
+            stats: Arc::new(stats),
             round_stops_by_file: Mutex::default(),
         })
     }
