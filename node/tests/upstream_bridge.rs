@@ -1223,3 +1223,38 @@ async fn a_row_whose_lost_reply_cannot_be_read_does_not_stop_the_push() {
     b.push().await.unwrap();
     assert_eq!(upstream_name(&emu, other).await, "Other Again");
 }
+
+/// A create whose reply was lost, then deleted in Dataverse by an office user before the hub
+/// learnt of it: the `404` of its re-read does not mean "never created" — the table's changes
+/// (pulled first) say it was deleted, so the hub deletes its row rather than creating it again
+/// (which left an orphan in Dataverse once the next pull deleted the hub's row).
+#[tokio::test]
+async fn a_lost_create_deleted_in_dataverse_is_not_created_again() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Made Twice"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, id).await, "Made Twice");
+    let (status, _) = emu
+        .call(Method::DELETE, &format!("accounts({id})"), None)
+        .await;
+    assert_eq!(status, 204);
+    b.push().await.unwrap();
+    assert!(
+        emu.row("accounts", id).await.is_none(),
+        "the office's delete was undone"
+    );
+    b.sync_once().await.unwrap();
+    b.sync_once().await.unwrap();
+    assert!(emu.row("accounts", id).await.is_none(), "an orphan upstream");
+    assert!(hub_get(&replica, "account", id).is_none());
+    assert_eq!(write_intent(&replica, id), None);
+}

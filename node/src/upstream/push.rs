@@ -83,12 +83,22 @@ impl Bridge {
     /// the whole round (Dataverse away) ends it.
     async fn settle_intents(&self) -> Result<BTreeSet<(String, RowId)>, UpstreamError> {
         let rows = state::write_intents(lock(&self.replica).store())?;
+        let unpulled = self.pull_before_settling_creates(&rows).await?;
         let mut held = BTreeSet::new();
         for (table, id) in rows {
             let Some(intent) = state::write_intent(lock(&self.replica).store(), &table, id)?
             else {
-                continue; // settled meanwhile (a row written by an earlier one's resend)
+                continue; // settled meanwhile (by the pull first, or an earlier row's resend)
             };
+            if unpulled.contains(&table) {
+                let unsure = UpstreamError::State(format!(
+                    "{table} could not be pulled: a lost create cannot be told from a deleted row"
+                ));
+                if self.hold_back(&table, id, intent, &unsure)? {
+                    held.insert((table, id));
+                }
+                continue;
+            }
             if self.tables.contains(&table) {
                 let settled = self
                     .refresh(&table, id)
@@ -119,6 +129,43 @@ impl Bridge {
             w.commit(lock(&self.replica).store())?;
         }
         Ok(held)
+    }
+
+    /// A create whose reply was lost, of a row Dataverse does not have now, was either never
+    /// applied or applied and then deleted there (an office delete): a read (`404`) cannot tell,
+    /// and taking it for never created would create the row again over the office's delete.
+    /// The table's changes can (a deletion), so every relayed table with such a row (a write
+    /// intent and no base) is pulled first. Returns the tables whose pull failed (not for the
+    /// whole round): their creates are held back.
+    async fn pull_before_settling_creates(
+        &self,
+        intents: &[(String, RowId)],
+    ) -> Result<BTreeSet<String>, UpstreamError> {
+        let mut tables = BTreeSet::new();
+        {
+            let hub = lock(&self.replica);
+            for (table, id) in intents {
+                if self.tables.contains(table) && state::base(hub.store(), table, *id)?.is_none() {
+                    tables.insert(table.clone());
+                }
+            }
+        }
+        let mut unpulled = BTreeSet::new();
+        for table in tables {
+            match self
+                .pull_table(&table)
+                .instrument(info_span!("upstream_pull_before_settling", %table))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.is_round_wide() => return Err(e),
+                Err(e) => {
+                    warn!(%table, error = %e, "pulling a table before settling its lost creates failed; they wait");
+                    unpulled.insert(table);
+                }
+            }
+        }
+        Ok(unpulled)
     }
 
     /// A row whose read failed (not for good, not the round's failure): its write intent is
@@ -457,7 +504,8 @@ impl Bridge {
             None if state::base(hub.store(), table, id)?.is_some() => {
                 self.apply_page(&mut hub, table, &[], &[id], None)?
             }
-            // Never in Dataverse (a create that did not arrive): left to the push.
+            // Never in Dataverse (a create that did not arrive — a lost create deleted there
+            // since was found by the table's pull before settling): left to the push.
             None => {
                 let mut w = StateWrites::default();
                 w.remove_write_intent(table, id);
