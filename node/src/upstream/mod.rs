@@ -12,14 +12,26 @@
 //!   Before each create or update the values sent are saved as a write intent: if the reply is
 //!   lost, the row's next read takes what Dataverse holds of them as the hub's own write. A
 //!   `4xx` reply drops the intent (nothing was applied), and each push round starts by reading
-//!   the rows whose intents are left, so none outlives the round after its write.
+//!   the rows whose intents are left — after pulling the tables that hold a lost create, so a
+//!   create deleted in Dataverse since is not made again. A row that read cannot get (a `5xx`,
+//!   a row past `response_bytes_max`) keeps its intent and is held back while the others go
+//!   on; once read it is settled and written, and after
+//!   [`state::INTENT_READ_ATTEMPTS_MAX`] rounds it is given up (intent dropped, the row written
+//!   again with its next change). Only a failure of the whole round
+//!   ([`UpstreamError::is_round_wide`]: no connection, no reply, credentials, throttling) ends
+//!   a round.
 //! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of
 //!   the table retries the due ones with a doubling wait (`file_retry_ms` up to
 //!   `file_retry_max_ms`; a new file id starts its own count), dropping them only when their
-//!   table is no longer relayed. A download that gets no reply at all
-//!   (Dataverse away) stops the round instead: the page is not applied and is read again.
+//!   table is no longer relayed (its delta link goes too: relaying it again starts with a full
+//!   read). Only a download whose first range finds no connection (Dataverse away) stops the
+//!   round: the page is not applied and is read again — for one file at most
+//!   [`files::ROUND_STOPS_PER_FILE_MAX`] rounds (counted in memory), then it is an ordinary
+//!   pending download. A reset or a timeout once connected, or any failure on a later range,
+//!   is the file's. While a column's download is pending, a device's file for it is not sent
+//!   (Dataverse's newer file wins): warned and counted (`uploads_held`).
 //! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
 //!
 //! A pulled row is merged three ways: the columns whose upstream value differs from the
