@@ -1254,7 +1254,10 @@ async fn a_lost_create_deleted_in_dataverse_is_not_created_again() {
     );
     b.sync_once().await.unwrap();
     b.sync_once().await.unwrap();
-    assert!(emu.row("accounts", id).await.is_none(), "an orphan upstream");
+    assert!(
+        emu.row("accounts", id).await.is_none(),
+        "an orphan upstream"
+    );
     assert!(hub_get(&replica, "account", id).is_none());
     assert_eq!(write_intent(&replica, id), None);
 }

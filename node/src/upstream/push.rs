@@ -86,8 +86,7 @@ impl Bridge {
         let unpulled = self.pull_before_settling_creates(&rows).await?;
         let mut held = BTreeSet::new();
         for (table, id) in rows {
-            let Some(intent) = state::write_intent(lock(&self.replica).store(), &table, id)?
-            else {
+            let Some(intent) = state::write_intent(lock(&self.replica).store(), &table, id)? else {
                 continue; // settled meanwhile (by the pull first, or an earlier row's resend)
             };
             if unpulled.contains(&table) {
@@ -381,9 +380,12 @@ impl Bridge {
                         // It may be read later (a `5xx`): held back until then, the others
                         // go on.
                         Err(e) => {
-                            let intent =
-                                state::write_intent(lock(&self.replica).store(), &item.table, item.id)?
-                                    .unwrap_or_default();
+                            let intent = state::write_intent(
+                                lock(&self.replica).store(),
+                                &item.table,
+                                item.id,
+                            )?
+                            .unwrap_or_default();
                             self.hold_back(&item.table, item.id, intent, &e)?;
                             return Ok(());
                         }
