@@ -1261,3 +1261,47 @@ async fn a_lost_create_deleted_in_dataverse_is_not_created_again() {
     assert!(hub_get(&replica, "account", id).is_none());
     assert_eq!(write_intent(&replica, id), None);
 }
+
+/// A `412` whose re-read fails with a `5xx` holds that row back rather than ending the push:
+/// the other rows go, and once the row can be read it is merged and the hub's edit written.
+#[tokio::test]
+async fn a_conflict_whose_row_cannot_be_read_holds_only_that_row_back() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (held, other) = (Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", held, &[("name", text("Before"))]);
+    b.push().await.unwrap();
+    let (status, _) = emu
+        .call(
+            Method::PATCH,
+            &format!("accounts({held})"),
+            Some(json!({"telephone1": "555-0100"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    hub_write(&replica, "account", held, &[("name", text("Hub Name"))]);
+    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+    emu.fail_reads_of(Some(held)).await;
+    b.push().await.unwrap();
+    assert_eq!(upstream_name(&emu, other).await, "Other");
+    let intent = write_intent(&replica, held).expect("held back");
+    assert!(intent.resend);
+    emu.fail_reads_of(None).await;
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, held), None);
+    let row = emu.row("accounts", held).await.unwrap();
+    assert_eq!(row["name"], "Hub Name");
+    assert_eq!(row["telephone1"], "555-0100");
+    assert_eq!(
+        hub_get(&replica, "account", held)
+            .unwrap()
+            .get("telephone1"),
+        &text("555-0100")
+    );
+}
