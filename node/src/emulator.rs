@@ -31,9 +31,10 @@
 //! counts as one request; images are not resized for thumbnails ([`files`]).
 //!
 //! For tests only, `--test-faults` (hidden, off by default) serves `POST
-//! /_test/faults?drop_write_replies=N&fail_file_downloads=M` (either count may be left out):
-//! the next N requests that apply a write are applied and their connection closed with no
-//! reply, as a reset connection would leave a client; the next M file downloads answer `503`.
+//! /_test/faults?drop_write_replies=N&fail_file_downloads=M&fail_reads_of=ID` (each may be left
+//! out): the next N requests that apply a write are applied and their connection closed with no
+//! reply, as a reset connection would leave a client; the next M file downloads answer `503`;
+//! reads of row ID by id answer `500` until an empty ID clears it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -100,7 +101,8 @@ pub struct EmulatorArgs {
     /// after which the next N requests that apply a write (`POST`, `PATCH`, `PUT`, `DELETE`
     /// that succeed; a `$batch` that applied one) have their replies lost: the connection
     /// closes before the reply is whole; and the next M file
-    /// downloads (`.../$value`) answer `503`. Off by default; Dataverse has no such thing.
+    /// downloads (`.../$value`) answer `503`; with `fail_reads_of=ID`, reads of that row by id
+    /// answer `500` (an empty ID clears it). Off by default; Dataverse has no such thing.
     #[arg(long, hide = true)]
     pub test_faults: bool,
 }

@@ -1162,3 +1162,146 @@ async fn a_lost_create_of_a_row_the_hub_then_deleted_is_settled_and_deleted() {
     b.sync_once().await.unwrap();
     assert!(hub_get(&replica, "account", id).is_none());
 }
+
+/// One row whose write intent cannot be settled (its read fails with a `5xx`, a plugin failing
+/// on read) must not stop the push: the row is held back with its intent, the others go to
+/// Dataverse, and once the row can be read it is settled and what the hub holds is written.
+/// A row that stays unreadable is given up after `INTENT_READ_ATTEMPTS_MAX` rounds.
+#[tokio::test]
+async fn a_row_whose_lost_reply_cannot_be_read_does_not_stop_the_push() {
+    use fieldsync_node::upstream::state::INTENT_READ_ATTEMPTS_MAX;
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (held, other, stuck) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", held, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", held, &[("name", text("Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert!(write_intent(&replica, held).is_some());
+    emu.fail_reads_of(Some(held)).await;
+    // A device edits the row again, and another row is created: the round goes on without
+    // the row it cannot read.
+    hub_write(&replica, "account", held, &[("name", text("Later"))]);
+    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+    b.push().await.unwrap();
+    assert_eq!(upstream_name(&emu, other).await, "Other");
+    let intent = write_intent(&replica, held).expect("the intent is kept");
+    assert_eq!(intent.read_failures, 1);
+    assert!(intent.resend);
+    assert_eq!(b.stats.intents_unsettled.load(Ordering::Relaxed), 1);
+    // Readable again: settled (what Dataverse holds is the hub's own write) and the hub's
+    // later edit, whose log entry the cursor passed, is written.
+    emu.fail_reads_of(None).await;
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, held), None);
+    assert_eq!(upstream_name(&emu, held).await, "Later");
+    b.pull().await.unwrap();
+    assert_eq!(hub_name(&replica, held), text("Later"));
+
+    // A row that stays unreadable is given up after its rounds (the others still go).
+    hub_write(&replica, "account", stuck, &[("name", text("Stuck"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", stuck, &[("name", text("Stuck Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.fail_reads_of(Some(stuck)).await;
+    for round in 1..INTENT_READ_ATTEMPTS_MAX {
+        b.push().await.unwrap();
+        let intent = write_intent(&replica, stuck).expect("kept");
+        assert_eq!(intent.read_failures, round);
+    }
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, stuck), None, "given up");
+    hub_write(&replica, "account", other, &[("name", text("Other Again"))]);
+    b.push().await.unwrap();
+    assert_eq!(upstream_name(&emu, other).await, "Other Again");
+}
+
+/// A create whose reply was lost, then deleted in Dataverse by an office user before the hub
+/// learnt of it: the `404` of its re-read does not mean "never created" — the table's changes
+/// (pulled first) say it was deleted, so the hub deletes its row rather than creating it again
+/// (which left an orphan in Dataverse once the next pull deleted the hub's row).
+#[tokio::test]
+async fn a_lost_create_deleted_in_dataverse_is_not_created_again() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Made Twice"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, id).await, "Made Twice");
+    let (status, _) = emu
+        .call(Method::DELETE, &format!("accounts({id})"), None)
+        .await;
+    assert_eq!(status, 204);
+    b.push().await.unwrap();
+    assert!(
+        emu.row("accounts", id).await.is_none(),
+        "the office's delete was undone"
+    );
+    b.sync_once().await.unwrap();
+    b.sync_once().await.unwrap();
+    assert!(
+        emu.row("accounts", id).await.is_none(),
+        "an orphan upstream"
+    );
+    assert!(hub_get(&replica, "account", id).is_none());
+    assert_eq!(write_intent(&replica, id), None);
+}
+
+/// A `412` whose re-read fails with a `5xx` holds that row back rather than ending the push:
+/// the other rows go, and once the row can be read it is merged and the hub's edit written.
+#[tokio::test]
+async fn a_conflict_whose_row_cannot_be_read_holds_only_that_row_back() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (held, other) = (Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "account", held, &[("name", text("Before"))]);
+    b.push().await.unwrap();
+    let (status, _) = emu
+        .call(
+            Method::PATCH,
+            &format!("accounts({held})"),
+            Some(json!({"telephone1": "555-0100"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    hub_write(&replica, "account", held, &[("name", text("Hub Name"))]);
+    hub_write(&replica, "account", other, &[("name", text("Other"))]);
+    emu.fail_reads_of(Some(held)).await;
+    b.push().await.unwrap();
+    assert_eq!(upstream_name(&emu, other).await, "Other");
+    let intent = write_intent(&replica, held).expect("held back");
+    assert!(intent.resend);
+    emu.fail_reads_of(None).await;
+    b.push().await.unwrap();
+    assert_eq!(write_intent(&replica, held), None);
+    let row = emu.row("accounts", held).await.unwrap();
+    assert_eq!(row["name"], "Hub Name");
+    assert_eq!(row["telephone1"], "555-0100");
+    assert_eq!(
+        hub_get(&replica, "account", held)
+            .unwrap()
+            .get("telephone1"),
+        &text("555-0100")
+    );
+}

@@ -136,8 +136,15 @@ struct Stub {
     file_404s: Arc<AtomicUsize>,
     /// Downloads of the file still to be closed without a reply (then `reply`).
     file_resets: Arc<AtomicUsize>,
+    /// File requests let through before `file_resets` starts closing them (a reset between
+    /// two ranges).
+    resets_from: usize,
     /// Requests for the file so far.
     file_requests: Arc<AtomicUsize>,
+    /// Page replies still to take the server away: the listener is closed before the reply
+    /// goes (so the next connection is refused) until `back` is told.
+    vanish_after_pages: Arc<AtomicUsize>,
+    back: Arc<tokio::sync::Notify>,
 }
 
 impl Stub {
@@ -150,29 +157,54 @@ impl Stub {
             page_bytes: None,
             file_404s: Arc::default(),
             file_resets: Arc::default(),
+            resets_from: 0,
             file_requests: Arc::default(),
+            vanish_after_pages: Arc::default(),
+            back: Arc::default(),
         }
     }
 
     async fn start(self) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
         let stub = Arc::new(self);
         let base = url.clone();
+        let (vanish, mut vanishing) =
+            tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<()>>();
         tokio::spawn(async move {
+            let mut listener = listener;
             loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    return;
+                let gone = tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((socket, _)) = accepted else {
+                            return;
+                        };
+                        let stub = stub.clone();
+                        let base = base.clone();
+                        let vanish = vanish.clone();
+                        tokio::spawn(async move { stub.serve(socket, &base, vanish).await });
+                        None
+                    }
+                    Some(ack) = vanishing.recv() => Some(ack),
                 };
-                let stub = stub.clone();
-                let base = base.clone();
-                tokio::spawn(async move { stub.serve(socket, &base).await });
+                if let Some(ack) = gone {
+                    drop(listener); // connections are refused from now on
+                    let _ = ack.send(());
+                    stub.back.notified().await;
+                    listener = TcpListener::bind(addr).await.unwrap();
+                }
             }
         });
         url
     }
 
-    async fn serve(&self, mut socket: TcpStream, base: &str) {
+    async fn serve(
+        &self,
+        mut socket: TcpStream,
+        base: &str,
+        vanish: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
+    ) {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -193,11 +225,12 @@ impl Stub {
                 .then(|| v.trim().to_string())
         });
         if path.contains("/contract/$value") {
-            self.file_requests.fetch_add(1, Ordering::SeqCst);
-            let reset = self
-                .file_resets
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
+            let index = self.file_requests.fetch_add(1, Ordering::SeqCst);
+            let reset = index >= self.resets_from
+                && self
+                    .file_resets
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
             if reset {
                 return; // closed, no reply
             }
@@ -235,6 +268,15 @@ impl Stub {
             })
             .to_string()
         };
+        let vanishes = self
+            .vanish_after_pages
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if vanishes {
+            let (ack, closed) = tokio::sync::oneshot::channel();
+            let _ = vanish.send(ack);
+            let _ = closed.await;
+        }
         match self.page_bytes {
             None => {
                 let _ = socket
@@ -416,22 +458,58 @@ async fn a_download_cut_midway_is_the_files_failure_not_the_rounds() {
     assert!(pending.last_error.contains("cut off"), "{pending:?}");
 }
 
-/// A download that gets no reply at all (the connection fails before any) means Dataverse is
-/// away: the round stops there, rather than every row of the page waiting for its own failed
-/// download while the delta link moves on.
+/// A download whose connection closes before any reply (a reset, a gateway's stream reset, a
+/// slow first byte) is the file's failure, not the round's: a file that always fails so must
+/// not keep the table's pull (and every later table's) stopped.
 #[tokio::test]
-async fn a_download_with_no_reply_stops_the_round() {
+async fn a_download_with_no_reply_is_the_files_failure_not_the_rounds() {
+    let stub = Stub::file(
+        pattern(150_000, 11),
+        FileReply::Ranges { declared: 150_000 },
+    );
+    stub.file_resets.store(usize::MAX, Ordering::SeqCst);
+    let pending = pull_defers_the_file_and_stores_nothing(stub).await;
+    assert!(pending.last_error.contains("cut off"), "{pending:?}");
+}
+
+/// A reset between two ranges of a large file is the file's failure too.
+#[tokio::test]
+async fn a_reset_between_two_ranges_is_the_files_failure_not_the_rounds() {
+    let mut stub = Stub::file(
+        pattern(150_000, 19),
+        FileReply::Ranges { declared: 150_000 },
+    );
+    stub.resets_from = 1;
+    stub.file_resets.store(1, Ordering::SeqCst);
+    let pending = pull_defers_the_file_and_stores_nothing(stub).await;
+    assert!(pending.last_error.contains("cut off"), "{pending:?}");
+}
+
+/// Waits until the stub listens again.
+async fn wait_until_up(url: &str) {
+    let addr = url.trim_start_matches("http://");
+    while TcpStream::connect(addr).await.is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// A download that finds no connection for its first range means Dataverse is away: the round
+/// stops there, rather than every row of the page waiting for its own failed download while
+/// the delta link moves on.
+#[tokio::test]
+async fn a_download_with_no_connection_stops_the_round() {
     let dir = tempfile::tempdir().unwrap();
     let replica = hub_replica(&dir.path().join("hub"));
     let content = pattern(10_000, 17);
     let stub = Stub::file(content.clone(), FileReply::Ranges { declared: 10_000 });
-    stub.file_resets.store(1, Ordering::SeqCst);
+    stub.vanish_after_pages.store(1, Ordering::SeqCst);
+    let back = stub.back.clone();
     let account = stub.account;
     let url = stub.start().await;
-    let b = bridge(UpstreamConfig::new(url), &replica);
+    let b = bridge(UpstreamConfig::new(url.clone()), &replica);
     let stopped = b.pull_table("account").await.unwrap_err();
     assert!(
-        matches!(stopped, UpstreamError::Unreachable(_)),
+        matches!(stopped, UpstreamError::NoConnection(_)),
         "{stopped:?}"
     );
     {
@@ -448,6 +526,54 @@ async fn a_download_with_no_reply_stops_the_round() {
     }
     assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 0);
     // Dataverse is back: the same page comes again, with its file.
+    back.notify_one();
+    wait_until_up(&url).await;
+    b.pull_table("account").await.unwrap();
+    assert!(hub_contract(&replica, account).unwrap().1 == content);
+}
+
+/// A file whose download keeps stopping the round (no connection for it each time, right after
+/// its page was read) stops only so many: then it is an ordinary pending download, the page is
+/// applied and the pull moves on.
+#[tokio::test]
+async fn a_file_that_keeps_stopping_the_round_becomes_a_pending_download() {
+    use fieldsync_node::upstream::files::ROUND_STOPS_PER_FILE_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = hub_replica(&dir.path().join("hub"));
+    let content = pattern(10_000, 23);
+    let stub = Stub::file(content.clone(), FileReply::Ranges { declared: 10_000 });
+    stub.vanish_after_pages
+        .store(ROUND_STOPS_PER_FILE_MAX as usize, Ordering::SeqCst);
+    let back = stub.back.clone();
+    let account = stub.account;
+    let url = stub.start().await;
+    let mut cfg = UpstreamConfig::new(url.clone());
+    cfg.file_retry_ms = 300;
+    cfg.file_retry_max_ms = 300;
+    let b = bridge(cfg, &replica);
+    for _ in 1..ROUND_STOPS_PER_FILE_MAX {
+        let stopped = b.pull_table("account").await.unwrap_err();
+        assert!(
+            matches!(stopped, UpstreamError::NoConnection(_)),
+            "{stopped:?}"
+        );
+        back.notify_one();
+        wait_until_up(&url).await;
+    }
+    b.pull_table("account").await.unwrap();
+    {
+        let r = replica.lock().unwrap();
+        assert!(r.store().get("account", account).unwrap().is_some());
+        assert!(state::delta_link(r.store(), "account").unwrap().is_some());
+        let pending = state::pending_download(r.store(), "account", account)
+            .unwrap()
+            .expect("pending");
+        assert_eq!(pending.attempts, 1);
+    }
+    assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
+    back.notify_one();
+    wait_until_up(&url).await;
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
     b.pull_table("account").await.unwrap();
     assert!(hub_contract(&replica, account).unwrap().1 == content);
 }
@@ -533,13 +659,8 @@ async fn a_response_longer_than_the_limit_is_refused_as_it_streams() {
     let dir = tempfile::tempdir().unwrap();
     let replica = hub_replica(&dir.path().join("hub"));
     let url = Stub {
-        account: Uuid::new_v4(),
-        content: Vec::new(),
-        reply: FileReply::RangeToEnd,
         page_bytes: Some(256 * 1024 * 1024),
-        file_404s: Arc::default(),
-        file_resets: Arc::default(),
-        file_requests: Arc::default(),
+        ..Stub::file(Vec::new(), FileReply::RangeToEnd)
     }
     .start()
     .await;
@@ -797,6 +918,13 @@ async fn a_device_edit_during_a_pending_download(pull_first: bool, device_file: 
     }
     b.push().await.unwrap();
     assert_eq!(b.stats.downloads_failed.load(Ordering::Relaxed), 1);
+    // Holding a device's file back is counted (and logged); an untouched column is not.
+    let held = b.stats.uploads_held.load(Ordering::Relaxed);
+    if device_file {
+        assert!(held >= 1, "the held file was not counted");
+    } else {
+        assert_eq!(held, 0);
+    }
     let upstream = emu.row("accounts", id).await.unwrap();
     assert_eq!(upstream["name"], "Renamed");
     assert!(
@@ -896,11 +1024,11 @@ async fn a_new_file_replacing_a_failing_one_starts_its_own_count() {
 }
 
 /// A pending download of a table the hub no longer relays would never be retried: the pull
-/// drops it, and the gauge counts only the others.
+/// drops it, and the gauge counts only the others. That table's delta link goes too, so that
+/// relaying it again starts with a full read that finds the file.
 #[tokio::test]
 async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
     let EmulatorAndHub { dir, emu, replica } = EmulatorAndHub::start(&[]);
-    let b = bridge(config(&emu, dir.path()), &replica);
     let (retired, kept) = (Uuid::new_v4(), Uuid::new_v4());
     let record = PendingDownload {
         columns: [("contract".to_string(), "file-9".to_string())].into(),
@@ -914,10 +1042,19 @@ async fn pending_downloads_of_tables_no_longer_relayed_are_dropped() {
         w.put_pending_download("retired_table", retired, &record)
             .unwrap();
         w.put_pending_download("account", kept, &record).unwrap();
+        w.set_delta_link("retired_table", Some("retired?$deltatoken=1"));
         w.commit(r.store()).unwrap();
     }
+    // A bridge started on this state counts what waits before its first pull.
+    let b = bridge(config(&emu, dir.path()), &replica);
+    assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);
     b.pull().await.unwrap();
     let r = replica.lock().unwrap();
+    assert_eq!(
+        state::delta_link(r.store(), "retired_table").unwrap(),
+        None,
+        "relaying the table again starts with a full read"
+    );
     let left: Vec<_> = state::pending_download_rows(r.store()).unwrap();
     assert_eq!(left, vec![("account".to_string(), kept)]);
     assert_eq!(b.stats.pending_download_rows.load(Ordering::Relaxed), 1);

@@ -48,6 +48,9 @@ pub struct AppState {
     drop_write_replies: std::sync::atomic::AtomicU32,
     /// Tests only (`--test-faults`): file downloads still to be answered `503`.
     fail_file_downloads: std::sync::atomic::AtomicU32,
+    /// Tests only (`--test-faults`): the row id whose reads by id answer `500` (a plugin that
+    /// fails on read), until cleared.
+    fail_reads_of: Mutex<Option<Uuid>>,
 }
 
 /// One request, as the dispatcher sees it.
@@ -216,6 +219,7 @@ impl AppState {
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             drop_write_replies: std::sync::atomic::AtomicU32::new(0),
             fail_file_downloads: std::sync::atomic::AtomicU32::new(0),
+            fail_reads_of: Mutex::new(None),
         };
         if state.config.example.as_deref() == Some("field-service") {
             let conn = state.db();
@@ -240,6 +244,14 @@ impl AppState {
     /// Whether this file download is to fail (`--test-faults`), counting it.
     fn take_failed_download(&self) -> bool {
         take_one(&self.fail_file_downloads)
+    }
+
+    /// Whether this request reads the row whose reads are to fail (`--test-faults`).
+    fn fails_read(&self, method: &str, path: &str) -> bool {
+        let failing = *self.fail_reads_of.lock().unwrap_or_else(|e| e.into_inner());
+        failing.is_some_and(|id| {
+            method == "GET" && path.ends_with(&format!("({id})")) && !path.contains('/')
+        })
     }
 
     fn check_rate(&self, user: Uuid) -> Result<(), ApiError> {
@@ -375,6 +387,11 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
         let failed = ApiError::new(503, errors::INTERNAL, "Test fault: the download failed.");
         return to_axum(failed.into());
     }
+    if state.fails_read(&method, &path) {
+        tracing::info!("test fault: a row's read fails");
+        let failed = ApiError::new(500, errors::INTERNAL, "Test fault: the row cannot be read.");
+        return to_axum(failed.into());
+    }
     let emu = EmuRequest {
         method,
         path,
@@ -471,9 +488,10 @@ fn take_one(counter: &std::sync::atomic::AtomicU32) -> bool {
 /// The fault switch's path (served only with `--test-faults`).
 const TEST_FAULTS_PATH: &str = "/_test/faults";
 
-/// `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M`: the next N writes that
-/// apply something lose their replies; the next M file downloads answer `503`. Each count is
-/// optional (an absent one is left as it was); at least one is expected.
+/// `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M&fail_reads_of=ID`: the next
+/// N writes that apply something lose their replies; the next M file downloads answer `503`;
+/// reads of row ID by id answer `500` (an empty ID clears it). Each is optional (an absent one
+/// is left as it was); at least one is expected.
 fn set_test_faults(state: &AppState, query: &str) -> Response {
     let count = |name: &str| -> Result<Option<u32>, ()> {
         let prefix = format!("{name}=");
@@ -485,9 +503,22 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
             Some(v) => v.parse::<u32>().map(Some).map_err(|_| ()),
         }
     };
-    match (count("drop_write_replies"), count("fail_file_downloads")) {
-        (Ok(drops), Ok(fails)) if drops.is_some() || fails.is_some() => {
+    let reads = match query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("fail_reads_of="))
+    {
+        None => Ok(None),
+        Some("") => Ok(Some(None)),
+        Some(v) => Uuid::parse_str(v).map(|id| Some(Some(id))).map_err(|_| ()),
+    };
+    match (count("drop_write_replies"), count("fail_file_downloads"), reads) {
+        (Ok(drops), Ok(fails), Ok(reads))
+            if drops.is_some() || fails.is_some() || reads.is_some() =>
+        {
             let at = std::sync::atomic::Ordering::SeqCst;
+            if let Some(id) = reads {
+                *state.fail_reads_of.lock().unwrap_or_else(|e| e.into_inner()) = id;
+            }
             if let Some(n) = drops {
                 state.drop_write_replies.store(n, at);
             }
@@ -503,7 +534,7 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
             ApiError::new(
                 400,
                 errors::BAD_PAYLOAD,
-                "Expected ?drop_write_replies=<count> and/or ?fail_file_downloads=<count>.",
+                "Expected ?drop_write_replies=<count>, ?fail_file_downloads=<count> and/or ?fail_reads_of=<row id>.",
             )
             .into(),
         ),

@@ -674,6 +674,16 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
                 &up.downloads_failed,
             ),
             (
+                "uploads_held_total",
+                "Files from the hub not sent because Dataverse's newer file had not come down yet (Dataverse's wins).",
+                &up.uploads_held,
+            ),
+            (
+                "intents_unsettled_total",
+                "Rows with a lost reply whose read failed; held back from push rounds until readable (given up after a bound).",
+                &up.intents_unsettled,
+            ),
+            (
                 "replies_lost_total",
                 "Writes to Dataverse whose reply was lost (resolved by the row's next read).",
                 &up.replies_lost,

@@ -251,7 +251,8 @@ impl DataverseClient {
     }
 
     /// Sends one request; waits out `429`s (up to `retry_after_max_secs` each) and retries once
-    /// after a `401` with a fresh token. Transport failures are [`UpstreamError::Unreachable`].
+    /// after a `401` with a fresh token. Transport failures are [`UpstreamError::NoConnection`]
+    /// (no connection made) or [`UpstreamError::Unreachable`] (no whole reply).
     pub async fn send(&self, req: &ApiRequest) -> Result<ApiResponse, UpstreamError> {
         let content_type = req.body.as_ref().map(|_| "application/json");
         let body = req
@@ -341,10 +342,16 @@ impl DataverseClient {
                     rb = rb.body(body.clone());
                 }
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let resp = rb
-                    .send()
-                    .await
-                    .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+                let resp = rb.send().await.map_err(|e| {
+                    // No connection at all (the request never left) is told apart from one
+                    // that failed once made: a file download takes only the first for
+                    // Dataverse's absence.
+                    if e.is_connect() {
+                        UpstreamError::NoConnection(e.to_string())
+                    } else {
+                        UpstreamError::Unreachable(e.to_string())
+                    }
+                })?;
                 let status = resp.status();
                 let headers: BTreeMap<String, String> = resp
                     .headers()

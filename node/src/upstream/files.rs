@@ -5,7 +5,7 @@
 //! one chunk at a time from the store. Which file a column holds upstream is tracked per row
 //! (Dataverse's file id and the content's SHA-256), so a file crosses the wire once per change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, SeekFrom};
 use std::path::Path;
 
@@ -20,6 +20,10 @@ use super::client::ApiRequest;
 use super::map::WireRow;
 use super::state::{self, FileState, PendingDownload, StateWrites};
 use super::{lock, Bridge, UpstreamError};
+
+/// Rounds one file's download may stop (no connection for its first range while the page
+/// before it was read) before it counts as an ordinary failed download.
+pub const ROUND_STOPS_PER_FILE_MAX: u32 = 3;
 
 /// The wall clock in milliseconds since the Unix epoch (a clock before 1970 counts as 0): when
 /// a pending download is due.
@@ -103,6 +107,7 @@ impl Bridge {
                 };
                 match downloaded {
                     Some(Ok(blob)) => {
+                        self.round_stops_by_file(|stops| stops.remove(&id));
                         row.file_states.insert(
                             col.clone(),
                             FileState {
@@ -117,13 +122,12 @@ impl Bridge {
                         row.file_writes.push((col.clone(), value));
                         continue;
                     }
-                    // Dataverse itself is away (no reply at all), refusing the credentials or
-                    // asking to wait: so is every other file, and the page is not applied.
-                    Some(Err(
-                        e @ (UpstreamError::Unreachable(_)
-                        | UpstreamError::Auth(_)
-                        | UpstreamError::Throttled { .. }),
-                    )) => return Err(e),
+                    // Dataverse itself is away (no connection for the file's first range),
+                    // refusing the credentials or asking to wait: so is every other file, and
+                    // the page is not applied — unless this file stopped rounds too often.
+                    Some(Err(e)) if e.is_round_wide() && !self.stopped_rounds_too_often(&id) => {
+                        return Err(e)
+                    }
                     Some(Err(e)) => {
                         warn!(table, row = %row.id, column = %col, error = %e, "a file from Dataverse did not come down; its row goes on, the file is tried again later");
                         self.stats.downloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +161,30 @@ impl Bridge {
             self.save_pending(table, row.id, &record)?;
         }
         Ok(())
+    }
+
+    /// Whether the download of file `id`, which just failed as if Dataverse were away, has
+    /// stopped [`ROUND_STOPS_PER_FILE_MAX`] rounds: then it is recorded as an ordinary pending
+    /// download (retried with back-off), so one file cannot keep the pulls stopped.
+    fn stopped_rounds_too_often(&self, id: &str) -> bool {
+        self.round_stops_by_file(|stops| {
+            let n = stops.entry(id.to_string()).or_insert(0);
+            *n += 1;
+            let too_often = *n >= ROUND_STOPS_PER_FILE_MAX;
+            if too_often {
+                stops.remove(id);
+            }
+            too_often
+        })
+    }
+
+    fn round_stops_by_file<T>(&self, f: impl FnOnce(&mut BTreeMap<String, u32>) -> T) -> T {
+        // A map of counts is consistent whatever a panicking holder left.
+        let mut stops = self
+            .round_stops_by_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut stops)
     }
 
     /// A pending download after one more failed attempt at `now`: tried again after a wait
@@ -205,11 +233,7 @@ impl Bridge {
         for (id, pending) in due {
             let row = match self.read_row(table, id).await {
                 Ok(row) => row,
-                Err(
-                    e @ (UpstreamError::Unreachable(_)
-                    | UpstreamError::Auth(_)
-                    | UpstreamError::Throttled { .. }),
-                ) => return Err(e),
+                Err(e) if e.is_round_wide() => return Err(e),
                 Err(e) => {
                     // The row cannot be read now: its files wait another turn.
                     warn!(table, %id, error = %e, "a row whose files are pending cannot be read; tried again later");
@@ -270,13 +294,23 @@ impl Bridge {
         let mut received = 0u64;
         let mut declared: Option<u64> = None;
         let mut name = String::from("file");
+        let mut first_request = true;
         loop {
             let asked = declared.map_or(chunk, |d| chunk.min(d.saturating_sub(received)).max(1));
             let range = format!("bytes={received}-{}", received.saturating_add(asked - 1));
-            let resp = self
+            let sent = self
                 .client
                 .get_streaming(&path, &[("Range".to_string(), range)])
-                .await?;
+                .await;
+            let resp = match sent {
+                Ok(resp) => resp,
+                // No connection for the first range: Dataverse is away (the caller stops the
+                // round). Any other failure on the wire — a reset, a slow first byte, no
+                // connection between two ranges — is this file's.
+                Err(e @ UpstreamError::NoConnection(_)) if first_request => return Err(e),
+                Err(e) => return Err(cut_midway(e)),
+            };
+            first_request = false;
             // With no size declared, a file whose length is a multiple of the range size is
             // only known to end when the next range starts past it.
             if resp.status == 416 && declared.is_none() && received > 0 {
@@ -375,13 +409,20 @@ impl Bridge {
     }
 
     /// Sends the files that waited for their content to reach the hub (a device's upload):
-    /// the rows whose every file is here now, or that are gone.
-    pub(crate) async fn push_waiting_files(&self) -> Result<(), UpstreamError> {
+    /// the rows whose every file is here now, or that are gone, but for those `held` back
+    /// (their row could not be read: they wait on).
+    pub(crate) async fn push_waiting_files(
+        &self,
+        held: &BTreeSet<(String, RowId)>,
+    ) -> Result<(), UpstreamError> {
         let ready: Vec<(String, RowId)> = {
             let hub = lock(&self.replica);
             let store = hub.store();
             let mut ready = Vec::new();
             for (table, id) in state::file_waits(store)? {
+                if held.contains(&(table.clone(), id)) {
+                    continue;
+                }
                 let row = store.get(&table, id)?;
                 let mut here = true;
                 for v in row.iter().flat_map(|r| r.values.values()) {
@@ -433,15 +474,6 @@ impl Bridge {
             let mut changes = Vec::new();
             let mut waiting = false;
             for c in tab.blob_columns() {
-                // Dataverse holds a newer file the hub has not downloaded yet: it wins over
-                // the hub's, as a change made there wins over a concurrent one here.
-                if pending
-                    .as_ref()
-                    .is_some_and(|p| p.columns.contains_key(&c.name))
-                {
-                    debug!(table, %id, column = %c.name, "not sent: Dataverse's newer file is still to come down");
-                    continue;
-                }
                 let here = blob_of(row.get(&c.name));
                 let there = base.as_ref().and_then(|b| b.files.get(&c.name));
                 let differs = match (here, there) {
@@ -449,6 +481,18 @@ impl Bridge {
                     (None, None) => false,
                     _ => true,
                 };
+                // Dataverse holds a newer file the hub has not downloaded yet: it wins over
+                // the hub's, as a change made there wins over a concurrent one here.
+                if pending
+                    .as_ref()
+                    .is_some_and(|p| p.columns.contains_key(&c.name))
+                {
+                    if differs {
+                        warn!(table, %id, column = %c.name, "a file from the hub is not sent: Dataverse's newer file is still to come down and wins");
+                        self.stats.uploads_held.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
                 match here {
                     _ if !differs => {}
                     // A device attached it and its upload has not finished: this column goes
@@ -607,11 +651,13 @@ impl Bridge {
     }
 }
 
-/// A download's body that stopped once its reply had come is the file's failure, not
+/// A download that failed on the wire once it had begun is the file's failure, not
 /// Dataverse's absence.
 fn cut_midway(e: UpstreamError) -> UpstreamError {
     match e {
-        UpstreamError::Unreachable(m) => UpstreamError::DownloadCut(m),
+        UpstreamError::Unreachable(m) | UpstreamError::NoConnection(m) => {
+            UpstreamError::DownloadCut(m)
+        }
         other => other,
     }
 }

@@ -12,14 +12,26 @@
 //!   Before each create or update the values sent are saved as a write intent: if the reply is
 //!   lost, the row's next read takes what Dataverse holds of them as the hub's own write. A
 //!   `4xx` reply drops the intent (nothing was applied), and each push round starts by reading
-//!   the rows whose intents are left, so none outlives the round after its write.
+//!   the rows whose intents are left — after pulling the tables that hold a lost create, so a
+//!   create deleted in Dataverse since is not made again. A row that read cannot get (a `5xx`,
+//!   a row past `response_bytes_max`) keeps its intent and is held back while the others go
+//!   on; once read it is settled and written, and after
+//!   [`state::INTENT_READ_ATTEMPTS_MAX`] rounds it is given up (intent dropped, the row written
+//!   again with its next change). Only a failure of the whole round
+//!   ([`UpstreamError::is_round_wide`]: no connection, no reply, credentials, throttling) ends
+//!   a round.
 //! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of
 //!   the table retries the due ones with a doubling wait (`file_retry_ms` up to
 //!   `file_retry_max_ms`; a new file id starts its own count), dropping them only when their
-//!   table is no longer relayed. A download that gets no reply at all
-//!   (Dataverse away) stops the round instead: the page is not applied and is read again.
+//!   table is no longer relayed (its delta link goes too: relaying it again starts with a full
+//!   read). Only a download whose first range finds no connection (Dataverse away) stops the
+//!   round: the page is not applied and is read again — for one file at most
+//!   [`files::ROUND_STOPS_PER_FILE_MAX`] rounds (counted in memory), then it is an ordinary
+//!   pending download. A reset or a timeout once connected, or any failure on a later range,
+//!   is the file's. While a column's download is pending, a device's file for it is not sent
+//!   (Dataverse's newer file wins): warned and counted (`uploads_held`).
 //! - **State** ([`state`]): in the hub store's auxiliary space, never in `store`'s row data.
 //!
 //! A pulled row is merged three ways: the columns whose upstream value differs from the
@@ -59,12 +71,18 @@ pub const DATAVERSE_ACTOR: ActorId = fieldsync_replication::replica::UPSTREAM_AC
 /// What can go wrong talking to Dataverse or applying what it says.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// No reply came (a connection that failed, or closed before the reply's headers):
-    /// Dataverse itself is away, so the round stops.
+    /// No connection to Dataverse could be made (refused, timed out, no such host): it is
+    /// away, so the round stops. The request never left: nothing was applied.
+    #[error("Dataverse cannot be reached: {0}")]
+    NoConnection(String),
+    /// A connection was made but no whole reply came (reset, closed, timed out): a write's
+    /// outcome is unknown, a page read stops the round; in a file download it is the file's
+    /// failure ([`UpstreamError::DownloadCut`]).
     #[error("Dataverse is unreachable: {0}")]
     Unreachable(String),
-    /// A file download's body stopped midway (its reply came): that file is tried again later,
-    /// the round goes on.
+    /// A file download failed on the wire after its first connection was made (reset, closed
+    /// midway, a later range that found no connection): that file is tried again later, the
+    /// round goes on.
     #[error("a file download was cut off: {0}")]
     DownloadCut(String),
     #[error("authentication failed: {0}")]
@@ -119,6 +137,19 @@ impl UpstreamError {
             if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
     }
 
+    /// Whether this failure is the whole round's, not one row's or one file's: Dataverse is away
+    /// (no connection, no reply), refuses the credentials, or asks to wait past the limit.
+    /// Every other request would fail the same way, so the round stops and backs off.
+    pub fn is_round_wide(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::NoConnection(_)
+                | UpstreamError::Unreachable(_)
+                | UpstreamError::Auth(_)
+                | UpstreamError::Throttled { .. }
+        )
+    }
+
     /// Whether the hub's store refused what Dataverse holds (a value or a change too large for
     /// it) rather than failing: that row is skipped, not the round.
     pub fn is_hub_refusal(&self) -> bool {
@@ -147,11 +178,18 @@ pub struct BridgeStats {
     /// File downloads from Dataverse that failed: their rows were applied, the files are
     /// tried again with back-off (`upstream` aux records `pd/`).
     pub downloads_failed: AtomicU64,
+    /// Rows holding a write intent that could not be read at the start of a push round (a
+    /// `5xx`, a row past `response_bytes_max`, ...): the intent is kept (up to
+    /// [`state::INTENT_READ_ATTEMPTS_MAX`] rounds), the row is held back, the others go on.
+    pub intents_unsettled: AtomicU64,
+    /// A device's file not sent because Dataverse holds a newer file for that column that has
+    /// not come down yet (Dataverse's wins; the device's is not sent later).
+    pub uploads_held: AtomicU64,
     /// Writes whose reply did not come back (the connection failed, possibly after the
     /// request went out): the row's next read decides what Dataverse holds.
     pub replies_lost: AtomicU64,
-    /// A gauge: rows whose files from Dataverse did not come down yet (`pd/`), as counted at
-    /// the end of the last pull (so a metrics scrape reads no record).
+    /// A gauge: rows whose files from Dataverse did not come down yet (`pd/`), as counted when
+    /// the bridge started and at the end of each pull (so a metrics scrape reads no record).
     pub pending_download_rows: AtomicU64,
     /// Full re-reads after an expired change-tracking token.
     pub full_reads: AtomicU64,
@@ -170,6 +208,9 @@ pub struct Bridge {
     on_change: ChangeHook,
     pub(crate) tables: Vec<String>,
     pub stats: Arc<BridgeStats>,
+    /// Per Dataverse file id, rounds its download stopped (see
+    /// [`files::ROUND_STOPS_PER_FILE_MAX`]); in memory: a restart starts the counts again.
+    round_stops_by_file: Mutex<BTreeMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -198,20 +239,31 @@ impl Bridge {
         on_change: ChangeHook,
     ) -> Result<Bridge, UpstreamError> {
         let client = DataverseClient::new(&config)?;
-        let tables = lock(&replica)
-            .store()
-            .schema()
-            .tables()
-            .filter(|t| t.offline)
-            .map(|t| t.name.clone())
-            .collect();
+        let (tables, pending): (Vec<String>, Vec<(String, RowId)>) = {
+            let hub = lock(&replica);
+            let store = hub.store();
+            let tables = store
+                .schema()
+                .tables()
+                .filter(|t| t.offline)
+                .map(|t| t.name.clone())
+                .collect();
+            (tables, state::pending_download_rows(store)?)
+        };
+        let stats = BridgeStats::default();
+        // The gauge reads what a restarted hub still waits for before its first pull ends.
+        let waiting = pending.iter().filter(|(t, _)| tables.contains(t)).count();
+        stats
+            .pending_download_rows
+            .store(waiting as u64, Ordering::Relaxed);
         Ok(Bridge {
             client,
             config,
             replica,
             on_change,
             tables,
-            stats: Arc::new(BridgeStats::default()),
+            stats: Arc::new(stats),
+            round_stops_by_file: Mutex::default(),
         })
     }
 

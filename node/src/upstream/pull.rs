@@ -70,7 +70,9 @@ impl Bridge {
     }
 
     /// Drops the pending downloads of tables no longer relayed (nothing would retry them) and
-    /// counts the others for the `pending_download_rows` gauge.
+    /// counts the others for the `pending_download_rows` gauge. Such a table's delta link goes
+    /// too: were it relayed again, a full read must find those files (the changes after its
+    /// link would not hold those rows, and a later device edit would send the old file back).
     fn tidy_pending_downloads(&self) -> Result<(), UpstreamError> {
         let hub = lock(&self.replica);
         let mut writes = StateWrites::default();
@@ -79,8 +81,9 @@ impl Bridge {
             if self.tables.contains(&table) {
                 pending += 1;
             } else {
-                info!(%table, %id, "a pending download of a table no longer relayed is dropped");
+                info!(%table, %id, "a pending download of a table no longer relayed is dropped; the table's next pull is a full read");
                 writes.remove_pending_download(&table, id);
+                writes.set_delta_link(&table, None);
             }
         }
         writes.commit(hub.store())?;
@@ -100,11 +103,7 @@ impl Bridge {
             match pulled {
                 Ok(()) => {}
                 // Dataverse itself is away, refusing us or asking to wait: so is every table.
-                Err(
-                    e @ (UpstreamError::Unreachable(_)
-                    | UpstreamError::Auth(_)
-                    | UpstreamError::Throttled { .. }),
-                ) => return Err(e),
+                Err(e) if e.is_round_wide() => return Err(e),
                 Err(e) => {
                     warn!(%table, error = %e, "pulling the table failed");
                     first_error.get_or_insert(e);
@@ -148,12 +147,7 @@ impl Bridge {
         let read = read.await;
         // Files that did not come down before are tried again whatever this read did, unless
         // Dataverse is away altogether.
-        if let Err(
-            UpstreamError::Unreachable(_)
-            | UpstreamError::Auth(_)
-            | UpstreamError::Throttled { .. },
-        ) = read
-        {
+        if read.as_ref().is_err_and(UpstreamError::is_round_wide) {
             return read;
         }
         let retried = self.retry_downloads(table).await;

@@ -46,10 +46,10 @@ impl Bridge {
     /// Writes what devices (and hub operators) changed since the cursor; moves the cursor only
     /// after Dataverse acknowledged all of it.
     pub async fn push(&self) -> Result<(), UpstreamError> {
-        self.settle_intents().await?;
-        self.push_waiting_files().await?;
+        let held = self.settle_intents().await?;
+        self.push_waiting_files(&held).await?;
         loop {
-            let (items, last) = self.pending()?;
+            let (items, last) = self.pending(&held)?;
             let Some(last) = last else {
                 return Ok(());
             };
@@ -75,36 +75,138 @@ impl Bridge {
 
     /// Settles the writes whose reply was lost in an earlier round, before anything else is
     /// sent: each such row is read again (one `GET`) and merged, which says what Dataverse made
-    /// of the write and clears its intent. A row that cannot be read for good (or of a table no
-    /// longer relayed) has its intent dropped; a failure that may pass ends the round.
-    async fn settle_intents(&self) -> Result<(), UpstreamError> {
+    /// of the write and clears its intent; a row held back from an earlier push is then
+    /// written. A row that cannot be read for good (or of a table no longer relayed) has its
+    /// intent dropped. One whose read fails otherwise (a `5xx`, a row past
+    /// `response_bytes_max`) keeps its intent and is held back from this round's push — the
+    /// rows returned — for at most [`state::INTENT_READ_ATTEMPTS_MAX`] rounds. Only a failure of
+    /// the whole round (Dataverse away) ends it.
+    async fn settle_intents(&self) -> Result<BTreeSet<(String, RowId)>, UpstreamError> {
         let rows = state::write_intents(lock(&self.replica).store())?;
+        let unpulled = self.pull_before_settling_creates(&rows).await?;
+        let mut held = BTreeSet::new();
         for (table, id) in rows {
+            let Some(intent) = state::write_intent(lock(&self.replica).store(), &table, id)? else {
+                continue; // settled meanwhile (by the pull first, or an earlier row's resend)
+            };
+            if unpulled.contains(&table) {
+                let unsure = UpstreamError::State(format!(
+                    "{table} could not be pulled: a lost create cannot be told from a deleted row"
+                ));
+                if self.hold_back(&table, id, intent, &unsure)? {
+                    held.insert((table, id));
+                }
+                continue;
+            }
             if self.tables.contains(&table) {
                 let settled = self
                     .refresh(&table, id)
                     .instrument(info_span!("upstream_settle_intent", %table, %id))
                     .await;
                 match settled {
-                    Ok(_) => continue, // the read cleared the intent
+                    // The read cleared the intent; a row held back is written now.
+                    Ok(next) => {
+                        if let Some(item) = next.filter(|_| intent.resend) {
+                            self.push_one(item, &mut Vec::new()).await?;
+                        }
+                        continue;
+                    }
+                    Err(e) if e.is_round_wide() => return Err(e),
                     Err(e) if e.is_refusal() || matches!(e, UpstreamError::BadReply(_)) => {
                         warn!(%table, %id, error = %e, "a row with a lost reply cannot be read; its write intent is dropped");
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if self.hold_back(&table, id, intent, &e)? {
+                            held.insert((table, id));
+                        }
+                        continue;
+                    }
                 }
             }
             let mut w = StateWrites::default();
             w.remove_write_intent(&table, id);
             w.commit(lock(&self.replica).store())?;
         }
-        Ok(())
+        Ok(held)
+    }
+
+    /// A create whose reply was lost, of a row Dataverse does not have now, was either never
+    /// applied or applied and then deleted there (an office delete): a read (`404`) cannot tell,
+    /// and taking it for never created would create the row again over the office's delete.
+    /// The table's changes can (a deletion), so every relayed table with such a row (a write
+    /// intent and no base) is pulled first. Returns the tables whose pull failed (not for the
+    /// whole round): their creates are held back.
+    async fn pull_before_settling_creates(
+        &self,
+        intents: &[(String, RowId)],
+    ) -> Result<BTreeSet<String>, UpstreamError> {
+        let mut tables = BTreeSet::new();
+        {
+            let hub = lock(&self.replica);
+            for (table, id) in intents {
+                if self.tables.contains(table) && state::base(hub.store(), table, *id)?.is_none() {
+                    tables.insert(table.clone());
+                }
+            }
+        }
+        let mut unpulled = BTreeSet::new();
+        for table in tables {
+            match self
+                .pull_table(&table)
+                .instrument(info_span!("upstream_pull_before_settling", %table))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.is_round_wide() => return Err(e),
+                Err(e) => {
+                    warn!(%table, error = %e, "pulling a table before settling its lost creates failed; they wait");
+                    unpulled.insert(table);
+                }
+            }
+        }
+        Ok(unpulled)
+    }
+
+    /// A row whose read failed (not for good, not the round's failure): its write intent is
+    /// kept, marked to be written once read, and the row is held back from this round's push —
+    /// unless that read failed [`state::INTENT_READ_ATTEMPTS_MAX`] rounds, when the intent is
+    /// dropped and the row waits for its next change. Says whether the row is held.
+    fn hold_back(
+        &self,
+        table: &str,
+        id: RowId,
+        intent: state::WriteIntent,
+        error: &UpstreamError,
+    ) -> Result<bool, UpstreamError> {
+        self.stats.intents_unsettled.fetch_add(1, Ordering::Relaxed);
+        let read_failures = intent.read_failures.saturating_add(1);
+        let mut w = StateWrites::default();
+        let held = read_failures < state::INTENT_READ_ATTEMPTS_MAX;
+        if held {
+            warn!(%table, %id, %error, read_failures, "a row with a lost reply or a conflict cannot be read; it is held back, the others go on");
+            w.put_write_intent(
+                table,
+                id,
+                &state::WriteIntent {
+                    read_failures,
+                    resend: true,
+                    ..intent
+                },
+            )?;
+        } else {
+            warn!(%table, %id, %error, read_failures, "a row could not be read round after round; its write intent is dropped and the row is written again with its next change");
+            w.remove_write_intent(table, id);
+        }
+        w.commit(lock(&self.replica).store())?;
+        Ok(held)
     }
 
     /// Drops the write intents of rows whose reply came and says the write was not applied (a
     /// `4xx`: refused, a conflict, a change set rolled back). A `5xx` may come from a gateway
-    /// whose server did apply it: that intent waits for the row's next read.
+    /// whose server did apply it, and a `2xx` (a change set whose parts do not add up) may be
+    /// applied too: those intents wait for the row's next read.
     fn not_applied(&self, items: &[Item], status: u16) -> Result<(), UpstreamError> {
-        if status >= 500 {
+        if !(400..500).contains(&status) {
             return Ok(());
         }
         let mut w = StateWrites::default();
@@ -114,8 +216,12 @@ impl Bridge {
         w.commit(lock(&self.replica).store())
     }
 
-    /// The rows changed after the cursor (in log order, once each) and the last entry read.
-    fn pending(&self) -> Result<(Vec<Item>, Option<u64>), UpstreamError> {
+    /// The rows changed after the cursor (in log order, once each, but for those `held` back)
+    /// and the last entry read.
+    fn pending(
+        &self,
+        held: &BTreeSet<(String, RowId)>,
+    ) -> Result<(Vec<Item>, Option<u64>), UpstreamError> {
         let hub = lock(&self.replica);
         let store = hub.store();
         let cursor = state::cursor(store)?;
@@ -127,7 +233,8 @@ impl Bridge {
             if e.actor == DATAVERSE_ACTOR || !self.tables.contains(&e.table) {
                 continue; // never echo back what came from Dataverse
             }
-            if !seen.insert((e.table.clone(), e.row)) {
+            let row = (e.table.clone(), e.row);
+            if held.contains(&row) || !seen.insert(row) {
                 continue;
             }
             if let Some(item) = item_of(&hub, &e.table, e.row)? {
@@ -269,7 +376,19 @@ impl Bridge {
                             self.refused(&item.table, item.id, &e);
                             return Ok(());
                         }
-                        Err(e) => return Err(e),
+                        Err(e) if e.is_round_wide() => return Err(e),
+                        // It may be read later (a `5xx`): held back until then, the others
+                        // go on.
+                        Err(e) => {
+                            let intent = state::write_intent(
+                                lock(&self.replica).store(),
+                                &item.table,
+                                item.id,
+                            )?
+                            .unwrap_or_default();
+                            self.hold_back(&item.table, item.id, intent, &e)?;
+                            return Ok(());
+                        }
                     };
                     match refreshed {
                         // 404 for a row Dataverse still has, unchanged: a lookup to a row
@@ -330,7 +449,8 @@ impl Bridge {
     }
 
     /// A request whose reply did not come back (the connection failed once it was sent) may
-    /// or may not have been applied: counted, and the round fails with the write intents kept.
+    /// or may not have been applied: counted, and the round fails with the write intents kept
+    /// (also when no connection was made: nothing was applied, and the next read says so).
     fn reply_lost<T>(&self, sent: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
         if let Err(e @ UpstreamError::Unreachable(_)) = &sent {
             self.stats.replies_lost.fetch_add(1, Ordering::Relaxed);
@@ -386,7 +506,8 @@ impl Bridge {
             None if state::base(hub.store(), table, id)?.is_some() => {
                 self.apply_page(&mut hub, table, &[], &[id], None)?
             }
-            // Never in Dataverse (a create that did not arrive): left to the push.
+            // Never in Dataverse (a create that did not arrive — a lost create deleted there
+            // since was found by the table's pull before settling): left to the push.
             None => {
                 let mut w = StateWrites::default();
                 w.remove_write_intent(table, id);

@@ -71,12 +71,25 @@ pub struct PendingDownload {
 /// column, the values sent (`Null` for a column sent empty), oldest first — any of them may be
 /// what Dataverse applied. Saved before each request; removed with the base its reply gives, by
 /// a reply saying it was not applied (a `4xx`), or by the row's next read — at the latest the
-/// one that starts the next push round, so an intent never outlives a round and a later change
-/// made in Dataverse is never taken for the hub's own write.
+/// one that starts the next push round, so a later change made in Dataverse is not taken for
+/// the hub's own write. A row that read cannot get (a `5xx`, a row too large to read) keeps its
+/// intent and is held back from the push, for at most [`INTENT_READ_ATTEMPTS_MAX`] rounds: one
+/// such row must not stop the others.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteIntent {
     pub values: BTreeMap<String, Vec<Value>>,
+    /// Rounds whose read of the row failed so far.
+    #[serde(default)]
+    pub read_failures: u32,
+    /// The row was held back from a push (its read failed): once read, what the hub holds is
+    /// written, as the push cursor has moved past its changes.
+    #[serde(default)]
+    pub resend: bool,
 }
+
+/// Rounds a row whose write intent cannot be read is held back before the intent is dropped
+/// (with a warning): the row is then written again only with its next change.
+pub const INTENT_READ_ATTEMPTS_MAX: u32 = 10;
 
 /// Values kept per column of a [`WriteIntent`]: a row whose replies keep getting lost forgets
 /// its oldest sends.

@@ -125,10 +125,16 @@ impl Emulator {
         self.set_fault("fail_file_downloads", n).await;
     }
 
-    async fn set_fault(&self, name: &str, n: u32) {
+    /// Reads of row `id` by id answer `500` (`None` clears it; started with `--test-faults`).
+    pub async fn fail_reads_of(&self, id: Option<uuid::Uuid>) {
+        let id = id.map(|i| i.to_string()).unwrap_or_default();
+        self.set_fault("fail_reads_of", id).await;
+    }
+
+    async fn set_fault(&self, name: &str, value: impl std::fmt::Display) {
         let resp = self
             .http
-            .post(format!("{}/_test/faults?{name}={n}", self.url()))
+            .post(format!("{}/_test/faults?{name}={value}", self.url()))
             .send()
             .await
             .unwrap();
