@@ -34,7 +34,8 @@
 //! /_test/faults?drop_write_replies=N&fail_file_downloads=M&fail_reads_of=ID` (each may be left
 //! out): the next N requests that apply a write are applied and their connection closed with no
 //! reply, as a reset connection would leave a client; the next M file downloads answer `503`;
-//! reads of row ID by id answer `500` until an empty ID clears it.
+//! reads of row ID by id answer `500` until an empty ID clears it; with `fail_writes=K`, the
+//! next K single write requests (not a `$batch`) answer `503` with nothing applied.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -102,7 +103,8 @@ pub struct EmulatorArgs {
     /// that succeed; a `$batch` that applied one) have their replies lost: the connection
     /// closes before the reply is whole; and the next M file
     /// downloads (`.../$value`) answer `503`; with `fail_reads_of=ID`, reads of that row by id
-    /// answer `500` (an empty ID clears it). Off by default; Dataverse has no such thing.
+    /// answer `500` (an empty ID clears it); with `fail_writes=K`, the next K single write
+    /// requests answer `503` unapplied. Off by default; Dataverse has no such thing.
     #[arg(long, hide = true)]
     pub test_faults: bool,
 }

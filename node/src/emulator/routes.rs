@@ -51,6 +51,9 @@ pub struct AppState {
     /// Tests only (`--test-faults`): the row id whose reads by id answer `500` (a plugin that
     /// fails on read), until cleared.
     fail_reads_of: Mutex<Option<Uuid>>,
+    /// Tests only (`--test-faults`): single write requests (not a `$batch`) still to be
+    /// answered `503` without applying anything.
+    fail_writes: std::sync::atomic::AtomicU32,
 }
 
 /// One request, as the dispatcher sees it.
@@ -220,6 +223,7 @@ impl AppState {
             drop_write_replies: std::sync::atomic::AtomicU32::new(0),
             fail_file_downloads: std::sync::atomic::AtomicU32::new(0),
             fail_reads_of: Mutex::new(None),
+            fail_writes: std::sync::atomic::AtomicU32::new(0),
         };
         if state.config.example.as_deref() == Some("field-service") {
             let conn = state.db();
@@ -244,6 +248,11 @@ impl AppState {
     /// Whether this file download is to fail (`--test-faults`), counting it.
     fn take_failed_download(&self) -> bool {
         take_one(&self.fail_file_downloads)
+    }
+
+    /// Whether this write is to fail unapplied (`--test-faults`), counting it.
+    fn take_failed_write(&self, method: &str, path: &str) -> bool {
+        is_write(method) && path != "$batch" && take_one(&self.fail_writes)
     }
 
     /// Whether this request reads the row whose reads are to fail (`--test-faults`).
@@ -387,6 +396,11 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
         let failed = ApiError::new(503, errors::INTERNAL, "Test fault: the download failed.");
         return to_axum(failed.into());
     }
+    if state.take_failed_write(&method, &path) {
+        tracing::info!("test fault: a write fails unapplied");
+        let failed = ApiError::new(503, errors::INTERNAL, "Test fault: the write failed.");
+        return to_axum(failed.into());
+    }
     if state.fails_read(&method, &path) {
         tracing::info!("test fault: a row's read fails");
         let failed = ApiError::new(500, errors::INTERNAL, "Test fault: the row cannot be read.");
@@ -488,10 +502,11 @@ fn take_one(counter: &std::sync::atomic::AtomicU32) -> bool {
 /// The fault switch's path (served only with `--test-faults`).
 const TEST_FAULTS_PATH: &str = "/_test/faults";
 
-/// `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M&fail_reads_of=ID`: the next
-/// N writes that apply something lose their replies; the next M file downloads answer `503`;
-/// reads of row ID by id answer `500` (an empty ID clears it). Each is optional (an absent one
-/// is left as it was); at least one is expected.
+/// `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M&fail_reads_of=ID&fail_writes=K`:
+/// the next N writes that apply something lose their replies; the next M file downloads answer
+/// `503`; reads of row ID by id answer `500` (an empty ID clears it); the next K single write
+/// requests answer `503` unapplied. Each is optional (an absent one is left as it was); at
+/// least one is expected.
 fn set_test_faults(state: &AppState, query: &str) -> Response {
     let count = |name: &str| -> Result<Option<u32>, ()> {
         let prefix = format!("{name}=");
@@ -511,9 +526,14 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
         Some("") => Ok(Some(None)),
         Some(v) => Uuid::parse_str(v).map(|id| Some(Some(id))).map_err(|_| ()),
     };
-    match (count("drop_write_replies"), count("fail_file_downloads"), reads) {
-        (Ok(drops), Ok(fails), Ok(reads))
-            if drops.is_some() || fails.is_some() || reads.is_some() =>
+    match (
+        count("drop_write_replies"),
+        count("fail_file_downloads"),
+        reads,
+        count("fail_writes"),
+    ) {
+        (Ok(drops), Ok(fails), Ok(reads), Ok(writes))
+            if drops.is_some() || fails.is_some() || reads.is_some() || writes.is_some() =>
         {
             let at = std::sync::atomic::Ordering::SeqCst;
             if let Some(id) = reads {
@@ -525,6 +545,9 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
             if let Some(n) = fails {
                 state.fail_file_downloads.store(n, at);
             }
+            if let Some(n) = writes {
+                state.fail_writes.store(n, at);
+            }
             to_axum(EmuResponse {
                 status: 204,
                 ..EmuResponse::default()
@@ -534,7 +557,7 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
             ApiError::new(
                 400,
                 errors::BAD_PAYLOAD,
-                "Expected ?drop_write_replies=<count>, ?fail_file_downloads=<count> and/or ?fail_reads_of=<row id>.",
+                "Expected ?drop_write_replies=<count>, ?fail_file_downloads=<count>, ?fail_reads_of=<row id> and/or ?fail_writes=<count>.",
             )
             .into(),
         ),

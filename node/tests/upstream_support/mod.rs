@@ -131,6 +131,12 @@ impl Emulator {
         self.set_fault("fail_reads_of", id).await;
     }
 
+    /// The next `n` single write requests (not a `$batch`) answer `503` with nothing applied
+    /// (started with `--test-faults`).
+    pub async fn fail_writes(&self, n: u32) {
+        self.set_fault("fail_writes", n).await;
+    }
+
     async fn set_fault(&self, name: &str, value: impl std::fmt::Display) {
         let resp = self
             .http
