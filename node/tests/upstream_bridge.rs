@@ -895,7 +895,11 @@ async fn customer_lookups_are_written_through_their_navigation_property() {
 /// A hub and an emulator that can lose replies, and a bridge between them.
 async fn lost_reply_setup() -> (EmulatorAndHub, fieldsync_node::upstream::Bridge) {
     let setup = EmulatorAndHub::start(&["--test-faults"]);
-    let b = bridge(config(&setup.emu, setup.dir.path()), &setup.replica);
+    let mut c = config(&setup.emu, setup.dir.path());
+    // A held row's reads back off on this schedule once they failed round after round.
+    c.file_retry_ms = 100;
+    c.file_retry_max_ms = 100;
+    let b = bridge(c, &setup.replica);
     b.pull().await.unwrap();
     (setup, b)
 }
@@ -1041,6 +1045,15 @@ fn write_intent(
 ) -> Option<fieldsync_node::upstream::state::WriteIntent> {
     let r = replica.lock().unwrap();
     fieldsync_node::upstream::state::write_intent(r.store(), "account", id).unwrap()
+}
+
+/// A row's "held back, still to be written" mark, if any.
+fn resend_mark(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    id: Uuid,
+) -> Option<fieldsync_node::upstream::state::Resend> {
+    let r = replica.lock().unwrap();
+    fieldsync_node::upstream::state::resend(r.store(), "account", id).unwrap()
 }
 
 /// The office renames the row in Dataverse; a round later both sides hold the office's name.
@@ -1192,36 +1205,53 @@ async fn a_row_whose_lost_reply_cannot_be_read_does_not_stop_the_push() {
     hub_write(&replica, "account", other, &[("name", text("Other"))]);
     b.push().await.unwrap();
     assert_eq!(upstream_name(&emu, other).await, "Other");
-    let intent = write_intent(&replica, held).expect("the intent is kept");
-    assert_eq!(intent.read_failures, 1);
-    assert!(intent.resend);
+    assert!(write_intent(&replica, held).is_some(), "the intent is kept");
+    assert_eq!(resend_mark(&replica, held).expect("held").read_failures, 1);
     assert_eq!(b.stats.intents_unsettled.load(Ordering::Relaxed), 1);
     // Readable again: settled (what Dataverse holds is the hub's own write) and the hub's
     // later edit, whose log entry the cursor passed, is written.
     emu.fail_reads_of(None).await;
     b.push().await.unwrap();
     assert_eq!(write_intent(&replica, held), None);
+    assert_eq!(resend_mark(&replica, held), None, "written: no longer held");
     assert_eq!(upstream_name(&emu, held).await, "Later");
     b.pull().await.unwrap();
     assert_eq!(hub_name(&replica, held), text("Later"));
 
-    // A row that stays unreadable is given up after its rounds (the others still go).
+    // A row that stays unreadable is never given up: past its rounds its reads back off, the
+    // others still go, and once readable it is written.
     hub_write(&replica, "account", stuck, &[("name", text("Stuck"))]);
     b.push().await.unwrap();
     hub_write(&replica, "account", stuck, &[("name", text("Stuck Lost"))]);
     emu.drop_write_replies(1).await;
     b.push().await.unwrap_err();
     emu.fail_reads_of(Some(stuck)).await;
+    hub_write(&replica, "account", stuck, &[("name", text("Stuck Later"))]);
     for round in 1..INTENT_READ_ATTEMPTS_MAX {
         b.push().await.unwrap();
-        let intent = write_intent(&replica, stuck).expect("kept");
-        assert_eq!(intent.read_failures, round);
+        let mark = resend_mark(&replica, stuck).expect("held");
+        assert_eq!((mark.read_failures, mark.retry_at_ms), (round, 0));
     }
     b.push().await.unwrap();
-    assert_eq!(write_intent(&replica, stuck), None, "given up");
+    let mark = resend_mark(&replica, stuck).expect("never given up");
+    assert_eq!(mark.read_failures, INTENT_READ_ATTEMPTS_MAX);
+    assert!(mark.retry_at_ms > 0, "its reads back off");
+    assert!(write_intent(&replica, stuck).is_some());
+    // Backing off: the next round does not read it (nor count a failure).
+    let before = requests(&b);
     hub_write(&replica, "account", other, &[("name", text("Other Again"))]);
     b.push().await.unwrap();
     assert_eq!(upstream_name(&emu, other).await, "Other Again");
+    assert_eq!(requests(&b), before + 1, "only the other row's write");
+    assert_eq!(
+        resend_mark(&replica, stuck).unwrap().read_failures,
+        INTENT_READ_ATTEMPTS_MAX
+    );
+    emu.fail_reads_of(None).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    b.push().await.unwrap();
+    assert_eq!(resend_mark(&replica, stuck), None);
+    assert_eq!(upstream_name(&emu, stuck).await, "Stuck Later");
 }
 
 /// A create whose reply was lost, then deleted in Dataverse by an office user before the hub
@@ -1290,11 +1320,11 @@ async fn a_conflict_whose_row_cannot_be_read_holds_only_that_row_back() {
     emu.fail_reads_of(Some(held)).await;
     b.push().await.unwrap();
     assert_eq!(upstream_name(&emu, other).await, "Other");
-    let intent = write_intent(&replica, held).expect("held back");
-    assert!(intent.resend);
+    assert!(resend_mark(&replica, held).is_some(), "held back");
     emu.fail_reads_of(None).await;
     b.push().await.unwrap();
     assert_eq!(write_intent(&replica, held), None);
+    assert_eq!(resend_mark(&replica, held), None);
     let row = emu.row("accounts", held).await.unwrap();
     assert_eq!(row["name"], "Hub Name");
     assert_eq!(row["telephone1"], "555-0100");
@@ -1304,4 +1334,84 @@ async fn a_conflict_whose_row_cannot_be_read_holds_only_that_row_back() {
             .get("telephone1"),
         &text("555-0100")
     );
+}
+
+/// H1: a held row's "still to be written" survives a pull that reads it. The device's edit of
+/// a row whose lost reply cannot be read (held back, the cursor moved past it) reaches
+/// Dataverse after an office edit of another column of the row is pulled in the same round
+/// (which settles the write intent): the pull must not forget that the row is still owed.
+#[tokio::test]
+async fn a_held_row_pulled_before_it_is_read_is_still_written() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let held = Uuid::new_v4();
+    hub_write(&replica, "account", held, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", held, &[("name", text("Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.fail_reads_of(Some(held)).await;
+    hub_write(&replica, "account", held, &[("name", text("Device Later"))]);
+    // The push holds the row back; an office user edits another column; the round's pull
+    // (reading the table's changes, not the row by id) brings that in.
+    b.push().await.unwrap();
+    let (status, _) = emu
+        .call(
+            Method::PATCH,
+            &format!("accounts({held})"),
+            Some(json!({"telephone1": "555-0101"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    b.pull().await.unwrap();
+    emu.fail_reads_of(None).await;
+    b.sync_once().await.unwrap();
+    let row = emu.row("accounts", held).await.unwrap();
+    assert_eq!(row["name"], "Device Later", "the device's edit was lost");
+    assert_eq!(row["telephone1"], "555-0101");
+    assert_eq!(hub_name(&replica, held), text("Device Later"));
+    assert_eq!(
+        hub_get(&replica, "account", held)
+            .unwrap()
+            .get("telephone1"),
+        &text("555-0101")
+    );
+}
+
+/// H2: a held row whose catch-up write fails (a `5xx`, nothing applied) is written by a later
+/// round: the catch-up's own write intent, settled by the next read, must not stand for the
+/// row's "still to be written".
+#[tokio::test]
+async fn a_held_row_whose_catch_up_write_fails_is_written_later() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let held = Uuid::new_v4();
+    hub_write(&replica, "account", held, &[("name", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "account", held, &[("name", text("Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.fail_reads_of(Some(held)).await;
+    hub_write(&replica, "account", held, &[("name", text("Device Later"))]);
+    b.push().await.unwrap();
+    // Readable again, but the catch-up write fails once, unapplied.
+    emu.fail_reads_of(None).await;
+    emu.fail_writes(1).await;
+    b.push().await.unwrap_err();
+    assert_eq!(upstream_name(&emu, held).await, "Lost");
+    b.sync_once().await.unwrap();
+    assert_eq!(upstream_name(&emu, held).await, "Device Later");
+    assert_eq!(hub_name(&replica, held), text("Device Later"));
 }

@@ -27,7 +27,7 @@ pub const ROUND_STOPS_PER_FILE_MAX: u32 = 3;
 
 /// The wall clock in milliseconds since the Unix epoch (a clock before 1970 counts as 0): when
 /// a pending download is due.
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

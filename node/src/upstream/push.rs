@@ -35,6 +35,15 @@ enum Write {
     Delete,
 }
 
+/// How one row's write ended (other than in an error, which ends the round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowOutcome {
+    /// Written with its files, or refused for good: nothing is left to send.
+    Done,
+    /// Its conflict could not be read: held back ([`state::Resend`]).
+    Held,
+}
+
 #[derive(Debug, Clone)]
 struct Item {
     table: String,
@@ -73,59 +82,102 @@ impl Bridge {
         }
     }
 
-    /// Settles the writes whose reply was lost in an earlier round, before anything else is
-    /// sent: each such row is read again (one `GET`) and merged, which says what Dataverse made
-    /// of the write and clears its intent; a row held back from an earlier push is then
-    /// written. A row that cannot be read for good (or of a table no longer relayed) has its
-    /// intent dropped. One whose read fails otherwise (a `5xx`, a row past
-    /// `response_bytes_max`) keeps its intent and is held back from this round's push — the
-    /// rows returned — for at most [`state::INTENT_READ_ATTEMPTS_MAX`] rounds. Only a failure of
-    /// the whole round (Dataverse away) ends it.
+    /// Settles the writes whose reply was lost in an earlier round and writes the rows held
+    /// back from earlier pushes ([`state::Resend`]), before anything else is sent: a row with a
+    /// write intent is read again (one `GET`) and merged, which says what Dataverse made of the
+    /// write and clears its intent; a held row is then written (one whose intent a pull already
+    /// settled is written straight away). A row that cannot be read for good (or of a table no
+    /// longer relayed) has its intent dropped. One whose read fails otherwise (a `5xx`, a row
+    /// past `response_bytes_max`) keeps its intent and is held back from this round's push —
+    /// the rows returned — until it can be read: every round at first, then backing off after
+    /// [`state::INTENT_READ_ATTEMPTS_MAX`] failures, never dropped. Only a failure of the whole
+    /// round (Dataverse away) ends it.
     async fn settle_intents(&self) -> Result<BTreeSet<(String, RowId)>, UpstreamError> {
-        let rows = state::write_intents(lock(&self.replica).store())?;
-        let unpulled = self.pull_before_settling_creates(&rows).await?;
+        let (intents, marked) = {
+            let hub = lock(&self.replica);
+            (
+                state::write_intents(hub.store())?,
+                state::resends(hub.store())?,
+            )
+        };
+        let unpulled = self.pull_before_settling_creates(&intents).await?;
+        let rows: BTreeSet<(String, RowId)> = intents.into_iter().chain(marked).collect();
+        let now = super::files::unix_ms();
         let mut held = BTreeSet::new();
         for (table, id) in rows {
-            let Some(intent) = state::write_intent(lock(&self.replica).store(), &table, id)? else {
-                continue; // settled meanwhile (by the pull first, or an earlier row's resend)
+            let (intent, mark, has_base) = {
+                let hub = lock(&self.replica);
+                let store = hub.store();
+                (
+                    state::write_intent(store, &table, id)?,
+                    state::resend(store, &table, id)?,
+                    state::base(store, &table, id)?.is_some(),
+                )
             };
-            if unpulled.contains(&table) {
-                let unsure = UpstreamError::State(format!(
-                    "{table} could not be pulled: a lost create cannot be told from a deleted row"
-                ));
-                if self.hold_back(&table, id, intent, &unsure)? {
-                    held.insert((table, id));
+            if !self.tables.contains(&table) {
+                if intent.is_some() || mark.is_some() {
+                    warn!(%table, %id, "a row of a table no longer relayed is not settled or written");
+                    let mut w = StateWrites::default();
+                    w.remove_write_intent(&table, id);
+                    w.remove_resend(&table, id);
+                    w.commit(lock(&self.replica).store())?;
                 }
                 continue;
             }
-            if self.tables.contains(&table) {
+            if intent.is_none() && mark.is_none() {
+                continue; // settled meanwhile (by the pull first, or an earlier row's write)
+            }
+            // A lost create of a table whose changes could not be pulled: a read's `404` would
+            // not tell it from an office delete. Not the row's read failure.
+            if intent.is_some() && !has_base && unpulled.contains(&table) {
+                let unsure = UpstreamError::State(format!(
+                    "{table} could not be pulled: a lost create cannot be told from a deleted row"
+                ));
+                self.hold_back(&table, id, &unsure, false)?;
+                held.insert((table, id));
+                continue;
+            }
+            if mark.as_ref().is_some_and(|m| m.retry_at_ms > now) {
+                held.insert((table, id)); // backing off: its turn comes later
+                continue;
+            }
+            let next = if intent.is_some() {
                 let settled = self
                     .refresh(&table, id)
                     .instrument(info_span!("upstream_settle_intent", %table, %id))
                     .await;
                 match settled {
-                    // The read cleared the intent; a row held back is written now.
-                    Ok(next) => {
-                        if let Some(item) = next.filter(|_| intent.resend) {
-                            self.push_one(item, &mut Vec::new()).await?;
-                        }
-                        continue;
-                    }
+                    // The read cleared the intent.
+                    Ok(next) => next,
                     Err(e) if e.is_round_wide() => return Err(e),
                     Err(e) if e.is_refusal() || matches!(e, UpstreamError::BadReply(_)) => {
                         warn!(%table, %id, error = %e, "a row with a lost reply cannot be read; its write intent is dropped");
+                        let mut w = StateWrites::default();
+                        w.remove_write_intent(&table, id);
+                        w.commit(lock(&self.replica).store())?;
+                        // A held row is still written: the write says what Dataverse has.
+                        item_of(&lock(&self.replica), &table, id)?
                     }
                     Err(e) => {
-                        if self.hold_back(&table, id, intent, &e)? {
-                            held.insert((table, id));
-                        }
+                        self.hold_back(&table, id, &e, true)?;
+                        held.insert((table, id));
                         continue;
                     }
                 }
+            } else {
+                item_of(&lock(&self.replica), &table, id)?
+            };
+            if mark.is_none() {
+                continue; // its changes are still after the cursor: the push writes them
             }
-            let mut w = StateWrites::default();
-            w.remove_write_intent(&table, id);
-            w.commit(lock(&self.replica).store())?;
+            match next {
+                Some(item) => self.push_one(item, &mut Vec::new()).await?,
+                None => self.unmark(&table, id)?, // nothing to write (deleted on both sides)
+            }
+            // Its write's conflict could not be read: held again.
+            if state::resend(lock(&self.replica).store(), &table, id)?.is_some() {
+                held.insert((table, id));
+            }
         }
         Ok(held)
     }
@@ -167,38 +219,48 @@ impl Bridge {
         Ok(unpulled)
     }
 
-    /// A row whose read failed (not for good, not the round's failure): its write intent is
-    /// kept, marked to be written once read, and the row is held back from this round's push —
-    /// unless that read failed [`state::INTENT_READ_ATTEMPTS_MAX`] rounds, when the intent is
-    /// dropped and the row waits for its next change. Says whether the row is held.
+    /// Holds a row back from the push (its read failed, not for good, not for the whole round,
+    /// or its table could not be pulled): its write intent is kept and its [`state::Resend`]
+    /// mark saved — durably, before the push cursor moves past the row's changes — so it is
+    /// written once it can be read. A failed read of the row itself (`counted`) adds to its
+    /// failures; past [`state::INTENT_READ_ATTEMPTS_MAX`] of them its reads back off.
     fn hold_back(
         &self,
         table: &str,
         id: RowId,
-        intent: state::WriteIntent,
         error: &UpstreamError,
-    ) -> Result<bool, UpstreamError> {
+        counted: bool,
+    ) -> Result<(), UpstreamError> {
         self.stats.intents_unsettled.fetch_add(1, Ordering::Relaxed);
-        let read_failures = intent.read_failures.saturating_add(1);
-        let mut w = StateWrites::default();
-        let held = read_failures < state::INTENT_READ_ATTEMPTS_MAX;
-        if held {
-            warn!(%table, %id, %error, read_failures, "a row with a lost reply or a conflict cannot be read; it is held back, the others go on");
-            w.put_write_intent(
-                table,
-                id,
-                &state::WriteIntent {
-                    read_failures,
-                    resend: true,
-                    ..intent
-                },
-            )?;
-        } else {
-            warn!(%table, %id, %error, read_failures, "a row could not be read round after round; its write intent is dropped and the row is written again with its next change");
-            w.remove_write_intent(table, id);
+        let hub = lock(&self.replica);
+        let mut mark = state::resend(hub.store(), table, id)?.unwrap_or_default();
+        if counted {
+            mark.read_failures = mark.read_failures.saturating_add(1);
+            let past = mark
+                .read_failures
+                .saturating_sub(state::INTENT_READ_ATTEMPTS_MAX - 1);
+            if past > 0 {
+                let wait = self.config.file_retry_delay(past).as_millis() as u64;
+                mark.retry_at_ms = super::files::unix_ms().saturating_add(wait);
+            }
         }
-        w.commit(lock(&self.replica).store())?;
-        Ok(held)
+        mark.last_error = error.to_string();
+        warn!(%table, %id, %error, read_failures = mark.read_failures, retry_at_ms = mark.retry_at_ms, "a row with a lost reply or a conflict cannot be read; it is held back, the others go on");
+        let mut w = StateWrites::default();
+        w.put_resend(table, id, &mark)?;
+        w.commit(hub.store())
+    }
+
+    /// Clears a held row's [`state::Resend`] mark, if it has one: its write went through (files
+    /// included) or Dataverse refused it for good.
+    fn unmark(&self, table: &str, id: RowId) -> Result<(), UpstreamError> {
+        let hub = lock(&self.replica);
+        if state::resend(hub.store(), table, id)?.is_none() {
+            return Ok(());
+        }
+        let mut w = StateWrites::default();
+        w.remove_resend(table, id);
+        w.commit(hub.store())
     }
 
     /// Drops the write intents of rows whose reply came and says the write was not applied (a
@@ -267,6 +329,7 @@ impl Bridge {
         }
         for item in files_only {
             self.push_files_of(item).await?;
+            self.unmark(&item.table, item.id)?;
         }
         let group = writing.as_slice();
         if group.len() > 1 {
@@ -291,6 +354,7 @@ impl Bridge {
                         .fetch_add(group.len() as u64, Ordering::Relaxed);
                     for item in group {
                         self.push_files_of(item).await?;
+                        self.unmark(&item.table, item.id)?;
                     }
                     return Ok(());
                 }
@@ -316,17 +380,33 @@ impl Bridge {
         Ok(())
     }
 
-    /// Writes one row; on `412` re-reads it, merges it as a Dataverse op and writes again.
+    /// Writes one row (see [`Bridge::write_row`]); a held row's mark is cleared once that is
+    /// done, unless the row was held back again.
     async fn push_one(
+        &self,
+        item: Item,
+        relink: &mut Vec<(String, RowId)>,
+    ) -> Result<(), UpstreamError> {
+        let (table, id) = (item.table.clone(), item.id);
+        match self.write_row(item, relink).await? {
+            RowOutcome::Done => self.unmark(&table, id),
+            RowOutcome::Held => Ok(()),
+        }
+    }
+
+    /// Writes one row; on `412` re-reads it, merges it as a Dataverse op and writes again. Done
+    /// once written with its files or refused for good; held back if the re-read failed.
+    async fn write_row(
         &self,
         mut item: Item,
         relink: &mut Vec<(String, RowId)>,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<RowOutcome, UpstreamError> {
         for _ in 0..CONFLICT_RETRIES {
             let Some(req) = request_of(&lock(&self.replica), &item)? else {
                 // Nothing the row's body would change (a file-only edit, a value written
                 // again, a merge Dataverse won): no request, only its files.
-                return self.push_files_of(&item).await;
+                self.push_files_of(&item).await?;
+                return Ok(RowOutcome::Done);
             };
             self.note_intents(std::slice::from_ref(&item))?;
             let resp = self.reply_lost(self.client.send(&req).await)?;
@@ -343,7 +423,7 @@ impl Bridge {
                 self.changed(&tables);
                 self.stats.rows_pushed.fetch_add(1, Ordering::Relaxed);
                 self.push_files_of(&item).await?;
-                return Ok(());
+                return Ok(RowOutcome::Done);
             }
             self.not_applied(std::slice::from_ref(&item), resp.status)?;
             let err = resp.error();
@@ -361,7 +441,7 @@ impl Bridge {
                         }
                         _ => {
                             self.refused(&item.table, item.id, &err);
-                            return Ok(());
+                            return Ok(RowOutcome::Done);
                         }
                     }
                 }
@@ -374,20 +454,14 @@ impl Bridge {
                         // this row waits for its next change, the others go on.
                         Err(e) if e.is_refusal() || matches!(e, UpstreamError::BadReply(_)) => {
                             self.refused(&item.table, item.id, &e);
-                            return Ok(());
+                            return Ok(RowOutcome::Done);
                         }
                         Err(e) if e.is_round_wide() => return Err(e),
                         // It may be read later (a `5xx`): held back until then, the others
                         // go on.
                         Err(e) => {
-                            let intent = state::write_intent(
-                                lock(&self.replica).store(),
-                                &item.table,
-                                item.id,
-                            )?
-                            .unwrap_or_default();
-                            self.hold_back(&item.table, item.id, intent, &e)?;
-                            return Ok(());
+                            self.hold_back(&item.table, item.id, &e, true)?;
+                            return Ok(RowOutcome::Held);
                         }
                     };
                     match refreshed {
@@ -395,15 +469,15 @@ impl Bridge {
                         // it does not have. Writing again would get the same answer.
                         Some(next) if resp.status == 404 && etag_of(&next) == sent.as_deref() => {
                             self.refused(&next.table, next.id, &err);
-                            return Ok(());
+                            return Ok(RowOutcome::Done);
                         }
                         Some(next) => item = next,
-                        None => return Ok(()), // nothing left to write
+                        None => return Ok(RowOutcome::Done), // nothing left to write
                     }
                 }
                 _ if err.is_refusal() => {
                     self.refused(&item.table, item.id, &err);
-                    return Ok(());
+                    return Ok(RowOutcome::Done);
                 }
                 _ => return Err(err),
             }

@@ -11,7 +11,11 @@
 //!   ([`PendingDownload`]): the row itself was applied, the download is retried with back-off;
 //! - `wi/<table>\0<id>` → a write sent to Dataverse whose reply has not come back
 //!   ([`WriteIntent`]): what the hub asked Dataverse to hold, so a lost reply does not make the
-//!   hub's own write look like Dataverse's change.
+//!   hub's own write look like Dataverse's change;
+//! - `rs/<table>\0<id>` → a row held back from a push whose changes the push cursor has passed
+//!   ([`Resend`]): it must still be written. Only the push sets and clears it (a pull or a
+//!   read never does), so nothing but the row's write — or Dataverse refusing it for good —
+//!   forgets it.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +33,7 @@ const P_BASE: &[u8] = b"bs/";
 const P_FILE_WAIT: &[u8] = b"fw/";
 const P_PENDING_DOWNLOAD: &[u8] = b"pd/";
 const P_WRITE_INTENT: &[u8] = b"wi/";
+const P_RESEND: &[u8] = b"rs/";
 
 /// The row as Dataverse last had it, as far as the hub knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,22 +78,30 @@ pub struct PendingDownload {
 /// a reply saying it was not applied (a `4xx`), or by the row's next read — at the latest the
 /// one that starts the next push round, so a later change made in Dataverse is not taken for
 /// the hub's own write. A row that read cannot get (a `5xx`, a row too large to read) keeps its
-/// intent and is held back from the push, for at most [`INTENT_READ_ATTEMPTS_MAX`] rounds: one
-/// such row must not stop the others.
+/// intent and is held back from the push with a [`Resend`] mark: one such row must not stop
+/// the others.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteIntent {
     pub values: BTreeMap<String, Vec<Value>>,
-    /// Rounds whose read of the row failed so far.
-    #[serde(default)]
-    pub read_failures: u32,
-    /// The row was held back from a push (its read failed): once read, what the hub holds is
-    /// written, as the push cursor has moved past its changes.
-    #[serde(default)]
-    pub resend: bool,
 }
 
-/// Rounds a row whose write intent cannot be read is held back before the intent is dropped
-/// (with a warning): the row is then written again only with its next change.
+/// A row held back from a push (its write intent or its conflict could not be read): the push
+/// cursor moved past its changes, so this mark is what says the row must still be written. Set
+/// by the hold-back in one durable write before the cursor moves; cleared only once the row's
+/// write and its files went through, or Dataverse refused the write for good (a `4xx`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resend {
+    /// Rounds whose read of the row failed so far (a table's failed pull does not count).
+    pub read_failures: u32,
+    /// Past [`INTENT_READ_ATTEMPTS_MAX`] failures, the row is not read again before this time
+    /// (milliseconds since the Unix epoch): it backs off, it is never dropped.
+    pub retry_at_ms: u64,
+    /// Why it was last held back.
+    pub last_error: String,
+}
+
+/// Rounds in a row a held row is read again; after that its reads back off (doubling from
+/// `file_retry_ms` up to `file_retry_max_ms`), the row still held and still to be written.
 pub const INTENT_READ_ATTEMPTS_MAX: u32 = 10;
 
 /// Values kept per column of a [`WriteIntent`]: a row whose replies keep getting lost forgets
@@ -309,6 +322,19 @@ pub fn write_intents(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamErro
     rows_under(store, P_WRITE_INTENT, "write intent key")
 }
 
+/// The mark of a row held back from a push, if any ([`Resend`]).
+pub fn resend(store: &Store, table: &str, id: RowId) -> Result<Option<Resend>, UpstreamError> {
+    store
+        .aux_get(SPACE, &row_key(P_RESEND, table, id))?
+        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("resend mark")))
+        .transpose()
+}
+
+/// Every row held back from a push that is still to be written.
+pub fn resends(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> {
+    rows_under(store, P_RESEND, "resend mark key")
+}
+
 /// A batch of state changes, written in one atomic step.
 #[derive(Debug, Default)]
 pub struct StateWrites(Vec<AuxWrite>);
@@ -370,6 +396,23 @@ impl StateWrites {
     pub fn remove_write_intent(&mut self, table: &str, id: RowId) {
         self.0
             .push(AuxWrite::Remove(row_key(P_WRITE_INTENT, table, id)));
+    }
+
+    pub fn put_resend(
+        &mut self,
+        table: &str,
+        id: RowId,
+        mark: &Resend,
+    ) -> Result<(), UpstreamError> {
+        let bytes = serde_json::to_vec(mark)
+            .map_err(|e| UpstreamError::State(format!("a resend mark does not serialize: {e}")))?;
+        self.0
+            .push(AuxWrite::Put(row_key(P_RESEND, table, id), bytes));
+        Ok(())
+    }
+
+    pub fn remove_resend(&mut self, table: &str, id: RowId) {
+        self.0.push(AuxWrite::Remove(row_key(P_RESEND, table, id)));
     }
 
     pub fn set_delta_link(&mut self, table: &str, link: Option<&str>) {
