@@ -35,7 +35,9 @@
 //! out): the next N requests that apply a write are applied and their connection closed with no
 //! reply, as a reset connection would leave a client; the next M file downloads answer `503`;
 //! reads of row ID by id answer `500` until an empty ID clears it; with `fail_writes=K`, the
-//! next K single write requests (not a `$batch`) answer `503` with nothing applied.
+//! next K single write requests (not a `$batch`) answer `503` with nothing applied; with
+//! `fail_queries_of=SET`, queries of that entity set (its pages and changes) answer `500` until
+//! an empty SET clears it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,7 +106,8 @@ pub struct EmulatorArgs {
     /// closes before the reply is whole; and the next M file
     /// downloads (`.../$value`) answer `503`; with `fail_reads_of=ID`, reads of that row by id
     /// answer `500` (an empty ID clears it); with `fail_writes=K`, the next K single write
-    /// requests answer `503` unapplied. Off by default; Dataverse has no such thing.
+    /// requests answer `503` unapplied; with `fail_queries_of=SET`, queries of that entity set
+    /// answer `500` (an empty SET clears it). Off by default; Dataverse has no such thing.
     #[arg(long, hide = true)]
     pub test_faults: bool,
 }

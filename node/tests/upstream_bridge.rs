@@ -1415,3 +1415,42 @@ async fn a_held_row_whose_catch_up_write_fails_is_written_later() {
     assert_eq!(upstream_name(&emu, held).await, "Device Later");
     assert_eq!(hub_name(&replica, held), text("Device Later"));
 }
+
+/// M4: a lost create in a table whose pull keeps failing (not the whole round's failure) is
+/// held, not counted as the row's read failure and never dropped: once the table can be pulled
+/// the row (with the device's later edit) is written.
+#[tokio::test]
+async fn a_lost_create_in_a_table_that_cannot_be_pulled_is_never_dropped() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let id = Uuid::new_v4();
+    hub_write(&replica, "account", id, &[("name", text("Created"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.fail_queries_of(Some("accounts")).await;
+    hub_write(
+        &replica,
+        "account",
+        id,
+        &[("name", text("Edited Meanwhile"))],
+    );
+    for _ in 0..12 {
+        b.push().await.unwrap();
+        let mark = resend_mark(&replica, id).expect("held");
+        assert_eq!(
+            mark.read_failures, 0,
+            "a table's failed pull is not the row's read"
+        );
+    }
+    assert_eq!(upstream_name(&emu, id).await, "Created");
+    emu.fail_queries_of(None).await;
+    b.sync_once().await.unwrap();
+    assert_eq!(upstream_name(&emu, id).await, "Edited Meanwhile");
+    assert_eq!(hub_name(&replica, id), text("Edited Meanwhile"));
+}

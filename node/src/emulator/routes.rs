@@ -54,6 +54,9 @@ pub struct AppState {
     /// Tests only (`--test-faults`): single write requests (not a `$batch`) still to be
     /// answered `503` without applying anything.
     fail_writes: std::sync::atomic::AtomicU32,
+    /// Tests only (`--test-faults`): the entity set whose queries (pages, changes) answer
+    /// `500`, until cleared.
+    fail_queries_of: Mutex<Option<String>>,
 }
 
 /// One request, as the dispatcher sees it.
@@ -224,6 +227,7 @@ impl AppState {
             fail_file_downloads: std::sync::atomic::AtomicU32::new(0),
             fail_reads_of: Mutex::new(None),
             fail_writes: std::sync::atomic::AtomicU32::new(0),
+            fail_queries_of: Mutex::new(None),
         };
         if state.config.example.as_deref() == Some("field-service") {
             let conn = state.db();
@@ -253,6 +257,15 @@ impl AppState {
     /// Whether this write is to fail unapplied (`--test-faults`), counting it.
     fn take_failed_write(&self, method: &str, path: &str) -> bool {
         is_write(method) && path != "$batch" && take_one(&self.fail_writes)
+    }
+
+    /// Whether this request queries the entity set whose queries are to fail (`--test-faults`).
+    fn fails_query(&self, method: &str, path: &str) -> bool {
+        let failing = self
+            .fail_queries_of
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        method == "GET" && failing.as_deref() == Some(path)
     }
 
     /// Whether this request reads the row whose reads are to fail (`--test-faults`).
@@ -401,6 +414,11 @@ async fn handle_http(State(state): State<Arc<AppState>>, req: axum::extract::Req
         let failed = ApiError::new(503, errors::INTERNAL, "Test fault: the write failed.");
         return to_axum(failed.into());
     }
+    if state.fails_query(&method, &path) {
+        tracing::info!("test fault: a query fails");
+        let failed = ApiError::new(500, errors::INTERNAL, "Test fault: the query failed.");
+        return to_axum(failed.into());
+    }
     if state.fails_read(&method, &path) {
         tracing::info!("test fault: a row's read fails");
         let failed = ApiError::new(500, errors::INTERNAL, "Test fault: the row cannot be read.");
@@ -505,7 +523,8 @@ const TEST_FAULTS_PATH: &str = "/_test/faults";
 /// `POST /_test/faults?drop_write_replies=N&fail_file_downloads=M&fail_reads_of=ID&fail_writes=K`:
 /// the next N writes that apply something lose their replies; the next M file downloads answer
 /// `503`; reads of row ID by id answer `500` (an empty ID clears it); the next K single write
-/// requests answer `503` unapplied. Each is optional (an absent one is left as it was); at
+/// requests answer `503` unapplied; queries of entity set SET (`fail_queries_of=SET`: its pages
+/// and changes) answer `500` (an empty SET clears it). Each is optional (an absent one is left as it was); at
 /// least one is expected.
 fn set_test_faults(state: &AppState, query: &str) -> Response {
     let count = |name: &str| -> Result<Option<u32>, ()> {
@@ -526,6 +545,10 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
         Some("") => Ok(Some(None)),
         Some(v) => Uuid::parse_str(v).map(|id| Some(Some(id))).map_err(|_| ()),
     };
+    let queries = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("fail_queries_of="))
+        .map(|set| (!set.is_empty()).then(|| set.to_string()));
     match (
         count("drop_write_replies"),
         count("fail_file_downloads"),
@@ -533,8 +556,18 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
         count("fail_writes"),
     ) {
         (Ok(drops), Ok(fails), Ok(reads), Ok(writes))
-            if drops.is_some() || fails.is_some() || reads.is_some() || writes.is_some() =>
+            if drops.is_some()
+                || fails.is_some()
+                || reads.is_some()
+                || writes.is_some()
+                || queries.is_some() =>
         {
+            if let Some(set) = queries {
+                *state
+                    .fail_queries_of
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = set;
+            }
             let at = std::sync::atomic::Ordering::SeqCst;
             if let Some(id) = reads {
                 *state.fail_reads_of.lock().unwrap_or_else(|e| e.into_inner()) = id;
@@ -557,7 +590,7 @@ fn set_test_faults(state: &AppState, query: &str) -> Response {
             ApiError::new(
                 400,
                 errors::BAD_PAYLOAD,
-                "Expected ?drop_write_replies=<count>, ?fail_file_downloads=<count>, ?fail_reads_of=<row id> and/or ?fail_writes=<count>.",
+                "Expected ?drop_write_replies=<count>, ?fail_file_downloads=<count>, ?fail_reads_of=<row id>, ?fail_writes=<count> and/or ?fail_queries_of=<entity set>.",
             )
             .into(),
         ),

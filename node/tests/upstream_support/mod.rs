@@ -137,6 +137,13 @@ impl Emulator {
         self.set_fault("fail_writes", n).await;
     }
 
+    /// Queries of entity set `set` (a table's pages and changes) answer `500` (`None` clears
+    /// it; started with `--test-faults`).
+    pub async fn fail_queries_of(&self, set: Option<&str>) {
+        self.set_fault("fail_queries_of", set.unwrap_or_default())
+            .await;
+    }
+
     async fn set_fault(&self, name: &str, value: impl std::fmt::Display) {
         let resp = self
             .http
