@@ -13,13 +13,27 @@
 //!   lost, the row's next read takes what Dataverse holds of them as the hub's own write. A
 //!   `4xx` reply drops the intent (nothing was applied), and each push round starts by reading
 //!   the rows whose intents are left — after pulling the tables that hold a lost create, so a
-//!   create deleted in Dataverse since is not made again. A row that read cannot get (a `5xx`,
-//!   a row past `response_bytes_max`) keeps its intent and is held back while the others go
-//!   on; once read it is settled and written, and after
-//!   [`state::INTENT_READ_ATTEMPTS_MAX`] rounds it is given up (intent dropped, the row written
-//!   again with its next change). Only a failure of the whole round
+//!   create deleted in Dataverse since is not made again. A row that cannot be settled or
+//!   written now — its read fails (a `5xx`, a row past `response_bytes_max`), its write gets
+//!   a `5xx` or meets conflicts without end, or its table's changes (needed to settle a lost
+//!   create) cannot be pulled — is held back while the others go on: it keeps its intent and
+//!   gets a durable "still to be written" mark (`rs/`, [`state::Resend`]) before the cursor
+//!   moves past its changes. Only the push touches that mark (a pull that reads the row
+//!   settles its intent, not the mark); each round writes the marked rows first, and a mark is
+//!   cleared only once the row's write and files went through or Dataverse refused it for
+//!   good. A held row is never dropped: after [`state::INTENT_READ_ATTEMPTS_MAX`] failed rounds
+//!   its tries back off (doubling from `file_retry_ms` to `file_retry_max_ms`). A change set's
+//!   `5xx` is retried one request per row. Only a failure of the whole round
 //!   ([`UpstreamError::is_round_wide`]: no connection, no reply, credentials, throttling) ends
 //!   a round.
+//!
+//!   Known limits: a held row is written on its own before the round's other rows, not
+//!   through `lookup_targets_first` and the round's relinks, so a held row whose lookup names a
+//!   row created later in the same round can have that write refused (`404`, counted in
+//!   `refused`) or be created without the lookup, which is not linked afterwards (it is
+//!   written with the row's next change). A held row's write intent is kept while it is held,
+//!   so an office change holding a value the hub once sent is taken for the hub's write until
+//!   the row is read.
 //! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of
@@ -178,9 +192,9 @@ pub struct BridgeStats {
     /// File downloads from Dataverse that failed: their rows were applied, the files are
     /// tried again with back-off (`upstream` aux records `pd/`).
     pub downloads_failed: AtomicU64,
-    /// Rows holding a write intent that could not be read at the start of a push round (a
-    /// `5xx`, a row past `response_bytes_max`, ...): the intent is kept (up to
-    /// [`state::INTENT_READ_ATTEMPTS_MAX`] rounds), the row is held back, the others go on.
+    /// Times a row was held back from a push (its write intent or conflict could not be read,
+    /// its write got a `5xx`, its table's changes could not be pulled): the row is marked to be
+    /// written later (`rs/`), never dropped; the others go on.
     pub intents_unsettled: AtomicU64,
     /// A device's file not sent because Dataverse holds a newer file for that column that has
     /// not come down yet (Dataverse's wins; the device's is not sent later).
