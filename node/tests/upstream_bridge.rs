@@ -1047,13 +1047,22 @@ fn write_intent(
     fieldsync_node::upstream::state::write_intent(r.store(), "account", id).unwrap()
 }
 
-/// A row's "held back, still to be written" mark, if any.
+/// An account's "held back, still to be written" mark, if any.
 fn resend_mark(
     replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
     id: Uuid,
 ) -> Option<fieldsync_node::upstream::state::Resend> {
+    resend_mark_of(replica, "account", id)
+}
+
+/// A row's "held back, still to be written" mark, if any.
+fn resend_mark_of(
+    replica: &std::sync::Mutex<fieldsync_replication::replica::HubReplica>,
+    table: &str,
+    id: Uuid,
+) -> Option<fieldsync_node::upstream::state::Resend> {
     let r = replica.lock().unwrap();
-    fieldsync_node::upstream::state::resend(r.store(), "account", id).unwrap()
+    fieldsync_node::upstream::state::resend(r.store(), table, id).unwrap()
 }
 
 /// The office renames the row in Dataverse; a round later both sides hold the office's name.
@@ -1476,4 +1485,41 @@ async fn a_rows_server_error_holds_only_that_row_back() {
     b.push().await.unwrap();
     assert_eq!(upstream_name(&emu, failing).await, "Failing");
     assert_eq!(resend_mark(&replica, failing), None);
+}
+
+/// M3: a held row goes with the round's other rows, so its lookup to a row created in the same
+/// round is written after that row exists (not refused as a lookup to a row Dataverse lacks).
+#[tokio::test]
+async fn a_held_rows_lookup_to_a_row_created_in_the_same_round_is_written() {
+    let (
+        EmulatorAndHub {
+            emu,
+            replica,
+            dir: _dir,
+        },
+        b,
+    ) = lost_reply_setup().await;
+    let (contact, account) = (Uuid::new_v4(), Uuid::new_v4());
+    hub_write(&replica, "contact", contact, &[("lastname", text("First"))]);
+    b.push().await.unwrap();
+    hub_write(&replica, "contact", contact, &[("lastname", text("Lost"))]);
+    emu.drop_write_replies(1).await;
+    b.push().await.unwrap_err();
+    emu.fail_reads_of(Some(contact)).await;
+    hub_write(
+        &replica,
+        "contact",
+        contact,
+        &[("parentcustomerid", Value::Lookup(account))],
+    );
+    b.push().await.unwrap();
+    assert!(resend_mark_of(&replica, "contact", contact).is_some());
+    // The lookup's target is made in the round that writes the held row.
+    hub_write(&replica, "account", account, &[("name", text("Parent"))]);
+    emu.fail_reads_of(None).await;
+    b.push().await.unwrap();
+    let c = emu.row("contacts", contact).await.unwrap();
+    assert_eq!(c["_parentcustomerid_value"], account.to_string(), "{c}");
+    assert_eq!(c["lastname"], "Lost");
+    assert_eq!(resend_mark_of(&replica, "contact", contact), None);
 }

@@ -19,21 +19,17 @@
 //!   create) cannot be pulled — is held back while the others go on: it keeps its intent and
 //!   gets a durable "still to be written" mark (`rs/`, [`state::Resend`]) before the cursor
 //!   moves past its changes. Only the push touches that mark (a pull that reads the row
-//!   settles its intent, not the mark); each round writes the marked rows first, and a mark is
+//!   settles its intent, not the mark), and a mark is
 //!   cleared only once the row's write and files went through or Dataverse refused it for
-//!   good. A held row is never dropped: after [`state::INTENT_READ_ATTEMPTS_MAX`] failed rounds
-//!   its tries back off (doubling from `file_retry_ms` to `file_retry_max_ms`). A change set's
-//!   `5xx` is retried one request per row. Only a failure of the whole round
+//!   good. Marked rows go with the round's first batch (their lookups ordered and relinked like
+//!   the others'). A held row is never dropped: after [`state::INTENT_READ_ATTEMPTS_MAX`]
+//!   failed rounds its tries back off (doubling from `file_retry_ms` to `file_retry_max_ms`). A
+//!   change set's `5xx` is retried one request per row. Only a failure of the whole round
 //!   ([`UpstreamError::is_round_wide`]: no connection, no reply, credentials, throttling) ends
 //!   a round.
 //!
-//!   Known limits: a held row is written on its own before the round's other rows, not
-//!   through `lookup_targets_first` and the round's relinks, so a held row whose lookup names a
-//!   row created later in the same round can have that write refused (`404`, counted in
-//!   `refused`) or be created without the lookup, which is not linked afterwards (it is
-//!   written with the row's next change). A held row's write intent is kept while it is held,
-//!   so an office change holding a value the hub once sent is taken for the hub's write until
-//!   the row is read.
+//!   Known limit: a held row's write intent is kept while it is held, so until the row is read
+//!   an office change holding a value the hub once sent is taken for the hub's write.
 //! - **Files** ([`files`]): downloaded in ranges into a temporary file written off the async
 //!   workers. A download that fails leaves the column as the hub had it, records the row as a
 //!   pending download and lets the rest of the page (and the delta link) go on; each pull of

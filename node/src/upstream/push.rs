@@ -55,13 +55,22 @@ impl Bridge {
     /// Writes what devices (and hub operators) changed since the cursor; moves the cursor only
     /// after Dataverse acknowledged all of it.
     pub async fn push(&self) -> Result<(), UpstreamError> {
-        let held = self.settle_intents().await?;
+        let (held, mut catch_up) = self.settle_intents().await?;
         self.push_waiting_files(&held).await?;
         loop {
-            let (items, last) = self.pending(&held)?;
-            let Some(last) = last else {
+            let (mut items, last) = self.pending(&held)?;
+            if !catch_up.is_empty() {
+                // Rows held back earlier go with the first batch, so their lookups are ordered
+                // and relinked like the others'; a row also changed since is sent once, as now.
+                let pending: BTreeSet<(&str, RowId)> =
+                    items.iter().map(|i| (i.table.as_str(), i.id)).collect();
+                catch_up.retain(|i| !pending.contains(&(i.table.as_str(), i.id)));
+                catch_up.append(&mut items);
+                items = lookup_targets_first(std::mem::take(&mut catch_up));
+            }
+            if items.is_empty() && last.is_none() {
                 return Ok(());
-            };
+            }
             let chunk = self.config.batch_size.clamp(1, BATCH_REQUESTS_MAX);
             let mut relink = Vec::new();
             for group in items.chunks(chunk) {
@@ -77,22 +86,28 @@ impl Bridge {
                     self.push_one(item, &mut Vec::new()).await?;
                 }
             }
+            let Some(last) = last else {
+                return Ok(()); // only held rows were written
+            };
             state::set_cursor(lock(&self.replica).store(), last)?;
             debug!(cursor = last, rows = items.len(), "push acknowledged");
         }
     }
 
-    /// Settles the writes whose reply was lost in an earlier round and writes the rows held
-    /// back from earlier pushes ([`state::Resend`]), before anything else is sent: a row with a
-    /// write intent is read again (one `GET`) and merged, which says what Dataverse made of the
-    /// write and clears its intent; a held row is then written (one whose intent a pull already
-    /// settled is written straight away). A row that cannot be read for good (or of a table no
-    /// longer relayed) has its intent dropped. One whose read fails otherwise (a `5xx`, a row
-    /// past `response_bytes_max`) keeps its intent and is held back from this round's push —
-    /// the rows returned — until it can be read: every round at first, then backing off after
+    /// Settles the writes whose reply was lost in an earlier round and finds what the rows held
+    /// back from earlier pushes ([`state::Resend`]) have to write, before anything else is
+    /// sent: a row with a write intent is read again (one `GET`) and merged, which says what
+    /// Dataverse made of the write and clears its intent; a held row's write is then returned
+    /// (one whose intent a pull already settled straight away), for the round's first batch. A
+    /// row that cannot be read for good (or of a table no longer relayed) has its intent
+    /// dropped. One whose read fails otherwise (a `5xx`, a row past `response_bytes_max`) keeps
+    /// its intent and is held back from this round's push — the rows returned first — until it
+    /// can be read: every round at first, then backing off after
     /// [`state::INTENT_READ_ATTEMPTS_MAX`] failures, never dropped. Only a failure of the whole
     /// round (Dataverse away) ends it.
-    async fn settle_intents(&self) -> Result<BTreeSet<(String, RowId)>, UpstreamError> {
+    async fn settle_intents(
+        &self,
+    ) -> Result<(BTreeSet<(String, RowId)>, Vec<Item>), UpstreamError> {
         let (intents, marked) = {
             let hub = lock(&self.replica);
             (
@@ -104,6 +119,7 @@ impl Bridge {
         let rows: BTreeSet<(String, RowId)> = intents.into_iter().chain(marked).collect();
         let now = super::files::unix_ms();
         let mut held = BTreeSet::new();
+        let mut catch_up = Vec::new();
         for (table, id) in rows {
             let (intent, mark, has_base) = {
                 let hub = lock(&self.replica);
@@ -171,15 +187,11 @@ impl Bridge {
                 continue; // its changes are still after the cursor: the push writes them
             }
             match next {
-                Some(item) => self.push_one(item, &mut Vec::new()).await?,
+                Some(item) => catch_up.push(item),
                 None => self.unmark(&table, id)?, // nothing to write (deleted on both sides)
             }
-            // Its write's conflict could not be read: held again.
-            if state::resend(lock(&self.replica).store(), &table, id)?.is_some() {
-                held.insert((table, id));
-            }
         }
-        Ok(held)
+        Ok((held, catch_up))
     }
 
     /// A create whose reply was lost, of a row Dataverse does not have now, was either never
