@@ -19,14 +19,13 @@
 //!   create) cannot be pulled — is held back while the others go on: it keeps its intent and
 //!   gets a durable "still to be written" mark (`rs/`, [`state::Resend`]) before the cursor
 //!   moves past its changes. Only the push touches that mark (a pull that reads the row
-//!   settles its intent, not the mark), and a mark is
-//!   cleared only once the row's write and files went through or Dataverse refused it for
-//!   good. Marked rows go with the round's first batch (their lookups ordered and relinked like
-//!   the others'). A held row is never dropped: after [`state::INTENT_READ_ATTEMPTS_MAX`]
-//!   failed rounds its tries back off (doubling from `file_retry_ms` to `file_retry_max_ms`). A
-//!   change set's `5xx` is retried one request per row. Only a failure of the whole round
-//!   ([`UpstreamError::is_round_wide`]: no connection, no reply, credentials, throttling) ends
-//!   a round.
+//!   settles its intent, not the mark), and a mark is cleared only once the row's write and
+//!   files went through or Dataverse refused it for good. Marked rows go with the round's
+//!   first batch (their lookups ordered and relinked like the others'). A held row is never
+//!   dropped: after [`state::INTENT_READ_ATTEMPTS_MAX`] failed rounds its tries back off
+//!   (doubling from `file_retry_ms` to `file_retry_max_ms`). A change set's `5xx` is retried
+//!   one request per row. Only a failure of the whole round ([`UpstreamError::is_round_wide`]:
+//!   no connection, no reply, credentials, throttling) ends a round.
 //!
 //!   Known limit: a held row's write intent is kept while it is held, so until the row is read
 //!   an office change holding a value the hub once sent is taken for the hub's write.
