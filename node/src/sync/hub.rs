@@ -680,7 +680,7 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
             ),
             (
                 "intents_unsettled_total",
-                "Times a row was held back from a push (its read or write failed, or its table could not be pulled); it is written later, never dropped.",
+                "Times a row was held back from a push (its read failed, or its table could not be pulled); it is written later, never dropped.",
                 &up.intents_unsettled,
             ),
             (

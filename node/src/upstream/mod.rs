@@ -13,19 +13,19 @@
 //!   lost, the row's next read takes what Dataverse holds of them as the hub's own write. A
 //!   `4xx` reply drops the intent (nothing was applied), and each push round starts by reading
 //!   the rows whose intents are left — after pulling the tables that hold a lost create, so a
-//!   create deleted in Dataverse since is not made again. A row that cannot be settled or
-//!   written now — its read fails (a `5xx`, a row past `response_bytes_max`), its write gets
-//!   a `5xx` or meets conflicts without end, or its table's changes (needed to settle a lost
-//!   create) cannot be pulled — is held back while the others go on: it keeps its intent and
+//!   create deleted in Dataverse since is not made again. A row that cannot be settled
+//!   now — its read fails (a `5xx`, a row past `response_bytes_max`), or its table's changes
+//!   (needed to settle a lost create) cannot be pulled — is held back while the others go on: it keeps its intent and
 //!   gets a durable "still to be written" mark (`rs/`, [`state::Resend`]) before the cursor
 //!   moves past its changes. Only the push touches that mark (a pull that reads the row
 //!   settles its intent, not the mark), and a mark is cleared only once the row's write and
 //!   files went through or Dataverse refused it for good. Marked rows go with the round's
 //!   first batch (their lookups ordered and relinked like the others'). A held row is never
 //!   dropped: after [`state::INTENT_READ_ATTEMPTS_MAX`] failed rounds its tries back off
-//!   (doubling from `file_retry_ms` to `file_retry_max_ms`). A change set's `5xx` is retried
-//!   one request per row. Only a failure of the whole round ([`UpstreamError::is_round_wide`]:
-//!   no connection, no reply, credentials, throttling) ends a round.
+//!   (doubling from `file_retry_ms` to `file_retry_max_ms`). Reads end a round only on a
+//!   failure of the whole round ([`UpstreamError::is_round_wide`]: no connection, no reply,
+//!   credentials, throttling); a write's `5xx` or conflicts without end still end it (known
+//!   limit: a row whose write always fails stops the push until it is fixed upstream).
 //!
 //!   Known limit: a held row's write intent is kept while it is held, so until the row is read
 //!   an office change holding a value the hub once sent is taken for the hub's write.
@@ -188,7 +188,7 @@ pub struct BridgeStats {
     /// tried again with back-off (`upstream` aux records `pd/`).
     pub downloads_failed: AtomicU64,
     /// Times a row was held back from a push (its write intent or conflict could not be read,
-    /// its write got a `5xx`, its table's changes could not be pulled): the row is marked to be
+    /// or its table's changes could not be pulled): the row is marked to be
     /// written later (`rs/`), never dropped; the others go on.
     pub intents_unsettled: AtomicU64,
     /// A device's file not sent because Dataverse holds a newer file for that column that has

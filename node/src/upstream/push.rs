@@ -247,9 +247,9 @@ impl Bridge {
         let hub = lock(&self.replica);
         let mut mark = state::resend(hub.store(), table, id)?.unwrap_or_default();
         if counted {
-            mark.failures = mark.failures.saturating_add(1);
+            mark.read_failures = mark.read_failures.saturating_add(1);
             let past = mark
-                .failures
+                .read_failures
                 .saturating_sub(state::INTENT_READ_ATTEMPTS_MAX - 1);
             if past > 0 {
                 let wait = self.config.file_retry_delay(past).as_millis() as u64;
@@ -257,7 +257,7 @@ impl Bridge {
             }
         }
         mark.last_error = error.to_string();
-        warn!(%table, %id, %error, failures = mark.failures, retry_at_ms = mark.retry_at_ms, "a row's write cannot be settled or made now; it is held back, the others go on");
+        warn!(%table, %id, %error, read_failures = mark.read_failures, retry_at_ms = mark.retry_at_ms, "a row with a lost reply or a conflict cannot be read; it is held back, the others go on");
         let mut w = StateWrites::default();
         w.put_resend(table, id, &mark)?;
         w.commit(hub.store())
@@ -380,9 +380,7 @@ impl Bridge {
                         status = resp.status,
                         "change set failed; writing one by one"
                     );
-                    // A `5xx` may be one row's (a failing plugin): row by row, that row is
-                    // held back and the others go on.
-                    if resp.status == 429 {
+                    if resp.status == 429 || resp.status >= 500 {
                         return Err(resp.error());
                     }
                 }
@@ -493,21 +491,13 @@ impl Bridge {
                     self.refused(&item.table, item.id, &err);
                     return Ok(RowOutcome::Done);
                 }
-                // This row's server error (a failing plugin): held back, the others go on.
-                // Applied or not, its intent is kept for the next read to settle.
-                _ if resp.status >= 500 => {
-                    self.hold_back(&item.table, item.id, &err, true)?;
-                    return Ok(RowOutcome::Held);
-                }
                 _ => return Err(err),
             }
         }
-        let churn = UpstreamError::BadReply(format!(
+        Err(UpstreamError::BadReply(format!(
             "{} {} kept changing upstream ({CONFLICT_RETRIES} conflicts in a row)",
             item.table, item.id
-        ));
-        self.hold_back(&item.table, item.id, &churn, true)?;
-        Ok(RowOutcome::Held)
+        )))
     }
 
     /// Saves what the hub is about to ask Dataverse to hold for these rows, before it asks:

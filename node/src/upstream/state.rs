@@ -85,16 +85,14 @@ pub struct WriteIntent {
     pub values: BTreeMap<String, Vec<Value>>,
 }
 
-/// A row held back from a push (its write intent or its conflict could not be read, or its
-/// write failed with a `5xx` or kept meeting conflicts): the push
+/// A row held back from a push (its write intent or its conflict could not be read): the push
 /// cursor moved past its changes, so this mark is what says the row must still be written. Set
 /// by the hold-back in one durable write before the cursor moves; cleared only once the row's
 /// write and its files went through, or Dataverse refused the write for good (a `4xx`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resend {
-    /// Rounds whose read or write of the row failed so far (a `5xx`, a row too large to read,
-    /// conflicts without end; a table's failed pull does not count).
-    pub failures: u32,
+    /// Rounds whose read of the row failed so far (a table's failed pull does not count).
+    pub read_failures: u32,
     /// Past [`INTENT_READ_ATTEMPTS_MAX`] failures, the row is not read again before this time
     /// (milliseconds since the Unix epoch): it backs off, it is never dropped.
     pub retry_at_ms: u64,
