@@ -303,7 +303,7 @@ impl<R: Read> Read for AtMost<R> {
 
 /// Stores the file at `path` on the device; the value to put in `column`.
 fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Result<Value> {
-    let f = std::fs::File::open(path)
+    let mut f = std::fs::File::open(path)
         .with_context(|| format!("cannot open {} for column `{column}`", path.display()))?;
     let meta = f
         .metadata()
@@ -320,7 +320,6 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         );
     }
     let image = table.column(column).map(|c| c.ty) == Some(ColumnType::Image);
-    let mut f = f;
     let mut head = Vec::with_capacity(ImageFormat::SNIFF_BYTES);
     (&mut f)
         .take(ImageFormat::SNIFF_BYTES as u64)
@@ -578,7 +577,7 @@ fn read_import_file(table: &Table, file: &Path) -> Result<Vec<ImportRow>> {
 }
 
 /// Names the lines of an import file that a refused bulk insert points at.
-fn import_error(file: &Path, rows: &[(usize, Option<RowId>)], error: WriteError) -> anyhow::Error {
+fn import_error(file: &Path, rows: &[(usize, RowId)], error: WriteError) -> anyhow::Error {
     let row = match &error {
         WriteError::RowExists { id, .. } | WriteError::RowDeleted { id, .. } => Some(*id),
         WriteError::ChangeTooLarge { row, .. } => Some(*row),
@@ -586,7 +585,7 @@ fn import_error(file: &Path, rows: &[(usize, Option<RowId>)], error: WriteError)
     };
     let lines: Vec<usize> = rows
         .iter()
-        .filter(|(_, id)| id.is_some() && *id == row)
+        .filter(|(_, id)| Some(*id) == row)
         .map(|(line, _)| *line)
         .collect();
     let file = file.display();
@@ -620,12 +619,12 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
     // limit) before it writes anything.
     // Every row gets its id here (as the store would give it), so that any error about a
     // row names the row's line.
-    let mut lines: Vec<(usize, Option<RowId>)> = Vec::with_capacity(rows.len());
+    let mut lines: Vec<(usize, RowId)> = Vec::with_capacity(rows.len());
     let rows: Vec<BulkRow> = rows
         .into_iter()
         .map(|(line, id, values)| {
             let id = id.unwrap_or_else(|| store.new_row_id());
-            lines.push((line, Some(id)));
+            lines.push((line, id));
             BulkRow {
                 id: Some(id),
                 values,

@@ -5,6 +5,14 @@
 pub mod multipart;
 pub mod upstream;
 
+/// Milliseconds since the Unix epoch (a clock before 1970 counts as 0).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Runs blocking work (the hub replica's lock and storage, fsyncs included) without holding a
 /// runtime worker: in `block_in_place` on a multi-threaded runtime, so the worker's other tasks
 /// (quinn's endpoint driver, handshakes, the metrics port) move to another thread; directly

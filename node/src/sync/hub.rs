@@ -315,15 +315,21 @@ impl LiveSessions {
         let mut ended = 0;
         for (_, token, conn) in map.values() {
             if *token == token_id {
-                conn.close(
-                    quinn::VarInt::from_u32(codes::AUTH_REVOKED),
-                    b"the token was revoked",
-                );
+                close_revoked(conn);
                 ended += 1;
             }
         }
         ended
     }
+}
+
+/// Ends a session whose token was revoked: its device hears `AUTH_REVOKED`, as a new
+/// connection with the token would.
+fn close_revoked(conn: &quinn::Connection) {
+    conn.close(
+        quinn::VarInt::from_u32(codes::AUTH_REVOKED),
+        b"the token was revoked",
+    );
 }
 
 /// A running hub: its endpoint and the tasks serving it.
@@ -485,10 +491,7 @@ async fn serve_connection(runtime: Arc<HubRuntime>, conn: quinn::Connection) {
     // `LiveSessions::end_revoked`; it is on record by now, so this read sees it.
     if registry.status(&token.token_id) == TokenStatus::Revoked {
         runtime.sessions.release(token.device_id, ticket);
-        conn.close(
-            quinn::VarInt::from_u32(codes::AUTH_REVOKED),
-            b"the token was revoked",
-        );
+        close_revoked(&conn);
         return;
     }
     // Bootstrap streams: one JSON bundle per request, only the token's app.

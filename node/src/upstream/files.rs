@@ -25,14 +25,6 @@ use super::{lock, Bridge, UpstreamError};
 /// before it was read) before it counts as an ordinary failed download.
 pub const ROUND_STOPS_PER_FILE_MAX: u32 = 3;
 
-/// The wall clock in milliseconds since the Unix epoch (a clock before 1970 counts as 0): when
-/// a pending download is due.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn blob_of(v: &Value) -> Option<&BlobRef> {
     match v {
         Value::File(b) | Value::Image(b) => Some(b),
@@ -74,7 +66,7 @@ impl Bridge {
                     state::pending_download(hub.store(), table, row.id)?,
                 )
             };
-            let now = unix_ms();
+            let now = crate::unix_ms();
             // Columns still to come down, and the last failure of this attempt.
             let mut missing = BTreeMap::new();
             let mut failure: Option<UpstreamError> = None;
@@ -221,10 +213,10 @@ impl Bridge {
     /// has it now, downloads its files that differ from the base, and applies it like a pulled
     /// row (which clears the record once every file is here).
     pub(crate) async fn retry_downloads(&self, table: &str) -> Result<(), UpstreamError> {
-        let now = unix_ms();
+        let now = crate::unix_ms();
         let due: Vec<(RowId, PendingDownload)> = {
             let hub = lock(&self.replica);
-            state::pending_downloads(hub.store(), Some(table))?
+            state::pending_downloads(hub.store(), table)?
                 .into_iter()
                 .filter(|(_, _, p)| p.retry_at_ms <= now)
                 .map(|(_, id, p)| (id, p))
@@ -280,14 +272,12 @@ impl Bridge {
         let path = format!("{set}({id})/{column}/$value{size}");
         let chunk = self.config.file_chunk_bytes.max(1);
         let dir = lock(&self.replica).store().dir().map(Path::to_path_buf);
-        // Creating, writing and rewinding the temporary file are blocking I/O: they run on
-        // tokio's blocking threads (`tokio::fs`), never on the runtime's workers.
-        let created = tokio::task::spawn_blocking(move || match dir {
+        // Creating, writing and rewinding the temporary file are blocking I/O: never on the
+        // runtime's workers (created in `off_worker`, then written through `tokio::fs`).
+        let created = crate::off_worker(|| match dir {
             Some(d) => tempfile::tempfile_in(d),
             None => tempfile::tempfile(),
-        })
-        .await
-        .map_err(|e| UpstreamError::Io(format!("a download's temporary file: {e}")))?;
+        });
         let mut file = tokio::fs::File::from_std(created.map_err(|e| {
             UpstreamError::Io(format!("cannot create a download's temporary file: {e}"))
         })?);

@@ -117,7 +117,7 @@ impl Bridge {
         };
         let unpulled = self.pull_before_settling_creates(&intents).await?;
         let rows: BTreeSet<(String, RowId)> = intents.into_iter().chain(marked).collect();
-        let now = super::files::unix_ms();
+        let now = crate::unix_ms();
         let mut held = BTreeSet::new();
         let mut catch_up = Vec::new();
         for (table, id) in rows {
@@ -253,7 +253,7 @@ impl Bridge {
                 .saturating_sub(state::INTENT_READ_ATTEMPTS_MAX - 1);
             if past > 0 {
                 let wait = self.config.file_retry_delay(past).as_millis() as u64;
-                mark.retry_at_ms = super::files::unix_ms().saturating_add(wait);
+                mark.retry_at_ms = crate::unix_ms().saturating_add(wait);
             }
         }
         mark.last_error = error.to_string();

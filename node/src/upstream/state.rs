@@ -73,8 +73,8 @@ pub struct PendingDownload {
 }
 
 /// Creates and updates sent to Dataverse whose outcome is not known (the reply was lost): per
-/// column, the values sent (`Null` for a column sent empty), oldest first — any of them may be
-/// what Dataverse applied. Saved before each request; removed with the base its reply gives, by
+/// column, the values sent (`Null` for a column sent empty) — any of them may be what Dataverse
+/// applied. Saved before each request; removed with the base its reply gives, by
 /// a reply saying it was not applied (a `4xx`), or by the row's next read — at the latest the
 /// one that starts the next push round, so a later change made in Dataverse is not taken for
 /// the hub's own write. A row that read cannot get (a `5xx`, a row too large to read) keeps its
@@ -104,10 +104,6 @@ pub struct Resend {
 /// `file_retry_ms` up to `file_retry_max_ms`), the row still held and still to be written.
 pub const INTENT_READ_ATTEMPTS_MAX: u32 = 10;
 
-/// Values kept per column of a [`WriteIntent`]: a row whose replies keep getting lost forgets
-/// its oldest sends.
-const INTENT_VALUES_MAX: usize = 8;
-
 impl WriteIntent {
     /// Adds a write about to be sent.
     pub fn add(&mut self, sent: BTreeMap<String, Value>) {
@@ -115,9 +111,6 @@ impl WriteIntent {
             let list = self.values.entry(col).or_default();
             if !list.contains(&v) {
                 list.push(v);
-                if list.len() > INTENT_VALUES_MAX {
-                    list.remove(0);
-                }
             }
         }
     }
@@ -274,20 +267,14 @@ pub fn pending_download(
         .transpose()
 }
 
-/// Every row of `table` (of every table if `None`) with downloads that did not come down yet.
+/// Every row of `table` with downloads that did not come down yet.
 pub fn pending_downloads(
     store: &Store,
-    table: Option<&str>,
+    table: &str,
 ) -> Result<Vec<(String, RowId, PendingDownload)>, UpstreamError> {
-    let prefix = match table {
-        Some(t) => {
-            let mut p = P_PENDING_DOWNLOAD.to_vec();
-            p.extend_from_slice(t.as_bytes());
-            p.push(0);
-            p
-        }
-        None => P_PENDING_DOWNLOAD.to_vec(),
-    };
+    let mut prefix = P_PENDING_DOWNLOAD.to_vec();
+    prefix.extend_from_slice(table.as_bytes());
+    prefix.push(0);
     store
         .aux_scan(SPACE, &prefix)?
         .into_iter()

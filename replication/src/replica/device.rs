@@ -218,14 +218,19 @@ impl DeviceReplica {
         let Some(key) = self.get(&sha_key(P_BLOB_WANTED, sha256))? else {
             return Ok(None);
         };
-        let Some((table, row)) = parse_row_key(&key) else {
+        Ok(self.row_blob(&key, sha256)?.map(|b| b.size))
+    }
+
+    /// Blob `sha256` as the row under `key` (a `row_key`) refers to it, if it still does.
+    fn row_blob(&self, key: &[u8], sha256: &[u8; 32]) -> Result<Option<BlobRef>, StorageError> {
+        let Some((table, row)) = parse_row_key(key) else {
             return Ok(None);
         };
         Ok(self
             .blobs_of(&table, row)?
             .into_iter()
             .find(|(_, b)| b.sha256 == *sha256)
-            .map(|(_, b)| b.size))
+            .map(|(_, b)| b))
     }
 
     /// Forgets what was downloaded of blob `sha256` (its chunks and progress); it stays wanted.
@@ -312,13 +317,7 @@ impl DeviceReplica {
 
     /// Whether `row` of `table` still refers to blob `sha256`.
     fn row_refers_to(&self, key: &[u8], sha256: &[u8; 32]) -> Result<bool, StorageError> {
-        let Some((table, row)) = parse_row_key(key) else {
-            return Ok(false);
-        };
-        Ok(self
-            .blobs_of(&table, row)?
-            .iter()
-            .any(|(_, b)| b.sha256 == *sha256))
+        Ok(self.row_blob(key, sha256)?.is_some())
     }
 
     /// The store underneath.
@@ -420,13 +419,16 @@ impl DeviceReplica {
             None => end,
         };
         self.store.acknowledge(up_to).map_err(storage_err)?;
-        if self.store.compaction_backlog().map_err(storage_err)? >= self.compact_backlog {
-            // Compaction saves space; it never decides what syncs. A failure is logged and
-            // tried again at the next acknowledgement, not turned into a failed session.
-            match self.store.compact() {
+        // Compaction saves space; it never decides what syncs. A failure (or a backlog that
+        // does not read) is logged and tried again at the next acknowledgement, not turned
+        // into a failed session.
+        match self.store.compaction_backlog() {
+            Ok(n) if n >= self.compact_backlog => match self.store.compact() {
                 Ok(report) => debug!(?report, "device log compacted"),
                 Err(e) => warn!(error = %e, "compacting the device's log failed"),
-            }
+            },
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "the device's compaction backlog does not read"),
         }
         Ok(())
     }

@@ -214,7 +214,7 @@ enum Decision {
 }
 
 /// The hub's token registry as its store's aux space records it: `tok/` + token id → `[1]`
-/// issued, `[0]` revoked (then the signed token). Read through on every check, so tokens enrolled or revoked by
+/// issued, `[0]` revoked (then the token's unsigned fields, `Token::to_record`). Read through on every check, so tokens enrolled or revoked by
 /// another handle on the same store count at once; the transport checks tokens with it
 /// before any session (or the replica's lock) is involved.
 #[derive(Debug, Clone)]
@@ -809,13 +809,12 @@ impl HubReplica {
             // as the transport's check does): the listing is needed most when things are odd.
             let (status, details) = record.split_first().map_or((0, &[][..]), |(s, d)| (*s, d));
             // Tokens issued before their details were kept have none.
-            let token = match Token::from_record(details) {
-                _ if details.is_empty() => None,
-                Ok(t) => Some(t),
-                Err(e) => {
-                    warn!(%token_id, error = %e, "a token record does not decode");
-                    None
-                }
+            let token = if details.is_empty() {
+                None
+            } else {
+                Token::from_record(details)
+                    .inspect_err(|e| warn!(%token_id, error = %e, "a token record does not decode"))
+                    .ok()
             };
             out.push(IssuedToken {
                 token_id,

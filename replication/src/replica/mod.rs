@@ -29,7 +29,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `tok/` token id | `[1]` issued, `[0]` revoked, then the signed token (none for tokens issued before it was kept) |
+//! | `tok/` token id | `[1]` issued, `[0]` revoked, then the token's unsigned fields (`Token::to_record`; none for tokens issued before they were kept) |
 //! | `dec/` row hash | the decision on a pushed change (bincode) |
 //! | `act/` device actor | the automerge actors a device pushed with |
 //! | `aa/` actor | the device that owns the actor (the first to push with it) |

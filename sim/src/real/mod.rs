@@ -32,6 +32,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
+use fieldsync_replication::proto::messages::PUSH_BATCH_OPS_MAX;
 use fieldsync_replication::proto::{
     DeviceConfig, DeviceEvent, DeviceId, DeviceSession, DeviceState, HubConfig, HubEvent,
     HubSession, Message, Millis, Pull, Subscribe, SyncSchedule,
@@ -190,13 +191,13 @@ fn commit_edit(
 
 /// What the real engine can run beyond what [`Scenario::validate`] checks: a sync interval a
 /// profile can hold (whole minutes, 5 to 1440) and a batch the protocol carries (at most
-/// [`push_ops_max`] ops in a push).
+/// [`PUSH_BATCH_OPS_MAX`] ops in a push).
 pub fn check_scenario(scenario: &Scenario) -> Result<(), ScenarioError> {
     interval_minutes(&scenario.sync).map_err(|reason| ScenarioError::Invalid {
         field: "sync.interval".into(),
         reason: reason.to_string(),
     })?;
-    let max = push_ops_max();
+    let max = PUSH_BATCH_OPS_MAX;
     if scenario.sync.batch as usize > max {
         return Err(ScenarioError::Invalid {
             field: "sync.batch".into(),
@@ -219,17 +220,9 @@ fn interval_minutes(sync: &SyncConfig) -> Result<u32, RealError> {
     Ok(minutes as u32)
 }
 
-/// The most ops the protocol carries in one push (its default push limit).
-pub fn push_ops_max() -> usize {
-    let schedule = SyncSchedule::new(std::iter::empty::<(String, Option<u32>)>(), &[]);
-    DeviceConfig::new(DeviceId(uuid::Uuid::nil()), Vec::new(), "", schedule)
-        .push_limits
-        .max_items
-}
-
 /// Ops or rows per message: the scenario's `sync.batch`.
 fn batch_items(sync: &SyncConfig) -> usize {
-    (sync.batch as usize).clamp(1, push_ops_max())
+    (sync.batch as usize).clamp(1, PUSH_BATCH_OPS_MAX)
 }
 
 /// The schema of a scenario: each table has integer columns `c0..cN`.
