@@ -626,6 +626,58 @@ fn watch_sees_another_devices_edit_within_seconds() {
     assert_eq!(names(&ines), ["WO-1 pump replaced"]);
 }
 
+/// Copies directory `from` to `to`, as an operator's backup of a stopped hub does.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A hub restored from a backup taken before a device's last sync: the device's cursor is past
+/// the hub's log, so the hub restarts the device's feed and the device gets what the restored
+/// hub holds and writes next, instead of nothing.
+#[test]
+fn a_hub_restored_from_a_backup_restarts_its_devices_feeds() {
+    let _serial = serial();
+    let hub = Hub::init();
+    hub.work_order("BEFORE", "user:ana@contoso.com", 690970000, &[]);
+    let ana = hub.device("ana@contoso.com", "ana");
+    let backup = hub.path("backup");
+    copy_dir(&hub.data(), &backup);
+
+    let proc = hub.serve();
+    init_device(&ana, &hub.path("ana.cred"));
+    hub.work_order("LOST-1", "user:ana@contoso.com", 690970000, &[]);
+    hub.work_order("LOST-2", "user:ana@contoso.com", 690970000, &[]);
+    let out = sync(&ana);
+    assert!(!out.contains("restored"), "{out}");
+    assert_eq!(names(&ana), ["BEFORE", "LOST-1", "LOST-2"]);
+    assert!(proc.terminate());
+
+    // The disaster: the hub's directory goes back to the backup; one row is written after.
+    std::fs::remove_dir_all(hub.data()).unwrap();
+    copy_dir(&backup, &hub.data());
+    hub.work_order("AFTER", "user:ana@contoso.com", 690970000, &[]);
+    let _proc = hub.serve();
+    let out = sync(&ana);
+    assert!(
+        out.contains("restored from a backup?") && out.contains(WO),
+        "the device says its feed restarted: {out}"
+    );
+    // What the restored hub lost stays on the device; what it wrote since comes down.
+    assert_eq!(names(&ana), ["AFTER", "BEFORE", "LOST-1", "LOST-2"]);
+    // The next sync reads on from the new cursor.
+    let out = sync(&ana);
+    assert!(!out.contains("restored"), "{out}");
+}
+
 /// A client with a valid credential that asks for other tables, forged cursors, sends oversize
 /// and garbage frames: it gets nothing outside its set and the hub keeps serving others.
 #[test]

@@ -277,7 +277,7 @@ pub async fn sync_device(
     .await?;
     store.sync().context("cannot flush the device store")?;
     let pending = replica.pending_op_count().unwrap_or(0);
-    let line = format!(
+    let mut line = format!(
         "synced with {}: pushed through seq {}, {} rejected; pulled {} changes, {} rows in, {} rows out; {} files up, {} down; {} pending",
         credential.hub_address,
         report.pushed_up_to,
@@ -289,6 +289,12 @@ pub async fn sync_device(
         report.files_down,
         pending
     );
+    if !report.feeds_restarted.is_empty() {
+        line.push_str(&format!(
+            "\nthe hub's store is older than this device's (restored from a backup?): pulled {} again from the start; rows the hub no longer has stay on this device",
+            report.feeds_restarted.join(", ")
+        ));
+    }
     Ok((report, line))
 }
 

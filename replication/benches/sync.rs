@@ -487,6 +487,9 @@ impl<S: DeviceStorage> DeviceStorage for Timed<S> {
             self.inner.set_cursor(table, cursor, synced_at)
         })
     }
+    fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError> {
+        timed(&self.cursor_ns, || self.inner.restart_cursor(table, cursor))
+    }
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
         self.inner.last_sync(table)
     }
@@ -990,6 +993,10 @@ impl DeviceStorage for LightDevice {
         if synced_at.is_some() {
             e.1 = synced_at;
         }
+        Ok(())
+    }
+    fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError> {
+        self.cursors.entry(table.to_string()).or_default().0 = cursor;
         Ok(())
     }
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {

@@ -87,7 +87,7 @@ fn user_id(n: i64) -> Uuid {
 
 // ----- hub -----
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct RefHub {
     /// device → (token, user number)
     devices: BTreeMap<DeviceId, (Vec<u8>, i64)>,
@@ -393,6 +393,10 @@ impl RefHub {
         if !PROFILE.contains(&table) {
             return Ok(chunk);
         }
+        if after.0 > self.log.len() as u64 {
+            chunk.restart = true;
+            return Ok(chunk);
+        }
         let user = self.user_of(who);
         // Devices are numbered like their users in these tests.
         let actor = user as u64;
@@ -671,6 +675,11 @@ impl DeviceStorage for RefDevice {
         if let Some(at) = synced_at {
             self.last_sync.insert(table.to_string(), at);
         }
+        Ok(())
+    }
+    fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError> {
+        self.cursors.insert(table.to_string(), cursor);
+        self.changes += 1;
         Ok(())
     }
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
@@ -1688,6 +1697,7 @@ fn forged_cursors_and_foreign_tables_get_nothing() {
     });
     s.handle_message(Millis(1), pull, &mut hub);
     let mut n = 0;
+    let mut restarts = Vec::new();
     while let Some(m) = s.poll_transmit(Millis(1)) {
         let Message::PullBatch(b) = m else {
             panic!("{m:?}")
@@ -1696,11 +1706,62 @@ fn forged_cursors_and_foreign_tables_get_nothing() {
             b.ops.is_empty() && b.entering.is_empty() && b.leaving.is_empty(),
             "{b:?}"
         );
-        assert!(b.cursor >= b.from);
+        if b.is_restart() {
+            restarts.push(b.table.clone());
+        }
         n += 1;
     }
-    assert_eq!(n, 3);
+    // The cursor past the feed's end restarts that feed, which then holds nothing either.
+    assert_eq!(restarts, ["note"]);
+    assert_eq!(n, 4);
     assert!(!s.is_closed());
+}
+
+/// A hub restored from a backup older than what a device received: the device's cursor is past
+/// the hub's feed, so the hub restarts the feed and the device gets what the restored hub
+/// writes next (reading on from its old cursor would have skipped it).
+#[test]
+fn a_device_ahead_of_a_restored_hub_starts_its_feed_over() {
+    let mut net = Net::new(1, 7);
+    let (a, b, c, d) = (
+        Uuid::from_u128(0xa),
+        Uuid::from_u128(0xb),
+        Uuid::from_u128(0xc),
+        Uuid::from_u128(0xd),
+    );
+    net.hub.server_edit("task", a, "owner", 1);
+    net.connect(0);
+    net.run_for(Millis::from_minutes(1));
+    let backup = net.hub.clone();
+    net.hub.server_edit("task", b, "owner", 1);
+    net.hub.server_edit("task", c, "owner", 1);
+    net.sync_now(0, &["task"]);
+    net.run_for(Millis::from_minutes(1));
+    let ahead = net.devs[0].storage.cursor("task").unwrap();
+    assert!(ahead.0 >= 3, "{ahead:?}");
+    net.disconnect(0);
+    // The restore: the hub's feed is back to one entry; one more row comes after it.
+    net.hub = backup;
+    net.hub.server_edit("task", d, "owner", 1);
+    assert!((net.hub.log.len() as u64) < ahead.0);
+    net.connect(0);
+    net.run_for(Millis::from_minutes(1));
+    let dev = &net.devs[0];
+    let held = dev.storage.held("task");
+    for row in [a, d] {
+        assert!(
+            held.contains_key(&("task".to_string(), row)),
+            "{row} missing: {held:?}"
+        );
+    }
+    // What the restored hub lost stays on the device.
+    assert!(held.contains_key(&("task".to_string(), b)));
+    assert!(dev.events.iter().any(|e| matches!(
+        e,
+        DeviceEvent::FeedRestarted { table, from, to } if table == "task" && *from == ahead && *to == Cursor(0)
+    )));
+    assert!(dev.storage.cursor("task").unwrap().0 >= net.hub.log.len() as u64);
+    assert_eq!(dev.session.state(), DeviceState::Ready);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2192,14 +2253,14 @@ fn a_hub_that_breaks_the_protocol_is_dropped() {
             leaving: vec![],
             more: false,
         }),
-        // A cursor that runs backwards.
+        // A cursor that runs backwards with changes (only an empty batch restarts a feed).
         Message::PullBatch(fieldsync_replication::proto::PullBatch {
             table: "task".into(),
             from: Cursor(5),
             cursor: Cursor(1),
             ops: vec![],
             entering: vec![],
-            leaving: vec![],
+            leaving: vec![Uuid::nil()],
             more: false,
         }),
         // A message only devices send.

@@ -878,8 +878,12 @@ fn forged_cursors_and_foreign_tables_get_nothing_outside_the_set() {
     let limits = WIDE;
     let hub = &mut w.net.hub;
     let mut seen = BTreeSet::new();
+    let end = hub.store().last_seq();
     for c in [0, 1, 2, 3, 5, 1000, u64::MAX] {
         let chunk = hub.pull(&cat, "task", Cursor(c), limits).unwrap();
+        // A cursor past the log's end restarts the device's feed, and carries nothing else.
+        assert_eq!(chunk.restart, c > end, "cursor {c}, log end {end}");
+        assert!(!chunk.restart || chunk.is_empty());
         for r in chunk.entering.iter().map(|d| d.row) {
             seen.insert(r);
         }

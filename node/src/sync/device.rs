@@ -34,6 +34,8 @@ pub struct SyncReport {
     pub leaving: usize,
     /// Tables that reached the end of their feed.
     pub tables_synced: usize,
+    /// Tables whose feed the hub restarted (this device was ahead of the hub's store).
+    pub feeds_restarted: Vec<String>,
     /// Attachments uploaded to the hub.
     pub files_up: usize,
     /// Files and images downloaded.
@@ -138,6 +140,11 @@ fn record_event(report: &mut SyncReport, ev: DeviceEvent) {
             report.leaving += leaving;
         }
         DeviceEvent::TableSynced { .. } => report.tables_synced += 1,
+        DeviceEvent::FeedRestarted { table, .. } => {
+            if !report.feeds_restarted.contains(&table) {
+                report.feeds_restarted.push(table);
+            }
+        }
         DeviceEvent::BlobUploaded { .. } => report.files_up += 1,
         DeviceEvent::BlobComplete { .. } => report.files_down += 1,
         DeviceEvent::BlobUploadRefused { sha256, message } => report

@@ -125,6 +125,17 @@ pub enum DeviceEvent {
         /// The ops the hub refused.
         rejected: Vec<Rejection>,
     },
+    /// The hub restarted a table's feed: this device's cursor was past its end (the hub's
+    /// store was restored from an older backup). The table is pulled again from `to`; rows
+    /// the restored hub lacks stay on the device.
+    FeedRestarted {
+        /// The table.
+        table: String,
+        /// The cursor the device had.
+        from: Cursor,
+        /// The cursor it goes on from.
+        to: Cursor,
+    },
     /// A pulled batch was applied.
     BatchApplied {
         /// The table.
@@ -875,13 +886,35 @@ impl DeviceSession {
                 b.table
             )));
         }
-        if b.cursor < b.from {
+        if b.is_restart() && !(b.ops.is_empty() && b.entering.is_empty() && b.leaving.is_empty()) {
             return Err(Fail::Violation(format!(
-                "batch for `{}` moves the cursor back",
+                "batch for `{}` moves the cursor back and carries changes",
                 b.table
             )));
         }
         let current = storage.cursor(&b.table)?;
+        if b.is_restart() {
+            if b.from == current {
+                warn!(table = %b.table, from = b.from.0, to = b.cursor.0, "the hub restarted this table's feed (its store is older than this device's cursor: restored from a backup?); pulling the table again");
+                storage.restart_cursor(&b.table, b.cursor)?;
+                self.events.push_back(DeviceEvent::FeedRestarted {
+                    table: b.table.clone(),
+                    from: b.from,
+                    to: b.cursor,
+                });
+            } else {
+                // A duplicate of a restart already done (the cursor moved since).
+                debug!(table = %b.table, "stale feed restart ignored");
+            }
+            let cursor = storage.cursor(&b.table)?;
+            self.transmit.push_back(Message::PullAck(PullAck {
+                table: b.table.clone(),
+                cursor,
+            }));
+            // The batches that follow come from the new cursor.
+            self.conn.pulls.insert(b.table, now);
+            return Ok(());
+        }
         if b.from != current {
             if b.cursor <= current {
                 // Already held; say where this device is, so the hub frees the batch's place

@@ -575,6 +575,28 @@ impl HubSession {
             while feed.outstanding.len() < window && (feed.requested || (feed.live && feed.dirty)) {
                 let read_from = feed.scanned.max(feed.cursor);
                 let chunk = storage.pull(who, table, read_from, self.config.pull_limits)?;
+                if chunk.restart {
+                    // The device is ahead of this hub's feed: tell it to start over, and go
+                    // on from the beginning in the same window (the device applies batches in
+                    // order, so the next one finds its cursor already moved back).
+                    // Storage logged it (once per device and table).
+                    debug!(%table, cursor = read_from.0, "restarting the device's feed");
+                    let restart = Cursor::default();
+                    self.transmit.push_back(Message::PullBatch(PullBatch {
+                        table: table.clone(),
+                        from: feed.cursor,
+                        cursor: restart,
+                        ops: Vec::new(),
+                        entering: Vec::new(),
+                        leaving: Vec::new(),
+                        more: true,
+                    }));
+                    feed.outstanding.push_back(restart);
+                    feed.cursor = restart;
+                    feed.scanned = restart;
+                    feed.requested = true;
+                    continue;
+                }
                 let items = chunk.ops.len() + chunk.entering.len() + chunk.leaving.len();
                 if chunk.cursor < read_from {
                     return Err(Fail::Storage(StorageError::Corrupt(format!(

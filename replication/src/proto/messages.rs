@@ -57,7 +57,8 @@ impl std::fmt::Display for DeviceId {
 
 /// A position in the hub's change feed for one table, as one device sees it.
 ///
-/// Opaque to the device, which only stores it and hands it back; cursors only move forward.
+/// Opaque to the device, which only stores it and hands it back. Cursors only move forward,
+/// except when the hub restarts a feed (a [`PullBatch`] whose `cursor` is before its `from`).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -283,6 +284,11 @@ pub struct Subscribe {
 }
 
 /// The changes to one table of the device's set between two cursors.
+///
+/// A batch whose `cursor` is before its `from` carries nothing and **restarts the feed**: the
+/// device's cursor was past the end of the hub's feed (the hub's store was restored from an
+/// older backup), so the device sets its cursor back to `cursor` and the hub sends the table
+/// again from there; rows arrive whole and merge into what the device holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullBatch {
     /// The table.
@@ -299,6 +305,13 @@ pub struct PullBatch {
     pub leaving: Vec<RowId>,
     /// Whether more changes follow (after the device's `PullAck`).
     pub more: bool,
+}
+
+impl PullBatch {
+    /// Whether this batch restarts the feed (see the type's docs).
+    pub fn is_restart(&self) -> bool {
+        self.cursor < self.from
+    }
 }
 
 /// The device applied a batch durably.

@@ -133,6 +133,10 @@ pub trait DeviceStorage {
         synced_at: Option<Millis>,
     ) -> Result<(), StorageError>;
 
+    /// Sets a table's cursor back to `cursor`, durably: the hub's feed restarted (see
+    /// [`PullChunk::restart`]). The only way a cursor moves backwards; the last sync is kept.
+    fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError>;
+
     /// When the table last finished a pull.
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError>;
 
@@ -238,6 +242,10 @@ pub struct PullChunk {
     pub cursor: Cursor,
     /// Whether the feed goes on after `cursor`.
     pub more: bool,
+    /// The start cursor is past the end of the hub's feed: the hub's store is older than what
+    /// the device received (restored from a backup), or the cursor was forged. The chunk holds
+    /// nothing else; the device starts the table over from the beginning of the feed.
+    pub restart: bool,
 }
 
 impl PullChunk {

@@ -850,6 +850,17 @@ impl DeviceStorage for DeviceReplica {
         self.apply(&[AuxWrite::Put(k, enc(&c))])
     }
 
+    fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError> {
+        let mut k = P_CURSOR.to_vec();
+        k.extend_from_slice(table.as_bytes());
+        let mut c: StoredCursor = match self.get(&k)? {
+            Some(v) => dec(&v, "a cursor")?,
+            None => StoredCursor::default(),
+        };
+        c.cursor = cursor.0;
+        self.apply(&[AuxWrite::Put(k, enc(&c))])
+    }
+
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
         let mut k = P_CURSOR.to_vec();
         k.extend_from_slice(table.as_bytes());

@@ -1953,18 +1953,19 @@ impl HubStorage for HubReplica {
         // `after == last` still looks at membership changes recorded at `last + 1`.
         if after.0 > last {
             // A forged cursor, or a device that received entries this store no longer has:
-            // the hub's store is older than its devices (restored from a backup). Until the
-            // log grows past the cursor the device gets nothing, and then it skips what lies
-            // between; only re-initializing the device recovers (docs/operations.md).
+            // the hub's store is older than its devices (restored from a backup). Reading on
+            // from the cursor would skip whatever the log gains up to it; the device starts
+            // the table over instead (docs/operations.md).
             if self.cursors_ahead.insert((who.device, table.to_string())) {
                 error!(
                     device = %who.device,
                     table,
                     cursor = after.0,
                     log_end = last,
-                    "a device's cursor is past the end of the hub's log: was the hub's store restored from a backup? re-initialize that device"
+                    "a device's cursor is past the end of the hub's log: was the hub's store restored from a backup? the device starts the table over"
                 );
             }
+            chunk.restart = true;
             return Ok(chunk);
         }
         let max_items = limits.max_items.max(1);

@@ -598,6 +598,16 @@ impl DeviceStorage for StoreDevice {
         Ok(())
     }
 
+    fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError> {
+        if self.replica {
+            return self.replica()?.restart_cursor(table, cursor);
+        }
+        self.store_ref()?;
+        self.side.cursors.insert(table.to_string(), cursor.0);
+        self.save_side();
+        Ok(())
+    }
+
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
         if self.replica {
             return self.replica()?.last_sync(table);
