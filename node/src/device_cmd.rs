@@ -326,19 +326,9 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         .read_to_end(&mut head)
         .with_context(|| format!("cannot read {}", path.display()))?;
     if image {
-        // What Dataverse's image columns take; it would refuse anything else at the bridge,
-        // after the device had long moved on.
-        if size > IMAGE_MAX_BYTES {
-            bail!(
-                "{} is {size} bytes; an image column takes at most {IMAGE_MAX_BYTES}",
-                path.display()
-            );
-        }
-        if ImageFormat::sniff(&head).is_none() {
-            bail!(
-                "{} is not a GIF, JPEG, TIFF, BMP or PNG image; image column `{column}` takes only those (a file column takes any content)",
-                path.display()
-            );
+        // Checked before the content is stored (the store would refuse the write after).
+        if let Err(e) = ImageFormat::check(size, &head) {
+            bail!("{}: {e}", path.display());
         }
     }
     let name = path

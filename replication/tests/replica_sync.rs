@@ -1071,8 +1071,11 @@ fn a_hub_that_lies_about_a_files_size_cannot_fill_the_device() {
 }
 
 /// 200,000 bytes: four protocol chunks.
+/// 200,000 bytes that start like a JPEG (image columns take images only).
 fn photo_bytes(salt: u8) -> Vec<u8> {
-    (0..200_000u32).map(|i| (i % 251) as u8 ^ salt).collect()
+    let mut bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8 ^ salt).collect();
+    bytes[..4].copy_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    bytes
 }
 
 #[test]
@@ -1241,6 +1244,52 @@ fn the_hub_takes_only_uploads_a_row_of_the_devices_set_refers_to() {
     assert_eq!(hub.store().read_blob(&blob).unwrap(), content);
     // Once the hub has it, any device that may upload it is told so at once.
     assert_eq!(put(hub, &ben, 0, first), UploadOutcome::Complete);
+}
+
+/// A client that puts other bytes in an image column (the store refuses that only for content
+/// it holds) has its upload refused by the hub, which keeps nothing of it.
+#[test]
+fn the_hub_refuses_an_upload_that_is_not_an_image_for_an_image_column() {
+    let mut w = world(16, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let ana = w.principal(0);
+    let text = b"a text file, not a photo".repeat(100);
+    let sha: [u8; 32] = Sha256::digest(&text).into();
+    let blob = BlobRef {
+        sha256: sha,
+        size: text.len() as u64,
+        name: "notes.jpg".into(),
+    };
+    // The device store does not hold the content: the write goes through.
+    w.net.set_online(0, false);
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("photo", Value::Image(blob.clone()))],
+    );
+    let now = Millis(0);
+    let hub = &mut w.net.hub;
+    let ops: Vec<PushOp> = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
+    for op in &ops {
+        let out = hub
+            .apply_push(now, &ana, ConflictPolicy::MergePerColumn, op)
+            .unwrap();
+        assert_eq!(out, PushOutcome::Accepted);
+    }
+    let out = hub
+        .put_blob_chunk(now, &ana, &sha, 0, text.len() as u64, &text)
+        .unwrap();
+    let UploadOutcome::Refused(message) = out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        message.contains("not a GIF, JPEG, TIFF, BMP or PNG"),
+        "{message}"
+    );
+    assert!(!hub.store().has_blob(&blob).unwrap());
+    assert_eq!(hub.upload_progress(ana.device, &sha).unwrap(), 0);
 }
 
 #[test]

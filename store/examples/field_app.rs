@@ -47,7 +47,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Attach a file or an image: store its bytes (content-addressed, in chunks), then put the
     // reference in the column. An enrolled device uploads the bytes after the edit's op.
-    let signature = store.put_blob("signature.png", &mut &b"\x89PNG signed by the customer"[..])?;
+    let signature = store.put_blob(
+        "signature.png",
+        &mut &b"\x89PNG\r\n\x1a\n signed by the customer"[..],
+    )?;
     let mut tx = store.begin();
     tx.update(
         "msdyn_workorder",

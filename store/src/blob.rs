@@ -42,10 +42,21 @@ impl ImageFormat {
     /// How many of the content's first bytes [`ImageFormat::sniff`] looks at.
     pub const SNIFF_BYTES: usize = 18;
 
+    /// Whether content of `size` bytes that starts with `head` (its first
+    /// [`ImageFormat::SNIFF_BYTES`] bytes, or all of a shorter content) may go in an image
+    /// column: at most [`IMAGE_MAX_BYTES`], in one of the formats. The store checks every
+    /// local write of an image column whose content it holds (and the size of any), the hub
+    /// every upload for one.
+    pub fn check(size: u64, head: &[u8]) -> Result<ImageFormat, NotAnImage> {
+        if size > IMAGE_MAX_BYTES {
+            return Err(NotAnImage::TooLarge { size });
+        }
+        ImageFormat::sniff(head).ok_or(NotAnImage::UnknownFormat)
+    }
+
     /// The format whose signature `head` (the content's first [`ImageFormat::SNIFF_BYTES`]
     /// bytes, or all of a shorter content) starts with; `None` for anything else, which an
-    /// image column does not take. This is what `fieldsync device put` checks; the store
-    /// itself takes any bytes in an image column.
+    /// image column does not take.
     pub fn sniff(head: &[u8]) -> Option<ImageFormat> {
         const SIGNATURES: [(&[u8], ImageFormat); 6] = [
             (b"GIF87a", ImageFormat::Gif),
@@ -72,6 +83,20 @@ impl ImageFormat {
             && matches!(bmp_header, Some(12 | 40 | 52 | 56 | 64 | 108 | 124));
         is_bmp.then_some(ImageFormat::Bmp)
     }
+}
+
+/// Why content cannot go in an image column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotAnImage {
+    /// Over [`IMAGE_MAX_BYTES`].
+    #[error("{size} bytes is over the {IMAGE_MAX_BYTES}-byte limit of an image column")]
+    TooLarge {
+        /// The content's size.
+        size: u64,
+    },
+    /// Not one of the [`ImageFormat`]s.
+    #[error("not a GIF, JPEG, TIFF, BMP or PNG image: an image column takes only those (a file column takes any content)")]
+    UnknownFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +186,20 @@ impl Store {
             return Err(StoreError::BlobCorrupt(hex::encode(blob_sha)));
         }
         Ok(data.to_vec())
+    }
+
+    /// Why `blob` cannot go in an image column ([`ImageFormat::check`]), if it cannot: its
+    /// size always, its format when its content is in this store (content not here yet is
+    /// checked where it arrives: the hub checks every upload).
+    pub(crate) fn image_problem(&self, blob: &BlobRef) -> Result<Option<NotAnImage>, StoreError> {
+        let head = match self.read_blob_range(&blob.sha256, 0, ImageFormat::SNIFF_BYTES)? {
+            Some((_, head)) => head,
+            None if blob.size > IMAGE_MAX_BYTES => {
+                return Ok(Some(NotAnImage::TooLarge { size: blob.size }))
+            }
+            None => return Ok(None),
+        };
+        Ok(ImageFormat::check(blob.size, &head).err())
     }
 
     /// Whether the blob's content is in the store.

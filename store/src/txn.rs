@@ -122,19 +122,25 @@ impl PendingRow {
     }
 }
 
-/// Check one value against a table (the schema, and finite floats).
-fn check_one(table: &Table, name: &str, value: &Value) -> Result<u16, WriteError> {
+/// Check one value against a table: the schema, finite floats, and an image column's content
+/// ([`Store::image_problem`]).
+fn check_one(store: &Store, table: &Table, name: &str, value: &Value) -> Result<u16, WriteError> {
     table.check_value(name, value)?;
-    if let Value::Float(f) = value {
-        if !f.is_finite() {
-            return Err(WriteError::InvalidValue {
-                table: table.name.clone(),
-                column: name.to_string(),
-                reason: "floats must be finite".into(),
-            });
+    let invalid = |reason: String| WriteError::InvalidValue {
+        table: table.name.clone(),
+        column: name.to_string(),
+        reason,
+    };
+    match value {
+        Value::Float(f) if !f.is_finite() => return Err(invalid("floats must be finite".into())),
+        Value::Image(blob) => {
+            if let Some(problem) = store.image_problem(blob)? {
+                return Err(invalid(problem.to_string()));
+            }
         }
+        _ => {}
     }
-    col_of(table, name).ok_or_else(|| {
+    crate::row::key_col(table, name).ok_or_else(|| {
         crate::schema::SchemaError::UnknownColumn {
             table: table.name.clone(),
             column: name.to_string(),
@@ -144,25 +150,14 @@ fn check_one(table: &Table, name: &str, value: &Value) -> Result<u16, WriteError
 }
 
 /// Check values against a table and turn them into (column number, value).
-fn checked(table: &Table, values: &[(&str, Value)]) -> Result<Vec<(u16, Value)>, WriteError> {
+fn checked(
+    store: &Store,
+    table: &Table,
+    values: &[(&str, Value)],
+) -> Result<Vec<(u16, Value)>, WriteError> {
     let mut out = Vec::with_capacity(values.len());
     for (name, value) in values {
-        table.check_value(name, value)?;
-        if let Value::Float(f) = value {
-            if !f.is_finite() {
-                return Err(WriteError::InvalidValue {
-                    table: table.name.clone(),
-                    column: (*name).to_string(),
-                    reason: "floats must be finite".into(),
-                });
-            }
-        }
-        let col = crate::row::key_col(table, name).ok_or_else(|| {
-            crate::schema::SchemaError::UnknownColumn {
-                table: table.name.clone(),
-                column: (*name).to_string(),
-            }
-        })?;
+        let col = check_one(store, table, name, value)?;
         if let Some(p) = out.iter_mut().find(|(c, _): &&mut (u16, Value)| *c == col) {
             p.1 = value.clone();
         } else {
@@ -247,7 +242,7 @@ impl Store {
         let mut given = std::collections::HashSet::new();
         for row in &rows {
             for (name, value) in &row.values {
-                check_one(tab, name, value)?;
+                check_one(self, tab, name, value)?;
             }
             let id = match row.id {
                 Some(id) => {
@@ -357,7 +352,7 @@ impl Transaction<'_> {
         values: &[(&str, Value)],
     ) -> Result<(), WriteError> {
         let (t, tab) = self.store.table(table)?;
-        let mut puts = checked(tab, values)?;
+        let mut puts = checked(self.store, tab, values)?;
         if self.by_id.contains_key(&(t, id)) {
             return Err(WriteError::RowExists {
                 table: table.to_string(),
@@ -441,7 +436,7 @@ impl Transaction<'_> {
         values: &[(&str, Value)],
     ) -> Result<(), WriteError> {
         let (t, tab) = self.store.table(table)?;
-        let puts = checked(tab, values)?;
+        let puts = checked(self.store, tab, values)?;
         let (t2, _) = self.existing(table, id)?;
         debug_assert_eq!(t, t2);
         let now = self.store.inner.options.clock.now_ms();

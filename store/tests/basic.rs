@@ -350,12 +350,68 @@ fn my_active_work_orders_use_the_index() {
     assert!(s.check().unwrap().is_ok());
 }
 
+/// An image column takes GIF, JPEG, TIFF, BMP or PNG content of at most 30 MB: checked on
+/// every local write whose content the store holds, and on the size of any.
+#[test]
+fn image_columns_take_only_images() {
+    let s = temp_store(1);
+    let text = s
+        .put_blob("notes.png", &mut &b"plain text, named like an image"[..])
+        .unwrap();
+    let png = s
+        .put_blob("logo.png", &mut &b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"[..])
+        .unwrap();
+    let before = s.last_seq();
+    let mut tx = s.begin();
+    let err = tx
+        .insert("account", &[("logo", Value::Image(text.clone()))])
+        .unwrap_err();
+    assert!(
+        matches!(&err, WriteError::InvalidValue { column, reason, .. }
+            if column == "logo" && reason.contains("not a GIF, JPEG, TIFF, BMP or PNG")),
+        "{err}"
+    );
+    let id = tx
+        .insert("account", &[("logo", Value::Image(png.clone()))])
+        .unwrap();
+    // An update and a bulk insert are checked too.
+    assert!(tx
+        .update("account", id, &[("logo", Value::Image(text.clone()))])
+        .is_err());
+    tx.commit().unwrap();
+    assert!(s
+        .bulk_insert(
+            "account",
+            vec![vec![("logo".to_string(), Value::Image(text.clone()))]],
+            &mut |_| {}
+        )
+        .is_err());
+    assert_eq!(s.last_seq(), before + 1, "only the PNG row was written");
+    // Content not here yet (the hub checks it when it arrives): only its size.
+    let mut absent = png.clone();
+    absent.sha256 = [7; 32];
+    let mut tx = s.begin();
+    tx.insert("account", &[("logo", Value::Image(absent.clone()))])
+        .unwrap();
+    absent.size = fieldsync_store::IMAGE_MAX_BYTES + 1;
+    let err = tx
+        .insert("account", &[("logo", Value::Image(absent))])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("limit of an image column"),
+        "{err}"
+    );
+    tx.commit().unwrap();
+}
+
 #[test]
 fn blobs_round_trip_in_chunks() {
     let s = temp_store(1);
-    let content: Vec<u8> = (0..(fieldsync_store::BLOB_CHUNK_BYTES * 2 + 1000))
+    let mut content: Vec<u8> = (0..(fieldsync_store::BLOB_CHUNK_BYTES * 2 + 1000))
         .map(|i| (i * 7 % 251) as u8)
         .collect();
+    content[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]); // a JPEG, for the image column
+
     let r = s.put_blob("photo.jpg", &mut content.as_slice()).unwrap();
     assert_eq!(r.size, content.len() as u64);
     assert_eq!(s.read_blob(&r).unwrap(), content);

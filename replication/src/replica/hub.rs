@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
-    ActorId, AuxWrite, BlobRef, Durability, OwnerKind, OwnerRef, RemoteOp, RowId, Store,
-    StoreError, Table, Value, DELETED_KEY,
+    ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, RemoteOp, RowId,
+    Store, StoreError, Table, Value, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -2294,13 +2294,23 @@ impl HubStorage for HubReplica {
             AuxWrite::Remove(attached_key(who.device, sha256)),
         ];
         let mut hash = Sha256::new();
+        let mut head = Vec::with_capacity(ImageFormat::SNIFF_BYTES);
         let mut pieces = UploadPieces::new(&self.store, prefix.clone(), total);
         while let Some(piece) = pieces.next_piece()? {
+            let wanted = ImageFormat::SNIFF_BYTES.saturating_sub(head.len());
+            head.extend_from_slice(&piece[..wanted.min(piece.len())]);
             hash.update(&piece);
         }
         cleanup.extend(pieces.keys.into_iter().map(AuxWrite::Remove));
         let matches = <[u8; 32]>::from(hash.finalize()) == *sha256;
-        if matches {
+        // Dataverse takes only images in an image column: a device (any client of the
+        // protocol, not only the CLI) must not get other bytes into one.
+        let not_an_image = if matches && self.referenced_as_image(sha256)? {
+            ImageFormat::check(total, &head).err()
+        } else {
+            None
+        };
+        if matches && not_an_image.is_none() {
             let mut pieces = UploadPieces::new(&self.store, prefix, total);
             self.store
                 .put_blob(&blob.name, &mut pieces)
@@ -2314,6 +2324,12 @@ impl HubStorage for HubReplica {
             return Ok(UploadOutcome::Refused(
                 "the uploaded bytes do not match the content's hash".into(),
             ));
+        }
+        if let Some(problem) = not_an_image {
+            info!(%table, %problem, "upload for an image column refused");
+            return Ok(UploadOutcome::Refused(format!(
+                "an image column refers to this content: {problem}"
+            )));
         }
         info!(%table, bytes = total, "attachment uploaded");
         // The bridge sends files on to Dataverse: wake it.
@@ -2432,12 +2448,7 @@ impl HubReplica {
         };
         let profile = router.profile();
         let schema = self.store.schema();
-        let p = sha_key(P_BLOB, sha256);
-        let referrers = self.store.aux_scan(SPACE, &p).map_err(storage_err)?;
-        for (k, _) in referrers {
-            let Some((table, row)) = k.get(p.len()..).and_then(super::parse_row_key) else {
-                continue;
-            };
+        for (table, row) in self.blob_referrers(sha256)? {
             if !self.in_set(who, &table, row) {
                 continue;
             }
@@ -2461,5 +2472,30 @@ impl HubReplica {
             }
         }
         Ok(None)
+    }
+
+    /// The rows that refer to the blob `sha256`, as (table, row).
+    fn blob_referrers(&self, sha256: &[u8; 32]) -> Result<Vec<(String, RowId)>, StorageError> {
+        let p = sha_key(P_BLOB, sha256);
+        let referrers = self.store.aux_scan(SPACE, &p).map_err(storage_err)?;
+        Ok(referrers
+            .into_iter()
+            .filter_map(|(k, _)| k.get(p.len()..).and_then(super::parse_row_key))
+            .collect())
+    }
+
+    /// Whether some row holds the blob `sha256` in an image column.
+    fn referenced_as_image(&self, sha256: &[u8; 32]) -> Result<bool, StorageError> {
+        for (table, row) in self.blob_referrers(sha256)? {
+            if let Some(r) = self.store.get(&table, row).map_err(storage_err)? {
+                if r.values
+                    .iter()
+                    .any(|(_, v)| matches!(v, Value::Image(b) if b.sha256 == *sha256))
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 }
