@@ -5,7 +5,8 @@
 //! `BENCH name=<id> ours=<n> base=<n> unit=<unit> ratio=<ours/base>` (lower is better).
 //!
 //! Each workload runs in a child process of this binary, so that its peak memory (VmHWM) is
-//! its own. `FIELDSYNC_BENCH_ROWS` scales the row count (default 100,000).
+//! its own. `FIELDSYNC_BENCH_ROWS` scales the row count (default 100,000);
+//! `FIELDSYNC_BENCH_CACHE_BYTES` sets the store's sled cache (default: the store's default).
 
 // A benchmark's setup failing is a failed run, not input to handle.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -135,7 +136,14 @@ fn store_values(r: &BenchRow) -> Vec<(String, Value)> {
 
 fn ours_open(dir: &Path) -> Store {
     let schema = Schema::from_toml(SCHEMA).expect("bench schema");
-    Store::create(dir, schema, StoreOptions::default()).expect("create store")
+    let mut options = StoreOptions::default();
+    if let Some(bytes) = std::env::var("FIELDSYNC_BENCH_CACHE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options = options.with_cache_capacity(bytes);
+    }
+    Store::create(dir, schema, options).expect("create store")
 }
 
 fn ours_import(store: &Store, n: usize) -> Vec<Uuid> {
@@ -217,6 +225,64 @@ fn ours(workload: &str, dir: &Path) -> BTreeMap<String, f64> {
         other => panic!("unknown workload {other}"),
     }
     out
+}
+
+// ---------------------------------------------------------------- sled alone
+
+/// Rows per batch of the sled floor, each batch flushed: with a 4 MiB cache, the leanest
+/// setting tried (batches of 10,000 rows flushed once peaked at 2–3x the memory).
+const FLOOR_BATCH: usize = 256;
+
+/// The floor under any layout of the store on sled: one sled key per row holding nothing but
+/// the row's values — no log, no CRDT state, no index — in small flushed batches with a small
+/// cache. What this costs in bytes and memory, the store cannot go below.
+fn sled_floor(dir: &Path) -> BTreeMap<String, f64> {
+    let n = row_count();
+    let mut out = BTreeMap::new();
+    let db = sled::Config::new()
+        .path(dir.join("db"))
+        .cache_capacity(4 << 20)
+        .open()
+        .expect("open sled");
+    let t = Instant::now();
+    let now = now_ms();
+    let mut start = 0;
+    while start < n {
+        let end = (start + FLOOR_BATCH).min(n);
+        let mut batch = sled::Batch::default();
+        for i in start..end {
+            let r = bench_row(i);
+            batch.insert(r.id.as_bytes().as_slice(), row_bytes(&r, now));
+        }
+        db.apply_batch(batch).expect("apply batch");
+        db.flush().expect("flush");
+        start = end;
+    }
+    out.insert("us_per_row".into(), per(t.elapsed(), n));
+    drop(db);
+    out.insert("bytes_per_row".into(), dir_bytes(dir) as f64 / n as f64);
+    out
+}
+
+/// The row's 15 values (SQLite's columns) as plain bytes: numbers fixed-width, text
+/// length-prefixed.
+fn row_bytes(r: &BenchRow, now: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(160);
+    for text in [&r.name, &r.summary, &r.amount] {
+        v.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        v.extend_from_slice(text.as_bytes());
+    }
+    v.extend_from_slice(&r.priority.to_le_bytes());
+    v.extend_from_slice(&r.statecode.to_le_bytes());
+    for x in [r.duration, r.windowstart, now, now] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.extend_from_slice(&r.latitude.to_le_bytes());
+    v.extend_from_slice(&r.longitude.to_le_bytes());
+    for id in [r.account, r.contact, r.owner] {
+        v.extend_from_slice(id.as_bytes());
+    }
+    v
 }
 
 // ---------------------------------------------------------------- SQLite
@@ -412,6 +478,7 @@ fn child(engine: &str, workload: &str) {
     let mut out = match engine {
         "ours" => ours(workload, dir.path()),
         "sqlite" => sqlite(workload, dir.path()),
+        "sled" => sled_floor(dir.path()),
         other => panic!("unknown engine {other}"),
     };
     out.insert("peak_rss_kib".into(), peak_rss_kib());
@@ -512,6 +579,25 @@ fn main() {
         bench_line(&format!("memory_{workload}"), om, bm, "MiB_peak_rss");
         peaks.push((om, bm));
     }
+    // Where sled itself stands on the import's disk and memory figures.
+    let floor = run_child("sled", "import");
+    let sqlite_import = run_child("sqlite", "import");
+    let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    let (fb, sb) = (
+        get(&floor, "bytes_per_row"),
+        get(&sqlite_import, "bytes_per_row"),
+    );
+    let (fm, sm) = (
+        get(&floor, "peak_rss_kib") / 1024.0,
+        get(&sqlite_import, "peak_rss_kib") / 1024.0,
+    );
+    println!(
+        "# sled floor (one sled key per row holding only its values, no log, CRDT state or index): \
+         {fb:.0} bytes_per_row on disk ({:.2}x SQLite's {sb:.0}), peak {fm:.1} MiB ({:.2}x SQLite's {sm:.1}), {:.2} us_per_row",
+        fb / sb,
+        fm / sm,
+        get(&floor, "us_per_row"),
+    );
     let om = peaks.iter().map(|p| p.0).fold(0.0, f64::max);
     let bm = peaks.iter().map(|p| p.1).fold(0.0, f64::max);
     bench_line("memory", om, bm, "MiB_peak_rss");
