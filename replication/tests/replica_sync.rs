@@ -269,6 +269,19 @@ impl World {
         (content, blob)
     }
 
+    /// Device `i`'s pending ops, pushed straight to the hub as `who`; each must be accepted.
+    fn push_by_hand(&mut self, i: usize, who: &Principal) {
+        let ops = DeviceStorage::pending_ops(&self.net.devs[i].storage, 0, WIDE).unwrap();
+        for op in &ops {
+            let out = self
+                .net
+                .hub
+                .apply_push(Millis(0), who, ConflictPolicy::MergePerColumn, op)
+                .unwrap();
+            assert_eq!(out, PushOutcome::Accepted);
+        }
+    }
+
     fn hub_insert(&mut self, table: &str, values: &[(&str, Value)]) -> RowId {
         let id = Uuid::new_v4();
         self.net.hub.local_write(table, id, values).unwrap();
@@ -1190,14 +1203,8 @@ fn the_hub_takes_only_uploads_a_row_of_the_devices_set_refers_to() {
         s.team_task,
         &[("photo", Value::Image(blob.clone()))],
     );
+    w.push_by_hand(0, &ana);
     let hub = &mut w.net.hub;
-    let ops: Vec<PushOp> = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
-    for op in &ops {
-        let out = hub
-            .apply_push(now, &ana, ConflictPolicy::MergePerColumn, op)
-            .unwrap();
-        assert_eq!(out, PushOutcome::Accepted);
-    }
     // cat's set does not hold the team's task.
     assert!(refused(
         hub.put_blob_chunk(now, &cat, &blob.sha256, 0, total, first)
@@ -1270,14 +1277,8 @@ fn the_hub_refuses_an_upload_that_is_not_an_image_for_an_image_column() {
         &[("photo", Value::Image(blob.clone()))],
     );
     let now = Millis(0);
+    w.push_by_hand(0, &ana);
     let hub = &mut w.net.hub;
-    let ops: Vec<PushOp> = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
-    for op in &ops {
-        let out = hub
-            .apply_push(now, &ana, ConflictPolicy::MergePerColumn, op)
-            .unwrap();
-        assert_eq!(out, PushOutcome::Accepted);
-    }
     let out = hub
         .put_blob_chunk(now, &ana, &sha, 0, text.len() as u64, &text)
         .unwrap();
