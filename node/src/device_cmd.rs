@@ -328,7 +328,7 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
     if image {
         // Checked before the content is stored (the store would refuse the write after).
         if let Err(e) = ImageFormat::check(size, &head) {
-            bail!("{}: {e}", path.display());
+            bail!("{} for image column `{column}`: {e}", path.display());
         }
     }
     let name = path

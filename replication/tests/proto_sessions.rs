@@ -1762,6 +1762,29 @@ fn a_device_ahead_of_a_restored_hub_starts_its_feed_over() {
     )));
     assert!(dev.storage.cursor("task").unwrap().0 >= net.hub.log.len() as u64);
     assert_eq!(dev.session.state(), DeviceState::Ready);
+
+    // A late duplicate of a restart, landing when the device's cursor happens to equal its
+    // `from` again, is stale: the pull it answered is over. Nothing moves, nothing waits.
+    let now = net.now;
+    let d = &mut net.devs[0];
+    assert!(d.session.is_quiet());
+    let current = d.storage.cursor("task").unwrap();
+    let late = Message::PullBatch(fieldsync_replication::proto::PullBatch {
+        table: "task".into(),
+        from: current,
+        cursor: Cursor(0),
+        ops: vec![],
+        entering: vec![],
+        leaving: vec![],
+        more: true,
+    });
+    d.session.handle_message(now, late, &mut d.storage);
+    assert_eq!(d.storage.cursor("task").unwrap(), current);
+    while let Some(e) = d.session.poll_event() {
+        assert!(!matches!(e, DeviceEvent::FeedRestarted { .. }), "{e:?}");
+    }
+    assert!(d.session.is_quiet());
+    assert_eq!(d.session.state(), DeviceState::Ready);
 }
 
 // ---------------------------------------------------------------------------------------------

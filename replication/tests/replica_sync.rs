@@ -1083,8 +1083,7 @@ fn a_hub_that_lies_about_a_files_size_cannot_fill_the_device() {
     assert_eq!(w.dev(0).read_blob(&blob).unwrap(), content);
 }
 
-/// 200,000 bytes: four protocol chunks.
-/// 200,000 bytes that start like a JPEG (image columns take images only).
+/// 200,000 bytes (four protocol chunks) that start like a JPEG: image columns take images only.
 fn photo_bytes(salt: u8) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8 ^ salt).collect();
     bytes[..4].copy_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
@@ -1291,6 +1290,26 @@ fn the_hub_refuses_an_upload_that_is_not_an_image_for_an_image_column() {
     );
     assert!(!hub.store().has_blob(&blob).unwrap());
     assert_eq!(hub.upload_progress(ana.device, &sha).unwrap(), 0);
+    // Content the hub already holds (uploaded for a file column, say) needs no upload: an op
+    // that puts it in an image column is checked, and refused, when it is pushed.
+    let held = b"%PDF-1.7 a contract".repeat(40);
+    let held_ref = hub
+        .store()
+        .put_blob("contract.pdf", &mut held.as_slice())
+        .unwrap();
+    w.write(0, "task", s.ana_task, &[("photo", Value::Image(held_ref))]);
+    let ops = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
+    let op = ops.last().unwrap();
+    let out = w
+        .net
+        .hub
+        .apply_push(now, &ana, ConflictPolicy::MergePerColumn, op)
+        .unwrap();
+    assert!(
+        matches!(&out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
+            if message.contains("image column `photo`: not a GIF")),
+        "{out:?}"
+    );
 }
 
 #[test]

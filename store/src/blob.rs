@@ -190,16 +190,26 @@ impl Store {
 
     /// Why `blob` cannot go in an image column ([`ImageFormat::check`]), if it cannot: its
     /// size always, its format when its content is in this store (content not here yet is
-    /// checked where it arrives: the hub checks every upload).
-    pub(crate) fn image_problem(&self, blob: &BlobRef) -> Result<Option<NotAnImage>, StoreError> {
-        let head = match self.read_blob_range(&blob.sha256, 0, ImageFormat::SNIFF_BYTES)? {
-            Some((_, head)) => head,
-            None if blob.size > IMAGE_MAX_BYTES => {
-                return Ok(Some(NotAnImage::TooLarge { size: blob.size }))
+    /// checked where it arrives: the hub checks every upload). Reads the header and the first
+    /// chunk only, without checking the chunk's hash (reading the content does that).
+    pub fn image_problem(&self, blob: &BlobRef) -> Result<Option<NotAnImage>, StoreError> {
+        let header = self.blob_header(&blob.sha256)?;
+        let size = header.as_ref().map_or(blob.size, |h| h.size.max(blob.size));
+        let first = header.as_ref().and_then(|h| h.chunks.first());
+        let head = match first {
+            Some(chunk_sha) => {
+                let chunk = self.db().get(chunk_key(chunk_sha))?;
+                chunk.map(|c| c[..c.len().min(ImageFormat::SNIFF_BYTES)].to_vec())
             }
-            None => return Ok(None),
+            // Held and empty: no signature.
+            None if header.is_some() => Some(Vec::new()),
+            None => None,
         };
-        Ok(ImageFormat::check(blob.size, &head).err())
+        Ok(match head {
+            Some(head) => ImageFormat::check(size, &head).err(),
+            None if size > IMAGE_MAX_BYTES => Some(NotAnImage::TooLarge { size }),
+            None => None,
+        })
     }
 
     /// Whether the blob's content is in the store.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use tracing::{debug_span, info_span};
 
-use crate::api::CommitInfo;
+use crate::api::{CommitInfo, Row};
 use crate::codec::keys;
 use crate::error::{StoreError, WriteError};
 use crate::log::StoredEntry;
@@ -123,8 +123,16 @@ impl PendingRow {
 }
 
 /// Check one value against a table: the schema, finite floats, and an image column's content
-/// ([`Store::image_problem`]).
-fn check_one(store: &Store, table: &Table, name: &str, value: &Value) -> Result<u16, WriteError> {
+/// ([`Store::image_problem`]) unless the row already holds that very value (`current`: it may
+/// predate the check, and writing it again — a form saved whole, a retried op, a hub's own
+/// rewrite — adds nothing).
+fn check_one(
+    store: &Store,
+    table: &Table,
+    name: &str,
+    value: &Value,
+    current: Option<&Row>,
+) -> Result<u16, WriteError> {
     table.check_value(name, value)?;
     let invalid = |reason: String| WriteError::InvalidValue {
         table: table.name.clone(),
@@ -133,7 +141,7 @@ fn check_one(store: &Store, table: &Table, name: &str, value: &Value) -> Result<
     };
     match value {
         Value::Float(f) if !f.is_finite() => return Err(invalid("floats must be finite".into())),
-        Value::Image(blob) => {
+        Value::Image(blob) if current.is_none_or(|row| row.get(name) != value) => {
             if let Some(problem) = store.image_problem(blob)? {
                 return Err(invalid(problem.to_string()));
             }
@@ -149,15 +157,17 @@ fn check_one(store: &Store, table: &Table, name: &str, value: &Value) -> Result<
     })
 }
 
-/// Check values against a table and turn them into (column number, value).
+/// Check values against a table (and the row's current values, for an update) and turn them
+/// into (column number, value).
 fn checked(
     store: &Store,
     table: &Table,
     values: &[(&str, Value)],
+    current: Option<&Row>,
 ) -> Result<Vec<(u16, Value)>, WriteError> {
     let mut out = Vec::with_capacity(values.len());
     for (name, value) in values {
-        let col = check_one(store, table, name, value)?;
+        let col = check_one(store, table, name, value, current)?;
         if let Some(p) = out.iter_mut().find(|(c, _): &&mut (u16, Value)| *c == col) {
             p.1 = value.clone();
         } else {
@@ -242,7 +252,7 @@ impl Store {
         let mut given = std::collections::HashSet::new();
         for row in &rows {
             for (name, value) in &row.values {
-                check_one(self, tab, name, value)?;
+                check_one(self, tab, name, value, None)?;
             }
             let id = match row.id {
                 Some(id) => {
@@ -352,7 +362,7 @@ impl Transaction<'_> {
         values: &[(&str, Value)],
     ) -> Result<(), WriteError> {
         let (t, tab) = self.store.table(table)?;
-        let mut puts = checked(self.store, tab, values)?;
+        let mut puts = checked(self.store, tab, values, None)?;
         if self.by_id.contains_key(&(t, id)) {
             return Err(WriteError::RowExists {
                 table: table.to_string(),
@@ -436,7 +446,13 @@ impl Transaction<'_> {
         values: &[(&str, Value)],
     ) -> Result<(), WriteError> {
         let (t, tab) = self.store.table(table)?;
-        let puts = checked(self.store, tab, values)?;
+        // Only a write of an image column needs the row as it is (see `check_one`).
+        let current = if values.iter().any(|(_, v)| matches!(v, Value::Image(_))) {
+            self.store.get(table, id)?
+        } else {
+            None
+        };
+        let puts = checked(self.store, tab, values, current.as_ref())?;
         let (t2, _) = self.existing(table, id)?;
         debug_assert_eq!(t, t2);
         let now = self.store.inner.options.clock.now_ms();

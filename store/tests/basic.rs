@@ -402,6 +402,32 @@ fn image_columns_take_only_images() {
         "{err}"
     );
     tx.commit().unwrap();
+
+    // A reference written before its content arrived (or before this check existed) is not
+    // checked again when the row is saved with it unchanged; a new reference to it is.
+    let other = temp_store(2);
+    let mut tx = other.begin();
+    let row = tx
+        .insert("account", &[("logo", Value::Image(text.clone()))])
+        .unwrap();
+    tx.commit().unwrap();
+    other
+        .put_blob("notes.png", &mut &b"plain text, named like an image"[..])
+        .unwrap();
+    let mut tx = other.begin();
+    tx.update(
+        "account",
+        row,
+        &[
+            ("logo", Value::Image(text.clone())),
+            ("name", Value::Text("re-saved".into())),
+        ],
+    )
+    .unwrap();
+    assert!(tx
+        .insert("account", &[("logo", Value::Image(text))])
+        .is_err());
+    tx.commit().unwrap();
 }
 
 #[test]

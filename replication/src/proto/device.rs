@@ -894,7 +894,9 @@ impl DeviceSession {
         }
         let current = storage.cursor(&b.table)?;
         if b.is_restart() {
-            if b.from == current {
+            // A hub restarts a feed only in answer to a pull from the device's cursor: a late
+            // duplicate (the cursor moved on, or the pull is over) is stale.
+            if b.from == current && self.conn.pulls.contains_key(&b.table) {
                 warn!(table = %b.table, from = b.from.0, to = b.cursor.0, "the hub restarted this table's feed (its store is older than this device's cursor: restored from a backup?); pulling the table again");
                 storage.restart_cursor(&b.table, b.cursor)?;
                 self.events.push_back(DeviceEvent::FeedRestarted {
@@ -902,17 +904,16 @@ impl DeviceSession {
                     from: b.from,
                     to: b.cursor,
                 });
+                // The batches that follow come from the new cursor.
+                self.conn.pulls.insert(b.table.clone(), now);
             } else {
-                // A duplicate of a restart already done (the cursor moved since).
                 debug!(table = %b.table, "stale feed restart ignored");
             }
             let cursor = storage.cursor(&b.table)?;
             self.transmit.push_back(Message::PullAck(PullAck {
-                table: b.table.clone(),
+                table: b.table,
                 cursor,
             }));
-            // The batches that follow come from the new cursor.
-            self.conn.pulls.insert(b.table, now);
             return Ok(());
         }
         if b.from != current {

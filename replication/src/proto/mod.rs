@@ -40,9 +40,10 @@
 //!
 //! - A local op leaves the device's pending set only through `record_ack`, after the hub
 //!   decided it durably; a rejected op becomes a sync error and is rolled back, never dropped.
-//! - Cursors and the acknowledged sequence number only move forward; a batch is applied only
-//!   on top of the cursor it was computed from, so loss, duplication and reordering of messages
-//!   cost a re-send, never a wrong state.
+//! - Cursors and the acknowledged sequence number only move forward — except a cursor past the
+//!   end of the hub's feed, which the hub restarts (see [`messages::PullBatch`]); a batch is
+//!   applied only on top of the cursor it was computed from, so loss, duplication and
+//!   reordering of messages cost a re-send, never a wrong state.
 //! - Every input from the network is checked; a bad frame or an out-of-protocol message closes
 //!   that session only, with a [`CloseCode`].
 //! - Everything is bounded: frame size, batch items and bytes, tables per request, tables a hub

@@ -214,6 +214,17 @@ impl DeviceReplica {
 
     /// The size the row that wants blob `sha256` gives it (`None` for a blob no held row
     /// wants, such as one fetched on request).
+    /// A table's cursor record and its key (a default record if the table was never pulled).
+    fn stored_cursor(&self, table: &str) -> Result<(Vec<u8>, StoredCursor), StorageError> {
+        let mut k = P_CURSOR.to_vec();
+        k.extend_from_slice(table.as_bytes());
+        let c = match self.get(&k)? {
+            Some(v) => dec(&v, "a cursor")?,
+            None => StoredCursor::default(),
+        };
+        Ok((k, c))
+    }
+
     fn wanted_blob_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StorageError> {
         let Some(key) = self.get(&sha_key(P_BLOB_WANTED, sha256))? else {
             return Ok(None);
@@ -823,12 +834,7 @@ impl DeviceStorage for DeviceReplica {
     }
 
     fn cursor(&self, table: &str) -> Result<Cursor, StorageError> {
-        let mut k = P_CURSOR.to_vec();
-        k.extend_from_slice(table.as_bytes());
-        Ok(match self.get(&k)? {
-            Some(v) => Cursor(dec::<StoredCursor>(&v, "a cursor")?.cursor),
-            None => Cursor::default(),
-        })
+        Ok(Cursor(self.stored_cursor(table)?.1.cursor))
     }
 
     fn set_cursor(
@@ -837,12 +843,7 @@ impl DeviceStorage for DeviceReplica {
         cursor: Cursor,
         synced_at: Option<Millis>,
     ) -> Result<(), StorageError> {
-        let mut k = P_CURSOR.to_vec();
-        k.extend_from_slice(table.as_bytes());
-        let mut c: StoredCursor = match self.get(&k)? {
-            Some(v) => dec(&v, "a cursor")?,
-            None => StoredCursor::default(),
-        };
+        let (k, mut c) = self.stored_cursor(table)?;
         c.cursor = c.cursor.max(cursor.0);
         if let Some(at) = synced_at {
             c.synced_at = Some(at.0);
@@ -851,23 +852,13 @@ impl DeviceStorage for DeviceReplica {
     }
 
     fn restart_cursor(&mut self, table: &str, cursor: Cursor) -> Result<(), StorageError> {
-        let mut k = P_CURSOR.to_vec();
-        k.extend_from_slice(table.as_bytes());
-        let mut c: StoredCursor = match self.get(&k)? {
-            Some(v) => dec(&v, "a cursor")?,
-            None => StoredCursor::default(),
-        };
+        let (k, mut c) = self.stored_cursor(table)?;
         c.cursor = cursor.0;
         self.apply(&[AuxWrite::Put(k, enc(&c))])
     }
 
     fn last_sync(&self, table: &str) -> Result<Option<Millis>, StorageError> {
-        let mut k = P_CURSOR.to_vec();
-        k.extend_from_slice(table.as_bytes());
-        Ok(match self.get(&k)? {
-            Some(v) => dec::<StoredCursor>(&v, "a cursor")?.synced_at.map(Millis),
-            None => None,
-        })
+        Ok(self.stored_cursor(table)?.1.synced_at.map(Millis))
     }
 
     fn blob_progress(&self, sha256: &[u8; 32]) -> Result<u64, StorageError> {

@@ -1594,6 +1594,21 @@ impl HubReplica {
                 ));
             }
         }
+        // A new image reference to content the hub holds is checked now (content still to come
+        // is checked when it is uploaded): Dataverse takes only images there.
+        for (c, v) in &insp.columns {
+            let Value::Image(blob) = v else { continue };
+            if before.get(c) == Some(v) {
+                continue;
+            }
+            if let Some(problem) = self.store.image_problem(blob).map_err(storage_err)? {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Validation,
+                    &format!("image column `{c}`: {problem}"),
+                ));
+            }
+        }
         if !insp.ready {
             return Ok(rejected(
                 operation,
@@ -2305,7 +2320,7 @@ impl HubStorage for HubReplica {
         let matches = <[u8; 32]>::from(hash.finalize()) == *sha256;
         // Dataverse takes only images in an image column: a device (any client of the
         // protocol, not only the CLI) must not get other bytes into one.
-        let not_an_image = if matches && self.referenced_as_image(sha256)? {
+        let not_an_image = if matches && self.referenced_as_image(who, &table, sha256)? {
             ImageFormat::check(total, &head).err()
         } else {
             None
@@ -2484,9 +2499,19 @@ impl HubReplica {
             .collect())
     }
 
-    /// Whether some row holds the blob `sha256` in an image column.
-    fn referenced_as_image(&self, sha256: &[u8; 32]) -> Result<bool, StorageError> {
+    /// Whether a row the upload is for holds the blob `sha256` in an image column: a row of
+    /// `who`'s set, or of `attached_to`, the table of the op that attached it (the row may have
+    /// left the set since). Rows elsewhere do not decide what this device may upload.
+    fn referenced_as_image(
+        &self,
+        who: &Principal,
+        attached_to: &str,
+        sha256: &[u8; 32],
+    ) -> Result<bool, StorageError> {
         for (table, row) in self.blob_referrers(sha256)? {
+            if table != attached_to && !self.in_set(who, &table, row) {
+                continue;
+            }
             if let Some(r) = self.store.get(&table, row).map_err(storage_err)? {
                 if r.values
                     .iter()
