@@ -198,8 +198,11 @@ impl Store {
         let first = header.as_ref().and_then(|h| h.chunks.first());
         let head = match first {
             Some(chunk_sha) => {
-                let chunk = self.db().get(chunk_key(chunk_sha))?;
-                chunk.map(|c| c[..c.len().min(ImageFormat::SNIFF_BYTES)].to_vec())
+                let chunk = self
+                    .db()
+                    .get(chunk_key(chunk_sha))?
+                    .ok_or_else(|| StoreError::BlobCorrupt(blob.hash_hex()))?;
+                Some(chunk[..chunk.len().min(ImageFormat::SNIFF_BYTES)].to_vec())
             }
             // Held and empty: no signature.
             None if header.is_some() => Some(Vec::new()),
@@ -284,7 +287,36 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::ImageFormat;
+    use super::{chunk_key, ImageFormat, NotAnImage};
+    use crate::wal::WriteBatch;
+    use crate::{Schema, Store, StoreError, StoreOptions};
+
+    /// The image check reads the first chunk: a damaged store (the chunk gone) is an error,
+    /// not content that passes unchecked.
+    #[test]
+    fn the_image_check_reports_a_missing_first_chunk() {
+        let schema = Schema::from_toml("[tables.a]\n[tables.a.columns]\nlogo = \"image\"\n")
+            .expect("schema");
+        let store = Store::temporary(schema, StoreOptions::default()).expect("store");
+        let text = store
+            .put_blob("a.png", &mut &b"not an image"[..])
+            .expect("put");
+        assert_eq!(
+            store.image_problem(&text).expect("check"),
+            Some(NotAnImage::UnknownFormat)
+        );
+        let header = store
+            .blob_header(&text.sha256)
+            .expect("read")
+            .expect("held");
+        let mut batch = WriteBatch::default();
+        batch.remove(chunk_key(&header.chunks[0]));
+        store.db().apply_batch(&batch).expect("remove");
+        assert!(matches!(
+            store.image_problem(&text),
+            Err(StoreError::BlobCorrupt(_))
+        ));
+    }
 
     #[test]
     fn image_formats_are_told_by_their_signature() {

@@ -894,8 +894,9 @@ impl DeviceSession {
         }
         let current = storage.cursor(&b.table)?;
         if b.is_restart() {
-            // A hub restarts a feed only in answer to a pull from the device's cursor: a late
-            // duplicate (the cursor moved on, or the pull is over) is stale.
+            // A hub restarts a feed only in answer to a pull from the device's cursor, so one
+            // that finds the cursor moved on, or no pull of the table under way, is a stale
+            // copy (only a faulty link delivers one: a new connection starts afresh).
             if b.from == current && self.conn.pulls.contains_key(&b.table) {
                 warn!(table = %b.table, from = b.from.0, to = b.cursor.0, "the hub restarted this table's feed (its store is older than this device's cursor: restored from a backup?); pulling the table again");
                 storage.restart_cursor(&b.table, b.cursor)?;

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
     ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, RemoteOp, RowId,
-    Store, StoreError, Table, Value, DELETED_KEY,
+    Store, StoreError, Table, Value, WriteError, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -157,6 +157,9 @@ pub enum HubReplicaError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A write the store refused (unknown column, wrong type, not an image ...).
+    #[error(transparent)]
+    Write(#[from] WriteError),
     /// A profile does not fit the schema.
     #[error(transparent)]
     Routing(#[from] RoutingError),
@@ -865,14 +868,12 @@ impl HubReplica {
     ) -> Result<(), HubReplicaError> {
         let mut tx = self.store.begin();
         if self.store.get(table, row)?.is_some() {
-            tx.update(table, row, values)
+            tx.update(table, row, values)?;
         } else {
-            tx.insert_with_id(table, row, values)
+            tx.insert_with_id(table, row, values)?;
         }
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.mark_unrouted(&[(table, row)])?;
-        tx.commit_with(Durability::Immediate)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.commit_with(Durability::Immediate)?;
         self.route(table, row)?;
         self.feed_log(None)?;
         self.routed(&[(table, row)])?;
