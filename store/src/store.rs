@@ -380,7 +380,7 @@ impl Store {
         }
         std::fs::create_dir_all(dir)?;
         let db = open_sled(&db_path, &options).map_err(|e| sled_open_error(dir, e))?;
-        let engine = Engine::Sled(db);
+        let engine = Engine::sled(db);
         Self::initialize(&engine, &schema, &options).map_err(OpenError::Store)?;
         drop(engine);
         Self::open(dir, options)
@@ -407,7 +407,7 @@ impl Store {
                 None,
                 self.inner.options.clone(),
             ),
-            Engine::Sled(_) => Err(OpenError::NotFound(
+            Engine::Sled(..) => Err(OpenError::NotFound(
                 self.inner.dir.clone().unwrap_or_default(),
             )),
         }
@@ -451,7 +451,7 @@ impl Store {
             }
         }
         let db = open_sled(&db_path, &options).map_err(|e| sled_open_error(dir, e))?;
-        let store = Self::from_db(Engine::Sled(db), Some(dir.to_path_buf()), options)?;
+        let store = Self::from_db(Engine::sled(db), Some(dir.to_path_buf()), options)?;
         Ok(store)
     }
 
@@ -814,7 +814,7 @@ impl Store {
                 )?;
             }
             wal.append(&batch)?;
-            self.db().apply_batch(&batch)?;
+            self.db().apply_logged(&batch)?;
         }
         self.make_durable(durability)
     }
