@@ -4,12 +4,12 @@
 //! Both offer the handful of sled calls the store makes, with sled's types, so the code above
 //! does not know which one it runs on.
 //!
-//! A batch the write-ahead file holds ([`Engine::apply_logged`]) goes into sled key by key under
-//! the engine's batch lock, not as a `sled::Batch`: sled 0.34 writes out its log buffer twice
-//! for every atomic batch (`PageCache::pin_log`, each write with a `sync_file_range`), which
-//! nearly doubled a durable commit, and the write-ahead record already makes the batch atomic
-//! across a crash. Readers take the lock shared for each read and each step of a scan, so none
-//! sees half a batch, as with sled's own batches.
+//! A batch whose write-ahead record is already on disk ([`Engine::apply_logged`]) goes into sled
+//! key by key under the engine's batch lock, not as a `sled::Batch`: sled 0.34 writes out its
+//! log buffer twice for every atomic batch (`PageCache::pin_log`, each write with a
+//! `sync_file_range`), which nearly doubled a durable commit, and the durable record already
+//! makes the batch atomic across any crash. Readers take the lock shared for each read and each
+//! step of a scan, so none sees half a batch, as with sled's own batches.
 
 use std::collections::BTreeMap;
 use std::ops::{Bound, RangeBounds};
@@ -90,8 +90,8 @@ impl Engine {
         }
     }
 
-    /// Apply `batch`, which the write-ahead file already holds: atomically for readers (under
-    /// the batch lock); a crash part-way is made whole by replaying the file (module docs).
+    /// Apply `batch`, whose write-ahead record is already on disk: atomically for readers (under
+    /// the batch lock); a crash part-way is made whole by replaying the record (module docs).
     pub(crate) fn apply_logged(&self, batch: &WriteBatch) -> sled::Result<()> {
         match self {
             Engine::Sled(db, lock) => {

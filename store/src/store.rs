@@ -788,7 +788,12 @@ impl Store {
     }
 
     /// Write `batch` atomically: appended to the write-ahead file, then applied to sled (in
-    /// that order for every batch, under the WAL lock), then made durable as `durability` asks.
+    /// that order for every batch, under the WAL lock), durable as `durability` asks.
+    ///
+    /// An `Immediate` batch's record is `fdatasync`ed before sled sees the batch, which then goes
+    /// in key by key ([`Engine::apply_logged`]: replaying the record completes it after any
+    /// crash). Any other batch goes in as sled's atomic batch: sled's background writes may
+    /// reach the disk before its record does, and a power loss must not leave half of it.
     pub(crate) fn write(
         &self,
         batch: WriteBatch,
@@ -814,7 +819,12 @@ impl Store {
                 )?;
             }
             wal.append(&batch)?;
-            self.db().apply_logged(&batch)?;
+            if durability == Durability::Immediate && self.inner.options.fsync {
+                self.sync()?;
+                self.db().apply_logged(&batch)?;
+                return Ok(());
+            }
+            self.db().apply_batch(&batch)?;
         }
         self.make_durable(durability)
     }

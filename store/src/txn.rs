@@ -572,11 +572,14 @@ impl Transaction<'_> {
             seq += 1;
         }
         if seq > first_seq {
-            store.write(batch, Durability::Group)?;
+            // Durable before readers see it (`Store::write`).
+            store.write(batch, durability)?;
         }
         store.set_next_seq(&mut writer, seq);
         drop(writer);
-        store.make_durable(durability)?;
+        if seq == first_seq {
+            store.make_durable(durability)?;
+        }
         Ok(CommitInfo {
             first_seq,
             last_seq: seq - 1,
