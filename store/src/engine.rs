@@ -9,7 +9,8 @@
 //! log buffer twice for every atomic batch (`PageCache::pin_log`, each write with a
 //! `sync_file_range`), which nearly doubled a durable commit, and the durable record already
 //! makes the batch atomic across any crash. Readers take the lock shared for each read and each
-//! step of a scan, so none sees half a batch, as with sled's own batches.
+//! step of a scan, so none of those sees half a batch, as with sled's own batches (a scan is
+//! not a snapshot either way).
 
 use std::collections::BTreeMap;
 use std::ops::{Bound, RangeBounds};
@@ -36,7 +37,7 @@ pub(crate) enum Engine {
 }
 
 fn poisoned() -> sled::Error {
-    sled::Error::ReportableBug("a thread panicked while writing the in-memory store".into())
+    sled::Error::ReportableBug("a thread panicked while writing the store".into())
 }
 
 /// Holds the batch lock shared: no logged batch is half applied while it lives.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 use sled::IVec;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, error, info_span, warn};
 
 use crate::api::{ColumnConflict, Row};
 use crate::codec::{index_value, keys};
@@ -85,8 +85,12 @@ pub(crate) struct Inner {
     pub last_seq: AtomicU64,
     /// The write-ahead file every batch goes through (`None` for a temporary store).
     pub wal: Option<Mutex<Wal>>,
-    /// A second handle on the write-ahead file, to `fdatasync` it outside the lock.
+    /// A second handle on the write-ahead file, to `fdatasync` it.
     pub wal_sync: Option<std::fs::File>,
+    /// A batch was appended to the write-ahead file and then not fully applied (its sync or
+    /// its apply failed): sled and the file disagree until the store is reopened (which
+    /// replays the file), so every later write is refused.
+    pub write_failed: std::sync::atomic::AtomicBool,
 }
 
 /// State only the writer touches.
@@ -546,6 +550,7 @@ impl Store {
             id_epoch,
             id_counter: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
+            write_failed: std::sync::atomic::AtomicBool::new(false),
             wal,
             wal_sync,
         };
@@ -592,8 +597,8 @@ impl Store {
     }
 
     pub(crate) fn writer(&self) -> MutexGuard<'_, Writer> {
-        // A panic while holding the lock leaves nothing half-written in sled (batches are
-        // atomic), so the state behind a poisoned lock is still good.
+        // A panic while holding the lock leaves nothing half-written that a later write could
+        // build on: a batch logged and not fully applied stops all writes (`Store::write`).
         self.inner
             .writer
             .lock()
@@ -810,6 +815,11 @@ impl Store {
             let mut wal = wal
                 .lock()
                 .map_err(|_| StoreError::Corrupt("a writer panicked while appending".into()))?;
+            if self.inner.write_failed.load(Ordering::Acquire) {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "an earlier write was logged but not applied; reopen the store to recover it",
+                )));
+            }
             if wal.needs_checkpoint(&batch) {
                 checkpoint(
                     self.db(),
@@ -819,12 +829,23 @@ impl Store {
                 )?;
             }
             wal.append(&batch)?;
-            if durability == Durability::Immediate && self.inner.options.fsync {
-                self.sync()?;
-                self.db().apply_logged(&batch)?;
+            let durable_first = durability == Durability::Immediate && self.inner.options.fsync;
+            let applied = if durable_first {
+                self.sync()
+                    .and_then(|()| Ok(self.db().apply_logged(&batch)?))
+            } else {
+                self.db().apply_batch(&batch).map_err(StoreError::from)
+            };
+            if let Err(e) = applied {
+                // The record may be replayed at the next open: its seqs must not be reused,
+                // nor a half-applied batch checkpointed over.
+                self.inner.write_failed.store(true, Ordering::Release);
+                error!(error = %e, "a logged batch was not applied; refusing writes until reopened");
+                return Err(e);
+            }
+            if durable_first {
                 return Ok(());
             }
-            self.db().apply_batch(&batch)?;
         }
         self.make_durable(durability)
     }

@@ -488,8 +488,9 @@ impl Transaction<'_> {
         self.commit_with(d)
     }
 
-    /// Commit atomically: one log entry per row touched, rows and indexes in the same sled
-    /// batch. With [`Durability::Immediate`] the commit is on disk when this returns.
+    /// Commit atomically: one log entry per row touched, rows and indexes in the same batch
+    /// (`Store::write`). With [`Durability::Immediate`] the commit is on disk when this
+    /// returns, and before any reader sees it.
     pub fn commit_with(self, durability: Durability) -> Result<CommitInfo, WriteError> {
         let store = self.store;
         let _span = debug_span!("commit", rows = self.rows.len(), ?durability).entered();

@@ -169,7 +169,7 @@ impl Wal {
         self.offset = 0;
     }
 
-    /// A second handle on the file, to `fdatasync` it without holding the WAL lock.
+    /// A second handle on the file, to `fdatasync` it (`Store::sync`).
     pub(crate) fn sync_handle(&self) -> io::Result<File> {
         self.file.try_clone()
     }
