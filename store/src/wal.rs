@@ -12,8 +12,14 @@
 //! checkpoint makes sled durable, bumps the generation there (durably too) and starts again at
 //! offset 0, so older records left further on in the file can never be replayed. Replay applies
 //! the records of the current generation in order and stops at the first that is torn, has a
-//! bad CRC or an older generation. Replaying a batch sled already holds is harmless: batches
-//! are applied in the order they were written, so the replay ends in the same state.
+//! bad CRC or an older generation.
+//!
+//! Every record's batch also writes a position marker (its generation and where the record
+//! ends, [`Wal::append_marked`]) as its last key, so sled says which record it holds last, and
+//! replay starts after that one. Replaying a batch sled already holds is harmless after a
+//! process crash, but not after a power loss: sled's background writes may have kept a later
+//! group commit whose record was lost, and replaying an earlier record would write older
+//! values over it.
 
 use std::fs::File;
 use std::io;
@@ -103,6 +109,31 @@ fn record_crc(generation: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// Where a record ends: what a position marker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordEnd {
+    pub generation: u64,
+    pub offset: u64,
+}
+
+impl RecordEnd {
+    const BYTES: usize = 16;
+
+    fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.generation.to_be_bytes());
+        out[8..].copy_from_slice(&self.offset.to_be_bytes());
+        out
+    }
+
+    /// `None` for bytes that are not a marker.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<RecordEnd> {
+        let generation = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let offset = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        (bytes.len() == Self::BYTES).then_some(RecordEnd { generation, offset })
+    }
+}
+
 /// The open write-ahead file and where the next record goes.
 pub(crate) struct Wal {
     file: File,
@@ -151,8 +182,33 @@ impl Wal {
     }
 
     /// Whether appending `batch` would pass the capacity (and something is already written).
-    pub(crate) fn needs_checkpoint(&self, batch: &WriteBatch) -> bool {
-        self.offset > 0 && self.offset + (HEADER_BYTES + batch.payload_len()) as u64 > self.capacity
+    /// (`extra`: bytes the batch will gain, as a position marker, before it is appended.)
+    pub(crate) fn needs_checkpoint(&self, batch: &WriteBatch, extra: usize) -> bool {
+        self.offset > 0
+            && self.offset + (HEADER_BYTES + batch.payload_len() + extra) as u64 > self.capacity
+    }
+
+    /// Add to `batch`, as its last write, the marker `marker_key` = this record's position
+    /// ([`RecordEnd`]), then append it.
+    pub(crate) fn append_marked(
+        &mut self,
+        batch: &mut WriteBatch,
+        marker_key: &[u8],
+    ) -> io::Result<()> {
+        batch.insert(marker_key, [0u8; RecordEnd::BYTES]);
+        let end = RecordEnd {
+            generation: self.generation,
+            offset: self.offset + (HEADER_BYTES + batch.payload_len()) as u64,
+        };
+        if let Some((_, Some(v))) = batch.ops.last_mut() {
+            *v = IVec::from(&end.encode()[..]);
+        }
+        self.append(batch)
+    }
+
+    /// The space [`Wal::append_marked`] adds to a batch with this marker key.
+    pub(crate) fn marker_len(marker_key: &[u8]) -> usize {
+        5 + marker_key.len() + 4 + RecordEnd::BYTES
     }
 
     /// Append `batch` as a record of the current generation (in the OS page cache on return).
@@ -161,6 +217,12 @@ impl Wal {
         self.file.write_all_at(&record, self.offset)?;
         self.offset += record.len() as u64;
         Ok(())
+    }
+
+    /// Where the next record goes.
+    #[cfg(test)]
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// Start over at offset 0 in `generation` (after sled durably holds everything written).
@@ -174,9 +236,13 @@ impl Wal {
         self.file.try_clone()
     }
 
-    /// The batches of the current generation, in order, up to the first record that is torn,
-    /// fails its CRC or belongs to another generation.
-    pub(crate) fn replay(&self) -> Result<Vec<WriteBatch>, StoreError> {
+    /// The batches of the current generation after `held` (the last record sled holds, if in
+    /// this generation), in order, up to the first record that is torn, fails its CRC or
+    /// belongs to another generation.
+    pub(crate) fn replay(&self, held: Option<RecordEnd>) -> Result<Vec<WriteBatch>, StoreError> {
+        let skip_to = held
+            .filter(|h| h.generation == self.generation)
+            .map_or(0, |h| h.offset);
         let len = self.file.metadata()?.len();
         let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| corrupt("wal too large"))?];
         self.file.read_exact_at(&mut bytes, 0)?;
@@ -206,8 +272,10 @@ impl Wal {
             if record_crc(generation, payload) != crc {
                 break;
             }
-            out.push(decode_payload(payload)?);
             at += HEADER_BYTES + len;
+            if at as u64 > skip_to {
+                out.push(decode_payload(payload)?);
+            }
         }
         Ok(out)
     }
@@ -267,18 +335,18 @@ mod tests {
         for n in 0..3 {
             wal.append(&batch(n)).unwrap();
         }
-        assert_eq!(wal.replay().unwrap().len(), 3);
+        assert_eq!(wal.replay(None).unwrap().len(), 3);
         // Tear the third record: the replay keeps the first two.
         let third = wal.offset - 1;
         wal.file.write_all_at(&[0xff], third).unwrap();
-        assert_eq!(wal.replay().unwrap().len(), 2);
+        assert_eq!(wal.replay(None).unwrap().len(), 2);
         // A new generation from offset 0 hides every older record behind its last one.
         wal.restart(8);
         wal.append(&batch(9)).unwrap();
-        assert_eq!(wal.replay().unwrap().len(), 1);
+        assert_eq!(wal.replay(None).unwrap().len(), 1);
         // Another generation sees nothing of generation 8.
         let other = Wal::open(dir.path(), 9, 4096, true).unwrap();
-        assert!(other.replay().unwrap().is_empty());
+        assert!(other.replay(None).unwrap().is_empty());
     }
 
     #[test]
@@ -293,6 +361,6 @@ mod tests {
         r.extend_from_slice(&payload);
         wal.file.write_all_at(&r, 0).unwrap();
         wal.offset = r.len() as u64;
-        assert!(matches!(wal.replay(), Err(StoreError::Corrupt(_))));
+        assert!(matches!(wal.replay(None), Err(StoreError::Corrupt(_))));
     }
 }
