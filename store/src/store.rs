@@ -830,12 +830,19 @@ impl Store {
             }
             let marker = keys::meta(WAL_POSITION);
             if wal.needs_checkpoint(&batch, Wal::marker_len(&marker)) {
-                checkpoint(
+                let done = checkpoint(
                     self.db(),
                     self.inner.sled_files.as_ref(),
                     &self.inner.options,
                     &mut wal,
-                )?;
+                );
+                if let Err(e) = done {
+                    // sled may already hold the next generation while the file is still in
+                    // this one: records written now could be ignored by the next replay.
+                    self.inner.write_failed.store(true, Ordering::Release);
+                    error!(error = %e, "a checkpoint failed; refusing writes until reopened");
+                    return Err(e);
+                }
             }
             wal.append_marked(&mut batch, &marker)?;
             let durable_first = durability == Durability::Immediate && self.inner.options.fsync;

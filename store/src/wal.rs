@@ -236,13 +236,13 @@ impl Wal {
         self.file.try_clone()
     }
 
-    /// The batches of the current generation after `held` (the last record sled holds, if in
-    /// this generation), in order, up to the first record that is torn, fails its CRC or
-    /// belongs to another generation.
+    /// The batches of the current generation, in order, up to the first record that is torn,
+    /// fails its CRC or belongs to another generation — or none, when `held` (the last record
+    /// sled holds) lies past the last of them: sled is then ahead of the file (a power loss
+    /// took records sled's own writes had kept), and replaying older records would write over
+    /// newer values. Otherwise every record is replayed, as a crash may have left sled behind
+    /// anywhere in them (sled's log is not always a clean prefix after a power loss).
     pub(crate) fn replay(&self, held: Option<RecordEnd>) -> Result<Vec<WriteBatch>, StoreError> {
-        let skip_to = held
-            .filter(|h| h.generation == self.generation)
-            .map_or(0, |h| h.offset);
         let len = self.file.metadata()?.len();
         let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| corrupt("wal too large"))?];
         self.file.read_exact_at(&mut bytes, 0)?;
@@ -272,10 +272,19 @@ impl Wal {
             if record_crc(generation, payload) != crc {
                 break;
             }
+            out.push(decode_payload(payload)?);
             at += HEADER_BYTES + len;
-            if at as u64 > skip_to {
-                out.push(decode_payload(payload)?);
-            }
+        }
+        // A marker past the end of the file itself is not one this file's records wrote.
+        let sled_ahead = held.is_some_and(|h| {
+            h.generation == self.generation && h.offset > at as u64 && h.offset <= len
+        });
+        if sled_ahead {
+            tracing::warn!(
+                records = out.len(),
+                "sled holds batches the write-ahead file lost (a power loss?); not replaying it"
+            );
+            out.clear();
         }
         Ok(out)
     }
@@ -347,6 +356,28 @@ mod tests {
         // Another generation sees nothing of generation 8.
         let other = Wal::open(dir.path(), 9, 4096, true).unwrap();
         assert!(other.replay(None).unwrap().is_empty());
+    }
+
+    /// sled's position marker stops the replay only when sled is ahead of the file.
+    #[test]
+    fn a_marker_past_the_last_record_means_sled_is_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 3, 4096, true).unwrap();
+        let mut ends = Vec::new();
+        for n in 0..2 {
+            let mut b = batch(n);
+            wal.append_marked(&mut b, b"0walpos").unwrap();
+            ends.push(wal.offset);
+        }
+        let at = |generation, offset| Some(RecordEnd { generation, offset });
+        // sled holds the first record, or both: replay both (it may lack parts of either).
+        assert_eq!(wal.replay(at(3, ends[0])).unwrap().len(), 2);
+        assert_eq!(wal.replay(at(3, ends[1])).unwrap().len(), 2);
+        // sled holds a record past the file's last: replay nothing.
+        assert!(wal.replay(at(3, ends[1] + 40)).unwrap().is_empty());
+        // Not a marker of this file: another generation, or past the file's end.
+        assert_eq!(wal.replay(at(2, ends[1] + 40)).unwrap().len(), 2);
+        assert_eq!(wal.replay(at(3, 1 << 40)).unwrap().len(), 2);
     }
 
     #[test]
