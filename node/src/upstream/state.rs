@@ -255,16 +255,27 @@ pub fn file_waits(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamError> 
     rows_under(store, P_FILE_WAIT, "file wait key")
 }
 
+/// A row's JSON record under `prefix`, if any (`what` names it in errors).
+fn row_record<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    prefix: &[u8],
+    table: &str,
+    id: RowId,
+    what: &str,
+) -> Result<Option<T>, UpstreamError> {
+    store
+        .aux_get(SPACE, &row_key(prefix, table, id))?
+        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt(what)))
+        .transpose()
+}
+
 /// The downloads of a row that did not come down yet.
 pub fn pending_download(
     store: &Store,
     table: &str,
     id: RowId,
 ) -> Result<Option<PendingDownload>, UpstreamError> {
-    store
-        .aux_get(SPACE, &row_key(P_PENDING_DOWNLOAD, table, id))?
-        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("pending download")))
-        .transpose()
+    row_record(store, P_PENDING_DOWNLOAD, table, id, "pending download")
 }
 
 /// Every row of `table` with downloads that did not come down yet.
@@ -298,10 +309,7 @@ pub fn write_intent(
     table: &str,
     id: RowId,
 ) -> Result<Option<WriteIntent>, UpstreamError> {
-    store
-        .aux_get(SPACE, &row_key(P_WRITE_INTENT, table, id))?
-        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("write intent")))
-        .transpose()
+    row_record(store, P_WRITE_INTENT, table, id, "write intent")
 }
 
 /// Every row with a write whose reply did not come back.
@@ -311,10 +319,7 @@ pub fn write_intents(store: &Store) -> Result<Vec<(String, RowId)>, UpstreamErro
 
 /// The mark of a row held back from a push, if any ([`Resend`]).
 pub fn resend(store: &Store, table: &str, id: RowId) -> Result<Option<Resend>, UpstreamError> {
-    store
-        .aux_get(SPACE, &row_key(P_RESEND, table, id))?
-        .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt("resend mark")))
-        .transpose()
+    row_record(store, P_RESEND, table, id, "resend mark")
 }
 
 /// Every row held back from a push that is still to be written.
@@ -348,18 +353,29 @@ impl StateWrites {
         self.0.push(AuxWrite::Remove(base_key(table, id)));
     }
 
+    /// Sets a row's JSON record under `prefix` (`what` names it in errors).
+    fn put_row_record<T: Serialize>(
+        &mut self,
+        prefix: &[u8],
+        table: &str,
+        id: RowId,
+        what: &str,
+        value: &T,
+    ) -> Result<(), UpstreamError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| UpstreamError::State(format!("a {what} does not serialize: {e}")))?;
+        self.0
+            .push(AuxWrite::Put(row_key(prefix, table, id), bytes));
+        Ok(())
+    }
+
     pub fn put_pending_download(
         &mut self,
         table: &str,
         id: RowId,
         pending: &PendingDownload,
     ) -> Result<(), UpstreamError> {
-        let bytes = serde_json::to_vec(pending).map_err(|e| {
-            UpstreamError::State(format!("a pending download does not serialize: {e}"))
-        })?;
-        self.0
-            .push(AuxWrite::Put(row_key(P_PENDING_DOWNLOAD, table, id), bytes));
-        Ok(())
+        self.put_row_record(P_PENDING_DOWNLOAD, table, id, "pending download", pending)
     }
 
     pub fn remove_pending_download(&mut self, table: &str, id: RowId) {
@@ -373,11 +389,7 @@ impl StateWrites {
         id: RowId,
         intent: &WriteIntent,
     ) -> Result<(), UpstreamError> {
-        let bytes = serde_json::to_vec(intent)
-            .map_err(|e| UpstreamError::State(format!("a write intent does not serialize: {e}")))?;
-        self.0
-            .push(AuxWrite::Put(row_key(P_WRITE_INTENT, table, id), bytes));
-        Ok(())
+        self.put_row_record(P_WRITE_INTENT, table, id, "write intent", intent)
     }
 
     pub fn remove_write_intent(&mut self, table: &str, id: RowId) {
@@ -391,11 +403,7 @@ impl StateWrites {
         id: RowId,
         mark: &Resend,
     ) -> Result<(), UpstreamError> {
-        let bytes = serde_json::to_vec(mark)
-            .map_err(|e| UpstreamError::State(format!("a resend mark does not serialize: {e}")))?;
-        self.0
-            .push(AuxWrite::Put(row_key(P_RESEND, table, id), bytes));
-        Ok(())
+        self.put_row_record(P_RESEND, table, id, "resend mark", mark)
     }
 
     pub fn remove_resend(&mut self, table: &str, id: RowId) {
