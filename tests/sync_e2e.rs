@@ -661,18 +661,26 @@ fn a_hub_restored_from_a_backup_restarts_its_devices_feeds() {
     assert_eq!(names(&ana), ["BEFORE", "LOST-1", "LOST-2"]);
     assert!(proc.terminate());
 
-    // The disaster: the hub's directory goes back to the backup; one row is written after.
+    // The disaster: the hub's directory goes back to the backup. More rows are written after
+    // it than it lost, so its log grows past the device's cursor before the device pulls: the
+    // entry the cursor names is another one now.
     std::fs::remove_dir_all(hub.data()).unwrap();
     copy_dir(&backup, &hub.data());
-    hub.work_order("AFTER", "user:ana@contoso.com", 690970000, &[]);
+    let after = ["AFTER-1", "AFTER-2", "AFTER-3", "AFTER-4", "AFTER-5"];
+    for name in after {
+        hub.work_order(name, "user:ana@contoso.com", 690970000, &[]);
+    }
     let _proc = hub.serve();
     let out = sync(&ana);
     assert!(
         out.contains("restored from a backup?") && out.contains(WO),
         "the device says its feed restarted: {out}"
     );
-    // What the restored hub lost stays on the device; what it wrote since comes down.
-    assert_eq!(names(&ana), ["AFTER", "BEFORE", "LOST-1", "LOST-2"]);
+    // What the restored hub lost stays on the device; what it wrote since comes down, all of
+    // it (reading on from the old cursor would have skipped the rows up to it).
+    let mut want = after.to_vec();
+    want.extend(["BEFORE", "LOST-1", "LOST-2"]);
+    assert_eq!(names(&ana), want);
     // The next sync reads on from the new cursor.
     let out = sync(&ana);
     assert!(!out.contains("restored"), "{out}");

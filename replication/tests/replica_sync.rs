@@ -892,10 +892,32 @@ fn forged_cursors_and_foreign_tables_get_nothing_outside_the_set() {
     let hub = &mut w.net.hub;
     let mut seen = BTreeSet::new();
     let end = hub.store().last_seq();
-    for c in [0, 1, 2, 3, 5, 1000, u64::MAX] {
-        let chunk = hub.pull(&cat, "task", Cursor(c), limits).unwrap();
-        // A cursor past the log's end restarts the device's feed, and carries nothing else.
-        assert_eq!(chunk.restart, c > end, "cursor {c}, log end {end}");
+    // The hub's own cursors, at every seq of its log; then forged ones: a wrong check of the
+    // entry a cursor names, raw seqs, past the log's end.
+    let mut cursors: Vec<(Cursor, bool)> = Vec::new();
+    for seq in 0..=end {
+        let valid = hub.cursor_at(seq).unwrap();
+        cursors.push((valid, false));
+        if seq > 0 {
+            cursors.push((Cursor(valid.0 ^ 1), true));
+            cursors.push((Cursor(valid.0 ^ 0x8000), true));
+        }
+    }
+    let past_end = Cursor(hub.cursor_at(end).unwrap().0 + (1 << 16));
+    for c in [
+        past_end,
+        Cursor(1),
+        Cursor(5),
+        Cursor(1000),
+        Cursor(u64::MAX),
+    ] {
+        cursors.push((c, true));
+    }
+    for (c, forged) in cursors {
+        let chunk = hub.pull(&cat, "task", c, limits).unwrap();
+        // A cursor this log does not hold restarts the device's feed, and carries nothing
+        // else.
+        assert_eq!(chunk.restart, forged, "cursor {c:?}, log end {end}");
         assert!(!chunk.restart || chunk.is_empty());
         for r in chunk.entering.iter().map(|d| d.row) {
             seen.insert(r);
@@ -906,12 +928,12 @@ fn forged_cursors_and_foreign_tables_get_nothing_outside_the_set() {
         for r in &chunk.leaving {
             seen.insert(*r);
         }
-        assert!(chunk.cursor >= Cursor(c));
+        assert!(chunk.cursor >= c);
     }
     assert_eq!(seen, [s.cat_task].into());
-    // Cursors past the log's end (1000 and u64::MAX, for one table) are counted once: a hub
-    // restored from a backup, or a forged cursor.
-    assert_eq!(hub.cursors_past_log_end(), 1);
+    // Cursors this log does not hold (for one table) are counted once: a hub restored from a
+    // backup, or a forged cursor.
+    assert_eq!(hub.cursors_not_in_log(), 1);
     for t in ["account", "note", "secret", ""] {
         let chunk = hub.pull(&cat, t, Cursor(0), limits).unwrap();
         assert!(chunk.is_empty(), "{t}: {chunk:?}");
@@ -1872,7 +1894,7 @@ fn a_role_change_is_pulled_again_after_a_lost_batch_and_a_quick_reversal() {
     w.net.heal(3);
     let ana = w.principal(0);
     let limits = WIDE;
-    let last = Cursor(w.hub().last_seq());
+    let last = w.net.hub.cursor_at(w.hub().last_seq()).unwrap();
     let tech = w.revoke_tech(0);
     // The batch is lost on the link: the same pull again still says the row left.
     for _ in 0..2 {
@@ -1898,7 +1920,7 @@ fn a_row_that_left_and_came_back_while_writes_went_on_is_sent_whole_again() {
     w.net.heal(3);
     let ana = w.principal(0);
     let limits = WIDE;
-    let last = Cursor(w.hub().last_seq());
+    let last = w.net.hub.cursor_at(w.hub().last_seq()).unwrap();
     let tech = w.revoke_tech(0);
     // The device applies the eviction; its cursor stays at `last`.
     let chunk = w.net.hub.pull(&ana, "task", last, limits).unwrap();
@@ -1927,7 +1949,7 @@ fn a_row_given_away_and_back_between_pulls_arrives_with_every_op() {
     w.net.heal(3);
     let users: Vec<Uuid> = USERS.iter().map(|u| user(&w.env, u)).collect();
     let ana = w.principal(0);
-    let cursor = Cursor(w.hub().last_seq());
+    let cursor = w.net.hub.cursor_at(w.hub().last_seq()).unwrap();
     w.net
         .hub
         .local_write("task", s.ana_task, &[("ownerid", owner_user(users[1]))])

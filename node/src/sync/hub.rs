@@ -726,12 +726,12 @@ pub fn render_metrics(endpoint: &HubEndpoint, runtime: &HubRuntime) -> String {
             up.pending_download_rows.load(Ordering::Relaxed),
         );
     }
-    let (lags, ahead) = with_replica(&runtime.replica, |r| {
-        (r.device_lags(), r.cursors_past_log_end())
+    let (lags, unknown) = with_replica(&runtime.replica, |r| {
+        (r.device_lags(), r.cursors_not_in_log())
     });
     let _ = writeln!(
         s,
-        "# HELP fieldsync_hub_cursors_past_log_end Devices' tables that pulled with a cursor past the end of the hub's log (a restored hub, or forged cursors; docs/operations.md).\n# TYPE fieldsync_hub_cursors_past_log_end gauge\nfieldsync_hub_cursors_past_log_end {ahead}"
+        "# HELP fieldsync_hub_cursors_not_in_log Devices' tables that pulled with a cursor the hub's log does not hold: past its end, or another entry where it points (a restored hub, or forged cursors; docs/operations.md).\n# TYPE fieldsync_hub_cursors_not_in_log gauge\nfieldsync_hub_cursors_not_in_log {unknown}"
     );
     let _ = writeln!(
         s,

@@ -286,9 +286,10 @@ pub struct Subscribe {
 /// The changes to one table of the device's set between two cursors.
 ///
 /// A batch whose `cursor` is before its `from` carries nothing and **restarts the feed**: the
-/// device's cursor was past the end of the hub's feed (the hub's store was restored from an
-/// older backup), so the device sets its cursor back to `cursor` and the hub sends the table
-/// again from there; rows arrive whole and merge into what the device holds.
+/// device's cursor is not a position of the hub's feed (the hub's store was restored from an
+/// older backup, maybe written again since), so the device sets its cursor back to `cursor`
+/// and the hub sends the table again from there; rows arrive whole and merge into what the
+/// device holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullBatch {
     /// The table.

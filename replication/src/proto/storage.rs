@@ -242,9 +242,10 @@ pub struct PullChunk {
     pub cursor: Cursor,
     /// Whether the feed goes on after `cursor`.
     pub more: bool,
-    /// The start cursor is past the end of the hub's feed: the hub's store is older than what
-    /// the device received (restored from a backup), or the cursor was forged. The chunk holds
-    /// nothing else; the device starts the table over from the beginning of the feed.
+    /// The start cursor is not a position of the hub's feed (past its end, or it names an
+    /// entry the log does not hold there): the hub's store is not the one the device was fed
+    /// from (restored from a backup, maybe written again since), or the cursor was forged. The
+    /// chunk holds nothing else; the device starts the table over from the beginning.
     pub restart: bool,
 }
 

@@ -299,8 +299,8 @@ pub struct HubReplica {
     signing: Option<HubSigningKey>,
     changed: FeedChanges,
     lag: HashMap<(DeviceId, String), Cursor>,
-    /// The (device, table)s whose cursor was past the log's end, reported once each.
-    cursors_ahead: HashSet<(DeviceId, String)>,
+    /// The (device, table)s whose cursor this log does not hold, reported once each.
+    cursors_unknown: HashSet<(DeviceId, String)>,
     /// The last log seq in the feed index (`K_FED`).
     fed: u64,
     shared_feed_holders: usize,
@@ -505,6 +505,18 @@ fn upload_key(prefix: &[u8], device: DeviceId, sha256: &[u8; 32]) -> Vec<u8> {
     k
 }
 
+/// Low bits of a [`Cursor`] that check the log entry at its position. A cursor is the seq of
+/// the last log entry it covers, shifted left by this many bits, with the low bits holding the
+/// first bytes of that entry's change hash. A hub whose log is not the one a cursor came from
+/// (its store restored from a backup, then written again) finds the check differs, however far
+/// its log has grown since, and restarts that device's feed (`docs/operations.md`).
+const CURSOR_CHECK_BITS: u32 = 16;
+
+/// The log seq a cursor names (whatever its check says).
+fn cursor_seq(cursor: Cursor) -> u64 {
+    cursor.0 >> CURSOR_CHECK_BITS
+}
+
 /// Whether the device held a row at feed position `at`, from its transitions.
 fn held_at(history: &[(u64, bool)], at: u64) -> bool {
     history
@@ -643,7 +655,7 @@ impl HubReplica {
             signing: None,
             changed: FeedChanges::default(),
             lag: HashMap::new(),
-            cursors_ahead: HashSet::new(),
+            cursors_unknown: HashSet::new(),
             fed,
             shared_feed_holders: SHARED_FEED_HOLDERS,
             now_ms: routed_time,
@@ -835,10 +847,33 @@ impl HubReplica {
         std::mem::take(&mut self.changed)
     }
 
-    /// How many (device, table)s pulled with a cursor past the end of the hub's log since it
-    /// opened: forged cursors, or devices that hold entries this store lost (a restore).
-    pub fn cursors_past_log_end(&self) -> usize {
-        self.cursors_ahead.len()
+    /// How many (device, table)s pulled with a cursor this hub's log does not hold (past its
+    /// end, or naming an entry that is not there) since it opened: forged cursors, or devices
+    /// that were fed from a log this store lost part of (a restore from a backup).
+    pub fn cursors_not_in_log(&self) -> usize {
+        self.cursors_unknown.len()
+    }
+
+    /// The cursor of this hub's log at `seq` (0: the start): what a device provisioned out of
+    /// band from a snapshot at `seq` pulls from ([`HubReplica::provision`]).
+    pub fn cursor_at(&self, seq: u64) -> Result<Cursor, HubReplicaError> {
+        Ok(self.log_cursor(seq)?)
+    }
+
+    fn log_cursor(&self, seq: u64) -> Result<Cursor, StorageError> {
+        if seq == 0 {
+            return Ok(Cursor(0));
+        }
+        let check = self
+            .store
+            .log_entry(seq)
+            .map_err(storage_err)?
+            .map_or(0, |e| u64::from(u16::from_be_bytes([e.hash[0], e.hash[1]])));
+        seq.checked_mul(1 << CURSOR_CHECK_BITS)
+            .map(|s| Cursor(s | check))
+            .ok_or_else(|| {
+                StorageError::Corrupt(format!("log seq {seq} is beyond what a cursor can name"))
+            })
     }
 
     /// Per device and table, the cursor it last pulled from and how far the feed is ahead.
@@ -851,7 +886,7 @@ impl HubReplica {
                 device: *d,
                 table: t.clone(),
                 cursor: *c,
-                behind: last.saturating_sub(c.0),
+                behind: last.saturating_sub(cursor_seq(*c)),
             })
             .collect();
         out.sort_by(|a, b| (a.device, &a.table).cmp(&(b.device, &b.table)));
@@ -963,7 +998,10 @@ impl HubReplica {
         let writes: Vec<AuxWrite> = rows
             .iter()
             .map(|(table, row)| {
-                AuxWrite::Put(history_key(device, table, *row), enc(&vec![(at.0, true)]))
+                AuxWrite::Put(
+                    history_key(device, table, *row),
+                    enc(&vec![(cursor_seq(at), true)]),
+                )
             })
             .collect();
         if !writes.is_empty() {
@@ -1322,24 +1360,24 @@ impl HubReplica {
         who: &Principal,
         table: &str,
         row: RowId,
-        after: Cursor,
+        after: u64,
         membership: bool,
         unlogged: bool,
     ) -> Result<(Fate, Vec<(u64, bool)>), StorageError> {
         let hk = history_key(who.device, table, row);
         let hist = self.load_history(&hk)?;
-        let mut before = held_at(&hist, after.0);
+        let mut before = held_at(&hist, after);
         // A rollback changed what the device holds after the feed last told it.
         let ok = override_key(who.device, table, row);
         if let Some(v) = self.store.aux_get(SPACE, &ok).map_err(storage_err)? {
             let o: Override = dec(&v, "a holding override")?;
-            let last_told = hist.iter().rev().find(|(c, _)| *c <= after.0);
+            let last_told = hist.iter().rev().find(|(c, _)| *c <= after);
             if last_told.is_none_or(|(c, _)| *c < o.seq) {
                 before = o.held;
             }
         }
         let now = self.in_set(who, table, row);
-        if unlogged || hist.iter().any(|(c, _)| *c > after.0) {
+        if unlogged || hist.iter().any(|(c, _)| *c > after) {
             // Whether the device applied a batch sent after `after` is
             // unknown: a membership change with no log entry of its own
             // (recorded at `last + 1`, the cursor cannot pass `last`), or a
@@ -1942,7 +1980,8 @@ impl HubStorage for HubReplica {
         after: Cursor,
         limits: BatchLimits,
     ) -> Result<PullChunk, StorageError> {
-        let _span = info_span!("pull", device = %who.device, table, after = after.0).entered();
+        let _span =
+            info_span!("pull", device = %who.device, table, after = cursor_seq(after)).entered();
         let mut chunk = PullChunk {
             cursor: after,
             ..PullChunk::default()
@@ -1966,19 +2005,21 @@ impl HubStorage for HubReplica {
             self.lag.insert((who.device, table.to_string()), after);
         }
         let last = self.store.last_seq();
-        // `after == last` still looks at membership changes recorded at `last + 1`.
-        if after.0 > last {
-            // A forged cursor, or a device that received entries this store no longer has:
-            // the hub's store is older than its devices (restored from a backup). Reading on
-            // from the cursor would skip whatever the log gains up to it; the device starts
-            // the table over instead (docs/operations.md).
-            if self.cursors_ahead.insert((who.device, table.to_string())) {
+        let after_seq = cursor_seq(after);
+        // `after_seq == last` still looks at membership changes recorded at `last + 1`.
+        if after_seq > last || self.log_cursor(after_seq)? != after {
+            // A forged cursor, or a device fed from a log this store does not hold (past its
+            // end, or with other entries where the device's cursor points): the hub's store is
+            // older than its devices (restored from a backup), maybe written again since.
+            // Reading on from the cursor would skip or mix up entries; the device starts the
+            // table over instead (docs/operations.md).
+            if self.cursors_unknown.insert((who.device, table.to_string())) {
                 error!(
                     device = %who.device,
                     table,
-                    cursor = after.0,
+                    cursor_seq = after_seq,
                     log_end = last,
-                    "a device's cursor is past the end of the hub's log: was the hub's store restored from a backup? the device starts the table over"
+                    "a device's cursor is not a position of the hub's log (past its end, or another entry is there): was the hub's store restored from a backup? the device starts the table over"
                 );
             }
             chunk.restart = true;
@@ -1997,12 +2038,12 @@ impl HubStorage for HubReplica {
         let mut fates: BTreeMap<RowId, (Fate, Vec<(u64, bool)>)> = BTreeMap::new();
         let mut items = 0usize;
         let mut bytes = 0usize;
-        let mut end = after.0;
+        let mut end = after_seq;
         let mut full = false;
         // Scan the user's feed of this table window after window until the batch is full or
         // the feed ends (a bounded number per pull), so rows that are skipped (their fate
         // unchanged) do not cost the device a round trip and a durable write per window.
-        let mut scanned = after.0;
+        let mut scanned = after_seq;
         for _ in 0..MAX_SCAN_WINDOWS {
             let (touch, scan_end) = self.touches(
                 &feeds,
@@ -2037,8 +2078,14 @@ impl HubStorage for HubReplica {
                     let fate = if known {
                         state
                     } else {
-                        let (f, hist) =
-                            self.first_fate(who, table, *row, after, change.is_none(), seq > last)?;
+                        let (f, hist) = self.first_fate(
+                            who,
+                            table,
+                            *row,
+                            after_seq,
+                            change.is_none(),
+                            seq > last,
+                        )?;
                         fates.insert(*row, (f, hist));
                         fresh.push(*row);
                         if f == Fate::Entered || f == Fate::Left {
@@ -2165,7 +2212,7 @@ impl HubStorage for HubReplica {
             };
             // Transitions after `after` were computed for batches the device never applied
             // (it pulls from `after` again); of those before, only the last one matters.
-            hist.retain(|(c, _)| *c <= after.0);
+            hist.retain(|(c, _)| *c <= after_seq);
             let keep_from = hist.len().saturating_sub(1);
             hist.drain(..keep_from);
             hist.push((end, held));
@@ -2181,8 +2228,9 @@ impl HubStorage for HubReplica {
         }
         // Membership changes recorded at `last + 1` leave the cursor at `last`: the next
         // write takes that seq. Until it does, pulls from `last` send those rows again.
-        chunk.cursor = Cursor(end.min(last).max(after.0));
-        chunk.more = chunk.cursor.0 < last;
+        let cursor_seq = end.min(last).max(after_seq);
+        chunk.cursor = self.log_cursor(cursor_seq)?;
+        chunk.more = cursor_seq < last;
         Ok(chunk)
     }
 

@@ -76,7 +76,8 @@ pub struct ReplicaHub {
     events: Vec<NodeEvent>,
     bug: Option<PlantedBug>,
     setup_rows: u64,
-    position: u64,
+    /// Every device's initial cursor: the feed after setup.
+    start: Cursor,
     /// Feeds moved since the sessions were last told.
     feed_changes: FeedChanges,
 }
@@ -151,6 +152,7 @@ impl ReplicaHub {
         .map_err(store_err)?
         .with_signing_key(key);
         let position = replica.store().last_seq();
+        let start = replica.cursor_at(position).map_err(store_err)?;
         let mut tokens = BTreeMap::new();
         for i in 1..=ctx.world.devices() {
             let d = NodeId(i);
@@ -172,7 +174,7 @@ impl ReplicaHub {
                 .filter_map(|r| Some((tables.get(r.table as usize)?.clone(), row_id(r))))
                 .collect();
             replica
-                .provision(device_id(d), &rows, Cursor(position))
+                .provision(device_id(d), &rows, start)
                 .map_err(store_err)?;
         }
         let mut hub = ReplicaHub {
@@ -189,7 +191,7 @@ impl ReplicaHub {
             events: Vec::new(),
             bug,
             setup_rows,
-            position,
+            start,
             feed_changes: FeedChanges::default(),
         };
         hub.plant();
@@ -229,9 +231,9 @@ impl ReplicaHub {
         self.setup_rows
     }
 
-    /// The feed position after setup (every device's initial cursor).
-    pub fn position(&self) -> u64 {
-        self.position
+    /// The feed cursor after setup (every device's initial cursor).
+    pub fn start_cursor(&self) -> Cursor {
+        self.start
     }
 
     /// The token the hub issued to a device.

@@ -710,7 +710,7 @@ pub struct RealFactory {
     registry: SharedRegistry,
     schema: Option<Schema>,
     /// What the hub's setup hands each device: the initial changes per row, the feed
-    /// position after setup, and per device its token and app.
+    /// cursor after setup, and per device its token and app.
     initial: Option<Provisioning>,
     device_replica: bool,
 }
@@ -719,7 +719,8 @@ pub struct RealFactory {
 #[derive(Debug)]
 struct Provisioning {
     per_row: BTreeMap<RowKey, Vec<fieldsync_store::RemoteOp>>,
-    position: u64,
+    /// The hub's cursor after setup, as the devices store it.
+    cursor: u64,
     enrolled: BTreeMap<NodeId, (Vec<u8>, String)>,
 }
 
@@ -797,7 +798,7 @@ impl RealFactory {
             .collect();
         self.initial = Some(Provisioning {
             per_row,
-            position: hub.position(),
+            cursor: hub.start_cursor().0,
             enrolled,
         });
         Ok(hub)
@@ -854,7 +855,7 @@ impl NodeFactory for RealFactory {
                     .flatten()
                     .cloned()
                     .collect();
-                s.seed(&ops, p.position)?;
+                s.seed(&ops, p.cursor)?;
             }
             Ok(s)
         });
