@@ -34,7 +34,8 @@ pub struct SyncReport {
     pub leaving: usize,
     /// Tables that reached the end of their feed.
     pub tables_synced: usize,
-    /// Tables whose feed the hub restarted (this device was ahead of the hub's store).
+    /// Tables whose feed the hub restarted (this device was fed from a log the hub's store
+    /// does not hold: restored from a backup).
     pub feeds_restarted: Vec<String>,
     /// Attachments uploaded to the hub.
     pub files_up: usize,

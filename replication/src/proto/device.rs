@@ -125,9 +125,9 @@ pub enum DeviceEvent {
         /// The ops the hub refused.
         rejected: Vec<Rejection>,
     },
-    /// The hub restarted a table's feed: this device's cursor was past its end (the hub's
-    /// store was restored from an older backup). The table is pulled again from `to`; rows
-    /// the restored hub lacks stay on the device.
+    /// The hub restarted a table's feed: this device's cursor is not a position of it (the
+    /// hub's store was restored from an older backup). The table is pulled again from `to`;
+    /// rows the restored hub lacks stay on the device.
     FeedRestarted {
         /// The table.
         table: String,

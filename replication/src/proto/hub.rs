@@ -576,7 +576,8 @@ impl HubSession {
                 let read_from = feed.scanned.max(feed.cursor);
                 let chunk = storage.pull(who, table, read_from, self.config.pull_limits)?;
                 if chunk.restart {
-                    // The device is ahead of this hub's feed: tell it to start over, and go
+                    // The device's cursor is not a position of this hub's feed (it was fed
+                    // from a log this store lost part of): tell it to start over, and go
                     // on from the beginning in the same window (the device applies batches in
                     // order, so the next one finds its cursor already moved back).
                     // Storage logged it (once per device and table).
