@@ -138,6 +138,14 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
     let text_file = dir.path().join("logo.png");
     std::fs::write(&text_file, "a text file named like an image").unwrap();
     let not_an_image = format!("logo=@{}", text_file.display());
+    // One byte over `contract`'s maximum (16 MiB in the example schema); sparse, so cheap.
+    let big_file = dir.path().join("big.pdf");
+    std::fs::File::create(&big_file)
+        .unwrap()
+        .set_len(16 * 1024 * 1024 + 1)
+        .unwrap();
+    let too_big = format!("contract=@{}", big_file.display());
+    let too_big_ref = format!("contract={}:16777217:x.pdf", "ab".repeat(32));
     let cases: &[(&[&str], &str)] = &[
         (&["nosuchtable", "name=x"], "unknown table"),
         (&["account", "nosuchcolumn=x"], "unknown column"),
@@ -164,6 +172,12 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
         (&["account", "contract=@/dev/zero"], "not a regular file"),
         // An image column takes GIF, JPEG, TIFF, BMP or PNG content only.
         (&["account", &not_an_image], "not a GIF, JPEG, TIFF, BMP or PNG"),
+        // A file column takes files up to its maximum.
+        (
+            &["account", &too_big],
+            "column `contract` takes files of at most 16777216 bytes",
+        ),
+        (&["account", &too_big_ref], "takes files of at most 16777216 bytes"),
     ];
     for (args, expected) in cases {
         let mut full = vec!["device", "put", "--data", &data];

@@ -11,7 +11,7 @@ use clap::Subcommand;
 use fieldsync_replication::proto::messages::BLOB_UPLOAD_MAX;
 use fieldsync_store::{
     BulkRow, ColumnType, Durability, ImageFormat, Row, RowId, Schema, Store, StoreOptions, Table,
-    Value, WriteError, IMAGE_MAX_BYTES,
+    Value, WriteError,
 };
 use uuid::Uuid;
 
@@ -265,12 +265,22 @@ fn attachment<'a>(table: &Table, arg: &'a str) -> Option<(&'a str, &'a Path)> {
     is_blob_column(table, col).then(|| (col, Path::new(path)))
 }
 
+/// The largest file this device may attach to `column`: the column's maximum, and no more than
+/// the hub takes in one upload.
+fn attach_limit(table: &Table, column: &str) -> u64 {
+    table
+        .column(column)
+        .and_then(|c| c.max_file_bytes())
+        .map_or(BLOB_UPLOAD_MAX, |max| max.min(BLOB_UPLOAD_MAX))
+}
+
 /// Refuses file and image values that name content this device does not hold (typed as
 /// `HASH:SIZE:NAME` text or in an import): the hub would be told of a file that never comes.
-fn check_blob_refs(store: &Store, values: &[(String, Value)]) -> Result<()> {
+fn check_blob_refs(store: &Store, table: &Table, values: &[(String, Value)]) -> Result<()> {
     for (col, v) in values {
         if let Value::File(b) | Value::Image(b) = v {
-            if b.size > BLOB_UPLOAD_MAX || !store.has_blob(b)? {
+            table.check_value(col, v)?;
+            if b.size > attach_limit(table, col) || !store.has_blob(b)? {
                 bail!(
                     "`{col}` refers to content this device does not hold; attach a file with {col}=@PATH"
                 );
@@ -313,9 +323,10 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         bail!("{} is not a regular file", path.display());
     }
     let size = meta.len();
-    if size > BLOB_UPLOAD_MAX {
+    let limit = attach_limit(table, column);
+    if size > limit {
         bail!(
-            "{} is {size} bytes; a file or image column takes at most {BLOB_UPLOAD_MAX}",
+            "{} is {size} bytes; column `{column}` takes files of at most {limit} bytes",
             path.display()
         );
     }
@@ -337,11 +348,7 @@ fn attach_file(store: &Store, table: &Table, column: &str, path: &Path) -> Resul
         .unwrap_or_default();
     let mut capped = AtMost {
         inner: std::io::Cursor::new(head).chain(f),
-        limit: if image {
-            IMAGE_MAX_BYTES
-        } else {
-            BLOB_UPLOAD_MAX
-        },
+        limit,
         read: 0,
     };
     let blob = store
@@ -394,7 +401,7 @@ fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Resu
         args.iter().partition(|a| attachment(&table, a).is_some());
     let rest: Vec<String> = rest.into_iter().cloned().collect();
     let mut values = parse_assignments(&table, &rest)?;
-    check_blob_refs(&store, &values)?;
+    check_blob_refs(&store, &table, &values)?;
     let id = id.map(parse_id).transpose()?;
     // A write that cannot succeed stores no file first (stored content is never removed).
     if let Some(id) = id {
@@ -593,7 +600,7 @@ fn import(data: &Path, table_name: &str, file: &Path) -> Result<()> {
     let table = store.schema().table(table_name)?.clone();
     let rows = read_import_file(&table, file)?;
     for (line, _, values) in &rows {
-        check_blob_refs(&store, values)
+        check_blob_refs(&store, &table, values)
             .map_err(|e| anyhow!("{}:{line}: {e}; nothing was imported", file.display()))?;
     }
     let total = rows.len();

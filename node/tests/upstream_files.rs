@@ -14,7 +14,9 @@ use fieldsync_store::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use upstream_support::{bridge, config, hub_replica, EmulatorAndHub, ADMIN_TOKEN};
+use upstream_support::{
+    bridge, config, hub_replica, hub_replica_with_schema, EmulatorAndHub, ADMIN_TOKEN,
+};
 use uuid::Uuid;
 
 fn pattern(len: usize, modulo: u32) -> Vec<u8> {
@@ -790,6 +792,48 @@ async fn a_file_that_fails_to_come_down_stalls_nothing_and_comes_down_later() {
         2 + 3,
         "three ranges, then nothing more"
     );
+}
+
+/// A file over its column's maximum in the hub's schema is not taken: the download stops at the
+/// range that shows it (the first, with a declared size; the one that passes the maximum,
+/// without), the row comes in without it, and the file stays pending — tried again with
+/// back-off, for a schema raised since — its error naming the maximum.
+#[tokio::test]
+async fn a_file_over_its_columns_maximum_is_not_taken() {
+    let schema = upstream_support::example("schema.toml").replace(
+        "contract = { type = \"file\", max_size_kb = 16384 }",
+        "contract = { type = \"file\", max_size_kb = 64 }",
+    );
+    for (reply, ranges_read) in [
+        (FileReply::Ranges { declared: 100_000 }, 1),
+        // 16 KiB ranges: the fifth brings 80 KiB, past the 64 KiB maximum.
+        (FileReply::Undeclared, 5),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let replica = hub_replica_with_schema(&dir.path().join("hub"), &schema);
+        let stub = Stub::file(pattern(100_000, 17), reply);
+        let account = stub.account;
+        let requests = stub.file_requests.clone();
+        let url = stub.start().await;
+        let mut cfg = UpstreamConfig::new(url);
+        cfg.file_chunk_bytes = 16 * 1024;
+        let b = bridge(cfg, &replica);
+        b.pull_table("account").await.unwrap();
+        let r = replica.lock().unwrap();
+        assert!(r.store().get("account", account).unwrap().is_some());
+        drop(r);
+        assert!(hub_contract(&replica, account).is_none());
+        assert_eq!(requests.load(Ordering::SeqCst), ranges_read);
+        let pending = state::pending_download(replica.lock().unwrap().store(), "account", account)
+            .unwrap()
+            .expect("pending");
+        assert!(
+            pending
+                .last_error
+                .contains("over its column's maximum of 65536"),
+            "{pending:?}"
+        );
+    }
 }
 
 /// Bytes this thread has written with `write` and its kin (Linux's per-thread I/O accounting).

@@ -23,7 +23,7 @@ use fieldsync_replication::replica::{
 };
 use fieldsync_replication::{App, Environment, Profile};
 use fieldsync_store::{
-    ActorId, BlobRef, OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value,
+    ActorId, BlobRef, Durability, OwnerKind, OwnerRef, RowId, Schema, Store, StoreOptions, Value,
 };
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -42,6 +42,7 @@ title = "text"
 n = "integer"
 account = { lookup = "account", relationship = "task_account" }
 photo = "image"
+doc = { type = "file", max_size_kb = 65536 }
 
 [tables.note]
 offline = true
@@ -1330,6 +1331,91 @@ fn the_hub_refuses_an_upload_that_is_not_an_image_for_an_image_column() {
     assert!(
         matches!(&out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
             if message.contains("image column `photo`: not a GIF")),
+        "{out:?}"
+    );
+}
+
+/// The hub holds a pushed file or image reference to its column's maximum (a device whose
+/// schema allows more is refused), and content a device would have to upload to one upload's
+/// size, whatever the column allows.
+#[test]
+fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size() {
+    let mut w = world(17, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
+    let ana = w.principal(0);
+    let now = Millis(0);
+    let absent = |size: u64, name: &str| BlobRef {
+        sha256: [size as u8; 32],
+        size,
+        name: name.into(),
+    };
+    // A store with device 0's actor and a schema that lets `photo` take 30 MiB writes a 20 MiB
+    // photo reference; the hub's schema (10 MiB, Dataverse's default) refuses it.
+    let loose = Schema::from_toml(&SCHEMA.replace(
+        "photo = \"image\"",
+        "photo = { type = \"image\", max_size_kb = 30720 }",
+    ))
+    .unwrap();
+    let other = Store::temporary(loose, opts().with_actor(w.dev(0).actor())).unwrap();
+    let row = w.dev(0).export_row("task", s.ana_task).unwrap().unwrap();
+    other.import_row(&row, Durability::Immediate).unwrap();
+    let mut tx = other.begin();
+    tx.update(
+        "task",
+        s.ana_task,
+        &[("photo", Value::Image(absent(20 << 20, "big.png")))],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let e = other.ops_since(other.last_seq() - 1, 1).unwrap().remove(0);
+    let op = PushOp {
+        seq: 1_000,
+        table: e.table.clone(),
+        row: e.row,
+        change: e.change.clone(),
+    };
+    let out = w
+        .net
+        .hub
+        .apply_push(now, &ana, ConflictPolicy::MergePerColumn, &op)
+        .unwrap();
+    assert!(
+        matches!(&out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
+            if message.contains("`task.photo` takes files of at most 10485760 bytes")),
+        "{out:?}"
+    );
+    assert_eq!(
+        w.hub()
+            .get("task", s.ana_task)
+            .unwrap()
+            .unwrap()
+            .get("photo"),
+        &Value::Null
+    );
+
+    // `doc` takes 64 MiB, but a device uploads at most 32: a 40 MiB reference to content the
+    // hub does not hold could never arrive.
+    w.write(
+        0,
+        "task",
+        s.ana_task,
+        &[("doc", Value::File(absent(40 << 20, "big.pdf")))],
+    );
+    let ops = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
+    let out = w
+        .net
+        .hub
+        .apply_push(
+            now,
+            &ana,
+            ConflictPolicy::MergePerColumn,
+            ops.last().unwrap(),
+        )
+        .unwrap();
+    assert!(
+        matches!(&out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
+            if message.contains("a device uploads at most 33554432")),
         "{out:?}"
     );
 }

@@ -136,11 +136,35 @@ pub struct Column {
     pub navigation: Option<String>,
     /// For choices: the allowed option values (empty: any value).
     pub options: Vec<i32>,
+    /// For files and images: the largest content a value may name, in KiB, as Dataverse's
+    /// `MaxSizeInKB`; `None`: the default ([`Column::max_file_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size_kb: Option<u64>,
     /// Whether this is one of the [`SYSTEM_COLUMNS`].
     pub system: bool,
 }
 
+/// Dataverse's default `MaxSizeInKB` of a file column (32 MiB).
+pub const DEFAULT_FILE_MAX_KB: u64 = 32 * 1024;
+/// Dataverse's default `MaxSizeInKB` of an image column (10 MiB).
+pub const DEFAULT_IMAGE_MAX_KB: u64 = 10 * 1024;
+/// The largest `MaxSizeInKB` Dataverse allows a file column (10 GiB).
+pub const LIMIT_FILE_MAX_KB: u64 = 10 * 1024 * 1024;
+/// The largest `MaxSizeInKB` Dataverse allows an image column (30 MiB).
+pub const LIMIT_IMAGE_MAX_KB: u64 = crate::IMAGE_MAX_BYTES / 1024;
+
 impl Column {
+    /// For a file or image column, the largest content a value may name, in bytes: the
+    /// column's `max_size_kb`, else Dataverse's default for its type. `None` for other types.
+    pub fn max_file_bytes(&self) -> Option<u64> {
+        let default = match self.ty {
+            ColumnType::File => DEFAULT_FILE_MAX_KB,
+            ColumnType::Image => DEFAULT_IMAGE_MAX_KB,
+            _ => return None,
+        };
+        Some(self.max_size_kb.unwrap_or(default).saturating_mul(1024))
+    }
+
     /// The navigation property a write names to set this lookup
     /// (`<navigation>@odata.bind`): the declared `navigation`, else the column's name.
     pub fn navigation_property(&self) -> &str {
@@ -227,6 +251,16 @@ impl Table {
                 });
             }
         }
+        if let (Value::File(blob) | Value::Image(blob), Some(max)) = (value, col.max_file_bytes()) {
+            if blob.size > max {
+                return Err(SchemaError::FileTooLarge {
+                    table: self.name.clone(),
+                    column: column.to_string(),
+                    size: blob.size,
+                    max,
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -270,6 +304,28 @@ pub enum SchemaError {
         expected: ColumnType,
         /// What was given.
         found: &'static str,
+    },
+    /// File or image content larger than the column's maximum (`max_size_kb`).
+    #[error("`{table}.{column}` takes files of at most {max} bytes, not {size}")]
+    FileTooLarge {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The content's size in bytes.
+        size: u64,
+        /// The column's maximum in bytes.
+        max: u64,
+    },
+    /// A `max_size_kb` on a column that is not a file or image, or past Dataverse's limit.
+    #[error("`{table}.{column}`: {reason}")]
+    InvalidMaxSize {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Why.
+        reason: String,
     },
     /// A choice value not among the column's options.
     #[error("{value} is not an option of choice column `{table}.{column}`")]
@@ -344,7 +400,17 @@ struct TableFile {
 enum ColumnFile {
     Plain(String),
     Lookup(LookupFile),
+    Sized(SizedFile),
     Choice { choice: Vec<i32> },
+}
+
+/// `{ type = "file" | "image", max_size_kb = <KiB> }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SizedFile {
+    #[serde(rename = "type")]
+    ty: String,
+    max_size_kb: u64,
 }
 
 /// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`.
@@ -382,8 +448,9 @@ impl Schema {
     }
 
     /// Parse a schema from TOML text (see `examples/field-service/schema.toml`, whose header
-    /// describes each column form: a type name, `{ choice = [..] }`, or
-    /// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`).
+    /// describes each column form: a type name, `{ choice = [..] }`,
+    /// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`, or
+    /// `{ type = "file" | "image", max_size_kb = <KiB> }`).
     pub fn from_toml(text: &str) -> Result<Schema, SchemaError> {
         let file: SchemaFile =
             toml::from_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
@@ -414,6 +481,7 @@ impl Schema {
                     } else {
                         Vec::new()
                     },
+                    max_size_kb: None,
                     system: true,
                 })
                 .collect();
@@ -435,6 +503,42 @@ impl Schema {
                             relationship: None,
                             navigation: None,
                             options: Vec::new(),
+                            max_size_kb: None,
+                            system: false,
+                        }
+                    }
+                    ColumnFile::Sized(SizedFile { ty, max_size_kb }) => {
+                        let ty: ColumnType = ty.parse()?;
+                        let limit = match ty {
+                            ColumnType::File => LIMIT_FILE_MAX_KB,
+                            ColumnType::Image => LIMIT_IMAGE_MAX_KB,
+                            other => {
+                                return Err(SchemaError::InvalidMaxSize {
+                                    table: name.clone(),
+                                    column: cname.clone(),
+                                    reason: format!(
+                                        "max_size_kb is for file and image columns, not {other}"
+                                    ),
+                                })
+                            }
+                        };
+                        if *max_size_kb == 0 || *max_size_kb > limit {
+                            return Err(SchemaError::InvalidMaxSize {
+                                table: name.clone(),
+                                column: cname.clone(),
+                                reason: format!(
+                                    "max_size_kb must be 1 to {limit} for a {ty} column (Dataverse's limit), not {max_size_kb}"
+                                ),
+                            });
+                        }
+                        Column {
+                            name: cname.clone(),
+                            ty,
+                            target: None,
+                            relationship: None,
+                            navigation: None,
+                            options: Vec::new(),
+                            max_size_kb: Some(*max_size_kb),
                             system: false,
                         }
                     }
@@ -462,6 +566,7 @@ impl Schema {
                             relationship: Some(rel),
                             navigation: navigation.clone(),
                             options: Vec::new(),
+                            max_size_kb: None,
                             system: false,
                         }
                     }
@@ -472,6 +577,7 @@ impl Schema {
                         relationship: None,
                         navigation: None,
                         options: choice.clone(),
+                        max_size_kb: None,
                         system: false,
                     },
                 };
@@ -693,5 +799,70 @@ parentcustomerid = { lookup = "account", relationship = "contact_customer_accoun
         ));
         assert!(account.check_value("name", &Value::Null).is_ok());
         assert!(matches!(s.table("nope"), Err(SchemaError::UnknownTable(_))));
+    }
+
+    #[test]
+    fn file_and_image_columns_hold_content_up_to_their_maximum() {
+        use crate::value::BlobRef;
+        let s = Schema::from_toml(
+            "[tables.a.columns]\n\
+             plain_file = \"file\"\n\
+             plain_image = \"image\"\n\
+             small = { type = \"file\", max_size_kb = 2 }\n\
+             photo = { type = \"image\", max_size_kb = 30720 }",
+        )
+        .unwrap();
+        let a = s.table("a").unwrap();
+        let max = |c: &str| a.column(c).unwrap().max_file_bytes();
+        assert_eq!(max("plain_file"), Some(DEFAULT_FILE_MAX_KB * 1024));
+        assert_eq!(max("plain_image"), Some(DEFAULT_IMAGE_MAX_KB * 1024));
+        assert_eq!(max("small"), Some(2048));
+        assert_eq!(max("photo"), Some(crate::IMAGE_MAX_BYTES));
+        assert_eq!(max("ownerid"), None);
+        let blob = |size: u64| BlobRef {
+            sha256: [1; 32],
+            size,
+            name: "f".into(),
+        };
+        assert!(a.check_value("small", &Value::File(blob(2048))).is_ok());
+        assert!(matches!(
+            a.check_value("small", &Value::File(blob(2049))),
+            Err(SchemaError::FileTooLarge {
+                size: 2049,
+                max: 2048,
+                ..
+            })
+        ));
+        assert!(matches!(
+            a.check_value(
+                "plain_image",
+                &Value::Image(blob(DEFAULT_IMAGE_MAX_KB * 1024 + 1))
+            ),
+            Err(SchemaError::FileTooLarge { .. })
+        ));
+        // The maximum travels with the store's JSON copy of the schema.
+        let copy: Schema = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(copy, s);
+        // Past Dataverse's limits, zero, or on another type: refused, with the column named.
+        for bad in [
+            "x = { type = \"image\", max_size_kb = 30721 }",
+            "x = { type = \"file\", max_size_kb = 10485761 }",
+            "x = { type = \"file\", max_size_kb = 0 }",
+            "x = { type = \"text\", max_size_kb = 5 }",
+        ] {
+            let err = Schema::from_toml(&format!("[tables.a.columns]\n{bad}")).unwrap_err();
+            assert!(
+                matches!(&err, SchemaError::InvalidMaxSize { column, .. } if column == "x"),
+                "{bad}: {err:?}"
+            );
+        }
+        assert!(matches!(
+            Schema::from_toml("[tables.a.columns]\nx = { type = \"blob\", max_size_kb = 5 }"),
+            Err(SchemaError::UnknownType(_))
+        ));
+        assert!(matches!(
+            Schema::from_toml("[tables.a.columns]\nx = { type = \"file\", max_kb = 5 }"),
+            Err(SchemaError::Parse(_))
+        ));
     }
 }

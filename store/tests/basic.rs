@@ -6,7 +6,8 @@ use std::ops::Bound;
 
 use common::*;
 use fieldsync_store::{
-    Durability, Order, Query, QueryPlan, RemoteOp, Store, StoreError, Value, WriteError,
+    Durability, Order, Query, QueryPlan, RemoteOp, SchemaError, Store, StoreError, Value,
+    WriteError,
 };
 
 #[test]
@@ -393,12 +394,25 @@ fn image_columns_take_only_images() {
     let mut tx = s.begin();
     tx.insert("account", &[("logo", Value::Image(absent.clone()))])
         .unwrap();
-    absent.size = fieldsync_store::IMAGE_MAX_BYTES + 1;
+    // Over the column's maximum (Dataverse's default for an image column, 10 MiB).
+    absent.size = fieldsync_store::DEFAULT_IMAGE_MAX_KB * 1024 + 1;
     let err = tx
         .insert("account", &[("logo", Value::Image(absent))])
         .unwrap_err();
     assert!(
-        err.to_string().contains("limit of an image column"),
+        matches!(&err, WriteError::Schema(SchemaError::FileTooLarge { column, .. }) if column == "logo"),
+        "{err}"
+    );
+    // A file column's own maximum (`contract`: 16 MiB in this schema).
+    let mut big = png.clone();
+    big.sha256 = [8; 32];
+    big.size = 16 * 1024 * 1024 + 1;
+    let err = tx
+        .insert("account", &[("contract", Value::File(big))])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("takes files of at most 16777216 bytes"),
         "{err}"
     );
     tx.commit().unwrap();

@@ -23,11 +23,6 @@ use super::odata;
 use super::routes::{self, Ctx, EmuRequest, EmuResponse};
 use super::store::{self, Upload};
 
-/// Largest file the emulator stores, in KiB (Dataverse's default `MaxSizeInKB` is 32 MB).
-pub const FILE_MAX_KB: u64 = 32 * 1024;
-/// Largest image, in KiB (Dataverse: 30 MB).
-pub const IMAGE_MAX_KB: u64 = 30 * 1024;
-
 fn too_big() -> ApiError {
     // file-column-data.md, "Check maximum file size".
     ApiError::new(
@@ -60,10 +55,10 @@ pub fn handle(
     column: &str,
     tail: &[&str],
 ) -> Result<EmuResponse, ApiError> {
-    let is_image = table
-        .column(column)
-        .is_some_and(|c| c.ty == ColumnType::Image);
-    let max_bytes = 1024 * if is_image { IMAGE_MAX_KB } else { FILE_MAX_KB };
+    let col = table.column(column);
+    let is_image = col.is_some_and(|c| c.ty == ColumnType::Image);
+    // The column's `MaxSizeInKB`, as the schema gives it (Dataverse's default otherwise).
+    let max_bytes = col.and_then(|c| c.max_file_bytes()).unwrap_or(0);
     let query = odata::parse_query(&req.query);
     let param = |name: &str| {
         query

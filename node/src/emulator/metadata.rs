@@ -131,11 +131,10 @@ pub fn attributes(table: &Table) -> Vec<J> {
         if col.ty == ColumnType::Choice && !col.options.is_empty() {
             a["OptionValues"] = json!(col.options);
         }
-        if col.ty == ColumnType::File {
-            a["MaxSizeInKB"] = json!(super::files::FILE_MAX_KB);
+        if let Some(max) = col.max_file_bytes() {
+            a["MaxSizeInKB"] = json!(max / 1024);
         }
         if col.ty == ColumnType::Image {
-            a["MaxSizeInKB"] = json!(super::files::IMAGE_MAX_KB);
             a["CanStoreFullImage"] = json!(true);
         }
         out.push(a);

@@ -51,8 +51,10 @@ impl Bridge {
         let (set, columns) = {
             let hub = lock(&self.replica);
             let tab = hub.store().schema().table(table)?;
-            let cols: Vec<(String, ColumnType)> =
-                tab.blob_columns().map(|c| (c.name.clone(), c.ty)).collect();
+            let cols: Vec<(String, ColumnType, u64)> = tab
+                .blob_columns()
+                .map(|c| (c.name.clone(), c.ty, c.max_file_bytes().unwrap_or(0)))
+                .collect();
             (tab.entity_set.clone(), cols)
         };
         if columns.is_empty() {
@@ -70,7 +72,7 @@ impl Bridge {
             // Columns still to come down, and the last failure of this attempt.
             let mut missing = BTreeMap::new();
             let mut failure: Option<UpstreamError> = None;
-            for (col, ty) in &columns {
+            for (col, ty, max) in &columns {
                 if row.file_states.contains_key(col) {
                     continue;
                 }
@@ -92,7 +94,7 @@ impl Bridge {
                     None
                 } else {
                     Some(
-                        self.download(&set, row.id, col, *ty)
+                        self.download(&set, row.id, col, *ty, *max)
                             .instrument(info_span!("upstream_file_download", %table, column = %col))
                             .await,
                     )
@@ -256,13 +258,15 @@ impl Bridge {
     /// Downloads a file in ranges of `file_chunk_bytes` into an anonymous temporary file in
     /// the hub's data directory (memory holds one network read, not the file), checks every
     /// range and the total against the `x-ms-file-size` Dataverse declares, and only then
-    /// stores it as a blob: a download that does not add up stores nothing.
+    /// stores it as a blob: a download that does not add up stores nothing, nor one of a file
+    /// over `max` bytes (the column's maximum), which stops as soon as a range shows it.
     async fn download(
         &self,
         set: &str,
         id: RowId,
         column: &str,
         ty: ColumnType,
+        max: u64,
     ) -> Result<BlobRef, UpstreamError> {
         let size = if ty == ColumnType::Image {
             "?size=full"
@@ -334,6 +338,9 @@ impl Bridge {
                 }
             }
             declared = declared.or(size);
+            if let Some(size) = declared.filter(|d| *d > max) {
+                return Err(UpstreamError::FileTooLarge { size, max });
+            }
             let whole = resp.status == 200; // the server ignored the range: everything at once
             if let Some(start) = resp.header("content-range").and_then(range_start) {
                 if !whole && start != received {
@@ -365,6 +372,12 @@ impl Bridge {
                 other => other.map_err(cut_midway)?,
             };
             received += got;
+            if received > max {
+                return Err(UpstreamError::FileTooLarge {
+                    size: received,
+                    max,
+                });
+            }
             // A range shorter than the file still holds is a lie (or a cut connection): with a
             // declared size every range but the last is whole, and the last ends the file.
             if declared.is_some() && got != expected {

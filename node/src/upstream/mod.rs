@@ -119,6 +119,10 @@ pub enum UpstreamError {
         expected: u64,
         received: u64,
     },
+    /// A file from Dataverse larger than its column's maximum in the hub's schema
+    /// (`max_size_kb`): nothing is stored, the download stops at the first range that shows it.
+    #[error("a file from Dataverse of {size} bytes is over its column's maximum of {max} (the schema's max_size_kb)")]
+    FileTooLarge { size: u64, max: u64 },
     #[error("local I/O: {0}")]
     Io(String),
     #[error("cannot build the request: {0}")]

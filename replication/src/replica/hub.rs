@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
     ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, RemoteOp, RowId,
-    Store, StoreError, Table, Value, WriteError, DELETED_KEY,
+    SchemaError, Store, StoreError, Table, Value, WriteError, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,7 +33,7 @@ use crate::credential::{
     HubSigningKey, SignedToken, Token, TokenError, TokenRegistry, TokenStatus, TokenVerifier,
 };
 use crate::profile::Profile;
-use crate::proto::messages::MAX_CHANGE_LEN;
+use crate::proto::messages::{BLOB_UPLOAD_MAX, MAX_CHANGE_LEN};
 use crate::proto::{
     BatchLimits, BlobSlice, CloseCode, ConflictPolicy, Cursor, DeviceId, HubStorage, Millis,
     Operation, Principal, PullChunk, PushOp, PushOutcome, Refusal, RejectionKind, RowChange,
@@ -1633,11 +1633,37 @@ impl HubReplica {
                 ));
             }
         }
-        // A new image reference to content the hub holds is checked now (content still to come
-        // is checked when it is uploaded): Dataverse takes only images there.
+        // A new file or image reference names content of at most the column's size (the
+        // upload that follows is held to it), and a new image reference to content the hub
+        // holds is checked now (content still to come is checked when it is uploaded):
+        // Dataverse takes only images there.
         for (c, v) in &insp.columns {
-            let Value::Image(blob) = v else { continue };
+            let (Value::File(blob) | Value::Image(blob)) = v else {
+                continue;
+            };
             if before.get(c) == Some(v) {
+                continue;
+            }
+            if let Err(e @ SchemaError::FileTooLarge { .. }) = tab.check_value(c, v) {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Validation,
+                    &e.to_string(),
+                ));
+            }
+            // Content a device would have to upload is held to one upload's size, whatever the
+            // column allows (larger files come from Dataverse only).
+            if blob.size > BLOB_UPLOAD_MAX && !self.store.has_blob(blob).map_err(storage_err)? {
+                return Ok(rejected(
+                    operation,
+                    RejectionKind::Validation,
+                    &format!(
+                        "`{c}` names {} bytes the hub does not hold; a device uploads at most {BLOB_UPLOAD_MAX}",
+                        blob.size
+                    ),
+                ));
+            }
+            if !matches!(v, Value::Image(_)) {
                 continue;
             }
             if let Some(problem) = self.store.image_problem(blob).map_err(storage_err)? {

@@ -18,6 +18,7 @@ numberofemployees = "integer"
 industrycode = { choice = [1, 2, 3] }
 primarycontactid = { lookup = "contact", relationship = "account_primary_contact" }
 logo = "image"
+contract = { type = "file", max_size_kb = 16384 }
 
 [tables.contact]
 offline = true
