@@ -279,7 +279,7 @@ fn attach_limit(table: &Table, column: &str) -> u64 {
 fn check_blob_refs(store: &Store, table: &Table, values: &[(String, Value)]) -> Result<()> {
     for (col, v) in values {
         if let Value::File(b) | Value::Image(b) = v {
-            table.check_value(col, v)?;
+            table.check_file_size(col, v)?;
             if b.size > attach_limit(table, col) || !store.has_blob(b)? {
                 bail!(
                     "`{col}` refers to content this device does not hold; attach a file with {col}=@PATH"

@@ -797,7 +797,7 @@ async fn a_file_that_fails_to_come_down_stalls_nothing_and_comes_down_later() {
 /// A file over its column's maximum in the hub's schema is not taken: the download stops at the
 /// range that shows it (the first, with a declared size; the one that passes the maximum,
 /// without), the row comes in without it, and the file stays pending — tried again with
-/// back-off, for a schema raised since — its error naming the maximum.
+/// back-off, in case Dataverse replaces it — its error naming the maximum.
 #[tokio::test]
 async fn a_file_over_its_columns_maximum_is_not_taken() {
     let schema = upstream_support::example("schema.toml").replace(

@@ -1336,8 +1336,8 @@ fn the_hub_refuses_an_upload_that_is_not_an_image_for_an_image_column() {
 }
 
 /// The hub holds a pushed file or image reference to its column's maximum (a device whose
-/// schema allows more is refused), and content a device would have to upload to one upload's
-/// size, whatever the column allows.
+/// schema allows more is refused), a reference to content it holds to that content's size, and
+/// content a device would have to upload to one upload's size, whatever the column allows.
 #[test]
 fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size() {
     let mut w = world(17, ConflictPolicies::default());
@@ -1350,11 +1350,15 @@ fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size()
         size,
         name: name.into(),
     };
-    // A store with device 0's actor and a schema that lets `photo` take 30 MiB writes a 20 MiB
-    // photo reference; the hub's schema (10 MiB, Dataverse's default) refuses it.
+    let rejected_with = |out: &PushOutcome, text: &str| {
+        matches!(out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
+            if message.contains(text))
+    };
+    // A store with device 0's actor and a schema that lets `doc` take 128 MiB writes a 100 MiB
+    // reference; the hub's schema (64 MiB) refuses it.
     let loose = Schema::from_toml(&SCHEMA.replace(
-        "photo = \"image\"",
-        "photo = { type = \"image\", max_size_kb = 30720 }",
+        "doc = { type = \"file\", max_size_kb = 65536 }",
+        "doc = { type = \"file\", max_size_kb = 131072 }",
     ))
     .unwrap();
     let other = Store::temporary(loose, opts().with_actor(w.dev(0).actor())).unwrap();
@@ -1364,7 +1368,7 @@ fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size()
     tx.update(
         "task",
         s.ana_task,
-        &[("photo", Value::Image(absent(20 << 20, "big.png")))],
+        &[("doc", Value::File(absent(100 << 20, "big.pdf")))],
     )
     .unwrap();
     tx.commit().unwrap();
@@ -1381,21 +1385,46 @@ fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size()
         .apply_push(now, &ana, ConflictPolicy::MergePerColumn, &op)
         .unwrap();
     assert!(
-        matches!(&out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
-            if message.contains("`task.photo` takes files of at most 10485760 bytes")),
+        rejected_with(&out, "`task.doc` takes files of at most 67108864 bytes"),
         "{out:?}"
     );
     assert_eq!(
-        w.hub()
-            .get("task", s.ana_task)
-            .unwrap()
-            .unwrap()
-            .get("photo"),
+        w.hub().get("task", s.ana_task).unwrap().unwrap().get("doc"),
         &Value::Null
+    );
+
+    // A reference to content the hub holds that gives a smaller size (the device does not
+    // hold the content, so its store cannot tell).
+    let held = w
+        .net
+        .hub
+        .store()
+        .put_blob("contract.pdf", &mut [7u8; 5_000].as_slice())
+        .unwrap();
+    let mut short = held.clone();
+    short.size = 10;
+    w.write(0, "task", s.ana_task, &[("doc", Value::File(short))]);
+    let ops = DeviceStorage::pending_ops(&w.net.devs[0].storage, 0, WIDE).unwrap();
+    let out = w
+        .net
+        .hub
+        .apply_push(
+            now,
+            &ana,
+            ConflictPolicy::MergePerColumn,
+            ops.last().unwrap(),
+        )
+        .unwrap();
+    assert!(
+        rejected_with(&out, "gives 10 bytes for content the hub holds at 5000"),
+        "{out:?}"
     );
 
     // `doc` takes 64 MiB, but a device uploads at most 32: a 40 MiB reference to content the
     // hub does not hold could never arrive.
+    let mut w = world(18, ConflictPolicies::default());
+    let s = seed(&mut w);
+    w.net.heal(2);
     w.write(
         0,
         "task",
@@ -1414,8 +1443,7 @@ fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size()
         )
         .unwrap();
     assert!(
-        matches!(&out, PushOutcome::Rejected { kind: RejectionKind::Validation, message, .. }
-            if message.contains("a device uploads at most 33554432")),
+        rejected_with(&out, "a device uploads at most 33554432"),
         "{out:?}"
     );
 }

@@ -44,9 +44,8 @@ pub use options::{ActorId, ActorIdParseError, Clock, Durability, StoreOptions};
 pub use query::{Filter, Order, Query, QueryPlan};
 pub use row::DELETED_KEY;
 pub use schema::{
-    Column, ColumnType, Ownership, Relationship, Schema, SchemaError, Table, DEFAULT_FILE_MAX_KB,
-    DEFAULT_IMAGE_MAX_KB, LIMIT_FILE_MAX_KB, LIMIT_IMAGE_MAX_KB, STATE_ACTIVE, STATE_INACTIVE,
-    SYSTEM_COLUMNS,
+    Column, ColumnType, Ownership, Relationship, Schema, SchemaError, Table, LIMIT_FILE_MAX_KB,
+    LIMIT_IMAGE_MAX_KB, STATE_ACTIVE, STATE_INACTIVE, SYSTEM_COLUMNS,
 };
 pub use store::{Store, FORMAT_VERSION};
 pub use txn::{BulkRow, Transaction, MAX_CHANGE_BYTES};

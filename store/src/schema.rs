@@ -137,29 +137,27 @@ pub struct Column {
     /// For choices: the allowed option values (empty: any value).
     pub options: Vec<i32>,
     /// For files and images: the largest content a value may name, in KiB, as Dataverse's
-    /// `MaxSizeInKB`; `None`: the default ([`Column::max_file_bytes`]).
+    /// `MaxSizeInKB`; `None`: Dataverse's limit for the type ([`Column::max_file_bytes`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size_kb: Option<u64>,
     /// Whether this is one of the [`SYSTEM_COLUMNS`].
     pub system: bool,
 }
 
-/// Dataverse's default `MaxSizeInKB` of a file column (32 MiB).
-pub const DEFAULT_FILE_MAX_KB: u64 = 32 * 1024;
-/// Dataverse's default `MaxSizeInKB` of an image column (10 MiB).
-pub const DEFAULT_IMAGE_MAX_KB: u64 = 10 * 1024;
-/// The largest `MaxSizeInKB` Dataverse allows a file column (10 GiB).
+/// The largest `MaxSizeInKB` Dataverse allows a file column (10 GiB): a file column's maximum
+/// when the schema gives none, so a schema written without maximums takes whatever Dataverse
+/// can hold.
 pub const LIMIT_FILE_MAX_KB: u64 = 10 * 1024 * 1024;
-/// The largest `MaxSizeInKB` Dataverse allows an image column (30 MiB).
+/// The largest `MaxSizeInKB` Dataverse allows an image column (30 MiB), likewise the default.
 pub const LIMIT_IMAGE_MAX_KB: u64 = crate::IMAGE_MAX_BYTES / 1024;
 
 impl Column {
     /// For a file or image column, the largest content a value may name, in bytes: the
-    /// column's `max_size_kb`, else Dataverse's default for its type. `None` for other types.
+    /// column's `max_size_kb`, else Dataverse's limit for its type. `None` for other types.
     pub fn max_file_bytes(&self) -> Option<u64> {
         let default = match self.ty {
-            ColumnType::File => DEFAULT_FILE_MAX_KB,
-            ColumnType::Image => DEFAULT_IMAGE_MAX_KB,
+            ColumnType::File => LIMIT_FILE_MAX_KB,
+            ColumnType::Image => LIMIT_IMAGE_MAX_KB,
             _ => return None,
         };
         Some(self.max_size_kb.unwrap_or(default).saturating_mul(1024))
@@ -251,17 +249,26 @@ impl Table {
                 });
             }
         }
-        if let (Value::File(blob) | Value::Image(blob), Some(max)) = (value, col.max_file_bytes()) {
-            if blob.size > max {
-                return Err(SchemaError::FileTooLarge {
-                    table: self.name.clone(),
-                    column: column.to_string(),
-                    size: blob.size,
-                    max,
-                });
-            }
-        }
         Ok(())
+    }
+
+    /// Check a file or image reference against its column's maximum size (other values
+    /// pass). Writes check a reference they set (not one the row already holds: a maximum
+    /// may be lower than what Dataverse took before); pulls and merges do not.
+    pub fn check_file_size(&self, column: &str, value: &Value) -> Result<(), SchemaError> {
+        let (Value::File(blob) | Value::Image(blob)) = value else {
+            return Ok(());
+        };
+        let max = self.column(column).and_then(Column::max_file_bytes);
+        match max {
+            Some(max) if blob.size > max => Err(SchemaError::FileTooLarge {
+                table: self.name.clone(),
+                column: column.to_string(),
+                size: blob.size,
+                max,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -410,7 +417,7 @@ enum ColumnFile {
 struct SizedFile {
     #[serde(rename = "type")]
     ty: String,
-    max_size_kb: u64,
+    max_size_kb: Option<u64>,
 }
 
 /// `{ lookup = "<table>", relationship = "<name>", navigation = "<property>" }`.
@@ -522,12 +529,12 @@ impl Schema {
                                 })
                             }
                         };
-                        if *max_size_kb == 0 || *max_size_kb > limit {
+                        if let Some(kb) = max_size_kb.filter(|kb| *kb == 0 || *kb > limit) {
                             return Err(SchemaError::InvalidMaxSize {
                                 table: name.clone(),
                                 column: cname.clone(),
                                 reason: format!(
-                                    "max_size_kb must be 1 to {limit} for a {ty} column (Dataverse's limit), not {max_size_kb}"
+                                    "max_size_kb must be 1 to {limit} for a {ty} column (Dataverse's limit), not {kb}"
                                 ),
                             });
                         }
@@ -538,7 +545,7 @@ impl Schema {
                             relationship: None,
                             navigation: None,
                             options: Vec::new(),
-                            max_size_kb: Some(*max_size_kb),
+                            max_size_kb: *max_size_kb,
                             system: false,
                         }
                     }
@@ -809,13 +816,15 @@ parentcustomerid = { lookup = "account", relationship = "contact_customer_accoun
              plain_file = \"file\"\n\
              plain_image = \"image\"\n\
              small = { type = \"file\", max_size_kb = 2 }\n\
-             photo = { type = \"image\", max_size_kb = 30720 }",
+             photo = { type = \"image\", max_size_kb = 30720 }\n\
+             typed = { type = \"file\" }",
         )
         .unwrap();
         let a = s.table("a").unwrap();
         let max = |c: &str| a.column(c).unwrap().max_file_bytes();
-        assert_eq!(max("plain_file"), Some(DEFAULT_FILE_MAX_KB * 1024));
-        assert_eq!(max("plain_image"), Some(DEFAULT_IMAGE_MAX_KB * 1024));
+        assert_eq!(max("plain_file"), Some(LIMIT_FILE_MAX_KB * 1024));
+        assert_eq!(max("plain_image"), Some(LIMIT_IMAGE_MAX_KB * 1024));
+        assert_eq!(max("typed"), Some(LIMIT_FILE_MAX_KB * 1024));
         assert_eq!(max("small"), Some(2048));
         assert_eq!(max("photo"), Some(crate::IMAGE_MAX_BYTES));
         assert_eq!(max("ownerid"), None);
@@ -824,9 +833,9 @@ parentcustomerid = { lookup = "account", relationship = "contact_customer_accoun
             size,
             name: "f".into(),
         };
-        assert!(a.check_value("small", &Value::File(blob(2048))).is_ok());
+        assert!(a.check_file_size("small", &Value::File(blob(2048))).is_ok());
         assert!(matches!(
-            a.check_value("small", &Value::File(blob(2049))),
+            a.check_file_size("small", &Value::File(blob(2049))),
             Err(SchemaError::FileTooLarge {
                 size: 2049,
                 max: 2048,
@@ -834,12 +843,15 @@ parentcustomerid = { lookup = "account", relationship = "contact_customer_accoun
             })
         ));
         assert!(matches!(
-            a.check_value(
+            a.check_file_size(
                 "plain_image",
-                &Value::Image(blob(DEFAULT_IMAGE_MAX_KB * 1024 + 1))
+                &Value::Image(blob(LIMIT_IMAGE_MAX_KB * 1024 + 1))
             ),
             Err(SchemaError::FileTooLarge { .. })
         ));
+        // The type check is the type check: a filter may name any reference.
+        assert!(a.check_value("small", &Value::File(blob(2049))).is_ok());
+        assert!(a.check_file_size("small", &Value::Null).is_ok());
         // The maximum travels with the store's JSON copy of the schema.
         let copy: Schema = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(copy, s);

@@ -122,10 +122,11 @@ impl PendingRow {
     }
 }
 
-/// Check one value against a table: the schema, finite floats, and an image column's content
-/// ([`Store::image_problem`]) unless the row already holds that very value (`current`: it may
-/// predate the check, and writing it again — a form saved whole, a retried op, a hub's own
-/// rewrite — adds nothing).
+/// Check one value against a table: the schema, finite floats, and for a file or image
+/// reference its column's maximum size, its size against content held, and an image column's
+/// content ([`Store::image_problem`]) — those unless the row already holds that very value
+/// (`current`: it may predate the check or a lower maximum, and writing it again — a form
+/// saved whole, a retried op, a hub's own rewrite — adds nothing).
 fn check_one(
     store: &Store,
     table: &Table,
@@ -139,11 +140,25 @@ fn check_one(
         column: name.to_string(),
         reason,
     };
+    let set_now = current.is_none_or(|row| row.get(name) != value);
     match value {
         Value::Float(f) if !f.is_finite() => return Err(invalid("floats must be finite".into())),
-        Value::Image(blob) if current.is_none_or(|row| row.get(name) != value) => {
-            if let Some(problem) = store.image_problem(blob)? {
-                return Err(invalid(problem.to_string()));
+        Value::File(blob) | Value::Image(blob) if set_now => {
+            table.check_file_size(name, value)?;
+            // A reference's size is its content's: one that says less would pass a column's
+            // maximum with more, and fail every download.
+            if let Some(held) = store.blob_size(&blob.sha256)? {
+                if held != blob.size {
+                    return Err(invalid(format!(
+                        "the reference gives {} bytes, the content held is {held}",
+                        blob.size
+                    )));
+                }
+            }
+            if let Value::Image(_) = value {
+                if let Some(problem) = store.image_problem(blob)? {
+                    return Err(invalid(problem.to_string()));
+                }
             }
         }
         _ => {}
@@ -446,8 +461,11 @@ impl Transaction<'_> {
         values: &[(&str, Value)],
     ) -> Result<(), WriteError> {
         let (t, tab) = self.store.table(table)?;
-        // Only a write of an image column needs the row as it is (see `check_one`).
-        let current = if values.iter().any(|(_, v)| matches!(v, Value::Image(_))) {
+        // Only a write of a file or image column needs the row as it is (see `check_one`).
+        let current = if values
+            .iter()
+            .any(|(_, v)| matches!(v, Value::File(_) | Value::Image(_)))
+        {
             self.store.get(table, id)?
         } else {
             None

@@ -6,7 +6,7 @@ use std::ops::Bound;
 
 use common::*;
 use fieldsync_store::{
-    Durability, Order, Query, QueryPlan, RemoteOp, SchemaError, Store, StoreError, Value,
+    Durability, Order, Query, QueryPlan, RemoteOp, Schema, SchemaError, Store, StoreError, Value,
     WriteError,
 };
 
@@ -351,6 +351,72 @@ fn my_active_work_orders_use_the_index() {
     assert!(s.check().unwrap().is_ok());
 }
 
+/// A file reference is held to its column's maximum and, for content the store holds, to that
+/// content's size, when a write sets it; a row that already holds a larger one (written where
+/// the maximum was higher, and merged here: merges do not check) saves as before.
+#[test]
+fn file_references_are_checked_when_a_write_sets_them() {
+    let s = temp_store(1);
+    let held = s.put_blob("c.pdf", &mut [1u8; 3000].as_slice()).unwrap();
+    let mut short = held.clone();
+    short.size = 5;
+    let mut tx = s.begin();
+    let err = tx
+        .insert("account", &[("contract", Value::File(short))])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the reference gives 5 bytes, the content held is 3000"),
+        "{err}"
+    );
+    drop(tx);
+    let loose = Schema::from_toml(&SCHEMA.replace(
+        "contract = { type = \"file\", max_size_kb = 16384 }",
+        "contract = { type = \"file\", max_size_kb = 65536 }",
+    ))
+    .unwrap();
+    let wide = Store::temporary(loose, options(2)).unwrap();
+    let big = fieldsync_store::BlobRef {
+        sha256: [9; 32],
+        size: 20 << 20,
+        name: "big.pdf".into(),
+    };
+    let mut tx = wide.begin();
+    let id = tx
+        .insert("account", &[("contract", Value::File(big.clone()))])
+        .unwrap();
+    tx.commit().unwrap();
+    sync_all(&wide, &s);
+    assert_eq!(
+        s.get("account", id).unwrap().unwrap().get("contract"),
+        &Value::File(big.clone())
+    );
+    let mut tx = s.begin();
+    tx.update(
+        "account",
+        id,
+        &[
+            ("name", text("saved whole")),
+            ("contract", Value::File(big.clone())),
+        ],
+    )
+    .unwrap();
+    let mut other = big;
+    other.sha256 = [10; 32];
+    let err = tx
+        .update("account", id, &[("contract", Value::File(other))])
+        .unwrap_err();
+    assert!(
+        matches!(&err, WriteError::Schema(SchemaError::FileTooLarge { .. })),
+        "{err}"
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        s.get("account", id).unwrap().unwrap().get("name"),
+        &text("saved whole")
+    );
+}
+
 /// An image column takes GIF, JPEG, TIFF, BMP or PNG content of at most 30 MB: checked on
 /// every local write whose content the store holds, and on the size of any.
 #[test]
@@ -394,8 +460,8 @@ fn image_columns_take_only_images() {
     let mut tx = s.begin();
     tx.insert("account", &[("logo", Value::Image(absent.clone()))])
         .unwrap();
-    // Over the column's maximum (Dataverse's default for an image column, 10 MiB).
-    absent.size = fieldsync_store::DEFAULT_IMAGE_MAX_KB * 1024 + 1;
+    // Over the column's maximum (none given: Dataverse's limit for an image column, 30 MiB).
+    absent.size = fieldsync_store::LIMIT_IMAGE_MAX_KB * 1024 + 1;
     let err = tx
         .insert("account", &[("logo", Value::Image(absent))])
         .unwrap_err();

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
     ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, RemoteOp, RowId,
-    SchemaError, Store, StoreError, Table, Value, WriteError, DELETED_KEY,
+    Store, StoreError, Table, Value, WriteError, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -1644,12 +1644,26 @@ impl HubReplica {
             if before.get(c) == Some(v) {
                 continue;
             }
-            if let Err(e @ SchemaError::FileTooLarge { .. }) = tab.check_value(c, v) {
+            if let Err(e) = tab.check_file_size(c, v) {
                 return Ok(rejected(
                     operation,
                     RejectionKind::Validation,
                     &e.to_string(),
                 ));
+            }
+            // A reference's size is its content's (one that says less would pass the maximum
+            // with more, and fail every device's download).
+            if let Some(held) = self.store.blob_size(&blob.sha256).map_err(storage_err)? {
+                if held != blob.size {
+                    return Ok(rejected(
+                        operation,
+                        RejectionKind::Validation,
+                        &format!(
+                            "`{c}` gives {} bytes for content the hub holds at {held}",
+                            blob.size
+                        ),
+                    ));
+                }
             }
             // Content a device would have to upload is held to one upload's size, whatever the
             // column allows (larger files come from Dataverse only).
