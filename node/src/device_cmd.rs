@@ -401,8 +401,18 @@ fn put(data: &Path, table_name: &str, id: Option<&str>, args: &[String]) -> Resu
         args.iter().partition(|a| attachment(&table, a).is_some());
     let rest: Vec<String> = rest.into_iter().cloned().collect();
     let mut values = parse_assignments(&table, &rest)?;
-    check_blob_refs(&store, &table, &values)?;
     let id = id.map(parse_id).transpose()?;
+    // A reference the row already holds is saved as it is (`check_one`).
+    let current = match id {
+        Some(id) => store.get(table_name, id)?,
+        None => None,
+    };
+    let set_now: Vec<(String, Value)> = values
+        .iter()
+        .filter(|(c, v)| current.as_ref().is_none_or(|row| row.get(c) != v))
+        .cloned()
+        .collect();
+    check_blob_refs(&store, &table, &set_now)?;
     // A write that cannot succeed stores no file first (stored content is never removed).
     if let Some(id) = id {
         if !files.is_empty() && store.is_deleted(table_name, id)? {

@@ -13,7 +13,7 @@
 //! image. **The emulator does not resize**: the "thumbnail" is the stored image itself, marked
 //! with the response header `x-fieldsync-emulator-thumbnail: full-image`.
 
-use fieldsync_store::{BlobRef, ColumnType, Table, Value};
+use fieldsync_store::{BlobRef, Column, ColumnType, Table, Value};
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -22,6 +22,19 @@ use super::errors::{self, ApiError};
 use super::odata;
 use super::routes::{self, Ctx, EmuRequest, EmuResponse};
 use super::store::{self, Upload};
+
+/// A file or image column's `MaxSizeInKB` in this Dataverse: the schema's `max_size_kb`, else
+/// Dataverse's default for a new column of the type (32 MiB for a file, 10 MiB for an image;
+/// the hub's schema then allows up to Dataverse's limit, as it cannot know). `None` for other
+/// columns.
+pub fn max_size_kb(column: &Column) -> Option<u64> {
+    let default = match column.ty {
+        ColumnType::File => 32 * 1024,
+        ColumnType::Image => 10 * 1024,
+        _ => return None,
+    };
+    Some(column.max_size_kb.unwrap_or(default))
+}
 
 fn too_big() -> ApiError {
     // file-column-data.md, "Check maximum file size".
@@ -57,8 +70,7 @@ pub fn handle(
 ) -> Result<EmuResponse, ApiError> {
     let col = table.column(column);
     let is_image = col.is_some_and(|c| c.ty == ColumnType::Image);
-    // The column's `MaxSizeInKB`, as the schema gives it (Dataverse's default otherwise).
-    let max_bytes = col.and_then(|c| c.max_file_bytes()).unwrap_or(0);
+    let max_bytes = col.and_then(max_size_kb).unwrap_or(0).saturating_mul(1024);
     let query = odata::parse_query(&req.query);
     let param = |name: &str| {
         query

@@ -131,8 +131,8 @@ pub fn attributes(table: &Table) -> Vec<J> {
         if col.ty == ColumnType::Choice && !col.options.is_empty() {
             a["OptionValues"] = json!(col.options);
         }
-        if let Some(max) = col.max_file_bytes() {
-            a["MaxSizeInKB"] = json!(max / 1024);
+        if let Some(max) = super::files::max_size_kb(col) {
+            a["MaxSizeInKB"] = json!(max);
         }
         if col.ty == ColumnType::Image {
             a["CanStoreFullImage"] = json!(true);

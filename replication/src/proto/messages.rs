@@ -41,8 +41,8 @@ pub const MAX_CHANGE_LEN: usize = fieldsync_store::MAX_CHANGE_BYTES;
 /// Largest blob chunk, in bytes (files and images travel in chunks of at most this).
 pub const BLOB_CHUNK_MAX: usize = 64 * 1024;
 /// Largest file or image a device may upload, in bytes: Dataverse's default file column
-/// limit (32 MB). The hub holds one whole in memory to check its hash when the last chunk
-/// arrives.
+/// limit (32 MB). The hub keeps an upload's pieces on disk until the last arrives, then hashes
+/// and stores it; a column may allow more for files that come from Dataverse.
 pub const BLOB_UPLOAD_MAX: u64 = 32 * 1024 * 1024;
 
 /// The id of an enrolled device (a UUID made at enrollment).
