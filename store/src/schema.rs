@@ -519,13 +519,15 @@ impl Schema {
                         let limit = match ty {
                             ColumnType::File => LIMIT_FILE_MAX_KB,
                             ColumnType::Image => LIMIT_IMAGE_MAX_KB,
-                            other => return Err(SchemaError::InvalidMaxSize {
-                                table: name.clone(),
-                                column: cname.clone(),
-                                reason: format!(
+                            other => {
+                                return Err(SchemaError::InvalidMaxSize {
+                                    table: name.clone(),
+                                    column: cname.clone(),
+                                    reason: format!(
                                     "`{{ type = ... }}` is for file and image columns, not {other}"
                                 ),
-                            }),
+                                })
+                            }
                         };
                         if let Some(kb) = max_size_kb.filter(|kb| *kb == 0 || *kb > limit) {
                             return Err(SchemaError::InvalidMaxSize {

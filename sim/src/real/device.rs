@@ -326,6 +326,13 @@ impl StoreDevice {
     /// The workload ops of a row document that arrived whole (a row this device did not
     /// hold): each is applied here, except this device's own.
     fn report_imported(&mut self, doc: &[u8]) {
+        self.report_ops_of_doc(doc, false);
+    }
+
+    /// The workload ops of a row document (other than this device's own), each reported
+    /// applied — or, with `only_new`, only those this device did not hold yet (a row rolled
+    /// back to the hub's copy keeps every other node's op it had, and gains the hub's newer).
+    fn report_ops_of_doc(&mut self, doc: &[u8], only_new: bool) {
         let Ok(doc) = automerge::Automerge::load(doc) else {
             return;
         };
@@ -336,8 +343,21 @@ impl StoreDevice {
                 continue;
             }
             if let Some((op, row)) = reg.op_of(&c.hash().0) {
-                self.known.insert(op);
-                self.events.push(NodeEvent::Applied { op, row });
+                if self.known.insert(op) || !only_new {
+                    self.events.push(NodeEvent::Applied { op, row });
+                }
+            }
+        }
+    }
+
+    /// Report the ops a rolled-back row's copy from the hub brought (rows the device holds
+    /// again after `record_ack`).
+    fn report_rolled_back(&mut self, rejected: &[Rejection]) {
+        for r in rejected {
+            if let Some(doc) = &r.authoritative {
+                if self.holds(&r.table, r.row) {
+                    self.report_ops_of_doc(&doc.doc, true);
+                }
             }
         }
     }
@@ -450,8 +470,10 @@ impl DeviceStorage for StoreDevice {
             rep.record_ack(now, up_to_seq, rejected)?;
             let rejected_seqs: BTreeSet<u64> = rejected.iter().map(|r| r.seq).collect();
             self.take_acked(up_to_seq, &rejected_seqs);
-            // Rows rolled back are re-imported when the hub sent them: only report the gone.
+            // Rows rolled back are re-imported when the hub sent them: report the gone, and
+            // what the hub's copies brought.
             self.note_evicted(before);
+            self.report_rolled_back(rejected);
             self.compact_if_due();
             return Ok(());
         }
@@ -475,6 +497,7 @@ impl DeviceStorage for StoreDevice {
                     .map_err(unavailable)?;
             }
         }
+        self.report_rolled_back(rejected);
         // Evictions that waited for these acknowledgements.
         let waiting: Vec<(String, uuid::Uuid)> = self.side.evict_waiting.iter().cloned().collect();
         let mut changed = false;
@@ -874,6 +897,81 @@ mod tests {
                 vec![NodeEvent::Evicted { row }, applied],
                 "replica {replica}"
             );
+        }
+    }
+
+    /// A row rolled back to the hub's copy reports what that copy brought (another node's
+    /// newer op), and not again what the device already held.
+    #[test]
+    fn a_rolled_back_row_reports_the_ops_the_hubs_copy_brought() {
+        for replica in [true, false] {
+            let schema = scenario_schema(&[("wo".into(), 8)]).unwrap();
+            let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
+            let clock = Arc::new(AtomicI64::new(1));
+            let other = Store::temporary(
+                schema.clone(),
+                store_options(actor_of(1, NodeId(2)), &clock),
+            )
+            .unwrap();
+            let row = RowKey { table: 0, id: 7 };
+            let owner = fieldsync_store::Value::Null;
+            commit_edit(&other, "wo", row, EditKind::Create, &owner).unwrap();
+            let first = other.ops_since(0, 1).unwrap().remove(0);
+            registry.borrow_mut().insert(first.hash, OpId(3), row);
+            let mut d = StoreDevice::create(
+                schema,
+                actor_of(1, NodeId(1)),
+                vec!["wo".into()],
+                owner.clone(),
+                registry.clone(),
+            )
+            .unwrap();
+            d.use_replica(replica);
+            let change = RowChange {
+                row: row_id(row),
+                change: first.change.clone(),
+            };
+            d.apply_ops("wo", &[change]).unwrap();
+            // The device edits the row; meanwhile the other node edits it too.
+            let update = |value| EditKind::Update { column: 0, value };
+            assert!(d.edit(2, OpId(10), row, update(5)).unwrap());
+            let limits = BatchLimits {
+                max_items: 10,
+                max_bytes: 1 << 20,
+            };
+            let mine = d.pending_ops(0, limits).unwrap().remove(0);
+            commit_edit(&other, "wo", row, update(6), &owner).unwrap();
+            let second = other.ops_since(1, 1).unwrap().remove(0);
+            registry.borrow_mut().insert(second.hash, OpId(4), row);
+            let mut events = Vec::new();
+            d.drain_events(&mut events);
+            // The hub refuses the device's edit and sends its copy, with the other node's.
+            let doc = other.export_row("wo", row_id(row)).unwrap().unwrap().doc;
+            let rejection = Rejection {
+                seq: mine.seq,
+                table: "wo".into(),
+                row: row_id(row),
+                operation: fieldsync_replication::proto::Operation::Write,
+                kind: fieldsync_replication::proto::RejectionKind::Permission,
+                message: "no".into(),
+                authoritative: Some(RowDoc {
+                    row: row_id(row),
+                    doc,
+                }),
+            };
+            d.record_ack(Millis(0), mine.seq, &[rejection]).unwrap();
+            events.clear();
+            d.drain_events(&mut events);
+            let applied: Vec<&NodeEvent> = events
+                .iter()
+                .filter(|e| matches!(e, NodeEvent::Applied { .. }))
+                .collect();
+            assert_eq!(
+                applied,
+                vec![&NodeEvent::Applied { op: OpId(4), row }],
+                "replica {replica}: {events:?}"
+            );
+            assert!(d.has_op(OpId(4)));
         }
     }
 
