@@ -674,6 +674,50 @@ fn an_owner_change_takes_the_rows_owning_business_unit_with_it() {
     w.check_converged();
 }
 
+/// Revoking a device's last token drops what the hub kept for its sessions (the rows it held),
+/// and only that device's; a device with another active token keeps it.
+#[test]
+fn revoking_a_devices_last_token_drops_what_the_hub_kept_for_it() {
+    let mut w = world(19, ConflictPolicies::default());
+    seed(&mut w);
+    w.net.heal(2);
+    let held = |w: &World, i: usize| {
+        let mut p = b"hh/".to_vec();
+        p.extend_from_slice(device_id(i).0.as_bytes());
+        w.hub().aux_scan("hub", &p).unwrap().len()
+    };
+    let tokens_of = |w: &World, i: usize| -> Vec<Uuid> {
+        w.net
+            .hub
+            .issued_tokens()
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.token.as_ref().map(|t| t.device_id) == Some(device_id(i).0))
+            .map(|t| t.token_id)
+            .collect()
+    };
+    let (held_0, held_1) = (held(&w, 0), held(&w, 1));
+    assert!(held_0 > 0 && held_1 > 0, "{held_0} {held_1}");
+    // Device 1 has a second token (another app of its profile): revoking the first keeps its
+    // records.
+    let first = tokens_of(&w, 1);
+    w.net.hub.enroll(USERS[1], APP, device_id(1).0, 0).unwrap();
+    assert!(w.net.hub.revoke(first[0]).unwrap());
+    assert_eq!(held(&w, 1), held_1);
+    // Device 0's only token: its records go, in the revocation's write.
+    let only = tokens_of(&w, 0);
+    assert_eq!(only.len(), 1);
+    assert!(w.net.hub.revoke(only[0]).unwrap());
+    assert_eq!(held(&w, 0), 0);
+    assert_eq!(held(&w, 1), held_1);
+    assert!(w
+        .net
+        .hub
+        .device_lags()
+        .iter()
+        .all(|l| l.device != device_id(0)));
+}
+
 #[test]
 fn junk_pushed_on_tables_outside_the_profile_leaves_no_record() {
     // A device with a valid credential pushing changes to a table its profile does not have

@@ -786,9 +786,15 @@ impl HubReplica {
 
     /// Revokes these tokens in one durable write: all or none. Says for each whether the hub
     /// had issued it (a token it did not issue is left alone: its signature fails anyway).
+    ///
+    /// A device left with no active token never syncs again, so what the hub kept for its
+    /// sessions goes in the same write: which rows it held, its rollback overrides, its
+    /// unfinished uploads (a hub with many devices come and gone does not keep them all).
+    /// Its actor claims stay: no other device may write as it.
     pub fn revoke_all(&mut self, token_ids: &[Uuid]) -> Result<Vec<bool>, HubReplicaError> {
         let mut writes = Vec::new();
         let mut issued = Vec::with_capacity(token_ids.len());
+        let mut devices = BTreeSet::new();
         for token_id in token_ids {
             let mut k = P_TOKEN.to_vec();
             k.extend_from_slice(token_id.as_bytes());
@@ -796,6 +802,13 @@ impl HubReplica {
                 issued.push(false);
                 continue;
             };
+            if let Some(token) = record
+                .get(1..)
+                .filter(|details| !details.is_empty())
+                .and_then(|details| Token::from_record(details).ok())
+            {
+                devices.insert(token.device_id);
+            }
             // The token's details stay on record after the status byte.
             match record.first_mut() {
                 Some(status) => *status = 0,
@@ -804,10 +817,28 @@ impl HubReplica {
             writes.push(AuxWrite::Put(k, record));
             issued.push(true);
         }
+        let still_active: BTreeSet<Uuid> = self
+            .issued_tokens()?
+            .into_iter()
+            .filter(|t| !t.revoked && !token_ids.contains(&t.token_id))
+            .filter_map(|t| t.token.map(|t| t.device_id))
+            .collect();
+        let gone: Vec<Uuid> = devices.difference(&still_active).copied().collect();
+        for device in &gone {
+            for prefix in [P_HISTORY, P_OVERRIDE, P_UPLOAD, P_UPLOAD_CHUNK] {
+                let mut p = prefix.to_vec();
+                p.extend_from_slice(device.as_bytes());
+                for (k, _) in self.store.aux_scan(SPACE, &p)? {
+                    writes.push(AuxWrite::Remove(k));
+                }
+            }
+        }
         if !writes.is_empty() {
             self.store
                 .aux_apply(SPACE, &writes, Durability::Immediate)?;
         }
+        self.lag.retain(|(d, _), _| !gone.contains(&d.0));
+        self.cursors_unknown.retain(|(d, _)| !gone.contains(&d.0));
         Ok(issued)
     }
 
