@@ -18,8 +18,8 @@ use fieldsync_replication::proto::{
     StorageError, SyncSchedule, UploadOutcome,
 };
 use fieldsync_replication::replica::{
-    DeviceReplica, HubReplica, ACTORS_PER_DEVICE, DEFAULT_COMPACT_BACKLOG, SHARED_FEED_HOLDERS,
-    UPSTREAM_ACTOR,
+    DeviceReplica, HubReplica, HubReplicaError, ACTORS_PER_DEVICE, DEFAULT_COMPACT_BACKLOG,
+    SHARED_FEED_HOLDERS, UPSTREAM_ACTOR,
 };
 use fieldsync_replication::{App, Environment, Profile};
 use fieldsync_store::{
@@ -716,6 +716,16 @@ fn revoking_a_devices_last_token_drops_what_the_hub_kept_for_it() {
         .device_lags()
         .iter()
         .all(|l| l.device != device_id(0)));
+    // A session of device 0 still running (a frame read before the revocation) writes nothing
+    // back: its storage calls fail.
+    let ana = w.principal(0);
+    assert!(w.net.hub.pull(&ana, "task", Cursor(0), WIDE).is_err());
+    assert_eq!(held(&w, 0), 0);
+    // And device 0 may not be enrolled again to come back with its old store.
+    assert!(matches!(
+        w.net.hub.enroll(USERS[0], APP, device_id(0).0, 0),
+        Err(HubReplicaError::DeviceRevoked(_))
+    ));
 }
 
 #[test]

@@ -178,6 +178,10 @@ pub enum HubReplicaError {
     /// No such app, or the app has no offline profile.
     #[error("unknown app `{0}` or it has no offline profile")]
     UnknownApp(String),
+    /// Every token of this device was revoked (and what the hub kept for it dropped): it may
+    /// not come back with its old store.
+    #[error("device {0} was revoked; enroll it as a new device")]
+    DeviceRevoked(Uuid),
 }
 
 /// A token the hub issued, as [`HubReplica::issued_tokens`] lists it.
@@ -301,6 +305,10 @@ pub struct HubReplica {
     lag: HashMap<(DeviceId, String), Cursor>,
     /// The (device, table)s whose cursor this log does not hold, reported once each.
     cursors_unknown: HashSet<(DeviceId, String)>,
+    /// Devices whose records `revoke_all` dropped since this replica opened: a session of
+    /// theirs still running (a frame read before the revocation) gets a storage error, so it
+    /// writes nothing back. (After a restart their tokens are refused at the door.)
+    revoked_devices: HashSet<Uuid>,
     /// The last log seq in the feed index (`K_FED`).
     fed: u64,
     shared_feed_holders: usize,
@@ -656,6 +664,7 @@ impl HubReplica {
             changed: FeedChanges::default(),
             lag: HashMap::new(),
             cursors_unknown: HashSet::new(),
+            revoked_devices: HashSet::new(),
             fed,
             shared_feed_holders: SHARED_FEED_HOLDERS,
             now_ms: routed_time,
@@ -758,6 +767,18 @@ impl HubReplica {
         if self.profile_of(app).is_none() {
             return Err(HubReplicaError::UnknownApp(app.to_string()));
         }
+        // Token records that do not read do not stop an enrollment (`hub devices` shows them).
+        let tokens = self.issued_tokens().unwrap_or_else(|e| {
+            warn!(error = %e, "token records do not read");
+            Vec::new()
+        });
+        let mut of_device = tokens
+            .into_iter()
+            .filter(|t| t.token.as_ref().is_some_and(|k| k.device_id == device))
+            .peekable();
+        if of_device.peek().is_some() && of_device.all(|t| t.revoked) {
+            return Err(HubReplicaError::DeviceRevoked(device));
+        }
         let token = Token {
             device_id: device,
             user_id: user_id.to_string(),
@@ -817,18 +838,24 @@ impl HubReplica {
             writes.push(AuxWrite::Put(k, record));
             issued.push(true);
         }
-        let still_active: BTreeSet<Uuid> = self
-            .issued_tokens()?
-            .into_iter()
-            .filter(|t| !t.revoked && !token_ids.contains(&t.token_id))
-            .filter_map(|t| t.token.map(|t| t.device_id))
-            .collect();
-        let gone: Vec<Uuid> = devices.difference(&still_active).copied().collect();
+        let gone = self.devices_left_without_tokens(token_ids, &devices);
         for device in &gone {
             for prefix in [P_HISTORY, P_OVERRIDE, P_UPLOAD, P_UPLOAD_CHUNK] {
                 let mut p = prefix.to_vec();
                 p.extend_from_slice(device.as_bytes());
                 for (k, _) in self.store.aux_scan(SPACE, &p)? {
+                    writes.push(AuxWrite::Remove(k));
+                }
+            }
+        }
+        if !gone.is_empty() {
+            // Attachment records are keyed by content first.
+            for (k, _) in self.store.aux_scan(SPACE, P_ATTACHED)? {
+                let device = k
+                    .len()
+                    .checked_sub(16)
+                    .and_then(|at| Uuid::from_slice(&k[at..]).ok());
+                if device.is_some_and(|d| gone.contains(&d)) {
                     writes.push(AuxWrite::Remove(k));
                 }
             }
@@ -839,7 +866,50 @@ impl HubReplica {
         }
         self.lag.retain(|(d, _), _| !gone.contains(&d.0));
         self.cursors_unknown.retain(|(d, _)| !gone.contains(&d.0));
+        self.revoked_devices.extend(gone);
         Ok(issued)
+    }
+
+    /// Of `devices` (those of the tokens being revoked), the ones left with no active token.
+    /// None when that cannot be told for sure: an active token issued before tokens kept
+    /// their details (whose device is unknown), or token records that do not read — a
+    /// revocation must not fail for them, and keeping records is the safe side.
+    fn devices_left_without_tokens(
+        &self,
+        revoking: &[Uuid],
+        devices: &BTreeSet<Uuid>,
+    ) -> Vec<Uuid> {
+        let tokens = match self.issued_tokens() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "token records do not read: a revoked device's records are kept");
+                return Vec::new();
+            }
+        };
+        let mut still_active = BTreeSet::new();
+        for t in tokens {
+            if t.revoked || revoking.contains(&t.token_id) {
+                continue;
+            }
+            match t.token {
+                Some(token) => {
+                    still_active.insert(token.device_id);
+                }
+                None => return Vec::new(),
+            }
+        }
+        devices.difference(&still_active).copied().collect()
+    }
+
+    /// Refuses storage work for a device whose records a revocation dropped.
+    fn check_not_revoked(&self, who: &Principal) -> Result<(), StorageError> {
+        if self.revoked_devices.contains(&who.device.0) {
+            return Err(StorageError::Unavailable(format!(
+                "device {} was revoked",
+                who.device
+            )));
+        }
+        Ok(())
     }
 
     /// Every token this hub issued, in token-id order, with whose it is and whether it was
@@ -2000,6 +2070,7 @@ impl HubStorage for HubReplica {
     ) -> Result<PushOutcome, StorageError> {
         let _span =
             info_span!("apply_push", table = %op.table, row = %op.row, seq = op.seq).entered();
+        self.check_not_revoked(who)?;
         let insp = match self.store.inspect_change(&op.table, op.row, &op.change) {
             Ok(i) => i,
             Err(StoreError::Schema(e)) => {
@@ -2053,6 +2124,7 @@ impl HubStorage for HubReplica {
     ) -> Result<PullChunk, StorageError> {
         let _span =
             info_span!("pull", device = %who.device, table, after = cursor_seq(after)).entered();
+        self.check_not_revoked(who)?;
         let mut chunk = PullChunk {
             cursor: after,
             ..PullChunk::default()
@@ -2311,6 +2383,7 @@ impl HubStorage for HubReplica {
         table: &str,
         row: RowId,
     ) -> Result<(), StorageError> {
+        self.check_not_revoked(who)?;
         let o = Override {
             seq: self.store.last_seq(),
             held: false,
@@ -2367,6 +2440,7 @@ impl HubStorage for HubReplica {
         data: &[u8],
     ) -> Result<UploadOutcome, StorageError> {
         let _span = info_span!("put_blob_chunk", offset, total, n = data.len()).entered();
+        self.check_not_revoked(who)?;
         let Some((table, blob)) = self.uploadable(who, sha256)? else {
             return Ok(UploadOutcome::Refused(
                 "this device attached no such content, and no row of its set refers to it".into(),

@@ -350,14 +350,22 @@ impl StoreDevice {
         }
     }
 
-    /// Report the ops a rolled-back row's copy from the hub brought (rows the device holds
-    /// again after `record_ack`).
-    fn report_rolled_back(&mut self, rejected: &[Rejection]) {
+    /// Report the ops a rolled-back row's copy from the hub brought: rows the device holds
+    /// after `record_ack` with that copy in them. The replica defers a rollback while the
+    /// device has later ops of its own on the row (`waits`): that row keeps its own copy, and
+    /// the hub's ops arrive, and are reported, with a later pull.
+    fn report_rolled_back(
+        &mut self,
+        rejected: &[Rejection],
+        waits: &dyn Fn(&Self, RowKey) -> bool,
+    ) {
         for r in rejected {
-            if let Some(doc) = &r.authoritative {
-                if self.holds(&r.table, r.row) {
-                    self.report_ops_of_doc(&doc.doc, true);
-                }
+            let Some(doc) = &r.authoritative else {
+                continue;
+            };
+            let Some(row) = row_key(r.row) else { continue };
+            if self.holds(&r.table, r.row) && !waits(self, row) {
+                self.report_ops_of_doc(&doc.doc, true);
             }
         }
     }
@@ -473,7 +481,7 @@ impl DeviceStorage for StoreDevice {
             // Rows rolled back are re-imported when the hub sent them: report the gone, and
             // what the hub's copies brought.
             self.note_evicted(before);
-            self.report_rolled_back(rejected);
+            self.report_rolled_back(rejected, &|d: &Self, row| d.has_pending_on(row));
             self.compact_if_due();
             return Ok(());
         }
@@ -497,7 +505,6 @@ impl DeviceStorage for StoreDevice {
                     .map_err(unavailable)?;
             }
         }
-        self.report_rolled_back(rejected);
         // Evictions that waited for these acknowledgements.
         let waiting: Vec<(String, uuid::Uuid)> = self.side.evict_waiting.iter().cloned().collect();
         let mut changed = false;
@@ -510,6 +517,8 @@ impl DeviceStorage for StoreDevice {
         if changed {
             self.save_side();
         }
+        // Here a rollback that waits merges the hub's copy into the device's: reported now.
+        self.report_rolled_back(rejected, &|_: &Self, _| false);
         Ok(())
     }
 
@@ -901,10 +910,11 @@ mod tests {
     }
 
     /// A row rolled back to the hub's copy reports what that copy brought (another node's
-    /// newer op), and not again what the device already held.
+    /// newer op), and not again what the device already held; a rollback the replica defers
+    /// (the device has a later op of its own on the row) reports nothing yet.
     #[test]
     fn a_rolled_back_row_reports_the_ops_the_hubs_copy_brought() {
-        for replica in [true, false] {
+        for (replica, later_edit) in [(true, false), (false, false), (true, true)] {
             let schema = scenario_schema(&[("wo".into(), 8)]).unwrap();
             let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
             let clock = Arc::new(AtomicI64::new(1));
@@ -940,6 +950,9 @@ mod tests {
                 max_bytes: 1 << 20,
             };
             let mine = d.pending_ops(0, limits).unwrap().remove(0);
+            if later_edit {
+                assert!(d.edit(3, OpId(11), row, update(7)).unwrap());
+            }
             commit_edit(&other, "wo", row, update(6), &owner).unwrap();
             let second = other.ops_since(1, 1).unwrap().remove(0);
             registry.borrow_mut().insert(second.hash, OpId(4), row);
@@ -966,6 +979,11 @@ mod tests {
                 .iter()
                 .filter(|e| matches!(e, NodeEvent::Applied { .. }))
                 .collect();
+            if later_edit {
+                assert!(applied.is_empty(), "{events:?}");
+                assert!(!d.has_op(OpId(4)));
+                continue;
+            }
             assert_eq!(
                 applied,
                 vec![&NodeEvent::Applied { op: OpId(4), row }],
