@@ -631,6 +631,17 @@ impl DeviceReplica {
         Ok(out)
     }
 
+    /// Rows whose rollback to the hub's copy (after a rejection) waits until the row can be
+    /// evicted: the device's own later ops are not acknowledged yet.
+    pub fn deferred_rollbacks(&self) -> Result<Vec<(String, RowId)>, ReplicaError> {
+        Ok(self
+            .store
+            .aux_scan(SPACE, P_ROLLBACK)?
+            .into_iter()
+            .filter_map(|(k, _)| k.get(P_ROLLBACK.len()..).and_then(parse_row_key))
+            .collect())
+    }
+
     /// Rows whose eviction waits for own ops to be acknowledged.
     pub fn deferred_evictions(&self) -> Result<Vec<(String, RowId)>, ReplicaError> {
         Ok(self

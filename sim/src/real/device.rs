@@ -351,20 +351,19 @@ impl StoreDevice {
     }
 
     /// Report the ops a rolled-back row's copy from the hub brought: rows the device holds
-    /// after `record_ack` with that copy in them. The replica defers a rollback while the
-    /// device has later ops of its own on the row (`waits`): that row keeps its own copy, and
-    /// the hub's ops arrive, and are reported, with a later pull.
+    /// after `record_ack` with that copy in them. The replica defers a rollback until the row
+    /// can be evicted (`waiting`): that row keeps its own copy, and the hub's ops arrive, and
+    /// are reported, with a later pull.
     fn report_rolled_back(
         &mut self,
         rejected: &[Rejection],
-        waits: &dyn Fn(&Self, RowKey) -> bool,
+        waiting: &BTreeSet<(String, uuid::Uuid)>,
     ) {
         for r in rejected {
             let Some(doc) = &r.authoritative else {
                 continue;
             };
-            let Some(row) = row_key(r.row) else { continue };
-            if self.holds(&r.table, r.row) && !waits(self, row) {
+            if self.holds(&r.table, r.row) && !waiting.contains(&(r.table.clone(), r.row)) {
                 self.report_ops_of_doc(&doc.doc, true);
             }
         }
@@ -476,12 +475,17 @@ impl DeviceStorage for StoreDevice {
                 rep.deferred_evictions().map_err(unavailable)?;
             before.extend(rejected.iter().map(|r| (r.table.clone(), r.row)));
             rep.record_ack(now, up_to_seq, rejected)?;
+            let waiting: BTreeSet<(String, uuid::Uuid)> = rep
+                .deferred_rollbacks()
+                .map_err(unavailable)?
+                .into_iter()
+                .collect();
             let rejected_seqs: BTreeSet<u64> = rejected.iter().map(|r| r.seq).collect();
             self.take_acked(up_to_seq, &rejected_seqs);
             // Rows rolled back are re-imported when the hub sent them: report the gone, and
             // what the hub's copies brought.
             self.note_evicted(before);
-            self.report_rolled_back(rejected, &|d: &Self, row| d.has_pending_on(row));
+            self.report_rolled_back(rejected, &waiting);
             self.compact_if_due();
             return Ok(());
         }
@@ -518,7 +522,7 @@ impl DeviceStorage for StoreDevice {
             self.save_side();
         }
         // Here a rollback that waits merges the hub's copy into the device's: reported now.
-        self.report_rolled_back(rejected, &|_: &Self, _| false);
+        self.report_rolled_back(rejected, &BTreeSet::new());
         Ok(())
     }
 
@@ -911,10 +915,23 @@ mod tests {
 
     /// A row rolled back to the hub's copy reports what that copy brought (another node's
     /// newer op), and not again what the device already held; a rollback the replica defers
-    /// (the device has a later op of its own on the row) reports nothing yet.
+    /// reports nothing yet: the device has a later op of its own on the row
+    /// (`Deferred::SameRow`), or one on another row with a pulled change after it, which
+    /// keeps the row's log entries unacknowledged (`Deferred::OtherRow`).
     #[test]
     fn a_rolled_back_row_reports_the_ops_the_hubs_copy_brought() {
-        for (replica, later_edit) in [(true, false), (false, false), (true, true)] {
+        #[derive(PartialEq)]
+        enum Deferred {
+            No,
+            SameRow,
+            OtherRow,
+        }
+        for (replica, deferred) in [
+            (true, Deferred::No),
+            (false, Deferred::No),
+            (true, Deferred::SameRow),
+            (true, Deferred::OtherRow),
+        ] {
             let schema = scenario_schema(&[("wo".into(), 8)]).unwrap();
             let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
             let clock = Arc::new(AtomicI64::new(1));
@@ -950,11 +967,23 @@ mod tests {
                 max_bytes: 1 << 20,
             };
             let mine = d.pending_ops(0, limits).unwrap().remove(0);
-            if later_edit {
+            if deferred == Deferred::SameRow {
                 assert!(d.edit(3, OpId(11), row, update(7)).unwrap());
             }
+            if deferred == Deferred::OtherRow {
+                let b = RowKey { table: 0, id: 8 };
+                assert!(d.edit(3, OpId(12), b, EditKind::Create).unwrap());
+                commit_edit(&other, "wo", row, update(9), &owner).unwrap();
+                let pulled = other.ops_since(1, 1).unwrap().remove(0);
+                registry.borrow_mut().insert(pulled.hash, OpId(5), row);
+                let change = RowChange {
+                    row: row_id(row),
+                    change: pulled.change,
+                };
+                d.apply_ops("wo", &[change]).unwrap();
+            }
             commit_edit(&other, "wo", row, update(6), &owner).unwrap();
-            let second = other.ops_since(1, 1).unwrap().remove(0);
+            let second = other.ops_since(other.last_seq() - 1, 1).unwrap().remove(0);
             registry.borrow_mut().insert(second.hash, OpId(4), row);
             let mut events = Vec::new();
             d.drain_events(&mut events);
@@ -979,7 +1008,7 @@ mod tests {
                 .iter()
                 .filter(|e| matches!(e, NodeEvent::Applied { .. }))
                 .collect();
-            if later_edit {
+            if deferred != Deferred::No {
                 assert!(applied.is_empty(), "{events:?}");
                 assert!(!d.has_op(OpId(4)));
                 continue;
