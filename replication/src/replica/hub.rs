@@ -93,6 +93,9 @@ pub const SHARED_FEED_HOLDERS: usize = 32;
 /// between leaves it: at open such a row is re-evaluated for every user (the routers, built
 /// from the rows as they are, cannot say whose set the write moved it out of).
 const P_UNROUTED: &[u8] = b"rr/";
+/// `rv/` + device id → nothing: a device whose records a revocation dropped; it may not be
+/// enrolled again.
+const P_REVOKED_DEVICE: &[u8] = b"rv/";
 /// The environment the routers were last built with (JSON), and per profile `cfg/profile/`
 /// name → the profile (JSON): what devices' sets follow until the hub moves to new ones.
 const K_CONFIG_ENV: &[u8] = b"cfg/env";
@@ -767,16 +770,9 @@ impl HubReplica {
         if self.profile_of(app).is_none() {
             return Err(HubReplicaError::UnknownApp(app.to_string()));
         }
-        // Token records that do not read do not stop an enrollment (`hub devices` shows them).
-        let tokens = self.issued_tokens().unwrap_or_else(|e| {
-            warn!(error = %e, "token records do not read");
-            Vec::new()
-        });
-        let mut of_device = tokens
-            .into_iter()
-            .filter(|t| t.token.as_ref().is_some_and(|k| k.device_id == device))
-            .peekable();
-        if of_device.peek().is_some() && of_device.all(|t| t.revoked) {
+        let mut revoked = P_REVOKED_DEVICE.to_vec();
+        revoked.extend_from_slice(device.as_bytes());
+        if self.store.aux_get(SPACE, &revoked)?.is_some() {
             return Err(HubReplicaError::DeviceRevoked(device));
         }
         let token = Token {
@@ -840,6 +836,9 @@ impl HubReplica {
         }
         let gone = self.devices_left_without_tokens(token_ids, &devices);
         for device in &gone {
+            let mut marker = P_REVOKED_DEVICE.to_vec();
+            marker.extend_from_slice(device.as_bytes());
+            writes.push(AuxWrite::Put(marker, Vec::new()));
             for prefix in [P_HISTORY, P_OVERRIDE, P_UPLOAD, P_UPLOAD_CHUNK] {
                 let mut p = prefix.to_vec();
                 p.extend_from_slice(device.as_bytes());
