@@ -2419,6 +2419,7 @@ impl HubStorage for HubReplica {
         offset: u64,
         max_len: usize,
     ) -> Result<Option<BlobSlice>, StorageError> {
+        self.check_not_revoked(who)?;
         if self.blob_in_set(who, sha256, true)?.is_none() {
             return Ok(None);
         }
