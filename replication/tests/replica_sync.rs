@@ -1470,7 +1470,10 @@ fn the_hub_refuses_file_references_over_the_columns_maximum_or_an_uploads_size()
         )
         .unwrap();
     assert!(
-        rejected_with(&out, "gives 10 bytes for content the hub holds at 5000"),
+        rejected_with(
+            &out,
+            "`doc`: the reference gives 10 bytes for content held at 5000"
+        ),
         "{out:?}"
     );
 

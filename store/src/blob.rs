@@ -13,8 +13,9 @@ use tracing::debug_span;
 use crate::codec::keys;
 use crate::error::StoreError;
 use crate::options::Durability;
+use crate::schema::{SchemaError, Table};
 use crate::store::{decode, encode, Store};
-use crate::value::BlobRef;
+use crate::value::{BlobRef, Value};
 use crate::wal::WriteBatch;
 
 /// The size of a blob chunk.
@@ -83,6 +84,26 @@ impl ImageFormat {
             && matches!(bmp_header, Some(12 | 40 | 52 | 56 | 64 | 108 | 124));
         is_bmp.then_some(ImageFormat::Bmp)
     }
+}
+
+/// Why a file or image reference may not be set in a column ([`Store::reference_problem`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReferenceProblem {
+    /// Over the column's maximum.
+    #[error(transparent)]
+    TooLarge(SchemaError),
+    /// The reference gives another size than the content the store holds under its hash.
+    #[error("the reference gives {declared} bytes for content held at {held}")]
+    SizeMismatch {
+        /// The size the reference gives.
+        declared: u64,
+        /// The size of the content held.
+        held: u64,
+    },
+    /// An image column's content that is not an image.
+    #[error(transparent)]
+    NotAnImage(NotAnImage),
 }
 
 /// Why content cannot go in an image column.
@@ -213,6 +234,40 @@ impl Store {
             None if size > IMAGE_MAX_BYTES => Some(NotAnImage::TooLarge { size }),
             None => None,
         })
+    }
+
+    /// Why a file or image reference may not be newly set in `column` of `table`, given the
+    /// content this store holds, if it may not: over the column's maximum, a size other than
+    /// that of the content held under its hash (one that said less would pass the maximum with
+    /// more, and fail every download), or, in an image column, not an image
+    /// ([`Store::image_problem`]). Other values pass. The one check for every writer: the
+    /// store's transactions and the hub's judgement of pushed ops.
+    pub fn reference_problem(
+        &self,
+        table: &Table,
+        column: &str,
+        value: &Value,
+    ) -> Result<Option<ReferenceProblem>, StoreError> {
+        let (Value::File(blob) | Value::Image(blob)) = value else {
+            return Ok(None);
+        };
+        if let Err(e) = table.check_file_size(column, value) {
+            return Ok(Some(ReferenceProblem::TooLarge(e)));
+        }
+        if let Some(held) = self.blob_size(&blob.sha256)? {
+            if held != blob.size {
+                return Ok(Some(ReferenceProblem::SizeMismatch {
+                    declared: blob.size,
+                    held,
+                }));
+            }
+        }
+        if let Value::Image(_) = value {
+            if let Some(problem) = self.image_problem(blob)? {
+                return Ok(Some(ReferenceProblem::NotAnImage(problem)));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether the blob's content is in the store.

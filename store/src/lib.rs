@@ -38,7 +38,7 @@ pub use api::{
     RemoteOp, Row, RowExport, StoreStatus,
 };
 pub use aux::{AuxEntry, AuxWrite, ChangeInspection, AUX_SPACE_MAX};
-pub use blob::{ImageFormat, NotAnImage, BLOB_CHUNK_BYTES, IMAGE_MAX_BYTES};
+pub use blob::{ImageFormat, NotAnImage, ReferenceProblem, BLOB_CHUNK_BYTES, IMAGE_MAX_BYTES};
 pub use error::{OpenError, StoreError, WriteError};
 pub use options::{ActorId, ActorIdParseError, Clock, Durability, StoreOptions};
 pub use query::{Filter, Order, Query, QueryPlan};

@@ -152,6 +152,20 @@ pub const LIMIT_FILE_MAX_KB: u64 = 10 * 1024 * 1024;
 pub const LIMIT_IMAGE_MAX_KB: u64 = crate::IMAGE_MAX_BYTES / 1024;
 
 impl Column {
+    /// A user column of type `ty` with nothing else set (no target, options or maximum).
+    fn plain(name: &str, ty: ColumnType) -> Column {
+        Column {
+            name: name.to_string(),
+            ty,
+            target: None,
+            relationship: None,
+            navigation: None,
+            options: Vec::new(),
+            max_size_kb: None,
+            system: false,
+        }
+    }
+
     /// For a file or image column, the largest content a value may name, in bytes: the
     /// column's `max_size_kb`, else Dataverse's limit for its type. `None` for other types.
     pub fn max_file_bytes(&self) -> Option<u64> {
@@ -478,18 +492,13 @@ impl Schema {
             let mut columns: Vec<Column> = SYSTEM_COLUMNS
                 .iter()
                 .map(|(n, ty)| Column {
-                    name: (*n).to_string(),
-                    ty: *ty,
-                    target: None,
-                    relationship: None,
-                    navigation: None,
                     options: if *n == "statecode" {
                         vec![STATE_ACTIVE, STATE_INACTIVE]
                     } else {
                         Vec::new()
                     },
-                    max_size_kb: None,
                     system: true,
+                    ..Column::plain(n, *ty)
                 })
                 .collect();
             for (cname, cf) in &tf.columns {
@@ -501,19 +510,7 @@ impl Schema {
                     return Err(SchemaError::InvalidName(format!("{name}.{cname}")));
                 }
                 let col = match cf {
-                    ColumnFile::Plain(ty) => {
-                        let ty: ColumnType = ty.parse()?;
-                        Column {
-                            name: cname.clone(),
-                            ty,
-                            target: None,
-                            relationship: None,
-                            navigation: None,
-                            options: Vec::new(),
-                            max_size_kb: None,
-                            system: false,
-                        }
-                    }
+                    ColumnFile::Plain(ty) => Column::plain(cname, ty.parse()?),
                     ColumnFile::Sized(SizedFile { ty, max_size_kb }) => {
                         let ty: ColumnType = ty.parse()?;
                         let limit = match ty {
@@ -539,14 +536,8 @@ impl Schema {
                             });
                         }
                         Column {
-                            name: cname.clone(),
-                            ty,
-                            target: None,
-                            relationship: None,
-                            navigation: None,
-                            options: Vec::new(),
                             max_size_kb: *max_size_kb,
-                            system: false,
+                            ..Column::plain(cname, ty)
                         }
                     }
                     ColumnFile::Lookup(LookupFile {
@@ -567,25 +558,15 @@ impl Schema {
                             }
                         }
                         Column {
-                            name: cname.clone(),
-                            ty: ColumnType::Lookup,
                             target: Some(lookup.clone()),
                             relationship: Some(rel),
                             navigation: navigation.clone(),
-                            options: Vec::new(),
-                            max_size_kb: None,
-                            system: false,
+                            ..Column::plain(cname, ColumnType::Lookup)
                         }
                     }
                     ColumnFile::Choice { choice } => Column {
-                        name: cname.clone(),
-                        ty: ColumnType::Choice,
-                        target: None,
-                        relationship: None,
-                        navigation: None,
                         options: choice.clone(),
-                        max_size_kb: None,
-                        system: false,
+                        ..Column::plain(cname, ColumnType::Choice)
                     },
                 };
                 columns.push(col);

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use tracing::{debug_span, info_span};
 
 use crate::api::{CommitInfo, Row};
+use crate::blob::ReferenceProblem;
 use crate::codec::keys;
 use crate::error::{StoreError, WriteError};
 use crate::log::StoredEntry;
@@ -143,22 +144,11 @@ fn check_one(
     let set_now = current.is_none_or(|row| row.get(name) != value);
     match value {
         Value::Float(f) if !f.is_finite() => return Err(invalid("floats must be finite".into())),
-        Value::File(blob) | Value::Image(blob) if set_now => {
-            table.check_file_size(name, value)?;
-            // A reference's size is its content's: one that says less would pass a column's
-            // maximum with more, and fail every download.
-            if let Some(held) = store.blob_size(&blob.sha256)? {
-                if held != blob.size {
-                    return Err(invalid(format!(
-                        "the reference gives {} bytes, the content held is {held}",
-                        blob.size
-                    )));
-                }
-            }
-            if let Value::Image(_) = value {
-                if let Some(problem) = store.image_problem(blob)? {
-                    return Err(invalid(problem.to_string()));
-                }
+        Value::File(_) | Value::Image(_) if set_now => {
+            match store.reference_problem(table, name, value)? {
+                Some(ReferenceProblem::TooLarge(e)) => return Err(e.into()),
+                Some(problem) => return Err(invalid(problem.to_string())),
+                None => {}
             }
         }
         _ => {}

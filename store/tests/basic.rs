@@ -366,7 +366,7 @@ fn file_references_are_checked_when_a_write_sets_them() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("the reference gives 5 bytes, the content held is 3000"),
+            .contains("the reference gives 5 bytes for content held at 3000"),
         "{err}"
     );
     drop(tx);

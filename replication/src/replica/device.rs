@@ -634,21 +634,21 @@ impl DeviceReplica {
     /// Rows whose rollback to the hub's copy (after a rejection) waits until the row can be
     /// evicted: the device's own later ops are not acknowledged yet.
     pub fn deferred_rollbacks(&self) -> Result<Vec<(String, RowId)>, ReplicaError> {
-        Ok(self
-            .store
-            .aux_scan(SPACE, P_ROLLBACK)?
-            .into_iter()
-            .filter_map(|(k, _)| k.get(P_ROLLBACK.len()..).and_then(parse_row_key))
-            .collect())
+        self.rows_keyed_under(P_ROLLBACK)
     }
 
     /// Rows whose eviction waits for own ops to be acknowledged.
     pub fn deferred_evictions(&self) -> Result<Vec<(String, RowId)>, ReplicaError> {
+        self.rows_keyed_under(P_EVICT)
+    }
+
+    /// The (table, row)s of the aux keys `prefix` + row key.
+    fn rows_keyed_under(&self, prefix: &[u8]) -> Result<Vec<(String, RowId)>, ReplicaError> {
         Ok(self
             .store
-            .aux_scan(SPACE, P_EVICT)?
+            .aux_scan(SPACE, prefix)?
             .into_iter()
-            .filter_map(|(k, _)| k.get(P_EVICT.len()..).and_then(parse_row_key))
+            .filter_map(|(k, _)| k.get(prefix.len()..).and_then(parse_row_key))
             .collect())
     }
 }

@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
-    ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, RemoteOp, RowId,
-    Store, StoreError, Table, Value, WriteError, DELETED_KEY,
+    ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, ReferenceProblem,
+    RemoteOp, RowId, Store, StoreError, Table, Value, WriteError, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -1733,10 +1733,11 @@ impl HubReplica {
                 ));
             }
         }
-        // A new file or image reference names content of at most the column's size (the
-        // upload that follows is held to it), and a new image reference to content the hub
-        // holds is checked now (content still to come is checked when it is uploaded):
-        // Dataverse takes only images there.
+        // A new file or image reference is checked as the store checks a local write
+        // (`Store::reference_problem`: the column's maximum, the size of content held, an image
+        // column's content; content still to come is checked when it is uploaded), and one to
+        // content a device would have to upload is held to one upload's size, whatever the
+        // column allows (larger files come from Dataverse only).
         for (c, v) in &insp.columns {
             let (Value::File(blob) | Value::Image(blob)) = v else {
                 continue;
@@ -1744,48 +1745,26 @@ impl HubReplica {
             if before.get(c) == Some(v) {
                 continue;
             }
-            if let Err(e) = tab.check_file_size(c, v) {
-                return Ok(rejected(
-                    operation,
-                    RejectionKind::Validation,
-                    &e.to_string(),
-                ));
-            }
-            // A reference's size is its content's (one that says less would pass the maximum
-            // with more, and fail every device's download).
-            if let Some(held) = self.store.blob_size(&blob.sha256).map_err(storage_err)? {
-                if held != blob.size {
-                    return Ok(rejected(
-                        operation,
-                        RejectionKind::Validation,
-                        &format!(
-                            "`{c}` gives {} bytes for content the hub holds at {held}",
-                            blob.size
-                        ),
-                    ));
-                }
-            }
-            // Content a device would have to upload is held to one upload's size, whatever the
-            // column allows (larger files come from Dataverse only).
-            if blob.size > BLOB_UPLOAD_MAX && !self.store.has_blob(blob).map_err(storage_err)? {
-                return Ok(rejected(
-                    operation,
-                    RejectionKind::Validation,
-                    &format!(
+            let problem = self
+                .store
+                .reference_problem(tab, c, v)
+                .map_err(storage_err)?;
+            let message = match problem {
+                Some(ReferenceProblem::TooLarge(e)) => Some(e.to_string()),
+                Some(ReferenceProblem::NotAnImage(p)) => Some(format!("image column `{c}`: {p}")),
+                Some(other) => Some(format!("`{c}`: {other}")),
+                None if blob.size > BLOB_UPLOAD_MAX
+                    && !self.store.has_blob(blob).map_err(storage_err)? =>
+                {
+                    Some(format!(
                         "`{c}` names {} bytes the hub does not hold; a device uploads at most {BLOB_UPLOAD_MAX}",
                         blob.size
-                    ),
-                ));
-            }
-            if !matches!(v, Value::Image(_)) {
-                continue;
-            }
-            if let Some(problem) = self.store.image_problem(blob).map_err(storage_err)? {
-                return Ok(rejected(
-                    operation,
-                    RejectionKind::Validation,
-                    &format!("image column `{c}`: {problem}"),
-                ));
+                    ))
+                }
+                None => None,
+            };
+            if let Some(message) = message {
+                return Ok(rejected(operation, RejectionKind::Validation, &message));
             }
         }
         if !insp.ready {

@@ -855,11 +855,19 @@ mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
-    /// A change from another node is reported applied each time it enters the device's state:
-    /// once per log entry, and again when its row comes back whole after an eviction.
-    #[test]
-    fn a_change_is_reported_each_time_it_enters_the_device() {
-        for replica in [true, false] {
+    /// Another node's store that created row 7 of table `wo` (its change registered as op 3),
+    /// and a device storage over the same schema that does not hold it yet.
+    struct Fixture {
+        registry: SharedRegistry,
+        other: Store,
+        row: RowKey,
+        owner: fieldsync_store::Value,
+        first: fieldsync_store::LogEntry,
+        d: StoreDevice,
+    }
+
+    impl Fixture {
+        fn new(replica: bool) -> Fixture {
             let schema = scenario_schema(&[("wo".into(), 8)]).unwrap();
             let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
             let clock = Arc::new(AtomicI64::new(1));
@@ -871,8 +879,8 @@ mod tests {
             let row = RowKey { table: 0, id: 7 };
             let owner = fieldsync_store::Value::Null;
             commit_edit(&other, "wo", row, EditKind::Create, &owner).unwrap();
-            let entry = other.ops_since(0, 1).unwrap().remove(0);
-            registry.borrow_mut().insert(entry.hash, OpId(3), row);
+            let first = other.ops_since(0, 1).unwrap().remove(0);
+            registry.borrow_mut().insert(first.hash, OpId(3), row);
             let mut d = StoreDevice::create(
                 schema,
                 actor_of(1, NodeId(1)),
@@ -882,6 +890,29 @@ mod tests {
             )
             .unwrap();
             d.use_replica(replica);
+            Fixture {
+                registry,
+                other,
+                row,
+                owner,
+                first,
+                d,
+            }
+        }
+    }
+
+    /// A change from another node is reported applied each time it enters the device's state:
+    /// once per log entry, and again when its row comes back whole after an eviction.
+    #[test]
+    fn a_change_is_reported_each_time_it_enters_the_device() {
+        for replica in [true, false] {
+            let Fixture {
+                other,
+                row,
+                first: entry,
+                mut d,
+                ..
+            } = Fixture::new(replica);
             let change = RowChange {
                 row: row_id(row),
                 change: entry.change.clone(),
@@ -932,28 +963,14 @@ mod tests {
             (true, Deferred::SameRow),
             (true, Deferred::OtherRow),
         ] {
-            let schema = scenario_schema(&[("wo".into(), 8)]).unwrap();
-            let registry: SharedRegistry = Rc::new(RefCell::new(Registry::default()));
-            let clock = Arc::new(AtomicI64::new(1));
-            let other = Store::temporary(
-                schema.clone(),
-                store_options(actor_of(1, NodeId(2)), &clock),
-            )
-            .unwrap();
-            let row = RowKey { table: 0, id: 7 };
-            let owner = fieldsync_store::Value::Null;
-            commit_edit(&other, "wo", row, EditKind::Create, &owner).unwrap();
-            let first = other.ops_since(0, 1).unwrap().remove(0);
-            registry.borrow_mut().insert(first.hash, OpId(3), row);
-            let mut d = StoreDevice::create(
-                schema,
-                actor_of(1, NodeId(1)),
-                vec!["wo".into()],
-                owner.clone(),
-                registry.clone(),
-            )
-            .unwrap();
-            d.use_replica(replica);
+            let Fixture {
+                registry,
+                other,
+                row,
+                owner,
+                first,
+                mut d,
+            } = Fixture::new(replica);
             let change = RowChange {
                 row: row_id(row),
                 change: first.change.clone(),
