@@ -104,6 +104,114 @@ fn own_ops_committed_during_an_ack_advance_stay_pending() {
     assert!(store.acked_seq().unwrap() <= acked);
 }
 
+/// The pushes remember which spans of the log hold only pulled entries: while the app commits
+/// on one thread and the sync thread applies pulled changes, pushes and acknowledges, no own
+/// op may fall into such a span unpushed (an ack covers every op up to its seq, so a skipped
+/// op would be taken as acknowledged and never reach the hub).
+#[test]
+fn own_ops_between_pulled_entries_are_all_pushed() {
+    own_ops_between_pulled_entries_are_all_pushed_in(device());
+    // On disk too: sled's scans are not snapshots.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(
+        dir.path(),
+        Schema::from_toml(SCHEMA).unwrap(),
+        StoreOptions::default().with_actor(ActorId([7; 16])),
+    )
+    .unwrap();
+    own_ops_between_pulled_entries_are_all_pushed_in(DeviceReplica::new(store));
+}
+
+fn own_ops_between_pulled_entries_are_all_pushed_in(mut replica: DeviceReplica) {
+    let store = replica.store().clone();
+    // What the hub sends: another store's changes, one new row each.
+    let other = Store::temporary(
+        Schema::from_toml(SCHEMA).unwrap(),
+        StoreOptions::default().with_actor(ActorId([8; 16])),
+    )
+    .unwrap();
+    let mut tx = other.begin();
+    for i in 0..2000 {
+        tx.insert("task", &[("name", Value::Text(format!("r{i}")))])
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let pulled: Vec<RowChange> = other
+        .ops_since(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| RowChange {
+            row: e.row,
+            change: e.change,
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 0..1500 {
+                let mut tx = store.begin();
+                tx.insert("task", &[("name", Value::Text(format!("t{i}")))])
+                    .unwrap();
+                tx.commit_with(Durability::Group).unwrap();
+                if i % 3 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(30));
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut pushed = std::collections::BTreeSet::new();
+    let mut batches = pulled.chunks(3);
+    let mut now = 0;
+    loop {
+        let done = stop.load(Ordering::SeqCst);
+        if let Some(batch) = batches.next() {
+            replica.apply_ops("task", batch).unwrap();
+        }
+        let acked = replica.acked_seq().unwrap();
+        let ops = replica.pending_ops(acked, ALL).unwrap();
+        pushed.extend(ops.iter().map(|op| op.seq));
+        // Acknowledge every other push, so that scans start both below and above the spans.
+        now += 1;
+        if now % 2 == 0 {
+            if let Some(last) = ops.last() {
+                replica.record_ack(Millis(now), last.seq, &[]).unwrap();
+            }
+        }
+        if done && batches.len() == 0 {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    let acked = replica.acked_seq().unwrap();
+    pushed.extend(
+        replica
+            .pending_ops(acked, ALL)
+            .unwrap()
+            .iter()
+            .map(|op| op.seq),
+    );
+    let own: Vec<u64> = store
+        .ops_since(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|e| e.actor == store.actor())
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(own.len(), 1500);
+    let never_pushed: Vec<u64> = own
+        .iter()
+        .filter(|s| !pushed.contains(s))
+        .copied()
+        .collect();
+    assert!(
+        never_pushed.is_empty(),
+        "own ops never pushed: {never_pushed:?}"
+    );
+}
+
 /// A delete the hub refused, on a row the device may not read: the rollback removes the row,
 /// and a retry is refused with a clear error rather than re-inserting a row holding nothing
 /// but `modifiedon`.

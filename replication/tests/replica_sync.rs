@@ -726,6 +726,13 @@ fn revoking_a_devices_last_token_drops_what_the_hub_kept_for_it() {
         w.net.hub.enroll(USERS[0], APP, device_id(0).0, 0),
         Err(HubReplicaError::DeviceRevoked(_))
     ));
+    // Nor provisioned out of band, which would write records no revocation drops.
+    let row = ("task".to_string(), RowId::from_u128(1));
+    assert!(matches!(
+        w.net.hub.provision(device_id(0), &[row], Cursor(0)),
+        Err(HubReplicaError::DeviceRevoked(_))
+    ));
+    assert_eq!(held(&w, 0), 0);
 }
 
 #[test]

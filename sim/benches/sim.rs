@@ -4,7 +4,8 @@
 //! ops need, measured in the same run.
 //!
 //! Run: `cargo bench -p fieldsync-sim --bench sim`. `SIM_BENCH_DEVICES` shrinks the 1,000-device
-//! day for a quick look.
+//! day for a quick look, `SIM_BENCH_HOURS` shortens it (both for profiling; the figures the issue asks
+//! for are the defaults).
 //!
 //! Devices run `replication::replica::DeviceReplica`; the hub runs `replication::replica::HubReplica`.
 //!
@@ -163,9 +164,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    let hours: u32 = std::env::var("SIM_BENCH_HOURS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
     let day = Scenario::from_toml_str(
         &format!(
-            "name = 'day-{devices}'\nduration = '24h'\nsettle = '1h'\nsample_interval = '5m'\n\
+            "name = 'day-{devices}'\nduration = '{hours}h'\nsettle = '1h'\nsample_interval = '5m'\n\
              [[groups]]\nname = 'all'\ndevices = {devices}\nclock_skew = '1m'\n\
              connectivity = {{ model = 'gilbert-elliott', mean_up = '30m', mean_down = '10m' }}\n\
              link = {{ latency = '80ms', jitter = '40ms', bandwidth_kbps = 2000, loss = 0.01 }}\n\

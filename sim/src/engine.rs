@@ -328,6 +328,9 @@ pub struct Sim<N: FieldNode> {
     end_at: u64,
     converged_at: Option<u64>,
     dirty_since_check: bool,
+    /// The device the last convergence check found behind: checked first next time, as it
+    /// is the likeliest to be behind still.
+    behind_at_check: Option<NodeId>,
     stopped: bool,
     // metrics
     m: Metrics,
@@ -500,6 +503,7 @@ impl<N: FieldNode> Sim<N> {
             end_at: heal_at + scenario.settle.0,
             converged_at: None,
             dirty_since_check: true,
+            behind_at_check: None,
             stopped: false,
             m: Metrics {
                 devices,
@@ -1617,38 +1621,56 @@ impl<N: FieldNode> Sim<N> {
     }
 
     /// Whether every device holds exactly its set with the hub's content and nothing is pending.
-    fn is_converged(&self) -> bool {
+    /// Whether every replica equals the hub's: `Err` names a device that does not (`None`:
+    /// a node is down).
+    fn converged_or_behind(&self) -> Result<(), Option<NodeId>> {
         if !self.hosts.iter().all(|h| h.alive) {
-            return false;
+            return Err(None);
         }
-        let mut hub_rows: BTreeMap<RowKey, u64> = BTreeMap::new();
-        self.hosts[0].node.for_each_row(&mut |r, dg| {
-            hub_rows.insert(r, dg);
-        });
-        for d in self.device_ids() {
+        // Pending ops first: they are counted, not scanned, and until the last settles no
+        // row needs reading. Then each device's rows against the hub's, a row at a time, so
+        // a device that is not there yet ends the check without the hub's whole table being
+        // digested (this runs every `converge_check_ms` while the run settles). The device
+        // found behind last time goes first.
+        if let Some(d) = self
+            .device_ids()
+            .find(|d| self.hosts[d.index()].node.pending_ops() > 0)
+        {
+            return Err(Some(d));
+        }
+        let hub = &self.hosts[0].node;
+        let mut hub_rows: BTreeMap<RowKey, Option<u64>> = BTreeMap::new();
+        let mut hub_digest = |r: RowKey| *hub_rows.entry(r).or_insert_with(|| hub.row_digest(r));
+        let first = self
+            .behind_at_check
+            .filter(|d| !d.is_hub() && d.index() < self.hosts.len());
+        for d in first
+            .into_iter()
+            .chain(self.device_ids().filter(|d| Some(*d) != first))
+        {
             let node = &self.hosts[d.index()].node;
-            if node.pending_ops() > 0 {
-                return false;
+            let mut ok = true;
+            let mut count = 0usize;
+            node.for_each_row(&mut |r, dg| {
+                count += 1;
+                if ok && (!self.oracle.entitled(d, r) || hub_digest(r) != Some(dg)) {
+                    ok = false;
+                }
+            });
+            if !ok {
+                return Err(Some(d));
             }
             let expected = self
                 .oracle
                 .entitled_rows(d)
                 .into_iter()
-                .filter(|r| hub_rows.contains_key(r))
+                .filter(|r| hub_digest(*r).is_some())
                 .count();
-            let mut ok = true;
-            let mut count = 0usize;
-            node.for_each_row(&mut |r, dg| {
-                count += 1;
-                if !self.oracle.entitled(d, r) || hub_rows.get(&r) != Some(&dg) {
-                    ok = false;
-                }
-            });
-            if !ok || count != expected {
-                return false;
+            if count != expected {
+                return Err(Some(d));
             }
         }
-        true
+        Ok(())
     }
 
     fn converge_check(&mut self) {
@@ -1657,7 +1679,9 @@ impl<N: FieldNode> Sim<N> {
         }
         if self.dirty_since_check || self.now >= self.end_at {
             self.dirty_since_check = false;
-            if self.is_converged() {
+            let check = self.converged_or_behind();
+            self.behind_at_check = check.err().flatten();
+            if check.is_ok() {
                 self.converged_at = Some(self.now);
                 tracing::info!(t = self.now, "converged");
                 return;

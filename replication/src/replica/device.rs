@@ -1,6 +1,7 @@
 //! [`DeviceReplica`]: the device's side of sync over its [`Store`].
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 
 use fieldsync_store::{
     AuxWrite, BlobRef, ColumnConflict, Durability, LogEntry, RemoteOp, RowExport, RowId, Store,
@@ -107,6 +108,10 @@ pub struct DeviceReplica {
     fetched_columns: BTreeMap<String, Vec<String>>,
     /// Compact the store's log once this many acknowledged entries are in it.
     compact_backlog: u64,
+    /// `(a, b)`: the log holds no own entry with a seq in `(a, b]`. Log entries never change
+    /// and a new one always takes a higher seq, so a span once scanned stays clean; the pushes
+    /// then skip the pulled entries they have read before instead of reading them each time.
+    clean_span: Arc<Mutex<(u64, u64)>>,
 }
 
 /// A downloaded blob's chunks read back from the aux space in offset order, one at a time;
@@ -168,6 +173,7 @@ impl DeviceReplica {
             store,
             fetched_columns: BTreeMap::new(),
             compact_backlog: DEFAULT_COMPACT_BACKLOG,
+            clean_span: Arc::default(),
         }
     }
 
@@ -377,26 +383,42 @@ impl DeviceReplica {
         // The store's acknowledged prefix ends just before the first unacknowledged own op
         // (see `advance_store_ack`): nothing pending lies below it, so skip the pulled entries.
         let floor = self.store.acked_seq().map_err(storage_err)?;
-        let mut from = after.max(floor);
-        loop {
+        let start = after.max(floor);
+        let (a, b) = *self.clean_span.lock().unwrap_or_else(|e| e.into_inner());
+        let mut from = if a <= start && start < b { b } else { start };
+        // The scan's own clean span: `(start, clean_to]` holds no own entry.
+        let mut clean_to = from;
+        let mut found_own = false;
+        'scan: loop {
             let batch = self.store.ops_since(from, SCAN_STEP).map_err(storage_err)?;
             let Some(last) = batch.last() else { break };
             from = last.seq;
             let done = batch.len() < SCAN_STEP;
             for e in batch {
                 if e.seq > up_to {
-                    return Ok(out);
+                    break 'scan;
                 }
                 if e.actor == me {
+                    found_own = true;
                     out.push(e);
                     if out.len() >= limit {
-                        return Ok(out);
+                        break 'scan;
                     }
+                } else if !found_own {
+                    clean_to = e.seq;
                 }
             }
             if done {
                 break;
             }
+        }
+        if clean_to > start {
+            let mut span = self.clean_span.lock().unwrap_or_else(|e| e.into_inner());
+            *span = if span.0 <= start && start <= span.1 {
+                (span.0, span.1.max(clean_to))
+            } else {
+                (start, clean_to)
+            };
         }
         Ok(out)
     }

@@ -352,6 +352,13 @@ fn override_key(device: DeviceId, table: &str, row: RowId) -> Vec<u8> {
     row_key(&p, table, row)
 }
 
+/// The mark of a device whose tokens were all revoked.
+fn revoked_device_key(device: Uuid) -> Vec<u8> {
+    let mut k = P_REVOKED_DEVICE.to_vec();
+    k.extend_from_slice(device.as_bytes());
+    k
+}
+
 fn history_key(device: DeviceId, table: &str, row: RowId) -> Vec<u8> {
     let mut p = P_HISTORY.to_vec();
     p.extend_from_slice(device.0.as_bytes());
@@ -770,11 +777,7 @@ impl HubReplica {
         if self.profile_of(app).is_none() {
             return Err(HubReplicaError::UnknownApp(app.to_string()));
         }
-        let mut revoked = P_REVOKED_DEVICE.to_vec();
-        revoked.extend_from_slice(device.as_bytes());
-        if self.store.aux_get(SPACE, &revoked)?.is_some() {
-            return Err(HubReplicaError::DeviceRevoked(device));
-        }
+        self.refuse_revoked_device(device)?;
         let token = Token {
             device_id: device,
             user_id: user_id.to_string(),
@@ -836,9 +839,7 @@ impl HubReplica {
         }
         let gone = self.devices_left_without_tokens(token_ids, &devices);
         for device in &gone {
-            let mut marker = P_REVOKED_DEVICE.to_vec();
-            marker.extend_from_slice(device.as_bytes());
-            writes.push(AuxWrite::Put(marker, Vec::new()));
+            writes.push(AuxWrite::Put(revoked_device_key(*device), Vec::new()));
             for prefix in [P_HISTORY, P_OVERRIDE, P_UPLOAD, P_UPLOAD_CHUNK] {
                 let mut p = prefix.to_vec();
                 p.extend_from_slice(device.as_bytes());
@@ -1089,12 +1090,14 @@ impl HubReplica {
     /// Records that `device` holds these rows as of feed position `at`, for a device
     /// provisioned out of band (loaded from a snapshot of the hub's rows at `at`) rather than
     /// by pulling from the start: its pulls from `at` on treat the rows as already held.
+    /// Refused for a device whose tokens were all revoked (its records were dropped then).
     pub fn provision(
         &mut self,
         device: DeviceId,
         rows: &[(String, RowId)],
         at: Cursor,
     ) -> Result<(), HubReplicaError> {
+        self.refuse_revoked_device(device.0)?;
         let writes: Vec<AuxWrite> = rows
             .iter()
             .map(|(table, row)| {
@@ -1107,6 +1110,19 @@ impl HubReplica {
         if !writes.is_empty() {
             self.store
                 .aux_apply(SPACE, &writes, Durability::Immediate)?;
+        }
+        Ok(())
+    }
+
+    /// [`HubReplicaError::DeviceRevoked`] if every token of `device` was revoked and its
+    /// records dropped (`revoke_all`): the device id is not taken again.
+    fn refuse_revoked_device(&self, device: Uuid) -> Result<(), HubReplicaError> {
+        if self
+            .store
+            .aux_get(SPACE, &revoked_device_key(device))?
+            .is_some()
+        {
+            return Err(HubReplicaError::DeviceRevoked(device));
         }
         Ok(())
     }

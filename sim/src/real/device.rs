@@ -88,6 +88,14 @@ pub struct StoreDevice {
     replica: bool,
     /// The replica compacts the log once this many acknowledged entries pile up.
     compact_backlog: u64,
+    /// The `DeviceReplica` over `store`, one per store opening as a device process keeps
+    /// one (it remembers which spans of the log hold no own entry): `None` while down.
+    device_replica: Option<DeviceReplica>,
+}
+
+/// The replica the protocol's storage calls go through (see [`StoreDevice::replica`]).
+fn replica_over(store: &Store) -> DeviceReplica {
+    DeviceReplica::new(store.clone()).with_compact_backlog(u64::MAX)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StorageError {
@@ -111,6 +119,7 @@ impl StoreDevice {
             Store::temporary(schema, options).map_err(|e| RealError::Store(e.to_string()))?;
         Ok(StoreDevice {
             clock,
+            device_replica: Some(replica_over(&store)),
             store: Some(store),
             crashed: None,
             tables,
@@ -144,7 +153,10 @@ impl StoreDevice {
     /// compaction inside the call would fold them away unseen, and a change the store took
     /// twice would then go unreported.
     fn replica(&self) -> Result<DeviceReplica, StorageError> {
-        Ok(DeviceReplica::new(self.store_ref()?.clone()).with_compact_backlog(u64::MAX))
+        self.store_ref()?;
+        self.device_replica
+            .clone()
+            .ok_or_else(|| StorageError::Unavailable("the device is down".into()))
     }
 
     /// Compacts the log, as the replica does, once `compact_backlog` acknowledged entries
@@ -821,6 +833,7 @@ impl SimDeviceStorage for StoreDevice {
         if let Some(store) = self.store.take() {
             self.crashed = Some(store);
         }
+        self.device_replica = None;
         self.events.clear();
     }
 
@@ -834,6 +847,7 @@ impl SimDeviceStorage for StoreDevice {
             .reopen_temporary()
             .map_err(|e| RealError::Store(e.to_string()))?;
         drop(old);
+        self.device_replica = Some(replica_over(&store));
         self.store = Some(store);
         self.side = self.durable_side.clone();
         self.rebuild().map_err(|e| RealError::Store(e.to_string()))
