@@ -171,8 +171,21 @@ fn own_ops_between_pulled_entries_are_all_pushed_in(mut replica: DeviceReplica) 
             replica.apply_ops("task", batch).unwrap();
         }
         let acked = replica.acked_seq().unwrap();
+        let published = store.last_seq();
         let ops = replica.pending_ops(acked, ALL).unwrap();
-        pushed.extend(ops.iter().map(|op| op.seq));
+        // Each push on its own holds every own op committed before it: one left out here
+        // would be covered by an ack of a later one (a re-push after a lost one included).
+        let through = ops.last().map_or(published, |op| op.seq.max(published));
+        let own_through: Vec<u64> = store
+            .ops_since(acked, usize::MAX)
+            .unwrap()
+            .iter()
+            .filter(|e| e.actor == store.actor() && e.seq <= through)
+            .map(|e| e.seq)
+            .collect();
+        let got: Vec<u64> = ops.iter().map(|op| op.seq).collect();
+        assert_eq!(got, own_through, "a push after {acked} left out own ops");
+        pushed.extend(got);
         // Acknowledge every other push, so that scans start both below and above the spans.
         now += 1;
         if now % 2 == 0 {

@@ -1620,9 +1620,8 @@ impl<N: FieldNode> Sim<N> {
         self.push(self.now + self.opts.converge_check_ms, Ev::ConvergeCheck);
     }
 
-    /// Whether every device holds exactly its set with the hub's content and nothing is pending.
-    /// Whether every replica equals the hub's: `Err` names a device that does not (`None`:
-    /// a node is down).
+    /// Whether every device holds exactly its set with the hub's content and nothing is pending:
+    /// `Err` names a device that does not (`None`: a node is down).
     fn converged_or_behind(&self) -> Result<(), Option<NodeId>> {
         if !self.hosts.iter().all(|h| h.alive) {
             return Err(None);

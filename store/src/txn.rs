@@ -16,8 +16,10 @@ use crate::store::{on_every_core, Store};
 use crate::value::{RowId, Value};
 use crate::wal::WriteBatch;
 
-/// Rows per `apply_batch` in `bulk_insert`.
-const BULK_CHUNK_ROWS: usize = 256;
+/// Rows per `apply_batch` in `bulk_insert`. sled copies the leaf a key lands in for every key
+/// of a batch and frees the copies after it: at 256 rows a 100,000-row import peaked at
+/// 210 MiB, at 64 at 170 MiB, and ran no slower (32: no lower, and 2% more on disk).
+const BULK_CHUNK_ROWS: usize = 64;
 
 /// Largest automerge change a local write may make, in bytes. Replication sends each change
 /// whole, in one frame, so a larger change could never leave the device: the store refuses it

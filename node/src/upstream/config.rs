@@ -182,7 +182,7 @@ pub enum SecretSource {
 
 /// How the hub gets its bearer token.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthConfig {
     /// No `Authorization` header (an emulator without tokens).
     #[default]
@@ -217,6 +217,35 @@ mod tests {
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     struct HubToml {
         upstream: UpstreamConfig,
+    }
+
+    /// A misspelt key under `[upstream.auth]` is refused, not silently replaced by a default
+    /// (a `token_endpoint` typo would send the secret to Microsoft's endpoint).
+    #[test]
+    fn unknown_auth_keys_are_refused() {
+        let text = r#"
+[upstream]
+url = "https://contoso.crm4.dynamics.com"
+[upstream.auth]
+kind = "entra"
+tenant_id = "t"
+client_id = "c"
+secret = { env = "FIELDSYNC_DATAVERSE_SECRET" }
+token_endpiont = "https://login.example/token"
+"#;
+        let err = toml::from_str::<HubToml>(text).unwrap_err().to_string();
+        assert!(err.contains("token_endpiont"), "{err}");
+        let good = text.replace("token_endpiont", "token_endpoint");
+        let parsed: HubToml = toml::from_str(&good).unwrap();
+        assert!(matches!(
+            parsed.upstream.auth,
+            AuthConfig::Entra {
+                token_endpoint: Some(_),
+                ..
+            }
+        ));
+        let bearer = "[upstream]\nurl = \"http://127.0.0.1:8080\"\n[upstream.auth]\nkind = \"bearer\"\ntoken = { env = \"DV_TOKEN\" }\ntokn = 1\n";
+        assert!(toml::from_str::<HubToml>(bearer).is_err());
     }
 
     #[test]

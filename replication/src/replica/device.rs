@@ -108,9 +108,11 @@ pub struct DeviceReplica {
     fetched_columns: BTreeMap<String, Vec<String>>,
     /// Compact the store's log once this many acknowledged entries are in it.
     compact_backlog: u64,
-    /// `(a, b)`: the log holds no own entry with a seq in `(a, b]`. Log entries never change
-    /// and a new one always takes a higher seq, so a span once scanned stays clean; the pushes
-    /// then skip the pulled entries they have read before instead of reading them each time.
+    /// `(a, b)`: this store's log holds no own entry with a seq in `(a, b]`. Log entries are
+    /// never rewritten (only acknowledged ones are removed) and a new one always takes a seq
+    /// above the last, so a span once scanned stays clean for as long as this replica's store
+    /// is open; the pushes then skip the pulled entries they have read before instead of
+    /// reading them each time.
     clean_span: Arc<Mutex<(u64, u64)>>,
 }
 
@@ -384,6 +386,9 @@ impl DeviceReplica {
         // (see `advance_store_ack`): nothing pending lies below it, so skip the pulled entries.
         let floor = self.store.acked_seq().map_err(storage_err)?;
         let start = after.max(floor);
+        // Every entry up to the last seq published before the scan is visible to it, whatever
+        // the engine's scans see of later writes: the clean span stops there.
+        let published = self.store.last_seq();
         let (a, b) = *self.clean_span.lock().unwrap_or_else(|e| e.into_inner());
         let mut from = if a <= start && start < b { b } else { start };
         // The scan's own clean span: `(start, clean_to]` holds no own entry.
@@ -412,10 +417,11 @@ impl DeviceReplica {
                 break;
             }
         }
+        let clean_to = clean_to.min(published);
         if clean_to > start {
             let mut span = self.clean_span.lock().unwrap_or_else(|e| e.into_inner());
-            *span = if span.0 <= start && start <= span.1 {
-                (span.0, span.1.max(clean_to))
+            *span = if start <= span.1 && clean_to >= span.0 {
+                (span.0.min(start), span.1.max(clean_to))
             } else {
                 (start, clean_to)
             };
