@@ -17,8 +17,11 @@
 //! self-contained page with SVG plots. [`sweep()`] runs a scenario over a parameter's values and
 //! [`shrink()`] reduces a failing scenario to a small reproduction.
 //!
-//! Until the real protocol core plugs in, [`SimpleFactory`] builds small built-in nodes
-//! ([`simple`]) with a planted-bug switch for tests.
+//! [`RunOptions::engine`] picks the nodes. [`Engine::Real`] runs fieldsync's real store and
+//! protocol sessions ([`real`]); it is the `fieldsync sim` CLI's default. [`Engine::Reference`]
+//! runs small built-in nodes ([`simple`], built by [`SimpleFactory`], with a planted-bug switch
+//! for tests); it is `RunOptions::default()`'s, so the example below runs the reference nodes.
+//! For the real ones, set `engine: Engine::Real` in the options.
 //!
 //! ```
 //! use fieldsync_sim::{run_scenario, RunOptions, Scenario};

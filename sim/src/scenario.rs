@@ -60,7 +60,7 @@
 //! **Connectivity trace files** are CSV with a header line `t_ms,state,latency_ms,bandwidth_kbps,loss`
 //! and one line per change: `t_ms` (virtual ms since the start, non-decreasing), `state` (`up` or
 //! `down`), `latency_ms` (one-way), `bandwidth_kbps` (0 = unlimited), `loss` (probability in
-//! [0, 1]). Empty lines and lines starting with `#` are ignored. Each line holds until the next;
+//! [0, 1)). Empty lines and lines starting with `#` are ignored. Each line holds until the next;
 //! the last holds to the end. The first line holds from time 0 whatever its `t_ms`. The path is
 //! relative to the scenario file; `offset` delays each device's replay by a uniform amount in
 //! [0, offset] so that a group does not move in lockstep.

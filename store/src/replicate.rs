@@ -486,7 +486,8 @@ impl Store {
     }
 
     /// Drop a row from this device: its materialized row, indexes, CRDT state, compacted
-    /// document and held changes. Its acknowledged log entries go at the next `compact`.
+    /// document and held changes, and its log entries (all acknowledged) in the same write,
+    /// so nothing of the row is left to rebuild it from.
     ///
     /// Refused with [`StoreError::UnacknowledgedChanges`] if the row has log entries after the
     /// acknowledged prefix (they would never reach the hub). Returns whether the row was there.
