@@ -613,7 +613,7 @@ fn check_hub_file(file: &HubFile) -> Result<()> {
     if let Some(s) = file.limits.idle_timeout_secs {
         if s < MIN_IDLE_TIMEOUT_SECS {
             bail!(
-                "[limits] idle_timeout_secs = {s}: at least {MIN_IDLE_TIMEOUT_SECS} (devices send a keep-alive every 15 s)"
+                "[limits] idle_timeout_secs = {s}: at least {MIN_IDLE_TIMEOUT_SECS} (devices ping every min(25 s, idle_timeout_secs / 3))"
             );
         }
     }
@@ -720,7 +720,7 @@ fn serve(data: &Path, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -
             Err(e) => {
                 tracing::warn!(
                     error = %format!("{e:#}"),
-                    "no admin socket (is the directory's path over 100 bytes?): `hub enroll`, `revoke`, `devices` and `put` need the hub stopped"
+                    "no admin socket (a Unix socket path is at most 107 bytes: is the data directory's path longer than ~95?): `hub enroll`, `revoke`, `devices` and `put` need the hub stopped"
                 );
                 None
             }

@@ -11,7 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "/../examples/field-service/schema.toml"
     ))?)?;
     let dir = tempfile::tempdir()?; // an app would use its data directory
-    let store = Store::create(dir.path(), schema, StoreOptions::default())?;
+    let path = dir.path().join("store");
+    let store = if path.exists() {
+        // The schema it was created with is in the store.
+        Store::open(&path, StoreOptions::default())?
+    } else {
+        Store::create(&path, schema, StoreOptions::default())?
+    };
     let me = Value::Owner(OwnerRef {
         kind: OwnerKind::User,
         id: uuid::Uuid::from_u128(42),
