@@ -626,7 +626,8 @@ fn check_hub_file(file: &HubFile) -> Result<()> {
     Ok(())
 }
 
-/// The shortest session idle timeout `hub.toml` may set: above the devices' keep-alive.
+/// The shortest session idle timeout `hub.toml` may set (devices ping every third of it, at
+/// most every 25 s).
 const MIN_IDLE_TIMEOUT_SECS: u64 = 20;
 
 /// An address devices can dial: `HOST:PORT`.

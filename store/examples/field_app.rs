@@ -2,7 +2,9 @@
 //! delete, attach a signature), run a view, read a conflict. Run:
 //! `cargo run -p fieldsync-store --example field_app`.
 
-use fieldsync_store::{Durability, OwnerKind, OwnerRef, Query, Schema, Store, StoreOptions, Value};
+use fieldsync_store::{
+    Durability, OpenError, OwnerKind, OwnerRef, Query, Schema, Store, StoreOptions, Value,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. Open the device's store (created on first run) with the app's schema.
@@ -12,11 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))?)?;
     let dir = tempfile::tempdir()?; // an app would use its data directory
     let path = dir.path().join("store");
-    let store = if path.exists() {
-        // The schema it was created with is in the store.
-        Store::open(&path, StoreOptions::default())?
-    } else {
-        Store::create(&path, schema, StoreOptions::default())?
+    let store = match Store::open(&path, StoreOptions::default()) {
+        // A store keeps the schema it was created with.
+        Err(OpenError::NotFound(_)) => Store::create(&path, schema, StoreOptions::default())?,
+        opened => opened?,
     };
     let me = Value::Owner(OwnerRef {
         kind: OwnerKind::User,

@@ -244,8 +244,12 @@ token_endpiont = "https://login.example/token"
                 ..
             }
         ));
-        let bearer = "[upstream]\nurl = \"http://127.0.0.1:8080\"\n[upstream.auth]\nkind = \"bearer\"\ntoken = { env = \"DV_TOKEN\" }\ntokn = 1\n";
-        assert!(toml::from_str::<HubToml>(bearer).is_err());
+        let bearer = "[upstream]\nurl = \"http://127.0.0.1:8080\"\n[upstream.auth]\nkind = \"bearer\"\ntoken = { env = \"DV_TOKEN\" }\n";
+        let typo = format!("{bearer}tokn = 1\n");
+        let err = toml::from_str::<HubToml>(&typo).unwrap_err().to_string();
+        assert!(err.contains("tokn"), "{err}");
+        let parsed: HubToml = toml::from_str(bearer).unwrap();
+        assert!(matches!(parsed.upstream.auth, AuthConfig::Bearer { .. }));
     }
 
     #[test]

@@ -386,8 +386,10 @@ impl DeviceReplica {
         // (see `advance_store_ack`): nothing pending lies below it, so skip the pulled entries.
         let floor = self.store.acked_seq().map_err(storage_err)?;
         let start = after.max(floor);
-        // Every entry up to the last seq published before the scan is visible to it, whatever
-        // the engine's scans see of later writes: the clean span stops there.
+        // Seqs are written in order under the writer lock, so a scan that sees seq s has seen
+        // every seq below it (both engines' scans keep that; the device_robustness tests check
+        // it). The clean span also stops at the last seq published before the scan, so that it
+        // rests on that alone for entries written while it ran.
         let published = self.store.last_seq();
         let (a, b) = *self.clean_span.lock().unwrap_or_else(|e| e.into_inner());
         let mut from = if a <= start && start < b { b } else { start };
