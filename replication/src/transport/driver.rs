@@ -284,7 +284,9 @@ pub async fn drive_session_with_options<S: FrameSession + ?Sized>(
     let sends = Arc::new(Semaphore::new(BLOB_SENDS_IN_FLIGHT));
     let mut accepting = true;
     loop {
+        let mut wrote = false;
         while let Some(frame) = session.poll_frame() {
+            wrote = true;
             if travels_alone(format, &frame) {
                 // Never closed, so never an error; waiting here is the backpressure.
                 let Ok(permit) = sends.clone().acquire_owned().await else {
@@ -301,6 +303,13 @@ pub async fn drive_session_with_options<S: FrameSession + ?Sized>(
         }
         // Finished side tasks need no more bookkeeping.
         while side_tasks.try_join_next().is_some() {}
+        if wrote {
+            // Let the connection's driver put the frames on the wire before the next frame is
+            // handled: woken from here, it waits in this worker's LIFO slot, which other
+            // workers do not steal, so a long `handle_frame` (a pulled batch written to disk)
+            // would otherwise hold back the ack that lets the peer prepare the next batch.
+            tokio::task::yield_now().await;
+        }
         if session.is_closed() {
             let _ = writer.finish();
             // Give the peer our last frames before the close, then close the connection.
