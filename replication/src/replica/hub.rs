@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldsync_store::{
-    ActorId, AuxWrite, BlobRef, Durability, ImageFormat, OwnerKind, OwnerRef, ReferenceProblem,
-    RemoteOp, RowId, Store, StoreError, Table, Value, WriteError, DELETED_KEY,
+    ActorId, AuxWrite, BlobRef, Durability, ImageFormat, LogEntry, OwnerKind, OwnerRef,
+    ReferenceProblem, RemoteOp, RowId, Store, StoreError, Table, Value, WriteError, DELETED_KEY,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -149,9 +149,11 @@ enum Fate {
     Skip,
 }
 
-/// A row touched in the feed: (seq, row, the change and its actor for a log entry of the
-/// pulled table; `None` for a membership change at that seq).
-type Touch = (u64, RowId, Option<(Vec<u8>, [u8; 16])>);
+/// A row touched in the feed: (seq, row, whether the log entry at that seq is the touch —
+/// `false` for a membership change at that seq). The entry itself is read only when its
+/// change is sent or its actor matters ([`HubReplica::fed_entry`]): most touches of an
+/// initial sync go to rows sent whole.
+type Touch = (u64, RowId, bool);
 
 /// Why the hub replica could not be set up or could not do what an operator asked.
 #[derive(Debug, thiserror::Error)]
@@ -1412,19 +1414,6 @@ impl HubReplica {
         } = self
             .feeds_window(feeds, scanned, last, limit)
             .map_err(storage_err)?;
-        let mut entries = Vec::with_capacity(fed.len());
-        for (seq, row) in fed {
-            // The hub's log is never compacted: an entry the feed names is always there.
-            match self.store.log_entry(seq).map_err(storage_err)? {
-                Some(e) if e.row == row && e.table == table => entries.push(e),
-                _ => {
-                    return Err(StorageError::Corrupt(format!(
-                        "the feed of `{table}` names log entry {seq} for row {row}, which the log \
-                         does not hold"
-                    )))
-                }
-            }
-        }
         // Membership changes of this user in this table in the window, by seq. At the end of
         // the log, those with no log entry of their own (recorded at `last + 1`) are due too.
         let membership_end = if scan_end >= last { last + 1 } else { scan_end };
@@ -1452,20 +1441,30 @@ impl HubReplica {
                 }
             }
         }
-        // (seq, row, the change and its actor for a log entry of this table; None for a row
-        // whose membership changed at that seq).
         let mut touch: Vec<Touch> = Vec::new();
         let mut moved_iter = moved.into_iter().peekable();
-        for e in entries {
-            while let Some((s, rows)) = moved_iter.next_if(|(s, _)| *s <= e.seq) {
-                touch.extend(rows.into_iter().map(|r| (s, r, None)));
+        for (seq, row) in fed {
+            while let Some((s, rows)) = moved_iter.next_if(|(s, _)| *s <= seq) {
+                touch.extend(rows.into_iter().map(|r| (s, r, false)));
             }
-            touch.push((e.seq, e.row, Some((e.change, e.actor.0))));
+            touch.push((seq, row, true));
         }
         for (s, rows) in moved_iter {
-            touch.extend(rows.into_iter().map(|r| (s, r, None)));
+            touch.extend(rows.into_iter().map(|r| (s, r, false)));
         }
         Ok((touch, scan_end))
+    }
+
+    /// The log entry a feed names for `row` of `table` at `seq`.
+    fn fed_entry(&self, seq: u64, row: RowId, table: &str) -> Result<LogEntry, StorageError> {
+        // The hub's log is never compacted: an entry the feed names is always there.
+        match self.store.log_entry(seq).map_err(storage_err)? {
+            Some(e) if e.row == row && e.table == table => Ok(e),
+            _ => Err(StorageError::Corrupt(format!(
+                "the feed of `{table}` names log entry {seq} for row {row}, which the log does \
+                 not hold"
+            ))),
+        }
     }
 
     /// What the device gets for `row`, first touched in a pull from `after` — by a membership
@@ -2205,7 +2204,7 @@ impl HubStorage for HubReplica {
                 let mut fresh: Vec<RowId> = Vec::new();
                 let mut upgraded: Vec<RowId> = Vec::new();
                 for &g in &group {
-                    let (_, row, change) = &touch[g];
+                    let (_, row, logged) = &touch[g];
                     let state = if let Some((f, _)) = fates.get(row) {
                         *f
                     } else {
@@ -2215,14 +2214,8 @@ impl HubStorage for HubReplica {
                     let fate = if known {
                         state
                     } else {
-                        let (f, hist) = self.first_fate(
-                            who,
-                            table,
-                            *row,
-                            after_seq,
-                            change.is_none(),
-                            seq > last,
-                        )?;
+                        let (f, hist) =
+                            self.first_fate(who, table, *row, after_seq, !logged, seq > last)?;
                         fates.insert(*row, (f, hist));
                         fresh.push(*row);
                         if f == Fate::Entered || f == Fate::Left {
@@ -2231,7 +2224,7 @@ impl HubStorage for HubReplica {
                         }
                         f
                     };
-                    if known && change.is_none() && fate == Fate::Ops {
+                    if known && !logged && fate == Fate::Ops {
                         // A membership change after ops already planned (see above).
                         if let Some(x) = fates.get_mut(row) {
                             x.0 = Fate::Entered;
@@ -2240,18 +2233,20 @@ impl HubStorage for HubReplica {
                         upgraded.push(*row);
                         group_items += 1;
                     }
-                    if let Some((c, actor)) = change {
+                    if *logged {
                         match fate {
                             Fate::Ops => {
+                                let c = self.fed_entry(seq, *row, table)?.change;
                                 bytes += c.len();
                                 group_items += 1;
-                                planned.push((*row, Fate::Ops, Some(c.clone())));
+                                planned.push((*row, Fate::Ops, Some(c)));
                             }
                             Fate::Skip => {
+                                let actor = self.fed_entry(seq, *row, table)?.actor.0;
                                 if actors.is_none() {
                                     actors = Some(self.device_actors(who.device)?);
                                 }
-                                if actors.as_ref().is_some_and(|a| a.contains(actor)) {
+                                if actors.as_ref().is_some_and(|a| a.contains(&actor)) {
                                     // The device holds what it wrote, even outside its set.
                                     if let Some(x) = fates.get_mut(row) {
                                         x.0 = Fate::Left;
