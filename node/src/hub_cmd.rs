@@ -266,7 +266,7 @@ impl UpstreamArgs {
             (None, Some(var)) => AuthConfig::Bearer {
                 token: SecretSource::Env(var.clone()),
             },
-            (None, None) => AuthConfig::None,
+            (None, None) => AuthConfig::None {},
         };
         Ok(Some(config))
     }

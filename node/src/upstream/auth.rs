@@ -70,7 +70,7 @@ impl TokenSource {
     /// The `Authorization` header value, if any.
     pub async fn header(&self, http: &reqwest::Client) -> Result<Option<String>, UpstreamError> {
         match &self.config {
-            AuthConfig::None => Ok(None),
+            AuthConfig::None {} => Ok(None),
             AuthConfig::Bearer { token } => Ok(Some(format!("Bearer {}", read_secret(token)?))),
             AuthConfig::Entra {
                 tenant_id,

@@ -92,7 +92,7 @@ impl UpstreamConfig {
     pub fn new(url: impl Into<String>) -> UpstreamConfig {
         UpstreamConfig {
             url: url.into(),
-            auth: AuthConfig::None,
+            auth: AuthConfig::None {},
             page_size: default_page_size(),
             batch_size: default_batch_size(),
             poll_secs: default_poll_secs(),
@@ -181,12 +181,13 @@ pub enum SecretSource {
 }
 
 /// How the hub gets its bearer token.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthConfig {
-    /// No `Authorization` header (an emulator without tokens).
-    #[default]
-    None,
+    /// No `Authorization` header (an emulator without tokens). Written `kind = "none"`; a
+    /// struct variant so that stray keys beside it are refused too (serde skips them for a
+    /// unit variant).
+    None {},
     /// A fixed bearer token (the emulator's users have known tokens).
     Bearer {
         /// Where the token is.
@@ -208,6 +209,12 @@ pub enum AuthConfig {
         #[serde(default)]
         scope: Option<String>,
     },
+}
+
+impl Default for AuthConfig {
+    fn default() -> AuthConfig {
+        AuthConfig::None {}
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +257,22 @@ token_endpiont = "https://login.example/token"
         assert!(err.contains("tokn"), "{err}");
         let parsed: HubToml = toml::from_str(bearer).unwrap();
         assert!(matches!(parsed.upstream.auth, AuthConfig::Bearer { .. }));
+        let none =
+            "[upstream]\nurl = \"http://127.0.0.1:8080\"\n[upstream.auth]\nkind = \"none\"\n";
+        let parsed: HubToml = toml::from_str(none).unwrap();
+        assert_eq!(parsed.upstream.auth, AuthConfig::None {});
+        let typo = format!("{none}token = {{ env = \"DV_TOKEN\" }}\n");
+        let err = toml::from_str::<HubToml>(&typo).unwrap_err().to_string();
+        assert!(err.contains("token"), "{err}");
+        // What `hub init` writes for no authentication reads back.
+        let written = toml::to_string(&HubToml {
+            upstream: UpstreamConfig::new("http://127.0.0.1:8080"),
+        })
+        .unwrap();
+        assert_eq!(
+            toml::from_str::<HubToml>(&written).unwrap().upstream.auth,
+            AuthConfig::None {}
+        );
     }
 
     #[test]
@@ -274,7 +297,7 @@ token_endpiont = "https://login.example/token"
         );
         // A minimal section takes the defaults.
         let min: HubToml = toml::from_str("[upstream]\nurl = \"http://127.0.0.1:8080/\"").unwrap();
-        assert_eq!(min.upstream.auth, AuthConfig::None);
+        assert_eq!(min.upstream.auth, AuthConfig::None {});
         assert_eq!(
             min.upstream.api_base(),
             "http://127.0.0.1:8080/api/data/v9.2/"

@@ -1397,8 +1397,9 @@ impl HubReplica {
     }
 
     /// One window of the feeds after `scanned`: the rows touched in seq order — log entries of
-    /// `table` with their change and actor, and the user's membership changes of `table`
-    /// (under `mp`) without — and the last seq it covers (whole seqs only).
+    /// `table` (marked logged; [`Self::fed_entry`] reads one when needed) and the user's
+    /// membership changes of `table` (under `mp`) — and the last seq it covers (whole seqs
+    /// only).
     fn touches(
         &self,
         feeds: &[Vec<u8>],
@@ -1455,7 +1456,9 @@ impl HubReplica {
         Ok((touch, scan_end))
     }
 
-    /// The log entry a feed names for `row` of `table` at `seq`.
+    /// The log entry a feed names for `row` of `table` at `seq`. Read only when its change or
+    /// actor is used, so a feed entry the log does not hold is reported when it matters to
+    /// the batch, not for a row sent whole.
     fn fed_entry(&self, seq: u64, row: RowId, table: &str) -> Result<LogEntry, StorageError> {
         // The hub's log is never compacted: an entry the feed names is always there.
         match self.store.log_entry(seq).map_err(storage_err)? {

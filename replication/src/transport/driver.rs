@@ -305,9 +305,11 @@ pub async fn drive_session_with_options<S: FrameSession + ?Sized>(
         while side_tasks.try_join_next().is_some() {}
         if wrote {
             // Let the connection's driver put the frames on the wire before the next frame is
-            // handled: woken from here, it waits in this worker's LIFO slot, which other
-            // workers do not steal, so a long `handle_frame` (a pulled batch written to disk)
-            // would otherwise hold back the ack that lets the peer prepare the next batch.
+            // handled: it cannot run until this task returns `Pending` — on a multi-thread
+            // runtime it waits in this worker's LIFO slot, which other workers do not steal; on
+            // a current-thread runtime (the device CLI) there is no other thread — so a long
+            // `handle_frame` (a pulled batch written to disk) would otherwise hold back the ack
+            // that lets the peer prepare the next batch.
             tokio::task::yield_now().await;
         }
         if session.is_closed() {
