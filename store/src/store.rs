@@ -17,7 +17,7 @@ use crate::log::StoredEntry;
 use crate::options::{ActorId, Durability, StoreOptions};
 use crate::row::{CrdtState, MatRow};
 use crate::schema::{Schema, SchemaError, Table};
-use crate::value::{RowId, Value};
+use crate::value::{BlobRef, RowId, Value};
 use crate::wal::{Wal, WriteBatch};
 
 /// The on-disk format version, in the `0format` meta key.
@@ -955,6 +955,26 @@ impl Store {
             Some(m) if !m.deleted => Ok(Some(self.to_row(tab, id, m))),
             _ => Ok(None),
         }
+    }
+
+    /// The file and image references of a live row, by column name (empty if the row does
+    /// not exist or is deleted): what `get` would give of those columns, without building the
+    /// whole row.
+    pub fn blob_refs(&self, table: &str, id: RowId) -> Result<Vec<(String, BlobRef)>, StoreError> {
+        let (t, tab) = self.table(table)?;
+        let Some(m) = self.load_mat(t, id)?.filter(|m| !m.deleted) else {
+            return Ok(Vec::new());
+        };
+        Ok(m.values
+            .into_iter()
+            .filter_map(|(c, v)| match v {
+                Value::File(b) | Value::Image(b) => tab
+                    .columns
+                    .get(usize::from(c))
+                    .map(|col| (col.name.clone(), b)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Whether the row exists with a delete tombstone.

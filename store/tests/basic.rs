@@ -532,8 +532,22 @@ fn blobs_round_trip_in_chunks() {
     tx.commit().unwrap();
     assert_eq!(
         s.get("account", id).unwrap().unwrap().get("logo"),
-        &Value::Image(r)
+        &Value::Image(r.clone())
     );
+    // A row's references alone, as `get` gives them; none once it is deleted.
+    assert_eq!(
+        s.blob_refs("account", id).unwrap(),
+        vec![("logo".to_string(), r.clone())]
+    );
+    let mut tx = s.begin();
+    tx.delete("account", id).unwrap();
+    tx.commit().unwrap();
+    assert!(s.blob_refs("account", id).unwrap().is_empty());
+    assert!(s
+        .blob_refs("account", fieldsync_store::RowId::from_u128(7))
+        .unwrap()
+        .is_empty());
+    assert!(s.blob_refs("nosuchtable", id).is_err());
     let empty = s.put_blob("empty", &mut &b""[..]).unwrap();
     assert_eq!(s.read_blob(&empty).unwrap(), Vec::<u8>::new());
     let mut missing = empty.clone();

@@ -208,20 +208,9 @@ impl DeviceReplica {
 
     /// The file and image values of a stored row, by column.
     fn blobs_of(&self, table: &str, row: RowId) -> Result<Vec<(String, BlobRef)>, StorageError> {
-        let Some(r) = self.store.get(table, row).map_err(storage_err)? else {
-            return Ok(Vec::new());
-        };
-        Ok(r.values
-            .into_iter()
-            .filter_map(|(col, v)| match v {
-                Value::File(b) | Value::Image(b) => Some((col, b)),
-                _ => None,
-            })
-            .collect())
+        self.store.blob_refs(table, row).map_err(storage_err)
     }
 
-    /// The size the row that wants blob `sha256` gives it (`None` for a blob no held row
-    /// wants, such as one fetched on request).
     /// A table's cursor record and its key (a default record if the table was never pulled).
     fn stored_cursor(&self, table: &str) -> Result<(Vec<u8>, StoredCursor), StorageError> {
         let mut k = P_CURSOR.to_vec();
@@ -233,6 +222,8 @@ impl DeviceReplica {
         Ok((k, c))
     }
 
+    /// The size the row that wants blob `sha256` gives it (`None` for a blob no held row
+    /// wants, such as one fetched on request).
     fn wanted_blob_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StorageError> {
         let Some(key) = self.get(&sha_key(P_BLOB_WANTED, sha256))? else {
             return Ok(None);
