@@ -715,12 +715,7 @@ impl Store {
         let values = mat
             .values
             .into_iter()
-            .filter_map(|(c, v)| {
-                table
-                    .columns
-                    .get(usize::from(c))
-                    .map(|col| (col.name.clone(), v))
-            })
+            .filter_map(|(c, v)| Some((column_name(table, c)?, v)))
             .collect::<BTreeMap<_, _>>();
         Row {
             table: table.name.clone(),
@@ -968,10 +963,7 @@ impl Store {
         Ok(m.values
             .into_iter()
             .filter_map(|(c, v)| match v {
-                Value::File(b) | Value::Image(b) => tab
-                    .columns
-                    .get(usize::from(c))
-                    .map(|col| (col.name.clone(), b)),
+                Value::File(b) | Value::Image(b) => Some((column_name(tab, c)?, b)),
                 _ => None,
             })
             .collect())
@@ -1056,6 +1048,14 @@ impl Store {
             .and_then(|p| mat.values.get(p))
             .map_or(&NULL, |(_, v)| v)
     }
+}
+
+/// The name of column number `c` of a stored row (`None` for a number the schema no longer has).
+fn column_name(table: &Table, c: u16) -> Option<String> {
+    table
+        .columns
+        .get(usize::from(c))
+        .map(|col| col.name.clone())
 }
 
 #[cfg(test)]

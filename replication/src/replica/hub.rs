@@ -2657,18 +2657,15 @@ impl HubReplica {
             let (Some(item), Ok(tab)) = (profile.items.get(&table), schema.table(&table)) else {
                 continue;
             };
-            let Some(r) = self.store.get(&table, row).map_err(storage_err)? else {
-                continue;
-            };
-            let found = r.values.iter().find_map(|(col, v)| match v {
-                Value::File(b) | Value::Image(b)
-                    if b.sha256 == *sha256
-                        && (!downloaded_only || item.downloads_column(tab, col)) =>
-                {
-                    Some(b.clone())
-                }
-                _ => None,
-            });
+            let found = self
+                .store
+                .blob_refs(&table, row)
+                .map_err(storage_err)?
+                .into_iter()
+                .find_map(|(col, b)| {
+                    (b.sha256 == *sha256 && (!downloaded_only || item.downloads_column(tab, &col)))
+                        .then_some(b)
+                });
             if let Some(b) = found {
                 return Ok(Some((table, b)));
             }
