@@ -29,6 +29,34 @@ fn device() -> DeviceReplica {
     DeviceReplica::new(store)
 }
 
+/// The app on its own thread: `commits` one-row inserts, each committed on its own, pausing
+/// `pause_us` after every `pause_every`-th; the flag turns true once the last is committed.
+fn app_writer(
+    store: &Store,
+    commits: usize,
+    pause_every: usize,
+    pause_us: u64,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 0..commits {
+                let mut tx = store.begin();
+                tx.insert("task", &[("name", Value::Text(format!("t{i}")))])
+                    .unwrap();
+                tx.commit_with(Durability::Group).unwrap();
+                if i % pause_every == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(pause_us));
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    (stop, writer)
+}
+
 /// While the app commits edits on one thread, the sync thread keeps acknowledging what it
 /// pushed and advancing the store's acknowledged prefix (each pulled batch does): an edit
 /// committed in between must stay pending, never be taken for acknowledged.
@@ -36,25 +64,9 @@ fn device() -> DeviceReplica {
 fn own_ops_committed_during_an_ack_advance_stay_pending() {
     let mut replica = device();
     let store = replica.store().clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        let store = store.clone();
-        std::thread::spawn(move || {
-            for i in 0..3000 {
-                let mut tx = store.begin();
-                tx.insert("task", &[("name", Value::Text(format!("t{i}")))])
-                    .unwrap();
-                tx.commit_with(Durability::Group).unwrap();
-                // Let the sync thread catch up now and then, so that commits also land while
-                // nothing is pending (where the ack advance used to read the log's end).
-                if i % 2 == 0 {
-                    std::thread::sleep(std::time::Duration::from_micros(50));
-                }
-            }
-            stop.store(true, Ordering::SeqCst);
-        })
-    };
+    // Pausing now and then lets the sync thread catch up, so that commits also land while
+    // nothing is pending (where the ack advance used to read the log's end).
+    let (stop, writer) = app_writer(&store, 3000, 2, 50);
     let mut now = 0;
     while !stop.load(Ordering::SeqCst) {
         // The hub acknowledges everything pushed so far ...
@@ -145,23 +157,7 @@ fn own_ops_between_pulled_entries_are_all_pushed_in(mut replica: DeviceReplica) 
             change: e.change,
         })
         .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        let store = store.clone();
-        std::thread::spawn(move || {
-            for i in 0..1500 {
-                let mut tx = store.begin();
-                tx.insert("task", &[("name", Value::Text(format!("t{i}")))])
-                    .unwrap();
-                tx.commit_with(Durability::Group).unwrap();
-                if i % 3 == 0 {
-                    std::thread::sleep(std::time::Duration::from_micros(30));
-                }
-            }
-            stop.store(true, Ordering::SeqCst);
-        })
-    };
+    let (stop, writer) = app_writer(&store, 1500, 3, 30);
     let mut pushed = std::collections::BTreeSet::new();
     let mut batches = pulled.chunks(3);
     let mut now = 0;
